@@ -1,0 +1,1 @@
+"""vLLM-free core: iterative RaLM and RaLMSpec request logic. Imports neither vLLM nor gRPC."""

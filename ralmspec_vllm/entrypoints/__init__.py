@@ -1,0 +1,1 @@
+"""User-facing entry points: the ``ralmspec-vllm`` CLI and the OpenAI-compatible server."""

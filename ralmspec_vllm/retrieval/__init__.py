@@ -1,0 +1,1 @@
+"""Knowledge base and retrieval: backends behind one protocol, query encoder, gRPC service."""

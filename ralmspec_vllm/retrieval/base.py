@@ -1,0 +1,118 @@
+"""The retriever protocols every backend, the gRPC client and the core agree on.
+
+``Retriever`` is the synchronous, in-process contract a backend implements (flat, HNSW/IVF,
+BM25). ``AsyncRetriever`` is what the core and the server consume: the gRPC client implements
+it directly, and ``InProcessAsyncRetriever`` wraps any ``Retriever`` (running its work in a
+thread so the event loop keeps generating while an index search runs).
+
+Ranking rule everywhere: score descending, then doc id ascending (``rank_hits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ralmspec_vllm.types import Document, Hit, RetrieverInfo, rank_key
+
+
+class DocumentStore(Protocol):
+    """Random access to passages by doc id."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, doc_ids: Sequence[int]) -> list[Document]: ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Synchronous in-process retriever.
+
+    ``search`` and ``score`` use the same scoring function, so for any doc id in a search
+    result, ``score(query, [doc_id])`` returns exactly the score the search reported.
+    """
+
+    @property
+    def info(self) -> RetrieverInfo: ...
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """Top-k hits per query text, ranked by ``rank_hits``'s rule."""
+        ...
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        """The knowledge base's own score of each doc id for ``query`` (same order as given)."""
+        ...
+
+    def documents(self, doc_ids: Sequence[int]) -> list[Document]: ...
+
+
+@runtime_checkable
+class DenseRetriever(Retriever, Protocol):
+    """A retriever over vectors: also searches by embedding and exposes document vectors."""
+
+    def encode(self, queries: Sequence[str]) -> np.ndarray:
+        """Query embeddings, float32, shape (len(queries), dim)."""
+        ...
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+    def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
+        """The documents' own index vectors, float32, shape (len(doc_ids), dim)."""
+        ...
+
+
+class AsyncRetriever(Protocol):
+    """The asynchronous contract used by the core and the server (gRPC client or in-process)."""
+
+    async def info(self) -> RetrieverInfo: ...
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
+
+    async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]: ...
+
+    async def documents(self, doc_ids: Sequence[int]) -> list[Document]: ...
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        """Document vectors for dense backends; ``None`` for sparse ones."""
+        ...
+
+
+class InProcessAsyncRetriever:
+    """Adapts a synchronous ``Retriever`` to ``AsyncRetriever`` (work runs in a thread)."""
+
+    def __init__(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+
+    async def info(self) -> RetrieverInfo:
+        return self.retriever.info
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        return await asyncio.to_thread(self.retriever.search, list(queries), k)
+
+    async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        return await asyncio.to_thread(self.retriever.score, query, list(doc_ids))
+
+    async def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        return self.retriever.documents(list(doc_ids))
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        if isinstance(self.retriever, DenseRetriever):
+            return self.retriever.vectors(list(doc_ids))
+        return None
+
+
+def rank_hits(hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
+    """Sort by score descending, doc id ascending; keep the first ``k``."""
+    ranked = sorted(hits, key=rank_key)
+    return ranked if k is None else ranked[:k]
+
+
+def top_k_from_scores(doc_ids: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
+    """Deterministic top-k over parallel arrays (ties: lower doc id first)."""
+    if len(doc_ids) == 0:
+        return []
+    order = np.lexsort((doc_ids, -scores))[:k]
+    return [Hit(int(doc_ids[i]), float(scores[i])) for i in order]
