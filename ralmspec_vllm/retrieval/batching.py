@@ -1,0 +1,181 @@
+"""Cross-request batching: concurrent Search calls merged into one index search.
+
+A ``SearchLane`` owns one kind of query (text or embeddings). ``submit`` queues a request
+and awaits its slice of the answer. The lane's task takes the oldest queued request, waits
+until ``window_s`` after it arrived (or until ``max_batch`` queries are queued), then runs ONE
+index search over everything queued, with k = the largest requested k, in a worker thread so
+the event loop keeps accepting calls. Each request gets its own rows, cut to its own k.
+
+While a search runs, new requests keep queuing; when it ends, requests whose window has
+already passed are dispatched at once. So a lone request waits at most the window (plus any
+search already running), and under load batches grow by themselves.
+
+Cutting a top-max(k) list to a smaller k gives the same answer as a top-k search for exact
+backends (deterministic tie-break); for HNSW it holds while max(k) <= efSearch (FAISS
+searches with ef = max(efSearch, k)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ralmspec_vllm.types import Hit
+
+logger = logging.getLogger(__name__)
+
+P = TypeVar("P")  # a batch payload: list[str] or a (n, dim) float32 array
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Counters since start: Search calls, index searches made for them, merge sizes."""
+
+    search_calls: int = 0
+    index_searches: int = 0
+    queries: int = 0
+    max_merged_calls: int = 0
+    max_merged_queries: int = 0
+
+    def add(self, calls: int, queries: int) -> BatchStats:
+        return BatchStats(
+            search_calls=self.search_calls + calls,
+            index_searches=self.index_searches + 1,
+            queries=self.queries + queries,
+            max_merged_calls=max(self.max_merged_calls, calls),
+            max_merged_queries=max(self.max_merged_queries, queries),
+        )
+
+    def __add__(self, other: BatchStats) -> BatchStats:
+        return BatchStats(
+            search_calls=self.search_calls + other.search_calls,
+            index_searches=self.index_searches + other.index_searches,
+            queries=self.queries + other.queries,
+            max_merged_calls=max(self.max_merged_calls, other.max_merged_calls),
+            max_merged_queries=max(self.max_merged_queries, other.max_merged_queries),
+        )
+
+
+class _Request(Generic[P]):
+    __slots__ = ("arrived", "future", "k", "n", "payload")
+
+    def __init__(self, payload: P, n: int, k: int, future: asyncio.Future[list[list[Hit]]]):
+        self.payload = payload
+        self.n = n
+        self.k = k
+        self.future = future
+        self.arrived = future.get_loop().time()
+
+
+class SearchLane(Generic[P]):
+    """Merges concurrent requests of one query kind into single ``search_fn`` calls."""
+
+    def __init__(
+        self,
+        name: str,
+        search_fn: Callable[[P, int], list[list[Hit]]],
+        concat: Callable[[list[P]], P],
+        *,
+        window_s: float,
+        max_batch: int,
+        executor: Executor | None = None,
+    ) -> None:
+        self.name = name
+        self.stats = BatchStats()
+        self._search_fn = search_fn
+        self._concat = concat
+        self._window_s = window_s
+        self._max_batch = max_batch
+        self._executor = executor
+        self._queue: deque[_Request[P]] = deque()
+        self._queued = 0  # queries in _queue
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, payload: P, n: int, k: int) -> list[list[Hit]]:
+        """Top-k hits for the ``n`` queries in ``payload``, searched together with others."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run(), name=f"search-lane-{self.name}")
+        request = _Request(payload, n, k, loop.create_future())
+        self._queue.append(request)
+        self._queued += n
+        self._changed.set()
+        return await request.future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for request in self._queue:
+            if not request.future.done():
+                request.future.cancel()
+        self._queue.clear()
+        self._queued = 0
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            deadline = self._queue[0].arrived + self._window_s
+            while self._queued < self._max_batch and (delay := deadline - loop.time()) > 0:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), delay)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    def _take(self) -> list[_Request[P]]:
+        """Pop queued requests up to max_batch queries (at least one); drop cancelled ones."""
+        batch: list[_Request[P]] = []
+        size = 0
+        while self._queue:
+            request = self._queue[0]
+            if batch and size + request.n > self._max_batch:
+                break
+            self._queue.popleft()
+            self._queued -= request.n
+            if request.future.done():  # the caller gave up (deadline, cancellation)
+                continue
+            batch.append(request)
+            size += request.n
+        return batch
+
+    async def _execute(self, batch: list[_Request[P]]) -> None:
+        payload = self._concat([r.payload for r in batch])
+        k = max(r.k for r in batch)
+        total = sum(r.n for r in batch)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._search_fn, payload, k)
+            if len(results) != total:
+                raise RuntimeError(f"backend returned {len(results)} result lists for {total}")
+        except asyncio.CancelledError:
+            for request in batch:
+                request.future.cancel()
+            raise
+        except Exception as exc:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        self.stats = self.stats.add(len(batch), total)
+        logger.debug("%s lane: %d call(s), %d queries, k=%d", self.name, len(batch), total, k)
+        offset = 0
+        for request in batch:
+            rows = results[offset : offset + request.n]
+            offset += request.n
+            if not request.future.done():
+                request.future.set_result([hits[: request.k] for hits in rows])

@@ -1,0 +1,300 @@
+"""Running the retriever service: ``ralmspec-vllm retriever serve`` and programmatic starts.
+
+``start_server`` binds a ``grpc.aio`` server (retriever service + standard health service)
+in the running event loop and returns a ``RunningServer`` with the bound port.
+``ServerThread`` runs one in a background thread with its own loop (for synchronous code);
+``ServerProcess.spawn`` runs the CLI command as a child process and parses the port it
+prints (how the serving layer starts a retriever). The CLI opens the knowledge base and the
+backend through ``kb`` and ``factory``, serves until SIGINT/SIGTERM, then drains gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ralmspec_vllm.retrieval.base import Retriever
+from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
+from ralmspec_vllm.retrieval.service import SERVICE_NAME, RetrieverService, ServiceConfig
+
+logger = logging.getLogger(__name__)
+
+LISTENING_PREFIX = "retriever listening on"
+_LISTENING_RE = re.compile(rf"^{LISTENING_PREFIX} (\S+):(\d+)$")
+
+
+def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
+    """Channel/server options shared by the server and the client."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A started server; ``stop`` drains in-flight calls for ``grace`` seconds."""
+
+    server: grpc.aio.Server
+    service: RetrieverService
+    health: health.aio.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.service.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(
+    retriever: Retriever,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: ServiceConfig | None = None,
+) -> RunningServer:
+    """Serve ``retriever`` on ``host:port`` (port 0: the OS picks one, see ``.port``)."""
+    config = config or ServiceConfig()
+    service = RetrieverService(retriever, config)
+    server = grpc.aio.server(options=grpc_options(config))
+    pb_grpc.add_RetrieverServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        await service.close()
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    info = service.info
+    logger.info(
+        "retriever service: backend=%s docs=%d dim=%d metric=%s on %s:%d "
+        "(batch window %.1f ms, max batch %d)",
+        info.backend,
+        info.num_docs,
+        info.dim,
+        info.metric,
+        host,
+        bound,
+        config.batch_window_ms,
+        config.max_batch,
+    )
+    return RunningServer(server, service, health_servicer, host, bound)
+
+
+class ServerThread:
+    """A retriever server on its own event loop in a daemon thread (``with`` or start/stop)."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: ServiceConfig | None = None,
+    ) -> None:
+        self._args = (retriever, host, port, config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.running: RunningServer | None = None
+
+    @property
+    def target(self) -> str:
+        assert self.running is not None, "server not started"
+        return self.running.target
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(start_server(*self._args), self._loop)
+        self.running = future.result(timeout_s)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self.running is not None:
+            future = asyncio.run_coroutine_threadsafe(self.running.stop(grace), self._loop)
+            future.result((grace or 0) + 10)
+            self.running = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """``ralmspec-vllm retriever serve`` as a child process (stderr passes through)."""
+
+    def __init__(self, process: subprocess.Popen[str], host: str, port: int) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def spawn(
+        cls,
+        args: Sequence[str] = (),
+        *,
+        timeout_s: float = 300.0,
+        stderr: IO[str] | int | None = None,
+    ) -> ServerProcess:
+        """Start the CLI with ``args`` (add ``--port 0`` for an OS-chosen port); wait for it."""
+        cmd = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve"]
+        process = subprocess.Popen(
+            [*cmd, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
+        )
+        assert process.stdout is not None
+        # The server prints exactly one line on stdout; reading it blocks until it is up
+        # (or returns "" at once if the process dies).
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = process.stdout
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=timeout_s).strip()
+        except queue.Empty:
+            line = ""
+        match = _LISTENING_RE.match(line)
+        if match is None:
+            process.kill()
+            process.wait()
+            raise RuntimeError(
+                f"retriever server did not start (exit code {process.returncode}, "
+                f"stdout line {line!r})"
+            )
+        return cls(process, match.group(1), int(match.group(2)))
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM (graceful drain), then SIGKILL after ``timeout_s``; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ralmspec_vllm.retrieval.factory import add_retriever_arguments
+
+    parser.add_argument(
+        "--index", default=None, help="index directory (default: the default index, built once)"
+    )
+    add_retriever_arguments(parser)
+    net = parser.add_argument_group("service")
+    net.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    net.add_argument("--port", type=int, default=50051, help="port; 0 = OS-chosen (printed)")
+    defaults = ServiceConfig()
+    net.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=defaults.batch_window_ms,
+        help="merge Search calls arriving within this window (default: %(default)s)",
+    )
+    net.add_argument(
+        "--max-batch",
+        type=int,
+        default=defaults.max_batch,
+        help="most queries per merged index search (default: %(default)s)",
+    )
+    net.add_argument("--max-k", type=int, default=defaults.max_k, help="largest top_k")
+    net.add_argument(
+        "--max-queries", type=int, default=defaults.max_queries, help="most queries per request"
+    )
+    net.add_argument(
+        "--max-doc-ids", type=int, default=defaults.max_doc_ids, help="most doc ids per request"
+    )
+    net.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=defaults.max_message_bytes // (1024 * 1024),
+        help="gRPC message size limit in MiB (default: %(default)s)",
+    )
+
+
+def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(
+        batch_window_ms=args.batch_window_ms,
+        max_batch=args.max_batch,
+        max_k=args.max_k,
+        max_queries=args.max_queries,
+        max_doc_ids=args.max_doc_ids,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+    )
+
+
+def open_from_args(args: argparse.Namespace) -> Retriever:
+    """The knowledge base (``--index`` or the default one) behind the chosen backend."""
+    from ralmspec_vllm.retrieval.factory import config_from_args, open_retriever
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase, default_index
+
+    kb = KnowledgeBase.open(args.index) if args.index else default_index()
+    return open_retriever(kb, config_from_args(args))
+
+
+async def serve(retriever: Retriever, host: str, port: int, config: ServiceConfig) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting and drain in-flight calls."""
+    running = await start_server(retriever, host, port, config)
+    print(f"{LISTENING_PREFIX} {running.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down retriever service on %s", running.target)
+    await running.stop(grace=2.0)
+    stats = running.service.stats
+    logger.info(
+        "served %d Search calls with %d index searches (largest merge: %d calls)",
+        stats.search_calls,
+        stats.index_searches,
+        stats.max_merged_calls,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = service_config_from_args(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("binding %s: the retriever service has no authentication", args.host)
+    retriever = open_from_args(args)
+    asyncio.run(serve(retriever, args.host, args.port, config))
+    return 0
