@@ -1,0 +1,33 @@
+"""Iterative RaLM, the reference every other mode must reproduce token for token.
+
+Loop: query = last ``query_window`` tokens of question + generated; retrieve the top-1
+document; generate ``retrieval_stride`` tokens with it in front (replacing the previous one);
+repeat until EOS or ``max_new_tokens``. The oracle variant takes the documents of each step
+as given (the baseline's own, from its trace) and never calls the retriever's search: the
+ceiling for any speed-up from faster retrieval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ralmspec_vllm.core.request import RequestContext
+
+
+async def run_baseline(ctx: RequestContext) -> None:
+    """Generate the whole answer the iterative-RaLM way into ``ctx``."""
+    while not ctx.done:
+        (hits,) = await ctx.search([ctx.query()], 1, "retrieve")
+        await ctx.generate_step(hits[0].doc_id if hits else None, "retrieve")
+
+
+async def run_oracle(ctx: RequestContext, step_doc_ids: Sequence[int | None]) -> None:
+    """Generate with the given document per step (zero retrieval cost)."""
+    step = 0
+    while not ctx.done:
+        if step >= len(step_doc_ids):
+            raise ValueError(
+                f"oracle needs a document for step {step}, only {len(step_doc_ids)} given"
+            )
+        await ctx.generate_step(step_doc_ids[step], "retrieve")
+        step += 1

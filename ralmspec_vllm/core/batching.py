@@ -1,0 +1,155 @@
+"""Cross-request retrieval batching: many concurrent ``search`` calls, one retriever call.
+
+``BatchingRetriever`` wraps an ``AsyncRetriever`` and implements it. ``search`` calls with the
+same ``k`` that arrive within ``window_s`` of the first one of a batch are concatenated into
+ONE inner ``search`` call (at most ``max_batch_queries`` queries; a full batch goes at once),
+and each caller gets its own slice back. A lone call waits at most ``window_s``. Calls with
+different ``k`` are never merged (an approximate index may rank the top-1 differently under a
+different k). ``score``, ``documents``, ``vectors`` and ``info`` pass through.
+
+``stats`` records every inner search: number of queries, number of callers merged, and the
+longest time a caller waited before the batch was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.types import Document, Hit, RetrieverInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One inner search call."""
+
+    k: int
+    num_queries: int
+    num_callers: int
+    max_wait_s: float
+    """Longest time one of its callers waited before the call was sent."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    queries: list[str]
+    future: asyncio.Future[list[list[Hit]]]
+    arrived: float
+
+
+@dataclass(slots=True)
+class _Batch:
+    entries: list[_Pending] = field(default_factory=list)
+    num_queries: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class BatchingRetriever:
+    """An ``AsyncRetriever`` that merges concurrent searches into batched inner calls."""
+
+    def __init__(
+        self,
+        inner: AsyncRetriever,
+        window_s: float = 0.001,
+        max_batch_queries: int = 256,
+        keep_stats: int = 100_000,
+    ) -> None:
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {window_s}")
+        if max_batch_queries < 1:
+            raise ValueError(f"max_batch_queries must be positive, got {max_batch_queries}")
+        self.inner = inner
+        self.window_s = window_s
+        self.max_batch_queries = max_batch_queries
+        self.keep_stats = keep_stats
+        self.stats: list[BatchRecord] = []
+        self._batches: dict[int, _Batch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        queries = list(queries)
+        if not queries:
+            return []
+        if len(queries) >= self.max_batch_queries:  # too big to merge with anything
+            return await self._send(k, [_Pending(queries, _future(), time.perf_counter())])
+        batch = self._batches.get(k)
+        if batch is not None and batch.num_queries + len(queries) > self.max_batch_queries:
+            self._flush(k)
+            batch = None
+        if batch is None:
+            batch = self._batches[k] = _Batch()
+            loop = asyncio.get_running_loop()
+            batch.timer = loop.call_later(self.window_s, self._flush, k)
+        pending = _Pending(queries, _future(), time.perf_counter())
+        batch.entries.append(pending)
+        batch.num_queries += len(queries)
+        if batch.num_queries >= self.max_batch_queries:
+            self._flush(k)
+        return await pending.future
+
+    def _flush(self, k: int) -> None:
+        batch = self._batches.pop(k, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(k, batch.entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, k: int, entries: list[_Pending]) -> None:
+        try:
+            await self._send(k, entries)
+        except Exception:  # delivered to every caller by _send; nothing else to do here
+            logger.debug("batched search failed", exc_info=True)
+
+    async def _send(self, k: int, entries: list[_Pending]) -> list[list[Hit]]:
+        """One inner call for ``entries``; resolves their futures, returns the last's hits."""
+        live = [e for e in entries if not e.future.done()]  # skip callers already cancelled
+        if not live:
+            return []
+        queries = [q for e in live for q in e.queries]
+        now = time.perf_counter()
+        self._record(BatchRecord(k, len(queries), len(live), max(now - e.arrived for e in live)))
+        try:
+            results = await self.inner.search(queries, k) if queries else []
+        except Exception as exc:
+            for e in live:
+                if not e.future.done():
+                    e.future.set_exception(exc)
+            raise
+        offset = 0
+        for e in live:
+            part = results[offset : offset + len(e.queries)]
+            offset += len(e.queries)
+            if not e.future.done():
+                e.future.set_result(part)
+        return entries[-1].future.result() if entries[-1] in live else []
+
+    def _record(self, record: BatchRecord) -> None:
+        if len(self.stats) < self.keep_stats:
+            self.stats.append(record)
+
+    async def info(self) -> RetrieverInfo:
+        return await self.inner.info()
+
+    async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        return await self.inner.score(query, doc_ids)
+
+    async def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        return await self.inner.documents(doc_ids)
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        return await self.inner.vectors(doc_ids)
+
+
+def _future() -> asyncio.Future[list[list[Hit]]]:
+    return asyncio.get_running_loop().create_future()

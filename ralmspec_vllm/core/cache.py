@@ -1,0 +1,188 @@
+"""The per-request speculation cache: documents seen so far, ranked like the knowledge base.
+
+Data flow: verified retrieval results are ``insert``-ed (top-1, or top-k with prefetching);
+at each speculative retrieval point the cache ranks its documents for the current query and
+the top-1 is the speculated document. Ranking uses the knowledge base's own scoring function,
+through one of two ``CacheScorer``s:
+
+- ``DenseCacheScorer``: the query embedding from an injected encoder, inner product with the
+  cached documents' own index vectors (held in a numpy matrix, one vectorised product).
+- ``RetrieverCacheScorer``: ``AsyncRetriever.score(query, cached_ids)``, i.e. the knowledge
+  base's scores with corpus-wide statistics (what BM25 needs: a BM25 fitted on the cache
+  alone would rank differently).
+
+Ties break like the knowledge base: score descending, then doc id ascending.
+
+Eviction (bounded ``capacity``): ``lru`` evicts the document whose last use is oldest, a use
+being an insert, a re-insert by a later verification, or being the speculated top-1; within
+one insert, higher-ranked documents count as more recent. ``fifo`` evicts the oldest insert.
+Correctness never depends on the cache: it only decides how often speculation is right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ralmspec_vllm.core.config import Eviction
+from ralmspec_vllm.core.trace import TraceRecorder
+from ralmspec_vllm.retrieval.base import AsyncRetriever
+
+QueryEncoder = Callable[[Sequence[str]], np.ndarray]
+"""Query texts -> float32 embeddings of shape (n, dim); the knowledge base's own encoder."""
+
+
+class SpeculationCache:
+    """Bounded set of doc ids with optional vectors and use ticks (one request's)."""
+
+    def __init__(self, capacity: int, eviction: Eviction = "lru") -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.eviction = eviction
+        self._ids = np.empty(capacity, dtype=np.int64)
+        self._ticks = np.empty(capacity, dtype=np.int64)
+        self._vectors: np.ndarray | None = None
+        self._slot: dict[int, int] = {}
+        self._size = 0
+        self._clock = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._slot
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """Cached doc ids in slot order (a copy)."""
+        return self._ids[: self._size].copy()
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """Vectors aligned with ``doc_ids`` (a view), or ``None`` when none were inserted."""
+        return None if self._vectors is None else self._vectors[: self._size]
+
+    def missing(self, doc_ids: Sequence[int]) -> list[int]:
+        """Those of ``doc_ids`` not cached, first occurrence order, no duplicates."""
+        return [d for d in dict.fromkeys(doc_ids) if d not in self._slot]
+
+    def insert(
+        self, doc_ids: Sequence[int], vectors: Mapping[int, np.ndarray] | None = None
+    ) -> None:
+        """Insert in priority order (best first). ``vectors`` maps each doc id not cached yet
+        to its index vector (dense scoring); already cached ones only count as used."""
+        # Lowest priority first, so the best documents get the newest ticks.
+        for i in range(len(doc_ids) - 1, -1, -1):
+            self._insert_one(int(doc_ids[i]), vectors)
+
+    def touch(self, doc_id: int) -> None:
+        """Mark a use (LRU only); unknown ids are ignored."""
+        slot = self._slot.get(doc_id)
+        if slot is not None and self.eviction == "lru":
+            self._clock += 1
+            self._ticks[slot] = self._clock
+
+    def best(self, scores: np.ndarray, doc_ids: np.ndarray | None = None) -> int | None:
+        """Top-1 of ``scores`` (aligned with ``doc_ids``, default the cache's): score
+        descending, doc id ascending. ``None`` for an empty candidate set."""
+        ids = self._ids[: self._size] if doc_ids is None else doc_ids
+        if len(ids) == 0:
+            return None
+        top = scores.max()
+        return int(ids[scores == top].min())
+
+    def _insert_one(self, doc_id: int, vectors: Mapping[int, np.ndarray] | None) -> None:
+        self._clock += 1
+        slot = self._slot.get(doc_id)
+        if slot is not None:
+            if self.eviction == "lru":
+                self._ticks[slot] = self._clock
+            return
+        vector = None
+        if vectors is not None:
+            vector = vectors.get(doc_id)
+            if vector is None:  # evicted earlier in this same insert: vector not at hand
+                return
+        if self._size < self.capacity:
+            slot = self._size
+            self._size += 1
+        else:
+            slot = int(np.argmin(self._ticks[: self._size]))
+            del self._slot[int(self._ids[slot])]
+            self.evictions += 1
+        self._slot[doc_id] = slot
+        self._ids[slot] = doc_id
+        self._ticks[slot] = self._clock
+        if vector is not None:
+            if self._vectors is None:
+                self._vectors = np.zeros((self.capacity, len(vector)), dtype=np.float32)
+            self._vectors[slot] = vector
+
+
+class CacheScorer(Protocol):
+    """Ranks a request's cached documents for a query with the knowledge base's scoring."""
+
+    needs_vectors: bool
+    """Whether inserted documents must come with their index vectors."""
+
+    async def top1(
+        self, cache: SpeculationCache, query: str, recorder: TraceRecorder
+    ) -> int | None: ...
+
+
+class DenseCacheScorer:
+    """Inner product of the encoder's query embedding with the cached documents' vectors."""
+
+    needs_vectors = True
+
+    def __init__(self, encoder: QueryEncoder, in_thread: bool = True) -> None:
+        """``in_thread`` runs the encoder off the event loop (a real model takes ms)."""
+        self.encoder = encoder
+        self.in_thread = in_thread
+
+    async def embed(self, query: str) -> np.ndarray:
+        if self.in_thread:
+            out = await asyncio.to_thread(self.encoder, [query])
+        else:
+            out = self.encoder([query])
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    async def top1(
+        self, cache: SpeculationCache, query: str, recorder: TraceRecorder
+    ) -> int | None:
+        if len(cache) == 0:
+            return None
+        start = time.perf_counter()
+        q = await self.embed(query)
+        vectors = cache.vectors  # read after the await: consistent with doc ids right now
+        if vectors is None:
+            raise ValueError("dense cache scoring needs documents inserted with vectors")
+        best = cache.best(vectors @ q)
+        recorder.speculation_time_s += time.perf_counter() - start
+        return best
+
+
+class RetrieverCacheScorer:
+    """The knowledge base's own ``score`` of the cached doc ids (BM25, or any backend)."""
+
+    needs_vectors = False
+
+    def __init__(self, retriever: AsyncRetriever) -> None:
+        self.retriever = retriever
+
+    async def top1(
+        self, cache: SpeculationCache, query: str, recorder: TraceRecorder
+    ) -> int | None:
+        doc_ids = cache.doc_ids  # snapshot: verification may insert while we await
+        if len(doc_ids) == 0:
+            return None
+        start = time.perf_counter()
+        scores = await self.retriever.score(query, doc_ids.tolist())
+        recorder.retrieval("score", "speculate", 1, len(doc_ids), time.perf_counter() - start)
+        return cache.best(np.asarray(scores, dtype=np.float64), doc_ids)

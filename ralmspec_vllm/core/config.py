@@ -1,0 +1,127 @@
+"""Typed configuration of iterative RaLM (``RaLMConfig``) and of RaLMSpec (``SpeculationConfig``).
+
+``RaLMConfig`` fixes *what* is generated (the baseline's semantics: retrieval stride, query
+window, document cap, length limit); every mode must produce the same tokens under it.
+``SpeculationConfig`` only changes *how fast*: speculation stride (or the OS3 scheduler),
+prefetching, asynchronous verification, and the per-request speculation cache. ``PRESETS``
+holds the paper's ablation rows (B, P, S, A, PS, SA, PA, PSA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Eviction = Literal["lru", "fifo"]
+Mode = Literal["baseline", "ralmspec", "oracle"]
+MODES: tuple[Mode, ...] = ("baseline", "ralmspec", "oracle")
+
+
+def _positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RaLMConfig:
+    """Iterative retrieval-augmented generation (In-Context RALM style), greedy."""
+
+    retrieval_stride: int = 4
+    """Tokens generated between two retrievals."""
+    query_window: int = 32
+    """The query is the decoded last ``query_window`` tokens of question + generated text."""
+    max_doc_tokens: int = 256
+    """Document tokens (title + text) kept in front of the prompt."""
+    max_new_tokens: int = 128
+    """Generation stops after this many tokens (or at EOS)."""
+    separator: str = "\n\n"
+    """Text between the document and the question (tokenized on its own)."""
+
+    def __post_init__(self) -> None:
+        _positive("retrieval_stride", self.retrieval_stride)
+        _positive("query_window", self.query_window)
+        _positive("max_doc_tokens", self.max_doc_tokens)
+        _positive("max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.separator, str):
+            raise ValueError(f"separator must be a string, got {self.separator!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationConfig:
+    """RaLMSpec switches. The default is the plain row B (fixed stride 3, no P, S or A)."""
+
+    speculation_stride: int | Literal["auto"] = 3
+    """Retrieval points speculated per verification; ``"auto"`` turns on OS3 (S)."""
+    prefetch_k: int = 1
+    """Documents inserted into the cache per verified query (P when > 1; paper: 20)."""
+    async_verification: bool = False
+    """A: speculate the next step while the batched verification is in flight."""
+    cache_capacity: int = 512
+    """Documents held in one request's speculation cache."""
+    eviction: Eviction = "lru"
+    """``lru``: evict the document least recently inserted, re-verified or speculated;
+    ``fifo``: evict the one inserted first."""
+    window: int = 5
+    """OS3: verifications over which the speculation accuracy gamma is estimated."""
+    gamma_max: float = 0.6
+    """OS3: cap on the estimated gamma."""
+    max_speculation_stride: int = 10
+    """OS3: largest stride the scheduler may choose."""
+
+    def __post_init__(self) -> None:
+        if self.speculation_stride != "auto":
+            _positive("speculation_stride", self.speculation_stride)  # type: ignore[arg-type]
+        _positive("prefetch_k", self.prefetch_k)
+        if not isinstance(self.async_verification, bool):
+            raise ValueError(f"async_verification must be a bool, got {self.async_verification!r}")
+        _positive("cache_capacity", self.cache_capacity)
+        if self.eviction not in ("lru", "fifo"):
+            raise ValueError(f"eviction must be 'lru' or 'fifo', got {self.eviction!r}")
+        _positive("window", self.window)
+        if not 0.0 <= self.gamma_max < 1.0:
+            raise ValueError(f"gamma_max must be in [0, 1), got {self.gamma_max!r}")
+        _positive("max_speculation_stride", self.max_speculation_stride)
+
+    @property
+    def adaptive(self) -> bool:
+        """S: the OS3 scheduler chooses the stride."""
+        return self.speculation_stride == "auto"
+
+    @property
+    def prefetch(self) -> bool:
+        """P: more than the top-1 document is cached per verified query."""
+        return self.prefetch_k > 1
+
+    @property
+    def label(self) -> str:
+        """The paper's ablation name: B, P, S, A, PS, SA, PA or PSA."""
+        letters = ("P" if self.prefetch else "") + ("S" if self.adaptive else "")
+        letters += "A" if self.async_verification else ""
+        return letters or "B"
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> SpeculationConfig:
+        """One of the paper's ablation rows, optionally with fields overridden."""
+        try:
+            base = PRESETS[name.upper()]
+        except KeyError:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+PREFETCH_K = 20
+"""The paper's prefetch size (256 was mostly worse)."""
+
+PRESETS: dict[str, SpeculationConfig] = {
+    "B": SpeculationConfig(),
+    "P": SpeculationConfig(prefetch_k=PREFETCH_K),
+    "S": SpeculationConfig(speculation_stride="auto"),
+    "A": SpeculationConfig(async_verification=True),
+    "PS": SpeculationConfig(prefetch_k=PREFETCH_K, speculation_stride="auto"),
+    "SA": SpeculationConfig(speculation_stride="auto", async_verification=True),
+    "PA": SpeculationConfig(prefetch_k=PREFETCH_K, async_verification=True),
+    "PSA": SpeculationConfig(
+        prefetch_k=PREFETCH_K, speculation_stride="auto", async_verification=True
+    ),
+}
+"""The paper's ablation rows; ``B`` is plain RaLMSpec with a fixed stride of 3."""

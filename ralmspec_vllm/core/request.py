@@ -1,0 +1,108 @@
+"""One request's state and its two primitive actions: retrieve and generate one step.
+
+A *step* is one retrieval point: up to ``retrieval_stride`` tokens generated greedily with one
+document in front. ``RequestContext`` holds the question tokens, the generated tokens, the
+document span of every step and the trace recorder; the baseline, oracle and speculative
+loops (``baseline.py``, ``speculative.py``) are written in terms of ``query``, ``search``,
+``generate_step`` and ``truncate``. Every LM call gets its own request id (``<id>#<n>``) so a
+speculative call in flight can be aborted alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from ralmspec_vllm.core.config import RaLMConfig
+from ralmspec_vllm.core.lm import Generation, LanguageModel
+from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
+from ralmspec_vllm.core.trace import CallPurpose, TokenSpan, TraceRecorder
+from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.types import Hit
+
+
+class RequestContext:
+    """Mutable state of one question being answered."""
+
+    def __init__(
+        self,
+        request_id: str,
+        question_ids: Sequence[int],
+        config: RaLMConfig,
+        lm: LanguageModel,
+        retriever: AsyncRetriever,
+        layout: PromptLayout,
+        doc_tokens: DocumentTokenCache,
+        recorder: TraceRecorder,
+    ) -> None:
+        self.request_id = request_id
+        self.question_ids = list(question_ids)
+        self.config = config
+        self.lm = lm
+        self.retriever = retriever
+        self.layout = layout
+        self.doc_tokens = doc_tokens
+        self.recorder = recorder
+        self.generated: list[int] = []
+        self.spans: list[TokenSpan] = []
+        self.finished = False
+        """The model emitted EOS (in the last kept step)."""
+        self._lm_calls = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finished or len(self.generated) >= self.config.max_new_tokens
+
+    def query(self) -> str:
+        """The retrieval query for the current position."""
+        return self.layout.query(self.question_ids, self.generated)
+
+    def new_lm_request_id(self) -> str:
+        self._lm_calls += 1
+        return f"{self.request_id}#{self._lm_calls}"
+
+    async def search(self, queries: Sequence[str], k: int, purpose: CallPurpose) -> list[list[Hit]]:
+        start = time.perf_counter()
+        hits = await self.retriever.search(queries, k)
+        self.recorder.retrieval("search", purpose, len(queries), k, time.perf_counter() - start)
+        if len(hits) != len(queries):
+            raise ValueError(f"retriever answered {len(hits)} result lists for {len(queries)}")
+        return hits
+
+    async def generate_step(
+        self, doc_id: int | None, purpose: CallPurpose, lm_request_id: str | None = None
+    ) -> Generation:
+        """Generate one step with ``doc_id`` in front and append it (tokens and span)."""
+        doc = None
+        if doc_id is not None:
+            (doc,), latency = await self.doc_tokens.get([doc_id])
+            if latency:
+                self.recorder.retrieval("documents", purpose, 1, 1, latency)
+        prompt = self.layout.build(doc, self.question_ids, self.generated)
+        max_tokens = min(
+            self.config.retrieval_stride, self.config.max_new_tokens - len(self.generated)
+        )
+        start = time.perf_counter()
+        gen = await self.lm.generate(prompt, max_tokens, lm_request_id or self.new_lm_request_id())
+        self.recorder.lm(gen.num_prompt_tokens, gen.num_cached_tokens, time.perf_counter() - start)
+        begin = len(self.generated)
+        self.generated += gen.token_ids[:max_tokens]
+        self.spans.append(TokenSpan(begin, len(self.generated), doc_id))
+        self.finished = gen.finished
+        return gen
+
+    def truncate(self, length: int) -> int:
+        """Roll back to ``length`` generated tokens (a step boundary); returns tokens dropped."""
+        dropped = len(self.generated) - length
+        if dropped < 0:
+            raise ValueError(f"cannot roll back to {length} of {len(self.generated)} tokens")
+        del self.generated[length:]
+        while self.spans and self.spans[-1].start >= length:
+            self.spans.pop()
+        if self.spans and self.spans[-1].end != length:
+            raise ValueError(f"rollback to {length} is not a step boundary")
+        self.finished = False
+        return dropped
+
+    def spans_tuple(self) -> tuple[TokenSpan, ...]:
+        return tuple(self.spans)

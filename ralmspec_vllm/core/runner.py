@@ -1,0 +1,167 @@
+"""The Python-level API: ``RaLMEngine`` answers questions in baseline, ralmspec or oracle mode.
+
+Wiring: one engine holds a ``LanguageModel`` (vLLM adapter or fake), a ``Tokenizer``, an
+``AsyncRetriever`` (in-process, gRPC client, optionally wrapped in ``BatchingRetriever``),
+the prompt layout and the shared document-token cache. Each question becomes a
+``RequestContext`` run by ``run_baseline``, ``run_oracle`` or ``SpeculativeRequest``; many
+questions run concurrently as asyncio tasks (the LM batches them, ``BatchingRetriever``
+batches their retrievals). The result carries the answer and a frozen ``RequestTrace``.
+
+Cache scoring for speculation: dense (``encoder`` given; the retriever must serve vectors)
+or the retriever's own ``score`` (BM25, or any backend when no encoder is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ralmspec_vllm.core.baseline import run_baseline, run_oracle
+from ralmspec_vllm.core.cache import (
+    CacheScorer,
+    DenseCacheScorer,
+    QueryEncoder,
+    RetrieverCacheScorer,
+)
+from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
+from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
+from ralmspec_vllm.core.request import RequestContext
+from ralmspec_vllm.core.speculative import SpeculativeRequest
+from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
+from ralmspec_vllm.retrieval.base import AsyncRetriever
+
+
+@dataclass(frozen=True, slots=True)
+class RaLMResult:
+    """One answered question."""
+
+    request_id: str
+    question: str
+    mode: Mode
+    method: str
+    """``baseline``, ``oracle`` or ``ralmspec-<row>`` (``B``, ``P``, ..., ``PSA``)."""
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    """The model stopped with EOS (otherwise the length limit ended the answer)."""
+    trace: RequestTrace
+
+
+class RaLMEngine:
+    """Answers questions with iterative retrieval-augmented generation."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        tokenizer: Tokenizer,
+        retriever: AsyncRetriever,
+        config: RaLMConfig | None = None,
+        speculation: SpeculationConfig | None = None,
+        encoder: QueryEncoder | None = None,
+        *,
+        prefix_ids: Sequence[int] | None = None,
+        doc_cache_capacity: int = 200_000,
+        encode_in_thread: bool = True,
+    ) -> None:
+        """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
+        speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
+        the document (default: the tokenizer's special prefix, e.g. BOS)."""
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.config = config or RaLMConfig()
+        self.speculation = speculation or SpeculationConfig()
+        self.layout = PromptLayout(tokenizer, self.config, prefix_ids)
+        self.doc_tokens = DocumentTokenCache(
+            retriever, tokenizer, self.config.max_doc_tokens, doc_cache_capacity
+        )
+        self.scorer: CacheScorer = (
+            DenseCacheScorer(encoder, in_thread=encode_in_thread)
+            if encoder is not None
+            else RetrieverCacheScorer(retriever)
+        )
+        self._ids = itertools.count()
+
+    async def generate(
+        self,
+        question: str,
+        mode: Mode = "ralmspec",
+        *,
+        request_id: str | None = None,
+        speculation: SpeculationConfig | None = None,
+        oracle_doc_ids: Sequence[int | None] | None = None,
+    ) -> RaLMResult:
+        """Answer one question. ``oracle_doc_ids`` (oracle mode only): the document of each
+        step, e.g. ``baseline_result.trace.step_doc_ids``."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if (mode == "oracle") != (oracle_doc_ids is not None):
+            raise ValueError("oracle_doc_ids must be given exactly when mode is 'oracle'")
+        spec = speculation or self.speculation
+        method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
+        request_id = request_id or f"ralm-{next(self._ids)}"
+        if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
+            await self.doc_tokens.get([d for d in oracle_doc_ids if d is not None])
+        recorder = TraceRecorder(method)
+        ctx = RequestContext(
+            request_id,
+            self.layout.question_ids(question),
+            self.config,
+            self.lm,
+            self.retriever,
+            self.layout,
+            self.doc_tokens,
+            recorder,
+        )
+        start = time.perf_counter()
+        if mode == "baseline":
+            await run_baseline(ctx)
+        elif mode == "oracle":
+            assert oracle_doc_ids is not None
+            await run_oracle(ctx, oracle_doc_ids)
+        else:
+            await SpeculativeRequest(ctx, spec, self.scorer).run()
+        wall = time.perf_counter() - start
+        tokens = tuple(ctx.generated)
+        return RaLMResult(
+            request_id=request_id,
+            question=question,
+            mode=mode,
+            method=method,
+            token_ids=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            finished=ctx.finished,
+            trace=recorder.freeze(ctx.spans_tuple(), wall),
+        )
+
+    async def generate_many(
+        self,
+        questions: Sequence[str],
+        mode: Mode = "ralmspec",
+        *,
+        speculation: SpeculationConfig | None = None,
+        oracle_doc_ids: Sequence[Sequence[int | None]] | None = None,
+        max_concurrency: int | None = None,
+    ) -> list[RaLMResult]:
+        """Answer many questions concurrently (at most ``max_concurrency`` at a time);
+        results in question order."""
+        if oracle_doc_ids is not None and len(oracle_doc_ids) != len(questions):
+            raise ValueError("oracle_doc_ids needs one sequence per question")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be positive, got {max_concurrency}")
+        limit = asyncio.Semaphore(max_concurrency or max(1, len(questions)))
+
+        async def one(i: int) -> RaLMResult:
+            async with limit:
+                return await self.generate(
+                    questions[i],
+                    mode,
+                    speculation=speculation,
+                    oracle_doc_ids=None if oracle_doc_ids is None else oracle_doc_ids[i],
+                )
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(questions)))))

@@ -1,0 +1,202 @@
+"""RaLMSpec for one request: speculate from the cache, verify in one batch, roll back.
+
+Round structure (stride s from ``FixedStride`` or OS3):
+
+1. The first retrieval point has an empty cache: a real retrieval (top-k with P), whose
+   documents seed the cache; that step is final.
+2. Speculate up to s steps: the cache's top-1 for the current query, then one step of
+   generation with it. Steps stop early at EOS or ``max_new_tokens``; they are still
+   verified before the answer is final.
+3. Verify: ``search`` of the round's s queries as ONE call (k = ``prefetch_k``); compare the
+   knowledge base's top-1 with the speculated doc id, position by position. Documents of the
+   queries up to and including the first mismatch are inserted into the cache.
+4. At the first mismatch m: drop every token from step m on, regenerate step m with the true
+   document (a final step), start the next round. Kept tokens were generated with exactly
+   the documents the baseline uses, from exactly the baseline's context: identical output.
+
+Asynchronous verification (A): the verification runs as a task while the next step is
+speculated concurrently. All matched -> that step is kept and opens the next round (which
+then speculates s - 1 new steps). Mismatch -> the step is cancelled, its LM call aborted
+(``LanguageModel.abort``) and its tokens, if any, discarded with the rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ralmspec_vllm.core.cache import CacheScorer, SpeculationCache
+from ralmspec_vllm.core.config import SpeculationConfig
+from ralmspec_vllm.core.request import RequestContext
+from ralmspec_vllm.core.stride import FixedStride, OptimalStrideScheduler, StrideScheduler
+from ralmspec_vllm.core.trace import VerificationRecord
+from ralmspec_vllm.types import Hit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeStep:
+    """A generated step whose document is not verified yet."""
+
+    start: int
+    """Generated-token count before the step (the rollback point)."""
+    query: str
+    doc_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    step: int
+    """Index of the first wrong speculation within the round."""
+    true_doc_id: int | None
+
+
+def make_scheduler(config: SpeculationConfig) -> StrideScheduler:
+    if config.speculation_stride == "auto":
+        return OptimalStrideScheduler(
+            window=config.window,
+            gamma_max=config.gamma_max,
+            max_stride=config.max_speculation_stride,
+            asynchronous=config.async_verification,
+        )
+    return FixedStride(config.speculation_stride)
+
+
+def _top1(hits: list[Hit]) -> int | None:
+    return hits[0].doc_id if hits else None
+
+
+class SpeculativeRequest:
+    """Runs RaLMSpec for one ``RequestContext``."""
+
+    def __init__(self, ctx: RequestContext, config: SpeculationConfig, scorer: CacheScorer) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.scorer = scorer
+        self.recorder = ctx.recorder
+        self.cache = SpeculationCache(config.cache_capacity, config.eviction)
+        self.scheduler = make_scheduler(config)
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        if ctx.done:
+            return
+        await self._first_step()
+        carried: SpeculativeStep | None = None
+        while carried is not None or not ctx.done:
+            stride = self.scheduler.next_stride()
+            self.recorder.strides.append(stride)
+            steps = [carried] if carried is not None else []
+            carried = None
+            while len(steps) < stride and not ctx.done:
+                steps.append(await self._speculate(ctx.new_lm_request_id()))
+            if self.config.async_verification and not ctx.done:
+                carried, mismatch = await self._verify_overlapped(steps, stride)
+            else:
+                mismatch = await self._verify(steps, stride, asynchronous=False)
+            if mismatch is not None:
+                await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
+
+    async def _first_step(self) -> None:
+        (hits,) = await self.ctx.search([self.ctx.query()], self.config.prefetch_k, "retrieve")
+        await self._insert([hits])
+        await self.ctx.generate_step(_top1(hits), "retrieve")
+
+    async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
+        start = time.perf_counter()
+        query = self.ctx.query()
+        doc_id = await self.scorer.top1(self.cache, query, self.recorder)
+        if doc_id is not None:
+            self.cache.touch(doc_id)
+        step = SpeculativeStep(len(self.ctx.generated), query, doc_id)
+        await self.ctx.generate_step(doc_id, "speculate", lm_request_id)
+        self.scheduler.record_speculation(time.perf_counter() - start)
+        return step
+
+    async def _verify(
+        self, steps: list[SpeculativeStep], stride: int, asynchronous: bool
+    ) -> Mismatch | None:
+        start = time.perf_counter()
+        queries = [step.query for step in steps]
+        results = await self.ctx.search(queries, self.config.prefetch_k, "verify")
+        latency = time.perf_counter() - start
+        mismatch = None
+        for i, (step, hits) in enumerate(zip(steps, results, strict=True)):
+            if _top1(hits) != step.doc_id:
+                mismatch = Mismatch(i, _top1(hits))
+                break
+        matched = len(steps) if mismatch is None else mismatch.step
+        await self._insert(results[: matched + 1])
+        rec = self.recorder
+        rec.speculation_hits += matched
+        rec.speculation_misses += mismatch is not None
+        rec.verifications.append(
+            VerificationRecord(
+                stride=stride,
+                num_steps=len(steps),
+                matched=matched,
+                mismatch_step=None if mismatch is None else mismatch.step,
+                latency_s=latency,
+                asynchronous=asynchronous,
+            )
+        )
+        self.scheduler.record_verification(latency, matched, mismatch is not None)
+        return mismatch
+
+    async def _verify_overlapped(
+        self, steps: list[SpeculativeStep], stride: int
+    ) -> tuple[SpeculativeStep | None, Mismatch | None]:
+        """Verify while the next step is speculated; keep that step only if all matched."""
+        lm_request_id = self.ctx.new_lm_request_id()
+        verification = asyncio.create_task(self._verify(steps, stride, asynchronous=True))
+        overlapped = asyncio.create_task(self._speculate(lm_request_id))
+        try:
+            mismatch = await verification
+        except BaseException:
+            await self._discard(overlapped, lm_request_id)
+            raise
+        if mismatch is None:
+            return await overlapped, None
+        await self._discard(overlapped, lm_request_id)
+        return None, mismatch
+
+    async def _discard(self, task: asyncio.Task[SpeculativeStep], lm_request_id: str) -> None:
+        """Cancel a speculative step; tokens it already appended go with the rollback."""
+        if not task.done():
+            task.cancel()
+            await self.ctx.lm.abort(lm_request_id)
+            self.recorder.lm_aborts += 1
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def _correct(self, rollback_to: int, true_doc_id: int | None) -> None:
+        dropped = self.ctx.truncate(rollback_to)
+        self.recorder.rollbacks += 1
+        self.recorder.tokens_discarded += dropped
+        logger.debug(
+            "%s: rollback to %d tokens (%d dropped)", self.ctx.request_id, rollback_to, dropped
+        )
+        await self.ctx.generate_step(true_doc_id, "verify")
+
+    async def _insert(self, results: list[list[Hit]]) -> None:
+        """Insert verified documents; later queries' documents count as more recent."""
+        ranked = [[hit.doc_id for hit in hits] for hits in results]
+        vectors: dict[int, np.ndarray] | None = None
+        if self.scorer.needs_vectors:
+            missing = self.cache.missing([d for ids in ranked for d in ids])
+            vectors = {}
+            if missing:
+                start = time.perf_counter()
+                fetched = await self.ctx.retriever.vectors(missing)
+                self.recorder.retrieval(
+                    "vectors", "verify", 1, len(missing), time.perf_counter() - start
+                )
+                if fetched is None:
+                    raise ValueError("dense cache scoring needs a retriever that serves vectors")
+                vectors = dict(zip(missing, fetched, strict=True))
+        for ids in ranked:
+            self.cache.insert(ids, vectors)

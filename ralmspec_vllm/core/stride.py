@@ -1,0 +1,127 @@
+"""Speculation stride: fixed, or chosen online by OS3 (the paper's optimal stride scheduler).
+
+Per request, the speculative loop asks ``next_stride()`` before each round and reports each
+speculation step's latency (``record_speculation``) and each verification's latency and
+outcome (``record_verification``).
+
+OS3, with a = latest speculation-step latency, b = latest verification latency and gamma the
+probability that one speculation is right:
+
+- expected verified steps per round: (1 - gamma^s) / (1 - gamma)
+- synchronous objective: (1 - gamma^s) / ((1 - gamma)(s a + b))
+- asynchronous objective: (1 - gamma^s) / ((1 - gamma)[gamma^s ((s-1) a + max(a, b))
+  + (1 - gamma^s)(s a + b)])
+- gamma over the last ``window`` verifications = matched / (matched + rounds with a mismatch),
+  capped at ``gamma_max``.
+- s starts at 1 (until gamma, a and b are known) and is searched upward from 1 while the
+  objective does not drop, up to ``max_stride``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+_TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
+
+
+class StrideScheduler(Protocol):
+    def next_stride(self) -> int: ...
+
+    def record_speculation(self, latency_s: float) -> None: ...
+
+    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None: ...
+
+
+class FixedStride:
+    """The same stride every round (S off)."""
+
+    def __init__(self, stride: int) -> None:
+        if stride < 1:
+            raise ValueError(f"stride must be positive, got {stride}")
+        self.stride = stride
+
+    def next_stride(self) -> int:
+        return self.stride
+
+    def record_speculation(self, latency_s: float) -> None:
+        pass
+
+    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None:
+        pass
+
+
+def expected_steps(s: int, gamma: float) -> float:
+    """Expected correctly speculated steps in a round of stride ``s``: (1 - g^s) / (1 - g)."""
+    return (1.0 - gamma**s) / (1.0 - gamma)
+
+
+def sync_objective(s: int, gamma: float, a: float, b: float) -> float:
+    """Verified steps per second with synchronous verification."""
+    return expected_steps(s, gamma) / max(s * a + b, _TINY)
+
+
+def async_objective(s: int, gamma: float, a: float, b: float) -> float:
+    """Verified steps per second when the next step overlaps the verification."""
+    gs = gamma**s
+    time = gs * ((s - 1) * a + max(a, b)) + (1.0 - gs) * (s * a + b)
+    return expected_steps(s, gamma) / max(time, _TINY)
+
+
+def choose_stride(gamma: float, a: float, b: float, max_stride: int, asynchronous: bool) -> int:
+    """From s = 1, increase s while the objective does not drop (at most ``max_stride``)."""
+    objective = async_objective if asynchronous else sync_objective
+    s = 1
+    current = objective(1, gamma, a, b)
+    while s < max_stride:
+        candidate = objective(s + 1, gamma, a, b)
+        if candidate < current:
+            break
+        s, current = s + 1, candidate
+    return s
+
+
+class OptimalStrideScheduler:
+    """OS3: estimates gamma, a and b online and maximises the objective."""
+
+    def __init__(
+        self,
+        window: int = 5,
+        gamma_max: float = 0.6,
+        max_stride: int = 10,
+        asynchronous: bool = False,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be positive, got {window}")
+        if not 0.0 <= gamma_max < 1.0:
+            raise ValueError(f"gamma_max must be in [0, 1), got {gamma_max}")
+        if max_stride < 1:
+            raise ValueError(f"max_stride must be positive, got {max_stride}")
+        self.gamma_max = gamma_max
+        self.max_stride = max_stride
+        self.asynchronous = asynchronous
+        self._outcomes: deque[tuple[int, bool]] = deque(maxlen=window)
+        self.a: float | None = None
+        self.b: float | None = None
+
+    @property
+    def gamma(self) -> float | None:
+        """Estimated speculation accuracy, capped; ``None`` before any verification."""
+        matched = sum(m for m, _ in self._outcomes)
+        mismatches = sum(1 for _, bad in self._outcomes if bad)
+        if matched + mismatches == 0:
+            return None
+        return min(matched / (matched + mismatches), self.gamma_max)
+
+    def next_stride(self) -> int:
+        gamma = self.gamma
+        if gamma is None or self.a is None or self.b is None:
+            return 1
+        return choose_stride(gamma, self.a, self.b, self.max_stride, self.asynchronous)
+
+    def record_speculation(self, latency_s: float) -> None:
+        self.a = latency_s
+
+    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None:
+        self.b = latency_s
+        self._outcomes.append((matched, mismatched))

@@ -1,0 +1,114 @@
+"""RaLMSpec and oracle outputs are token-identical to the baseline, whatever happens."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+
+from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever, SyntheticDenseRetriever
+from .world import (
+    LONG_QUESTION,
+    SHORT_QUESTION,
+    baseline_and_freeze,
+    describe,
+    forced,
+    make_engine,
+    matrix,
+)
+
+SCRIPTS = {
+    "natural": None,  # hash-chosen truth over 6 documents: a mix of hits and misses
+    "miss-step-1": forced({1}),
+    "miss-step-2": forced({2}),
+    "miss-step-3": forced({3}),
+    "miss-every-third": forced(lambda s: s % 3 == 1),
+    "miss-every-step": forced(lambda s: s >= 1),
+}
+LMS = {
+    "no-eos": {},
+    "eos-at-13": {"eos_at_length": 13},  # inside the 4th step: mid-round for s >= 2
+    "eos-random": {"eos_probability": 0.03},  # content-dependent EOS
+}
+
+
+async def check_matrix(
+    question: str,
+    script_name: str,
+    configs: list[SpeculationConfig],
+    lm: FakeLM | None = None,
+    config: RaLMConfig | None = None,
+    doc_length: int = 12,
+) -> None:
+    retriever = ScriptedRetriever(SCRIPTS[script_name], doc_length=doc_length)
+    engine, _ = make_engine(retriever, lm, config)
+    baseline = await baseline_and_freeze(engine, retriever, question)
+    assert baseline.token_ids
+    for spec in configs:
+        result = await engine.generate(question, "ralmspec", speculation=spec)
+        assert result.token_ids == baseline.token_ids, describe(spec)
+        assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, describe(spec)
+        assert result.finished == baseline.finished
+        assert result.text == baseline.text
+
+
+@pytest.mark.parametrize("lm_name", sorted(LMS))
+@pytest.mark.parametrize("script_name", sorted(SCRIPTS))
+@pytest.mark.parametrize("question", [SHORT_QUESTION, LONG_QUESTION], ids=["short", "long"])
+async def test_ralmspec_matches_baseline_over_ablation_matrix(
+    question: str, script_name: str, lm_name: str
+) -> None:
+    lm = FakeLM(**LMS[lm_name])  # type: ignore[arg-type]
+    await check_matrix(question, script_name, list(matrix()), lm=lm)
+
+
+@pytest.mark.parametrize("script_name", ["natural", "miss-step-2", "miss-every-step"])
+async def test_odd_shapes_match(script_name: str) -> None:
+    """Length limit not a multiple of the stride, tiny window, documents over the cap."""
+    config = RaLMConfig(retrieval_stride=5, query_window=3, max_doc_tokens=8, max_new_tokens=33)
+    await check_matrix(LONG_QUESTION, script_name, list(matrix()), config=config, doc_length=20)
+
+
+async def test_documents_longer_than_256_tokens_are_capped() -> None:
+    retriever = ScriptedRetriever(forced({2}), doc_length=300)
+    engine, lm = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    question_len = len(FakeTokenizer().encode(SHORT_QUESTION))
+    separator_len = len(engine.layout.separator_ids)
+    first = lm.calls[0]
+    assert len(first.prompt) == 256 + separator_len + question_len
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=SpeculationConfig())
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.rollbacks == 1
+
+
+async def test_oracle_matches_with_no_retrieval() -> None:
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 0))
+    engine, _ = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, LONG_QUESTION)
+    searches = len(retriever.search_calls)
+    oracle = await engine.generate(
+        LONG_QUESTION, "oracle", oracle_doc_ids=baseline.trace.step_doc_ids
+    )
+    assert oracle.token_ids == baseline.token_ids
+    assert oracle.trace.retrieval_calls == ()
+    assert len(retriever.search_calls) == searches and retriever.score_calls == 0
+    assert oracle.trace.retrieval_time_s == 0.0
+
+
+@pytest.mark.parametrize("config", list(matrix((1, 3))), ids=describe)
+async def test_dense_cache_scoring_matches(config: SpeculationConfig) -> None:
+    """Real in-process dense retriever; the cache ranks with the documents' own vectors."""
+    dense = SyntheticDenseRetriever()
+    retriever = InProcessAsyncRetriever(dense)
+    engine = RaLMEngine(
+        FakeLM(), FakeTokenizer(), retriever, encoder=dense.encode, encode_in_thread=False
+    )
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.num_calls("score") == 0 and trace.num_calls("vectors") >= 1
+    assert trace.speculation_hits > 0  # the dense cache path really speculates right

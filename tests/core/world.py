@@ -1,0 +1,59 @@
+"""Helpers shared by the core tests: engines over the fakes and the ablation matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
+
+from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever
+
+SHORT_QUESTION = "who wrote moby dick"
+LONG_QUESTION = " ".join(f"word{i}" for i in range(50))  # longer than the 32-token window
+STRIDES = (1, 2, 3, 8)
+
+
+def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
+    """s x P on/off x S on/off x A on/off (with S on, s bounds the scheduler)."""
+    for s in strides:
+        for prefetch_k in (1, 20):
+            for adaptive in (False, True):
+                for asynchronous in (False, True):
+                    yield SpeculationConfig(
+                        speculation_stride="auto" if adaptive else s,
+                        max_speculation_stride=s,
+                        prefetch_k=prefetch_k,
+                        async_verification=asynchronous,
+                    )
+
+
+def forced(steps: set[int] | Callable[[int], bool], fresh: int = 100) -> Callable[[int], int]:
+    """A script whose true top-1 is doc 0, except a fresh (never cached) doc at ``steps``:
+    speculation must miss exactly there."""
+    hit = steps if callable(steps) else steps.__contains__
+    return lambda step: fresh + step if hit(step) else 0
+
+
+async def baseline_and_freeze(
+    engine: RaLMEngine, retriever: ScriptedRetriever, question: str
+) -> RaLMResult:
+    """The baseline run teaches the scripted retriever its queries, then freezes it."""
+    result = await engine.generate(question, "baseline")
+    retriever.freeze()
+    return result
+
+
+def make_engine(
+    retriever: ScriptedRetriever,
+    lm: FakeLM | None = None,
+    config: RaLMConfig | None = None,
+    tokenizer: FakeTokenizer | None = None,
+) -> tuple[RaLMEngine, FakeLM]:
+    lm = lm or FakeLM()
+    return RaLMEngine(lm, tokenizer or FakeTokenizer(), retriever, config), lm
+
+
+def describe(config: SpeculationConfig) -> str:
+    s = config.max_speculation_stride if config.adaptive else config.speculation_stride
+    return f"{config.label}(s={s})"
