@@ -72,8 +72,10 @@ class RequestTrace:
     tokens_discarded: int
     """Tokens generated and then thrown away (rollbacks, discarded overlapped steps)."""
     lm_calls: int
+    """Completed LM calls (each generates one step)."""
     lm_aborts: int
-    """In-flight speculative LM calls cancelled because their verification failed."""
+    """Speculative steps cancelled in flight because their verification failed (their LM
+    call aborted); not counted in ``lm_calls``."""
     lm_time_s: float
     retrieval_time_s: float
     speculation_time_s: float

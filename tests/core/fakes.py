@@ -94,6 +94,7 @@ class FakeLM:
         eos_probability: float = 0.0,
         latency_s: float = 0.0,
         block_size: int = 4,
+        events: list[str] | None = None,
     ) -> None:
         """``eos_at_length``: EOS is the token at that answer position (answer = the trailing
         generated-range ids); ``eos_probability``: hash-chosen EOS per token."""
@@ -102,6 +103,8 @@ class FakeLM:
         self.eos_threshold = int(eos_probability * 1_000_000)
         self.latency_s = latency_s
         self.block_size = block_size
+        self.events = events
+        """When given, "lm-start <id>" / "lm-end <id>" are appended (ordering checks)."""
         self.calls: list[LMCall] = []
         self.aborted: list[str] = []
         self.cancelled: list[str] = []
@@ -132,20 +135,21 @@ class FakeLM:
                 return out, True
         return out, False
 
-    def cached_prefix(self, prompt: Sequence[int]) -> int:
-        cached, h = 0, 0
-        for end in range(self.block_size, len(prompt) + 1, self.block_size):
-            h = hash((h, tuple(prompt[end - self.block_size : end])))
-            if h not in self._blocks:
-                break
-            cached = end
-        return min(cached, max(0, len(prompt) - 1))
+    def _chain(self, seq: Sequence[int]) -> list[int]:
+        """vLLM-style block hashes: each full block's hash covers everything before it."""
+        hashes, h, size = [], 0, self.block_size
+        for end in range(size, len(seq) + 1, size):
+            h = hash((h, tuple(seq[end - size : end])))
+            hashes.append(h)
+        return hashes
 
-    def _remember(self, seq: Sequence[int]) -> None:
-        h = 0
-        for end in range(self.block_size, len(seq) + 1, self.block_size):
-            h = hash((h, tuple(seq[end - self.block_size : end])))
-            self._blocks.add(h)
+    def cached_prefix(self, prompt: Sequence[int], chain: list[int] | None = None) -> int:
+        cached = 0
+        for h in chain if chain is not None else self._chain(prompt):
+            if h not in self._blocks or cached + self.block_size > len(prompt):
+                break
+            cached += self.block_size
+        return min(cached, max(0, len(prompt) - 1))
 
     async def generate(
         self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str
@@ -153,6 +157,8 @@ class FakeLM:
         if request_id in self._inflight:
             raise RuntimeError(f"duplicate request id {request_id}")
         self._inflight.add(request_id)
+        if self.events is not None:
+            self.events.append(f"lm-start {request_id}")
         try:
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
@@ -163,9 +169,12 @@ class FakeLM:
             self._inflight.discard(request_id)
         prompt = tuple(prompt_token_ids)
         out, finished = self.continuation(prompt, max_tokens)
-        cached = self.cached_prefix(prompt)
-        self._remember(prompt + tuple(out))
+        chain = self._chain(prompt + tuple(out))
+        cached = self.cached_prefix(prompt, chain)
+        self._blocks.update(chain)
         self.calls.append(LMCall(request_id, prompt, max_tokens, tuple(out), cached))
+        if self.events is not None:
+            self.events.append(f"lm-end {request_id}")
         return Generation(tuple(out), finished, len(prompt), cached, self.latency_s)
 
     async def abort(self, request_id: str) -> None:
@@ -185,8 +194,10 @@ class ScriptedRetriever:
         num_common: int = 6,
         doc_length: int = 12,
         latency_s: float = 0.0,
+        events: list[str] | None = None,
     ) -> None:
         self.script = script
+        self.events = events
         self.num_common = num_common
         self.doc_length = doc_length
         self.latency_s = latency_s
@@ -223,7 +234,11 @@ class ScriptedRetriever:
 
     async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         self.search_calls.append((len(queries), k))
+        if self.events is not None:
+            self.events.append(f"search-start {len(queries)}")
         await self._delay()
+        if self.events is not None:
+            self.events.append(f"search-end {len(queries)}")
         out = []
         for q in queries:
             truth = self.truth(q)

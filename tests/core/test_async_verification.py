@@ -1,0 +1,77 @@
+"""A: verification really runs concurrently with the next speculation step; S adapts."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec_vllm.core.config import SpeculationConfig
+
+from .fakes import FakeLM, ScriptedRetriever
+from .world import SHORT_QUESTION, baseline_and_freeze, forced, make_engine
+
+
+async def test_next_step_runs_while_verification_is_in_flight() -> None:
+    events: list[str] = []
+    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.01, events=events)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.002, events=events))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    config = SpeculationConfig(speculation_stride=2, async_verification=True)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    overlapped = 0
+    in_verification = False
+    for event in events:
+        if event == "search-start 2":
+            in_verification = True
+        elif event.startswith("search-end"):
+            in_verification = False
+        elif event.startswith("lm-start") and in_verification:
+            overlapped += 1
+    assert overlapped >= 3
+    trace = result.trace
+    # every verification matched: overlapped steps were all kept, no LM work wasted
+    assert trace.tokens_discarded == 0 and trace.lm_aborts == 0
+    assert trace.lm_calls == len(trace.spans)
+    assert all(v.asynchronous for v in trace.verifications[:-1])
+
+
+async def test_mismatch_aborts_the_in_flight_step() -> None:
+    retriever = ScriptedRetriever(forced(lambda s: s % 3 == 2), latency_s=0.001)
+    lm = FakeLM(latency_s=0.02)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride=2, async_verification=True)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.lm_aborts >= 3
+    assert set(lm.cancelled) == set(lm.aborted)  # cancelled mid-flight and aborted by id
+    assert len(lm.aborted) == result.trace.lm_aborts
+
+
+async def test_mismatch_after_overlap_finished_discards_its_tokens() -> None:
+    retriever = ScriptedRetriever(forced({2}), latency_s=0.02)
+    engine, _ = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride=2, async_verification=True)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == 1 and trace.lm_aborts == 0
+    assert trace.tokens_discarded == 8  # step 2 (wrong doc) + the overlapped step 3
+    assert trace.verifications[0].mismatch_step == 1
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_scheduler_grows_stride_when_retrieval_is_slow(asynchronous: bool) -> None:
+    retriever = ScriptedRetriever(forced(lambda s: s % 7 == 3), latency_s=0.01)
+    engine, _ = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(
+        speculation_stride="auto", max_speculation_stride=6, async_verification=asynchronous
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.strides[0] == 1
+    assert max(result.trace.strides) > 2
+    assert len(result.trace.strides) == len(result.trace.verifications)

@@ -1,0 +1,82 @@
+"""BatchingRetriever: concurrent searches merge into one inner call, results split back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ralmspec_vllm.core.batching import BatchingRetriever
+
+from .fakes import ScriptedRetriever
+
+QUERIES = [f"query number {i}" for i in range(12)]
+
+
+async def test_concurrent_searches_become_one_call_with_correct_slices() -> None:
+    inner = ScriptedRetriever(latency_s=0.001)
+    direct = await inner.search(QUERIES, 5)
+    inner.search_calls.clear()
+    batching = BatchingRetriever(inner, window_s=0.05)
+    parts = [QUERIES[0:1], QUERIES[1:4], QUERIES[4:5], QUERIES[5:12]]
+    results = await asyncio.gather(*(batching.search(p, 5) for p in parts))
+    assert [hit for part in results for hit in part] == direct
+    assert [len(r) for r in results] == [1, 3, 1, 7]
+    assert inner.search_calls == [(12, 5)]
+    (record,) = batching.stats
+    assert (record.num_queries, record.num_callers, record.k) == (12, 4, 5)
+
+
+async def test_full_batch_goes_without_waiting_for_the_window() -> None:
+    inner = ScriptedRetriever()
+    batching = BatchingRetriever(inner, window_s=60.0, max_batch_queries=4)
+    calls = [batching.search([q], 1) for q in QUERIES[:8]]
+    results = await asyncio.wait_for(asyncio.gather(*calls), timeout=5.0)
+    assert len(results) == 8
+    assert inner.search_calls == [(4, 1), (4, 1)]
+    big = await asyncio.wait_for(batching.search(QUERIES, 1), timeout=5.0)  # over max: alone
+    assert len(big) == 12 and inner.search_calls[-1] == (12, 1)
+
+
+async def test_different_k_are_not_merged() -> None:
+    inner = ScriptedRetriever()
+    batching = BatchingRetriever(inner, window_s=0.01)
+    a, b = await asyncio.gather(batching.search(QUERIES[:2], 1), batching.search(QUERIES[2:3], 3))
+    assert sorted(inner.search_calls) == [(1, 3), (2, 1)]
+    assert len(a) == 2 and len(b) == 1 and len(b[0]) == 3
+
+
+async def test_errors_reach_every_caller_and_cancelled_callers_are_skipped() -> None:
+    class Failing(ScriptedRetriever):
+        async def search(self, queries, k):  # type: ignore[no-untyped-def]
+            raise RuntimeError("index offline")
+
+    batching = BatchingRetriever(Failing(), window_s=0.01)
+    outcomes = await asyncio.gather(
+        batching.search(["a"], 1), batching.search(["b"], 1), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+
+    inner = ScriptedRetriever()
+    batching = BatchingRetriever(inner, window_s=0.02)
+    doomed = asyncio.create_task(batching.search(["gone"], 1))
+    kept = asyncio.create_task(batching.search(["kept"], 1))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    assert len(await kept) == 1
+    assert inner.search_calls == [(1, 1)]
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+
+
+async def test_passthrough_and_validation() -> None:
+    inner = ScriptedRetriever()
+    batching = BatchingRetriever(inner)
+    assert (await batching.info()).backend == "scripted"
+    assert len(await batching.documents([1, 2])) == 2
+    assert await batching.vectors([1]) is None
+    assert await batching.search([], 3) == []
+    with pytest.raises(ValueError, match="window_s"):
+        BatchingRetriever(inner, window_s=-1)
+    with pytest.raises(ValueError, match="max_batch_queries"):
+        BatchingRetriever(inner, max_batch_queries=0)

@@ -1,0 +1,99 @@
+"""Speculation cache: eviction rules, deterministic ties, and KB-consistent ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ralmspec_vllm.core.cache import DenseCacheScorer, RetrieverCacheScorer, SpeculationCache
+from ralmspec_vllm.core.trace import TraceRecorder
+
+from .fakes import ScriptedRetriever, SyntheticDenseRetriever
+
+
+def ids(cache: SpeculationCache) -> set[int]:
+    return {int(d) for d in cache.doc_ids}
+
+
+def test_ties_break_by_lower_doc_id() -> None:
+    cache = SpeculationCache(8)
+    cache.insert([9, 4, 7])
+    order = cache.doc_ids  # slot order, not id order
+    scores = np.array([{9: 1.0, 4: 1.0, 7: 0.5}[int(d)] for d in order])
+    assert cache.best(scores) == 4
+    assert cache.best(np.array([0.2, 0.1]), np.array([5, 3])) == 5
+    assert SpeculationCache(2).best(np.array([])) is None
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    cache = SpeculationCache(3, "lru")
+    for d in (1, 2, 3):
+        cache.insert([d])
+    cache.touch(1)  # speculated: a use
+    cache.insert([4])
+    assert ids(cache) == {1, 3, 4}
+    cache.insert([3])  # re-verified: a use
+    cache.insert([5])
+    assert ids(cache) == {3, 4, 5}
+    assert cache.evictions == 2
+
+
+def test_fifo_evicts_oldest_insert() -> None:
+    cache = SpeculationCache(3, "fifo")
+    for d in (1, 2, 3):
+        cache.insert([d])
+    cache.touch(1)
+    cache.insert([1])
+    cache.insert([4])
+    assert ids(cache) == {2, 3, 4}
+
+
+def test_insert_keeps_best_ranked_when_over_capacity() -> None:
+    cache = SpeculationCache(2)
+    cache.insert([5, 6, 7])  # best first
+    assert ids(cache) == {5, 6}
+    assert len(cache) == 2 and 5 in cache and 7 not in cache
+    assert cache.missing([7, 5, 7, 8]) == [7, 8]
+
+
+def test_vectors_follow_their_documents_through_eviction() -> None:
+    cache = SpeculationCache(2)
+    vec = {d: np.full(3, float(d), dtype=np.float32) for d in range(1, 5)}
+    for d in (1, 2, 3, 4):
+        cache.insert([d], vec)
+    assert cache.vectors is not None
+    for d, row in zip(cache.doc_ids, cache.vectors, strict=True):
+        assert np.array_equal(row, vec[int(d)])
+    cache.insert([7], {})  # no vector at hand: not inserted, nothing evicted
+    assert ids(cache) == {3, 4}
+
+
+def test_capacity_validated() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        SpeculationCache(0)
+
+
+async def test_dense_cache_puts_kb_top1_first_when_cached() -> None:
+    kb = SyntheticDenseRetriever(num_docs=50)
+    scorer = DenseCacheScorer(kb.encode, in_thread=False)
+    recorder = TraceRecorder("t")
+    for query in ("alpha beta gamma", "delta", "a b c d e f", "moby dick whale"):
+        (hits,) = kb.search([query], 20)
+        cache = SpeculationCache(64)
+        top = [h.doc_id for h in hits]
+        cache.insert(top[::-1][:10], dict(zip(top, kb.vectors(top), strict=True)))
+        cache.insert(top, dict(zip(top, kb.vectors(top), strict=True)))
+        assert await scorer.top1(cache, query, recorder) == hits[0].doc_id
+    assert recorder.retrieval_calls == []
+
+
+async def test_retriever_scorer_uses_kb_scores() -> None:
+    kb = ScriptedRetriever(script=lambda step: 3)
+    scorer = RetrieverCacheScorer(kb)
+    recorder = TraceRecorder("t")
+    cache = SpeculationCache(8)
+    assert await scorer.top1(cache, "q", recorder) is None  # empty: no call
+    cache.insert([0, 1, 3, 5])
+    assert await scorer.top1(cache, "some query", recorder) == 3
+    assert recorder.retrieval_calls[0].kind == "score"
+    assert kb.score_calls == 1

@@ -1,0 +1,59 @@
+"""Configuration validation and the paper's ablation presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"retrieval_stride": 0}, "retrieval_stride"),
+        ({"query_window": -1}, "query_window"),
+        ({"max_doc_tokens": 0}, "max_doc_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_ralm_config_names_bad_field(kwargs: dict[str, int], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RaLMConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"speculation_stride": 0}, "speculation_stride"),
+        ({"speculation_stride": "fast"}, "speculation_stride"),
+        ({"prefetch_k": 0}, "prefetch_k"),
+        ({"cache_capacity": 0}, "cache_capacity"),
+        ({"eviction": "random"}, "eviction"),
+        ({"window": 0}, "window"),
+        ({"gamma_max": 1.0}, "gamma_max"),
+        ({"max_speculation_stride": 0}, "max_speculation_stride"),
+        ({"async_verification": 1}, "async_verification"),
+    ],
+)
+def test_speculation_config_names_bad_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpeculationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_defaults_match_the_paper() -> None:
+    ralm = RaLMConfig()
+    assert (ralm.retrieval_stride, ralm.query_window, ralm.max_doc_tokens) == (4, 32, 256)
+    assert ralm.max_new_tokens == 128
+    spec = SpeculationConfig()
+    assert spec.label == "B" and not spec.adaptive and not spec.prefetch
+
+
+def test_presets_are_the_ablation_rows() -> None:
+    assert sorted(PRESETS) == sorted(["B", "P", "S", "A", "PS", "SA", "PA", "PSA"])
+    for name, config in PRESETS.items():
+        assert config.label == name
+    psa = SpeculationConfig.preset("psa", cache_capacity=64)
+    assert psa.prefetch_k == 20 and psa.adaptive and psa.async_verification
+    assert psa.cache_capacity == 64
+    with pytest.raises(ValueError, match="preset"):
+        SpeculationConfig.preset("X")

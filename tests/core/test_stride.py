@@ -1,0 +1,84 @@
+"""OS3: objective values and stride choices against hand-computed numbers; gamma estimation."""
+
+from __future__ import annotations
+
+import pytest
+
+from ralmspec_vllm.core.stride import (
+    FixedStride,
+    OptimalStrideScheduler,
+    async_objective,
+    choose_stride,
+    expected_steps,
+    sync_objective,
+)
+
+
+def test_expected_steps() -> None:
+    assert expected_steps(1, 0.5) == pytest.approx(1.0)
+    assert expected_steps(3, 0.5) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+
+
+def test_sync_objective_hand_computed() -> None:
+    # (1 - g^s) / ((1 - g)(s a + b)) with g = 0.5, a = 1, b = 2
+    assert sync_objective(1, 0.5, 1.0, 2.0) == pytest.approx(0.5 / 1.5)
+    assert sync_objective(2, 0.5, 1.0, 2.0) == pytest.approx(0.75 / 2.0)
+    assert sync_objective(3, 0.5, 1.0, 2.0) == pytest.approx(0.875 / 2.5)
+    assert choose_stride(0.5, 1.0, 2.0, 10, asynchronous=False) == 2
+
+
+def test_async_objective_hand_computed_and_ties_keep_climbing() -> None:
+    # s=1: time = .5*(0 + 2) + .5*(1 + 2) = 2.5, steps 1 -> 0.4
+    assert async_objective(1, 0.5, 1.0, 2.0) == pytest.approx(0.4)
+    # s=2: time = .25*(1 + 2) + .75*(2 + 2) = 3.75, steps 1.5 -> 0.4 (equal: keep going)
+    assert async_objective(2, 0.5, 1.0, 2.0) == pytest.approx(0.4)
+    # s=3: time = .125*(2 + 2) + .875*(3 + 2) = 4.875, steps 1.75 -> 0.359 (drops)
+    assert async_objective(3, 0.5, 1.0, 2.0) == pytest.approx(1.75 / 4.875)
+    assert choose_stride(0.5, 1.0, 2.0, 10, asynchronous=True) == 2
+
+
+def test_choice_is_first_drop_and_bounded() -> None:
+    a, b, g = 0.01, 1.0, 0.6  # cheap speculation, slow retrieval (exact dense)
+    values = [sync_objective(s, g, a, b) for s in range(1, 40)]
+    first_drop = next(i for i in range(1, len(values)) if values[i] < values[i - 1])
+    assert choose_stride(g, a, b, 40, asynchronous=False) == first_drop
+    assert first_drop > 5
+    assert choose_stride(g, a, b, 4, asynchronous=False) == 4
+    assert choose_stride(0.0, a, b, 40, asynchronous=False) == 1  # never right: no speculation
+    assert choose_stride(0.6, 1.0, 0.0, 40, asynchronous=False) == 1  # free retrieval
+    assert choose_stride(0.6, 0.0, 0.0, 7, asynchronous=True) == 7  # unmeasurable: no crash
+
+
+def test_gamma_estimation_window_and_cap() -> None:
+    sched = OptimalStrideScheduler(window=2, gamma_max=0.9)
+    assert sched.gamma is None
+    sched.record_verification(0.1, matched=3, mismatched=False)
+    assert sched.gamma == pytest.approx(0.9)  # 3 / 3 capped
+    sched.record_verification(0.1, matched=1, mismatched=True)
+    assert sched.gamma == pytest.approx(4 / 5)
+    sched.record_verification(0.1, matched=0, mismatched=True)  # first outcome leaves
+    assert sched.gamma == pytest.approx(1 / 3)
+
+
+def test_scheduler_starts_at_one_and_uses_latest_measurements() -> None:
+    sched = OptimalStrideScheduler(gamma_max=0.6)
+    assert sched.next_stride() == 1
+    sched.record_speculation(5.0)
+    sched.record_speculation(1.0)  # the latest counts
+    assert sched.next_stride() == 1  # no verification yet
+    sched.record_verification(2.0, matched=1, mismatched=True)  # gamma 0.5, b 2
+    assert sched.next_stride() == 2
+    async_sched = OptimalStrideScheduler(asynchronous=True)
+    async_sched.record_speculation(1.0)
+    async_sched.record_verification(2.0, matched=1, mismatched=True)
+    assert async_sched.next_stride() == choose_stride(0.5, 1.0, 2.0, 10, asynchronous=True)
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError, match="window"):
+        OptimalStrideScheduler(window=0)
+    with pytest.raises(ValueError, match="gamma_max"):
+        OptimalStrideScheduler(gamma_max=1.0)
+    with pytest.raises(ValueError, match="stride"):
+        FixedStride(0)
+    assert FixedStride(3).next_stride() == 3

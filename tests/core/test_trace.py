@@ -1,0 +1,105 @@
+"""Trace accounting: spans, discarded tokens, hits/misses, strides, cached tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.runner import RaLMResult
+
+from .fakes import FakeLM, ScriptedRetriever
+from .world import LONG_QUESTION, SHORT_QUESTION, baseline_and_freeze, forced, make_engine
+
+
+def assert_spans_cover(result: RaLMResult, stride: int) -> None:
+    spans = result.trace.spans
+    assert spans[0].start == 0 and spans[-1].end == len(result.token_ids)
+    for prev, nxt in itertools.pairwise(spans):
+        assert prev.end == nxt.start and prev.end - prev.start == stride
+    assert 0 < spans[-1].end - spans[-1].start <= stride
+
+
+CONFIGS = [
+    SpeculationConfig(speculation_stride=3),
+    SpeculationConfig(speculation_stride=8, prefetch_k=20),
+    SpeculationConfig(speculation_stride=2, async_verification=True),
+    SpeculationConfig.preset("PSA"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+async def test_discarded_tokens_are_exactly_the_generated_and_thrown_away(
+    config: SpeculationConfig,
+) -> None:
+    retriever = ScriptedRetriever(forced(lambda s: s % 4 == 2), latency_s=0.001)
+    engine, _ = make_engine(retriever, config=RaLMConfig(max_new_tokens=50))
+    baseline = await baseline_and_freeze(engine, retriever, LONG_QUESTION)
+    lm = FakeLM(latency_s=0.003)
+    engine.lm = lm
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=config)
+    trace = result.trace
+    assert result.token_ids == baseline.token_ids
+    generated = sum(len(call.output) for call in lm.calls)  # completed calls only
+    assert generated == len(result.token_ids) + trace.tokens_discarded
+    assert trace.tokens_discarded > 0
+    assert trace.lm_calls == len(lm.calls)  # completed calls; aborted ones in lm_aborts
+    assert trace.rollbacks == trace.speculation_misses
+    assert trace.rollbacks == sum(v.mismatch_step is not None for v in trace.verifications)
+    assert trace.speculation_hits == sum(v.matched for v in trace.verifications)
+    assert len(trace.strides) == len(trace.verifications)
+    assert all(v.num_steps <= v.stride for v in trace.verifications)
+    assert_spans_cover(result, 4)
+    assert trace.num_prompt_tokens == sum(len(c.prompt) for c in lm.calls)
+    assert trace.num_cached_tokens == sum(c.num_cached_tokens for c in lm.calls)
+
+
+async def test_baseline_trace_and_prefix_reuse() -> None:
+    retriever = ScriptedRetriever(lambda step: 0)  # same document throughout
+    engine, lm = make_engine(retriever, config=RaLMConfig(max_new_tokens=30))
+    result = await engine.generate(SHORT_QUESTION, "baseline")
+    trace = result.trace
+    assert len(result.token_ids) == 30 and not result.finished
+    assert_spans_cover(result, 4)
+    assert trace.num_calls("search") == 8 and trace.num_calls("documents") == 1
+    assert all(c.k == 1 for c in trace.retrieval_calls if c.kind == "search")
+    assert trace.verifications == () and trace.tokens_discarded == 0
+    # same document each step: each prompt extends the last one, so its prefix is cached
+    for prev, call in itertools.pairwise(lm.calls):
+        assert call.num_cached_tokens >= len(prev.prompt) - lm.block_size
+    assert trace.num_cached_tokens > 0
+    assert trace.call_counts() == {"search": 8, "documents": 1}
+
+
+async def test_first_retrieval_is_real_and_prefetches() -> None:
+    retriever = ScriptedRetriever(forced({1}))
+    engine, _ = make_engine(retriever, config=RaLMConfig(max_new_tokens=12))
+    await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    result = await engine.generate(
+        SHORT_QUESTION, "ralmspec", speculation=SpeculationConfig(prefetch_k=20)
+    )
+    calls = [c for c in result.trace.retrieval_calls if c.kind == "search"]
+    assert (calls[0].purpose, calls[0].k, calls[0].num_queries) == ("retrieve", 20, 1)
+    assert all(c.k == 20 for c in calls)
+    assert calls[1].purpose == "verify"
+    assert result.trace.speculation_misses == 1
+
+
+async def test_empty_question_answer_and_eos_at_first_token() -> None:
+    retriever = ScriptedRetriever()
+    engine, _ = make_engine(retriever, FakeLM(eos_at_length=0))
+    for mode in ("baseline", "ralmspec"):
+        result = await engine.generate(SHORT_QUESTION, mode)  # type: ignore[arg-type]
+        assert result.finished and len(result.token_ids) == 1 and result.text == ""
+        assert result.trace.step_doc_ids == (result.trace.spans[0].doc_id,)
+
+
+async def test_mode_validation() -> None:
+    engine, _ = make_engine(ScriptedRetriever())
+    with pytest.raises(ValueError, match="mode"):
+        await engine.generate("q", "fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="oracle_doc_ids"):
+        await engine.generate("q", "oracle")
+    with pytest.raises(ValueError, match="oracle needs a document"):
+        await engine.generate("q", "oracle", oracle_doc_ids=[0])
