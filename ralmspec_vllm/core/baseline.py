@@ -19,6 +19,7 @@ async def run_baseline(ctx: RequestContext) -> None:
     while not ctx.done:
         (hits,) = await ctx.search([ctx.query()], 1, "retrieve")
         await ctx.generate_step(hits[0].doc_id if hits else None, "retrieve")
+        ctx.finalize(len(ctx.generated))
 
 
 async def run_oracle(ctx: RequestContext, step_doc_ids: Sequence[int | None]) -> None:
@@ -30,4 +31,5 @@ async def run_oracle(ctx: RequestContext, step_doc_ids: Sequence[int | None]) ->
                 f"oracle needs a document for step {step}, only {len(step_doc_ids)} given"
             )
         await ctx.generate_step(step_doc_ids[step], "retrieve")
+        ctx.finalize(len(ctx.generated))
         step += 1

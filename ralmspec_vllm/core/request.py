@@ -11,7 +11,7 @@ speculative call in flight can be aborted alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ralmspec_vllm.core.config import RaLMConfig
 from ralmspec_vllm.core.lm import Generation, LanguageModel
@@ -19,6 +19,9 @@ from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.trace import CallPurpose, TokenSpan, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 from ralmspec_vllm.types import Hit
+
+FinalCallback = Callable[[int, tuple[int, ...]], None]
+"""Called with (offset, tokens) when generated tokens become final (never rolled back)."""
 
 
 class RequestContext:
@@ -34,6 +37,7 @@ class RequestContext:
         layout: PromptLayout,
         doc_tokens: DocumentTokenCache,
         recorder: TraceRecorder,
+        on_final: FinalCallback | None = None,
     ) -> None:
         self.request_id = request_id
         self.question_ids = list(question_ids)
@@ -47,6 +51,9 @@ class RequestContext:
         self.spans: list[TokenSpan] = []
         self.finished = False
         """The model emitted EOS (in the last kept step)."""
+        self.final_length = 0
+        """Generated tokens that can no longer be rolled back (safe to stream)."""
+        self.on_final = on_final
         self._lm_calls = 0
 
     @property
@@ -91,9 +98,22 @@ class RequestContext:
         self.finished = gen.finished
         return gen
 
+    def finalize(self, length: int) -> None:
+        """Declare the first ``length`` generated tokens final; never moves backwards."""
+        if length < self.final_length or length > len(self.generated):
+            raise RuntimeError(
+                f"finalize({length}) with {self.final_length} final of {len(self.generated)}"
+            )
+        if length > self.final_length:
+            start, self.final_length = self.final_length, length
+            if self.on_final is not None:
+                self.on_final(start, tuple(self.generated[start:length]))
+
     def truncate(self, length: int) -> int:
         """Roll back to ``length`` generated tokens (a step boundary); returns tokens dropped."""
         dropped = len(self.generated) - length
+        if length < self.final_length:
+            raise RuntimeError(f"rollback to {length} behind {self.final_length} final tokens")
         if dropped < 0:
             raise ValueError(f"cannot roll back to {length} of {len(self.generated)} tokens")
         del self.generated[length:]

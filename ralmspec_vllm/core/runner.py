@@ -14,9 +14,10 @@ or the retriever's own ``score`` (BM25, or any backend when no encoder is given)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from ralmspec_vllm.core.baseline import run_baseline, run_oracle
@@ -29,7 +30,7 @@ from ralmspec_vllm.core.cache import (
 from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
-from ralmspec_vllm.core.request import RequestContext
+from ralmspec_vllm.core.request import FinalCallback, RequestContext
 from ralmspec_vllm.core.speculative import SpeculativeRequest
 from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
@@ -49,6 +50,15 @@ class RaLMResult:
     finished: bool
     """The model stopped with EOS (otherwise the length limit ended the answer)."""
     trace: RequestTrace
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelta:
+    """Answer tokens that became final; the last delta of a stream carries the result."""
+
+    offset: int
+    token_ids: tuple[int, ...]
+    result: RaLMResult | None = None
 
 
 class RaLMEngine:
@@ -94,9 +104,11 @@ class RaLMEngine:
         request_id: str | None = None,
         speculation: SpeculationConfig | None = None,
         oracle_doc_ids: Sequence[int | None] | None = None,
+        on_final: FinalCallback | None = None,
     ) -> RaLMResult:
         """Answer one question. ``oracle_doc_ids`` (oracle mode only): the document of each
-        step, e.g. ``baseline_result.trace.step_doc_ids``."""
+        step, e.g. ``baseline_result.trace.step_doc_ids``. ``on_final(offset, tokens)`` is
+        called whenever answer tokens become final (verified: never rolled back)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if (mode == "oracle") != (oracle_doc_ids is not None):
@@ -116,6 +128,7 @@ class RaLMEngine:
             self.layout,
             self.doc_tokens,
             recorder,
+            on_final,
         )
         start = time.perf_counter()
         if mode == "baseline":
@@ -126,6 +139,8 @@ class RaLMEngine:
         else:
             await SpeculativeRequest(ctx, spec, self.scorer).run()
         wall = time.perf_counter() - start
+        if ctx.final_length != len(ctx.generated):
+            raise RuntimeError(f"{request_id}: answer ended with unverified tokens")
         tokens = tuple(ctx.generated)
         return RaLMResult(
             request_id=request_id,
@@ -165,3 +180,38 @@ class RaLMEngine:
                 )
 
         return list(await asyncio.gather(*(one(i) for i in range(len(questions)))))
+
+    async def stream(
+        self,
+        question: str,
+        mode: Mode = "ralmspec",
+        *,
+        request_id: str | None = None,
+        speculation: SpeculationConfig | None = None,
+        oracle_doc_ids: Sequence[int | None] | None = None,
+    ) -> AsyncGenerator[StreamDelta, None]:
+        """Yield answer tokens as soon as they are final (speculative tokens are held back
+        until verified), then one empty delta with the ``RaLMResult``. Closing the iterator
+        early cancels the request."""
+        queue: asyncio.Queue[StreamDelta | None] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self.generate(
+                question,
+                mode,
+                request_id=request_id,
+                speculation=speculation,
+                oracle_doc_ids=oracle_doc_ids,
+                on_final=lambda offset, tokens: queue.put_nowait(StreamDelta(offset, tokens)),
+            )
+        )
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (delta := await queue.get()) is not None:
+                yield delta
+            result = task.result()
+            yield StreamDelta(len(result.token_ids), (), result)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -45,6 +45,7 @@ class SpeculativeStep:
 
     start: int
     """Generated-token count before the step (the rollback point)."""
+    end: int
     query: str
     doc_id: int | None
 
@@ -106,6 +107,7 @@ class SpeculativeRequest:
         (hits,) = await self.ctx.search([self.ctx.query()], self.config.prefetch_k, "retrieve")
         await self._insert([hits])
         await self.ctx.generate_step(_top1(hits), "retrieve")
+        self.ctx.finalize(len(self.ctx.generated))
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         start = time.perf_counter()
@@ -113,10 +115,10 @@ class SpeculativeRequest:
         doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
-        step = SpeculativeStep(len(self.ctx.generated), query, doc_id)
+        begin = len(self.ctx.generated)
         await self.ctx.generate_step(doc_id, "speculate", lm_request_id)
         self.scheduler.record_speculation(time.perf_counter() - start)
-        return step
+        return SpeculativeStep(begin, len(self.ctx.generated), query, doc_id)
 
     async def _verify(
         self, steps: list[SpeculativeStep], stride: int, asynchronous: bool
@@ -131,6 +133,7 @@ class SpeculativeRequest:
                 mismatch = Mismatch(i, _top1(hits))
                 break
         matched = len(steps) if mismatch is None else mismatch.step
+        self.ctx.finalize(steps[-1].end if mismatch is None else steps[mismatch.step].start)
         await self._insert(results[: matched + 1])
         rec = self.recorder
         rec.speculation_hits += matched
@@ -181,6 +184,7 @@ class SpeculativeRequest:
             "%s: rollback to %d tokens (%d dropped)", self.ctx.request_id, rollback_to, dropped
         )
         await self.ctx.generate_step(true_doc_id, "verify")
+        self.ctx.finalize(len(self.ctx.generated))
 
     async def _insert(self, results: list[list[Hit]]) -> None:
         """Insert verified documents; later queries' documents count as more recent."""
