@@ -1,0 +1,256 @@
+"""Approximate dense retrieval: FAISS HNSW and IVF-Flat, inner-product metric.
+
+Each retriever wraps a FAISS index that proposes ``k + margin`` candidates; ``dense.py``
+re-scores them with the exact ``inner_product`` and ranks them (score desc, doc id asc), so
+recall depends on the index parameters but every reported score equals ``score``.
+
+Indexes are built once and saved as ``index.faiss`` + ``index.json`` (parameters, corpus
+size, a fingerprint of the vectors) in a directory named by the parameters, by default
+``kb.artifact_dir("hnsw-M64-efc40")`` / ``kb.artifact_dir("ivf-nlist1024")``; the next start
+loads it (search-time parameters, efSearch and nprobe, are not part of the name). Vectors
+are added in chunks with a progress bar: a 1M-vector HNSW build takes minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.dense import DenseIndexRetriever, TextEncoder
+
+if TYPE_CHECKING:
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+_ADD_CHUNK = 1 << 16
+
+
+class _FaissANNRetriever(DenseIndexRetriever):
+    """Shared load-or-build and candidate search of a saved FAISS index."""
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        documents: DocumentStore | None,
+        encoder: TextEncoder | None,
+        *,
+        index_path: Path | None,
+        build_params: dict[str, int],
+        candidate_margin: int,
+        progress: bool,
+    ) -> None:
+        super().__init__(
+            vectors,
+            documents,
+            encoder,
+            candidate_margin=candidate_margin,
+            index_dir=str(index_path.parent) if index_path else "",
+        )
+        self.build_params = build_params
+        self._index = _load_or_build(
+            index_path,
+            {
+                "backend": self.backend,
+                **build_params,
+                "num_docs": self.num_docs,
+                "dim": self.dim,
+                "fingerprint": _fingerprint(self._vectors),
+            },
+            lambda: self._build(progress),
+        )
+
+    def _build(self, progress: bool) -> Any:
+        raise NotImplementedError
+
+    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        self._set_search_params(count)
+        scores, ids = self._index.search(queries, count)
+        return ids.astype(np.int64, copy=False), scores
+
+    def _set_search_params(self, count: int) -> None:
+        raise NotImplementedError
+
+    def _add_all(self, index: Any, desc: str, progress: bool) -> None:
+        with tqdm(total=self.num_docs, unit="vec", desc=desc, disable=not progress) as bar:
+            for start in range(0, self.num_docs, _ADD_CHUNK):
+                block = self._vectors[start : start + _ADD_CHUNK]
+                index.add(np.ascontiguousarray(block, dtype=np.float32))
+                bar.update(len(block))
+
+    def _extra_info(self) -> dict[str, str]:
+        return {name: str(value) for name, value in self.build_params.items()}
+
+
+class HNSWRetriever(_FaissANNRetriever):
+    """``faiss.IndexHNSWFlat`` (inner product); paper defaults M=64, efConstruction=40."""
+
+    backend = "hnsw"
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        documents: DocumentStore | None = None,
+        encoder: TextEncoder | None = None,
+        *,
+        m: int = 64,
+        ef_construction: int = 40,
+        ef_search: int = 128,
+        index_path: Path | None = None,
+        candidate_margin: int = 16,
+        progress: bool = True,
+    ) -> None:
+        for field, value in (("hnsw_m", m), ("ef_construction", ef_construction)):
+            if value < 2:
+                raise ValueError(f"{field}: must be >= 2, got {value}")
+        if ef_search < 1:
+            raise ValueError(f"ef_search: must be >= 1, got {ef_search}")
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        super().__init__(
+            vectors,
+            documents,
+            encoder,
+            index_path=index_path,
+            build_params={"hnsw_m": m, "ef_construction": ef_construction},
+            candidate_margin=candidate_margin,
+            progress=progress,
+        )
+
+    @staticmethod
+    def artifact_name(m: int = 64, ef_construction: int = 40) -> str:
+        return f"hnsw-M{m}-efc{ef_construction}"
+
+    @classmethod
+    def from_kb(cls, kb: KnowledgeBase, **params: Any) -> HNSWRetriever:
+        name = cls.artifact_name(params.get("m", 64), params.get("ef_construction", 40))
+        path = Path(kb.artifact_dir(name)) / INDEX_FILE
+        return cls(kb.embeddings(), kb.documents, kb.encoder(), index_path=path, **params)
+
+    def _build(self, progress: bool) -> Any:
+        import faiss
+
+        index = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        self._add_all(index, f"hnsw M={self.m} efC={self.ef_construction}", progress)
+        return index
+
+    def _set_search_params(self, count: int) -> None:
+        # efSearch below the number of wanted results would silently shrink the result list.
+        self._index.hnsw.efSearch = max(self.ef_search, count)
+
+    def _extra_info(self) -> dict[str, str]:
+        return {**super()._extra_info(), "ef_search": str(self.ef_search)}
+
+
+class IVFFlatRetriever(_FaissANNRetriever):
+    """``faiss.IndexIVFFlat`` (inner product), k-means trained on a seeded sample."""
+
+    backend = "ivf"
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        documents: DocumentStore | None = None,
+        encoder: TextEncoder | None = None,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        train_size: int | None = None,
+        seed: int = 1234,
+        index_path: Path | None = None,
+        candidate_margin: int = 16,
+        progress: bool = True,
+    ) -> None:
+        nlist = default_nlist(len(vectors)) if nlist is None else nlist
+        if not 1 <= nlist <= len(vectors):
+            raise ValueError(f"nlist: must be in [1, {len(vectors)}], got {nlist}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe: must be >= 1, got {nprobe}")
+        self.nlist, self.nprobe, self.seed = nlist, nprobe, seed
+        self.train_size = min(len(vectors), train_size or max(64 * nlist, 10_000))
+        super().__init__(
+            vectors,
+            documents,
+            encoder,
+            index_path=index_path,
+            build_params={"nlist": nlist, "train_size": self.train_size, "seed": seed},
+            candidate_margin=candidate_margin,
+            progress=progress,
+        )
+
+    @staticmethod
+    def artifact_name(nlist: int) -> str:
+        return f"ivf-nlist{nlist}"
+
+    @classmethod
+    def from_kb(cls, kb: KnowledgeBase, **params: Any) -> IVFFlatRetriever:
+        nlist = params.get("nlist") or default_nlist(len(kb))
+        path = Path(kb.artifact_dir(cls.artifact_name(nlist))) / INDEX_FILE
+        params = {**params, "nlist": nlist}
+        return cls(kb.embeddings(), kb.documents, kb.encoder(), index_path=path, **params)
+
+    def _build(self, progress: bool) -> Any:
+        import faiss
+
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = self.seed
+        rng = np.random.default_rng(self.seed)
+        sample = np.sort(rng.choice(self.num_docs, size=self.train_size, replace=False))
+        logger.info("training IVF (nlist=%d) on %d vectors", self.nlist, len(sample))
+        index.train(np.ascontiguousarray(self._vectors[sample], dtype=np.float32))
+        self._add_all(index, f"ivf nlist={self.nlist}", progress)
+        return index
+
+    def _set_search_params(self, count: int) -> None:
+        self._index.nprobe = min(self.nprobe, self.nlist)
+
+    def _extra_info(self) -> dict[str, str]:
+        return {**super()._extra_info(), "nprobe": str(self.nprobe)}
+
+
+def default_nlist(num_docs: int) -> int:
+    """FAISS's rule of thumb, ~4 sqrt(N) lists, at most N."""
+    return max(1, min(num_docs, round(4 * math.sqrt(num_docs))))
+
+
+def _fingerprint(vectors: np.ndarray) -> str:
+    """Cheap identity of a vector matrix (shape + a strided sample) to detect stale indexes."""
+    step = max(1, len(vectors) // 1024)
+    digest = hashlib.sha1(str(vectors.shape).encode())
+    digest.update(np.ascontiguousarray(vectors[::step], dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(vectors[-1], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _load_or_build(path: Path | None, meta: dict[str, Any], build: Callable[[], Any]) -> Any:
+    """Load ``path`` if its saved metadata matches ``meta``; otherwise build and save it."""
+    import faiss
+
+    if path is not None and path.exists() and (path.parent / META_FILE).exists():
+        saved = json.loads((path.parent / META_FILE).read_text())
+        if saved == meta:
+            logger.info("loading %s index from %s", meta["backend"], path)
+            return faiss.read_index(str(path))
+        logger.warning("index at %s was built for other vectors or parameters; rebuilding", path)
+    index = build()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+        (path.parent / META_FILE).write_text(json.dumps(meta, indent=1))
+        logger.info("saved %s index to %s", meta["backend"], path)
+    return index

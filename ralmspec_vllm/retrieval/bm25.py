@@ -1,0 +1,358 @@
+"""Okapi BM25 over the whole knowledge base, scoring exactly like rank-bm25's ``BM25Okapi``.
+
+Build: ``Analyzer`` turns each document into terms; ``BM25Index.build`` counts term
+frequencies batch by batch (term ids in order of first appearance, as rank-bm25's dicts do),
+then computes corpus-wide statistics (document frequencies, rank-bm25's idf with its epsilon
+floor, average length) and precomputes one float64 weight per (doc, term) pair::
+
+    idf[t] = log(N - n_t + 0.5) - log(n_t + 0.5)       (math.log, as rank-bm25)
+    idf[t] = epsilon * mean(idf)  where idf[t] < 0     (mean over the raw idfs)
+    w[d, t] = idf[t] * (tf * (k1 + 1) / (tf + k1 * ((1 - b) + b * len_d / avgdl)))
+
+with the same floating-point operations in the same order as rank-bm25, stored in a SciPy CSC
+matrix (rows = docs, columns = terms). Serve: a query's score for doc d is
+``0.0 + w[d, t1] + w[d, t2] + ...`` over the query's terms in order, repetitions included,
+unknown terms contributing nothing. ``search`` scatters those columns into a dense score
+vector and selects the top k (score desc, doc id asc) in O(N); ``score`` gathers the same
+weights for given doc ids in the same order, so both agree bit for bit (and with rank-bm25's
+``get_scores``). Saved as ``bm25.npz`` + ``bm25.json`` (vocabulary, parameters, analyzer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from ralmspec_vllm.retrieval.analyzer import Analyzer
+from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.validation import check_doc_ids, check_k, check_queries, check_query
+from ralmspec_vllm.types import BM25Params, Document, Hit, RetrieverInfo
+
+if TYPE_CHECKING:
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class BM25Index:
+    """Precomputed BM25 weights plus the vocabulary and statistics they came from."""
+
+    def __init__(
+        self,
+        weights: sp.csc_matrix,
+        vocab: dict[str, int],
+        idf: np.ndarray,
+        doc_len: np.ndarray,
+        params: BM25Params,
+        analyzer: Analyzer,
+    ) -> None:
+        weights.sort_indices()
+        self.weights = weights
+        self.vocab = vocab
+        self.idf = idf
+        self.doc_len = doc_len
+        self.params = params
+        self.analyzer = analyzer
+        self.num_docs = int(weights.shape[0])
+        self.avgdl = float(doc_len.sum()) / self.num_docs
+        # Raw CSC arrays: slicing them directly is much faster than indexing the matrix.
+        self._indptr = weights.indptr.astype(np.int64, copy=False)
+        self._rows = weights.indices
+        self._data = weights.data
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def build(
+        cls,
+        text_batches: Iterable[Sequence[str]],
+        params: BM25Params | None = None,
+        analyzer: Analyzer | None = None,
+        *,
+        total: int | None = None,
+        progress: bool = True,
+    ) -> BM25Index:
+        """Index documents given as batches of texts (doc ids = position in the stream)."""
+        params = params or BM25Params()
+        analyzer = analyzer or Analyzer()
+        vocab: dict[str, int] = {}
+        docs, terms, tfs, lengths = [], [], [], []
+        start = 0
+        bar = tqdm(total=total, unit="doc", desc="bm25 index", disable=not progress)
+        for batch in text_batches:
+            token_ids: list[int] = []
+            batch_len = np.zeros(len(batch), dtype=np.int64)
+            for i, text in enumerate(batch):
+                ids = [vocab.setdefault(t, len(vocab)) for t in analyzer(text)]
+                batch_len[i] = len(ids)
+                token_ids.extend(ids)
+            width = max(len(vocab), 1)
+            local_doc = np.repeat(np.arange(len(batch), dtype=np.int64), batch_len)
+            key = local_doc * width + np.asarray(token_ids, dtype=np.int64)
+            uniq, counts = np.unique(key, return_counts=True)
+            docs.append((uniq // width + start).astype(np.int32))
+            terms.append((uniq % width).astype(np.int32))
+            tfs.append(counts.astype(np.int32))
+            lengths.append(batch_len)
+            start += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        if start == 0:
+            raise ValueError("corpus: BM25 needs at least one document")
+        if not vocab:
+            raise ValueError("corpus: no document has any term after analysis")
+        doc = np.concatenate(docs)
+        term = np.concatenate(terms)
+        tf = np.concatenate(tfs).astype(np.float64)
+        doc_len = np.concatenate(lengths)
+        idf = _rank_bm25_idf(np.bincount(term, minlength=len(vocab)), start, params)
+        weights = _bm25_weights(tf, doc_len[doc], idf[term], float(doc_len.sum()) / start, params)
+        matrix = sp.csc_matrix((weights, (doc, term)), shape=(start, len(vocab)))
+        logger.info(
+            "BM25 index: %d docs, %d terms, %d postings, avgdl %.1f",
+            start,
+            len(vocab),
+            matrix.nnz,
+            float(doc_len.sum()) / start,
+        )
+        return cls(matrix, vocab, idf, doc_len, params, analyzer)
+
+    # ----------------------------------------------------------------- scoring
+    def term_ids(self, query: str) -> list[int]:
+        """The query's known terms as ids, in order, repetitions kept."""
+        vocab = self.vocab
+        return [vocab[t] for t in self.analyzer(query) if t in vocab]
+
+    def scores_all(self, term_ids: Sequence[int]) -> np.ndarray:
+        """Scores of every document (float64, shape (N,)), terms added in query order."""
+        scores = np.zeros(self.num_docs, dtype=np.float64)
+        for t in term_ids:
+            lo, hi = self._indptr[t], self._indptr[t + 1]
+            # Rows are unique within a column, so fancy-index += adds each weight once.
+            scores[self._rows[lo:hi]] += self._data[lo:hi]
+        return scores
+
+    def scores_for(self, term_ids: Sequence[int], doc_ids: np.ndarray) -> np.ndarray:
+        """Scores of the given docs, computed exactly as ``scores_all`` computes them."""
+        scores = np.zeros(len(doc_ids), dtype=np.float64)
+        for t in term_ids:
+            lo, hi = self._indptr[t], self._indptr[t + 1]
+            rows = self._rows[lo:hi]
+            if len(rows) == 0:
+                continue
+            pos = np.minimum(np.searchsorted(rows, doc_ids), len(rows) - 1)
+            found = rows[pos] == doc_ids
+            scores[found] += self._data[lo + pos[found]]
+        return scores
+
+    def top_k(self, term_ids: Sequence[int], k: int) -> list[Hit]:
+        """Exact top-k over the whole corpus (score desc, doc id asc)."""
+        scores = self.scores_all(term_ids)
+        positive = np.flatnonzero(scores > 0)
+        if len(positive) >= k:
+            # Every other doc scores <= 0 and cannot enter the top k.
+            local = _top_k_indices(scores[positive], k)
+            chosen = positive[local]
+        else:
+            chosen = _top_k_indices(scores, k)
+        return [Hit(int(d), float(scores[d])) for d in chosen]
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: Path) -> None:
+        """Write ``bm25.npz`` + ``bm25.json`` atomically (a temp dir renamed into place)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        try:
+            np.savez(
+                tmp / "bm25.npz",
+                indptr=self.weights.indptr,
+                indices=self.weights.indices,
+                data=self.weights.data,
+                idf=self.idf,
+                doc_len=self.doc_len,
+            )
+            terms = sorted(self.vocab, key=self.vocab.__getitem__)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "num_docs": self.num_docs,
+                "params": asdict(self.params),
+                "analyzer": self.analyzer.to_dict(),
+                "vocab": terms,
+            }
+            (tmp / "bm25.json").write_text(json.dumps(meta, ensure_ascii=False))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: Path) -> BM25Index:
+        directory = Path(directory)
+        meta = json.loads((directory / "bm25.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"index_dir: unsupported BM25 format in {directory}")
+        arrays = np.load(directory / "bm25.npz")
+        vocab = {t: i for i, t in enumerate(meta["vocab"])}
+        shape = (int(meta["num_docs"]), len(vocab))
+        matrix = sp.csc_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
+        return cls(
+            matrix,
+            vocab,
+            arrays["idf"],
+            arrays["doc_len"],
+            BM25Params(**meta["params"]),
+            Analyzer.from_dict(meta["analyzer"]),
+        )
+
+    @staticmethod
+    def artifact_name(params: BM25Params, analyzer: Analyzer) -> str:
+        return f"bm25-k1_{params.k1:g}-b_{params.b:g}-eps_{params.epsilon:g}-{analyzer.name}"
+
+
+def _rank_bm25_idf(df: np.ndarray, num_docs: int, params: BM25Params) -> np.ndarray:
+    """rank-bm25's idf, bit for bit: ``math.log``, a sequential sum, then the epsilon floor."""
+    idf = np.array([math.log(num_docs - n + 0.5) - math.log(n + 0.5) for n in df.tolist()])
+    idf_sum = 0.0
+    for value in idf.tolist():  # rank-bm25 sums with += in vocabulary order
+        idf_sum += value
+    average_idf = idf_sum / len(idf)
+    idf[idf < 0] = params.epsilon * average_idf
+    return idf
+
+
+def _bm25_weights(
+    tf: np.ndarray, doc_len: np.ndarray, idf: np.ndarray, avgdl: float, params: BM25Params
+) -> np.ndarray:
+    """Per-posting weights with rank-bm25's expression and operation order."""
+    k1, b = params.k1, params.b
+    norm = (1 - b) + b * doc_len.astype(np.float64) / avgdl
+    return idf * (tf * (k1 + 1) / (tf + k1 * norm))
+
+
+def _top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores (desc), ties by index asc, in O(n) plus O(k log k)."""
+    n = len(scores)
+    if k >= n:
+        return np.lexsort((np.arange(n), -scores))
+    kth = np.partition(scores, n - k)[n - k]
+    above = np.flatnonzero(scores > kth)
+    tied = np.flatnonzero(scores == kth)[: k - len(above)]
+    chosen = np.concatenate([above, tied])
+    return chosen[np.lexsort((chosen, -scores[chosen]))]
+
+
+class BM25Retriever:
+    """``Retriever`` over a ``BM25Index`` (sparse: no vectors)."""
+
+    backend = "bm25"
+
+    def __init__(
+        self,
+        index: BM25Index,
+        documents: DocumentStore | None = None,
+        *,
+        index_dir: str = "",
+    ) -> None:
+        if documents is not None and len(documents) != index.num_docs:
+            raise ValueError(
+                f"documents: store has {len(documents)} docs, index has {index.num_docs}"
+            )
+        self.index = index
+        self._documents = documents
+        self._index_dir = index_dir
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        documents: DocumentStore | None = None,
+        *,
+        params: BM25Params | None = None,
+        analyzer: Analyzer | None = None,
+    ) -> BM25Retriever:
+        """Index an in-memory list of texts (doc id = position); for tests and small corpora."""
+        index = BM25Index.build([texts], params, analyzer, total=len(texts), progress=False)
+        return cls(index, documents)
+
+    @classmethod
+    def from_kb(
+        cls,
+        kb: KnowledgeBase,
+        *,
+        params: BM25Params | None = None,
+        analyzer: Analyzer | None = None,
+        rebuild: bool = False,
+        batch_size: int = 4096,
+        progress: bool = True,
+    ) -> BM25Retriever:
+        """Load the knowledge base's BM25 index for these settings, building it once."""
+        params = params or BM25Params()
+        analyzer = analyzer or Analyzer()
+        directory = Path(kb.artifact_dir(BM25Index.artifact_name(params, analyzer)))
+        index: BM25Index | None = None
+        if not rebuild and (directory / "bm25.json").exists():
+            index = BM25Index.load(directory)
+            if index.num_docs != len(kb):
+                logger.warning("stale BM25 index in %s (%d docs); rebuilding", directory, len(kb))
+                index = None
+        if index is None:
+            logger.info("building BM25 index over %d docs into %s", len(kb), directory)
+            index = BM25Index.build(
+                kb.iter_texts(batch_size), params, analyzer, total=len(kb), progress=progress
+            )
+            index.save(directory)
+        return cls(index, kb.documents, index_dir=str(directory))
+
+    @property
+    def analyzer(self) -> Analyzer:
+        """The analyzer queries and documents go through (the speculation cache uses it too)."""
+        return self.index.analyzer
+
+    @property
+    def info(self) -> RetrieverInfo:
+        index = self.index
+        return RetrieverInfo(
+            backend=self.backend,
+            num_docs=index.num_docs,
+            dim=0,
+            metric="bm25",
+            bm25=index.params,
+            index_dir=self._index_dir,
+            extra={
+                "analyzer": index.analyzer.name,
+                "vocab_size": str(len(index.vocab)),
+                "avgdl": repr(index.avgdl),
+            },
+        )
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        k = check_k(k)
+        texts = check_queries(queries)
+        return [self.index.top_k(self.index.term_ids(q), k) for q in texts]
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        check_query(query)
+        ids = check_doc_ids(doc_ids, self.index.num_docs)
+        return self.index.scores_for(self.index.term_ids(query), ids).tolist()
+
+    def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        ids = check_doc_ids(doc_ids, self.index.num_docs)
+        if self._documents is None:
+            raise RuntimeError("documents: this retriever has no document store")
+        return self._documents.get(ids.tolist())

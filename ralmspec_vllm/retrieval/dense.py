@@ -1,0 +1,204 @@
+"""The dense scoring function and the search loop every dense backend shares.
+
+``inner_product`` is the knowledge base's one dense scoring function: for float32 query and
+document vectors it returns ``((p_0 + p_1) + p_2) + ... + p_{d-1}`` in float64 with
+``p_j = float64(q_j) * float64(x_j)``. Each product of two float32 values is exact in float64,
+and the sum runs in a fixed order, so the result depends only on the two vectors: not on
+batch shape, BLAS kernel, thread count or machine. ``score`` and the speculation cache use
+it directly; search results report it too.
+
+``DenseIndexRetriever.search_vectors`` asks the backend's index (FAISS flat, torch matmul,
+HNSW, IVF) for ``k + margin`` candidates by its own fast, approximate-in-the-last-bits float
+scores, re-scores them with ``inner_product`` and ranks them by (score desc, doc id asc).
+For exact backends the index scores come with an error bound: if the lowest index score
+among the candidates, plus the bound, is not strictly below the k-th exact score, a document
+outside the candidates could still beat or tie it, so the candidate set doubles and the
+query is searched again. The result is then the exact top-k under ``inner_product``,
+ties included, and every reported score equals ``score(query, [doc_id])`` bit for bit.
+Approximate backends (HNSW, IVF) skip the widening: their recall is what their parameters
+give, but their reported scores are still exact and identical to ``score``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ralmspec_vllm.retrieval.base import DocumentStore, top_k_from_scores
+from ralmspec_vllm.retrieval.validation import (
+    check_doc_ids,
+    check_k,
+    check_queries,
+    check_query,
+    check_vectors,
+)
+from ralmspec_vllm.types import Document, Hit, RetrieverInfo
+
+logger = logging.getLogger(__name__)
+
+
+class TextEncoder(Protocol):
+    """What a dense retriever needs from the query encoder (``encoder.QueryEncoder``)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def inner_product(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """The knowledge base's dense score, float64, reproducible bit for bit (module docstring).
+
+    ``queries``: (n, d) float32. ``docs``: (m, d) shared by all queries, or (n, m, d) one set
+    per query. Returns (n, m) float64.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    x = np.asarray(docs, dtype=np.float32)
+    if q.ndim != 2 or x.ndim not in (2, 3) or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"vectors: incompatible shapes {q.shape} and {x.shape}")
+    q64 = q.astype(np.float64)
+    # (d, n or 1, m): one contiguous slab per dimension for the sequential sum below.
+    per_dim = np.ascontiguousarray(np.moveaxis(x if x.ndim == 3 else x[None], -1, 0), np.float64)
+    acc = np.zeros((q.shape[0], x.shape[-2]), dtype=np.float64)
+    for j in range(q.shape[1]):
+        acc += q64[:, j, None] * per_dim[j]
+    return acc
+
+
+class DenseIndexRetriever(ABC):
+    """A ``DenseRetriever`` whose index only proposes candidates; ``inner_product`` ranks them."""
+
+    backend: str = "dense"
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        documents: DocumentStore | None,
+        encoder: TextEncoder | None,
+        *,
+        candidate_margin: int = 16,
+        index_dir: str = "",
+    ) -> None:
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise ValueError(f"vectors: expected a non-empty (N, dim) matrix, got {vectors.shape}")
+        if candidate_margin < 0:
+            raise ValueError(f"candidate_margin: must be >= 0, got {candidate_margin}")
+        if documents is not None and len(documents) != vectors.shape[0]:
+            raise ValueError(
+                f"documents: store has {len(documents)} docs, vectors have {vectors.shape[0]}"
+            )
+        if encoder is not None and encoder.dim != vectors.shape[1]:
+            raise ValueError(f"encoder: dim {encoder.dim} != vector dim {vectors.shape[1]}")
+        self._vectors = vectors if vectors.dtype == np.float32 else vectors.astype(np.float32)
+        self._documents = documents
+        self._encoder = encoder
+        self.candidate_margin = candidate_margin
+        self.index_dir = index_dir
+        self.num_docs, self.dim = (int(s) for s in vectors.shape)
+        self._max_norm = float(
+            max(np.linalg.norm(c.astype(np.float64), axis=1).max() for c in _chunks(vectors))
+        )
+
+    # ------------------------------------------------------------- backend hooks
+    @abstractmethod
+    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``count`` candidate ids per query (int64, -1 padded) and their index scores."""
+
+    def _relative_error(self) -> float | None:
+        """Bound on |index score - exact score| / (|q| max|x|); ``None`` for approximate."""
+        return None
+
+    def _extra_info(self) -> dict[str, str]:
+        return {}
+
+    # ------------------------------------------------------------- Retriever API
+    @property
+    def info(self) -> RetrieverInfo:
+        extra = {"candidate_margin": str(self.candidate_margin), **self._extra_info()}
+        if self._encoder is not None:
+            extra["encoder"] = self._encoder.name
+        return RetrieverInfo(
+            backend=self.backend,
+            num_docs=self.num_docs,
+            dim=self.dim,
+            metric="inner_product",
+            index_dir=self.index_dir,
+            extra=extra,
+        )
+
+    def encode(self, queries: Sequence[str]) -> np.ndarray:
+        texts = check_queries(queries)
+        if self._encoder is None:
+            raise RuntimeError("encoder: this retriever has no query encoder (search by vector)")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return check_vectors(self._encoder.encode(texts), self.dim, "encoder output")
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        check_k(k)
+        return self.search_vectors(self.encode(queries), k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        k = min(check_k(k), self.num_docs)
+        queries = check_vectors(vectors, self.dim)
+        results: list[list[Hit]] = [[] for _ in range(len(queries))]
+        pending = np.arange(len(queries))
+        count = min(self.num_docs, k + self.candidate_margin)
+        rel_err = self._relative_error()
+        while len(pending):
+            ids, approx = self._candidates(queries[pending], count)
+            exact = inner_product(queries[pending], self._vectors[np.maximum(ids, 0)])
+            retry = []
+            for row, qi in enumerate(pending.tolist()):
+                valid = ids[row] >= 0
+                hits = top_k_from_scores(ids[row][valid], exact[row][valid], k)
+                results[qi] = hits
+                if rel_err is None or count >= self.num_docs or len(hits) < k:
+                    continue
+                q_norm = float(np.linalg.norm(queries[qi].astype(np.float64)))
+                bound = rel_err * q_norm * self._max_norm + 1e-30
+                if not float(approx[row][valid].min()) + bound < hits[-1].score:
+                    retry.append(qi)
+            if retry:
+                logger.debug("widening %d queries from %d candidates", len(retry), count)
+            pending = np.asarray(retry, dtype=np.int64)
+            count = min(self.num_docs, 2 * count)
+        return results
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        check_query(query)
+        ids = check_doc_ids(doc_ids, self.num_docs)
+        return self.score_vector(self.encode([query])[0], ids)
+
+    def score_vector(self, vector: np.ndarray, doc_ids: Sequence[int] | np.ndarray) -> list[float]:
+        """``score`` for an already-encoded query."""
+        q = check_vectors(vector, self.dim, "vector")
+        ids = check_doc_ids(doc_ids, self.num_docs)
+        return inner_product(q, self._vectors[ids])[0].tolist()
+
+    def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
+        ids = check_doc_ids(doc_ids, self.num_docs)
+        return np.array(self._vectors[ids], dtype=np.float32)
+
+    def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        ids = check_doc_ids(doc_ids, self.num_docs)
+        if self._documents is None:
+            raise RuntimeError("documents: this retriever has no document store")
+        return self._documents.get(ids.tolist())
+
+
+def _chunks(vectors: np.ndarray, size: int = 65536) -> list[np.ndarray]:
+    return [vectors[i : i + size] for i in range(0, len(vectors), size)]
+
+
+def float32_relative_error(dim: int) -> float:
+    """Twice the classic bound d*u/(1-d*u) on a float32 dot product's relative error."""
+    u = 2.0**-24
+    return 2.0 * dim * u / (1.0 - dim * u)

@@ -1,0 +1,191 @@
+"""Pick and open a retrieval backend from one typed config (shared by CLI, server, benchmarks).
+
+``RetrieverConfig`` names the backend and its parameters; ``add_retriever_arguments`` puts
+the same fields on an ``argparse`` parser (defaults taken from the dataclass) and
+``config_from_args`` builds the config back, so every command spells the flags the same way.
+``open_retriever`` opens the knowledge base if given a path and returns the backend, loading
+its saved index from the knowledge base's artefact directory or building it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ralmspec_vllm.retrieval.analyzer import Analyzer
+from ralmspec_vllm.retrieval.base import Retriever
+from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS
+from ralmspec_vllm.types import BM25Params
+
+if TYPE_CHECKING:
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase
+
+BACKENDS = ("flat", "hnsw", "ivf", "bm25")
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieverConfig:
+    """Which retrieval backend to serve and how."""
+
+    backend: str = "flat"
+    """``flat`` (exact dense), ``hnsw`` / ``ivf`` (approximate dense) or ``bm25`` (sparse)."""
+    device: str = "auto"
+    """Flat search device: ``auto`` (GPU when present), ``cpu`` or ``cuda``. ANN and BM25
+    always run on the CPU."""
+    flat_impl: str = "faiss"
+    """Flat candidate generator: ``faiss`` (IndexFlatIP) or ``torch`` (matmul + topk)."""
+    dtype: str = "float32"
+    """Matrix dtype of the torch flat search (``float16`` halves GPU memory)."""
+    candidate_margin: int = 16
+    """Extra candidates a dense index proposes beyond k before exact re-scoring."""
+    hnsw_m: int = 64
+    """HNSW graph degree M (paper: 64)."""
+    ef_construction: int = 40
+    """HNSW efConstruction (paper: 40)."""
+    ef_search: int = 128
+    """HNSW efSearch (raised to k + margin when smaller)."""
+    nlist: int | None = None
+    """IVF inverted lists; ``None``: about 4 sqrt(N)."""
+    nprobe: int = 16
+    """IVF lists visited per query."""
+    bm25_k1: float = 1.5
+    """BM25 term-frequency saturation (rank-bm25 default)."""
+    bm25_b: float = 0.75
+    """BM25 length normalisation (rank-bm25 default)."""
+    bm25_epsilon: float = 0.25
+    """BM25 floor for negative idf, as a fraction of the mean idf (rank-bm25 default)."""
+    bm25_stopwords: bool = True
+    """Drop English stopwords in the BM25 analyzer (documents and queries)."""
+    rebuild: bool = False
+    """Rebuild a saved index (BM25) even if one exists."""
+    progress: bool = True
+    """Show progress bars while building indexes."""
+
+    def __post_init__(self) -> None:
+        choices = {"backend": BACKENDS, "device": DEVICES, "flat_impl": IMPLS, "dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.flat_impl == "faiss" and self.dtype != "float32":
+            raise ValueError("dtype: float16 needs flat_impl='torch'")
+        for name in ("hnsw_m", "ef_construction"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")
+        for name in ("ef_search", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
+        if self.candidate_margin < 0:
+            raise ValueError(f"candidate_margin: must be >= 0, got {self.candidate_margin}")
+        if self.bm25_k1 < 0:
+            raise ValueError(f"bm25_k1: must be >= 0, got {self.bm25_k1}")
+        if not 0.0 <= self.bm25_b <= 1.0:
+            raise ValueError(f"bm25_b: must be in [0, 1], got {self.bm25_b}")
+        if self.bm25_epsilon < 0:
+            raise ValueError(f"bm25_epsilon: must be >= 0, got {self.bm25_epsilon}")
+
+    @property
+    def bm25_params(self) -> BM25Params:
+        return BM25Params(k1=self.bm25_k1, b=self.bm25_b, epsilon=self.bm25_epsilon)
+
+    @property
+    def analyzer(self) -> Analyzer:
+        return Analyzer(stopwords=self.bm25_stopwords)
+
+
+def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> Retriever:
+    """The configured backend over ``kb`` (a ``KnowledgeBase`` or its directory)."""
+    if isinstance(kb, str | Path):
+        from ralmspec_vllm.retrieval.kb import KnowledgeBase
+
+        kb = KnowledgeBase.open(kb)
+    margin = config.candidate_margin
+    if config.backend == "flat":
+        from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+        return FlatRetriever.from_kb(
+            kb,
+            impl=config.flat_impl,
+            device=config.device,
+            dtype=config.dtype,
+            candidate_margin=margin,
+            progress=config.progress,
+        )
+    if config.backend == "hnsw":
+        from ralmspec_vllm.retrieval.ann import HNSWRetriever
+
+        return HNSWRetriever.from_kb(
+            kb,
+            m=config.hnsw_m,
+            ef_construction=config.ef_construction,
+            ef_search=config.ef_search,
+            candidate_margin=margin,
+            progress=config.progress,
+        )
+    if config.backend == "ivf":
+        from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
+
+        return IVFFlatRetriever.from_kb(
+            kb,
+            nlist=config.nlist,
+            nprobe=config.nprobe,
+            candidate_margin=margin,
+            progress=config.progress,
+        )
+    from ralmspec_vllm.retrieval.bm25 import BM25Retriever
+
+    return BM25Retriever.from_kb(
+        kb,
+        params=config.bm25_params,
+        analyzer=config.analyzer,
+        rebuild=config.rebuild,
+        progress=config.progress,
+    )
+
+
+def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--backend``, ``--device``, ... (one flag per ``RetrieverConfig`` field)."""
+    group = parser.add_argument_group("retriever")
+    for f in fields(RetrieverConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"{_FIELD_HELP.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], default=default, help=help_text)
+        else:
+            kind = float if isinstance(default, float) else int
+            group.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RetrieverConfig:
+    """The ``RetrieverConfig`` described by flags added with ``add_retriever_arguments``."""
+    return RetrieverConfig(**{f.name: getattr(args, f.name) for f in fields(RetrieverConfig)})
+
+
+_CHOICES = {"backend": BACKENDS, "device": DEVICES, "flat_impl": IMPLS, "dtype": DTYPES}
+
+_FIELD_HELP = {
+    "backend": "retrieval backend",
+    "device": "flat search device",
+    "flat_impl": "flat search implementation",
+    "dtype": "torch flat matrix dtype",
+    "candidate_margin": "extra dense candidates re-scored beyond k",
+    "hnsw_m": "HNSW M",
+    "ef_construction": "HNSW efConstruction",
+    "ef_search": "HNSW efSearch",
+    "nlist": "IVF lists (default ~4 sqrt(N))",
+    "nprobe": "IVF lists probed per query",
+    "bm25_k1": "BM25 k1",
+    "bm25_b": "BM25 b",
+    "bm25_epsilon": "BM25 idf floor epsilon",
+    "bm25_stopwords": "drop English stopwords in BM25",
+    "rebuild": "rebuild saved indexes",
+    "progress": "show build progress bars",
+}

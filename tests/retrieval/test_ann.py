@@ -1,0 +1,137 @@
+"""HNSW and IVF-Flat: exact neighbours with generous parameters, exact scores, save/load."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import NUM_DOCS, SyntheticCorpus, brute_force
+
+from ralmspec_vllm.retrieval.ann import (
+    INDEX_FILE,
+    META_FILE,
+    HNSWRetriever,
+    IVFFlatRetriever,
+    default_nlist,
+)
+from ralmspec_vllm.retrieval.base import DenseRetriever
+from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+
+def _hnsw(corpus: SyntheticCorpus, path: Path | None = None, **params: object) -> HNSWRetriever:
+    params = {"m": 16, "ef_construction": 200, "ef_search": 400, "progress": False, **params}
+    return HNSWRetriever(
+        corpus.vectors,
+        corpus.documents,
+        corpus.encoder,
+        index_path=path,
+        **params,  # type: ignore[arg-type]
+    )
+
+
+def _ivf(corpus: SyntheticCorpus, path: Path | None = None, **params: object) -> IVFFlatRetriever:
+    params = {"nlist": 12, "nprobe": 12, "progress": False, **params}
+    return IVFFlatRetriever(
+        corpus.vectors,
+        corpus.documents,
+        corpus.encoder,
+        index_path=path,
+        **params,  # type: ignore[arg-type]
+    )
+
+
+BUILDERS = {"hnsw": _hnsw, "ivf": _ivf}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def ann(
+    request: pytest.FixtureRequest, corpus: SyntheticCorpus
+) -> HNSWRetriever | IVFFlatRetriever:
+    return BUILDERS[request.param](corpus)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_generous_parameters_find_exact_neighbours(
+    ann: HNSWRetriever | IVFFlatRetriever, corpus: SyntheticCorpus, k: int
+) -> None:
+    hits = ann.search(corpus.queries, k)
+    assert [[h.doc_id for h in row] for row in hits] == brute_force(
+        corpus.query_vectors, corpus.vectors, k
+    )
+    flat = FlatRetriever(corpus.vectors, corpus.documents, corpus.encoder)
+    assert hits == flat.search(corpus.queries, k)
+
+
+def test_reported_scores_equal_score(
+    ann: HNSWRetriever | IVFFlatRetriever, corpus: SyntheticCorpus
+) -> None:
+    rng = np.random.default_rng(11)
+    queries = rng.standard_normal((20, corpus.vectors.shape[1])).astype(np.float32)
+    for query, row in zip(queries, ann.search_vectors(queries, 15), strict=True):
+        ids = [h.doc_id for h in row]
+        assert [h.score for h in row] == ann.score_vector(query, ids)
+        assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+    for query, row in zip(corpus.queries, ann.search(corpus.queries, 5), strict=True):
+        assert [h.score for h in row] == ann.score(query, [h.doc_id for h in row])
+
+
+def test_protocol_and_info(ann: HNSWRetriever | IVFFlatRetriever) -> None:
+    assert isinstance(ann, DenseRetriever)
+    info = ann.info
+    assert info.num_docs == NUM_DOCS and info.metric == "inner_product"
+    if info.backend == "hnsw":
+        assert (info.extra["hnsw_m"], info.extra["ef_search"]) == ("16", "400")
+    else:
+        assert (info.extra["nlist"], info.extra["nprobe"]) == ("12", "12")
+
+
+def test_tiny_search_parameters_still_return_k_exact_scores(corpus: SyntheticCorpus) -> None:
+    # efSearch below k must not shrink the result list; nprobe=1 reads one list only.
+    for retriever in (_hnsw(corpus, ef_search=1), _ivf(corpus, nprobe=1)):
+        rows = retriever.search_vectors(corpus.query_vectors, 20)
+        for query, row in zip(corpus.query_vectors, rows, strict=True):
+            ids = [h.doc_id for h in row]
+            assert len(set(ids)) == 20
+            assert [h.score for h in row] == retriever.score_vector(query, ids)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_save_load_round_trip(
+    kind: str, corpus: SyntheticCorpus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / kind / INDEX_FILE
+    built = BUILDERS[kind](corpus, path)
+    assert path.is_file() and (path.parent / META_FILE).is_file()
+    stamp = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="ralmspec_vllm.retrieval.ann"):
+        loaded = BUILDERS[kind](corpus, path)
+    assert "loading" in caplog.text and path.stat().st_mtime_ns == stamp
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((25, corpus.vectors.shape[1])).astype(np.float32)
+    assert loaded.search_vectors(queries, 10) == built.search_vectors(queries, 10)
+
+
+def test_stale_index_is_rebuilt(corpus: SyntheticCorpus, tmp_path: Path) -> None:
+    path = tmp_path / "hnsw" / INDEX_FILE
+    _hnsw(corpus, path)
+    other = corpus.vectors.copy()
+    other[0] = -other[0]
+    rebuilt = HNSWRetriever(other, index_path=path, m=16, ef_construction=200, progress=False)
+    assert rebuilt.search_vectors(other[0], 1)[0][0].doc_id == 0
+    # Changing a build parameter also rebuilds rather than loading the old graph.
+    HNSWRetriever(other, index_path=path, m=8, progress=False)
+    assert '"hnsw_m": 8' in (path.parent / META_FILE).read_text()
+
+
+def test_parameter_validation(corpus: SyntheticCorpus) -> None:
+    with pytest.raises(ValueError, match=r"^hnsw_m:"):
+        HNSWRetriever(corpus.vectors, m=1)
+    with pytest.raises(ValueError, match=r"^ef_search:"):
+        HNSWRetriever(corpus.vectors, ef_search=0)
+    with pytest.raises(ValueError, match=r"^nlist:"):
+        IVFFlatRetriever(corpus.vectors, nlist=NUM_DOCS + 1)
+    with pytest.raises(ValueError, match=r"^nprobe:"):
+        IVFFlatRetriever(corpus.vectors, nprobe=0)
+    assert default_nlist(1_000_000) == 4000 and default_nlist(3) == 3

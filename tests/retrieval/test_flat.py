@@ -1,0 +1,156 @@
+"""Exact dense search: FAISS and torch flat search against brute-force numpy, ties, scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DIM, DUP_IDS, DUP_OF, NUM_DOCS, SyntheticCorpus, brute_force
+
+from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.dense import inner_product
+from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+IMPLS = [
+    {"impl": "faiss"},
+    {"impl": "torch", "device": "cpu"},
+    {"impl": "torch", "device": "cpu", "dtype": "float16", "chunk_size": 128},
+]
+
+
+def _flat(corpus: SyntheticCorpus, **params: object) -> FlatRetriever:
+    return FlatRetriever(corpus.vectors, corpus.documents, corpus.encoder, **params)  # type: ignore[arg-type]
+
+
+def _pairs(hits: list) -> list[tuple[int, float]]:
+    return [(h.doc_id, h.score) for h in hits]
+
+
+def test_inner_product_is_float64_and_shape_independent(corpus: SyntheticCorpus) -> None:
+    q = corpus.query_vectors
+    full = inner_product(q, corpus.vectors)
+    assert full.dtype == np.float64 and full.shape == (len(q), NUM_DOCS)
+    reference = q.astype(np.float64) @ corpus.vectors.astype(np.float64).T
+    np.testing.assert_allclose(full, reference, rtol=0, atol=1e-12)
+    # Same vectors, other batch shapes and per-query candidate sets: the same bits.
+    ids = np.array([[5, 3, 599], [0, 1, 2]])
+    per_query = inner_product(q[:2], corpus.vectors[ids])
+    assert np.array_equal(per_query, full[np.arange(2)[:, None], ids])
+    assert np.array_equal(inner_product(q[4:5], corpus.vectors[[9]]), full[4:5, [9]])
+
+
+@pytest.mark.parametrize("params", IMPLS, ids=lambda p: "-".join(map(str, p.values())))
+@pytest.mark.parametrize("k", [1, 5, 10, 40])
+def test_flat_equals_brute_force(corpus: SyntheticCorpus, params: dict, k: int) -> None:
+    flat = _flat(corpus, **params)
+    hits = flat.search(corpus.queries, k)
+    assert [[h.doc_id for h in row] for row in hits] == brute_force(
+        corpus.query_vectors, corpus.vectors, k
+    )
+    for row, query in zip(hits, corpus.queries, strict=True):
+        assert [h.score for h in row] == flat.score(query, [h.doc_id for h in row])
+    assert [row[0].doc_id for row in hits] == corpus.nearest
+
+
+@pytest.mark.parametrize("params", IMPLS, ids=lambda p: "-".join(map(str, p.values())))
+def test_ties_break_by_doc_id_and_widen_past_margin(corpus: SyntheticCorpus, params: dict) -> None:
+    # No margin: the index proposes exactly k of the 8 equal-scoring duplicates, in whatever
+    # order it likes; the retriever must widen and return the k lowest ids.
+    flat = _flat(corpus, candidate_margin=0, **params)
+    query = corpus.vectors[DUP_OF]
+    for k in (1, 3, len(DUP_IDS), len(DUP_IDS) + 2):
+        hits = flat.search_vectors(query, k)[0]
+        assert [h.doc_id for h in hits[: len(DUP_IDS)]] == list(DUP_IDS)[:k]
+        assert len({h.score for h in hits[: len(DUP_IDS)]}) == 1
+        assert hits == flat.search_vectors(query, k)[0]
+
+
+def test_torch_equals_faiss(corpus: SyntheticCorpus) -> None:
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((30, DIM)).astype(np.float32)  # not unit: scores scale
+    faiss_hits = _flat(corpus).search_vectors(queries, 25)
+    for params in IMPLS[1:]:
+        assert _flat(corpus, **params).search_vectors(queries, 25) == faiss_hits
+
+
+def test_k_above_corpus_returns_everything(corpus: SyntheticCorpus) -> None:
+    hits = _flat(corpus).search([corpus.queries[0]], NUM_DOCS + 50)[0]
+    assert sorted(h.doc_id for h in hits) == list(range(NUM_DOCS))
+    assert [h.doc_id for h in hits] == brute_force(
+        corpus.query_vectors[:1], corpus.vectors, NUM_DOCS
+    )[0]
+
+
+def test_protocol_info_documents_vectors(corpus: SyntheticCorpus) -> None:
+    flat = _flat(corpus)
+    assert isinstance(flat, Retriever) and isinstance(flat, DenseRetriever)
+    info = flat.info
+    assert (info.backend, info.num_docs, info.dim, info.metric) == (
+        "flat",
+        NUM_DOCS,
+        DIM,
+        "inner_product",
+    )
+    assert info.bm25 is None and info.extra["impl"] == "faiss"
+    assert [d.doc_id for d in flat.documents([5, 0, 5])] == [5, 0, 5]
+    vecs = flat.vectors([3, 599])
+    assert vecs.dtype == np.float32 and np.array_equal(vecs, corpus.vectors[[3, 599]])
+    assert flat.search([], 3) == []
+    assert flat.score(corpus.queries[0], []) == []
+    assert np.array_equal(flat.encode(corpus.queries[:2]), corpus.query_vectors[:2])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "field"),
+    [
+        (lambda r: r.search(["hello"], 0), ValueError, "k"),
+        (lambda r: r.search(["hello"], -3), ValueError, "k"),
+        (lambda r: r.search(["ok", "  "], 3), ValueError, "queries[1]"),
+        (lambda r: r.search("a string", 3), ValueError, "queries"),
+        (lambda r: r.score("", [1]), ValueError, "query"),
+        (lambda r: r.search_vectors(np.zeros((2, DIM + 1), np.float32), 3), ValueError, "vectors"),
+        (
+            lambda r: r.search_vectors(np.full((1, DIM), np.nan, np.float32), 3),
+            ValueError,
+            "vectors",
+        ),
+        (lambda r: r.score("hello", [0, NUM_DOCS]), KeyError, "doc_ids"),
+        (lambda r: r.score("hello", [-1]), KeyError, "doc_ids"),
+        (lambda r: r.vectors([NUM_DOCS + 5]), KeyError, "doc_ids"),
+        (lambda r: r.documents([10**9]), KeyError, "doc_ids"),
+    ],
+)
+def test_bad_input_names_the_field(corpus: SyntheticCorpus, call, error, field: str) -> None:
+    with pytest.raises(error, match=f"^'?{__import__('re').escape(field)}:"):
+        call(_flat(corpus))
+
+
+def test_constructor_validation(corpus: SyntheticCorpus) -> None:
+    with pytest.raises(ValueError, match=r"^impl:"):
+        FlatRetriever(corpus.vectors, impl="annoy")
+    with pytest.raises(ValueError, match=r"^dtype:"):
+        FlatRetriever(corpus.vectors, impl="faiss", dtype="float16")
+    with pytest.raises(ValueError, match=r"^device:"):
+        FlatRetriever(corpus.vectors, impl="faiss", device="cuda")
+    with pytest.raises(ValueError, match=r"^encoder:"):
+        FlatRetriever(corpus.vectors[:, :8], encoder=corpus.encoder)
+    with pytest.raises(ValueError, match=r"^documents:"):
+        FlatRetriever(corpus.vectors[:10], documents=corpus.documents)
+
+
+@pytest.mark.parametrize("params", IMPLS, ids=lambda p: "-".join(map(str, p.values())))
+def test_differences_below_float32_resolution_rank_by_exact_score(params: dict) -> None:
+    # Doc 1 = doc 0 with one coordinate nudged by one float32 ulp towards the query: the
+    # index's float32/float16 scores cannot tell them apart, the exact float64 score can.
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((50, DIM))
+    base = (base / np.linalg.norm(base, axis=1, keepdims=True)).astype(np.float32)
+    query = rng.standard_normal(DIM).astype(np.float32)
+    base[0] = query / np.linalg.norm(query)
+    j = int(np.argmax(np.abs(query)))
+    base[1] = base[0]
+    base[1, j] = np.nextafter(base[0, j], base[0, j] + np.sign(query[j]))
+    flat = FlatRetriever(base, candidate_margin=0, **params)
+    exact = inner_product(query[None], base)[0]
+    assert exact[1] > exact[0]
+    hits = flat.search_vectors(query, 1)[0]
+    assert [(h.doc_id, h.score) for h in hits] == [(1, exact[1])]
