@@ -1,0 +1,101 @@
+"""The FastAPI application: routes, API-key check, error handlers, metrics endpoint.
+
+``build_app(service, model_name, api_keys)`` returns an ASGI app serving
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions`` (``handlers.OpenAIHandlers``),
+- ``GET /v1/models`` (the one served model),
+- ``GET /health`` (always open) and ``GET /metrics`` (Prometheus text, default registry:
+  the ``ralmspec_*`` metrics and vLLM's own ``vllm:*`` ones).
+
+With API keys, every ``/v1/*`` request needs ``Authorization: Bearer <key>``; others get an
+OpenAI-style 401. The app is run by uvicorn (``entrypoints/serve.py``, or the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ralmspec_vllm.entrypoints.openai import protocol as p
+from ralmspec_vllm.entrypoints.openai.errors import install_error_handlers, unauthorized
+from ralmspec_vllm.entrypoints.openai.handlers import OpenAIHandlers
+from ralmspec_vllm.service import RaLMService
+
+GUARDED_PREFIX = "/v1"
+
+
+class APIKeyMiddleware:
+    """Pure ASGI middleware: ``/v1/*`` needs one of ``keys`` as a Bearer token."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        self.app = app
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                header = value
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        ok = False
+        for known in self._digests:  # no early exit: constant time in the number of keys
+            ok |= hmac.compare_digest(digest, known)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope.get("method") != "OPTIONS"
+            and scope["path"].removeprefix(scope.get("root_path", "")).startswith(GUARDED_PREFIX)
+            and not self._authorized(scope)
+        ):
+            await unauthorized().response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(service: RaLMService, model_name: str, api_keys: Sequence[str] = ()) -> FastAPI:
+    app = FastAPI(title="ralmspec-vllm", docs_url=None, redoc_url=None, openapi_url=None)
+    handlers = OpenAIHandlers(service, model_name)
+    app.state.service = service
+    app.state.handlers = handlers
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handlers.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handlers.chat(request)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = p.ModelCard(
+            id=model_name,
+            owned_by="ralmspec-vllm",
+            root=model_name,
+            max_model_len=service.max_model_len,
+        )
+        return JSONResponse(p.ModelList(data=[card]).model_dump(mode="json"))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    install_error_handlers(app)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
+    return app

@@ -1,0 +1,411 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: OpenAI request in, RaLM job, OpenAI out.
+
+Flow of one request: the JSON body is validated by the protocol models (400 on failure);
+unsupported sampling features are rejected (400: only greedy decoding is served, the mode in
+which ``ralmspec`` is guaranteed to return the baseline's tokens); the prompt (or the chat
+messages rendered with the tokenizer's chat template) becomes the RaLM question;
+``RaLMService.plan`` applies defaults and limits (400 naming the field); then either the
+whole answer is returned, or verified tokens are streamed as server-sent events.
+
+A non-streaming request runs while a watcher waits for the client's ``http.disconnect``; a
+disconnect cancels the job (its in-flight LM and retrieval work is aborted). A streaming one
+is cancelled the same way by Starlette's ``StreamingResponse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ralmspec_vllm.entrypoints.openai import protocol as p
+from ralmspec_vllm.entrypoints.openai.errors import APIError, bad_request
+from ralmspec_vllm.entrypoints.openai.streaming import (
+    DONE,
+    IncrementalDecoder,
+    char_offsets,
+    sse,
+)
+from ralmspec_vllm.service import JobError, JobResult, RaLMJob, RaLMService, RequestOptions
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Request fields that change sampling or output shape; any non-default value -> 400.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v not in (None, 1),
+    "best_of": lambda v: v not in (None, 1),
+    "use_beam_search": bool,
+    "logprobs": lambda v: bool(v),
+    "top_logprobs": lambda v: bool(v),
+    "prompt_logprobs": lambda v: v is not None,
+    "echo": bool,
+    "suffix": lambda v: v is not None,
+    "stop": lambda v: bool(v),
+    "stop_token_ids": lambda v: bool(v),
+    "presence_penalty": lambda v: v not in (None, 0.0),
+    "frequency_penalty": lambda v: v not in (None, 0.0),
+    "repetition_penalty": lambda v: v not in (None, 1.0),
+    "logit_bias": lambda v: bool(v),
+    "min_tokens": lambda v: bool(v),
+    "ignore_eos": bool,
+    "tools": lambda v: bool(v),
+    "response_format": lambda v: v is not None and getattr(v, "type", "text") != "text",
+    "structured_outputs": lambda v: v is not None,
+    "allowed_token_ids": lambda v: v is not None,
+    "bad_words": lambda v: bool(v),
+    "prompt_embeds": lambda v: v is not None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    job: RaLMJob
+    stream: bool
+    include_usage: bool
+    return_sources: bool
+    prompt_tokens: int
+
+
+class OpenAIHandlers:
+    """Request handlers bound to one ``RaLMService`` and one served model name."""
+
+    def __init__(self, service: RaLMService, model_name: str) -> None:
+        self.service = service
+        self.model_name = model_name
+        self.tokenizer = service.tokenizer
+
+    # -- entry points ---------------------------------------------------------------------
+
+    async def completions(self, raw: Request) -> Response:
+        body = await _json_body(raw)
+        request = p.RaLMCompletionRequest.model_validate(body)
+        prompt = request.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            question_ids = self.service.question_ids(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            question_ids = list(prompt)  # type: ignore[arg-type]
+        else:
+            raise bad_request("prompt must be one string or one list of token ids", "prompt")
+        prep = self._prepare(request, body, question_ids, body.get("max_tokens"))
+        if prep.stream:
+            return _sse_response(self._stream_completion(prep))
+        result = await _until_disconnect(raw, self.service.run(prep.job))
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        response = p.RaLMCompletionResponse(
+            id=f"cmpl-{prep.job.request_id}",
+            model=self.model_name,
+            choices=[p.CompletionResponseChoice(index=0, text=text, finish_reason=_finish(result))],
+            usage=_usage(prep, result),
+            sources=await self._sources(result) if prep.return_sources else None,
+            ralm=_ralm_usage(prep.job, result),
+        )
+        return JSONResponse(p.dump(response))
+
+    async def chat(self, raw: Request) -> Response:
+        body = await _json_body(raw)
+        request = p.RaLMChatCompletionRequest.model_validate(body)
+        question = self._render_chat(body.get("messages"), request)
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        prep = self._prepare(request, body, self.service.question_ids(question), max_tokens)
+        if prep.stream:
+            return _sse_response(self._stream_chat(prep))
+        result = await _until_disconnect(raw, self.service.run(prep.job))
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        response = p.RaLMChatCompletionResponse(
+            id=f"chatcmpl-{prep.job.request_id}",
+            model=self.model_name,
+            choices=[
+                p.ChatCompletionResponseChoice(
+                    index=0,
+                    message=p.ChatMessage(role="assistant", content=text),
+                    finish_reason=_finish(result),
+                )
+            ],
+            usage=_usage(prep, result),
+            sources=await self._sources(result) if prep.return_sources else None,
+            ralm=_ralm_usage(prep.job, result),
+        )
+        return JSONResponse(p.dump(response))
+
+    # -- request preparation --------------------------------------------------------------
+
+    def _prepare(
+        self,
+        request: p.RaLMCompletionRequest | p.RaLMChatCompletionRequest,
+        body: dict[str, Any],
+        question_ids: list[int],
+        max_tokens: Any,
+    ) -> _Prepared:
+        if request.model is not None and request.model != self.model_name:
+            raise APIError(
+                f"The model '{request.model}' does not exist; this server serves "
+                f"'{self.model_name}'.",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        if request.temperature is not None and request.temperature > 0:
+            raise bad_request(
+                "temperature must be 0 or unset: the RaLM server decodes greedily, the mode in "
+                "which ralmspec's output is guaranteed identical to the baseline's (seeded "
+                "sampling is not supported)",
+                "temperature",
+            )
+        for field, unsupported in _UNSUPPORTED.items():
+            if field in body and unsupported(getattr(request, field, body[field])):
+                raise bad_request(f"{field} is not supported by the RaLM server", field)
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+        ):
+            raise bad_request(f"max_tokens must be an integer, got {max_tokens!r}", "max_tokens")
+        options = request.ralm or p.RaLMOptions()
+        try:
+            job = self.service.plan(
+                question_ids,
+                max_tokens,
+                RequestOptions(
+                    mode=options.mode,
+                    retrieval_stride=options.retrieval_stride,
+                    speculation_stride=options.speculation_stride,
+                    prefetch_k=options.prefetch_k,
+                    async_verification=options.async_verification,
+                ),
+                request_id=uuid.uuid4().hex,
+            )
+        except JobError as err:
+            raise bad_request(str(err), err.param) from None
+        stream_options = request.stream_options
+        return _Prepared(
+            job=job,
+            stream=bool(request.stream),
+            include_usage=bool(stream_options and stream_options.include_usage),
+            return_sources=options.return_sources,
+            prompt_tokens=len(question_ids),
+        )
+
+    def _render_chat(self, messages: Any, request: p.RaLMChatCompletionRequest) -> str:
+        """The question text: the conversation through the tokenizer's chat template."""
+        plain: list[dict[str, str]] = []
+        for i, message in enumerate(messages or []):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):  # text parts only
+                texts = [part.get("text") for part in content if isinstance(part, dict)]
+                if any(part.get("type") != "text" for part in content) or None in texts:
+                    raise bad_request("only text content is supported", f"messages.{i}.content")
+                content = "".join(texts)  # type: ignore[arg-type]
+            if not isinstance(content, str):
+                raise bad_request("message content must be text", f"messages.{i}.content")
+            plain.append({"role": str(message.get("role")), "content": content})
+        if not plain:
+            raise bad_request("messages must not be empty", "messages")
+        apply = getattr(self.tokenizer, "apply_chat_template", None)
+        if apply is None or not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = apply(
+                plain,
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+            )
+        except Exception as err:  # template errors (e.g. roles it rejects) are client errors
+            raise bad_request(f"chat template failed: {err}", "messages") from None
+        return str(text)
+
+    # -- streaming ------------------------------------------------------------------------
+
+    async def _stream_completion(self, prep: _Prepared) -> AsyncIterator[str]:
+        rid, created = f"cmpl-{prep.job.request_id}", int(time.time())
+
+        def chunk(text: str, **extra: Any) -> str:
+            finish = extra.pop("finish_reason", None)
+            choice = p.CompletionResponseStreamChoice(index=0, text=text, finish_reason=finish)
+            body = p.RaLMCompletionStreamResponse(
+                id=rid, created=created, model=self.model_name, choices=[choice], **extra
+            )
+            return sse(p.dump(body))
+
+        async for kind, value, result in self._deltas(prep):
+            if kind == "text":
+                yield chunk(value)
+            elif kind == "end":
+                assert result is not None
+                yield chunk(value, **await self._final_fields(prep, result))
+                if prep.include_usage:
+                    usage = p.RaLMCompletionStreamResponse(
+                        id=rid, created=created, model=self.model_name, choices=[],
+                        usage=_usage(prep, result),
+                    )  # fmt: skip
+                    yield sse(p.dump(usage))
+            else:
+                yield value
+        yield DONE
+
+    async def _stream_chat(self, prep: _Prepared) -> AsyncIterator[str]:
+        rid, created = f"chatcmpl-{prep.job.request_id}", int(time.time())
+
+        def chunk(delta: p.DeltaMessage, **extra: Any) -> str:
+            finish = extra.pop("finish_reason", None)
+            choice = p.ChatCompletionResponseStreamChoice(
+                index=0, delta=delta, finish_reason=finish
+            )
+            body = p.RaLMChatCompletionStreamResponse(
+                id=rid, created=created, model=self.model_name, choices=[choice], **extra
+            )
+            return sse(p.dump(body))
+
+        yield chunk(p.DeltaMessage(role="assistant", content=""))
+        async for kind, value, result in self._deltas(prep):
+            if kind == "text":
+                yield chunk(p.DeltaMessage(content=value))
+            elif kind == "end":
+                assert result is not None
+                delta = p.DeltaMessage(content=value) if value else p.DeltaMessage()
+                yield chunk(delta, **await self._final_fields(prep, result))
+                if prep.include_usage:
+                    usage = p.RaLMChatCompletionStreamResponse(
+                        id=rid, created=created, model=self.model_name, choices=[],
+                        usage=_usage(prep, result),
+                    )  # fmt: skip
+                    yield sse(p.dump(usage))
+            else:
+                yield value
+        yield DONE
+
+    async def _deltas(self, prep: _Prepared) -> AsyncIterator[tuple[str, str, JobResult | None]]:
+        """("text", delta, None) per verified chunk, then ("end", tail, result); a failure
+        mid-stream becomes ("error", sse frame, None)."""
+        decoder = IncrementalDecoder(self.tokenizer)
+        try:
+            async for item in self.service.stream(prep.job):
+                if isinstance(item, JobResult):
+                    yield "end", decoder.flush(), item
+                    return
+                if delta := decoder.push(item.token_ids):
+                    yield "text", delta, None
+        except Exception as err:  # headers are sent: report in-band like vLLM does
+            logger.exception("request %s failed mid-stream", prep.job.request_id)
+            error = APIError(f"{type(err).__name__}: {err}", status=500, type="server_error")
+            yield "error", sse(error.body()), None
+
+    async def _final_fields(self, prep: _Prepared, result: JobResult) -> dict[str, Any]:
+        return {
+            "finish_reason": _finish(result),
+            "sources": await self._sources(result) if prep.return_sources else None,
+            "ralm": _ralm_usage(prep.job, result),
+        }
+
+    # -- sources ------------------------------------------------------------------------------
+
+    async def _sources(self, result: JobResult) -> list[p.Source]:
+        merged: list[tuple[int | None, int, int]] = []
+        for span in result.spans:
+            if span.end <= span.start:
+                continue
+            if merged and merged[-1][0] == span.doc_id and merged[-1][2] == span.start:
+                merged[-1] = (span.doc_id, merged[-1][1], span.end)
+            else:
+                merged.append((span.doc_id, span.start, span.end))
+        titles = await self.service.titles([d for d, _, _ in merged if d is not None])
+        bounds = sorted({pos for _, s, e in merged for pos in (s, e)})
+        offsets = dict(
+            zip(bounds, char_offsets(self.tokenizer, result.token_ids, bounds), strict=True)
+        )
+        return [
+            p.Source(
+                doc_id=doc_id,
+                title=titles.get(doc_id, "") if doc_id is not None else "",
+                token_start=start,
+                token_end=end,
+                char_start=offsets[start],
+                char_end=offsets[end],
+            )
+            for doc_id, start, end in merged
+        ]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+async def _json_body(raw: Request) -> dict[str, Any]:
+    try:
+        body = await raw.json()
+    except Exception:
+        raise bad_request("request body must be valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+async def _until_disconnect(raw: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it if the client disconnects first (body already read)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise APIError("client disconnected", status=499, code="client_closed_request")
+    return task.result()
+
+
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _finish(result: JobResult) -> str:
+    return "stop" if result.finished else "length"
+
+
+def _usage(prep: _Prepared, result: JobResult) -> p.UsageInfo:
+    completion = len(result.token_ids)
+    return p.UsageInfo(
+        prompt_tokens=prep.prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prep.prompt_tokens + completion,
+    )
+
+
+def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
+    trace = result.trace
+    return p.RaLMUsage(
+        mode=trace.mode,
+        retrieval_stride=job.config.retrieval_stride,
+        speculation_stride=job.speculation.speculation_stride if job.mode == "ralmspec" else None,
+        retrieval_calls=len(trace.retrieval_calls),
+        verifications=len(trace.verifications),
+        speculation_hits=trace.speculation_hits,
+        speculation_misses=trace.speculation_misses,
+        rollbacks=trace.rollbacks,
+        tokens_discarded=trace.tokens_discarded,
+        mean_stride=trace.mean_stride,
+        lm_time_s=trace.lm_time_s,
+        retrieval_time_s=trace.retrieval_time_s,
+        wall_time_s=trace.wall_time_s,
+        prefix_cached_tokens=trace.num_cached_tokens,
+        prompt_tokens_sent=trace.num_prompt_tokens,
+    )

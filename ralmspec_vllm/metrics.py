@@ -1,0 +1,160 @@
+"""Prometheus metrics of the RaLM server, on prometheus_client's default registry.
+
+vLLM registers its own ``vllm:*`` metrics on the same default registry, so one ``/metrics``
+endpoint exposes both. Metric objects are module-level singletons (created at import, once per
+process). Data flows in two ways:
+
+- ``record_request(trace, ...)``: once per finished request, from its ``RequestTrace``
+  (speculation hits/misses, rollbacks, discarded tokens, verification batches and latency,
+  retrieval latency per purpose, chosen strides, prefix-cache hits).
+- ``observe_batch(calls, queries, wait_s)``: from the server's cross-request
+  ``BatchingRetriever`` each time it sends one merged retriever call.
+
+Speculation accuracy is ``hits / (hits + misses)``, computed by the reader from
+``ralmspec_speculation_steps_total``; a per-request accuracy histogram is kept as well.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from ralmspec_vllm.core.trace import RequestTrace
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_STRIDE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 16, 32)
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+REQUESTS = Counter(
+    "ralmspec_requests",
+    "Finished RaLM requests by mode and outcome (ok, error, aborted).",
+    ["mode", "outcome"],
+)
+REQUEST_LATENCY = Histogram(
+    "ralmspec_request_latency_seconds",
+    "End-to-end latency of a RaLM request (runner wall time).",
+    ["mode"],
+    buckets=_LATENCY_BUCKETS,
+)
+GENERATED_TOKENS = Counter(
+    "ralmspec_generated_tokens", "Verified answer tokens returned to clients.", ["mode"]
+)
+SPECULATION_STEPS = Counter(
+    "ralmspec_speculation_steps",
+    "Speculated retrieval steps by verification outcome (hit: speculated doc was right).",
+    ["outcome"],
+)
+SPECULATION_ACCURACY = Histogram(
+    "ralmspec_speculation_accuracy",
+    "Per-request speculation accuracy (hits / verified steps).",
+    buckets=_RATIO_BUCKETS,
+)
+ROLLBACKS = Counter("ralmspec_rollbacks", "Rollbacks to the first mismatching step.")
+TOKENS_DISCARDED = Counter(
+    "ralmspec_tokens_discarded", "Generated tokens thrown away by rollbacks or aborted work."
+)
+LM_ABORTS = Counter("ralmspec_lm_aborts", "In-flight speculative LM calls cancelled.")
+VERIFICATION_STEPS = Histogram(
+    "ralmspec_verification_steps",
+    "Speculated steps checked by one verification of one request.",
+    buckets=_SIZE_BUCKETS,
+)
+VERIFICATION_LATENCY = Histogram(
+    "ralmspec_verification_latency_seconds",
+    "Latency of one batched verification, as seen by the request.",
+    ["asynchronous"],
+    buckets=_LATENCY_BUCKETS,
+)
+RETRIEVAL_LATENCY = Histogram(
+    "ralmspec_retrieval_latency_seconds",
+    "Latency of retriever calls by kind (search, score, documents, vectors) and purpose.",
+    ["kind", "purpose"],
+    buckets=_LATENCY_BUCKETS,
+)
+SPECULATION_STRIDE = Histogram(
+    "ralmspec_speculation_stride",
+    "Speculation stride chosen for each round (fixed or by the OS3 scheduler).",
+    buckets=_STRIDE_BUCKETS,
+)
+PROMPT_TOKENS = Counter("ralmspec_lm_prompt_tokens", "Prompt tokens sent to the LM (all calls).")
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "ralmspec_prefix_cache_hit_tokens", "Prompt tokens the LM served from its prefix cache."
+)
+BATCH_CALLS = Histogram(
+    "ralmspec_retriever_batch_calls",
+    "Search calls from concurrent requests merged into one retriever RPC.",
+    buckets=_SIZE_BUCKETS,
+)
+BATCH_QUERIES = Histogram(
+    "ralmspec_retriever_batch_queries",
+    "Queries in one merged retriever RPC.",
+    buckets=_SIZE_BUCKETS,
+)
+BATCH_WAIT = Histogram(
+    "ralmspec_retriever_batch_wait_seconds",
+    "Time the oldest call of a merged batch waited before the RPC was sent.",
+    buckets=_LATENCY_BUCKETS,
+)
+
+METRIC_NAMES: tuple[str, ...] = (
+    "ralmspec_requests_total",
+    "ralmspec_request_latency_seconds",
+    "ralmspec_generated_tokens_total",
+    "ralmspec_speculation_steps_total",
+    "ralmspec_speculation_accuracy",
+    "ralmspec_rollbacks_total",
+    "ralmspec_tokens_discarded_total",
+    "ralmspec_lm_aborts_total",
+    "ralmspec_verification_steps",
+    "ralmspec_verification_latency_seconds",
+    "ralmspec_retrieval_latency_seconds",
+    "ralmspec_speculation_stride",
+    "ralmspec_lm_prompt_tokens_total",
+    "ralmspec_prefix_cache_hit_tokens_total",
+    "ralmspec_retriever_batch_calls",
+    "ralmspec_retriever_batch_queries",
+    "ralmspec_retriever_batch_wait_seconds",
+)
+"""Names as they appear in the exposition (counters get ``_total``)."""
+
+
+def record_request(trace: RequestTrace, num_tokens: int) -> None:
+    """Fold one finished request's trace into the metrics."""
+    REQUESTS.labels(trace.mode, "ok").inc()
+    REQUEST_LATENCY.labels(trace.mode).observe(trace.wall_time_s)
+    GENERATED_TOKENS.labels(trace.mode).inc(num_tokens)
+    SPECULATION_STEPS.labels("hit").inc(trace.speculation_hits)
+    SPECULATION_STEPS.labels("miss").inc(trace.speculation_misses)
+    accuracy = trace.speculation_accuracy
+    if accuracy is not None:
+        SPECULATION_ACCURACY.observe(accuracy)
+    ROLLBACKS.inc(trace.rollbacks)
+    TOKENS_DISCARDED.inc(trace.tokens_discarded)
+    LM_ABORTS.inc(trace.lm_aborts)
+    for verification in trace.verifications:
+        VERIFICATION_STEPS.observe(verification.num_steps)
+        label = "true" if verification.asynchronous else "false"
+        VERIFICATION_LATENCY.labels(label).observe(verification.latency_s)
+    for call in trace.retrieval_calls:
+        RETRIEVAL_LATENCY.labels(call.kind, call.purpose).observe(call.latency_s)
+    for stride in trace.strides:
+        SPECULATION_STRIDE.observe(stride)
+    PROMPT_TOKENS.inc(trace.num_prompt_tokens)
+    PREFIX_CACHE_HIT_TOKENS.inc(trace.num_cached_tokens)
+
+
+def record_failure(mode: str, outcome: str) -> None:
+    """A request that ended without a trace (``error`` or ``aborted`` by its client)."""
+    REQUESTS.labels(mode, outcome).inc()
+
+
+def observe_batch(calls: int, queries: int, wait_s: float) -> None:
+    """One merged retriever RPC sent by the cross-request batcher."""
+    BATCH_CALLS.observe(calls)
+    BATCH_QUERIES.observe(queries)
+    BATCH_WAIT.observe(wait_s)

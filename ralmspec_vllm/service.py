@@ -1,0 +1,370 @@
+"""The serving glue: one LM + one retriever + cross-request batching + the RaLM core.
+
+``RaLMService`` owns a ``RaLMEngine`` (core) built on the LM, its tokenizer and a
+``BatchingRetriever`` around the retriever client, so retrievals and verifications of all
+concurrent requests share retriever RPCs. A request flows as:
+
+    handler --plan()--> RaLMJob --stream()--> VerifiedChunk ... VerifiedChunk, JobResult
+
+``plan`` applies server defaults and limits to the per-request options (``JobError`` with the
+offending parameter on violation: the handler answers 400). ``stream`` runs the job as its
+own task and yields tokens as soon as they can no longer be rolled back; cancelling the
+consumer (a client that went away) cancels the task, which aborts the request's in-flight LM
+calls and retrieval waits.
+
+Verified-token progress: the core has no callback yet, so ``_ObservedContext`` (a
+``RequestContext``) tracks the *verified frontier*: the start of the oldest speculative step
+not yet verified (or the whole answer when none is pending). A verification's search result
+is compared with the speculated doc ids the same way ``SpeculativeRequest`` does (top-1 by
+doc id, in order), which tells how many pending steps it confirmed; rollbacks only ever cut at
+a pending step's start, so everything before the frontier is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from ralmspec_vllm import metrics
+from ralmspec_vllm.core.baseline import run_baseline
+from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
+from ralmspec_vllm.core.cache import QueryEncoder
+from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.lm import Generation, LanguageModel, Tokenizer
+from ralmspec_vllm.core.request import RequestContext
+from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.core.speculative import SpeculativeRequest
+from ralmspec_vllm.core.trace import CallPurpose, RequestTrace, TokenSpan, TraceRecorder
+from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.types import Hit
+
+logger = logging.getLogger(__name__)
+
+SERVED_MODES: tuple[Mode, ...] = ("baseline", "ralmspec")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """Server-wide RaLM defaults (per-request options override them) and request limits."""
+
+    ralm: RaLMConfig = field(default_factory=RaLMConfig)
+    """Defaults; ``query_window``, ``max_doc_tokens`` and ``separator`` are server-wide."""
+    speculation: SpeculationConfig = field(default_factory=lambda: SpeculationConfig.preset("PSA"))
+    """Default speculation settings (``max_speculation_stride`` also bounds requests)."""
+    default_mode: Mode = "ralmspec"
+    """Mode of requests that do not choose one."""
+    max_tokens_limit: int = 1024
+    """Largest ``max_tokens`` a request may ask for (the model length may lower it)."""
+    max_retrieval_stride: int = 64
+    """Largest per-request ``retrieval_stride``."""
+    max_prefetch_k: int = 256
+    """Largest per-request ``prefetch_k``."""
+    batch_window_s: float = 0.002
+    """Cross-request batching: how long the first search of a batch waits for others."""
+    max_batch_queries: int = 256
+    """Cross-request batching: most queries in one retriever call."""
+
+    def __post_init__(self) -> None:
+        if self.default_mode not in SERVED_MODES:
+            raise ValueError(f"default_mode must be one of {SERVED_MODES}, got {self.default_mode}")
+        for name in ("max_tokens_limit", "max_retrieval_stride", "max_prefetch_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.batch_window_s >= 0:
+            raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
+        if self.max_batch_queries < 1:
+            raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """Per-request RaLM choices as received (``None``: use the server default)."""
+
+    mode: str | None = None
+    retrieval_stride: int | None = None
+    speculation_stride: int | str | None = None
+    prefetch_k: int | None = None
+    async_verification: bool | None = None
+
+
+class JobError(ValueError):
+    """A request outside the server's limits; ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class RaLMJob:
+    """One validated request, ready to run."""
+
+    request_id: str
+    question_ids: tuple[int, ...]
+    mode: Mode
+    config: RaLMConfig
+    speculation: SpeculationConfig
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedChunk:
+    """Answer tokens that can no longer be rolled back, starting at answer position ``start``."""
+
+    start: int
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """The end of a job: the whole answer, its document spans and trace."""
+
+    token_ids: tuple[int, ...]
+    finished: bool
+    """The model emitted EOS (otherwise ``max_tokens`` ended the answer)."""
+    spans: tuple[TokenSpan, ...]
+    trace: RequestTrace
+
+
+class _ObservedContext(RequestContext):
+    """A ``RequestContext`` that reports its verified frontier to a queue (see module doc)."""
+
+    def __init__(self, *args: object, out: asyncio.Queue[VerifiedChunk], **kwargs: object):
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._out = out
+        self._emitted = 0
+        self._pending: list[tuple[int, int | None]] = []  # (start, speculated doc id)
+
+    def _publish(self) -> None:
+        frontier = self._pending[0][0] if self._pending else len(self.generated)
+        if frontier > self._emitted:
+            chunk = tuple(self.generated[self._emitted : frontier])
+            self._out.put_nowait(VerifiedChunk(self._emitted, chunk))
+            self._emitted = frontier
+
+    async def generate_step(
+        self, doc_id: int | None, purpose: CallPurpose, lm_request_id: str | None = None
+    ) -> Generation:
+        if purpose == "speculate":
+            self._pending.append((len(self.generated), doc_id))
+        gen = await super().generate_step(doc_id, purpose, lm_request_id)
+        self._publish()
+        return gen
+
+    async def search(self, queries: Sequence[str], k: int, purpose: CallPurpose) -> list[list[Hit]]:
+        hits = await super().search(queries, k, purpose)
+        if purpose == "verify":
+            steps = self._pending[: len(queries)]
+            matched = 0
+            for (_, doc_id), result in zip(steps, hits, strict=False):
+                if (result[0].doc_id if result else None) != doc_id:
+                    break
+                matched += 1
+            if matched < len(steps):
+                # Everything from the mismatching step on will be rolled back and redone: a
+                # barrier at its start holds the frontier until ``truncate`` removes it.
+                self._pending = [(steps[matched][0], None)]
+            else:
+                del self._pending[:matched]
+            self._publish()
+        return hits
+
+    def truncate(self, length: int) -> int:
+        if length < self._emitted:
+            raise AssertionError(f"rollback to {length} below verified {self._emitted} tokens")
+        self._pending = [p for p in self._pending if p[0] < length]
+        return super().truncate(length)
+
+
+class _MeteredBatchingRetriever(BatchingRetriever):
+    """``BatchingRetriever`` that also reports each merged call to Prometheus."""
+
+    def _record(self, record: BatchRecord) -> None:
+        super()._record(record)
+        metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
+
+
+class RaLMService:
+    """Answers RaLM jobs on one LM and one retriever (see module doc)."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        tokenizer: Tokenizer,
+        retriever: AsyncRetriever,
+        config: ServiceConfig | None = None,
+        *,
+        max_model_len: int,
+        encoder: QueryEncoder | None = None,
+    ) -> None:
+        self.config = config or ServiceConfig()
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.max_model_len = max_model_len
+        self.batching = _MeteredBatchingRetriever(
+            retriever, self.config.batch_window_s, self.config.max_batch_queries
+        )
+        self.engine = RaLMEngine(
+            lm,
+            tokenizer,
+            self.batching,
+            self.config.ralm,
+            self.config.speculation,
+            encoder,
+        )
+        self._ids = itertools.count()
+
+    # -- planning -------------------------------------------------------------------------
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.engine.layout.question_ids(question)
+
+    def prompt_overhead(self) -> int:
+        """Prompt tokens besides question and answer: special prefix, document, separator."""
+        layout = self.engine.layout
+        return len(layout.prefix_ids) + self.config.ralm.max_doc_tokens + len(layout.separator_ids)
+
+    def plan(
+        self,
+        question_ids: Sequence[int],
+        max_tokens: int | None,
+        options: RequestOptions,
+        request_id: str | None = None,
+    ) -> RaLMJob:
+        """Apply defaults and limits; ``JobError`` (param = request field) when out of range."""
+        cfg = self.config
+        mode = options.mode or cfg.default_mode
+        if mode not in SERVED_MODES:
+            raise JobError(f"mode must be one of {list(SERVED_MODES)}, got {mode!r}", "ralm.mode")
+        room = self.max_model_len - self.prompt_overhead() - len(question_ids)
+        if room < 1:
+            raise JobError(
+                f"prompt too long: {len(question_ids)} tokens, but max_model_len "
+                f"{self.max_model_len} minus the document budget "
+                f"({self.prompt_overhead()} tokens) leaves room for at most "
+                f"{self.max_model_len - self.prompt_overhead() - 1} prompt tokens",
+                "prompt",
+            )
+        limit = min(cfg.max_tokens_limit, room)
+        max_tokens = cfg.ralm.max_new_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= limit:
+            raise JobError(
+                f"max_tokens must be in [1, {limit}] for this prompt "
+                f"({len(question_ids)} prompt tokens, max_model_len {self.max_model_len}, "
+                f"document budget {self.prompt_overhead()}), got {max_tokens}",
+                "max_tokens",
+            )
+        stride = options.retrieval_stride or cfg.ralm.retrieval_stride
+        _check_range("ralm.retrieval_stride", stride, cfg.max_retrieval_stride)
+        spec = cfg.speculation
+        sstride = options.speculation_stride or spec.speculation_stride
+        if sstride != "auto":
+            if not isinstance(sstride, int):
+                raise JobError(
+                    f"speculation_stride must be a positive integer or 'auto', got {sstride!r}",
+                    "ralm.speculation_stride",
+                )
+            _check_range("ralm.speculation_stride", sstride, spec.max_speculation_stride)
+        prefetch_k = options.prefetch_k or spec.prefetch_k
+        _check_range("ralm.prefetch_k", prefetch_k, cfg.max_prefetch_k)
+        asynchronous = spec.async_verification
+        if options.async_verification is not None:
+            asynchronous = options.async_verification
+        return RaLMJob(
+            request_id=request_id or f"ralm-{next(self._ids)}",
+            question_ids=tuple(question_ids),
+            mode=mode,  # type: ignore[arg-type]
+            config=replace(cfg.ralm, retrieval_stride=stride, max_new_tokens=max_tokens),
+            speculation=replace(
+                spec,
+                speculation_stride=sstride,  # type: ignore[arg-type]
+                prefetch_k=prefetch_k,
+                async_verification=asynchronous,
+            ),
+        )
+
+    # -- running --------------------------------------------------------------------------
+
+    async def stream(self, job: RaLMJob) -> AsyncIterator[VerifiedChunk | JobResult]:
+        """Verified chunks as they become final, then one ``JobResult``. Closing the iterator
+        early (or cancelling its consumer) cancels the job's in-flight work."""
+        out: asyncio.Queue[VerifiedChunk] = asyncio.Queue()
+        task = asyncio.create_task(self._run(job, out), name=f"ralm:{job.request_id}")
+        getter: asyncio.Task[VerifiedChunk] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(out.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not out.empty():
+                    yield out.get_nowait()
+                yield task.result()  # re-raises the job's error
+                return
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                metrics.record_failure(job.mode, "aborted")
+                logger.info("request %s aborted: its client went away", job.request_id)
+
+    async def run(self, job: RaLMJob) -> JobResult:
+        """The whole answer at once (no streaming)."""
+        result: JobResult | None = None
+        async for item in self.stream(job):
+            if isinstance(item, JobResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
+        engine = self.engine
+        method = f"ralmspec-{job.speculation.label}" if job.mode == "ralmspec" else job.mode
+        recorder = TraceRecorder(method)
+        ctx = _ObservedContext(
+            job.request_id,
+            job.question_ids,
+            job.config,
+            engine.lm,
+            engine.retriever,
+            engine.layout,
+            engine.doc_tokens,
+            recorder,
+            out=out,
+        )
+        start = time.perf_counter()
+        try:
+            if job.mode == "baseline":
+                await run_baseline(ctx)
+            else:
+                await SpeculativeRequest(ctx, job.speculation, engine.scorer).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.record_failure(job.mode, "error")
+            raise
+        ctx._publish()
+        trace = recorder.freeze(ctx.spans_tuple(), time.perf_counter() - start)
+        tokens = tuple(ctx.generated)
+        metrics.record_request(trace, len(tokens))
+        return JobResult(tokens, ctx.finished, ctx.spans_tuple(), trace)
+
+    async def titles(self, doc_ids: Sequence[int]) -> dict[int, str]:
+        """Document titles for sources (one retriever call)."""
+        unique = list(dict.fromkeys(doc_ids))
+        if not unique:
+            return {}
+        docs = await self.retriever.documents(unique)
+        return {doc.doc_id: doc.title for doc in docs}
+
+
+def _check_range(param: str, value: int, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise JobError(f"{param.split('.')[-1]} must be in [1, {upper}], got {value!r}", param)

@@ -1,0 +1,139 @@
+"""``RaLMService`` without vLLM: verified-token streaming, limits, cancellation (fast).
+
+Runs the real core over the core tests' deterministic fakes (``core.fakes``). The streaming
+contract checked here: chunks are contiguous, never retracted (a rollback below the streamed
+frontier fails the job), and concatenate to exactly the baseline's tokens, whatever the
+speculation does (forced misses at the first, a middle and every step; P, S, A on and off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from core.fakes import FakeLM, FakeTokenizer, ScriptedRetriever
+from core.world import LONG_QUESTION, SHORT_QUESTION, forced
+
+from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.service import (
+    JobError,
+    JobResult,
+    RaLMService,
+    RequestOptions,
+    ServiceConfig,
+    VerifiedChunk,
+)
+
+SCRIPTS = {
+    "natural": None,
+    "miss-step-1": forced({1}),
+    "miss-step-3": forced({3}),
+    "miss-every-step": forced(lambda s: s >= 1),
+}
+PRESETS = ["B", "P", "S", "A", "PSA"]
+
+
+def make_service(
+    script: object = None, lm: FakeLM | None = None, **config: object
+) -> tuple[RaLMService, ScriptedRetriever, FakeLM]:
+    retriever = ScriptedRetriever(script)  # type: ignore[arg-type]
+    lm = lm or FakeLM(eos_at_length=37)
+    service_config = ServiceConfig(ralm=RaLMConfig(max_new_tokens=48), **config)  # type: ignore[arg-type]
+    service = RaLMService(lm, FakeTokenizer(), retriever, service_config, max_model_len=1024)
+    return service, retriever, lm
+
+
+async def collect(
+    service: RaLMService, question: str, **options: object
+) -> tuple[list[VerifiedChunk], JobResult]:
+    job = service.plan(service.question_ids(question), None, RequestOptions(**options))  # type: ignore[arg-type]
+    chunks: list[VerifiedChunk] = []
+    result = None
+    async for item in service.stream(job):
+        if isinstance(item, JobResult):
+            result = item
+        else:
+            chunks.append(item)
+    assert result is not None
+    return chunks, result
+
+
+@pytest.mark.parametrize("script_name", sorted(SCRIPTS))
+@pytest.mark.parametrize("question", [SHORT_QUESTION, LONG_QUESTION], ids=["short", "long"])
+async def test_stream_is_verified_prefix_of_baseline(script_name: str, question: str) -> None:
+    service, retriever, _ = make_service(SCRIPTS[script_name])
+    _, baseline = await collect(service, question, mode="baseline")
+    retriever.freeze()
+    for preset in PRESETS:
+        spec = SpeculationConfig.preset(preset)
+        for stride in (1, 3, "auto") if preset != "S" and preset != "PSA" else ("auto",):
+            chunks, result = await collect(
+                service,
+                question,
+                mode="ralmspec",
+                speculation_stride=stride,
+                prefetch_k=spec.prefetch_k,
+                async_verification=spec.async_verification,
+            )
+            label = f"{preset} s={stride}"
+            assert result.token_ids == baseline.token_ids, label
+            position = 0
+            for chunk in chunks:
+                assert chunk.start == position, label
+                assert chunk.token_ids, label
+                position += len(chunk.token_ids)
+            assert sum((c.token_ids for c in chunks), ()) == baseline.token_ids, label
+            assert len(chunks) > 1, label  # streamed progressively, not all at the end
+
+
+async def test_baseline_streams_every_step() -> None:
+    service, _, _ = make_service()
+    chunks, result = await collect(service, SHORT_QUESTION, mode="baseline", retrieval_stride=4)
+    assert [len(c.token_ids) for c in chunks[:-1]] == [4] * (len(chunks) - 1)
+    assert result.trace.mode == "baseline"
+    assert [s.doc_id for s in result.spans] == list(result.trace.step_doc_ids)
+
+
+async def test_plan_limits() -> None:
+    service, _, _ = make_service(max_tokens_limit=100, max_retrieval_stride=8, max_prefetch_k=50)
+    ids = service.question_ids(SHORT_QUESTION)
+    job = service.plan(ids, None, RequestOptions())
+    assert job.mode == "ralmspec" and job.config.max_new_tokens == 48
+    assert job.speculation == SpeculationConfig.preset("PSA")
+    job = service.plan(ids, 7, RequestOptions(mode="baseline", retrieval_stride=2))
+    assert (job.mode, job.config.max_new_tokens, job.config.retrieval_stride) == ("baseline", 7, 2)
+    bad = [
+        (ids, 0, RequestOptions(), "max_tokens"),
+        (ids, 101, RequestOptions(), "max_tokens"),
+        (ids, None, RequestOptions(mode="oracle"), "ralm.mode"),
+        (ids, None, RequestOptions(retrieval_stride=9), "ralm.retrieval_stride"),
+        (ids, None, RequestOptions(speculation_stride=11), "ralm.speculation_stride"),
+        (ids, None, RequestOptions(speculation_stride="fast"), "ralm.speculation_stride"),
+        (ids, None, RequestOptions(prefetch_k=51), "ralm.prefetch_k"),
+        (list(range(1024 - 256)), None, RequestOptions(), "prompt"),
+    ]
+    for question_ids, max_tokens, options, param in bad:
+        with pytest.raises(JobError) as err:
+            service.plan(question_ids, max_tokens, options)
+        assert err.value.param == param, (param, str(err.value))
+    # Without a server cap, the model length bounds max_tokens: prompt + document + answer.
+    service, _, _ = make_service(max_tokens_limit=100_000)
+    room = 1024 - service.prompt_overhead() - len(ids)
+    assert service.plan(ids, room, RequestOptions()).config.max_new_tokens == room
+    with pytest.raises(JobError, match=f"max_tokens must be in \\[1, {room}\\]"):
+        service.plan(ids, room + 1, RequestOptions())
+
+
+async def test_closing_the_stream_cancels_the_job() -> None:
+    service, _, lm = make_service(lm=FakeLM(latency_s=0.05))
+    job = service.plan(service.question_ids(SHORT_QUESTION), None, RequestOptions(mode="baseline"))
+    stream = service.stream(job)
+    first = await anext(stream)  # type: ignore[call-overload]
+    assert isinstance(first, VerifiedChunk)
+    await asyncio.sleep(0.02)  # the next step's LM call (50 ms) is in flight now
+    await stream.aclose()  # what a disconnected client's cancelled response does
+    calls = len(lm.calls)
+    await asyncio.sleep(0.2)
+    assert len(lm.calls) == calls  # nothing ran on after the close
+    assert lm.cancelled  # the in-flight LM call was cancelled
+    assert not lm._inflight
