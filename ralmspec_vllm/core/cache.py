@@ -47,6 +47,7 @@ class SpeculationCache:
         self._ids = np.empty(capacity, dtype=np.int64)
         self._ticks = np.empty(capacity, dtype=np.int64)
         self._vectors: np.ndarray | None = None
+        self._dense: bool | None = None
         self._slot: dict[int, int] = {}
         self._size = 0
         self._clock = 0
@@ -109,6 +110,10 @@ class SpeculationCache:
             vector = vectors.get(doc_id)
             if vector is None:  # evicted earlier in this same insert: vector not at hand
                 return
+        if self._dense is None:
+            self._dense = vector is not None
+        elif self._dense != (vector is not None):
+            raise ValueError("a cache holds documents all with vectors or all without")
         if self._size < self.capacity:
             slot = self._size
             self._size += 1
@@ -120,9 +125,18 @@ class SpeculationCache:
         self._ids[slot] = doc_id
         self._ticks[slot] = self._clock
         if vector is not None:
-            if self._vectors is None:
-                self._vectors = np.zeros((self.capacity, len(vector)), dtype=np.float32)
-            self._vectors[slot] = vector
+            self._vector_rows(slot + 1, len(vector))[slot] = vector
+
+    def _vector_rows(self, rows: int, dim: int) -> np.ndarray:
+        """The vector matrix with at least ``rows`` rows (grown by doubling: a request that
+        caches few documents never pays for ``capacity`` rows)."""
+        vectors = self._vectors
+        if vectors is None or len(vectors) < rows:
+            grown = np.zeros((min(self.capacity, max(rows, 32, 2 * self._size)), dim), np.float32)
+            if vectors is not None:
+                grown[: len(vectors)] = vectors
+            self._vectors = vectors = grown
+        return vectors
 
 
 class CacheScorer(Protocol):

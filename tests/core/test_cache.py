@@ -68,6 +68,20 @@ def test_vectors_follow_their_documents_through_eviction() -> None:
     assert ids(cache) == {3, 4}
 
 
+def test_vector_matrix_grows_with_the_cache() -> None:
+    cache = SpeculationCache(512)
+    vec = {d: np.full(4, float(d), dtype=np.float32) for d in range(100)}
+    for d in range(100):
+        cache.insert([d], vec)
+    vectors = cache.vectors
+    assert vectors is not None and vectors.shape == (100, 4)
+    assert cache._vectors is not None and 100 <= len(cache._vectors) < 512
+    assert np.array_equal(vectors[:, 0], cache.doc_ids.astype(np.float32))
+    with pytest.raises(ValueError, match="vectors"):  # would misalign dense scoring
+        cache.insert([1000])
+    cache.insert([5])  # already cached: only a use, no vector needed
+
+
 def test_capacity_validated() -> None:
     with pytest.raises(ValueError, match="capacity"):
         SpeculationCache(0)
