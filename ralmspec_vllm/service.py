@@ -12,12 +12,10 @@ own task and yields tokens as soon as they can no longer be rolled back; cancell
 consumer (a client that went away) cancels the task, which aborts the request's in-flight LM
 calls and retrieval waits.
 
-Verified-token progress: the core has no callback yet, so ``_ObservedContext`` (a
-``RequestContext``) tracks the *verified frontier*: the start of the oldest speculative step
-not yet verified (or the whole answer when none is pending). A verification's search result
-is compared with the speculated doc ids the same way ``SpeculativeRequest`` does (top-1 by
-doc id, in order), which tells how many pending steps it confirmed; rollbacks only ever cut at
-a pending step's start, so everything before the frontier is final.
+Verified-token progress comes from the core's ``RequestContext.on_final`` callback (tokens
+that can never be rolled back). The job's ``RequestContext`` is built here rather than by
+``RaLMEngine.generate`` because ``retrieval_stride`` and ``max_new_tokens`` are per request,
+while the engine's layout and document cache (query window, document cap) are server-wide.
 """
 
 from __future__ import annotations
@@ -34,13 +32,12 @@ from ralmspec_vllm.core.baseline import run_baseline
 from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
 from ralmspec_vllm.core.cache import QueryEncoder
 from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
-from ralmspec_vllm.core.lm import Generation, LanguageModel, Tokenizer
+from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.request import RequestContext
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.speculative import SpeculativeRequest
-from ralmspec_vllm.core.trace import CallPurpose, RequestTrace, TokenSpan, TraceRecorder
+from ralmspec_vllm.core.trace import RequestTrace, TokenSpan, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
-from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
 
@@ -127,56 +124,6 @@ class JobResult:
     """The model emitted EOS (otherwise ``max_tokens`` ended the answer)."""
     spans: tuple[TokenSpan, ...]
     trace: RequestTrace
-
-
-class _ObservedContext(RequestContext):
-    """A ``RequestContext`` that reports its verified frontier to a queue (see module doc)."""
-
-    def __init__(self, *args: object, out: asyncio.Queue[VerifiedChunk], **kwargs: object):
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._out = out
-        self._emitted = 0
-        self._pending: list[tuple[int, int | None]] = []  # (start, speculated doc id)
-
-    def _publish(self) -> None:
-        frontier = self._pending[0][0] if self._pending else len(self.generated)
-        if frontier > self._emitted:
-            chunk = tuple(self.generated[self._emitted : frontier])
-            self._out.put_nowait(VerifiedChunk(self._emitted, chunk))
-            self._emitted = frontier
-
-    async def generate_step(
-        self, doc_id: int | None, purpose: CallPurpose, lm_request_id: str | None = None
-    ) -> Generation:
-        if purpose == "speculate":
-            self._pending.append((len(self.generated), doc_id))
-        gen = await super().generate_step(doc_id, purpose, lm_request_id)
-        self._publish()
-        return gen
-
-    async def search(self, queries: Sequence[str], k: int, purpose: CallPurpose) -> list[list[Hit]]:
-        hits = await super().search(queries, k, purpose)
-        if purpose == "verify":
-            steps = self._pending[: len(queries)]
-            matched = 0
-            for (_, doc_id), result in zip(steps, hits, strict=False):
-                if (result[0].doc_id if result else None) != doc_id:
-                    break
-                matched += 1
-            if matched < len(steps):
-                # Everything from the mismatching step on will be rolled back and redone: a
-                # barrier at its start holds the frontier until ``truncate`` removes it.
-                self._pending = [(steps[matched][0], None)]
-            else:
-                del self._pending[:matched]
-            self._publish()
-        return hits
-
-    def truncate(self, length: int) -> int:
-        if length < self._emitted:
-            raise AssertionError(f"rollback to {length} below verified {self._emitted} tokens")
-        self._pending = [p for p in self._pending if p[0] < length]
-        return super().truncate(length)
 
 
 class _MeteredBatchingRetriever(BatchingRetriever):
@@ -328,7 +275,7 @@ class RaLMService:
         engine = self.engine
         method = f"ralmspec-{job.speculation.label}" if job.mode == "ralmspec" else job.mode
         recorder = TraceRecorder(method)
-        ctx = _ObservedContext(
+        ctx = RequestContext(
             job.request_id,
             job.question_ids,
             job.config,
@@ -337,7 +284,7 @@ class RaLMService:
             engine.layout,
             engine.doc_tokens,
             recorder,
-            out=out,
+            lambda start, tokens: out.put_nowait(VerifiedChunk(start, tokens)),
         )
         start = time.perf_counter()
         try:
@@ -350,7 +297,8 @@ class RaLMService:
         except Exception:
             metrics.record_failure(job.mode, "error")
             raise
-        ctx._publish()
+        if ctx.final_length != len(ctx.generated):
+            raise RuntimeError(f"{job.request_id}: answer ended with unverified tokens")
         trace = recorder.freeze(ctx.spans_tuple(), time.perf_counter() - start)
         tokens = tuple(ctx.generated)
         metrics.record_request(trace, len(tokens))
