@@ -5,8 +5,9 @@ at each speculative retrieval point the cache ranks its documents for the curren
 the top-1 is the speculated document. Ranking uses the knowledge base's own scoring function,
 through one of two ``CacheScorer``s:
 
-- ``DenseCacheScorer``: the query embedding from an injected encoder, inner product with the
-  cached documents' own index vectors (held in a numpy matrix, one vectorised product).
+- ``DenseCacheScorer``: the query embedding from an injected encoder, the knowledge base's
+  exact inner product with the cached documents' own index vectors (held in a numpy matrix:
+  one float32 product, exact re-scoring of the few rows that could be the best).
 - ``RetrieverCacheScorer``: ``AsyncRetriever.score(query, cached_ids)``, i.e. the knowledge
   base's scores with corpus-wide statistics (what BM25 needs: a BM25 fitted on the cache
   alone would rank differently).
@@ -31,6 +32,7 @@ import numpy as np
 from ralmspec_vllm.core.config import Eviction
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.retrieval.dense import float32_relative_error, inner_product
 
 QueryEncoder = Callable[[Sequence[str]], np.ndarray]
 """Query texts -> float32 embeddings of shape (n, dim); the knowledge base's own encoder."""
@@ -98,6 +100,10 @@ class SpeculationCache:
         top = scores.max()
         return int(ids[scores == top].min())
 
+    def best_exact(self, rows: np.ndarray, scores: np.ndarray) -> int | None:
+        """Top-1 among slot ``rows`` with ``scores`` (score desc, doc id asc)."""
+        return self.best(scores, self._ids[rows]) if len(rows) else None
+
     def _insert_one(self, doc_id: int, vectors: Mapping[int, np.ndarray] | None) -> None:
         self._clock += 1
         slot = self._slot.get(doc_id)
@@ -151,7 +157,13 @@ class CacheScorer(Protocol):
 
 
 class DenseCacheScorer:
-    """Inner product of the encoder's query embedding with the cached documents' vectors."""
+    """The knowledge base's dense score (``retrieval.dense.inner_product``) of the query
+    embedding against the cached documents' own vectors.
+
+    A float32 product ranks all cached documents at BLAS speed; only those within its error
+    bound of the best are re-scored with the exact, reproducible ``inner_product``. The
+    result is exactly the top-1 the knowledge base's score gives (ties: lower doc id), at
+    the cost of one small matrix-vector product."""
 
     needs_vectors = True
 
@@ -177,9 +189,21 @@ class DenseCacheScorer:
         vectors = cache.vectors  # read after the await: consistent with doc ids right now
         if vectors is None:
             raise ValueError("dense cache scoring needs documents inserted with vectors")
-        best = cache.best(vectors @ q)
+        best = cache.best_exact(*exact_candidates(q, vectors))
         recorder.speculation_time_s += time.perf_counter() - start
         return best
+
+
+def exact_candidates(q: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that may hold the exact maximum of ``inner_product(q, vectors)`` and their
+    exact scores. Any float32 dot product is within ``bound`` of the exact one, so the
+    exact best (and any exact tie) lies within ``2 * bound`` of the float32 maximum."""
+    approx = vectors @ q
+    max_norm = float(np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).max()))
+    q_norm = float(np.linalg.norm(q.astype(np.float64)))
+    bound = float32_relative_error(len(q)) * q_norm * max_norm
+    rows = np.flatnonzero(approx >= approx.max() - 2.0 * bound - 1e-30)
+    return rows, inner_product(q[None, :], vectors[rows])[0]
 
 
 class RetrieverCacheScorer:

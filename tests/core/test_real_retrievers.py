@@ -1,0 +1,129 @@
+"""The core over the project's real in-process retrievers (FAISS flat, BM25): identical
+outputs, and cache rankings that agree with the knowledge base bit for bit (ties included).
+
+Also checks the core's import boundary: no vLLM, torch, FAISS or gRPC.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from ralmspec_vllm.core.cache import (
+    DenseCacheScorer,
+    RetrieverCacheScorer,
+    SpeculationCache,
+)
+from ralmspec_vllm.core.config import SpeculationConfig
+from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.core.trace import TraceRecorder
+from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+from ralmspec_vllm.types import Document
+
+from .fakes import FakeLM, FakeTokenizer, crc, doc_text
+from .world import LONG_QUESTION, SHORT_QUESTION, describe, matrix
+
+faiss = pytest.importorskip("faiss")
+flat = pytest.importorskip("ralmspec_vllm.retrieval.flat")
+bm25 = pytest.importorskip("ralmspec_vllm.retrieval.bm25")
+
+DIM = 16
+NUM_DOCS = 60
+
+
+class Store:
+    def __init__(self, docs: list[Document]) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def get(self, doc_ids: Sequence[int]) -> list[Document]:
+        return [self.docs[d] for d in doc_ids]
+
+
+class BagOfWords:
+    """A deterministic text encoder: sum of seeded random word vectors."""
+
+    dim = DIM
+    name = "bag-of-words"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.split():
+                out[i] += np.random.default_rng(crc(word)).standard_normal(DIM, np.float32)
+        return out
+
+
+def corpus() -> list[Document]:
+    """Passages over the fake LM's output words, so generated text matches them unevenly."""
+    words = [
+        " ".join(f"g{(d * 7 + j * j * 13) % 64}" for j in range(d % 5 + 3)) for d in range(NUM_DOCS)
+    ]
+    return [Document(d, f"t{d}", f"{words[d]} {doc_text(d, 4)}") for d in range(NUM_DOCS)]
+
+
+def flat_retriever() -> object:
+    vectors = np.random.default_rng(1).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+    vectors[31] = vectors[30]  # exact ties: the lower doc id must win everywhere
+    vectors[45] = vectors[12]
+    return flat.FlatRetriever(vectors, Store(corpus()), BagOfWords(), impl="faiss", device="cpu")
+
+
+def bm25_retriever() -> object:
+    texts = [doc.contents for doc in corpus()]
+    return bm25.BM25Retriever.from_texts(texts, Store(corpus()))
+
+
+async def test_dense_cache_top1_equals_kb_top1_including_ties() -> None:
+    kb = flat_retriever()
+    scorer = DenseCacheScorer(BagOfWords().encode, in_thread=False)
+    queries = [f"g{i} d{i}w1 g{3 * i}" for i in range(40)]
+    for query, hits in zip(queries, kb.search(queries, NUM_DOCS), strict=True):  # type: ignore[attr-defined]
+        ids = [h.doc_id for h in hits]
+        cache = SpeculationCache(NUM_DOCS)
+        cache.insert(ids[::-1], dict(zip(ids, kb.vectors(ids), strict=True)))  # type: ignore[attr-defined]
+        assert await scorer.top1(cache, query, TraceRecorder("t")) == ids[0]
+
+
+async def test_bm25_cache_uses_corpus_statistics() -> None:
+    kb = bm25_retriever()
+    scorer = RetrieverCacheScorer(InProcessAsyncRetriever(kb))  # type: ignore[arg-type]
+    for i in range(20):
+        query = f"g{i} g{2 * i} g{i + 5} d{i}w1"
+        (hits,) = kb.search([query], 10)  # type: ignore[attr-defined]
+        cache = SpeculationCache(16)
+        cache.insert([h.doc_id for h in hits][::-1])
+        assert await scorer.top1(cache, query, TraceRecorder("t")) == hits[0].doc_id
+
+
+@pytest.mark.parametrize("backend", ["flat", "bm25"])
+@pytest.mark.parametrize("config", list(matrix((1, 3))), ids=describe)
+async def test_identical_outputs_over_real_retrievers(
+    backend: str, config: SpeculationConfig
+) -> None:
+    kb = flat_retriever() if backend == "flat" else bm25_retriever()
+    retriever = InProcessAsyncRetriever(kb)  # type: ignore[arg-type]
+    encoder = BagOfWords().encode if backend == "flat" else None
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=encoder)
+    for question in (SHORT_QUESTION, LONG_QUESTION):
+        baseline = await engine.generate(question, "baseline")
+        assert len(set(baseline.trace.step_doc_ids)) >= 3  # the document really changes
+        result = await engine.generate(question, "ralmspec", speculation=config)
+        assert result.token_ids == baseline.token_ids
+        assert result.trace.step_doc_ids == baseline.trace.step_doc_ids
+        assert result.trace.speculation_hits > 0
+
+
+def test_core_imports_no_heavy_framework() -> None:
+    code = (
+        "import sys, ralmspec_vllm.core.runner, ralmspec_vllm.core.batching\n"
+        "bad = {'vllm', 'torch', 'faiss', 'grpc'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
