@@ -40,6 +40,8 @@ from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
 logger = logging.getLogger(__name__)
 
+_CHUNK_ELEMENTS = 1 << 18
+
 
 class TextEncoder(Protocol):
     """What a dense retriever needs from the query encoder (``encoder.QueryEncoder``)."""
@@ -63,13 +65,19 @@ def inner_product(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
     x = np.asarray(docs, dtype=np.float32)
     if q.ndim != 2 or x.ndim not in (2, 3) or x.shape[-1] != q.shape[1]:
         raise ValueError(f"vectors: incompatible shapes {q.shape} and {x.shape}")
-    q64 = q.astype(np.float64)
-    # (d, n or 1, m): one contiguous slab per dimension for the sequential sum below.
-    per_dim = np.ascontiguousarray(np.moveaxis(x if x.ndim == 3 else x[None], -1, 0), np.float64)
-    acc = np.zeros((q.shape[0], x.shape[-2]), dtype=np.float64)
-    for j in range(q.shape[1]):
-        acc += q64[:, j, None] * per_dim[j]
-    return acc
+    q64 = q.astype(np.float64).T[:, :, None]  # (d, n, 1)
+    n, m, d = q.shape[0], x.shape[-2], q.shape[1]
+    out = np.empty((n, m), dtype=np.float64)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * d))  # temporaries stay cache-sized
+    for start in range(0, m, step):
+        block = x[..., start : start + step, :]
+        # (d, n or 1, docs): dimension j's values for every (query, doc) pair in one slab.
+        per_dim = np.moveaxis(block if block.ndim == 3 else block[None], -1, 0)
+        products = q64 * per_dim.astype(np.float64)  # exact: float32 x float32 fits float64
+        # accumulate along axis 0 is a running sum over j = 0, 1, ..., d-1: a fixed order.
+        np.add.accumulate(products, axis=0, out=products)
+        out[:, start : start + step] = products[-1]
+    return out
 
 
 class DenseIndexRetriever(ABC):
