@@ -105,14 +105,18 @@ class RaLMEngine:
         speculation: SpeculationConfig | None = None,
         oracle_doc_ids: Sequence[int | None] | None = None,
         on_final: FinalCallback | None = None,
+        config: RaLMConfig | None = None,
     ) -> RaLMResult:
         """Answer one question. ``oracle_doc_ids`` (oracle mode only): the document of each
         step, e.g. ``baseline_result.trace.step_doc_ids``. ``on_final(offset, tokens)`` is
-        called whenever answer tokens become final (verified: never rolled back)."""
+        called whenever answer tokens become final (verified: never rolled back).
+        ``config`` overrides the engine's ``retrieval_stride``/``max_new_tokens`` for this
+        request (query window, document cap and separator are engine-wide)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if (mode == "oracle") != (oracle_doc_ids is not None):
             raise ValueError("oracle_doc_ids must be given exactly when mode is 'oracle'")
+        config = self._request_config(config)
         spec = speculation or self.speculation
         method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
         request_id = request_id or f"ralm-{next(self._ids)}"
@@ -122,7 +126,7 @@ class RaLMEngine:
         ctx = RequestContext(
             request_id,
             self.layout.question_ids(question),
-            self.config,
+            config,
             self.lm,
             self.retriever,
             self.layout,
@@ -152,6 +156,14 @@ class RaLMEngine:
             finished=ctx.finished,
             trace=recorder.freeze(ctx.spans_tuple(), wall),
         )
+
+    def _request_config(self, config: RaLMConfig | None) -> RaLMConfig:
+        if config is None:
+            return self.config
+        for name in ("query_window", "max_doc_tokens", "separator"):
+            if getattr(config, name) != getattr(self.config, name):
+                raise ValueError(f"{name} is engine-wide: build another RaLMEngine to change it")
+        return config
 
     async def generate_many(
         self,

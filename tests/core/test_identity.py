@@ -112,3 +112,30 @@ async def test_dense_cache_scoring_matches(config: SpeculationConfig) -> None:
     trace = result.trace
     assert trace.num_calls("score") == 0 and trace.num_calls("vectors") >= 1
     assert trace.speculation_hits > 0  # the dense cache path really speculates right
+
+
+@pytest.mark.parametrize(
+    ("forced_steps", "positions"),
+    [
+        ({1}, [0]),  # first step of the first round
+        ({2}, [1]),  # middle step
+        ({3}, [2]),  # last step
+        ({1, 2, 3, 4, 5, 6, 7}, [0] * 7),  # every step: each round fails at its first step
+    ],
+)
+async def test_forced_mismatch_lands_where_scripted(
+    forced_steps: set[int], positions: list[int]
+) -> None:
+    retriever = ScriptedRetriever(forced(forced_steps))
+    engine, _ = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride=3)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    got = [v.mismatch_step for v in trace.verifications if v.mismatch_step is not None]
+    assert got == positions
+    assert trace.rollbacks == len(positions)
+    # a mismatch at round position m throws away the steps from m to the round's end
+    first = trace.verifications[0]
+    assert trace.tokens_discarded >= 4 * (first.num_steps - positions[0])

@@ -103,3 +103,14 @@ async def test_mode_validation() -> None:
         await engine.generate("q", "oracle")
     with pytest.raises(ValueError, match="oracle needs a document"):
         await engine.generate("q", "oracle", oracle_doc_ids=[0])
+
+
+async def test_per_request_config() -> None:
+    engine, _ = make_engine(ScriptedRetriever())
+    result = await engine.generate(
+        SHORT_QUESTION, "ralmspec", config=RaLMConfig(retrieval_stride=3, max_new_tokens=10)
+    )
+    assert len(result.token_ids) == 10
+    assert [s.end - s.start for s in result.trace.spans] == [3, 3, 3, 1]
+    with pytest.raises(ValueError, match="query_window"):
+        await engine.generate(SHORT_QUESTION, config=RaLMConfig(query_window=5))
