@@ -1,0 +1,224 @@
+"""The retriever client's failure handling, and the server's runners (thread, CLI process).
+
+Fault injection only: a port with nothing listening, a retriever wrapper that sleeps past
+the client's deadline, a server started late. The retriever behind the servers is the real
+BM25 backend over a few real sentences (no model to load), or a real knowledge base for the
+CLI. Elapsed-time assertions are loose bounds that catch hangs, not performance claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from ralmspec_vllm.retrieval.bm25 import BM25Retriever
+from ralmspec_vllm.retrieval.client import RetrieverClient
+from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverUnavailable
+from ralmspec_vllm.retrieval.server import RunningServer, ServerProcess, ServerThread, start_server
+from ralmspec_vllm.types import Document, Hit, RetrieverInfo
+
+TEXTS = [
+    "Achilles was the son of the nymph Thetis and Peleus, king of Phthia.",
+    "Albedo is the fraction of sunlight that is diffusely reflected by a body.",
+    "Montgomery is the capital city of the U.S. state of Alabama.",
+    "Anarchism is a political philosophy that advocates self-governed societies.",
+    "Fresh snow has a high albedo and reflects most sunlight.",
+]
+
+
+def free_port() -> int:
+    """A port the OS just handed out and that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def bm25() -> BM25Retriever:
+    return BM25Retriever.from_texts(TEXTS)
+
+
+class SlowRetriever:
+    """A real retriever whose searches take ``delay_s`` longer (deadline fault injection)."""
+
+    def __init__(self, inner: BM25Retriever, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.searches = 0
+
+    @property
+    def info(self) -> RetrieverInfo:
+        return self.inner.info
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        self.searches += 1
+        time.sleep(self.delay_s)
+        return self.inner.search(queries, k)
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        return self.inner.score(query, doc_ids)
+
+    def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        return self.inner.documents(doc_ids)
+
+
+@pytest.fixture(scope="module")
+async def server(bm25: BM25Retriever) -> AsyncIterator[RunningServer]:
+    running = await start_server(bm25, "127.0.0.1", 0)
+    yield running
+    await running.stop(grace=0)
+
+
+async def test_dead_port_raises_unavailable_after_bounded_retries() -> None:
+    target = f"127.0.0.1:{free_port()}"
+    client = RetrieverClient(target, timeout_s=0.5, max_retries=3, backoff_s=0.02)
+    start = time.monotonic()
+    with pytest.raises(RetrieverUnavailable) as err:
+        await client.search(["albedo"], 2)
+    elapsed = time.monotonic() - start
+    await client.close()
+    assert err.value.target == target and target in str(err.value)
+    assert err.value.attempts == 4
+    assert err.value.last_status == "UNAVAILABLE"
+    # Budget: 4 attempts x 0.5 s deadline + 0.02 + 0.04 + 0.08 s of backoff (+ slack).
+    assert elapsed < 4 * 0.5 + 0.14 + 5.0
+
+
+async def test_zero_retries_means_one_attempt() -> None:
+    async with RetrieverClient(f"127.0.0.1:{free_port()}", max_retries=0) as client:
+        with pytest.raises(RetrieverUnavailable) as err:
+            await client.info()
+    assert err.value.attempts == 1
+
+
+async def test_slow_server_hits_deadline_then_unavailable(bm25: BM25Retriever) -> None:
+    slow = SlowRetriever(bm25, delay_s=0.6)
+    running = await start_server(slow, "127.0.0.1", 0)
+    try:
+        async with RetrieverClient(running.target, timeout_s=0.1, max_retries=2) as client:
+            with pytest.raises(RetrieverUnavailable) as err:
+                await client.search(["albedo"], 2)
+            assert err.value.attempts == 3
+            assert err.value.last_status == "DEADLINE_EXCEEDED"
+            # A call with a longer per-call deadline gets its answer from the same server.
+            got = await client.search(["snow albedo"], 2, timeout_s=30)
+            assert got == bm25.search(["snow albedo"], 2)
+            # Non-search RPCs are not slowed down by the wrapper and meet the short deadline.
+            assert await client.score("albedo", [1, 4]) == bm25.score("albedo", [1, 4])
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_invalid_argument_is_not_retried(server: RunningServer) -> None:
+    # With a 10 s backoff, a single retry would blow the 5 s guard below.
+    async with RetrieverClient(server.target, max_retries=3, backoff_s=10.0) as client:
+        async with asyncio.timeout(5):
+            with pytest.raises(RetrieverRequestError, match="top_k"):
+                await client.search(["albedo"], 0)
+            with pytest.raises(RetrieverRequestError, match=r"text\.texts\[0\]: query is empty"):
+                await client.search([""], 1)
+
+
+async def test_retries_reach_a_server_that_starts_late(bm25: BM25Retriever) -> None:
+    port = free_port()
+    client = RetrieverClient(f"127.0.0.1:{port}", timeout_s=1.0, max_retries=8, backoff_s=0.1)
+
+    async def start_later() -> RunningServer:
+        await asyncio.sleep(0.3)
+        return await start_server(bm25, "127.0.0.1", port)
+
+    starter = asyncio.create_task(start_later())
+    try:
+        got = await client.search(["capital of Alabama"], 1)
+        assert got == bm25.search(["capital of Alabama"], 1)
+    finally:
+        await client.close()
+        await (await starter).stop(grace=0)
+
+
+async def test_wait_ready(server: RunningServer) -> None:
+    async with RetrieverClient(server.target) as client:
+        await client.wait_ready(10)
+    async with RetrieverClient(f"127.0.0.1:{free_port()}") as client:
+        with pytest.raises(RetrieverUnavailable, match=r"Health\.Check"):
+            await client.wait_ready(0.5)
+
+
+async def test_client_maps_messages_to_project_types(
+    server: RunningServer, bm25: BM25Retriever
+) -> None:
+    async with RetrieverClient(server.target) as client:
+        hits = await client.search(["snow reflects sunlight", "Thetis"], 3)
+        assert hits == bm25.search(["snow reflects sunlight", "Thetis"], 3)
+        assert all(type(h) is Hit for row in hits for h in row)
+        info = await client.info()
+        assert type(info) is RetrieverInfo and info.backend == "bm25"
+        assert info.num_docs == len(TEXTS) and info.bm25 == bm25.info.bm25
+        assert await client.vectors([0]) is None
+        assert await client.search([], 3) == [] and await client.score("x", []) == []
+
+
+def test_client_config_validation() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        RetrieverClient("127.0.0.1:1", timeout_s=0)
+    with pytest.raises(ValueError, match="max_retries"):
+        RetrieverClient("127.0.0.1:1", max_retries=-1)
+
+
+def test_server_thread_serves_synchronous_callers(bm25: BM25Retriever) -> None:
+    with ServerThread(bm25) as thread:
+
+        async def ask() -> list[list[Hit]]:
+            async with RetrieverClient(thread.target) as client:
+                return await client.search(["Montgomery"], 1)
+
+        assert asyncio.run(ask()) == bm25.search(["Montgomery"], 1)
+
+
+@pytest.fixture(scope="module")
+def small_kb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ralmspec_vllm.retrieval.kb import build_index
+
+    tmp = tmp_path_factory.mktemp("cli-kb")
+    corpus = tmp / "docs.jsonl"
+    corpus.write_text(
+        "".join(
+            f'{{"id": "d{i}", "title": "Doc {i}", "text": "{text}"}}\n'
+            for i, text in enumerate(TEXTS)
+        )
+    )
+    return build_index(tmp / "kb", sources=(), corpus=corpus, show_progress=False).path
+
+
+async def test_cli_serve_starts_answers_and_stops_gracefully(small_kb: Path) -> None:
+    args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
+    with ServerProcess.spawn(args, timeout_s=180) as proc:
+        assert proc.host == "127.0.0.1" and proc.port > 0
+        async with RetrieverClient(proc.target, timeout_s=30) as client:
+            await client.wait_ready(30)
+            info = await client.info()
+            assert info.backend == "bm25" and info.num_docs == len(TEXTS)
+            hits = await client.search(["capital of Alabama"], 1)
+            docs = await client.documents([hits[0][0].doc_id])
+            assert "Montgomery" in docs[0].text
+        assert proc.stop() == 0
+
+
+def test_cli_help_lists_service_flags() -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for flag in ("--index", "--backend", "--host", "--port", "--batch-window-ms", "--max-batch"):
+        assert flag in out

@@ -1,0 +1,421 @@
+"""The retriever service over real gRPC on 127.0.0.1 (OS-chosen ports), every backend.
+
+World: a knowledge base built by ``index build``'s code from 240 real Wikipedia passages
+(every 5th of the first 1200 in gensim's test dump, given as a user JSONL corpus), opened
+through the factory as FAISS flat, HNSW, IVF (all-MiniLM-L6-v2 vectors) and BM25. Every
+answer over gRPC must equal the in-process retriever's answer exactly (ids, float64 scores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.client import RetrieverClient
+from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverServerError
+from ralmspec_vllm.retrieval.proto_gen import retriever_pb2 as pb
+from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
+from ralmspec_vllm.retrieval.server import RunningServer, start_server
+from ralmspec_vllm.retrieval.service import SERVICE_NAME, ServiceConfig
+from ralmspec_vllm.types import Document, Hit, RetrieverInfo
+
+BACKENDS = ("flat", "hnsw", "ivf", "bm25")
+DENSE = ("flat", "hnsw", "ivf")
+NUM_DOCS = 240
+QUERIES = [
+    "who was the mother of Achilles",
+    "how much sunlight does snow reflect",
+    "capital city of Alabama",
+    "early signs of autism in children",
+    "anarchism and the state",
+]
+TOPICS = ["Achilles", "Albedo", "Alabama", "Autism", "Anarchism"]  # each query's article
+K = 5
+
+
+# -- world --------------------------------------------------------------------------------
+
+
+def write_wiki_corpus(path: Path, num_docs: int = NUM_DOCS) -> Path:
+    """Every 5th of the first real Wikipedia passages as a JSONL corpus (id, title, text)."""
+    from ralmspec_vllm.retrieval.corpus import wiki_passages
+
+    with path.open("w") as f:
+        for p in itertools.islice(wiki_passages(), 0, 5 * num_docs, 5):
+            f.write(json.dumps({"id": p.ext_id, "title": p.title, "text": p.text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ralmspec_vllm.retrieval.kb import build_index
+
+    tmp = tmp_path_factory.mktemp("grpc-kb")
+    corpus = write_wiki_corpus(tmp / "wiki240.jsonl")
+    kb = build_index(tmp / "kb", sources=(), corpus=corpus, show_progress=False)
+    assert len(kb) == NUM_DOCS
+    return kb.path
+
+
+@pytest.fixture(scope="module")
+def retrievers(kb_dir: Path) -> dict[str, Retriever]:
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase
+
+    kb = KnowledgeBase.open(kb_dir)
+    small = RetrieverConfig(hnsw_m=16, ef_search=64, nlist=8, nprobe=2, progress=False)
+    return {b: open_retriever(kb, dataclasses.replace(small, backend=b)) for b in BACKENDS}
+
+
+class CountingRetriever:
+    """A real retriever that records the size of every index search it is asked for."""
+
+    def __init__(self, inner: DenseRetriever) -> None:
+        self.inner = inner
+        self.text_batches: list[int] = []
+        self.vector_batches: list[int] = []
+
+    @property
+    def info(self) -> RetrieverInfo:
+        return self.inner.info
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        self.text_batches.append(len(queries))
+        return self.inner.search(queries, k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        self.vector_batches.append(len(vectors))
+        return self.inner.search_vectors(vectors, k)
+
+    def encode(self, queries: Sequence[str]) -> np.ndarray:
+        return self.inner.encode(queries)
+
+    def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
+        return self.inner.score(query, doc_ids)
+
+    def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+        return self.inner.documents(doc_ids)
+
+    def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
+        return self.inner.vectors(doc_ids)
+
+
+@pytest.fixture(scope="module")
+async def served(retrievers: dict[str, Retriever]) -> AsyncIterator[dict[str, RunningServer]]:
+    running = {name: await start_server(r, "127.0.0.1", 0) for name, r in retrievers.items()}
+    yield running
+    for server in running.values():
+        await server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+async def clients(served: dict[str, RunningServer]) -> AsyncIterator[dict[str, RetrieverClient]]:
+    clients = {name: RetrieverClient(s.target, timeout_s=30) for name, s in served.items()}
+    yield clients
+    for client in clients.values():
+        await client.close()
+
+
+# -- equality with the in-process retriever -----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_grpc_answers_equal_in_process(
+    backend: str, retrievers: dict[str, Retriever], clients: dict[str, RetrieverClient]
+) -> None:
+    local, remote = retrievers[backend], clients[backend]
+    expected = local.search(QUERIES, K)
+    got = await remote.search(QUERIES, K)
+    assert got == expected
+    assert all(len(hits) == K for hits in got)
+    top_docs = await remote.documents([hits[0].doc_id for hits in got])
+    if backend in ("flat", "bm25"):  # exact backends find each query's article
+        assert [d.title for d in top_docs] == TOPICS
+    ids = [h.doc_id for h in expected[0]] + [0, 17, NUM_DOCS - 1]
+    assert await remote.score(QUERIES[0], ids) == local.score(QUERIES[0], ids)
+    # The search's reported scores are the knowledge base's scores (speculation cache rule).
+    assert (await remote.score(QUERIES[0], ids))[:K] == [h.score for h in expected[0]]
+    assert await remote.documents([3, 1, 4]) == local.documents([3, 1, 4])
+    info = await remote.info()
+    service_extra = {k: v for k, v in info.extra.items() if k.startswith("service.")}
+    assert info == dataclasses.replace(local.info, extra=info.extra)
+    assert {k: v for k, v in info.extra.items() if k not in service_extra} == local.info.extra
+    assert service_extra["service.max_k"] == str(ServiceConfig().max_k)
+    vectors = await remote.vectors([5, 2])
+    if isinstance(local, DenseRetriever):
+        assert vectors is not None
+        np.testing.assert_array_equal(vectors, local.vectors([5, 2]))
+    else:
+        assert vectors is None
+        assert info.bm25 is not None and info.bm25 == local.info.bm25
+
+
+@pytest.mark.parametrize("backend", DENSE)
+async def test_search_by_embedding_equals_search_by_text(
+    backend: str, retrievers: dict[str, Retriever], clients: dict[str, RetrieverClient]
+) -> None:
+    local = retrievers[backend]
+    assert isinstance(local, DenseRetriever)
+    embeddings = local.encode(QUERIES)
+    by_text = await clients[backend].search(QUERIES, K)
+    assert await clients[backend].search_vectors(embeddings, K) == by_text
+    assert by_text == local.search_vectors(embeddings, K)
+    ids = [h.doc_id for h in by_text[1]]
+    by_vec = await clients[backend].score(embeddings[1], ids)
+    assert by_vec == [h.score for h in by_text[1]]
+
+
+async def test_search_returns_hit_vectors(
+    retrievers: dict[str, Retriever], clients: dict[str, RetrieverClient]
+) -> None:
+    local = retrievers["flat"]
+    assert isinstance(local, DenseRetriever)
+    results = await clients["flat"].search_with_vectors(QUERIES[:2], K)
+    assert [r.hits for r in results] == local.search(QUERIES[:2], K)
+    for r in results:
+        np.testing.assert_array_equal(r.vectors, local.vectors([h.doc_id for h in r.hits]))
+    by_vec = await clients["flat"].search_with_vectors(local.encode(QUERIES[:2]), K)
+    assert [r.hits for r in by_vec] == [r.hits for r in results]
+
+
+# -- cross-request batching ---------------------------------------------------------------
+
+
+async def test_concurrent_searches_are_merged(retrievers: dict[str, Retriever]) -> None:
+    flat = retrievers["flat"]
+    assert isinstance(flat, DenseRetriever)
+    counting = CountingRetriever(flat)
+    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
+    server = await start_server(counting, "127.0.0.1", 0, config)
+    queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(20)]
+    ks = [1 + i % 7 for i in range(20)]  # different k per call: each gets its own slice
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            got = await asyncio.gather(
+                *(client.search([q], k) for q, k in zip(queries, ks, strict=False))
+            )
+            stats = await client.stats()
+    finally:
+        await server.stop(grace=0)
+    assert [g[0] for g in got] == [
+        flat.search([q], k)[0] for q, k in zip(queries, ks, strict=False)
+    ]
+    assert sum(counting.text_batches) == 20
+    assert len(counting.text_batches) < 20, counting.text_batches
+    assert stats.search_calls == 20
+    assert stats.index_searches == len(counting.text_batches)
+    assert stats.max_merged_calls == max(counting.text_batches) > 1
+
+
+async def test_text_and_embedding_queries_batch_separately_within_max_batch(
+    retrievers: dict[str, Retriever],
+) -> None:
+    flat = retrievers["flat"]
+    assert isinstance(flat, DenseRetriever)
+    counting = CountingRetriever(flat)
+    server = await start_server(
+        counting, "127.0.0.1", 0, ServiceConfig(batch_window_ms=50.0, max_batch=4)
+    )
+    queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(12)]
+    embeddings = flat.encode(queries)
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            calls = [client.search([q], K) for q in queries]
+            calls += [client.search_vectors(e, K) for e in embeddings]
+            got = await asyncio.gather(*calls)
+    finally:
+        await server.stop(grace=0)
+    assert got[:12] == got[12:] == [flat.search([q], K) for q in queries]
+    assert sum(counting.text_batches) == sum(counting.vector_batches) == 12
+    assert max(counting.text_batches + counting.vector_batches) <= 4
+    assert len(counting.text_batches) >= 3 and len(counting.vector_batches) >= 3
+
+
+async def test_lone_request_with_zero_window(retrievers: dict[str, Retriever]) -> None:
+    server = await start_server(retrievers["bm25"], "127.0.0.1", 0, ServiceConfig(0.0))
+    try:
+        async with RetrieverClient(server.target) as client:
+            assert await client.search(QUERIES[:1], K) == retrievers["bm25"].search(QUERIES[:1], K)
+    finally:
+        await server.stop(grace=0)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+_EMB_OK = pb.Embeddings(dim=384, float32_le=np.zeros((1, 384), np.float32).tobytes())
+_TEXT = pb.TextQueries(texts=["a fox"])
+MALFORMED: list[tuple[str, str, str, object, str]] = [
+    # (id, backend, method, request, field named in the error)
+    ("missing-query", "flat", "Search", pb.SearchRequest(top_k=3), "queries"),
+    ("no-texts", "flat", "Search", pb.SearchRequest(text=pb.TextQueries(), top_k=3), "text.texts"),
+    (
+        "empty-text",
+        "bm25",
+        "Search",
+        pb.SearchRequest(text=pb.TextQueries(texts=["ok", " "]), top_k=3),
+        "text.texts[1]",
+    ),
+    ("k-zero", "flat", "Search", pb.SearchRequest(text=_TEXT, top_k=0), "top_k"),
+    ("k-negative", "bm25", "Search", pb.SearchRequest(text=_TEXT, top_k=-2), "top_k"),
+    ("k-over-limit", "flat", "Search", pb.SearchRequest(text=_TEXT, top_k=1001), "top_k"),
+    (
+        "too-many-queries",
+        "bm25",
+        "Search",
+        pb.SearchRequest(text=pb.TextQueries(texts=["q"] * 1025), top_k=1),
+        "text.texts",
+    ),
+    (
+        "wrong-dim",
+        "hnsw",
+        "Search",
+        pb.SearchRequest(embeddings=pb.Embeddings(dim=3, values=[1, 2, 3]), top_k=3),
+        "embeddings.dim",
+    ),
+    (
+        "ragged-bytes",
+        "flat",
+        "Search",
+        pb.SearchRequest(embeddings=pb.Embeddings(dim=384, float32_le=b"\0" * 10), top_k=3),
+        "embeddings.float32_le",
+    ),
+    (
+        "nan",
+        "ivf",
+        "Search",
+        pb.SearchRequest(embeddings=pb.Embeddings(dim=384, values=[np.nan] * 384), top_k=3),
+        "embeddings",
+    ),
+    (
+        "embedding-on-sparse",
+        "bm25",
+        "Search",
+        pb.SearchRequest(embeddings=_EMB_OK, top_k=3),
+        "embeddings",
+    ),
+    (
+        "vectors-on-sparse",
+        "bm25",
+        "Search",
+        pb.SearchRequest(text=_TEXT, top_k=3, return_vectors=True),
+        "return_vectors",
+    ),
+    ("score-no-query", "flat", "Score", pb.ScoreRequest(doc_ids=[1]), "query"),
+    ("score-empty-text", "bm25", "Score", pb.ScoreRequest(text="", doc_ids=[1]), "text"),
+    (
+        "score-unknown-id",
+        "flat",
+        "Score",
+        pb.ScoreRequest(text="x", doc_ids=[1, NUM_DOCS]),
+        "doc_ids",
+    ),
+    ("score-negative-id", "bm25", "Score", pb.ScoreRequest(text="x", doc_ids=[-1]), "doc_ids"),
+    (
+        "score-two-embeddings",
+        "flat",
+        "Score",
+        pb.ScoreRequest(embedding=pb.Embeddings(dim=384, values=[0.0] * 768), doc_ids=[1]),
+        "embedding",
+    ),
+    ("docs-unknown-id", "bm25", "GetDocuments", pb.GetDocumentsRequest(doc_ids=[999]), "doc_ids"),
+    (
+        "docs-too-many",
+        "flat",
+        "GetDocuments",
+        pb.GetDocumentsRequest(doc_ids=[0] * 10_001),
+        "doc_ids",
+    ),
+    (
+        "vectors-unknown-id",
+        "ivf",
+        "GetVectors",
+        pb.GetVectorsRequest(doc_ids=[NUM_DOCS]),
+        "doc_ids",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "method", "request_msg", "field"),
+    [m[1:] for m in MALFORMED],
+    ids=[m[0] for m in MALFORMED],
+)
+async def test_malformed_request_is_invalid_argument_and_server_keeps_serving(
+    backend: str,
+    method: str,
+    request_msg: object,
+    field: str,
+    served: dict[str, RunningServer],
+    retrievers: dict[str, Retriever],
+) -> None:
+    async with grpc.aio.insecure_channel(served[backend].target) as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await getattr(stub, method)(request_msg, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(f"{field}: "), err.value.details()
+        reply = await stub.Search(pb.SearchRequest(text=_TEXT, top_k=2), timeout=30)
+    assert [h.doc_id for h in retrievers[backend].search(["a fox"], 2)[0]] == list(
+        reply.results[0].doc_ids
+    )
+
+
+async def test_client_maps_invalid_argument_to_value_error(
+    clients: dict[str, RetrieverClient],
+) -> None:
+    with pytest.raises(RetrieverRequestError, match="top_k") as err:
+        await clients["flat"].search(["fox"], 0)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match=r"doc_ids: unknown doc id"):
+        await clients["bm25"].documents([10_000])
+    assert len(await clients["flat"].search(["fox"], 1)) == 1
+
+
+class _BrokenRetriever(CountingRetriever):
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        raise RuntimeError("index file vanished")
+
+
+async def test_backend_failure_is_internal_and_server_keeps_serving(
+    retrievers: dict[str, Retriever],
+) -> None:
+    flat = retrievers["flat"]
+    assert isinstance(flat, DenseRetriever)
+    server = await start_server(_BrokenRetriever(flat), "127.0.0.1", 0)
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            with pytest.raises(RetrieverServerError, match=r"INTERNAL.*index file vanished"):
+                await client.search(["fox"], 3)
+            assert await client.score("fox", [1]) == flat.score("fox", [1])
+    finally:
+        await server.stop(grace=0)
+
+
+# -- health and info ----------------------------------------------------------------------
+
+
+async def test_health_check_serving(served: dict[str, RunningServer]) -> None:
+    async with grpc.aio.insecure_channel(served["bm25"].target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with RetrieverClient(served["bm25"].target) as client:
+        await client.wait_ready(10)
+
+
+def test_service_config_validation() -> None:
+    with pytest.raises(ValueError, match="batch_window_ms"):
+        ServiceConfig(batch_window_ms=-1)
+    with pytest.raises(ValueError, match="max_k"):
+        ServiceConfig(max_k=0)
