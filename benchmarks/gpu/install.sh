@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the GPU machine, once every piece sits in $STASH (staged one call each): reassemble,
+# install vLLM and the wheels into $SITE with --no-deps, unpack the cache. ~20 s.
+# Prints the environment to export afterwards (also written to $HOME/ralmspec.env).
+set -euo pipefail
+STASH=${STASH:-$HOME/stash}; SITE=${SITE:-$HOME/site}; CACHE=${CACHE:-$HOME/rcache}
+W=$(mktemp -d)
+cat "$STASH"/vllm_bundle.tar.part* > "$W/vllm_bundle.tar"
+cat "$STASH"/data.tar.part* > "$W/data.tar"
+tar -xf "$W/vllm_bundle.tar" -C "$W" && mkdir -p "$SITE" "$CACHE"
+tar -xJf "$W/vllm026_trim.tar.xz" -C "$SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+  "$W"/wheels/*.whl
+mkdir "$W/data" && tar -xf "$W/data.tar" -C "$W/data"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" "$W"/data/wheels/*.whl
+cp -r "$W/data/cache/." "$CACHE/"
+rm -rf "$W"
+cat > "$HOME/ralmspec.env" <<ENV
+export PYTHONPATH=$SITE:$(pwd) RALMSPEC_CACHE=$CACHE
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+ENV
+cat "$HOME/ralmspec.env"
