@@ -97,22 +97,32 @@ def bench_flat(
         vectors[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     picks = rng.choice(num_docs, size=num_queries, replace=False)
     queries = vectors[picks] + 0.05 * rng.standard_normal((num_queries, dim), dtype=np.float32)
-    rows = []
-    impls: list[tuple[str, dict[str, Any]]] = [("faiss", {"impl": "faiss", "device": "cpu"})]
-    impls.append((f"torch-{device}-fp32", {"impl": "torch", "device": device}))
-    if device != "cpu":
-        impls.append(
-            (f"torch-{device}-fp16", {"impl": "torch", "device": device, "dtype": "float16"})
-        )
-    for name, params in impls:
+    rows: list[dict[str, Any]] = []
+    variants: list[tuple[str, dict[str, Any]]] = []
+    if "faiss" in impls:
+        variants.append(("faiss-cpu", {"impl": "faiss", "device": "cpu"}))
+    if "torch" in impls:
+        variants.append((f"torch-{device}-fp32", {"impl": "torch", "device": device}))
+    if "torch" in impls and device != "cpu":
+        fp16 = {"impl": "torch", "device": device, "dtype": "float16"}
+        variants.append((f"torch-{device}-fp16", fp16))
+    reference: list[Any] | None = None
+    for name, params in variants:
         retriever = FlatRetriever(vectors, **params)
-        retriever.search_vectors(queries[:2], k)  # warm-up
+        hits = retriever.search_vectors(queries, k)  # warm-up, and the equality check
+        reference = hits if reference is None else reference
         for batch in (1, 16):
             groups = [queries[i : i + batch] for i in range(0, min(len(queries), 8 * batch), batch)]
             seconds = _time(functools.partial(retriever.search_vectors, k=k), groups)
-            rows.append({"backend": f"flat-{name}", "batch": batch, **_percentiles(seconds, batch)})
+            row = {
+                "backend": f"flat-{name}",
+                "batch": batch,
+                "same_hits_as_first": hits == reference,
+            }
+            rows.append({**row, **_percentiles(seconds, batch)})
         raw = _raw_candidates_time(retriever, queries[:8], k)
         rows.append({"backend": f"flat-{name}-index-only", "batch": 1, **_percentiles(raw)})
+        del retriever
     return rows
 
 
@@ -120,6 +130,12 @@ def _raw_candidates_time(retriever: FlatRetriever, queries: np.ndarray, k: int) 
     """The index search alone (no exact re-scoring), to show the re-scoring overhead."""
     count = k + retriever.candidate_margin
     return _time(lambda q: retriever._candidates(q[None], count), list(queries))
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_bm25(args.num_docs, args.queries, args.k)
     if "flat" in args.backends:
         rows += bench_flat(args.num_docs, args.queries, args.k, args.device, args.flat_impls)
-    print(f"{'backend':<28}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ms/query':>14}")
+    print(f"{'backend':<32}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ms/query':>14}  same")
     for r in rows:
         print(
-            f"{r['backend']:<28}{r['batch']:>6}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{r['p50_ms_per_query']:>14.2f}"
+            f"{r['backend']:<32}{r['batch']:>6}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['p50_ms_per_query']:>14.2f}  {r.get('same_hits_as_first', '')}"
         )
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.processor()}",
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_docs": args.num_docs,
         "k": args.k,
         "queries": args.queries,
+        "gpu": _gpu_name() if args.device != "cpu" else "",
         "note": "p50/p99 per search call (one batch); flat uses random unit vectors",
     }
     if args.out:

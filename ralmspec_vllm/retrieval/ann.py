@@ -76,11 +76,11 @@ class _FaissANNRetriever(DenseIndexRetriever):
         raise NotImplementedError
 
     def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        self._set_search_params(count)
-        scores, ids = self._index.search(queries, count)
+        # Per-call parameters, not index attributes: concurrent searches must not race.
+        scores, ids = self._index.search(queries, count, params=self._search_params(count))
         return ids.astype(np.int64, copy=False), scores
 
-    def _set_search_params(self, count: int) -> None:
+    def _search_params(self, count: int) -> Any:
         raise NotImplementedError
 
     def _add_all(self, index: Any, desc: str, progress: bool) -> None:
@@ -146,9 +146,11 @@ class HNSWRetriever(_FaissANNRetriever):
         self._add_all(index, f"hnsw M={self.m} efC={self.ef_construction}", progress)
         return index
 
-    def _set_search_params(self, count: int) -> None:
+    def _search_params(self, count: int) -> Any:
+        import faiss
+
         # efSearch below the number of wanted results would silently shrink the result list.
-        self._index.hnsw.efSearch = max(self.ef_search, count)
+        return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, count))  # type: ignore[attr-defined]
 
     def _extra_info(self) -> dict[str, str]:
         return {**super()._extra_info(), "ef_search": str(self.ef_search)}
@@ -214,8 +216,10 @@ class IVFFlatRetriever(_FaissANNRetriever):
         self._add_all(index, f"ivf nlist={self.nlist}", progress)
         return index
 
-    def _set_search_params(self, count: int) -> None:
-        self._index.nprobe = min(self.nprobe, self.nlist)
+    def _search_params(self, count: int) -> Any:
+        import faiss
+
+        return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.nlist))  # type: ignore[call-arg]
 
     def _extra_info(self) -> dict[str, str]:
         return {**super()._extra_info(), "nprobe": str(self.nprobe)}

@@ -135,3 +135,17 @@ def test_parameter_validation(corpus: SyntheticCorpus) -> None:
     with pytest.raises(ValueError, match=r"^nprobe:"):
         IVFFlatRetriever(corpus.vectors, nprobe=0)
     assert default_nlist(1_000_000) == 4000 and default_nlist(3) == 3
+
+
+def test_concurrent_searches_with_different_k_do_not_interfere(corpus: SyntheticCorpus) -> None:
+    # Search parameters travel with each call (not set on the shared index), so threads
+    # asking for different k at once get exactly what they get alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    for retriever in (_hnsw(corpus, ef_search=8), _ivf(corpus, nprobe=2)):
+        jobs = [(q, k) for q in corpus.query_vectors for k in (1, 5, 30, 60)]
+        alone = [retriever.search_vectors(q, k) for q, k in jobs]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            queries, ks = zip(*(jobs * 3), strict=True)
+            together = list(pool.map(retriever.search_vectors, queries, ks))
+        assert together == alone * 3
