@@ -37,10 +37,12 @@ _LISTENING_RE = re.compile(rf"^{LISTENING_PREFIX} (\S+):(\d+)$")
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
-    """Channel/server options shared by the server and the client."""
+    """Server options: message limits; no SO_REUSEPORT, so a second server on a busy port
+    fails to start instead of silently sharing the port with the first."""
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -81,10 +83,14 @@ async def start_server(
     pb_grpc.add_RetrieverServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+        if bound == 0:  # older grpc versions return 0 instead of raising
+            raise RuntimeError("no address bound")
+    except RuntimeError as exc:
         await service.close()
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind {address}: {exc}") from exc
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -222,7 +228,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_retriever_arguments(parser)
     net = parser.add_argument_group("service")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    net.add_argument("--port", type=int, default=50051, help="port; 0 = OS-chosen (printed)")
+    net.add_argument(
+        "--port",
+        type=int,
+        default=50051,
+        help="port; 0 = OS-chosen, printed on stdout (default: %(default)s)",
+    )
     defaults = ServiceConfig()
     net.add_argument(
         "--batch-window-ms",
@@ -236,12 +247,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_batch,
         help="most queries per merged index search (default: %(default)s)",
     )
-    net.add_argument("--max-k", type=int, default=defaults.max_k, help="largest top_k")
     net.add_argument(
-        "--max-queries", type=int, default=defaults.max_queries, help="most queries per request"
+        "--max-k", type=int, default=defaults.max_k, help="largest top_k (default: %(default)s)"
     )
     net.add_argument(
-        "--max-doc-ids", type=int, default=defaults.max_doc_ids, help="most doc ids per request"
+        "--max-queries",
+        type=int,
+        default=defaults.max_queries,
+        help="most queries per request (default: %(default)s)",
+    )
+    net.add_argument(
+        "--max-doc-ids",
+        type=int,
+        default=defaults.max_doc_ids,
+        help="most doc ids per request (default: %(default)s)",
     )
     net.add_argument(
         "--max-message-mb",
@@ -292,9 +311,21 @@ async def serve(retriever: Retriever, host: str, port: int, config: ServiceConfi
 
 
 def run(args: argparse.Namespace) -> int:
-    config = service_config_from_args(args)
+    try:
+        config = service_config_from_args(args)
+    except ValueError as exc:
+        logger.error("invalid service option: %s", exc)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the retriever service has no authentication", args.host)
-    retriever = open_from_args(args)
-    asyncio.run(serve(retriever, args.host, args.port, config))
+    try:
+        retriever = open_from_args(args)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.error("cannot open the retriever: %s", exc)
+        return 1
+    try:
+        asyncio.run(serve(retriever, args.host, args.port, config))
+    except OSError as exc:
+        logger.error("cannot serve on %s:%d: %s", args.host, args.port, exc)
+        return 1
     return 0

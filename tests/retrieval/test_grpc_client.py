@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ralmspec_vllm.retrieval.base import AsyncRetriever
 from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverUnavailable
@@ -162,6 +163,20 @@ async def test_client_maps_messages_to_project_types(
         assert info.num_docs == len(TEXTS) and info.bm25 == bm25.info.bm25
         assert await client.vectors([0]) is None
         assert await client.search([], 3) == [] and await client.score("x", []) == []
+
+
+async def test_second_server_on_a_busy_port_fails(
+    server: RunningServer, bm25: BM25Retriever
+) -> None:
+    with pytest.raises(OSError, match="could not bind"):
+        await start_server(bm25, "127.0.0.1", server.port)
+    async with RetrieverClient(server.target) as client:  # the first one still serves
+        assert await client.search(["Thetis"], 1) == bm25.search(["Thetis"], 1)
+
+
+def test_client_is_an_async_retriever() -> None:
+    client: AsyncRetriever = RetrieverClient("127.0.0.1:1")  # checked by mypy
+    assert callable(client.search)
 
 
 def test_client_config_validation() -> None:

@@ -310,6 +310,13 @@ MALFORMED: list[tuple[str, str, str, object, str]] = [
         pb.SearchRequest(text=_TEXT, top_k=3, return_vectors=True),
         "return_vectors",
     ),
+    (
+        "vectors-over-message-limit",
+        "flat",
+        "Search",
+        pb.SearchRequest(text=pb.TextQueries(texts=["q"] * 100), top_k=1000, return_vectors=True),
+        "return_vectors",
+    ),
     ("score-no-query", "flat", "Score", pb.ScoreRequest(doc_ids=[1]), "query"),
     ("score-empty-text", "bm25", "Score", pb.ScoreRequest(text="", doc_ids=[1]), "text"),
     (
