@@ -1,0 +1,377 @@
+"""Retrieval latency per batch size, backend and transport: the verification cost RaLMSpec pays.
+
+Flow: open the real knowledge base (``--index`` or the default one) and, for the scale run,
+a copy grown with synthetic filler to ``--filler`` documents in total (built once into the
+cache dir, reused afterwards). For each corpus size and each backend (flat on the CPU, plus
+the torch flat path on CUDA when a GPU exists, HNSW, IVF-Flat, BM25) the retriever is opened
+(building its index the first time, timed), then every batch size is timed
+
+- ``inproc``: ``retriever.search(texts, k)`` in this process; dense backends time the
+  encoder and the index search separately (``encode_ms_*`` columns), the latency is the sum;
+- ``grpc``: the same text queries through ``RetrieverClient.search`` against a real server
+  on 127.0.0.1 (an OS-chosen port) in a child process (``--server thread`` for an in-process
+  server thread), with the cross-request batch window set by ``--batch-window-ms``.
+
+Queries are real open-domain questions (``--questions nq``), a different slice per call.
+Each cell runs ``--warmup`` untimed calls, then up to ``--reps`` timed ones within
+``--cell-budget-s``. Results: ``benchmarks/results/retrieval_<machine>.json`` (rows + run
+metadata) and a PNG next to it; a fixed-width table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/bench_retrieval.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    DEFAULT_OUT_DIR,
+    RepeatPolicy,
+    Series,
+    describe_machine,
+    format_table,
+    plot_panels,
+    progress,
+    run_metadata,
+    write_results,
+)
+from benchmarks.corpora import Corpus, open_corpora
+from benchmarks.retrieval_timing import (
+    IndexParams,
+    Queries,
+    Row,
+    Variant,
+    describe_params,
+    retriever_config,
+    time_grpc_server,
+    time_inproc,
+)
+
+logger = logging.getLogger("bench_retrieval")
+
+BACKENDS = ("flat", "hnsw", "ivf", "bm25")
+TRANSPORTS = ("inproc", "grpc")
+SIZES = ("real", "filler")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``bench_retrieval`` measures and how (one field per CLI flag)."""
+
+    backends: tuple[str, ...] = BACKENDS
+    """Backends to time; ``flat`` also runs the torch path on CUDA when a GPU exists."""
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 64)
+    """Queries per search call."""
+    sizes: tuple[str, ...] = SIZES
+    """``real`` (the knowledge base as built) and/or ``filler`` (grown to ``filler_total``)."""
+    filler_total: int = 1_000_000
+    """Total documents (real + synthetic filler) of the scale run."""
+    transports: tuple[str, ...] = TRANSPORTS
+    """``inproc`` (direct call) and/or ``grpc`` (real server on loopback)."""
+    k: int = 10
+    """Hits per query."""
+    reps: int = 30
+    """Most timed calls per cell."""
+    warmup: int = 2
+    """Untimed calls before timing each cell."""
+    cell_budget_s: float = 6.0
+    """Stop timing a cell after this much timed work (at least 3 calls)."""
+    questions: str = "nq"
+    """Question set (nq, triviaqa, webquestions) or a text file with one query per line."""
+    index: str | None = None
+    """Real knowledge-base folder; ``None``: the default index."""
+    filler_index: str | None = None
+    """Where the filler knowledge base lives; ``None``: inside the cache dir."""
+    server: str = "process"
+    """gRPC server placement: ``process`` (child process) or ``thread``."""
+    batch_window_ms: float = 0.0
+    """Server cross-request batch window (0: a lone client never waits)."""
+    cuda: bool = True
+    """Also time flat search on CUDA (torch path) when a GPU exists."""
+    hnsw_m: int = 16
+    """HNSW M (paper: 64; see the README note on CPU build time at 1M)."""
+    ef_construction: int = 40
+    """HNSW efConstruction (paper: 40)."""
+    ef_search: int = 128
+    """HNSW efSearch."""
+    nlist: int | None = None
+    """IVF lists; ``None``: min(4 sqrt(N), ``max_auto_nlist``) per corpus size."""
+    max_auto_nlist: int = 1024
+    """Cap of the automatic nlist (k-means training time grows with nlist on a CPU)."""
+    nprobe: int = 16
+    """IVF lists probed per query."""
+    out_dir: str = str(DEFAULT_OUT_DIR)
+    """Folder of the JSON and PNG results."""
+    name: str | None = None
+    """Result file stem; ``None``: ``retrieval_<machine-tag>``."""
+    plot: bool = True
+    """Save the PNG plot."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("backends", BACKENDS),
+            ("transports", TRANSPORTS),
+            ("sizes", SIZES),
+        ):
+            values = getattr(self, name)
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(f"{name}: must be a non-empty subset of {allowed}, got {values}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes: must be positive, got {self.batch_sizes}")
+        for name in ("filler_total", "k", "reps", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
+        if not self.cell_budget_s > 0:
+            raise ValueError(f"cell_budget_s: must be > 0, got {self.cell_budget_s}")
+        if self.server not in ("process", "thread"):
+            raise ValueError(f"server: must be 'process' or 'thread', got {self.server!r}")
+        if not self.batch_window_ms >= 0:
+            raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
+
+    @property
+    def policy(self) -> RepeatPolicy:
+        return RepeatPolicy(
+            reps=self.reps,
+            warmup=self.warmup,
+            budget_s=self.cell_budget_s,
+            min_reps=min(3, self.reps),
+        )
+
+    def index_params(self, num_docs: int) -> IndexParams:
+        """ANN parameters at a corpus size (the automatic nlist depends on it)."""
+        auto = min(round(4 * math.sqrt(num_docs)), self.max_auto_nlist)
+        nlist = max(1, min(num_docs, self.nlist if self.nlist is not None else auto))
+        return IndexParams(self.hnsw_m, self.ef_construction, self.ef_search, nlist, self.nprobe)
+
+    def variants(self, cuda_available: bool) -> list[Variant]:
+        out: list[Variant] = []
+        for backend in self.backends:
+            out.append(Variant(backend))
+            if backend == "flat" and self.cuda and cuda_available:
+                out.append(Variant("flat", "cuda", "torch"))
+        return out
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def artifact_names(corpus: Corpus) -> set[str]:
+    root = corpus.kb.path / "artifacts"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def bench_variant(
+    cfg: BenchConfig, corpus: Corpus, variant: Variant, queries: Queries, machine_tag: str
+) -> tuple[list[Row], Row]:
+    """Rows of one (corpus, variant) and a record of how long opening its index took."""
+    from ralmspec_vllm.retrieval.factory import open_retriever
+
+    rcfg = retriever_config(variant, cfg.index_params(corpus.size))
+    before = artifact_names(corpus)
+    start = time.perf_counter()
+    retriever = open_retriever(corpus.kb, rcfg)
+    opened: Row = {
+        "what": f"open {variant.label}",
+        "corpus_size": corpus.size,
+        "seconds": round(time.perf_counter() - start, 2),
+        "built": sorted(artifact_names(corpus) - before),
+        "index_params": describe_params(rcfg),
+    }
+    logger.info("%s on %d docs opened in %.1f s", variant.label, corpus.size, opened["seconds"])
+    cells: dict[tuple[str, int], Row] = {}
+    if "inproc" in cfg.transports:
+        for b in progress(cfg.batch_sizes, desc=f"{variant.label}@{corpus.size} inproc"):
+            cells["inproc", b] = time_inproc(retriever, queries, b, cfg.k, cfg.policy)
+    if "grpc" in cfg.transports:
+        logger.info("timing %s over gRPC (server in a %s)", variant.label, cfg.server)
+        grpc_rows = time_grpc_server(
+            retriever,
+            corpus.kb.path,
+            rcfg,
+            server=cfg.server,
+            batch_window_ms=cfg.batch_window_ms,
+            queries=queries,
+            batch_sizes=cfg.batch_sizes,
+            k=cfg.k,
+            policy=cfg.policy,
+        )
+        cells.update((("grpc", b), row) for b, row in grpc_rows.items())
+    del retriever
+    gc.collect()
+    base = {
+        "machine": machine_tag,
+        "backend": variant.label,
+        "device": variant.device,
+        "corpus_size": corpus.size,
+        "num_real_docs": corpus.num_real_docs,
+        "k": cfg.k,
+        "index_params": opened["index_params"],
+    }
+    rows = [{**base, "transport": t, "batch_size": b, **cell} for (t, b), cell in cells.items()]
+    for row in rows:
+        row["per_query_ms_p50"] = round(row["latency_ms_p50"] / row["batch_size"], 3)
+    return rows, opened
+
+
+def load_queries(spec: str, limit: int = 5000) -> Queries:
+    path = Path(spec)
+    if path.is_file():
+        lines = path.read_text().split("\n")
+        return Queries([line.strip() for line in lines if line.strip()][:limit])
+    from ralmspec_vllm.questions import load_questions
+
+    return Queries([q.text for q in load_questions(spec, limit)])
+
+
+def run_benchmark(cfg: BenchConfig) -> tuple[Path, list[Row]]:
+    """Measure everything ``cfg`` asks for; write JSON (+ PNG); return its path and rows."""
+    machine = describe_machine()
+    queries = load_queries(cfg.questions)
+    corpora, builds = open_corpora(cfg.index, cfg.filler_index, cfg.sizes, cfg.filler_total)
+    variants = cfg.variants(cuda_available=machine.gpu_count > 0)
+    rows: list[Row] = []
+    for corpus in corpora:
+        for variant in variants:
+            variant_rows, opened = bench_variant(cfg, corpus, variant, queries, machine.tag)
+            rows += variant_rows
+            builds.append(opened)
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "name")}
+    params["num_queries"] = len(queries.texts)
+    meta = run_metadata("bench_retrieval", params, machine)
+    meta["builds"] = builds
+    meta["corpora"] = [c.describe() for c in corpora]
+    name = cfg.name or f"retrieval_{machine.tag}"
+    path = write_results(name, rows, meta, cfg.out_dir)
+    if cfg.plot:
+        plot_rows(rows, path.with_suffix(".png"), machine.tag)
+    return path, rows
+
+
+def _series(label: str, points: list[tuple[int, float]], style: str) -> Series:
+    points = sorted(points)
+    return Series(label, [x for x, _ in points], [y for _, y in points], style)
+
+
+def plot_rows(rows: Sequence[Row], path: Path, machine_tag: str) -> Path:
+    """p50 latency vs batch size: one panel per corpus size, one line per backend/transport
+    (solid: in-process, dashed: gRPC, dotted: the query encoder alone)."""
+    panels: dict[str, list[Series]] = {}
+    for size, real in sorted({(r["corpus_size"], r["num_real_docs"]) for r in rows}):
+        mine = [r for r in rows if r["corpus_size"] == size]
+        series = []
+        for backend, transport in sorted({(r["backend"], r["transport"]) for r in mine}):
+            points = [
+                (r["batch_size"], r["latency_ms_p50"])
+                for r in mine
+                if (r["backend"], r["transport"]) == (backend, transport)
+            ]
+            style = "-" if transport == "inproc" else "--"
+            series.append(_series(f"{backend} {transport}", points, style))
+        encode = [
+            (r["batch_size"], r["encode_ms_p50"])
+            for r in mine
+            if (r["backend"], r["transport"]) == ("flat", "inproc") and "encode_ms_p50" in r
+        ]
+        if encode:
+            series.append(_series("encode-only (MiniLM)", encode, ":"))
+        panels[f"{size:,} docs ({real:,} real)"] = series
+    return plot_panels(
+        path,
+        panels,
+        xlabel="batch size (queries per call)",
+        ylabel="latency p50 (ms)",
+        title=f"Retrieval latency per call, {machine_tag}",
+    )
+
+
+TABLE_COLUMNS = (
+    "corpus_size", "backend", "transport", "batch_size",
+    "latency_ms_p50", "latency_ms_p99", "encode_ms_p50", "n",
+)  # fmt: skip
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    return lambda text: tuple(kind(x) for x in text.split(",") if x)
+
+
+# (flag, BenchConfig field, argparse keywords): defaults come from BenchConfig.
+_FLAGS: tuple[tuple[str, str, Row], ...] = (
+    ("--backends", "backends", {"type": _csv(str), "help": "comma list of flat,hnsw,ivf,bm25"}),
+    ("--batch-sizes", "batch_sizes", {"type": _csv(int), "help": "comma list of batch sizes"}),
+    ("--sizes", "sizes", {"type": _csv(str), "help": "comma list of real,filler"}),
+    ("--filler", "filler_total", {"type": int, "help": "total docs of the filler corpus"}),
+    ("--transports", "transports", {"type": _csv(str), "help": "comma list of inproc,grpc"}),
+    ("--k", "k", {"type": int, "help": "hits per query"}),
+    ("--reps", "reps", {"type": int, "help": "most timed calls per cell"}),
+    ("--warmup", "warmup", {"type": int, "help": "untimed calls per cell"}),
+    ("--cell-budget-s", "cell_budget_s", {"type": float, "help": "timing budget per cell"}),
+    ("--questions", "questions", {"help": "nq|triviaqa|webquestions or a file, one query a line"}),
+    ("--index", "index", {"help": "real knowledge-base folder (default: the default index)"}),
+    ("--filler-index", "filler_index", {"help": "filler knowledge base (default: cache dir)"}),
+    ("--server", "server", {"choices": ("process", "thread"), "help": "gRPC server placement"}),
+    ("--batch-window-ms", "batch_window_ms", {"type": float, "help": "server batch window"}),
+    ("--cuda", "cuda", {"action": argparse.BooleanOptionalAction, "help": "flat on CUDA too"}),
+    ("--hnsw-m", "hnsw_m", {"type": int, "help": "HNSW M"}),
+    ("--ef-construction", "ef_construction", {"type": int, "help": "HNSW efConstruction"}),
+    ("--ef-search", "ef_search", {"type": int, "help": "HNSW efSearch"}),
+    ("--nlist", "nlist", {"type": int, "help": "IVF lists (default: min(4 sqrt N, 1024))"}),
+    ("--nprobe", "nprobe", {"type": int, "help": "IVF lists probed per query"}),
+    ("--out-dir", "out_dir", {"help": "results folder"}),
+    ("--name", "name", {"help": "result file stem (default: retrieval_<machine-tag>)"}),
+    ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+)
+QUICK: dict[str, Any] = {
+    "sizes": ("real",),
+    "batch_sizes": (1, 8),
+    "reps": 3,
+    "warmup": 1,
+    "cell_budget_s": 1.0,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for flag, name, kwargs in _FLAGS:
+        default = getattr(defaults, name)
+        if default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kwargs = {**kwargs, "help": f"{kwargs['help']} (default: {shown})"}
+        parser.add_argument(flag, dest=name, default=default, **kwargs)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    cfg = BenchConfig(**{name: getattr(args, name) for _, name, _ in _FLAGS})
+    return dataclasses.replace(cfg, **QUICK) if args.quick else cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    path, rows = run_benchmark(cfg)
+    key = ("corpus_size", "backend", "transport", "batch_size")
+    print(format_table(sorted(rows, key=lambda r: [r[c] for c in key]), TABLE_COLUMNS))
+    print(f"\nwrote {path} ({len(rows)} rows) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
