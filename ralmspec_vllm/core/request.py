@@ -92,6 +92,8 @@ class RequestContext:
         start = time.perf_counter()
         gen = await self.lm.generate(prompt, max_tokens, lm_request_id or self.new_lm_request_id())
         self.recorder.lm(gen.num_prompt_tokens, gen.num_cached_tokens, time.perf_counter() - start)
+        if not gen.token_ids and not gen.finished:  # would retry the same step forever
+            raise RuntimeError(f"{self.request_id}: the LM returned no tokens and did not stop")
         begin = len(self.generated)
         self.generated += gen.token_ids[:max_tokens]
         self.spans.append(TokenSpan(begin, len(self.generated), doc_id))

@@ -74,7 +74,7 @@ class RaLMEngine:
         encoder: QueryEncoder | None = None,
         *,
         prefix_ids: Sequence[int] | None = None,
-        doc_cache_capacity: int = 200_000,
+        doc_cache_capacity: int = 100_000,
         encode_in_thread: bool = True,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:

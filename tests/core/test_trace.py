@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -114,3 +115,15 @@ async def test_per_request_config() -> None:
     assert [s.end - s.start for s in result.trace.spans] == [3, 3, 3, 1]
     with pytest.raises(ValueError, match="query_window"):
         await engine.generate(SHORT_QUESTION, config=RaLMConfig(query_window=5))
+
+
+async def test_lm_returning_nothing_is_an_error_not_a_hang() -> None:
+    class Stuck(FakeLM):  # fault injection: an LM that silently produces nothing
+        async def generate(self, prompt_token_ids, max_tokens, request_id):  # type: ignore[no-untyped-def]
+            gen = await super().generate(prompt_token_ids, max_tokens, request_id)
+            return replace(gen, token_ids=())
+
+    engine, _ = make_engine(ScriptedRetriever(), Stuck())
+    for mode in ("baseline", "ralmspec"):
+        with pytest.raises(RuntimeError, match="no tokens"):
+            await engine.generate(SHORT_QUESTION, mode)  # type: ignore[arg-type]
