@@ -61,8 +61,7 @@ class RunningServer:
         return f"{self.host}:{self.port}"
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING from now on
         await self.server.stop(grace)
         await self.service.close()
 
@@ -79,7 +78,10 @@ async def start_server(
     """Serve ``retriever`` on ``host:port`` (port 0: the OS picks one, see ``.port``)."""
     config = config or ServiceConfig()
     service = RetrieverService(retriever, config)
-    server = grpc.aio.server(options=grpc_options(config))
+    server = grpc.aio.server(
+        options=grpc_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
     pb_grpc.add_RetrieverServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -263,6 +265,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most doc ids per request (default: %(default)s)",
     )
     net.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=defaults.max_concurrent_rpcs,
+        help="RPCs in flight before RESOURCE_EXHAUSTED; 0 = unlimited (default: %(default)s)",
+    )
+    net.add_argument(
         "--max-message-mb",
         type=int,
         default=defaults.max_message_bytes // (1024 * 1024),
@@ -278,6 +286,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_queries=args.max_queries,
         max_doc_ids=args.max_doc_ids,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
 

@@ -56,6 +56,8 @@ class ServiceConfig:
     """Most doc ids in one Score / GetDocuments / GetVectors request."""
     max_message_bytes: int = 64 * 1024 * 1024
     """gRPC send/receive message limit; Search with vectors is refused if it would exceed it."""
+    max_concurrent_rpcs: int = 0
+    """RPCs in flight before the server answers RESOURCE_EXHAUSTED (0 = unlimited)."""
 
     def __post_init__(self) -> None:
         if not self.batch_window_ms >= 0:
@@ -63,6 +65,8 @@ class ServiceConfig:
         for name in ("max_batch", "max_k", "max_queries", "max_doc_ids"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_concurrent_rpcs < 0:
+            raise ValueError(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 

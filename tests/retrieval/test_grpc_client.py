@@ -22,6 +22,7 @@ from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverUnavailable
 from ralmspec_vllm.retrieval.server import RunningServer, ServerProcess, ServerThread, start_server
+from ralmspec_vllm.retrieval.service import ServiceConfig
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
 TEXTS = [
@@ -112,6 +113,30 @@ async def test_slow_server_hits_deadline_then_unavailable(bm25: BM25Retriever) -
             assert got == bm25.search(["snow albedo"], 2)
             # Non-search RPCs are not slowed down by the wrapper and meet the short deadline.
             assert await client.score("albedo", [1, 4]) == bm25.score("albedo", [1, 4])
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_overloaded_server_resource_exhausted_is_retried(bm25: BM25Retriever) -> None:
+    slow = SlowRetriever(bm25, delay_s=0.3)
+    config = ServiceConfig(max_concurrent_rpcs=1)
+    running = await start_server(slow, "127.0.0.1", 0, config)
+    try:
+        async with (
+            RetrieverClient(running.target, timeout_s=30, max_retries=0) as impatient,
+            RetrieverClient(
+                running.target, timeout_s=30, max_retries=20, backoff_s=0.05
+            ) as patient,
+        ):
+            busy = asyncio.ensure_future(patient.search(["albedo"], 1))
+            while slow.searches == 0:  # the one allowed RPC is now in flight
+                await asyncio.sleep(0.01)
+            with pytest.raises(RetrieverUnavailable) as err:
+                await impatient.search(["Thetis"], 1)
+            assert err.value.last_status == "RESOURCE_EXHAUSTED" and err.value.attempts == 1
+            second = await patient.search(["Thetis"], 1)  # retried until the first finished
+            assert await busy == bm25.search(["albedo"], 1)
+            assert second == bm25.search(["Thetis"], 1)
     finally:
         await running.stop(grace=0)
 

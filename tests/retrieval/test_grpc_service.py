@@ -175,6 +175,24 @@ async def test_search_by_embedding_equals_search_by_text(
     assert by_vec == [h.score for h in by_text[1]]
 
 
+async def test_embeddings_as_repeated_floats_equal_packed_bytes(
+    retrievers: dict[str, Retriever], served: dict[str, RunningServer]
+) -> None:
+    local = retrievers["flat"]
+    assert isinstance(local, DenseRetriever)
+    emb = local.encode(QUERIES[:2])
+    packed = pb.Embeddings(dim=emb.shape[1], float32_le=emb.astype("<f4").tobytes())
+    floats = pb.Embeddings(dim=emb.shape[1], values=emb.ravel().tolist())
+    async with grpc.aio.insecure_channel(served["flat"].target) as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        a = await stub.Search(pb.SearchRequest(embeddings=packed, top_k=K), timeout=30)
+        b = await stub.Search(pb.SearchRequest(embeddings=floats, top_k=K), timeout=30)
+    assert a == b
+    assert [list(r.doc_ids) for r in a.results] == [
+        [h.doc_id for h in hits] for hits in local.search_vectors(emb, K)
+    ]
+
+
 async def test_search_returns_hit_vectors(
     retrievers: dict[str, Retriever], clients: dict[str, RetrieverClient]
 ) -> None:

@@ -1,0 +1,131 @@
+"""``SearchLane`` in-process: merging, max_batch, per-request k, cancellation, failures.
+
+The search function is a deterministic stand-in for an index (query text -> ranked hits),
+which records every batch it is asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from ralmspec_vllm.retrieval.batching import BatchStats, SearchLane
+from ralmspec_vllm.types import Hit
+
+
+class RecordingIndex:
+    """hits(q, k) = k hits with ids len(q)+0..k-1; every call's (queries, k) is recorded."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.calls: list[tuple[list[str], int]] = []
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def __call__(self, queries: list[str], k: int) -> list[list[Hit]]:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.calls.append((list(queries), k))
+        return [[Hit(len(q) + i, float(-i)) for i in range(k)] for q in queries]
+
+
+def _concat(parts: list[list[str]]) -> list[str]:
+    return [q for part in parts for q in part]
+
+
+def expected(q: str, k: int) -> list[Hit]:
+    return [Hit(len(q) + i, float(-i)) for i in range(k)]
+
+
+async def test_concurrent_requests_merge_into_one_call_with_max_k() -> None:
+    index = RecordingIndex()
+    lane = SearchLane("text", index, _concat, window_s=0.5, max_batch=100)
+    requests = [(["a" * (i + 1), "b"], 1 + i % 4) for i in range(10)]
+    try:
+        got = await asyncio.gather(*(lane.submit(q, len(q), k) for q, k in requests))
+    finally:
+        await lane.close()
+    assert len(index.calls) == 1
+    assert index.calls[0] == (_concat([q for q, _ in requests]), 4)
+    assert got == [[expected(q, k) for q in qs] for qs, k in requests]
+    assert lane.stats == BatchStats(10, 1, 20, 10, 20)
+
+
+async def test_max_batch_flushes_without_waiting_for_the_window() -> None:
+    index = RecordingIndex()
+    # A window far longer than the test's timeout: only max_batch can dispatch these.
+    lane = SearchLane("text", index, _concat, window_s=60.0, max_batch=3)
+    try:
+        async with asyncio.timeout(10):
+            got = await asyncio.gather(*(lane.submit([f"q{i}"], 1, 2) for i in range(6)))
+    finally:
+        await lane.close()
+    assert [len(qs) for qs, _ in index.calls] == [3, 3]
+    assert got == [[expected(f"q{i}", 2)] for i in range(6)]
+
+
+async def test_requests_queue_while_a_search_runs() -> None:
+    gate = threading.Event()
+    index = RecordingIndex(gate)
+    lane = SearchLane("text", index, _concat, window_s=0.0, max_batch=100)
+    try:
+        first = asyncio.ensure_future(lane.submit(["first"], 1, 1))
+        await asyncio.to_thread(index.entered.wait, 10)  # first search blocked in its thread
+        rest = [asyncio.ensure_future(lane.submit([f"r{i}"], 1, 1)) for i in range(5)]
+        await asyncio.sleep(0)  # let the submits queue
+        gate.set()
+        await asyncio.gather(first, *rest)
+    finally:
+        await lane.close()
+    assert [qs for qs, _ in index.calls] == [["first"], [f"r{i}" for i in range(5)]]
+
+
+async def test_cancelled_request_is_dropped_before_the_search() -> None:
+    gate = threading.Event()
+    index = RecordingIndex(gate)
+    lane = SearchLane("text", index, _concat, window_s=0.0, max_batch=100)
+    try:
+        first = asyncio.ensure_future(lane.submit(["first"], 1, 1))
+        await asyncio.to_thread(index.entered.wait, 10)
+        gone = asyncio.ensure_future(lane.submit(["gone"], 1, 1))
+        kept = asyncio.ensure_future(lane.submit(["kept"], 1, 1))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        assert await kept == [expected("kept", 1)]
+        await first
+    finally:
+        await lane.close()
+    assert [qs for qs, _ in index.calls] == [["first"], ["kept"]]
+
+
+async def test_search_failure_reaches_every_merged_caller_and_lane_recovers() -> None:
+    calls = 0
+
+    def flaky(queries: list[str], k: int) -> list[list[Hit]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return [[Hit(0, 1.0)] for _ in queries]
+
+    lane = SearchLane("text", flaky, _concat, window_s=0.2, max_batch=100)
+    try:
+        results = await asyncio.gather(
+            *(lane.submit([f"q{i}"], 1, 1) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert await lane.submit(["again"], 1, 1) == [[Hit(0, 1.0)]]
+    finally:
+        await lane.close()
+
+
+async def test_close_cancels_queued_requests() -> None:
+    lane = SearchLane("text", RecordingIndex(), _concat, window_s=60.0, max_batch=100)
+    pending = asyncio.ensure_future(lane.submit(["q"], 1, 1))
+    await asyncio.sleep(0)
+    await lane.close()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
