@@ -52,6 +52,7 @@ def build_once(name: str, build: Callable[[Path], None], root: Path | None = Non
             start = time.perf_counter()
             try:
                 build(tmp)
+                tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
                 tmp.rename(target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

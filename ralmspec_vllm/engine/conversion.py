@@ -80,6 +80,8 @@ def save_tokenizer_from_gguf(gguf: Path, out_dir: Path) -> dict[str, int]:
         for kind, token_id in special.items()
     }
     tokenizer.add_special_tokens(tokens)
+    # Byte-level BPE keeps spaces exactly; transformers warns on every load otherwise.
+    tokenizer.clean_up_tokenization_spaces = False
     if tokenizer.eos_token_id != special.get("eos", tokenizer.eos_token_id):
         raise RuntimeError(f"could not set the EOS token of {gguf.name} to {special['eos']}")
     tokenizer.save_pretrained(str(out_dir))

@@ -151,7 +151,7 @@ class VllmLanguageModel:
             raise RuntimeError("generate() after shutdown()")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        prompt = list(prompt_token_ids)
+        prompt = [int(t) for t in prompt_token_ids]
         room = self.max_model_len - len(prompt)
         if not prompt or room < 1:
             raise ValueError(
