@@ -111,11 +111,11 @@ class SpeculativeRequest:
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         start = time.perf_counter()
+        begin = len(self.ctx.generated)
         query = self.ctx.query()
         doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
-        begin = len(self.ctx.generated)
         await self.ctx.generate_step(doc_id, "speculate", lm_request_id)
         self.scheduler.record_speculation(time.perf_counter() - start)
         return SpeculativeStep(begin, len(self.ctx.generated), query, doc_id)

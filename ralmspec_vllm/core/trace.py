@@ -14,8 +14,8 @@ add up to more than ``wall_time_s``; ``other_time_s`` is what none of them cover
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 CallKind = Literal["search", "score", "documents", "vectors"]
 CallPurpose = Literal["retrieve", "verify", "speculate", "prefetch"]
@@ -108,6 +108,34 @@ class RequestTrace:
 
     def call_counts(self) -> dict[str, int]:
         return dict(Counter(c.kind for c in self.retrieval_calls))
+
+    def summary(self) -> dict[str, Any]:
+        """Flat JSON-ready numbers (no per-call lists): for benchmarks and logs."""
+        return {
+            "mode": self.mode,
+            "steps": len(self.spans),
+            "wall_time_s": self.wall_time_s,
+            "lm_time_s": self.lm_time_s,
+            "retrieval_time_s": self.retrieval_time_s,
+            "speculation_time_s": self.speculation_time_s,
+            "other_time_s": self.other_time_s,
+            "retrieval_calls": self.call_counts(),
+            "verifications": len(self.verifications),
+            "speculation_hits": self.speculation_hits,
+            "speculation_misses": self.speculation_misses,
+            "speculation_accuracy": self.speculation_accuracy,
+            "mean_stride": self.mean_stride,
+            "rollbacks": self.rollbacks,
+            "tokens_discarded": self.tokens_discarded,
+            "lm_calls": self.lm_calls,
+            "lm_aborts": self.lm_aborts,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_cached_tokens": self.num_cached_tokens,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, including spans, retrieval calls and verifications (JSON-ready)."""
+        return asdict(self)
 
 
 @dataclass(slots=True)

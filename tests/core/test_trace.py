@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import pytest
@@ -52,6 +53,9 @@ async def test_discarded_tokens_are_exactly_the_generated_and_thrown_away(
     assert len(trace.strides) == len(trace.verifications)
     assert all(v.num_steps <= v.stride for v in trace.verifications)
     assert_spans_cover(result, 4)
+    summary = trace.summary()
+    assert summary["rollbacks"] == trace.rollbacks and summary["steps"] == len(trace.spans)
+    assert json.loads(json.dumps(trace.to_dict()))["spans"][0]["start"] == 0
     assert trace.num_prompt_tokens == sum(len(c.prompt) for c in lm.calls)
     assert trace.num_cached_tokens == sum(c.num_cached_tokens for c in lm.calls)
 
