@@ -79,7 +79,9 @@ class BatchingRetriever:
         if not queries:
             return []
         if len(queries) >= self.max_batch_queries:  # too big to merge with anything
-            return await self._send(k, [_Pending(queries, _future(), time.perf_counter())])
+            alone = _Pending(queries, _future(), time.perf_counter())
+            await self._send(k, [alone])
+            return await alone.future
         batch = self._batches.get(k)
         if batch is not None and batch.num_queries + len(queries) > self.max_batch_queries:
             self._flush(k)
@@ -101,38 +103,34 @@ class BatchingRetriever:
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        task = asyncio.get_running_loop().create_task(self._run(k, batch.entries))
+        task = asyncio.get_running_loop().create_task(self._send(k, batch.entries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, k: int, entries: list[_Pending]) -> None:
-        try:
-            await self._send(k, entries)
-        except Exception:  # delivered to every caller by _send; nothing else to do here
-            logger.debug("batched search failed", exc_info=True)
-
-    async def _send(self, k: int, entries: list[_Pending]) -> list[list[Hit]]:
-        """One inner call for ``entries``; resolves their futures, returns the last's hits."""
+    async def _send(self, k: int, entries: list[_Pending]) -> None:
+        """One inner call for ``entries``; delivers each caller's hits (or the error)."""
         live = [e for e in entries if not e.future.done()]  # skip callers already cancelled
         if not live:
-            return []
+            return
         queries = [q for e in live for q in e.queries]
         now = time.perf_counter()
         self._record(BatchRecord(k, len(queries), len(live), max(now - e.arrived for e in live)))
         try:
-            results = await self.inner.search(queries, k) if queries else []
+            results = await self.inner.search(queries, k)
+            if len(results) != len(queries):
+                raise ValueError(f"retriever answered {len(results)} lists for {len(queries)}")
         except Exception as exc:
+            logger.debug("batched search of %d queries failed: %r", len(queries), exc)
             for e in live:
                 if not e.future.done():
                     e.future.set_exception(exc)
-            raise
+            return
         offset = 0
         for e in live:
             part = results[offset : offset + len(e.queries)]
             offset += len(e.queries)
             if not e.future.done():
                 e.future.set_result(part)
-        return entries[-1].future.result() if entries[-1] in live else []
 
     def _record(self, record: BatchRecord) -> None:
         if len(self.stats) < self.keep_stats:

@@ -56,6 +56,8 @@ async def test_errors_reach_every_caller_and_cancelled_callers_are_skipped() -> 
         batching.search(["a"], 1), batching.search(["b"], 1), return_exceptions=True
     )
     assert all(isinstance(o, RuntimeError) for o in outcomes)
+    with pytest.raises(RuntimeError, match="offline"):  # the unbatched path too
+        await BatchingRetriever(Failing(), max_batch_queries=1).search(["a"], 1)
 
     inner = ScriptedRetriever()
     batching = BatchingRetriever(inner, window_s=0.02)
