@@ -15,6 +15,7 @@ One concept per module, top to bottom:
 - ``speculative``  RaLMSpec: speculate, batched verification, rollback, P, S, A.
 - ``trace``        frozen per-request record (spans, retrieval calls, verifications, times).
 - ``batching``     ``BatchingRetriever``: cross-request search batching.
+- ``encoding``     query embedders for dense speculation (per call, or batched across requests).
 - ``runner``       ``RaLMEngine``: the Python API (generate, generate_many, stream).
 
 Modules are not re-exported here so that importing ``core.lm`` stays free of the rest.

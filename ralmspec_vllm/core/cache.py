@@ -22,20 +22,17 @@ Correctness never depends on the cache: it only decides how often speculation is
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from ralmspec_vllm.core.config import Eviction
+from ralmspec_vllm.core.encoding import QueryEmbedder, QueryEncoder, ThreadEmbedder
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 from ralmspec_vllm.retrieval.dense import float32_relative_error, inner_product
-
-QueryEncoder = Callable[[Sequence[str]], np.ndarray]
-"""Query texts -> float32 embeddings of shape (n, dim); the knowledge base's own encoder."""
 
 
 class SpeculationCache:
@@ -167,17 +164,20 @@ class DenseCacheScorer:
 
     needs_vectors = True
 
-    def __init__(self, encoder: QueryEncoder, in_thread: bool = True) -> None:
-        """``in_thread`` runs the encoder off the event loop (a real model takes ms)."""
-        self.encoder = encoder
-        self.in_thread = in_thread
-
-    async def embed(self, query: str) -> np.ndarray:
-        if self.in_thread:
-            out = await asyncio.to_thread(self.encoder, [query])
-        else:
-            out = self.encoder([query])
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+    def __init__(
+        self,
+        encoder: QueryEncoder | None = None,
+        in_thread: bool = True,
+        *,
+        embedder: QueryEmbedder | None = None,
+    ) -> None:
+        """Embed with ``encoder`` (in a worker thread unless ``in_thread`` is False), or with
+        an ``embedder`` such as ``BatchingEmbedder`` (batched across requests)."""
+        if embedder is None:
+            if encoder is None:
+                raise ValueError("encoder or embedder is required")
+            embedder = ThreadEmbedder(encoder, in_thread)
+        self.embedder = embedder
 
     async def top1(
         self, cache: SpeculationCache, query: str, recorder: TraceRecorder
@@ -185,7 +185,7 @@ class DenseCacheScorer:
         if len(cache) == 0:
             return None
         start = time.perf_counter()
-        q = await self.embed(query)
+        q = await self.embedder.embed(query)
         vectors = cache.vectors  # read after the await: consistent with doc ids right now
         if vectors is None:
             raise ValueError("dense cache scoring needs documents inserted with vectors")

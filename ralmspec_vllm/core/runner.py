@@ -21,13 +21,9 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from ralmspec_vllm.core.baseline import run_baseline, run_oracle
-from ralmspec_vllm.core.cache import (
-    CacheScorer,
-    DenseCacheScorer,
-    QueryEncoder,
-    RetrieverCacheScorer,
-)
+from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, RetrieverCacheScorer
 from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.encoding import BatchingEmbedder, QueryEncoder
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.request import FinalCallback, RequestContext
@@ -76,10 +72,14 @@ class RaLMEngine:
         prefix_ids: Sequence[int] | None = None,
         doc_cache_capacity: int = 100_000,
         encode_in_thread: bool = True,
+        encode_batch_window_s: float | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
         speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
-        the document (default: the tokenizer's special prefix, e.g. BOS)."""
+        the document (default: the tokenizer's special prefix, e.g. BOS).
+        ``encode_batch_window_s``: when set, speculation embeds the queries of concurrent
+        requests in shared encoder calls (``BatchingEmbedder``; a lone query waits at most
+        this long). Worth it for a transformer encoder under load, not at batch 1."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -89,11 +89,12 @@ class RaLMEngine:
         self.doc_tokens = DocumentTokenCache(
             retriever, tokenizer, self.config.max_doc_tokens, doc_cache_capacity
         )
-        self.scorer: CacheScorer = (
-            DenseCacheScorer(encoder, in_thread=encode_in_thread)
-            if encoder is not None
-            else RetrieverCacheScorer(retriever)
-        )
+        self.scorer: CacheScorer = RetrieverCacheScorer(retriever)
+        if encoder is not None and encode_batch_window_s is not None:
+            embedder = BatchingEmbedder(encoder, encode_batch_window_s)
+            self.scorer = DenseCacheScorer(embedder=embedder)
+        elif encoder is not None:
+            self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
         self._ids = itertools.count()
 
     async def generate(
