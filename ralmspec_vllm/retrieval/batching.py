@@ -10,9 +10,11 @@ While a search runs, new requests keep queuing; when it ends, requests whose win
 already passed are dispatched at once. So a lone request waits at most the window (plus any
 search already running), and under load batches grow by themselves.
 
-Cutting a top-max(k) list to a smaller k gives the same answer as a top-k search for exact
-backends (deterministic tie-break); for HNSW it holds while max(k) <= efSearch (FAISS
-searches with ef = max(efSearch, k)).
+Mixed k: cutting a top-max(k) list to a smaller k equals a top-k search only for backends
+whose answer is exact (flat with exact re-scoring, BM25; ties break by doc id). An ANN
+backend's candidate pool can depend on k, so with ``mixed_k=False`` a batch only merges
+requests with the same k as its oldest request (the others wait for the next batch), which
+keeps every answer independent of what it was batched with.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ class SearchLane(Generic[P]):
         window_s: float,
         max_batch: int,
         executor: Executor | None = None,
+        mixed_k: bool = True,
     ) -> None:
         self.name = name
+        self.mixed_k = mixed_k
         self.stats = BatchStats()
         self._search_fn = search_fn
         self._concat = concat
@@ -138,19 +142,28 @@ class SearchLane(Generic[P]):
                 await self._execute(batch)
 
     def _take(self) -> list[_Request[P]]:
-        """Pop queued requests up to max_batch queries (at least one); drop cancelled ones."""
+        """Pop queued requests up to max_batch queries (at least one, oldest first); drop
+        cancelled ones; without ``mixed_k`` only those with the oldest request's k."""
         batch: list[_Request[P]] = []
+        kept: deque[_Request[P]] = deque()
         size = 0
         while self._queue:
-            request = self._queue[0]
-            if batch and size + request.n > self._max_batch:
-                break
-            self._queue.popleft()
-            self._queued -= request.n
+            request = self._queue.popleft()
             if request.future.done():  # the caller gave up (deadline, cancellation)
+                self._queued -= request.n
                 continue
+            if batch and (
+                size + request.n > self._max_batch or (not self.mixed_k and request.k != batch[0].k)
+            ):
+                kept.append(request)
+                if size + request.n > self._max_batch:
+                    break
+                continue
+            self._queued -= request.n
             batch.append(request)
             size += request.n
+        kept.extend(self._queue)
+        self._queue = kept
         return batch
 
     async def _execute(self, batch: list[_Request[P]]) -> None:

@@ -36,6 +36,9 @@ from ralmspec_vllm.types import Hit
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "ralmspec.retriever.v1.Retriever"
+# Backends whose top-k is always a prefix of their top-k' (k < k'): Search calls with
+# different k may share one index search. Others (HNSW, IVF) merge only equal k.
+EXACT_PREFIX_BACKENDS = frozenset({"flat", "bm25"})
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -92,6 +95,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         # One thread per lane: a lane runs one index search at a time (batching while busy).
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retriever-search")
         window_s = self.config.batch_window_ms / 1000.0
+        mixed_k = self.info.backend in EXACT_PREFIX_BACKENDS
         self.text_lane: SearchLane[list[str]] = SearchLane(
             "text",
             retriever.search,
@@ -99,6 +103,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
             window_s=window_s,
             max_batch=self.config.max_batch,
             executor=self._executor,
+            mixed_k=mixed_k,
         )
         self.vector_lane: SearchLane[np.ndarray] | None = None
         if self.dense is not None:
@@ -109,6 +114,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 window_s=window_s,
                 max_batch=self.config.max_batch,
                 executor=self._executor,
+                mixed_k=mixed_k,
             )
 
     @property

@@ -129,3 +129,15 @@ async def test_close_cancels_queued_requests() -> None:
     await lane.close()
     with pytest.raises(asyncio.CancelledError):
         await pending
+
+
+async def test_without_mixed_k_a_batch_only_merges_equal_k() -> None:
+    index = RecordingIndex()
+    lane = SearchLane("vector", index, _concat, window_s=0.5, max_batch=100, mixed_k=False)
+    ks = [3, 5, 3, 5, 1]
+    try:
+        got = await asyncio.gather(*(lane.submit([f"q{i}"], 1, k) for i, k in enumerate(ks)))
+    finally:
+        await lane.close()
+    assert index.calls == [(["q0", "q2"], 3), (["q1", "q3"], 5), (["q4"], 1)]
+    assert got == [[expected(f"q{i}", k)] for i, k in enumerate(ks)]

@@ -209,10 +209,13 @@ async def test_search_returns_hit_vectors(
 # -- cross-request batching ---------------------------------------------------------------
 
 
-async def test_concurrent_searches_are_merged(retrievers: dict[str, Retriever]) -> None:
-    flat = retrievers["flat"]
-    assert isinstance(flat, DenseRetriever)
-    counting = CountingRetriever(flat)
+@pytest.mark.parametrize("backend", ["flat", "hnsw"])
+async def test_concurrent_searches_are_merged(
+    backend: str, retrievers: dict[str, Retriever]
+) -> None:
+    local = retrievers[backend]
+    assert isinstance(local, DenseRetriever)
+    counting = CountingRetriever(local)
     config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
     server = await start_server(counting, "127.0.0.1", 0, config)
     queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(20)]
@@ -225,11 +228,14 @@ async def test_concurrent_searches_are_merged(retrievers: dict[str, Retriever]) 
             stats = await client.stats()
     finally:
         await server.stop(grace=0)
+    # Each answer equals a lone in-process search with the call's own k.
     assert [g[0] for g in got] == [
-        flat.search([q], k)[0] for q, k in zip(queries, ks, strict=False)
+        local.search([q], k)[0] for q, k in zip(queries, ks, strict=True)
     ]
     assert sum(counting.text_batches) == 20
     assert len(counting.text_batches) < 20, counting.text_batches
+    if backend == "hnsw":  # approximate: only calls with equal k share an index search
+        assert len(counting.text_batches) >= len(set(ks))
     assert stats.search_calls == 20
     assert stats.index_searches == len(counting.text_batches)
     assert stats.max_merged_calls == max(counting.text_batches) > 1
