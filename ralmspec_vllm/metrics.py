@@ -32,17 +32,18 @@ _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 REQUESTS = Counter(
     "ralmspec_requests",
-    "Finished RaLM requests by mode and outcome (ok, error, aborted).",
-    ["mode", "outcome"],
+    "Finished RaLM requests by method (baseline, ralmspec-PSA, ...) and outcome (ok, error,"
+    " aborted: the client went away).",
+    ["method", "outcome"],
 )
 REQUEST_LATENCY = Histogram(
     "ralmspec_request_latency_seconds",
     "End-to-end latency of a RaLM request (runner wall time).",
-    ["mode"],
+    ["method"],
     buckets=_LATENCY_BUCKETS,
 )
 GENERATED_TOKENS = Counter(
-    "ralmspec_generated_tokens", "Verified answer tokens returned to clients.", ["mode"]
+    "ralmspec_generated_tokens", "Verified answer tokens returned to clients.", ["method"]
 )
 SPECULATION_STEPS = Counter(
     "ralmspec_speculation_steps",
@@ -148,9 +149,9 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     PREFIX_CACHE_HIT_TOKENS.inc(trace.num_cached_tokens)
 
 
-def record_failure(mode: str, outcome: str) -> None:
+def record_failure(method: str, outcome: str) -> None:
     """A request that ended without a trace (``error`` or ``aborted`` by its client)."""
-    REQUESTS.labels(mode, outcome).inc()
+    REQUESTS.labels(method, outcome).inc()
 
 
 def observe_batch(calls: int, queries: int, wait_s: float) -> None:

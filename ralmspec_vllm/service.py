@@ -21,6 +21,7 @@ while the engine's layout and document cache (query window, document cap) are se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -105,6 +106,11 @@ class RaLMJob:
     mode: Mode
     config: RaLMConfig
     speculation: SpeculationConfig
+
+    @property
+    def method(self) -> str:
+        """``baseline`` or ``ralmspec-<row>`` (``B``, ``P``, ..., ``PSA``): the metrics label."""
+        return f"ralmspec-{self.speculation.label}" if self.mode == "ralmspec" else self.mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +264,12 @@ class RaLMService:
                 getter.cancel()
             if not task.done():
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                metrics.record_failure(job.mode, "aborted")
+                metrics.record_failure(job.method, "aborted")
                 logger.info("request %s aborted: its client went away", job.request_id)
+                # Under an anyio cancel scope (Starlette's streaming response) every await in
+                # here is cancelled again at once; the job task is cancelled either way.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(task, return_exceptions=True)
 
     async def run(self, job: RaLMJob) -> JobResult:
         """The whole answer at once (no streaming)."""
@@ -273,8 +282,7 @@ class RaLMService:
 
     async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
         engine = self.engine
-        method = f"ralmspec-{job.speculation.label}" if job.mode == "ralmspec" else job.mode
-        recorder = TraceRecorder(method)
+        recorder = TraceRecorder(job.method)
         ctx = RequestContext(
             job.request_id,
             job.question_ids,
@@ -295,7 +303,7 @@ class RaLMService:
         except asyncio.CancelledError:
             raise
         except Exception:
-            metrics.record_failure(job.mode, "error")
+            metrics.record_failure(job.method, "error")
             raise
         if ctx.final_length != len(ctx.generated):
             raise RuntimeError(f"{job.request_id}: answer ended with unverified tokens")

@@ -71,19 +71,43 @@ def unauthorized() -> APIError:
     )
 
 
+_TYPE_TAGS = frozenset({"int", "str", "bool", "float", "list", "dict", "none", "json-or-python"})
+
+
+def _param(loc: Any) -> str | None:
+    """``ralm.speculation_stride`` from a pydantic loc, without union-member / validator tags
+    (``constrained-int``, ``literal['auto']``, ``function-after[...]``) or the ``body`` root."""
+    parts = []
+    for part in loc or ():
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif (
+            isinstance(part, str)
+            and part != "body"
+            and part.isidentifier()
+            and part.lower() not in _TYPE_TAGS
+        ):
+            parts.append(part)
+    return ".".join(parts) or None
+
+
 def from_validation_errors(errors: list[Any]) -> APIError:
-    """One 400 naming every invalid field (``ralm.speculation_stride: ...``)."""
-    parts: list[str] = []
-    first_param: str | None = None
+    """One 400 naming every invalid field (``ralm.speculation_stride: ...``); a union's
+    members' complaints are joined with "or"."""
+    messages: dict[str | None, list[str]] = {}
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        # pydantic puts union-member and wrapper names in loc; keep field names and indices.
-        loc = [p for p in loc if not any(c in p for c in "[]()") and p != "function-after"]
-        param = ".".join(loc) or None
-        first_param = first_param or param
-        parts.append(f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", ""))
-    message = "Invalid request: " + "; ".join(parts) if parts else "Invalid request."
-    return bad_request(message, first_param)
+        param = _param(err.get("loc"))
+        # vLLM's own validators raise VLLMValidationError naming the parameter.
+        param = param or getattr(err.get("ctx", {}).get("error"), "parameter", None)
+        message = str(err.get("msg", "invalid value"))
+        if message not in messages.setdefault(param, []):
+            messages[param].append(message)
+    first = next(iter(messages), None)
+    text = "; ".join(
+        f"{param}: {', or '.join(msgs)}" if param else ", or ".join(msgs)
+        for param, msgs in messages.items()
+    )
+    return bad_request(f"Invalid request: {text}" if text else "Invalid request.", first)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:

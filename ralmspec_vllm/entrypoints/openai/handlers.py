@@ -105,7 +105,14 @@ class OpenAIHandlers:
         response = p.RaLMCompletionResponse(
             id=f"cmpl-{prep.job.request_id}",
             model=self.model_name,
-            choices=[p.CompletionResponseChoice(index=0, text=text, finish_reason=_finish(result))],
+            choices=[
+                p.CompletionResponseChoice(
+                    index=0,
+                    text=text,
+                    finish_reason=_finish(result),
+                    token_ids=list(result.token_ids) if request.return_token_ids else None,
+                )
+            ],
             usage=_usage(prep, result),
             sources=await self._sources(result) if prep.return_sources else None,
             ralm=_ralm_usage(prep.job, result),
@@ -132,6 +139,7 @@ class OpenAIHandlers:
                     index=0,
                     message=p.ChatMessage(role="assistant", content=text),
                     finish_reason=_finish(result),
+                    token_ids=list(result.token_ids) if request.return_token_ids else None,
                 )
             ],
             usage=_usage(prep, result),

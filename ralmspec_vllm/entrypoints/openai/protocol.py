@@ -125,25 +125,24 @@ class RaLMUsage(BaseModel):
     prompt_tokens_sent: int
 
 
-class _RaLMFields(BaseModel):
+class RaLMCompletionResponse(CompletionResponse):
     sources: list[Source] | None = None
     ralm: RaLMUsage | None = None
 
 
-class RaLMCompletionResponse(CompletionResponse, _RaLMFields):
-    pass
+class RaLMCompletionStreamResponse(CompletionStreamResponse):
+    sources: list[Source] | None = None
+    ralm: RaLMUsage | None = None
 
 
-class RaLMCompletionStreamResponse(CompletionStreamResponse, _RaLMFields):
-    pass
+class RaLMChatCompletionResponse(ChatCompletionResponse):
+    sources: list[Source] | None = None
+    ralm: RaLMUsage | None = None
 
 
-class RaLMChatCompletionResponse(ChatCompletionResponse, _RaLMFields):
-    pass
-
-
-class RaLMChatCompletionStreamResponse(ChatCompletionStreamResponse, _RaLMFields):
-    pass
+class RaLMChatCompletionStreamResponse(ChatCompletionStreamResponse):
+    sources: list[Source] | None = None
+    ralm: RaLMUsage | None = None
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -1,0 +1,249 @@
+"""``ralmspec-vllm serve``: the OpenAI-compatible RaLM server.
+
+With no arguments: SmolLM2-135M (``engine.models.resolve_model``, converted once and cached),
+the default real-text index, a retriever service started as a child process on 127.0.0.1
+(OS-chosen port; killed when the server exits), and the HTTP server on 127.0.0.1:8000.
+
+Flags: our own (server, retriever, RaLM defaults and limits) plus every vLLM engine flag
+(``AsyncEngineArgs.add_cli_args``: ``--max-model-len``, ``--dtype``, ``--block-size``,
+``--enable-prefix-caching``, ...). Engine settings the user does not give come from
+``engine.settings.EngineConfig`` (the project's CPU/GPU defaults), the ones given win.
+
+Start-up order: the retriever child and the engine start concurrently; then the app
+(``entrypoints.openai.app.build_app``) is served by uvicorn on a socket bound here, so
+``--port 0`` works and the line ``ralmspec-vllm serving on http://HOST:PORT`` (stdout) names
+the real port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.engine.settings import apply_process_settings
+from ralmspec_vllm.service import ServiceConfig
+
+logger = logging.getLogger(__name__)
+
+READY_PREFIX = "ralmspec-vllm serving on"
+DEFAULT_MODEL = "smollm2-135m"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# Our flags' destinations; everything else in the namespace is a vLLM engine flag.
+_OWN: set[str] = set()
+
+
+def _own(group: Any, *flags: str, **kwargs: Any) -> None:
+    action = group.add_argument(*flags, **kwargs)
+    _OWN.add(action.dest)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    apply_process_settings()  # thread/offline settings must precede the vLLM/torch import
+    server = parser.add_argument_group("server")
+    _own(server, "--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    _own(server, "--port", type=int, default=8000, help="port; 0 = OS-chosen (default: 8000)")
+    _own(
+        server,
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; env RALMSPEC_API_KEY)",
+    )
+    _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
+
+    retr = parser.add_argument_group("retriever")
+    _own(retr, "--retriever", default=None, help="HOST:PORT of a running retriever service "
+         "(default: start one as a child process)")  # fmt: skip
+    _own(retr, "--index", default=None, help="index directory for the child retriever "
+         "(default: the default index, built once)")  # fmt: skip
+    _own(retr, "--retriever-backend", default="flat", choices=("flat", "hnsw", "ivf", "bm25"),
+         help="child retriever backend (default: %(default)s)")  # fmt: skip
+    _own(retr, "--retriever-arg", action="append", default=[], metavar="ARG",
+         help="extra flag for the child 'retriever serve' (repeatable, e.g. "
+              "--retriever-arg=--ef-search=64)")  # fmt: skip
+    _own(retr, "--retriever-timeout", type=float, default=30.0, help="seconds per retriever call")
+    _own(retr, "--retriever-retries", type=int, default=3, help="retries per retriever call")
+
+    ralm = parser.add_argument_group("RaLM defaults (per-request 'ralm' options override)")
+    d, s, c = RaLMConfig(), SpeculationConfig.preset("PSA"), ServiceConfig()
+    _own(ralm, "--mode", default=c.default_mode, choices=("baseline", "ralmspec"),
+         help="default mode (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--retrieval-stride", type=int, default=d.retrieval_stride)
+    _own(ralm, "--query-window", type=int, default=d.query_window)
+    _own(ralm, "--max-doc-tokens", type=int, default=d.max_doc_tokens)
+    _own(ralm, "--max-new-tokens", type=int, default=d.max_new_tokens,
+         help="max_tokens of requests that give none (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--speculation-stride", default="auto", help="int or 'auto' (default: auto)")
+    _own(ralm, "--max-speculation-stride", type=int, default=s.max_speculation_stride)
+    _own(ralm, "--prefetch-k", type=int, default=s.prefetch_k)
+    _own(ralm, "--async-verification", action=argparse.BooleanOptionalAction,
+         default=s.async_verification)  # fmt: skip
+    _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
+    _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
+         help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--max-batch-queries", type=int, default=c.max_batch_queries)
+    _own(ralm, "--max-tokens-limit", type=int, default=c.max_tokens_limit)
+    _own(ralm, "--max-retrieval-stride", type=int, default=c.max_retrieval_stride)
+    _own(ralm, "--max-prefetch-k", type=int, default=c.max_prefetch_k)
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine = parser.add_argument_group("vLLM engine (all of vLLM's engine flags)")
+    AsyncEngineArgs.add_cli_args(engine)  # type: ignore[arg-type]
+    parser.set_defaults(model=None)
+
+
+def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The RaLM defaults and limits from the flags (ValueError names a bad one)."""
+    stride: int | str = args.speculation_stride
+    if stride != "auto":
+        try:
+            stride = int(stride)
+        except ValueError:
+            msg = f"--speculation-stride must be an int or 'auto', got {stride!r}"
+            raise ValueError(msg) from None
+    return ServiceConfig(
+        ralm=RaLMConfig(
+            retrieval_stride=args.retrieval_stride,
+            query_window=args.query_window,
+            max_doc_tokens=args.max_doc_tokens,
+            max_new_tokens=args.max_new_tokens,
+        ),
+        speculation=SpeculationConfig(
+            speculation_stride=stride,  # type: ignore[arg-type]
+            prefetch_k=args.prefetch_k,
+            async_verification=args.async_verification,
+            cache_capacity=args.cache_capacity,
+            max_speculation_stride=args.max_speculation_stride,
+        ),
+        default_mode=args.mode,
+        max_tokens_limit=args.max_tokens_limit,
+        max_retrieval_stride=args.max_retrieval_stride,
+        max_prefetch_k=args.max_prefetch_k,
+        batch_window_s=args.batch_window_ms / 1000,
+        max_batch_queries=args.max_batch_queries,
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> Any:
+    """The engine's ``EngineConfig``: the project's per-device defaults, with every vLLM flag
+    the user gave passed through unchanged (``EngineConfig.extra`` wins over the defaults)."""
+    from ralmspec_vllm.engine.models import resolve_model
+    from ralmspec_vllm.engine.settings import EngineConfig
+
+    model = str(resolve_model(args.model or DEFAULT_MODEL))
+    given = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in _OWN
+        and key in parser_defaults
+        and key != "model"
+        and value != parser_defaults[key]
+    }
+    return EngineConfig(
+        model=model,
+        max_model_len=args.max_model_len or 2048,
+        disable_log_stats=args.disable_log_stats,  # vLLM's metrics on /metrics by default
+        extra=given,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    sock: socket.socket
+    host: str
+    port: int
+
+
+def _bind(host: str, port: int) -> _Bound:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return _Bound(sock, host, sock.getsockname()[1])
+
+
+async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceConfig) -> None:
+    import uvicorn
+
+    from ralmspec_vllm.entrypoints.openai.app import build_app
+    from ralmspec_vllm.retrieval.client import RetrieverClient
+    from ralmspec_vllm.retrieval.server import ServerProcess
+    from ralmspec_vllm.service import RaLMService
+
+    api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
+    bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
+    async with AsyncExitStack() as stack:
+        target = args.retriever
+        child_start = None
+        if target is None:
+            child_args = ["--host", "127.0.0.1", "--port", "0", "--backend", args.retriever_backend]
+            child_args += ["--index", args.index] if args.index else []
+            child_args += args.retriever_arg
+            logger.info("starting the retriever service: retriever serve %s", " ".join(child_args))
+            child_start = asyncio.create_task(asyncio.to_thread(ServerProcess.spawn, child_args))
+        try:
+            lm = await _start_lm(engine_config, stack)
+        finally:
+            if child_start is not None:  # always reap the child, even if the engine failed
+                child = await child_start
+                stack.callback(child.stop)
+                target = child.target
+        client = RetrieverClient(
+            target, timeout_s=args.retriever_timeout, max_retries=args.retriever_retries
+        )
+        stack.push_async_callback(client.close)
+        await client.wait_ready()
+        service = RaLMService(lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len)
+        model_name = (args.served_model_name or [args.model or DEFAULT_MODEL])[0]
+        app = build_app(service, model_name, api_keys)
+        uv = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level=args.uvicorn_log_level,
+                timeout_graceful_shutdown=5,
+                lifespan="off",
+            )
+        )
+        print(f"{READY_PREFIX} http://{bound.host}:{bound.port}", flush=True)
+        logger.info(
+            "model %s, retriever %s, api key %s", model_name, target, "on" if api_keys else "off"
+        )
+        await uv.serve(sockets=[bound.sock])
+
+
+async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
+    from ralmspec_vllm.engine.lm import VllmLanguageModel
+
+    lm = await VllmLanguageModel.create(engine_config)
+    stack.push_async_callback(lm.shutdown)
+    return lm
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.host not in LOCAL_HOSTS and not (args.api_key or os.environ.get("RALMSPEC_API_KEY")):
+        logger.warning(
+            "binding %s without --api-key: anyone who can reach it may use it", args.host
+        )
+    try:
+        config = service_config_from_args(args)
+    except ValueError as err:
+        print(f"ralmspec-vllm serve: error: {err}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    defaults = {a.dest: a.default for a in parser._actions}
+    engine_config = engine_config_from_args(args, defaults)
+    asyncio.run(_serve(args, engine_config, config))
+    return 0

@@ -1,0 +1,302 @@
+"""The OpenAI-compatible server over HTTP: the official ``openai`` client, and raw ``httpx``
+for error shapes, auth and disconnects. Answers must equal the offline runner's baseline token
+for token, in every mode, streamed or not, alone or concurrent."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from ralmspec_vllm.metrics import METRIC_NAMES
+
+from .conftest import API_KEY, MODEL_NAME, Served
+
+pytestmark = pytest.mark.vllm
+
+QUESTIONS = [
+    "Who wrote about anarchism and the state?",
+    "What did Aristotle teach about logic?",
+    "Tell me about the history of astronomy and the stars.",
+    "Where is the capital of Albania?",
+]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SPECULATIVE = [
+    {"mode": "ralmspec"},  # server defaults: PSA (auto stride, prefetch 20, async)
+    {"mode": "ralmspec", "speculation_stride": 1, "async_verification": False, "prefetch_k": 1},
+    {"mode": "ralmspec", "speculation_stride": 3, "prefetch_k": 1},
+    {"mode": "ralmspec", "speculation_stride": 2, "prefetch_k": 5, "async_verification": False},
+]
+_baselines: dict[str, Any] = {}
+
+
+async def baseline(served: Served, question: str) -> Any:
+    """The offline runner's baseline answer (cached per question)."""
+    if question not in _baselines:
+        _baselines[question] = await served.offline.generate(question, "baseline")
+    return _baselines[question]
+
+
+def chat_question(served: Served, messages: list[dict[str, str]]) -> str:
+    tokenizer: Any = served.service.tokenizer
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_health_models_and_auth(served: Served, openai_client: openai.AsyncOpenAI) -> None:
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}  # open without a key
+        assert (await http.get("/metrics")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            reply = await http.post("/v1/completions", json={"prompt": "x"}, headers=headers)
+            assert reply.status_code == 401
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert (await http.get("/v1/models")).status_code == 401
+    models = await openai_client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    wrong = openai.AsyncOpenAI(base_url=served.base_url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await wrong.completions.create(model=MODEL_NAME, prompt="hello")
+
+
+@pytest.mark.parametrize("ralm", [{"mode": "baseline"}, *SPECULATIVE], ids=str)
+async def test_completion_equals_offline_baseline(
+    served: Served, openai_client: openai.AsyncOpenAI, ralm: dict[str, Any]
+) -> None:
+    for question in QUESTIONS[:2]:
+        want = await baseline(served, question)
+        response = await openai_client.completions.create(
+            model=MODEL_NAME,
+            prompt=question,
+            extra_body={"ralm": ralm, "return_token_ids": True},
+        )
+        choice = response.choices[0]
+        assert tuple(choice.token_ids) == want.token_ids, question  # type: ignore[attr-defined]
+        assert choice.text == want.text
+        assert choice.finish_reason == ("stop" if want.finished else "length")
+        assert response.usage is not None
+        assert response.usage.completion_tokens == len(want.token_ids)
+        extra = response.model_extra or {}
+        assert extra["ralm"]["mode"].startswith(ralm["mode"])
+        assert "sources" not in extra
+
+
+async def test_streaming_completion_sends_verified_text(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    question = QUESTIONS[2]
+    want = await baseline(served, question)
+    for ralm in ({"mode": "baseline"}, SPECULATIVE[0], SPECULATIVE[2]):
+        stream = await openai_client.completions.create(
+            model=MODEL_NAME,
+            prompt=question,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ralm": {**ralm, "return_sources": True}},
+        )
+        chunks = [chunk async for chunk in stream]
+        texts = [c.choices[0].text for c in chunks if c.choices]
+        assert "".join(texts) == want.text
+        assert sum(1 for t in texts if t) > 1  # really streamed, in several pieces
+        final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(final) == 1
+        assert final[0].choices[0].finish_reason == ("stop" if want.finished else "length")
+        sources = (final[0].model_extra or {})["sources"]
+        assert sources[0]["token_start"] == 0 and sources[-1]["token_end"] == len(want.token_ids)
+        assert chunks[-1].usage is not None and not chunks[-1].choices
+        assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+async def test_sources_name_the_documents_of_each_span(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    question = QUESTIONS[0]
+    want = await baseline(served, question)
+    response = await openai_client.completions.create(
+        model=MODEL_NAME,
+        prompt=question,
+        extra_body={"ralm": {"mode": "ralmspec", "return_sources": True}},
+    )
+    text = response.choices[0].text
+    sources = (response.model_extra or {})["sources"]
+    expected: list[tuple[int | None, int, int]] = []
+    for span in want.trace.spans:  # adjacent steps with the same document merge
+        if expected and expected[-1][0] == span.doc_id:
+            expected[-1] = (span.doc_id, expected[-1][1], span.end)
+        else:
+            expected.append((span.doc_id, span.start, span.end))
+    assert [(s["doc_id"], s["token_start"], s["token_end"]) for s in sources] == expected
+    assert all(s["title"] == served.titles[s["doc_id"]] for s in sources)
+    assert sources[0]["char_start"] == 0 and sources[-1]["char_end"] == len(text)
+    for left, right in itertools.pairwise(sources):
+        assert left["char_end"] == right["char_start"]
+
+
+async def test_chat_equals_offline_baseline(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Who was Aristotle?"},
+    ]
+    want = await served.offline.generate(chat_question(served, messages), "baseline")
+    for ralm in ({"mode": "baseline"}, SPECULATIVE[0], SPECULATIVE[1]):
+        response = await openai_client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,  # type: ignore[arg-type]
+            extra_body={"ralm": ralm, "return_token_ids": True},
+        )
+        choice = response.choices[0]
+        assert tuple(choice.token_ids) == want.token_ids  # type: ignore[attr-defined]
+        assert choice.message.role == "assistant" and choice.message.content == want.text
+        stream = await openai_client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            extra_body={"ralm": ralm},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+async def test_concurrent_clients_get_baseline_answers(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    wants = [await baseline(served, q) for q in QUESTIONS]
+    batches_before = len(served.service.batching.stats)
+    jobs = [
+        (question, ralm)
+        for question in QUESTIONS
+        for ralm in ({"mode": "baseline"}, SPECULATIVE[0], SPECULATIVE[1])
+    ]
+
+    async def ask(question: str, ralm: dict[str, Any]) -> tuple[int, ...]:
+        response = await openai_client.completions.create(
+            model=MODEL_NAME, prompt=question, extra_body={"ralm": ralm, "return_token_ids": True}
+        )
+        return tuple(response.choices[0].token_ids)  # type: ignore[attr-defined]
+
+    answers = await asyncio.gather(*(ask(q, r) for q, r in jobs))
+    for (question, ralm), got in zip(jobs, answers, strict=True):
+        assert got == wants[QUESTIONS.index(question)].token_ids, (question, ralm)
+    merged = served.service.batching.stats[batches_before:]
+    assert max(record.num_callers for record in merged) > 1  # retrievals shared RPCs
+
+
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def ralm(**options: Any) -> dict[str, Any]:
+    return {"prompt": "q", "ralm": options}
+
+
+IMAGE = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
+    (CMPL, ralm(bogus=1), 400, "ralm.bogus"),
+    (CMPL, ralm(mode="oracle"), 400, "ralm.mode"),
+    (CMPL, ralm(speculation_stride=0), 400, "ralm.speculation_stride"),
+    (CMPL, ralm(speculation_stride=99), 400, "ralm.speculation_stride"),
+    (CMPL, ralm(speculation_stride="fast"), 400, "ralm.speculation_stride"),
+    (CMPL, ralm(retrieval_stride=1000), 400, "ralm.retrieval_stride"),
+    (CMPL, ralm(prefetch_k=100000), 400, "ralm.prefetch_k"),
+    (CMPL, ralm(async_verification="yes"), 400, "ralm.async_verification"),
+    (CMPL, {"prompt": "q", "max_tokens": 0}, 400, "max_tokens"),
+    (CMPL, {"prompt": "q", "max_tokens": 100000}, 400, "max_tokens"),
+    (CMPL, {"prompt": "word " * 2000}, 400, "prompt"),
+    (CMPL, {"prompt": "q", "temperature": 0.7}, 400, "temperature"),
+    (CMPL, {"prompt": "q", "n": 2}, 400, "n"),
+    (CMPL, {"prompt": "q", "stop": ["x"]}, 400, "stop"),
+    (CMPL, {"prompt": ["a", "b"]}, 400, "prompt"),
+    (CMPL, {"max_tokens": 3}, 400, "prompt"),
+    (CMPL, "{not json", 400, None),
+    (CMPL, {"prompt": "q", "model": "other-model"}, 404, "model"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": [IMAGE]}, 400, "messages.0.content"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+async def test_bad_requests_get_openai_errors(
+    served: Served, path: str, body: Any, status: int, param: str | None
+) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    async with httpx.AsyncClient(base_url=served.base_url, headers=AUTH) as http:
+        reply = await http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+        assert param.split(".")[-1] in error["message"] or param == "model", error
+
+
+async def test_openai_client_raises_bad_request(openai_client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await openai_client.completions.create(
+            model=MODEL_NAME, prompt="q", extra_body={"ralm": {"speculation_stride": 99}}
+        )
+    assert "speculation_stride must be in [1, 4]" in err.value.message
+
+
+async def test_metrics_expose_ralmspec_counters(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    await openai_client.completions.create(
+        model=MODEL_NAME, prompt=QUESTIONS[3], extra_body={"ralm": SPECULATIVE[1]}
+    )
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        text = (await http.get("/metrics")).text
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in text, name
+    steps = sample("ralmspec_speculation_steps_total", outcome="hit")
+    steps += sample("ralmspec_speculation_steps_total", outcome="miss")
+    assert steps > 0
+    assert sample("ralmspec_requests_total", method="ralmspec-B", outcome="ok") >= 1
+    assert sample("ralmspec_retriever_batch_calls_count") > 0
+    assert sample("ralmspec_prefix_cache_hit_tokens_total") > 0
+    assert sample("ralmspec_speculation_stride_count") > 0
+
+
+async def _wait_idle(served: Served, aborted_before: float, method: str) -> None:
+    for _ in range(200):
+        aborted = sample("ralmspec_requests_total", method=method, outcome="aborted")
+        if aborted > aborted_before and served.lm.in_flight() == 0:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the disconnected request's work did not stop")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_client_disconnect_aborts_work(served: Served, stream: bool) -> None:
+    method = "ralmspec-PSA"
+    before = sample("ralmspec_requests_total", method=method, outcome="aborted")
+    done_before = sample("ralmspec_requests_total", method=method, outcome="ok")
+    body = {
+        "prompt": QUESTIONS[1],
+        "max_tokens": 256,
+        "stream": stream,
+        "ralm": {"mode": "ralmspec"},
+    }
+    async with httpx.AsyncClient(base_url=served.base_url, headers=AUTH, timeout=60) as http:
+        if stream:
+            async with http.stream("POST", "/v1/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # one verified chunk arrived; now hang up
+        else:
+            request = asyncio.create_task(http.post("/v1/completions", json=body))
+            await asyncio.sleep(0.3)
+            request.cancel()
+    await _wait_idle(served, before, method)
+    assert sample("ralmspec_requests_total", method=method, outcome="ok") == done_before
