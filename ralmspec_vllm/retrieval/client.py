@@ -155,6 +155,16 @@ class RetrieverClient:
             max_merged_queries=s.max_merged_queries,
         )
 
+    async def encode(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
+        """Query embeddings (n, dim) from the server's encoder, exactly as Search uses them."""
+        if isinstance(queries, str):
+            raise TypeError("queries must be a sequence of strings, not one string")
+        if len(queries) == 0:
+            dim = self._dim if self._dim is not None else (await self.info()).dim
+            return np.zeros((0, dim), dtype=np.float32)
+        reply = await self._call("Encode", pb.EncodeRequest(texts=list(queries)), timeout_s)
+        return vectors_from_proto(reply.embeddings, len(queries))
+
     async def search(
         self, queries: Sequence[str], k: int, *, timeout_s: float | None = None
     ) -> list[list[Hit]]:

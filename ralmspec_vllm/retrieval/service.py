@@ -151,6 +151,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
     ) -> pb.GetVectorsResponse:
         return await self._guard("GetVectors", self._vectors, request, context)
 
+    async def Encode(
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeResponse:
+        return await self._guard("Encode", self._encode, request, context)
+
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
@@ -269,18 +274,25 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         vectors = await asyncio.to_thread(self.dense.vectors, ids)
         return pb.GetVectorsResponse(available=True, vectors=embeddings_to_proto(vectors))
 
+    async def _encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
+        if self.dense is None:
+            raise InvalidField("texts", f"the {self.info.backend!r} backend has no encoder")
+        texts = self._check_texts(request.texts, "texts")
+        vectors = await asyncio.to_thread(self.dense.encode, texts)
+        return pb.EncodeResponse(embeddings=embeddings_to_proto(vectors))
+
     # -- validation -------------------------------------------------------------------------
 
-    def _check_texts(self, texts: Sequence[str]) -> list[str]:
+    def _check_texts(self, texts: Sequence[str], field: str = "text.texts") -> list[str]:
         if not texts:
-            raise InvalidField("text.texts", "no queries given")
+            raise InvalidField(field, "no queries given")
         if len(texts) > self.config.max_queries:
             raise InvalidField(
-                "text.texts", f"{len(texts)} queries exceed the limit of {self.config.max_queries}"
+                field, f"{len(texts)} queries exceed the limit of {self.config.max_queries}"
             )
         for i, text in enumerate(texts):
             if not text.strip():
-                raise InvalidField(f"text.texts[{i}]", "query is empty")
+                raise InvalidField(f"{field}[{i}]", "query is empty")
         return list(texts)
 
     def _check_embeddings(self, msg: pb.Embeddings, field: str) -> np.ndarray:

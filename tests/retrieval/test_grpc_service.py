@@ -167,6 +167,8 @@ async def test_search_by_embedding_equals_search_by_text(
     local = retrievers[backend]
     assert isinstance(local, DenseRetriever)
     embeddings = local.encode(QUERIES)
+    # The server's encoder gives the same vectors bit for bit (Encode RPC).
+    np.testing.assert_array_equal(await clients[backend].encode(QUERIES), embeddings)
     by_text = await clients[backend].search(QUERIES, K)
     assert await clients[backend].search_vectors(embeddings, K) == by_text
     assert by_text == local.search_vectors(embeddings, K)

@@ -102,6 +102,18 @@ class GetVectorsResponse(_message.Message):
     vectors: Embeddings
     def __init__(self, available: bool = ..., vectors: _Optional[_Union[Embeddings, _Mapping]] = ...) -> None: ...
 
+class EncodeRequest(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("embeddings",)
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    embeddings: Embeddings
+    def __init__(self, embeddings: _Optional[_Union[Embeddings, _Mapping]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

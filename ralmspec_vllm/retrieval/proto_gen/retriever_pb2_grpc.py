@@ -59,6 +59,11 @@ class RetrieverStub(object):
                 request_serializer=retriever__pb2.InfoRequest.SerializeToString,
                 response_deserializer=retriever__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/ralmspec.retriever.v1.Retriever/Encode',
+                request_serializer=retriever__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=retriever__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer(object):
@@ -100,6 +105,14 @@ class RetrieverServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Query embeddings from the server's encoder (dense backends only), bit-identical to
+        what Search uses, so a client needs no local encoder for its speculation cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrieverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=retriever__pb2.InfoRequest.FromString,
                     response_serializer=retriever__pb2.InfoResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=retriever__pb2.EncodeRequest.FromString,
+                    response_serializer=retriever__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class Retriever(object):
             '/ralmspec.retriever.v1.Retriever/Info',
             retriever__pb2.InfoRequest.SerializeToString,
             retriever__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ralmspec.retriever.v1.Retriever/Encode',
+            retriever__pb2.EncodeRequest.SerializeToString,
+            retriever__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
