@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from ralmspec_vllm.core.request import FinalCallback, RequestContext
 from ralmspec_vllm.core.speculative import SpeculativeRequest
 from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,7 @@ class RaLMEngine:
         elif encoder is not None:
             self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
         self._ids = itertools.count()
+        self._checked_k: set[int] = set()
 
     async def generate(
         self,
@@ -119,6 +123,10 @@ class RaLMEngine:
             raise ValueError("oracle_doc_ids must be given exactly when mode is 'oracle'")
         config = self._request_config(config)
         spec = speculation or self.speculation
+        if mode == "ralmspec" and spec.prefetch_k not in self._checked_k:
+            self._checked_k.add(spec.prefetch_k)
+            for problem in await self.retriever_problems(spec.prefetch_k):
+                logger.warning("%s", problem)
         method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
         request_id = request_id or f"ralm-{next(self._ids)}"
         if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
@@ -157,6 +165,26 @@ class RaLMEngine:
             finished=ctx.finished,
             trace=recorder.freeze(ctx.spans_tuple(), wall),
         )
+
+    async def retriever_problems(self, k: int) -> list[str]:
+        """Reasons why the retriever's top-1 for a search with ``k`` results might differ
+        from its top-1 for k = 1 (the baseline's), which would break token identity.
+
+        Known case: FAISS HNSW widens its search beam to ``k + candidate_margin`` when that
+        exceeds ``ef_search``, so a larger k explores a different graph neighbourhood."""
+        if k == 1:
+            return []
+        info = await self.retriever.info()
+        extra = info.extra
+        if info.backend == "hnsw" and "ef_search" in extra:
+            pool = k + int(extra.get("candidate_margin", "0"))
+            if pool > int(extra["ef_search"]):
+                return [
+                    f"prefetch_k={k}: HNSW searches {pool} candidates but ef_search is "
+                    f"{extra['ef_search']}; the top-1 may then differ from the baseline's "
+                    f"(k=1) search. Use ef_search >= {pool} or a smaller prefetch_k."
+                ]
+        return []
 
     def _request_config(self, config: RaLMConfig | None) -> RaLMConfig:
         if config is None:

@@ -127,3 +127,17 @@ def test_core_imports_no_heavy_framework() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_hnsw_beam_narrower_than_prefetch_is_reported() -> None:
+    ann = pytest.importorskip("ralmspec_vllm.retrieval.ann")
+    vectors = np.random.default_rng(2).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+
+    def engine(ef_search: int) -> RaLMEngine:
+        kb = ann.HNSWRetriever(vectors, Store(corpus()), BagOfWords(), m=8, ef_search=ef_search)
+        return RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb))
+
+    narrow = await engine(16).retriever_problems(20)
+    assert len(narrow) == 1 and "ef_search" in narrow[0]
+    assert await engine(128).retriever_problems(20) == []
+    assert await engine(16).retriever_problems(1) == []
