@@ -161,13 +161,7 @@ class BM25Index:
     def top_k(self, term_ids: Sequence[int], k: int) -> list[Hit]:
         """Exact top-k over the whole corpus (score desc, doc id asc)."""
         scores = self.scores_all(term_ids)
-        positive = np.flatnonzero(scores > 0)
-        if len(positive) >= k:
-            # Every other doc scores <= 0 and cannot enter the top k.
-            local = _top_k_indices(scores[positive], k)
-            chosen = positive[local]
-        else:
-            chosen = _top_k_indices(scores, k)
+        chosen = _top_k_indices(scores, k)
         return [Hit(int(d), float(scores[d])) for d in chosen]
 
     # ----------------------------------------------------------------- persistence

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NUM_DOCS, SyntheticCorpus, brute_force
 
 from ralmspec_vllm.retrieval.ann import (
     INDEX_FILE,
@@ -18,6 +17,8 @@ from ralmspec_vllm.retrieval.ann import (
 )
 from ralmspec_vllm.retrieval.base import DenseRetriever
 from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+from .synthetic import NUM_DOCS, SyntheticCorpus, brute_force
 
 
 def _hnsw(corpus: SyntheticCorpus, path: Path | None = None, **params: object) -> HNSWRetriever:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DIM, DUP_IDS, DUP_OF, NUM_DOCS, SyntheticCorpus, brute_force
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.dense import inner_product
 from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+from .synthetic import DIM, DUP_IDS, DUP_OF, NUM_DOCS, SyntheticCorpus, brute_force
 
 IMPLS = [
     {"impl": "faiss"},
