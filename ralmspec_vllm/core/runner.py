@@ -123,10 +123,8 @@ class RaLMEngine:
             raise ValueError("oracle_doc_ids must be given exactly when mode is 'oracle'")
         config = self._request_config(config)
         spec = speculation or self.speculation
-        if mode == "ralmspec" and spec.prefetch_k not in self._checked_k:
-            self._checked_k.add(spec.prefetch_k)
-            for problem in await self.retriever_problems(spec.prefetch_k):
-                logger.warning("%s", problem)
+        if mode == "ralmspec":
+            await self._check_retriever(spec.prefetch_k)
         method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
         request_id = request_id or f"ralm-{next(self._ids)}"
         if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
@@ -144,16 +142,8 @@ class RaLMEngine:
             on_final,
         )
         start = time.perf_counter()
-        if mode == "baseline":
-            await run_baseline(ctx)
-        elif mode == "oracle":
-            assert oracle_doc_ids is not None
-            await run_oracle(ctx, oracle_doc_ids)
-        else:
-            await SpeculativeRequest(ctx, spec, self.scorer).run()
+        await self._run(ctx, mode, spec, oracle_doc_ids)
         wall = time.perf_counter() - start
-        if ctx.final_length != len(ctx.generated):
-            raise RuntimeError(f"{request_id}: answer ended with unverified tokens")
         tokens = tuple(ctx.generated)
         return RaLMResult(
             request_id=request_id,
@@ -165,6 +155,23 @@ class RaLMEngine:
             finished=ctx.finished,
             trace=recorder.freeze(ctx.spans_tuple(), wall),
         )
+
+    async def _run(
+        self,
+        ctx: RequestContext,
+        mode: Mode,
+        spec: SpeculationConfig,
+        oracle_doc_ids: Sequence[int | None] | None,
+    ) -> None:
+        if mode == "baseline":
+            await run_baseline(ctx)
+        elif mode == "oracle":
+            assert oracle_doc_ids is not None
+            await run_oracle(ctx, oracle_doc_ids)
+        else:
+            await SpeculativeRequest(ctx, spec, self.scorer).run()
+        if ctx.final_length != len(ctx.generated):
+            raise RuntimeError(f"{ctx.request_id}: answer ended with unverified tokens")
 
     async def retriever_problems(self, k: int) -> list[str]:
         """Reasons why the retriever's top-1 for a search with ``k`` results might differ
@@ -185,6 +192,13 @@ class RaLMEngine:
                     f"(k=1) search. Use ef_search >= {pool} or a smaller prefetch_k."
                 ]
         return []
+
+    async def _check_retriever(self, k: int) -> None:
+        """Log ``retriever_problems`` once per distinct k."""
+        if k not in self._checked_k:
+            self._checked_k.add(k)
+            for problem in await self.retriever_problems(k):
+                logger.warning("%s", problem)
 
     def _request_config(self, config: RaLMConfig | None) -> RaLMConfig:
         if config is None:
