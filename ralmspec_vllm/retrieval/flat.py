@@ -154,6 +154,7 @@ def _torch_matrix(vectors: np.ndarray, device: str, dtype: str, chunk_size: int)
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     matrix = torch.empty(vectors.shape, dtype=torch_dtype, device=device)
     for start in range(0, len(vectors), chunk_size):
-        block = np.ascontiguousarray(vectors[start : start + chunk_size], dtype=np.float32)
+        # A writable copy per chunk: the KB's embeddings are a read-only memory map.
+        block = np.array(vectors[start : start + chunk_size], dtype=np.float32)
         matrix[start : start + len(block)] = torch.from_numpy(block).to(device, torch_dtype)
     return matrix, device
