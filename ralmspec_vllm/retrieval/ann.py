@@ -51,6 +51,7 @@ class _FaissANNRetriever(DenseIndexRetriever):
         build_params: dict[str, int],
         candidate_margin: int,
         progress: bool,
+        rebuild: bool,
     ) -> None:
         super().__init__(
             vectors,
@@ -70,6 +71,7 @@ class _FaissANNRetriever(DenseIndexRetriever):
                 "fingerprint": _fingerprint(self._vectors),
             },
             lambda: self._build(progress),
+            rebuild=rebuild,
         )
 
     def _build(self, progress: bool) -> Any:
@@ -111,6 +113,7 @@ class HNSWRetriever(_FaissANNRetriever):
         index_path: Path | None = None,
         candidate_margin: int = 16,
         progress: bool = True,
+        rebuild: bool = False,
     ) -> None:
         for field, value in (("hnsw_m", m), ("ef_construction", ef_construction)):
             if value < 2:
@@ -126,6 +129,7 @@ class HNSWRetriever(_FaissANNRetriever):
             build_params={"hnsw_m": m, "ef_construction": ef_construction},
             candidate_margin=candidate_margin,
             progress=progress,
+            rebuild=rebuild,
         )
 
     @staticmethod
@@ -174,6 +178,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
         index_path: Path | None = None,
         candidate_margin: int = 16,
         progress: bool = True,
+        rebuild: bool = False,
     ) -> None:
         nlist = default_nlist(len(vectors)) if nlist is None else nlist
         if not 1 <= nlist <= len(vectors):
@@ -190,6 +195,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
             build_params={"nlist": nlist, "train_size": self.train_size, "seed": seed},
             candidate_margin=candidate_margin,
             progress=progress,
+            rebuild=rebuild,
         )
 
     @staticmethod
@@ -239,11 +245,13 @@ def _fingerprint(vectors: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _load_or_build(path: Path | None, meta: dict[str, Any], build: Callable[[], Any]) -> Any:
+def _load_or_build(
+    path: Path | None, meta: dict[str, Any], build: Callable[[], Any], rebuild: bool = False
+) -> Any:
     """Load ``path`` if its saved metadata matches ``meta``; otherwise build and save it."""
     import faiss
 
-    if path is not None and path.exists() and (path.parent / META_FILE).exists():
+    if not rebuild and path is not None and path.exists() and (path.parent / META_FILE).exists():
         saved = json.loads((path.parent / META_FILE).read_text())
         if saved == meta:
             logger.info("loading %s index from %s", meta["backend"], path)

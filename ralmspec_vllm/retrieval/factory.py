@@ -59,7 +59,7 @@ class RetrieverConfig:
     bm25_stopwords: bool = True
     """Drop English stopwords in the BM25 analyzer (documents and queries)."""
     rebuild: bool = False
-    """Rebuild a saved index (BM25) even if one exists."""
+    """Rebuild a saved index (HNSW, IVF, BM25) even if one exists."""
     progress: bool = True
     """Show progress bars while building indexes."""
 
@@ -124,6 +124,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             ef_search=config.ef_search,
             candidate_margin=margin,
             progress=config.progress,
+            rebuild=config.rebuild,
         )
     if config.backend == "ivf":
         from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
@@ -134,6 +135,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             nprobe=config.nprobe,
             candidate_margin=margin,
             progress=config.progress,
+            rebuild=config.rebuild,
         )
     from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 
@@ -152,7 +154,8 @@ def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(RetrieverConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f"{_FIELD_HELP.get(f.name, '')} (default: {default})"
+        shown = "auto" if default is None else default
+        help_text = f"{_FIELD_HELP.get(f.name, '')} (default: {shown})"
         if isinstance(default, bool):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -180,7 +183,7 @@ _FIELD_HELP = {
     "hnsw_m": "HNSW M",
     "ef_construction": "HNSW efConstruction",
     "ef_search": "HNSW efSearch",
-    "nlist": "IVF lists (default ~4 sqrt(N))",
+    "nlist": "IVF lists; auto = about 4 sqrt(N)",
     "nprobe": "IVF lists probed per query",
     "bm25_k1": "BM25 k1",
     "bm25_b": "BM25 b",

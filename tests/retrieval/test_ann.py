@@ -112,6 +112,8 @@ def test_save_load_round_trip(
     rng = np.random.default_rng(5)
     queries = rng.standard_normal((25, corpus.vectors.shape[1])).astype(np.float32)
     assert loaded.search_vectors(queries, 10) == built.search_vectors(queries, 10)
+    BUILDERS[kind](corpus, path, rebuild=True)
+    assert path.stat().st_mtime_ns != stamp
 
 
 def test_stale_index_is_rebuilt(corpus: SyntheticCorpus, tmp_path: Path) -> None:
