@@ -45,6 +45,7 @@ class SpeculationCache:
         self.eviction = eviction
         self._ids = np.empty(capacity, dtype=np.int64)
         self._ticks = np.empty(capacity, dtype=np.int64)
+        self._norms = np.zeros(capacity, dtype=np.float64)
         self._vectors: np.ndarray | None = None
         self._dense: bool | None = None
         self._slot: dict[int, int] = {}
@@ -67,6 +68,11 @@ class SpeculationCache:
     def vectors(self) -> np.ndarray | None:
         """Vectors aligned with ``doc_ids`` (a view), or ``None`` when none were inserted."""
         return None if self._vectors is None else self._vectors[: self._size]
+
+    @property
+    def max_vector_norm(self) -> float:
+        """Largest Euclidean norm among the cached vectors (0.0 when empty)."""
+        return float(self._norms[: self._size].max()) if self._size else 0.0
 
     def missing(self, doc_ids: Sequence[int]) -> list[int]:
         """Those of ``doc_ids`` not cached, first occurrence order, no duplicates."""
@@ -129,6 +135,8 @@ class SpeculationCache:
         self._ticks[slot] = self._clock
         if vector is not None:
             self._vector_rows(slot + 1, len(vector))[slot] = vector
+            v64 = np.asarray(vector, dtype=np.float64)
+            self._norms[slot] = float(np.sqrt(v64 @ v64)) * (1.0 + 1e-12)  # never under
 
     def _vector_rows(self, rows: int, dim: int) -> np.ndarray:
         """The vector matrix with at least ``rows`` rows (grown by doubling: a request that
@@ -189,17 +197,19 @@ class DenseCacheScorer:
         vectors = cache.vectors  # read after the await: consistent with doc ids right now
         if vectors is None:
             raise ValueError("dense cache scoring needs documents inserted with vectors")
-        best = cache.best_exact(*exact_candidates(q, vectors))
+        best = cache.best_exact(*exact_candidates(q, vectors, cache.max_vector_norm))
         recorder.speculation_time_s += time.perf_counter() - start
         return best
 
 
-def exact_candidates(q: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exact_candidates(
+    q: np.ndarray, vectors: np.ndarray, max_norm: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows that may hold the exact maximum of ``inner_product(q, vectors)`` and their
     exact scores. Any float32 dot product is within ``bound`` of the exact one, so the
-    exact best (and any exact tie) lies within ``2 * bound`` of the float32 maximum."""
+    exact best (and any exact tie) lies within ``2 * bound`` of the float32 maximum.
+    ``max_norm`` must bound every row's norm (a slight overestimate only widens the set)."""
     approx = vectors @ q
-    max_norm = float(np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).max()))
     q_norm = float(np.linalg.norm(q.astype(np.float64)))
     bound = float32_relative_error(len(q)) * q_norm * max_norm
     rows = np.flatnonzero(approx >= approx.max() - 2.0 * bound - 1e-30)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ralmspec_vllm.core.cache import DenseCacheScorer, RetrieverCacheScorer, SpeculationCache
+from ralmspec_vllm.core.cache import (
+    DenseCacheScorer,
+    RetrieverCacheScorer,
+    SpeculationCache,
+    exact_candidates,
+)
 from ralmspec_vllm.core.trace import TraceRecorder
 
 from .fakes import ScriptedRetriever, SyntheticDenseRetriever
@@ -111,3 +116,23 @@ async def test_retriever_scorer_uses_kb_scores() -> None:
     assert await scorer.top1(cache, "some query", recorder) == 3
     assert recorder.retrieval_calls[0].kind == "score"
     assert kb.score_calls == 1
+
+
+def test_exact_candidates_find_the_exact_best_among_near_ties() -> None:
+    from ralmspec_vllm.retrieval.dense import inner_product
+
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        base = rng.standard_normal((1, 64)).astype(np.float32)
+        # near-duplicates one ulp apart, plus exact duplicates and unrelated rows
+        near = base + rng.integers(-1, 2, (20, 64)) * np.spacing(base)
+        rows = np.concatenate([near, base, base, rng.standard_normal((30, 64))]).astype(np.float32)
+        ids = rng.permutation(1000)[: len(rows)].astype(np.int64)
+        q = (base[0] + 0.01 * rng.standard_normal(64)).astype(np.float32)
+        cache = SpeculationCache(len(rows))
+        cache.insert(ids.tolist(), dict(zip(ids.tolist(), rows, strict=True)))
+        exact = inner_product(q[None, :], cache.vectors)[0]  # type: ignore[arg-type]
+        top = exact.max()
+        want = int(cache.doc_ids[exact == top].min())
+        cand, scores = exact_candidates(q, cache.vectors, cache.max_vector_norm)  # type: ignore[arg-type]
+        assert cache.best_exact(cand, scores) == want, trial
