@@ -1,11 +1,13 @@
 """Query embeddings for dense speculation: one call per query, or batched across requests.
 
 Every speculative step of a dense request embeds its query with the knowledge base's encoder
-(``QueryEncoder``: texts -> float32 (n, dim)). ``ThreadEmbedder`` runs each call off the event
-loop. ``BatchingEmbedder`` merges the calls of concurrent requests that arrive within
+(``QueryEncoder``: texts -> float32 (n, dim)). ``ThreadEmbedder`` runs each call off the
+event loop; ``AsyncEmbedder`` awaits an async encoder (the retriever service's ``Encode``
+RPC). ``BatchingEmbedder`` merges the calls of concurrent requests that arrive within
 ``window_s`` of the first into ONE encoder call (at most ``max_batch`` texts), as
 ``BatchingRetriever`` does for searches: a transformer encoder embeds 64 queries in little
-more time than one. A lone call waits at most ``window_s``.
+more time than one (unless it is batch-invariant by encoding one text at a time). A lone
+call waits at most ``window_s``.
 
 Embeddings only choose the speculated document; a batch-dependent last bit can change how
 often speculation is right, never the answer.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -52,6 +54,17 @@ class ThreadEmbedder:
         else:
             out = self.encoder([query])
         return _rows(out, 1)[0]
+
+
+class AsyncEmbedder:
+    """Embeds through an async encode function, e.g. the gRPC retriever client's ``encode``
+    (the server's own encoder: embeddings bit-identical to the ones its search uses)."""
+
+    def __init__(self, encode: Callable[[Sequence[str]], Awaitable[np.ndarray]]) -> None:
+        self.encode = encode
+
+    async def embed(self, query: str) -> np.ndarray:
+        return _rows(await self.encode([query]), 1)[0]
 
 
 class BatchingEmbedder:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ralmspec_vllm.core.baseline import run_baseline, run_oracle
 from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, RetrieverCacheScorer
 from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
-from ralmspec_vllm.core.encoding import BatchingEmbedder, QueryEncoder
+from ralmspec_vllm.core.encoding import BatchingEmbedder, QueryEmbedder, QueryEncoder
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.request import FinalCallback, RequestContext
@@ -76,13 +76,16 @@ class RaLMEngine:
         doc_cache_capacity: int = 100_000,
         encode_in_thread: bool = True,
         encode_batch_window_s: float | None = None,
+        embedder: QueryEmbedder | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
         speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
         the document (default: the tokenizer's special prefix, e.g. BOS).
         ``encode_batch_window_s``: when set, speculation embeds the queries of concurrent
         requests in shared encoder calls (``BatchingEmbedder``; a lone query waits at most
-        this long). Worth it for a transformer encoder under load, not at batch 1."""
+        this long). Worth it for a transformer encoder under load, not at batch 1.
+        ``embedder``: any ``QueryEmbedder`` instead of ``encoder`` (e.g. ``AsyncEmbedder``
+        over the retriever client's ``encode``); dense cache scoring as with ``encoder``."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -93,7 +96,11 @@ class RaLMEngine:
             retriever, tokenizer, self.config.max_doc_tokens, doc_cache_capacity
         )
         self.scorer: CacheScorer = RetrieverCacheScorer(retriever)
-        if encoder is not None and encode_batch_window_s is not None:
+        if encoder is not None and embedder is not None:
+            raise ValueError("give encoder or embedder, not both")
+        if embedder is not None:
+            self.scorer = DenseCacheScorer(embedder=embedder)
+        elif encoder is not None and encode_batch_window_s is not None:
             embedder = BatchingEmbedder(encoder, encode_batch_window_s)
             self.scorer = DenseCacheScorer(embedder=embedder)
         elif encoder is not None:

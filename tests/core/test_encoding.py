@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from ralmspec_vllm.core.encoding import BatchingEmbedder, ThreadEmbedder
+from ralmspec_vllm.core.encoding import AsyncEmbedder, BatchingEmbedder, ThreadEmbedder
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
 
@@ -62,3 +62,21 @@ async def test_engine_with_batched_embedding_is_identical() -> None:
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     embedder = engine.scorer.embedder  # type: ignore[attr-defined]
     assert max(embedder.batch_sizes) > 1
+
+
+async def test_async_embedder_engine_is_identical() -> None:
+    dense = SyntheticDenseRetriever()
+    retriever = InProcessAsyncRetriever(dense)
+
+    async def remote_encode(texts: Sequence[str]) -> np.ndarray:  # like client.encode
+        await asyncio.sleep(0)
+        return dense.encode(texts)
+
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, embedder=AsyncEmbedder(remote_encode))
+    baseline = await engine.generate(QUERIES[0], "baseline")
+    result = await engine.generate(QUERIES[0], "ralmspec")
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.speculation_hits > 0 and result.trace.num_calls("score") == 0
+    with pytest.raises(ValueError, match="not both"):
+        both = ThreadEmbedder(dense.encode)
+        RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=dense.encode, embedder=both)
