@@ -12,7 +12,6 @@ The machine description is hostname-free on purpose: results are committed to th
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import importlib.metadata
 import json
@@ -277,15 +276,6 @@ async def measure_async(
         await fn(i)
         samples.append(time.perf_counter() - start)
     return samples
-
-
-def run_sync(coro: Awaitable[T]) -> T:
-    """Run a coroutine from synchronous benchmark code."""
-
-    async def wrap() -> T:
-        return await coro
-
-    return asyncio.run(wrap())
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:

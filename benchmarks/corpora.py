@@ -1,10 +1,13 @@
 """The knowledge bases benchmarks run against: the real one and a filler-grown copy.
 
 ``open_corpora`` opens the real index (``--index`` or ``default_index()``) and, for scale
-runs, an index with the same real passages plus synthetic filler up to a total size. The
-filler index is built once into the cache dir (``bench/<real-name>-filler<total>``) and
-reused by later runs; every build or reuse is recorded (what, size, seconds) so result files
-say what the run paid for.
+runs, the index with the same real passages plus synthetic filler up to a total size. That
+one is made by the project's own builder (``build.open_or_build`` with
+``synthetic_filler=N``, which copies the real vectors from the real index when it can instead
+of encoding again), once, into the cache dir at the builder's own path for that
+configuration (so other benchmarks and ``scale_index`` share it), or into ``--filler-index``.
+Every build or reuse is recorded (what, size, seconds) so result files say what the run
+paid for.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ralmspec_vllm.paths import cache_dir
-from ralmspec_vllm.retrieval.kb import MANIFEST, KnowledgeBase, build_index, default_index
+from ralmspec_vllm.retrieval.build import BuildConfig, default_index_path, open_or_build
+from ralmspec_vllm.retrieval.kb import MANIFEST, KnowledgeBase, default_index
 
 logger = logging.getLogger(__name__)
 
@@ -42,51 +45,61 @@ class Corpus:
         m = self.kb.manifest
         return {
             "kind": self.kind,
+            "path": str(self.kb.path),
             "num_docs": m.num_docs,
             "num_real_docs": m.num_real_docs,
             "num_filler_docs": m.num_filler_docs,
             "source": m.source,
             "encoder": m.encoder,
             "dim": m.dim,
+            "build_seconds": m.build_seconds,
+            "real_vectors_from": m.params.get("real_vectors_from", ""),
         }
 
 
-def filler_path(real: KnowledgeBase, total: int) -> Path:
-    return cache_dir("bench") / f"{real.path.name}-filler{total}"
+def filler_config(real: KnowledgeBase, total: int) -> BuildConfig:
+    """The build configuration of ``real`` grown to ``total`` documents."""
+    m = real.manifest
+    if m.num_filler_docs:
+        raise ValueError(f"index: {real.path} already holds filler; pass a real-only index")
+    if total <= m.num_real_docs:
+        raise ValueError(f"filler_total: {total} must exceed the {m.num_real_docs} real docs")
+    corpus = m.params.get("corpus") if "corpus" in m.sources else None
+    return BuildConfig(
+        sources=tuple(s for s in m.sources if s != "corpus"),
+        corpus=Path(corpus) if corpus else None,
+        synthetic_filler=total - m.num_real_docs,
+        encoder=m.encoder,
+        passage_words=m.passage_words,
+        encode_dtype=m.params.get("encode_dtype_requested", "auto"),
+    )
 
 
 def filler_corpus(
     real: KnowledgeBase, total: int, path: str | Path | None = None
 ) -> tuple[KnowledgeBase, dict[str, Any]]:
-    """``real``'s passages plus filler up to ``total`` docs, built once at ``path``."""
-    m = real.manifest
-    if m.num_filler_docs:
-        raise ValueError(f"index: {real.path} already holds filler; pass a real-only index")
-    if total < m.num_real_docs:
-        raise ValueError(f"filler_total: {total} is below the {m.num_real_docs} real docs")
-    out = Path(path) if path else filler_path(real, total)
-    record: dict[str, Any] = {"what": "filler knowledge base", "corpus_size": total}
-    if (out / MANIFEST).is_file():
-        kb = KnowledgeBase.open(out)
-        if kb.manifest.num_docs == total and kb.manifest.docs_sha256 == m.docs_sha256:
-            record.update(seconds=0.0, reused=True, path=str(out))
-            record["original_build_seconds"] = kb.manifest.build_seconds
-            return kb, record
-        logger.warning("%s does not match %s/%d docs; rebuilding it", out, real.path, total)
-    sources = [s for s in m.sources if s != "corpus"]
-    corpus = m.params.get("corpus") if "corpus" in m.sources else None
-    logger.info("building the %d-doc filler knowledge base at %s (once)", total, out)
+    """``real``'s passages plus filler up to ``total`` docs, built once (at ``path``)."""
+    cfg = filler_config(real, total)
+    out = Path(path) if path else default_index_path(cfg)
+    reused = (out / MANIFEST).is_file()
+    if not reused:
+        logger.info("building the %d-doc filler knowledge base at %s (once)", total, out)
     start = time.perf_counter()
-    kb = build_index(
-        out,
-        sources=sources,
-        corpus=corpus,
-        synthetic_filler=total - m.num_real_docs,
-        encoder=m.encoder,
-        passage_words=m.passage_words,
-        force=True,
-    )
-    record.update(seconds=round(time.perf_counter() - start, 1), reused=False, path=str(out))
+    kb = open_or_build(cfg, out)
+    m = kb.manifest
+    if m.num_docs != total or m.docs_sha256 != real.manifest.docs_sha256:
+        raise ValueError(
+            f"filler_index: {out} holds {m.num_docs} docs of other passages than {real.path} "
+            f"+ filler to {total}; delete it or pass another --filler-index"
+        )
+    record = {
+        "what": "filler knowledge base",
+        "corpus_size": total,
+        "seconds": round(time.perf_counter() - start, 1),
+        "reused": reused,
+        "original_build_seconds": m.build_seconds,
+        "real_vectors_reused": bool(m.params.get("real_vectors_from")),
+    }
     return kb, record
 
 
