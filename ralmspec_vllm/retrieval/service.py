@@ -247,18 +247,12 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         return pb.ScoreResponse(scores=scores)
 
     def _score_vector(self, query: np.ndarray, ids: list[int]) -> list[float]:
-        assert self.dense is not None
+        # Only the backend's own scoring function is acceptable (the speculation cache must
+        # see exactly the scores Search reports), so there is no generic fallback.
         scorer = getattr(self.dense, "score_vector", None)
-        if scorer is not None:
-            return list(scorer(query, ids))
-        if self.info.metric not in ("ip", "inner_product", "cosine"):
-            raise InvalidField(
-                "embedding",
-                f"scoring by embedding needs an inner-product index, "
-                f"this one uses {self.info.metric!r}",
-            )
-        vectors = self.dense.vectors(ids)
-        return [float(s) for s in vectors.astype(np.float32) @ query.astype(np.float32)]
+        if scorer is None:
+            raise InvalidField("embedding", f"the {self.info.backend!r} backend scores text only")
+        return [float(s) for s in scorer(query, ids)]
 
     async def _documents(self, request: pb.GetDocumentsRequest) -> pb.GetDocumentsResponse:
         ids = self._check_doc_ids(request.doc_ids)

@@ -1,7 +1,7 @@
 """The retriever service over real gRPC on 127.0.0.1 (OS-chosen ports), every backend.
 
-World: a knowledge base built by ``index build``'s code from 240 real Wikipedia passages
-(every 5th of the first 1200 in gensim's test dump, given as a user JSONL corpus), opened
+World: a knowledge base built by ``index build``'s code from 160 real Wikipedia passages
+(every 5th of the first 800 in gensim's test dump, given as a user JSONL corpus), opened
 through the factory as FAISS flat, HNSW, IVF (all-MiniLM-L6-v2 vectors) and BM25. Every
 answer over gRPC must equal the in-process retriever's answer exactly (ids, float64 scores).
 """
@@ -31,11 +31,11 @@ from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
 BACKENDS = ("flat", "hnsw", "ivf", "bm25")
 DENSE = ("flat", "hnsw", "ivf")
-NUM_DOCS = 240
+NUM_DOCS = 160
 QUERIES = [
     "who was the mother of Achilles",
     "how much sunlight does snow reflect",
-    "capital city of Alabama",
+    "when did Alabama become a state",
     "early signs of autism in children",
     "anarchism and the state",
 ]
@@ -61,7 +61,7 @@ def kb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ralmspec_vllm.retrieval.kb import build_index
 
     tmp = tmp_path_factory.mktemp("grpc-kb")
-    corpus = write_wiki_corpus(tmp / "wiki240.jsonl")
+    corpus = write_wiki_corpus(tmp / "wiki.jsonl")
     kb = build_index(tmp / "kb", sources=(), corpus=corpus, show_progress=False)
     assert len(kb) == NUM_DOCS
     return kb.path
