@@ -204,12 +204,16 @@ class VllmLanguageModel:
         """Number of ``generate`` calls currently running."""
         return sum(len(ids) for ids in self._inflight.values())
 
-    async def shutdown(self) -> None:
-        """Stop the engine and its child process (idempotent)."""
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Stop the engine and its child process (idempotent).
+
+        vLLM waits ``timeout_s`` (default 5 s) for the engine process to exit, then kills it;
+        in 0.26 the process usually spends that time in a final ``gc.collect()``.
+        """
         if self._closed:
             return
         self._closed = True
         if not self._owns_engine:
             return
-        self._engine.shutdown()
+        self._engine.shutdown(timeout=timeout_s)
         logger.info("vLLM engine for %s shut down", self.config.model)

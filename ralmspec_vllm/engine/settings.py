@@ -121,7 +121,9 @@ class EngineConfig:
     max_num_seqs: int | None = None
     """Most sequences per engine step. CPU default 64, GPU default 256."""
     max_num_batched_tokens: int | None = None
-    """Most tokens per engine step (prefill chunk); default: vLLM's."""
+    """Most tokens per engine step (longer prompts are prefilled in chunks). CPU default 512:
+    engine start runs one step of this size to warm up (~30 s at 2048 for SmolLM2 on
+    2 cores); GPU default: vLLM's."""
     load_format: str = "auto"
     """vLLM load format; ``auto`` becomes ``dummy`` (random weights initialised on the device)
     when the model directory holds no weight files (``engine.models.random_model``)."""
@@ -166,6 +168,7 @@ class EngineConfig:
             kv_cache_gib=self.kv_cache_gib or (1 if cpu else None),
             enforce_eager=cpu if self.enforce_eager is None else self.enforce_eager,
             max_num_seqs=self.max_num_seqs or (64 if cpu else 256),
+            max_num_batched_tokens=self.max_num_batched_tokens or (512 if cpu else None),
             load_format=load_format,
         )
 

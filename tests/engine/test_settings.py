@@ -34,6 +34,7 @@ def test_cpu_defaults_are_the_proven_settings(tmp_path: Path) -> None:
     )
     kwargs = EngineConfig(model=str(tmp_path), device="cpu").engine_kwargs()
     assert kwargs["enable_prefix_caching"] is True
+    assert kwargs["max_num_batched_tokens"] == 512
     assert kwargs["load_format"] == "auto"
     assert kwargs["tokenizer"] == str(tmp_path)
     assert "gpu_memory_utilization" not in kwargs
@@ -49,6 +50,7 @@ def test_gpu_defaults_differ(tmp_path: Path) -> None:
         False,
     )
     assert kwargs["gpu_memory_utilization"] == 0.5
+    assert "max_num_batched_tokens" not in kwargs
     assert kwargs["foo"] == 1
 
 
