@@ -6,17 +6,16 @@ vectors and filler vocabulary -> ``manifest.json``. Everything is written into a
 sibling folder that is renamed into place at the end, under a lock file next to the target,
 so concurrent builders (a server and a test run, say) build once and never see half an index.
 
-Filler vectors are perturbed copies of real vectors, ``normalise(real[r] + 0.5 * g /
-sqrt(dim))`` with ``r`` and the Gaussian ``g`` drawn from ``default_rng([seed, chunk])`` per
-chunk of 65,536 filler rows: their neighbourhood structure resembles the real corpus (so
-approximate indexes behave realistically at scale), and they are recorded as synthetic in the
-manifest.
+Filler vectors (``corpus.filler_vectors``) are perturbed copies of real vectors, so their
+neighbourhood structure resembles the real corpus; the manifest records them as synthetic. A
+filler build reuses the real vectors of an already-built index of the same passages.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -49,9 +48,6 @@ from ralmspec_vllm.retrieval.kb import (
 from ralmspec_vllm.types import Document
 
 logger = logging.getLogger(__name__)
-
-FILLER_CHUNK = 65536
-FILLER_NOISE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,24 +110,6 @@ def default_index_path(config: BuildConfig | None = None) -> Path:
     return cache_dir("indexes") / (config or BuildConfig()).index_name()
 
 
-def filler_vectors(real: np.ndarray, seed: int, start: int, stop: int) -> np.ndarray:
-    """Filler rows ``start..stop-1`` (filler ordinals, not doc ids); deterministic, unit norm."""
-    n_real, dim = real.shape
-    out = np.empty((stop - start, dim), dtype=np.float32)
-    for chunk in range(
-        start // FILLER_CHUNK, (stop - 1) // FILLER_CHUNK + 1 if stop > start else 0
-    ):
-        rng = np.random.default_rng([seed, chunk])
-        src = rng.integers(0, n_real, size=FILLER_CHUNK)
-        noise = rng.standard_normal((FILLER_CHUNK, dim), dtype=np.float32)
-        lo, hi = max(start, chunk * FILLER_CHUNK), min(stop, (chunk + 1) * FILLER_CHUNK)
-        rows = slice(lo - chunk * FILLER_CHUNK, hi - chunk * FILLER_CHUNK)
-        vecs = real[src[rows]] + noise[rows] * np.float32(FILLER_NOISE / np.sqrt(dim))
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        out[lo - start : hi - start] = vecs
-    return out
-
-
 def _collect(cfg: BuildConfig) -> tuple[list[corpus_mod.Passage], dict[str, int]]:
     passages: list[corpus_mod.Passage] = []
     counts: dict[str, int] = {}
@@ -174,28 +152,52 @@ def _write_docs(tmp: Path, passages: list[corpus_mod.Passage], show_progress: bo
     return digest.hexdigest()
 
 
-def _build_into(tmp: Path, cfg: BuildConfig, show_progress: bool) -> Manifest:
-    from tqdm import tqdm
+def _encode_real(
+    cfg: BuildConfig, passages: list[corpus_mod.Passage], digest: str, show_progress: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Real passage vectors and the parameters that describe them.
 
-    started = time.perf_counter()
-    passages, counts = _collect(cfg)
-    digest = _write_docs(tmp, passages, show_progress)
+    A filler build copies them from the already-built index of the same passages (same
+    ``docs.jsonl`` digest and encoder; same precision unless ``auto``) instead of encoding
+    again, so a scaled index's real rows equal the base index's exactly.
+    """
+    params: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "filler_seed": cfg.filler_seed,
+        "encode_dtype_requested": cfg.encode_dtype,
+    }
+    base = default_index_path(dataclasses.replace(cfg, synthetic_filler=0, filler_seed=0))
+    if cfg.synthetic_filler and (base / MANIFEST).is_file():
+        kb = KnowledgeBase.open(base)
+        m = kb.manifest
+        base_dtype = m.params.get("encode_dtype", "float32")
+        same_dtype = cfg.encode_dtype in ("auto", base_dtype)
+        if m.docs_sha256 == digest and m.encoder == cfg.encoder and same_dtype:
+            logger.info("reusing the real passage vectors of %s", base)
+            params.update(encode_dtype=base_dtype, real_vectors_from=str(base))
+            return np.array(kb.embeddings()[: m.num_real_docs]), params
     encoder = QueryEncoder(
         cfg.encoder, batch_size=cfg.batch_size, batch_invariant=False, dtype=cfg.encode_dtype
     )
     contents = [Document(i, p.title, p.text).contents for i, p in enumerate(passages)]
     with _all_cores():
         real = encoder.encode(contents, show_progress=show_progress)
-    n_real, n_filler = len(passages), cfg.synthetic_filler
+    params["encode_dtype"] = encoder.dtype
+    return real, params
+
+
+def _build_into(tmp: Path, cfg: BuildConfig, show_progress: bool) -> Manifest:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    passages, counts = _collect(cfg)
+    digest = _write_docs(tmp, passages, show_progress)
+    real, params = _encode_real(cfg, passages, digest, show_progress)
+    n_real, n_filler, dim = len(passages), cfg.synthetic_filler, real.shape[1]
     emb = np.lib.format.open_memmap(
-        tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n_real + n_filler, encoder.dim)
+        tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n_real + n_filler, dim)
     )
     emb[:n_real] = real
-    params: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
-        "filler_seed": cfg.filler_seed,
-        "encode_dtype": encoder.dtype,
-    }
     if cfg.corpus is not None:
         params["corpus"] = str(Path(cfg.corpus).resolve())
     if n_filler:
@@ -204,11 +206,15 @@ def _build_into(tmp: Path, cfg: BuildConfig, show_progress: bool) -> Manifest:
         )
         (tmp / FILLER).write_text(json.dumps(filler.to_json(), ensure_ascii=False))
         params["filler_text"] = f"{cfg.passage_words} words from the real unigram distribution"
-        params["filler_vectors"] = f"normalise(real[r] + {FILLER_NOISE} * N(0, I) / sqrt(dim))"
+        params["filler_vectors"] = (
+            f"normalise(real[r] + {corpus_mod.FILLER_NOISE} * N(0, I) / sqrt(dim))"
+        )
         bar = tqdm(total=n_filler, desc="filler", unit="doc", disable=not show_progress)
-        for lo in range(0, n_filler, FILLER_CHUNK):
-            hi = min(lo + FILLER_CHUNK, n_filler)
-            emb[n_real + lo : n_real + hi] = filler_vectors(real, cfg.filler_seed, lo, hi)
+        for lo in range(0, n_filler, corpus_mod.FILLER_CHUNK):
+            hi = min(lo + corpus_mod.FILLER_CHUNK, n_filler)
+            emb[n_real + lo : n_real + hi] = corpus_mod.filler_vectors(
+                real, cfg.filler_seed, lo, hi
+            )
             bar.update(hi - lo)
         bar.close()
     emb.flush()
@@ -227,7 +233,7 @@ def _build_into(tmp: Path, cfg: BuildConfig, show_progress: bool) -> Manifest:
         num_real_docs=n_real,
         num_filler_docs=n_filler,
         encoder=cfg.encoder,
-        dim=encoder.dim,
+        dim=dim,
         passage_words=cfg.passage_words,
         params=params,
         docs_sha256=digest,
@@ -333,6 +339,16 @@ def open_or_build(config: BuildConfig, path: Path, show_progress: bool = True) -
 def default_index(show_progress: bool = True) -> KnowledgeBase:
     """The real Wikipedia index, built once into the cache dir and reused afterwards."""
     return open_or_build(BuildConfig(), default_index_path(), show_progress)
+
+
+def scale_index(num_filler: int, seed: int = 0, show_progress: bool = True) -> KnowledgeBase:
+    """The default index plus ``num_filler`` synthetic documents, built once and cached.
+
+    Reuses the default index's real vectors (building that first if needed).
+    """
+    cfg = BuildConfig(synthetic_filler=num_filler, filler_seed=seed)
+    default_index(show_progress)
+    return open_or_build(cfg, default_index_path(cfg), show_progress)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -16,7 +16,8 @@ building an index twice gives the same passages under the same internal doc ids:
 
 ``FillerText`` makes deterministic synthetic passages: words drawn from the real corpus's own
 unigram distribution (Zipf-like by nature) with a counter-based hash of (seed, doc id,
-position), so any filler document is generated in O(1) without storing it.
+position), so any filler document is generated in O(1) without storing it; ``filler_vectors`` makes
+their vectors as perturbed copies of real ones.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ def read_jsonl_corpus(path: str | Path) -> Iterator[Passage]:
 
 # --------------------------------------------------------------------------- filler
 
+FILLER_CHUNK = 65536
+FILLER_NOISE = 0.5
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -300,3 +303,26 @@ class FillerText:
             Document(int(i), f"synthetic-{int(i)}", text)
             for i, text in zip(doc_ids, self.texts(doc_ids), strict=True)
         ]
+
+
+def filler_vectors(real: np.ndarray, seed: int, start: int, stop: int) -> np.ndarray:
+    """Filler vectors ``start..stop-1`` (filler ordinals, not doc ids), unit norm.
+
+    Row j is ``normalise(real[r] + FILLER_NOISE * g / sqrt(dim))`` with ``r`` and the Gaussian
+    ``g`` drawn from ``default_rng([seed, j // FILLER_CHUNK])``, so a row does not depend on
+    how many rows are made, and filler vectors cluster like the real ones.
+    """
+    n_real, dim = real.shape
+    out = np.empty((stop - start, dim), dtype=np.float32)
+    for chunk in range(
+        start // FILLER_CHUNK, (stop - 1) // FILLER_CHUNK + 1 if stop > start else 0
+    ):
+        rng = np.random.default_rng([seed, chunk])
+        src = rng.integers(0, n_real, size=FILLER_CHUNK)
+        noise = rng.standard_normal((FILLER_CHUNK, dim), dtype=np.float32)
+        lo, hi = max(start, chunk * FILLER_CHUNK), min(stop, (chunk + 1) * FILLER_CHUNK)
+        rows = slice(lo - chunk * FILLER_CHUNK, hi - chunk * FILLER_CHUNK)
+        vecs = real[src[rows]] + noise[rows] * np.float32(FILLER_NOISE / np.sqrt(dim))
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        out[lo - start : hi - start] = vecs
+    return out

@@ -304,3 +304,10 @@ def default_index(show_progress: bool = True) -> KnowledgeBase:
     from ralmspec_vllm.retrieval import build
 
     return build.default_index(show_progress=show_progress)
+
+
+def scale_index(num_filler: int, seed: int = 0, show_progress: bool = True) -> KnowledgeBase:
+    """The default index plus ``num_filler`` synthetic documents (built once, cached)."""
+    from ralmspec_vllm.retrieval import build
+
+    return build.scale_index(num_filler, seed=seed, show_progress=show_progress)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from ralmspec_vllm.entrypoints.cli import main
-from ralmspec_vllm.retrieval.build import BuildConfig, filler_vectors, open_or_build
+from ralmspec_vllm.retrieval.build import BuildConfig, open_or_build
+from ralmspec_vllm.retrieval.build import default_index_path as default_index_path_for
+from ralmspec_vllm.retrieval.corpus import filler_vectors
 from ralmspec_vllm.retrieval.encoder import QueryEncoder, default_encoder
 from ralmspec_vllm.retrieval.kb import (
     FORMAT_VERSION,
@@ -132,6 +134,21 @@ def test_building_twice_gives_identical_ids_texts_and_vectors(
     ids = list(range(len(kb)))
     assert again.documents.get(ids) == kb.documents.get(ids)
     np.testing.assert_array_equal(again.embeddings(), kb.embeddings())
+
+
+def test_filler_build_reuses_the_real_vectors_of_the_cached_index(
+    kb: KnowledgeBase, corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RALMSPEC_CACHE", str(tmp_path / "cache"))
+    base_cfg = BuildConfig(sources=(), corpus=corpus_file)
+    base = open_or_build(base_cfg, default_index_path_for(base_cfg), show_progress=False)
+    scaled = build_index(
+        tmp_path / "scaled", sources=(), corpus=corpus_file, synthetic_filler=5,
+        show_progress=False,
+    )  # fmt: skip
+    assert scaled.manifest.params["real_vectors_from"] == str(base.path)
+    np.testing.assert_array_equal(scaled.embeddings()[:NUM_REAL], base.embeddings())
+    assert scaled.manifest.docs_sha256 == base.manifest.docs_sha256 == kb.manifest.docs_sha256
 
 
 def test_filler_vectors_do_not_depend_on_how_many_are_made() -> None:
