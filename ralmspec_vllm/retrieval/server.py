@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
@@ -74,9 +75,19 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     config: ServiceConfig | None = None,
+    *,
+    warm_up: bool = True,
 ) -> RunningServer:
-    """Serve ``retriever`` on ``host:port`` (port 0: the OS picks one, see ``.port``)."""
+    """Serve ``retriever`` on ``host:port`` (port 0: the OS picks one, see ``.port``).
+
+    ``warm_up`` runs one search first, so lazy loads (the query encoder, index pages) happen
+    before the port opens rather than inside the first client's deadline.
+    """
     config = config or ServiceConfig()
+    if warm_up:
+        start = time.perf_counter()
+        await asyncio.to_thread(retriever.search, ["warm-up query"], 1)
+        logger.info("warm-up search took %.2f s", time.perf_counter() - start)
     service = RetrieverService(retriever, config)
     server = grpc.aio.server(
         options=grpc_options(config),

@@ -101,7 +101,7 @@ async def test_zero_retries_means_one_attempt() -> None:
 
 async def test_slow_server_hits_deadline_then_unavailable(bm25: BM25Retriever) -> None:
     slow = SlowRetriever(bm25, delay_s=0.6)
-    running = await start_server(slow, "127.0.0.1", 0)
+    running = await start_server(slow, "127.0.0.1", 0, warm_up=False)
     try:
         async with RetrieverClient(running.target, timeout_s=0.1, max_retries=2) as client:
             with pytest.raises(RetrieverUnavailable) as err:
@@ -120,7 +120,7 @@ async def test_slow_server_hits_deadline_then_unavailable(bm25: BM25Retriever) -
 async def test_overloaded_server_resource_exhausted_is_retried(bm25: BM25Retriever) -> None:
     slow = SlowRetriever(bm25, delay_s=0.3)
     config = ServiceConfig(max_concurrent_rpcs=1)
-    running = await start_server(slow, "127.0.0.1", 0, config)
+    running = await start_server(slow, "127.0.0.1", 0, config, warm_up=False)
     try:
         async with (
             RetrieverClient(running.target, timeout_s=30, max_retries=0) as impatient,

@@ -219,7 +219,7 @@ async def test_concurrent_searches_are_merged(
     assert isinstance(local, DenseRetriever)
     counting = CountingRetriever(local)
     config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
-    server = await start_server(counting, "127.0.0.1", 0, config)
+    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
     queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(20)]
     ks = [1 + i % 7 for i in range(20)]  # different k per call: each gets its own slice
     try:
@@ -250,7 +250,7 @@ async def test_text_and_embedding_queries_batch_separately_within_max_batch(
     assert isinstance(flat, DenseRetriever)
     counting = CountingRetriever(flat)
     server = await start_server(
-        counting, "127.0.0.1", 0, ServiceConfig(batch_window_ms=50.0, max_batch=4)
+        counting, "127.0.0.1", 0, ServiceConfig(batch_window_ms=50.0, max_batch=4), warm_up=False
     )
     queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(12)]
     embeddings = flat.encode(queries)
@@ -424,7 +424,7 @@ async def test_backend_failure_is_internal_and_server_keeps_serving(
 ) -> None:
     flat = retrievers["flat"]
     assert isinstance(flat, DenseRetriever)
-    server = await start_server(_BrokenRetriever(flat), "127.0.0.1", 0)
+    server = await start_server(_BrokenRetriever(flat), "127.0.0.1", 0, warm_up=False)
     try:
         async with RetrieverClient(server.target, timeout_s=30) as client:
             with pytest.raises(RetrieverServerError, match=r"INTERNAL.*index file vanished"):
