@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
+import queue
+import re
+import signal
 import socket
+import subprocess
 import sys
+import threading
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="extra flag for the child 'retriever serve' (repeatable, e.g. "
               "--retriever-arg=--ef-search=64)")  # fmt: skip
     _own(retr, "--retriever-timeout", type=float, default=30.0, help="seconds per retriever call")
+    _own(retr, "--retriever-start-timeout", type=float, default=3600.0,
+         help="seconds to wait for the child retriever (a first run builds the default "
+              "index; default: %(default)s)")  # fmt: skip
     _own(retr, "--retriever-retries", type=int, default=3, help="retries per retriever call")
 
     ralm = parser.add_argument_group("RaLM defaults (per-request 'ralm' options override)")
@@ -100,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("vLLM engine (all of vLLM's engine flags)")
     AsyncEngineArgs.add_cli_args(engine)  # type: ignore[arg-type]
     parser.set_defaults(model=None)
+
+
+def parser_defaults() -> dict[str, Any]:
+    """Every flag's default (to tell which vLLM flags the user gave)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return vars(parser.parse_args([]))
 
 
 def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
@@ -179,7 +195,6 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
 
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
-    from ralmspec_vllm.retrieval.server import ServerProcess
     from ralmspec_vllm.service import RaLMService
 
     api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
@@ -192,7 +207,9 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             child_args += ["--index", args.index] if args.index else []
             child_args += args.retriever_arg
             logger.info("starting the retriever service: retriever serve %s", " ".join(child_args))
-            child_start = asyncio.create_task(asyncio.to_thread(ServerProcess.spawn, child_args))
+            process = _spawn_retriever(child_args)  # from this (main) thread: see below
+            wait = functools.partial(_retriever_ready, process, args.retriever_start_timeout)
+            child_start = asyncio.create_task(asyncio.to_thread(wait))
         try:
             lm = await _start_lm(engine_config, stack)
         finally:
@@ -220,7 +237,52 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         logger.info(
             "model %s, retriever %s, api key %s", model_name, target, "on" if api_keys else "off"
         )
+        # uvicorn re-raises the SIGINT/SIGTERM it handled once it has shut down, with the
+        # handlers found at start: make those no-ops so the exit stack still stops the
+        # engine and the child retriever, and the process exits 0.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            stack.callback(signal.signal, sig, signal.signal(sig, lambda *_: None))
         await uv.serve(sockets=[bound.sock])
+        logger.info("shutting down: engine, retriever client and child retriever")
+
+
+# The child runs the CLI after asking the kernel for SIGTERM when its parent dies
+# (PR_SET_PDEATHSIG, Linux), so even a SIGKILLed server leaves no retriever behind. The signal
+# follows the *thread* that forked, hence the spawn from the main thread.
+_CHILD = (
+    "import ctypes, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "from ralmspec_vllm.entrypoints.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _spawn_retriever(child_args: list[str]) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", _CHILD, "retriever", "serve", *child_args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _retriever_ready(process: subprocess.Popen[str], timeout_s: float) -> Any:
+    """Wait for the child's "listening" line; a ``ServerProcess`` to stop it with."""
+    from ralmspec_vllm.retrieval.server import LISTENING_PREFIX, ServerProcess
+
+    assert process.stdout is not None
+    stdout = process.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout_s).strip()
+    except queue.Empty:
+        line = ""
+    match = re.fullmatch(rf"{re.escape(LISTENING_PREFIX)} (\S+):(\d+)", line)
+    if match is None:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"retriever service did not start (exit code {process.returncode})")
+    return ServerProcess(process, match.group(1), int(match.group(2)))
 
 
 async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
@@ -241,9 +303,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ralmspec-vllm serve: error: {err}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    defaults = {a.dest: a.default for a in parser._actions}
-    engine_config = engine_config_from_args(args, defaults)
+    engine_config = engine_config_from_args(args, parser_defaults())
     asyncio.run(_serve(args, engine_config, config))
     return 0

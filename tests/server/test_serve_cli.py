@@ -1,0 +1,117 @@
+"""``ralmspec-vllm serve`` as users run it: flags, a real subprocess, its child retriever."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from ralmspec_vllm.entrypoints.cli import build_parser
+from ralmspec_vllm.entrypoints.serve import (
+    READY_PREFIX,
+    engine_config_from_args,
+    parser_defaults,
+    service_config_from_args,
+)
+
+from .conftest import RALM, Served
+
+pytestmark = pytest.mark.vllm
+
+
+def parse(argv: list[str]) -> tuple[object, dict[str, object]]:
+    return build_parser(argv).parse_args(argv), parser_defaults()
+
+
+def test_flags_build_configs(tiny_model_dir: Path) -> None:
+    argv = ["serve", "--model", str(tiny_model_dir), "--max-model-len", "1024"]
+    argv += ["--block-size", "64", "--speculation-stride", "3", "--prefetch-k", "5"]
+    argv += ["--no-async-verification", "--mode", "baseline", "--batch-window-ms", "5"]
+    args, defaults = parse(argv)
+    engine = engine_config_from_args(args, defaults)  # type: ignore[arg-type]
+    # vLLM flags the user gave pass through; the rest keep the project's device defaults
+    assert engine.extra == {"block_size": 64, "max_model_len": 1024}
+    kwargs = engine.engine_kwargs()
+    assert kwargs["block_size"] == 64 and kwargs["max_model_len"] == 1024
+    assert kwargs["dtype"] == "float32" and kwargs["enable_prefix_caching"] is True
+    config = service_config_from_args(args)  # type: ignore[arg-type]
+    assert config.default_mode == "baseline" and config.batch_window_s == 0.005
+    spec = config.speculation
+    assert (spec.speculation_stride, spec.prefetch_k, spec.async_verification) == (3, 5, False)
+    args, _ = parse(["serve", "--speculation-stride", "fast"])
+    with pytest.raises(ValueError, match="--speculation-stride"):
+        service_config_from_args(args)  # type: ignore[arg-type]
+    args, _ = parse(["serve"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)  # type: ignore[attr-defined]
+
+
+def _wait_ready(process: subprocess.Popen[str], timeout_s: float) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        line = lines.get(timeout=timeout_s)
+        if not line:
+            raise RuntimeError(f"serve exited with {process.wait()} before it was ready")
+        if line.startswith(READY_PREFIX):
+            return line.split()[-1]
+
+
+async def test_serve_subprocess_with_child_retriever(
+    tiny_model_dir: Path, small_index: Path, served: Served
+) -> None:
+    """The CLI end to end: OS-chosen port, API key from the environment, a child retriever
+    that dies with the server, and the same answer as the in-process offline baseline."""
+    question = "What did Aristotle teach about logic?"
+    want = await served.offline.generate(question, "baseline")
+    argv = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "serve", "--port", "0"]
+    argv += ["--model", str(tiny_model_dir), "--index", str(small_index)]
+    argv += ["--max-model-len", "1024", "--served-model-name", "cli-model", "--seed", "0"]
+    argv += ["--max-doc-tokens", str(RALM.max_doc_tokens), "--max-new-tokens", "16"]
+    env = {**os.environ, "RALMSPEC_API_KEY": "cli-key"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    descendants: list[psutil.Process] = []
+    try:
+        url = _wait_ready(process, timeout_s=600)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url) and not url.endswith(":0")
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        retrievers = [c for c in descendants if "retriever" in " ".join(c.cmdline())]
+        assert len(retrievers) == 1
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0)
+        response = await client.completions.create(
+            model="cli-model",
+            prompt=question,
+            extra_body={"ralm": {"return_sources": True}, "return_token_ids": True},
+        )
+        assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+        assert (response.model_extra or {})["sources"]
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(
+                base_url=url + "/v1", api_key="wrong", max_retries=0
+            ).models.list()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        psutil.wait_procs(descendants, timeout=15)  # the engine core exits with it too
+        assert not [d for d in descendants if d.is_running() and d.status() != "zombie"]
+    finally:  # on failure, leave no engine core or retriever behind
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for proc in descendants:
+            if proc.is_running():
+                proc.kill()
