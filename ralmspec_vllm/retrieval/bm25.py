@@ -138,12 +138,14 @@ class BM25Index:
 
     def scores_all(self, term_ids: Sequence[int]) -> np.ndarray:
         """Scores of every document (float64, shape (N,)), terms added in query order."""
-        scores = np.zeros(self.num_docs, dtype=np.float64)
-        for t in term_ids:
-            lo, hi = self._indptr[t], self._indptr[t + 1]
-            # Rows are unique within a column, so fancy-index += adds each weight once.
-            scores[self._rows[lo:hi]] += self._data[lo:hi]
-        return scores
+        if not term_ids:
+            return np.zeros(self.num_docs, dtype=np.float64)
+        spans = [(self._indptr[t], self._indptr[t + 1]) for t in term_ids]
+        rows = np.concatenate([self._rows[lo:hi] for lo, hi in spans])
+        weights = np.concatenate([self._data[lo:hi] for lo, hi in spans])
+        # bincount adds weights[i] into out[rows[i]] for i = 0, 1, ... in order, starting
+        # from 0.0: per document, the terms' weights are summed in query order.
+        return np.bincount(rows, weights=weights, minlength=self.num_docs)
 
     def scores_for(self, term_ids: Sequence[int], doc_ids: np.ndarray) -> np.ndarray:
         """Scores of the given docs, computed exactly as ``scores_all`` computes them."""
@@ -240,7 +242,25 @@ def _bm25_weights(
 
 
 def _top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best scores (desc), ties by index asc, in O(n) plus O(k log k)."""
+    """Indices of the k best scores (desc), ties by index asc.
+
+    A strided sample's k-th largest value is a lower bound of the whole array's, so every
+    member of the top k (ties included) scores at least that much: one comparison pass
+    leaves a small candidate set for the exact selection.
+    """
+    n = len(scores)
+    stride = n // (k * 64)
+    if k < n and stride >= 4:
+        sample = scores[::stride]
+        floor = np.partition(sample, len(sample) - k)[len(sample) - k]
+        candidates = np.flatnonzero(scores >= floor)
+        if len(candidates) < n // 2:
+            return candidates[_select_top_k(scores[candidates], k)]
+    return _select_top_k(scores, k)
+
+
+def _select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k selection in O(n) plus O(k log k); ties by index asc."""
     n = len(scores)
     if k >= n:
         return np.lexsort((np.arange(n), -scores))

@@ -16,7 +16,7 @@ from rank_bm25 import BM25Okapi
 
 from ralmspec_vllm.retrieval.analyzer import ENGLISH_STOPWORDS, Analyzer
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
-from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever
+from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever, _top_k_indices
 from ralmspec_vllm.retrieval.kb import KnowledgeBase, default_index
 from ralmspec_vllm.types import BM25Params
 
@@ -201,3 +201,23 @@ def test_empty_corpus_rejected() -> None:
         BM25Index.build([[]], progress=False)
     with pytest.raises(ValueError, match=r"^corpus:"):
         BM25Index.build([["the of", "and"]], progress=False)
+
+
+def _random_scores(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
+    if kind == "distinct":
+        return rng.random(n)
+    if kind == "ties":
+        return rng.integers(0, 4, n).astype(np.float64)
+    if kind == "mostly-zero":
+        return np.where(rng.random(n) < 0.0005, rng.random(n), 0.0)
+    return -rng.random(n)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "mostly-zero", "negative"])
+def test_top_k_selection_equals_full_sort(kind: str) -> None:
+    rng = np.random.default_rng(len(kind))
+    for _ in range(20):
+        n, k = int(rng.integers(1, 100_000)), int(rng.integers(1, 40))
+        scores = _random_scores(rng, kind, n)
+        expected = np.lexsort((np.arange(n), -scores))[:k]
+        assert np.array_equal(_top_k_indices(scores, k), expected)
