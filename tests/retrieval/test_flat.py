@@ -155,3 +155,14 @@ def test_differences_below_float32_resolution_rank_by_exact_score(params: dict) 
     assert exact[1] > exact[0]
     hits = flat.search_vectors(query, 1)[0]
     assert [(h.doc_id, h.score) for h in hits] == [(1, exact[1])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_torch_cuda_equals_faiss(corpus: SyntheticCorpus, dtype: str) -> None:
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((40, DIM)).astype(np.float32)
+    cuda = _flat(corpus, impl="torch", device="cuda", dtype=dtype, chunk_size=100)
+    assert cuda.device == "cuda"
+    assert cuda.search_vectors(queries, 12) == _flat(corpus).search_vectors(queries, 12)
+    assert cuda.search_vectors(corpus.vectors[DUP_OF], 3)[0][0].doc_id == DUP_IDS[0]
