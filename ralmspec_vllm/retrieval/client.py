@@ -1,6 +1,7 @@
 """``RetrieverClient``: the async gRPC client of the retriever service (an ``AsyncRetriever``).
 
-Every call runs with a deadline (``timeout_s``) and is retried with exponential backoff on
+Every call runs with a deadline (``timeout_s``) and is retried with jittered exponential
+backoff (``backoff_s`` doubling per attempt, capped at 2 s) on
 UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED, at most ``max_retries`` times; then it
 raises ``RetrieverUnavailable``. INVALID_ARGUMENT is never retried and becomes
 ``RetrieverRequestError`` (a ``ValueError`` naming the field); other statuses become
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -268,7 +270,10 @@ class RetrieverClient:
                     raise RetrieverUnavailable(
                         self.target, method, attempt, code.name, details
                     ) from err
-                delay = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                # Exponential, capped, with "equal jitter" (half fixed, half random) so
+                # clients restarted together do not retry in lockstep.
+                ceiling = min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                delay = ceiling * (0.5 + 0.5 * random.random())
                 logger.debug(
                     "%s on %s: %s (attempt %d), retrying in %.3f s",
                     method,

@@ -192,23 +192,29 @@ class ServerProcess:
             [*cmd, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
         )
         assert process.stdout is not None
-        # The server prints exactly one line on stdout; reading it blocks until it is up
-        # (or returns "" at once if the process dies).
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = process.stdout
-        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=timeout_s).strip()
-        except queue.Empty:
-            line = ""
-        match = _LISTENING_RE.match(line)
-        if match is None:
-            process.kill()
-            process.wait()
-            raise RuntimeError(
-                f"retriever server did not start (exit code {process.returncode}, "
-                f"stdout line {line!r})"
-            )
+        # A thread drains stdout for the child's whole life (a full pipe would block it);
+        # lines before the "listening" one (a library's print) are logged, not fatal.
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        seen: list[str] = []
+        match = None
+        while match is None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:  # EOF (the child died) or timeout
+                process.kill()
+                process.wait()
+                raise RuntimeError(
+                    f"retriever server did not start (exit code {process.returncode}; "
+                    f"stdout: {seen[-5:]!r})"
+                )
+            match = _LISTENING_RE.match(line.strip())
+            if match is None:
+                seen.append(line.rstrip())
+                logger.info("retriever child: %s", line.rstrip())
         return cls(process, match.group(1), int(match.group(2)))
 
     def stop(self, timeout_s: float = 10.0) -> int:
@@ -227,6 +233,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
 
 
 # -- CLI ----------------------------------------------------------------------------------

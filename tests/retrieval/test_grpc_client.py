@@ -142,8 +142,8 @@ async def test_overloaded_server_resource_exhausted_is_retried(bm25: BM25Retriev
 
 
 async def test_invalid_argument_is_not_retried(server: RunningServer) -> None:
-    # With a 10 s backoff, a single retry would blow the 5 s guard below.
-    async with RetrieverClient(server.target, max_retries=3, backoff_s=10.0) as client:
+    # With a 30 s backoff (>= 15 s after jitter), a single retry would blow the 5 s guard.
+    async with RetrieverClient(server.target, max_retries=3, backoff_s=30.0) as client:
         async with asyncio.timeout(5):
             with pytest.raises(RetrieverRequestError, match="top_k"):
                 await client.search(["albedo"], 0)
@@ -248,6 +248,12 @@ async def test_cli_serve_starts_answers_and_stops_gracefully(small_kb: Path) -> 
             docs = await client.documents([hits[0][0].doc_id])
             assert "Montgomery" in docs[0].text
         assert proc.stop() == 0
+
+
+def test_cli_spawn_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-index"
+    with pytest.raises(RuntimeError, match=r"did not start \(exit code 1"):
+        ServerProcess.spawn(["--index", str(missing), "--port", "0"], timeout_s=120)
 
 
 def test_cli_help_lists_service_flags() -> None:

@@ -71,7 +71,8 @@ class RetrieverServicer(object):
 
     def Search(self, request, context):
         """Top-k documents for a batch of queries (text or embeddings). Concurrent calls are
-        merged server-side into one index search (cross-request batching).
+        merged server-side into one index search (cross-request batching); an answer never
+        depends on what it was merged with (approximate indexes merge only equal top_k).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
