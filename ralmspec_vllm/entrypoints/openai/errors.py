@@ -5,8 +5,10 @@ Handlers raise ``APIError`` (or let pydantic's ``ValidationError`` / FastAPI's
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "...", "code": ...}}
 
-with the right HTTP status, exactly the shape the official ``openai`` client parses into
+with the right HTTP status, the shape the official ``openai`` client parses into
 ``BadRequestError`` / ``AuthenticationError`` / ``NotFoundError`` / ``InternalServerError``.
+Retriever failures: 503 when it stays unreachable through the client's retries, 502 for any
+other retriever error; anything unexpected: 500.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ralmspec_vllm.retrieval.errors import RetrieverError, RetrieverUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +132,14 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return APIError(message, status=status, type=kind).response()
 
 
+async def _retriever_error(_: Request, exc: Exception) -> JSONResponse:
+    # The retriever client already retried; the request may succeed later (503), or the
+    # retriever rejected what the server sent it (a server-side bug: 502).
+    status = 503 if isinstance(exc, RetrieverUnavailable) else 502
+    logger.warning("retriever failure answered with %d: %s", status, exc)
+    return APIError(f"Retriever error: {exc}", status=status, type="server_error").response()
+
+
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("internal error while serving a request", exc_info=exc)
     message = f"Internal server error: {type(exc).__name__}: {exc}"
@@ -139,4 +151,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RetrieverError, _retriever_error)
     app.add_exception_handler(Exception, _internal_error)
