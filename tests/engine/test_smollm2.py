@@ -49,6 +49,8 @@ async def test_smollm2_answers_in_english(smollm2_lm: VllmLanguageModel) -> None
     text = smollm2_lm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert "Paris" in text, text
     assert out.finished or len(out.token_ids) == 24
+    if out.finished:  # EOS is the last token returned
+        assert out.token_ids[-1] == smollm2_lm.tokenizer.eos_token_id == 2
 
 
 @pytest.mark.vllm
