@@ -52,8 +52,22 @@ def _own(group: Any, *flags: str, **kwargs: Any) -> None:
     _OWN.add(action.dest)
 
 
+EPILOG = """\
+defaults: --model smollm2-135m (converted from PyPI once, cached), the default index (built
+once), a child retriever on 127.0.0.1, the server on 127.0.0.1:8000. --model also takes
+tiny-llama, qwen2.5-0.5b or a model directory. vLLM's engine flags pass through.
+
+per-request RaLM controls (JSON field "ralm"; openai client: extra_body={"ralm": {...}}):
+  mode: "baseline" | "ralmspec"     retrieval_stride: int     speculation_stride: int | "auto"
+  prefetch_k: int     async_verification: bool     return_sources: bool
+Greedy decoding only (temperature 0/unset): ralmspec returns exactly the baseline's tokens.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     apply_process_settings()  # thread/offline settings must precede the vLLM/torch import
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     server = parser.add_argument_group("server")
     _own(server, "--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     _own(server, "--port", type=int, default=8000, help="port; 0 = OS-chosen (default: 8000)")
