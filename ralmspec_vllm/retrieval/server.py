@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import queue
 import re
 import signal
@@ -188,8 +189,15 @@ class ServerProcess:
     ) -> ServerProcess:
         """Start the CLI with ``args`` (add ``--port 0`` for an OS-chosen port); wait for it."""
         cmd = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve"]
+        # stdin is a pipe only this process writes to: if it dies (even by SIGKILL), the
+        # child sees EOF and shuts down instead of lingering on its port.
         process = subprocess.Popen(
-            [*cmd, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1
+            [*cmd, *args, "--exit-with-parent"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            bufsize=1,
         )
         assert process.stdout is not None
         # A thread drains stdout for the child's whole life (a full pipe would block it);
@@ -226,6 +234,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
@@ -260,6 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port; 0 = OS-chosen, printed on stdout (default: %(default)s)",
     )
     defaults = ServiceConfig()
+    net.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when stdin closes (set by parents that spawn the server as a child)",
+    )
     net.add_argument(
         "--batch-window-ms",
         type=float,
@@ -322,14 +337,31 @@ def open_from_args(args: argparse.Namespace) -> Retriever:
     return open_retriever(kb, config_from_args(args))
 
 
-async def serve(retriever: Retriever, host: str, port: int, config: ServiceConfig) -> None:
-    """Serve until SIGINT/SIGTERM, then stop accepting and drain in-flight calls."""
+async def serve(
+    retriever: Retriever,
+    host: str,
+    port: int,
+    config: ServiceConfig,
+    exit_with_parent: bool = False,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or, with ``exit_with_parent``, until stdin closes: the
+    parent died), then stop accepting and drain in-flight calls."""
     running = await start_server(retriever, host, port, config)
     print(f"{LISTENING_PREFIX} {running.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if exit_with_parent:
+        stdin = sys.stdin.fileno()
+
+        def on_stdin() -> None:
+            if not os.read(stdin, 4096):  # EOF: every writer (the parent) is gone
+                logger.info("stdin closed: the parent process is gone")
+                loop.remove_reader(stdin)
+                stop.set()
+
+        loop.add_reader(stdin, on_stdin)
     await stop.wait()
     logger.info("shutting down retriever service on %s", running.target)
     await running.stop(grace=2.0)
@@ -356,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("cannot open the retriever: %s", exc)
         return 1
     try:
-        asyncio.run(serve(retriever, args.host, args.port, config))
+        asyncio.run(serve(retriever, args.host, args.port, config, args.exit_with_parent))
     except OSError as exc:
         logger.error("cannot serve on %s:%d: %s", args.host, args.port, exc)
         return 1

@@ -250,6 +250,55 @@ async def test_cli_serve_starts_answers_and_stops_gracefully(small_kb: Path) -> 
         assert proc.stop() == 0
 
 
+def test_cli_child_exits_when_its_parent_goes_away(small_kb: Path) -> None:
+    args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
+    proc = ServerProcess.spawn(args, timeout_s=180)
+    try:
+        assert proc.process.stdin is not None
+        proc.process.stdin.close()  # what the OS does when the parent dies
+        assert proc.process.wait(60) == 0
+    finally:
+        proc.stop()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # exited (a zombie until its new parent reaps it)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_cli_child_exits_when_its_parent_is_killed(small_kb: Path) -> None:
+    import subprocess
+
+    args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
+    parent_code = (
+        "import sys, time\n"
+        "from ralmspec_vllm.retrieval.server import ServerProcess\n"
+        f"p = ServerProcess.spawn({args!r}, timeout_s=180)\n"
+        "print(p.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        assert not _gone(child_pid)
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while not _gone(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_cli_spawn_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-index"
     with pytest.raises(RuntimeError, match=r"did not start \(exit code 1"):
