@@ -125,7 +125,9 @@ class QueryEncoder:
         self.max_length = _max_length(folder)
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self._model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+        # float32 weights whatever the checkpoint holds; bf16 runs through autocast.
+        model_obj = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+        self._model = model_obj.to(device).eval()
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
         logger.info(
