@@ -88,6 +88,13 @@ async def test_completion_equals_offline_baseline(
         extra = response.model_extra or {}
         assert extra["ralm"]["mode"].startswith(ralm["mode"])
         assert "sources" not in extra
+    # a prompt given as token ids is the same question
+    ids = served.service.question_ids(QUESTIONS[0])
+    response = await openai_client.completions.create(
+        model=MODEL_NAME, prompt=ids, extra_body={"ralm": ralm, "return_token_ids": True}
+    )
+    want = await baseline(served, QUESTIONS[0])
+    assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
 
 
 async def test_streaming_completion_sends_verified_text(
