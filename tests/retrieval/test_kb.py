@@ -259,3 +259,15 @@ def test_default_index_is_real_wikipedia_built_once_and_reused() -> None:
     query = kb.encoder().encode(["anarchism political philosophy stateless societies"])[0]
     top = int(np.argmax(kb.embeddings() @ query))
     assert kb.documents.get([top])[0].title == "Anarchism"
+
+
+def test_cli_build_of_a_bad_corpus_fails_and_leaves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "title": "no text"}\n')
+    out = tmp_path / "out"
+    assert main(["index", "build", "--corpus", str(bad), "--out", str(out), "--no-progress"]) == 1
+    assert "bad.jsonl:2: missing field 'text'" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "bad.jsonl"]
+    assert main(["index", "build", "--synthetic-filler", "-3", "--out", str(out)]) == 2
