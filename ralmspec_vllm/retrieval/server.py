@@ -86,9 +86,7 @@ async def start_server(
     """
     config = config or ServiceConfig()
     if warm_up:
-        start = time.perf_counter()
-        await asyncio.to_thread(retriever.search, ["warm-up query"], 1)
-        logger.info("warm-up search took %.2f s", time.perf_counter() - start)
+        await _warm_up(retriever)
     service = RetrieverService(retriever, config)
     server = grpc.aio.server(
         options=grpc_options(config),
@@ -122,6 +120,18 @@ async def start_server(
         config.max_batch,
     )
     return RunningServer(server, service, health_servicer, host, bound)
+
+
+async def _warm_up(retriever: Retriever) -> None:
+    """One text search (loads the encoder); a failure is only logged: a vector-only dense
+    retriever, for one, has no encoder and still serves embedding queries."""
+    start = time.perf_counter()
+    try:
+        await asyncio.to_thread(retriever.search, ["warm-up query"], 1)
+    except Exception as exc:
+        logger.warning("warm-up text search failed (%s: %s)", type(exc).__name__, exc)
+        return
+    logger.info("warm-up search took %.2f s", time.perf_counter() - start)
 
 
 class ServerThread:

@@ -20,7 +20,11 @@ import pytest
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
-from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverUnavailable
+from ralmspec_vllm.retrieval.errors import (
+    RetrieverRequestError,
+    RetrieverServerError,
+    RetrieverUnavailable,
+)
 from ralmspec_vllm.retrieval.server import RunningServer, ServerProcess, ServerThread, start_server
 from ralmspec_vllm.retrieval.service import ServiceConfig
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo
@@ -202,6 +206,25 @@ async def test_second_server_on_a_busy_port_fails(
 def test_client_is_an_async_retriever() -> None:
     client: AsyncRetriever = RetrieverClient("127.0.0.1:1")  # checked by mypy
     assert callable(client.search)
+
+
+async def test_vector_only_dense_retriever_is_served() -> None:
+    import numpy as np
+
+    from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    flat = FlatRetriever(vectors)  # no encoder: embedding queries only
+    running = await start_server(flat, "127.0.0.1", 0)  # warm-up failure is only logged
+    try:
+        async with RetrieverClient(running.target) as client:
+            queries = rng.standard_normal((3, 8)).astype(np.float32)
+            assert await client.search_vectors(queries, 4) == flat.search_vectors(queries, 4)
+            with pytest.raises(RetrieverServerError, match="no query encoder"):
+                await client.search(["text"], 1)
+    finally:
+        await running.stop(grace=0)
 
 
 def test_client_config_validation() -> None:
