@@ -22,13 +22,9 @@ import asyncio
 import functools
 import logging
 import os
-import queue
-import re
 import signal
 import socket
-import subprocess
 import sys
-import threading
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +205,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
 
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
+    from ralmspec_vllm.retrieval.server import ServerProcess
     from ralmspec_vllm.service import RaLMService
 
     api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
@@ -221,9 +218,11 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             child_args += ["--index", args.index] if args.index else []
             child_args += args.retriever_arg
             logger.info("starting the retriever service: retriever serve %s", " ".join(child_args))
-            process = _spawn_retriever(child_args)  # from this (main) thread: see below
-            wait = functools.partial(_retriever_ready, process, args.retriever_start_timeout)
-            child_start = asyncio.create_task(asyncio.to_thread(wait))
+            # The child exits with this process even if it is SIGKILLed (stdin EOF).
+            spawn = functools.partial(
+                ServerProcess.spawn, child_args, timeout_s=args.retriever_start_timeout
+            )
+            child_start = asyncio.create_task(asyncio.to_thread(spawn))
         try:
             lm = await _start_lm(engine_config, stack)
         finally:
@@ -258,45 +257,6 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             stack.callback(signal.signal, sig, signal.signal(sig, lambda *_: None))
         await uv.serve(sockets=[bound.sock])
         logger.info("shutting down: engine, retriever client and child retriever")
-
-
-# The child runs the CLI after asking the kernel for SIGTERM when its parent dies
-# (PR_SET_PDEATHSIG, Linux), so even a SIGKILLed server leaves no retriever behind. The signal
-# follows the *thread* that forked, hence the spawn from the main thread.
-_CHILD = (
-    "import ctypes, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "except (OSError, AttributeError):\n"
-    "    pass\n"
-    "from ralmspec_vllm.entrypoints.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-def _spawn_retriever(child_args: list[str]) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", _CHILD, "retriever", "serve", *child_args]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-
-def _retriever_ready(process: subprocess.Popen[str], timeout_s: float) -> Any:
-    """Wait for the child's "listening" line; a ``ServerProcess`` to stop it with."""
-    from ralmspec_vllm.retrieval.server import LISTENING_PREFIX, ServerProcess
-
-    assert process.stdout is not None
-    stdout = process.stdout
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout_s).strip()
-    except queue.Empty:
-        line = ""
-    match = re.fullmatch(rf"{re.escape(LISTENING_PREFIX)} (\S+):(\d+)", line)
-    if match is None:
-        process.kill()
-        process.wait()
-        raise RuntimeError(f"retriever service did not start (exit code {process.returncode})")
-    return ServerProcess(process, match.group(1), int(match.group(2)))
 
 
 async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
