@@ -1,10 +1,12 @@
 """Running the retriever service: ``ralmspec-vllm retriever serve`` and programmatic starts.
 
-``start_server`` binds a ``grpc.aio`` server (retriever service + standard health service)
-in the running event loop and returns a ``RunningServer`` with the bound port.
-``ServerThread`` runs one in a background thread with its own loop (for synchronous code);
-``ServerProcess.spawn`` runs the CLI command as a child process and parses the port it
-prints (how the serving layer starts a retriever). The CLI opens the knowledge base and the
+``start_server`` warms the retriever up (one search, so the encoder loads before the port
+opens), binds a ``grpc.aio`` server (retriever service + standard health service) in the
+running event loop and returns a ``RunningServer`` with the bound port. ``ServerThread``
+runs one in a background thread with its own loop (for synchronous code);
+``ServerProcess.spawn`` runs the CLI command as a child process, parses the one line it
+prints on stdout (``retriever listening on HOST:PORT``) and ties the child's life to its
+own through a stdin pipe (``--exit-with-parent``). The CLI opens the knowledge base and the
 backend through ``kb`` and ``factory``, serves until SIGINT/SIGTERM, then drains gracefully.
 """
 
