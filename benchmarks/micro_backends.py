@@ -53,10 +53,22 @@ def _time(fn: Callable[[Any], object], args: list[Any]) -> list[float]:
     return out
 
 
-def bench_bm25(num_docs: int, num_queries: int, k: int) -> list[dict[str, Any]]:
-    from ralmspec_vllm.retrieval.corpus import FillerText, wiki_passages
+def _real_texts(path: Path | None) -> list[str]:
+    """The real passages' ``Document.contents``: from gensim, or a KB's ``docs.jsonl``."""
+    if path is None:
+        from ralmspec_vllm.retrieval.corpus import wiki_passages
 
-    real = [f"{p.title}\n{p.text}" for p in wiki_passages()]
+        return [f"{p.title}\n{p.text}" for p in wiki_passages()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [f"{r['title']}\n{r['text']}" if r["title"] else r["text"] for r in records]
+
+
+def bench_bm25(
+    num_docs: int, num_queries: int, k: int, texts_path: Path | None
+) -> list[dict[str, Any]]:
+    from ralmspec_vllm.retrieval.corpus import FillerText
+
+    real = _real_texts(texts_path)
     filler = FillerText.from_texts(real, seed=0, num_words=100)
 
     def batches() -> Any:
@@ -147,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch flat device")
     parser.add_argument("--flat-impls", default="faiss,torch")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--real-texts", type=Path, default=None, help="a KB's docs.jsonl instead of gensim"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rows: list[dict[str, Any]] = []
     if "bm25" in args.backends:
-        rows += bench_bm25(args.num_docs, args.queries, args.k)
+        rows += bench_bm25(args.num_docs, args.queries, args.k, args.real_texts)
     if "flat" in args.backends:
         rows += bench_flat(args.num_docs, args.queries, args.k, args.device, args.flat_impls)
     print(f"{'backend':<32}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ms/query':>14}  same")
