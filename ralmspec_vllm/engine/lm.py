@@ -100,10 +100,15 @@ class VllmLanguageModel:
     def with_stop_token_ids(self, stop_token_ids: Sequence[int]) -> VllmLanguageModel:
         """A view on the same engine that also stops at ``stop_token_ids``.
 
-        The view's :meth:`shutdown` leaves the shared engine running.
+        The view shares the in-flight request table (either can abort the other's calls)
+        but counts its own :attr:`cache_stats`; its :meth:`shutdown` leaves the engine
+        running.
         """
         view = VllmLanguageModel(self._engine, self.config, self._api, stop_token_ids)
         view._owns_engine = False
+        view._ids = self._ids  # request ids stay unique, and abort() sees the view's calls
+        view._inflight = self._inflight
+        view.startup_s = self.startup_s
         return view
 
     @property
