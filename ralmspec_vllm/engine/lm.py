@@ -73,15 +73,20 @@ class VllmLanguageModel:
     async def create(
         cls, config: EngineConfig, stop_token_ids: Sequence[int] = ()
     ) -> VllmLanguageModel:
-        """Start an engine for ``config`` (blocks the loop while the engine starts).
+        """Start an engine for ``config``; the event loop keeps running meanwhile.
 
         ``stop_token_ids`` are treated like EOS (generation stops after emitting one and
         ``finished`` is True), e.g. to make a random-weight test model stop.
         """
-        api = load_vllm()
+        api = await asyncio.to_thread(load_vllm)
         engine_args = config.to_engine_args()
         start = time.perf_counter()
-        engine = api.AsyncLLM.from_engine_args(engine_args)
+        # The engine start (child process, weights, warm-up) takes 10-60 s on CPU: do it in a
+        # thread. AsyncLLM supports construction outside the loop; its output handler then
+        # starts on the first request, so start it now, in the loop, to see engine failures
+        # early.
+        engine = await asyncio.to_thread(api.AsyncLLM.from_engine_args, engine_args)
+        engine._run_output_handler()
         lm = cls(engine, config, api, stop_token_ids)
         lm.startup_s = time.perf_counter() - start
         logger.info(
