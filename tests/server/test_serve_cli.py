@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -100,6 +101,9 @@ async def test_serve_subprocess_with_child_retriever(
         )
         assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
         assert (response.model_extra or {})["sources"]
+        async with httpx.AsyncClient(base_url=url) as http:
+            metrics = (await http.get("/metrics")).text  # ours and vLLM's, one registry
+        assert "ralmspec_requests_total" in metrics and "vllm:prompt_tokens" in metrics
         with pytest.raises(openai.AuthenticationError):
             await openai.AsyncOpenAI(
                 base_url=url + "/v1", api_key="wrong", max_retries=0

@@ -27,12 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ralmspec_vllm.entrypoints.openai import protocol as p
 from ralmspec_vllm.entrypoints.openai.errors import APIError, bad_request
-from ralmspec_vllm.entrypoints.openai.streaming import (
-    DONE,
-    IncrementalDecoder,
-    char_offsets,
-    sse,
-)
+from ralmspec_vllm.entrypoints.openai.sources import build_sources
+from ralmspec_vllm.entrypoints.openai.streaming import DONE, IncrementalDecoder, sse
 from ralmspec_vllm.service import JobError, JobResult, RaLMJob, RaLMService, RequestOptions
 
 logger = logging.getLogger(__name__)
@@ -319,30 +315,9 @@ class OpenAIHandlers:
     # -- sources ------------------------------------------------------------------------------
 
     async def _sources(self, result: JobResult) -> list[p.Source]:
-        merged: list[tuple[int | None, int, int]] = []
-        for span in result.spans:
-            if span.end <= span.start:
-                continue
-            if merged and merged[-1][0] == span.doc_id and merged[-1][2] == span.start:
-                merged[-1] = (span.doc_id, merged[-1][1], span.end)
-            else:
-                merged.append((span.doc_id, span.start, span.end))
-        titles = await self.service.titles([d for d, _, _ in merged if d is not None])
-        bounds = sorted({pos for _, s, e in merged for pos in (s, e)})
-        offsets = dict(
-            zip(bounds, char_offsets(self.tokenizer, result.token_ids, bounds), strict=True)
+        return await build_sources(
+            result.spans, result.token_ids, self.tokenizer, self.service.titles
         )
-        return [
-            p.Source(
-                doc_id=doc_id,
-                title=titles.get(doc_id, "") if doc_id is not None else "",
-                token_start=start,
-                token_end=end,
-                char_start=offsets[start],
-                char_end=offsets[end],
-            )
-            for doc_id, start, end in merged
-        ]
 
 
 # -- helpers --------------------------------------------------------------------------------
