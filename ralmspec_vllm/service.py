@@ -169,6 +169,7 @@ class RaLMService:
             encoder,
         )
         self._ids = itertools.count()
+        self._checked_k: set[int] = set()
 
     # -- planning -------------------------------------------------------------------------
 
@@ -282,6 +283,11 @@ class RaLMService:
 
     async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
         engine = self.engine
+        k = job.speculation.prefetch_k
+        if job.mode == "ralmspec" and k not in self._checked_k:
+            self._checked_k.add(k)  # e.g. an HNSW beam too narrow for top-k: warn once per k
+            for problem in await engine.retriever_problems(k):
+                logger.warning("%s", problem)
         recorder = TraceRecorder(job.method)
         ctx = RequestContext(
             job.request_id,
