@@ -303,7 +303,10 @@ async def test_client_disconnect_aborts_work(served: Served, stream: bool) -> No
                         break  # one verified chunk arrived; now hang up
         else:
             request = asyncio.create_task(http.post("/v1/completions", json=body))
-            await asyncio.sleep(0.3)
+            for _ in range(3000):  # until the job is generating (at most 30 s)
+                if served.lm.in_flight():  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.01)
             request.cancel()
     await _wait_idle(served, before, method)
     assert sample("ralmspec_requests_total", method=method, outcome="ok") == done_before
