@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the CPU machine: prepare every piece the GPU machine needs, as carry folders of at most
-# 63 MiB each: .carry/p00, .carry/p01, ... (see README "Benchmarks on a GPU").
+# 56 MiB each: .carry/p00, .carry/p01, ... (see README "Benchmarks on a GPU").
 #
 #   bash benchmarks/gpu/prepare.sh            # -> .carry/pNN (+ .carry/MANIFEST)
 #
@@ -43,7 +43,7 @@ find "$W/data/cache/indexes" -mindepth 1 -maxdepth 1 ! -name default -exec rm -r
 tar -cf "$W/data.tar" -C "$W/data" .
 echo "[prepare] vLLM bundle"
 bash benchmarks/gpu/build_vllm_bundle.sh "$W/vllm" >/dev/null
-split -b 63M -d "$W/data.tar" "$W/data.tar.part"
+split -b 56M -d "$W/data.tar" "$W/data.tar.part"
 n=0
 for f in "$W"/vllm/vllm_bundle.tar.part* "$W"/data.tar.part*; do
   d=$(printf '%s/p%02d' "$OUT" "$n"); mkdir -p "$d"; mv "$f" "$d/"; n=$((n + 1))
