@@ -1,0 +1,462 @@
+"""Batch-1 latency of iterative RaLM: baseline vs oracle vs RaLMSpec's ablation rows.
+
+Flow: load real questions (``--datasets`` x ``--questions-per-dataset`` of NQ, TriviaQA,
+WebQuestions, or ``--questions FILE``, JSONL with ``question``), open the knowledge base
+(``--index`` or the default index; ``--filler N`` grows it with synthetic filler to N
+documents in total, built once into the cache dir and shared with ``bench_retrieval``),
+start ONE vLLM engine on ``--model``, then per backend (``--backends``) open the retriever
+(in-process, or behind a real gRPC server thread with ``--transport grpc``) and
+
+1. warm up: one untimed question through every method;
+2. for every question, one at a time: the baseline first (its token ids are the reference
+   and its per-step doc ids become the oracle's), then every other method of ``--methods``
+   (``oracle``: documents handed in, zero retrieval cost, the ceiling; ``B``, ``P``, ``S``,
+   ``A``, ``PS``, ``SA``, ``PA``, ``PSA``: RaLMSpec presets). Methods are interleaved per
+   question so machine-load drift hits them alike. Each run gets a fresh ``RaLMEngine`` and
+   (by default) an emptied vLLM prefix cache, so no run profits from another's KV blocks.
+3. every run's token ids are compared with the baseline's: a mismatch is logged as an
+   error, marks the row ``outputs_identical: false`` and makes the exit status 1.
+
+Dense backends rank the speculation cache with the knowledge base's own query encoder
+(in-process) or the server's ``Encode`` RPC (gRPC); BM25 with the retriever's ``score``.
+Results: ``benchmarks/results/latency_<machine>_<model>_<backend>.json`` (one file per
+backend; rows + run metadata) and a PNG next to it (``latency_report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/bench_latency.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ralmspec_vllm.engine.settings import apply_process_settings
+
+apply_process_settings()  # before torch / vLLM / FAISS are imported
+
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_OUT_DIR,
+    describe_machine,
+    format_table,
+    run_metadata,
+    write_results,
+)
+from benchmarks.latency_report import (  # noqa: E402
+    TABLE_COLUMNS,
+    RunRecord,
+    plot_latency,
+    summarize,
+)
+from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
+from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
+
+logger = logging.getLogger("bench_latency")
+
+METHODS = ("baseline", "oracle", *PRESETS)
+BACKENDS = ("flat", "hnsw", "ivf", "bm25")
+WARMUP_QUESTION = "who wrote the declaration of independence"
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """What ``bench_latency`` measures and how (one field per CLI flag)."""
+
+    model: str = "smollm2-135m"
+    """Built-in model name (``engine.models.MODELS``) or a model directory."""
+    backends: tuple[str, ...] = ("flat",)
+    """Retrieval backends, one result file each."""
+    methods: tuple[str, ...] = METHODS
+    """``baseline`` (always run: the reference), ``oracle`` and RaLMSpec preset rows."""
+    datasets: tuple[str, ...] = ("nq", "triviaqa", "webquestions")
+    """Question sets (ignored with ``questions_file``)."""
+    questions_per_dataset: int = 5
+    """First N test questions of each dataset."""
+    questions_file: str | None = None
+    """JSONL with ``question`` (and optionally ``id``, ``dataset``) instead of the datasets."""
+    index: str | None = None
+    """Knowledge-base folder; ``None``: the default (real Wikipedia) index."""
+    filler: int | None = None
+    """Grow the index with synthetic filler to this many documents in total."""
+    transport: str = "inproc"
+    """``inproc`` (retriever in this process) or ``grpc`` (server thread + real client)."""
+    max_new_tokens: int = 128
+    retrieval_stride: int = 4
+    warmup: int = 1
+    """Untimed questions per method before timing."""
+    time_budget_s: float | None = None
+    """Start no further question once this much time was spent timing (per backend)."""
+    reset_prefix_cache: bool = True
+    """Empty vLLM's prefix cache before every timed run."""
+    faiss_threads: int | None = None
+    """FAISS OpenMP threads; ``None``: leave the process setting (``OMP_NUM_THREADS``)."""
+    hnsw_ef_search: int = 128
+    seed: int = 0
+    out_dir: str = str(DEFAULT_OUT_DIR)
+    name: str | None = None
+    """Result file stem; ``None``: ``latency_<machine>_<model>_<backend>`` per backend."""
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("backends", BACKENDS), ("methods", METHODS)):
+            values = getattr(self, name)
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(f"{name}: must be a non-empty subset of {allowed}, got {values}")
+        if self.questions_file is None and (
+            not self.datasets or any(d not in DATASETS for d in self.datasets)
+        ):
+            raise ValueError(f"datasets: must be a subset of {sorted(DATASETS)}")
+        if self.transport not in ("inproc", "grpc"):
+            raise ValueError(f"transport: must be 'inproc' or 'grpc', got {self.transport!r}")
+        for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.filler is not None and self.filler < 1:
+            raise ValueError(f"filler: must be >= 1, got {self.filler}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s: must be > 0, got {self.time_budget_s}")
+        if self.faiss_threads is not None and self.faiss_threads < 1:
+            raise ValueError(f"faiss_threads: must be >= 1, got {self.faiss_threads}")
+
+    @property
+    def ordered_methods(self) -> list[str]:
+        """``baseline`` first (added if missing), then the rest in the given order."""
+        return ["baseline", *(m for m in self.methods if m != "baseline")]
+
+    @property
+    def ralm(self) -> RaLMConfig:
+        return RaLMConfig(
+            retrieval_stride=self.retrieval_stride, max_new_tokens=self.max_new_tokens
+        )
+
+
+def load_question_set(cfg: LatencyConfig) -> list[Question]:
+    """The file's questions, or the datasets' first N each, interleaved (nq, tqa, wq, nq, ...)
+    so that a time budget cuts every dataset alike."""
+    if cfg.questions_file is not None:
+        return load_questions_file(cfg.questions_file)
+    sets = [load_questions(d, cfg.questions_per_dataset) for d in cfg.datasets]
+    return [q for group in itertools.zip_longest(*sets) for q in group if q is not None]
+
+
+def open_kb(cfg: LatencyConfig) -> tuple[Any, dict[str, Any]]:
+    """The knowledge base and a description of it for the metadata."""
+    from benchmarks.corpora import filler_corpus
+    from ralmspec_vllm.retrieval.kb import KnowledgeBase, default_index
+
+    real = KnowledgeBase.open(cfg.index) if cfg.index else default_index()
+    record: dict[str, Any] = {}
+    kb = real
+    if cfg.filler is not None:
+        kb, record = filler_corpus(real, cfg.filler)
+    m = kb.manifest
+    return kb, {
+        "path": str(kb.path),
+        "num_docs": m.num_docs,
+        "num_real_docs": m.num_real_docs,
+        "num_filler_docs": m.num_filler_docs,
+        "encoder": m.encoder,
+        "filler_build": record,
+    }
+
+
+class Runner:
+    """Runs every method on one question with one retriever and records the results."""
+
+    def __init__(self, cfg: LatencyConfig, lm: Any, retriever: Any, embed: dict[str, Any]):
+        self.cfg = cfg
+        self.lm = lm
+        self.retriever = retriever
+        self.embed = embed
+        """``encoder=`` or ``embedder=`` for ``RaLMEngine`` (empty: ``score`` ranking)."""
+
+    def engine(self) -> Any:
+        from ralmspec_vllm.core.runner import RaLMEngine
+
+        return RaLMEngine(self.lm, self.lm.tokenizer, self.retriever, self.cfg.ralm, **self.embed)
+
+    async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
+        if self.cfg.reset_prefix_cache and not await self.lm.engine.reset_prefix_cache():
+            logger.warning("vLLM refused to reset its prefix cache")
+        engine = self.engine()
+        if method == "baseline":
+            return await engine.generate(question, "baseline")
+        if method == "oracle":
+            return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
+        spec = SpeculationConfig.preset(method)
+        return await engine.generate(question, "ralmspec", speculation=spec)
+
+    async def question(
+        self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
+    ) -> list[RunRecord]:
+        base = await self.one("baseline", question.text, ())
+        records = [self._record(backend, "baseline", question, base, base)]
+        for method in methods[1:]:
+            result = await self.one(method, question.text, base.trace.step_doc_ids)
+            record = self._record(backend, method, question, result, base)
+            if not record.identical and timed:
+                logger.error(
+                    "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
+                    "difference at token %d", backend, method, question.text,
+                    len(result.token_ids), len(base.token_ids),
+                    _first_difference(result.token_ids, base.token_ids),
+                )  # fmt: skip
+            records.append(record)
+        return records
+
+    @staticmethod
+    def _record(backend: str, method: str, question: Question, result: Any, base: Any) -> RunRecord:
+        trace = result.trace
+        return RunRecord.from_summary(
+            backend,
+            method,
+            question.qid,
+            question.dataset,
+            trace.summary(),
+            strides=trace.strides,
+            num_tokens=len(result.token_ids),
+            identical=result.token_ids == base.token_ids,
+            same_documents=trace.step_doc_ids == base.trace.step_doc_ids,
+        )
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def set_faiss_threads(threads: int | None) -> int | None:
+    """Apply ``--faiss-threads``; return FAISS's thread count (None without FAISS)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    return int(faiss.omp_get_max_threads())
+
+
+async def bench_backend(
+    cfg: LatencyConfig, backend: str, kb: Any, lm: Any, questions: Sequence[Question]
+) -> tuple[list[RunRecord], dict[str, Any]]:
+    """Warm up and time every method on every question with one backend."""
+    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+
+    rcfg = RetrieverConfig(backend=backend, ef_search=cfg.hnsw_ef_search, progress=False)
+    start = time.perf_counter()
+    sync = open_retriever(kb, rcfg)
+    info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
+    dense = backend != "bm25"
+    server = client = None
+    if cfg.transport == "inproc":
+        retriever: Any = InProcessAsyncRetriever(sync)
+        embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
+    else:
+        from ralmspec_vllm.core.encoding import AsyncEmbedder
+        from ralmspec_vllm.retrieval.client import RetrieverClient
+        from ralmspec_vllm.retrieval.server import ServerThread
+
+        server = ServerThread(sync).start()
+        client = RetrieverClient(server.target, timeout_s=120.0)
+        retriever = client
+        embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}
+    runner = Runner(cfg, lm, retriever, embed)
+    methods = cfg.ordered_methods
+    records: list[RunRecord] = []
+    try:
+        start = time.perf_counter()
+        warm = Question("warmup", WARMUP_QUESTION, (), "warmup")
+        for _ in range(cfg.warmup):
+            await runner.question(backend, warm, methods, timed=False)
+        info["warmup_s"] = round(time.perf_counter() - start, 1)
+        timing_start = time.perf_counter()
+        for i, question in enumerate(questions, 1):
+            spent = time.perf_counter() - timing_start
+            if cfg.time_budget_s is not None and spent > cfg.time_budget_s:
+                logger.warning("time budget spent: timed %d of %d questions", i - 1, len(questions))
+                break
+            start = time.perf_counter()
+            done = await runner.question(backend, question, methods)
+            records += done
+            logger.info(
+                "%s %d/%d (%s) in %.1f s: %s", backend, i, len(questions), question.qid,
+                time.perf_counter() - start,
+                ", ".join(f"{r.method} {r.wall_time_s:.2f}s" for r in done),
+            )  # fmt: skip
+    finally:
+        if client is not None:
+            await client.close()
+        if server is not None:
+            server.stop()
+    return records, info
+
+
+async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Start the engine for ``cfg.model``, measure, write JSON (+ PNG) per backend."""
+    from ralmspec_vllm.engine.lm import VllmLanguageModel
+    from ralmspec_vllm.engine.models import resolve_model
+    from ralmspec_vllm.engine.settings import EngineConfig
+
+    questions = load_question_set(cfg)
+    kb, kb_info = open_kb(cfg)
+    engine_cfg = EngineConfig(model=str(resolve_model(cfg.model)), seed=cfg.seed)
+    start = time.perf_counter()
+    lm = await VllmLanguageModel.create(engine_cfg)
+    startup_s = time.perf_counter() - start
+    try:
+        return await measure_all(cfg, lm, kb, kb_info, questions, {"startup_s": startup_s})
+    finally:
+        await lm.shutdown()
+
+
+async def measure_all(
+    cfg: LatencyConfig,
+    lm: Any,
+    kb: Any,
+    kb_info: dict[str, Any],
+    questions: Sequence[Question],
+    engine_info: dict[str, Any] | None = None,
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Measure every backend of ``cfg`` on a started ``VllmLanguageModel``; write results."""
+    machine = describe_machine()
+    faiss_threads = set_faiss_threads(cfg.faiss_threads)
+    model_tag = Path(cfg.model).name
+    paths: list[Path] = []
+    all_rows: list[dict[str, Any]] = []
+    for backend in cfg.backends:
+        records, info = await bench_backend(cfg, backend, kb, lm, questions)
+        base = {
+            "machine": machine.tag,
+            "model": model_tag,
+            "corpus_size": kb_info["num_docs"],
+            "transport": cfg.transport,
+        }
+        rows = summarize(records, base, cfg.ordered_methods)
+        params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+        meta = run_metadata("bench_latency", params, machine)
+        meta.update(
+            seed=cfg.seed,
+            knowledge_base=kb_info,
+            engine={**dataclasses.asdict(lm.config), **(engine_info or {})},
+            retriever=info,
+            threads={
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+                "faiss": faiss_threads,
+                "torch": _torch_threads(),
+            },
+            questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
+            all_outputs_identical=all(r["outputs_identical"] for r in rows),
+        )
+        name = cfg.name or f"latency_{machine.tag}_{model_tag}_{backend}"
+        if cfg.name and len(cfg.backends) > 1:
+            name = f"{cfg.name}_{backend}"
+        path = write_results(name, rows, meta, cfg.out_dir)
+        if cfg.plot:
+            title = (
+                f"Batch-1 RaLM latency, {model_tag}, {backend} over "
+                f"{kb_info['num_docs']:,} docs, {len(questions)} questions, {machine.tag}"
+            )
+            plot_latency(rows, path.with_suffix(".png"), title)
+        paths.append(path)
+        all_rows += rows
+    return paths, all_rows
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return int(torch.get_num_threads())
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+# (flag, LatencyConfig field, argparse keywords): defaults come from LatencyConfig.
+_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--model", "model", {"help": "model name or directory"}),
+    ("--backends", "backends", {"type": _csv, "help": "comma list of flat,hnsw,ivf,bm25"}),
+    ("--methods", "methods", {"type": _csv, "help": f"comma list of {','.join(METHODS)}"}),
+    ("--datasets", "datasets", {"type": _csv, "help": "comma list of nq,triviaqa,webquestions"}),
+    ("--questions-per-dataset", "questions_per_dataset", {"type": int, "help": "first N each"}),
+    ("--questions", "questions_file", {"help": "JSONL file with a 'question' per line"}),
+    ("--index", "index", {"help": "knowledge-base folder (default: the default index)"}),
+    ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
+    ("--transport", "transport", {"choices": ("inproc", "grpc"), "help": "retriever transport"}),
+    ("--max-new-tokens", "max_new_tokens", {"type": int, "help": "answer length limit"}),
+    ("--retrieval-stride", "retrieval_stride", {"type": int, "help": "tokens per retrieval"}),
+    ("--warmup", "warmup", {"type": int, "help": "untimed questions per method"}),
+    ("--reset-prefix-cache", "reset_prefix_cache",
+     {"action": argparse.BooleanOptionalAction, "help": "empty the KV prefix cache per run"}),
+    ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
+    ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
+    ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
+    ("--seed", "seed", {"type": int, "help": "engine seed"}),
+    ("--out-dir", "out_dir", {"help": "results folder"}),
+    ("--name", "name", {"help": "result file stem (default: latency_<machine>_<model>_<backend>)"}),
+    ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+)  # fmt: skip
+QUICK: dict[str, Any] = {
+    "model": "tiny-llama",
+    "methods": ("baseline", "PSA"),
+    "datasets": ("nq",),
+    "questions_per_dataset": 2,
+    "questions_file": None,
+    "max_new_tokens": 24,
+    "filler": None,
+}
+"""``--quick``: a smoke run (the tiny index is the default one: real passages only)."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> LatencyConfig:
+    defaults = LatencyConfig()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for flag, name, kwargs in _FLAGS:
+        default = getattr(defaults, name)
+        if default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kwargs = {**kwargs, "help": f"{kwargs['help']} (default: {shown})"}
+        parser.add_argument(flag, dest=name, default=default, **kwargs)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    cfg = LatencyConfig(**{name: getattr(args, name) for _, name, _ in _FLAGS})
+    return dataclasses.replace(cfg, **QUICK) if args.quick else cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    paths, rows = asyncio.run(run_benchmark(cfg))
+    print(format_table(rows, TABLE_COLUMNS))
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"({len(rows)} rows in {time.perf_counter() - start:.0f} s)")
+    if not all(row["outputs_identical"] for row in rows):
+        bad = [f"{r['retriever']}/{r['method']}" for r in rows if not r["outputs_identical"]]
+        print(f"ERROR: outputs differ from the baseline's in {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Condense ``bench_latency`` runs into result rows, a text table and a PNG.
+
+Input: one ``RunRecord`` per timed (backend, method, question) run, each holding the
+``RequestTrace.summary()`` numbers and whether its token ids equal the baseline's. Output:
+one row per (backend, method) with the mean latency, the speed-up against the baseline
+(baseline mean / method mean), the oracle ceiling (baseline mean / oracle mean), the fraction
+of that ceiling reached (oracle mean / method mean), ``outputs_identical`` (every question),
+the mean time split (LM, retrieval, speculation, other) and pooled speculation statistics;
+each row also lists its per-question records. ``plot_latency`` draws speed-up bars and
+stacked time-split bars per backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One timed answer: which question, which method, what its trace says."""
+
+    backend: str
+    method: str
+    question_id: str
+    dataset: str
+    wall_time_s: float
+    lm_time_s: float
+    retrieval_time_s: float
+    speculation_time_s: float
+    other_time_s: float
+    num_tokens: int
+    steps: int
+    retrieval_calls: int
+    verifications: int
+    speculation_hits: int
+    speculation_misses: int
+    strides: tuple[int, ...]
+    rollbacks: int
+    tokens_discarded: int
+    lm_calls: int
+    identical: bool
+    """Token ids equal the baseline's for this question (baseline: trivially true)."""
+    same_documents: bool
+    """Per-step document ids equal the baseline's."""
+
+    @classmethod
+    def from_summary(
+        cls,
+        backend: str,
+        method: str,
+        question_id: str,
+        dataset: str,
+        summary: Mapping[str, Any],
+        *,
+        strides: Sequence[int],
+        num_tokens: int,
+        identical: bool,
+        same_documents: bool,
+    ) -> RunRecord:
+        return cls(
+            backend=backend,
+            method=method,
+            question_id=question_id,
+            dataset=dataset,
+            wall_time_s=summary["wall_time_s"],
+            lm_time_s=summary["lm_time_s"],
+            retrieval_time_s=summary["retrieval_time_s"],
+            speculation_time_s=summary["speculation_time_s"],
+            other_time_s=summary["other_time_s"],
+            num_tokens=num_tokens,
+            steps=summary["steps"],
+            retrieval_calls=sum(summary["retrieval_calls"].values()),
+            verifications=summary["verifications"],
+            speculation_hits=summary["speculation_hits"],
+            speculation_misses=summary["speculation_misses"],
+            strides=tuple(strides),
+            rollbacks=summary["rollbacks"],
+            tokens_discarded=summary["tokens_discarded"],
+            lm_calls=summary["lm_calls"],
+            identical=identical,
+            same_documents=same_documents,
+        )
+
+    def brief(self) -> dict[str, Any]:
+        """The per-question record stored inside a row (strides summarised)."""
+        out = asdict(self)
+        del out["backend"], out["method"], out["strides"]
+        out["mean_stride"] = _mean(self.strides)
+        for key, value in out.items():
+            if isinstance(value, float):
+                out[key] = round(value, 4)
+        return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def summarize(
+    records: Sequence[RunRecord], base: Mapping[str, Any], methods: Sequence[str]
+) -> list[Row]:
+    """One row per (backend, method) in ``methods`` order; ``base`` fields go in every row."""
+    rows: list[Row] = []
+    for backend in dict.fromkeys(r.backend for r in records):
+        mine = [r for r in records if r.backend == backend]
+        means = {m: _mean([r.wall_time_s for r in mine if r.method == m]) for m in methods}
+        for method in methods:
+            runs = [r for r in mine if r.method == method]
+            if not runs:
+                continue
+            hits = sum(r.speculation_hits for r in runs)
+            misses = sum(r.speculation_misses for r in runs)
+            strides = [s for r in runs for s in r.strides]
+            mean = means[method]
+            row: Row = {
+                **base,
+                "retriever": backend,
+                "method": method,
+                "num_questions": len(runs),
+                "mean_latency_s": _round(mean),
+                "speedup_vs_baseline": _round(_ratio(means.get("baseline"), mean)),
+                "oracle_speedup": _round(_ratio(means.get("baseline"), means.get("oracle"))),
+                "oracle_fraction": _round(_ratio(means.get("oracle"), mean)),
+                "outputs_identical": all(r.identical for r in runs),
+                "documents_identical": all(r.same_documents for r in runs),
+                "mismatched_questions": [r.question_id for r in runs if not r.identical],
+            }
+            for part in ("lm", "retrieval", "speculation", "other"):
+                row[f"{part}_time_s"] = _round(_mean([getattr(r, f"{part}_time_s") for r in runs]))
+            row.update(
+                speculation_accuracy=_round(_ratio(hits, hits + misses)),
+                mean_stride=_round(_mean(strides)),
+                mean_rollbacks=_round(_mean([r.rollbacks for r in runs])),
+                mean_tokens_discarded=_round(_mean([r.tokens_discarded for r in runs])),
+                mean_retrieval_calls=_round(_mean([r.retrieval_calls for r in runs])),
+                mean_verifications=_round(_mean([r.verifications for r in runs])),
+                mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
+                mean_tokens=_round(_mean([r.num_tokens for r in runs])),
+                per_question=[r.brief() for r in runs],
+            )
+            rows.append(row)
+    return rows
+
+
+TABLE_COLUMNS = (
+    "retriever", "method", "mean_latency_s", "speedup_vs_baseline", "oracle_fraction",
+    "lm_time_s", "retrieval_time_s", "speculation_time_s", "other_time_s",
+    "speculation_accuracy", "mean_stride", "mean_rollbacks", "outputs_identical",
+)  # fmt: skip
+
+
+def plot_latency(rows: Sequence[Row], path: Path, title: str) -> Path:
+    """Per backend: speed-up vs baseline per method (left), mean time split (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(r["retriever"] for r in rows))
+    fig, axes = plt.subplots(len(backends), 2, figsize=(13, 4.2 * len(backends)), squeeze=False)
+    parts = (("lm", "LM"), ("retrieval", "retrieval"), ("speculation", "cache"), ("other", "other"))
+    for (ax_speed, ax_split), backend in zip(axes, backends, strict=True):
+        mine = [r for r in rows if r["retriever"] == backend]
+        names = [r["method"] for r in mine]
+        speedups = [r["speedup_vs_baseline"] or 0.0 for r in mine]
+        colors = ["tab:green" if r["outputs_identical"] else "tab:red" for r in mine]
+        bars = ax_speed.bar(names, speedups, color=colors)
+        ax_speed.bar_label(bars, fmt="%.2fx", fontsize=8)
+        ax_speed.axhline(1.0, color="black", linewidth=0.8)
+        ax_speed.set_ylabel("speed-up vs baseline")
+        ax_speed.set_title(f"{backend}: speed-up (red = outputs differ)")
+        bottom = [0.0] * len(mine)
+        for key, label in parts:
+            values = [r[f"{key}_time_s"] or 0.0 for r in mine]
+            ax_split.bar(names, values, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax_split.plot(names, [r["mean_latency_s"] for r in mine], "k_", markersize=18,
+                      label="wall (mean)")  # fmt: skip
+        ax_split.set_ylabel("seconds per question (mean)")
+        ax_split.set_title(f"{backend}: time split (async parts overlap)")
+        ax_split.legend(fontsize=8)
+        for ax in (ax_speed, ax_split):
+            ax.tick_params(axis="x", labelrotation=45)
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

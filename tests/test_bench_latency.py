@@ -1,0 +1,136 @@
+"""``bench_latency`` end to end on the session's tiny vLLM engine, plus its row arithmetic.
+
+The smoke test builds a 40-passage knowledge base from a JSONL corpus, writes a 2-question
+JSONL file and runs baseline, oracle, B and PSA over flat (dense cache scoring with the
+knowledge base's encoder) and BM25 through ``measure_all``; it checks the result files'
+shape, token identity and the oracle's zero retrieval, not any timing. The unit tests check
+that ``summarize`` computes the ratios and that one differing run marks its row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_latency import LatencyConfig, measure_all, open_kb, parse_args
+from benchmarks.common import read_results
+from benchmarks.latency_report import RunRecord, summarize
+from ralmspec_vllm.engine.lm import VllmLanguageModel
+from ralmspec_vllm.questions import load_questions_file
+
+WORDS = [
+    "river",
+    "mountain",
+    "king",
+    "queen",
+    "city",
+    "battle",
+    "music",
+    "painter",
+    "novel",
+    "ocean",
+    "island",
+    "war",
+]
+
+
+def record(method: str, wall: float, identical: bool = True, **extra: Any) -> RunRecord:
+    summary = {
+        "wall_time_s": wall, "lm_time_s": wall / 2, "retrieval_time_s": wall / 4,
+        "speculation_time_s": 0.0, "other_time_s": wall / 4, "steps": 8,
+        "retrieval_calls": {"search": 8}, "verifications": 0, "speculation_hits": 0,
+        "speculation_misses": 0, "rollbacks": 0, "tokens_discarded": 0, "lm_calls": 8, **extra,
+    }  # fmt: skip
+    return RunRecord.from_summary(
+        "flat", method, "q", "nq", summary, strides=(3, 3), num_tokens=32,
+        identical=identical, same_documents=identical,
+    )  # fmt: skip
+
+
+def test_summarize_ratios_and_a_loud_mismatch() -> None:
+    records = [
+        record("baseline", 4.0), record("baseline", 2.0),
+        record("oracle", 1.0), record("oracle", 1.0),
+        record("PSA", 2.0, speculation_hits=3, speculation_misses=1),
+        record("PSA", 2.0, identical=False, speculation_hits=1, speculation_misses=1),
+    ]  # fmt: skip
+    rows = {
+        r["method"]: r for r in summarize(records, {"machine": "m"}, ["baseline", "oracle", "PSA"])
+    }
+    assert rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert rows["oracle"]["oracle_speedup"] == 3.0
+    assert rows["PSA"]["speedup_vs_baseline"] == 1.5
+    assert rows["PSA"]["oracle_fraction"] == 0.5
+    assert rows["PSA"]["speculation_accuracy"] == pytest.approx(4 / 6, abs=1e-4)
+    assert rows["PSA"]["mean_stride"] == 3.0
+    assert rows["PSA"]["outputs_identical"] is False
+    assert rows["PSA"]["mismatched_questions"] == ["q"]
+    assert rows["oracle"]["outputs_identical"] is True
+    assert rows["PSA"]["machine"] == "m" and len(rows["PSA"]["per_question"]) == 2
+
+
+def test_config_validation_and_quick_flags() -> None:
+    with pytest.raises(ValueError, match="methods"):
+        LatencyConfig(methods=("baseline", "XYZ"))
+    with pytest.raises(ValueError, match="backends"):
+        LatencyConfig(backends=("annoy",))
+    assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
+    cfg = parse_args(["--quick", "--log-level", "WARNING"])
+    assert cfg.model == "tiny-llama" and cfg.questions_per_dataset == 2
+    assert len(cfg.ordered_methods) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ralmspec_vllm.retrieval.kb import build_index
+
+    root = tmp_path_factory.mktemp("latency")
+    rng = np.random.default_rng(5)
+    with (root / "corpus.jsonl").open("w") as f:
+        for i in range(40):
+            text = " ".join(rng.choice(WORDS, size=30))
+            f.write(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
+    with (root / "questions.jsonl").open("w") as f:
+        f.write(json.dumps({"question": "which king fought the battle by the river"}) + "\n")
+        f.write(json.dumps({"question": "who painted the island city", "id": "q2"}) + "\n")
+    build_index(root / "kb", sources=(), corpus=root / "corpus.jsonl", show_progress=False)
+    return {"kb": root / "kb", "questions": root / "questions.jsonl"}
+
+
+@pytest.mark.vllm
+async def test_bench_latency_smoke(
+    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat", "bm25"), methods=("baseline", "oracle", "B", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=20, out_dir=str(tmp_path), name="smoke",
+    )  # fmt: skip
+    kb, kb_info = open_kb(cfg)
+    questions = load_questions_file(tiny_world["questions"])
+    paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
+    assert [p.name for p in paths] == ["smoke_flat.json", "smoke_bm25.json"]
+    for path in paths:
+        data = read_results(path)
+        assert path.with_suffix(".png").stat().st_size > 0
+        assert data["meta"]["all_outputs_identical"] is True
+        assert data["meta"]["params"]["methods"] == ["baseline", "oracle", "B", "PSA"]
+        methods = [row["method"] for row in data["rows"]]
+        assert methods == ["baseline", "oracle", "B", "PSA"]
+        for row in data["rows"]:
+            for key in ("machine", "model", "retriever", "corpus_size", "mean_latency_s",
+                        "speedup_vs_baseline", "oracle_fraction", "outputs_identical"):  # fmt: skip
+                assert key in row, key
+            assert row["corpus_size"] == 40 and row["num_questions"] == 2
+            assert row["outputs_identical"] is True
+            assert row["mean_tokens"] == 20
+        by_method = {row["method"]: row for row in data["rows"]}
+        assert by_method["oracle"]["retrieval_time_s"] == 0.0
+        assert by_method["oracle"]["mean_retrieval_calls"] == 0
+        assert by_method["baseline"]["mean_retrieval_calls"] >= 5  # one per 4-token step
+        assert by_method["PSA"]["mean_stride"] is not None
+    assert {row["retriever"] for row in rows} == {"flat", "bm25"}
