@@ -160,6 +160,20 @@ def package_versions(names: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
     return versions
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+def thread_settings() -> dict[str, Any]:
+    """Thread-pool settings that shape CPU timings: the environment, and the live torch /
+    faiss pool sizes when those libraries are already loaded (never imported here)."""
+    out: dict[str, Any] = {name: os.environ.get(name, "") for name in THREAD_ENV}
+    if "torch" in sys.modules:
+        out["torch_threads"] = sys.modules["torch"].get_num_threads()
+    if "faiss" in sys.modules:
+        out["faiss_omp_threads"] = sys.modules["faiss"].omp_get_max_threads()
+    return out
+
+
 def run_metadata(
     benchmark: str, params: Mapping[str, Any], machine: MachineInfo | None = None
 ) -> dict[str, Any]:
@@ -175,6 +189,7 @@ def run_metadata(
         "git_sha": git.sha,
         "git_dirty": git.dirty,
         "versions": package_versions(),
+        "threads": thread_settings(),
         "params": dict(params),
     }
 

@@ -95,6 +95,7 @@ def test_metadata_and_results_round_trip(tmp_path: Path) -> None:
     meta = run_metadata("unit", {"k": 3}, machine)
     assert meta["git_sha"] == sha and meta["params"] == {"k": 3}
     assert meta["machine"]["cpu_cores"] == machine.cpu_cores
+    assert set(meta["threads"]) >= {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}
     path = write_results("unit", [{"a": 1}, {"a": 2.5}], meta, tmp_path / "out")
     assert path == tmp_path / "out" / "unit.json"
     data = read_results(path)
