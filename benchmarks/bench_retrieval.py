@@ -102,6 +102,8 @@ class BenchConfig:
     """gRPC server placement: ``process`` (child process) or ``thread``."""
     batch_window_ms: float = 0.0
     """Server cross-request batch window (0: a lone client never waits)."""
+    flat_impls: tuple[str, ...] = ("faiss", "torch")
+    """Flat search implementations timed on the CPU (``faiss`` IndexFlatIP, ``torch`` matmul)."""
     cuda: bool = True
     """Also time flat search on CUDA (torch path) when a GPU exists."""
     hnsw_m: int = 32
@@ -132,6 +134,10 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(v not in allowed for v in values):
                 raise ValueError(f"{name}: must be a non-empty subset of {allowed}, got {values}")
+        if not self.flat_impls or any(i not in ("faiss", "torch") for i in self.flat_impls):
+            raise ValueError(
+                f"flat_impls: must be a non-empty subset of faiss,torch, got {self.flat_impls}"
+            )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes: must be positive, got {self.batch_sizes}")
         for name in ("filler_total", "k", "reps", "hnsw_m", "ef_construction", "ef_search"):
@@ -166,8 +172,11 @@ class BenchConfig:
     def variants(self, cuda_available: bool) -> list[Variant]:
         out: list[Variant] = []
         for backend in self.backends:
-            out.append(Variant(backend))
-            if backend == "flat" and self.cuda and cuda_available:
+            if backend != "flat":
+                out.append(Variant(backend))
+                continue
+            out += [Variant("flat", "cpu", impl) for impl in self.flat_impls]
+            if self.cuda and cuda_available:
                 out.append(Variant("flat", "cuda", "torch"))
         return out
 
@@ -330,6 +339,7 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
     ("--filler-index", "filler_index", {"help": "filler knowledge base (default: cache dir)"}),
     ("--server", "server", {"choices": ("process", "thread"), "help": "gRPC server placement"}),
     ("--batch-window-ms", "batch_window_ms", {"type": float, "help": "server batch window"}),
+    ("--flat-impls", "flat_impls", {"type": _csv(str), "help": "CPU flat: faiss,torch"}),
     ("--cuda", "cuda", {"action": argparse.BooleanOptionalAction, "help": "flat on CUDA too"}),
     ("--hnsw-m", "hnsw_m", {"type": int, "help": "HNSW M"}),
     ("--ef-construction", "ef_construction", {"type": int, "help": "HNSW efConstruction"}),

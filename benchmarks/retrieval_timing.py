@@ -36,7 +36,10 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return self.backend if self.device == "cpu" else f"{self.backend}-{self.device}"
+        """``flat`` (FAISS on the CPU), ``flat-torch`` (torch on the CPU), ``flat-cuda``..."""
+        if self.device != "cpu":
+            return f"{self.backend}-{self.device}"
+        return self.backend if self.flat_impl == "faiss" else f"{self.backend}-{self.flat_impl}"
 
 
 @dataclass(frozen=True, slots=True)

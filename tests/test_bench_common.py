@@ -168,7 +168,7 @@ def test_bench_retrieval_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> N
     assert cells == {
         (size, backend, transport, b)
         for size in (40, 160)
-        for backend in ("flat", "hnsw", "ivf", "bm25")
+        for backend in ("flat", "flat-torch", "hnsw", "ivf", "bm25")
         for transport in ("inproc", "grpc")
         for b in (1, 2)
     }
