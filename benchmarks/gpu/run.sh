@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine, after install.sh: run one benchmark phase, results under $OUT/gpu.
+#   bash benchmarks/gpu/run.sh check       # versions, GPU, engine smoke (first start JITs ~2 min)
+#   bash benchmarks/gpu/run.sh retrieval   # bench_retrieval: real + 1M docs, CPU and CUDA flat, HNSW, IVF, BM25
+#   bash benchmarks/gpu/run.sh latency     # bench_latency: SmolLM2, exact flat (FAISS on CPU) at 1M docs
+# Extra arguments go to the benchmark. Each phase fits one device call (< 10 minutes).
+set -uo pipefail
+. "$HOME/ralmspec.env"
+RES=${OUT:-/tmp/out}/gpu; mkdir -p "$RES"
+phase=${1:?usage: run.sh check|retrieval|latency [args]}; shift
+export PYTHONUNBUFFERED=1
+case "$phase" in
+  check)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c 'import vllm, faiss, grpc, google.protobuf as p, torch; print("vllm", vllm.__version__, "faiss", faiss.__version__, "grpc", grpc.__version__, "protobuf", p.__version__, "torch", torch.__version__)'
+    python3 -m pytest -q -m gpu tests/engine tests/retrieval -p no:cacheprovider 2>&1 | tail -15
+    ;;
+  retrieval)
+    python3 benchmarks/bench_retrieval.py --sizes real,filler --filler 1000000 --cuda \
+      --out-dir "$RES" "$@" 2>&1 | tee "$RES/retrieval.log" | grep -v "it/s\]" ;;
+  latency)
+    python3 benchmarks/bench_latency.py --model smollm2-135m --backends flat --filler 1000000 \
+      --out-dir "$RES" "$@" 2>&1 | tee "$RES/latency.log" | grep -v "it/s\]" ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
