@@ -100,6 +100,9 @@ class LatencyConfig:
     """Empty vLLM's prefix cache before every timed run."""
     faiss_threads: int | None = None
     """FAISS OpenMP threads; ``None``: leave the process setting (``OMP_NUM_THREADS``)."""
+    flat_impl: str = "faiss"
+    """Flat search: ``faiss`` (IndexFlatIP; below 20 queries per call its CPU cost grows
+    linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
     hnsw_ef_search: int = 128
     seed: int = 0
     out_dir: str = str(DEFAULT_OUT_DIR)
@@ -116,6 +119,8 @@ class LatencyConfig:
             not self.datasets or any(d not in DATASETS for d in self.datasets)
         ):
             raise ValueError(f"datasets: must be a subset of {sorted(DATASETS)}")
+        if self.flat_impl not in ("faiss", "torch"):
+            raise ValueError(f"flat_impl: must be 'faiss' or 'torch', got {self.flat_impl!r}")
         if self.transport not in ("inproc", "grpc"):
             raise ValueError(f"transport: must be 'inproc' or 'grpc', got {self.transport!r}")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
@@ -134,6 +139,10 @@ class LatencyConfig:
     def ordered_methods(self) -> list[str]:
         """``baseline`` first (added if missing), then the rest in the given order."""
         return ["baseline", *(m for m in self.methods if m != "baseline")]
+
+    def label(self, backend: str) -> str:
+        """The backend's name in rows and file names (``flat-torch`` for the torch path)."""
+        return f"{backend}-torch" if backend == "flat" and self.flat_impl == "torch" else backend
 
     @property
     def ralm(self) -> RaLMConfig:
@@ -256,7 +265,9 @@ async def bench_backend(
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
 
-    rcfg = RetrieverConfig(backend=backend, ef_search=cfg.hnsw_ef_search, progress=False)
+    rcfg = RetrieverConfig(
+        backend=backend, flat_impl=cfg.flat_impl, ef_search=cfg.hnsw_ef_search, progress=False
+    )
     start = time.perf_counter()
     sync = open_retriever(kb, rcfg)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
@@ -281,7 +292,7 @@ async def bench_backend(
         start = time.perf_counter()
         warm = Question("warmup", WARMUP_QUESTION, (), "warmup")
         for _ in range(cfg.warmup):
-            await runner.question(backend, warm, methods, timed=False)
+            await runner.question(cfg.label(backend), warm, methods, timed=False)
         info["warmup_s"] = round(time.perf_counter() - start, 1)
         timing_start = time.perf_counter()
         for i, question in enumerate(questions, 1):
@@ -290,7 +301,7 @@ async def bench_backend(
                 logger.warning("time budget spent: timed %d of %d questions", i - 1, len(questions))
                 break
             start = time.perf_counter()
-            done = await runner.question(backend, question, methods)
+            done = await runner.question(cfg.label(backend), question, methods)
             records += done
             logger.info(
                 "%s %d/%d (%s) in %.1f s: %s", backend, i, len(questions), question.qid,
@@ -361,13 +372,14 @@ async def measure_all(
             questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
             all_outputs_identical=all(r["outputs_identical"] for r in rows),
         )
-        name = cfg.name or f"latency_{machine.tag}_{model_tag}_{backend}"
+        label = cfg.label(backend)
+        name = cfg.name or f"latency_{machine.tag}_{model_tag}_{label}"
         if cfg.name and len(cfg.backends) > 1:
-            name = f"{cfg.name}_{backend}"
+            name = f"{cfg.name}_{label}"
         path = write_results(name, rows, meta, cfg.out_dir)
         if cfg.plot:
             title = (
-                f"Batch-1 RaLM latency, {model_tag}, {backend} over "
+                f"Batch-1 RaLM latency, {model_tag}, {label} over "
                 f"{kb_info['num_docs']:,} docs, {len(questions)} questions, {machine.tag}"
             )
             plot_latency(rows, path.with_suffix(".png"), title)
@@ -406,6 +418,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      {"action": argparse.BooleanOptionalAction, "help": "empty the KV prefix cache per run"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
+    ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     ("--out-dir", "out_dir", {"help": "results folder"}),
