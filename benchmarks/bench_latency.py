@@ -346,6 +346,8 @@ async def measure_all(
     machine = describe_machine()
     faiss_threads = set_faiss_threads(cfg.faiss_threads)
     model_tag = Path(cfg.model).name
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+    start_meta = run_metadata("bench_latency", params, machine)  # git state of the code run
     paths: list[Path] = []
     all_rows: list[dict[str, Any]] = []
     for backend in cfg.backends:
@@ -357,8 +359,7 @@ async def measure_all(
             "transport": cfg.transport,
         }
         rows = summarize(records, base, cfg.ordered_methods)
-        params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
-        meta = run_metadata("bench_latency", params, machine)
+        meta = dict(start_meta)
         meta.update(
             seed=cfg.seed,
             knowledge_base=kb_info,
