@@ -54,18 +54,17 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.latency_report import (  # noqa: E402
     TABLE_COLUMNS,
-    RunRecord,
     plot_latency,
     summarize,
 )
-from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
+from benchmarks.latency_runs import bench_backend, set_faiss_threads, torch_threads  # noqa: E402
+from ralmspec_vllm.core.config import PRESETS, RaLMConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 
 logger = logging.getLogger("bench_latency")
 
 METHODS = ("baseline", "oracle", *PRESETS)
 BACKENDS = ("flat", "hnsw", "ivf", "bm25")
-WARMUP_QUESTION = "who wrote the declaration of independence"
 
 
 @dataclass(frozen=True)
@@ -181,141 +180,6 @@ def open_kb(cfg: LatencyConfig) -> tuple[Any, dict[str, Any]]:
     }
 
 
-class Runner:
-    """Runs every method on one question with one retriever and records the results."""
-
-    def __init__(self, cfg: LatencyConfig, lm: Any, retriever: Any, embed: dict[str, Any]):
-        self.cfg = cfg
-        self.lm = lm
-        self.retriever = retriever
-        self.embed = embed
-        """``encoder=`` or ``embedder=`` for ``RaLMEngine`` (empty: ``score`` ranking)."""
-
-    def engine(self) -> Any:
-        from ralmspec_vllm.core.runner import RaLMEngine
-
-        return RaLMEngine(self.lm, self.lm.tokenizer, self.retriever, self.cfg.ralm, **self.embed)
-
-    async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
-        if self.cfg.reset_prefix_cache and not await self.lm.engine.reset_prefix_cache():
-            logger.warning("vLLM refused to reset its prefix cache")
-        engine = self.engine()
-        if method == "baseline":
-            return await engine.generate(question, "baseline")
-        if method == "oracle":
-            return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
-        spec = SpeculationConfig.preset(method)
-        return await engine.generate(question, "ralmspec", speculation=spec)
-
-    async def question(
-        self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
-    ) -> list[RunRecord]:
-        base = await self.one("baseline", question.text, ())
-        records = [self._record(backend, "baseline", question, base, base)]
-        for method in methods[1:]:
-            result = await self.one(method, question.text, base.trace.step_doc_ids)
-            record = self._record(backend, method, question, result, base)
-            if not record.identical and timed:
-                logger.error(
-                    "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
-                    "difference at token %d", backend, method, question.text,
-                    len(result.token_ids), len(base.token_ids),
-                    _first_difference(result.token_ids, base.token_ids),
-                )  # fmt: skip
-            records.append(record)
-        return records
-
-    @staticmethod
-    def _record(backend: str, method: str, question: Question, result: Any, base: Any) -> RunRecord:
-        trace = result.trace
-        return RunRecord.from_summary(
-            backend,
-            method,
-            question.qid,
-            question.dataset,
-            trace.summary(),
-            strides=trace.strides,
-            num_tokens=len(result.token_ids),
-            identical=result.token_ids == base.token_ids,
-            same_documents=trace.step_doc_ids == base.trace.step_doc_ids,
-        )
-
-
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
-
-
-def set_faiss_threads(threads: int | None) -> int | None:
-    """Apply ``--faiss-threads``; return FAISS's thread count (None without FAISS)."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    if threads is not None:
-        faiss.omp_set_num_threads(threads)
-    return int(faiss.omp_get_max_threads())
-
-
-async def bench_backend(
-    cfg: LatencyConfig, backend: str, kb: Any, lm: Any, questions: Sequence[Question]
-) -> tuple[list[RunRecord], dict[str, Any]]:
-    """Warm up and time every method on every question with one backend."""
-    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
-    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
-
-    rcfg = RetrieverConfig(
-        backend=backend, flat_impl=cfg.flat_impl, ef_search=cfg.hnsw_ef_search, progress=False
-    )
-    start = time.perf_counter()
-    sync = open_retriever(kb, rcfg)
-    info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
-    dense = backend != "bm25"
-    server = client = None
-    if cfg.transport == "inproc":
-        retriever: Any = InProcessAsyncRetriever(sync)
-        embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
-    else:
-        from ralmspec_vllm.core.encoding import AsyncEmbedder
-        from ralmspec_vllm.retrieval.client import RetrieverClient
-        from ralmspec_vllm.retrieval.server import ServerThread
-
-        server = ServerThread(sync).start()
-        client = RetrieverClient(server.target, timeout_s=120.0)
-        retriever = client
-        embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}
-    runner = Runner(cfg, lm, retriever, embed)
-    methods = cfg.ordered_methods
-    records: list[RunRecord] = []
-    try:
-        start = time.perf_counter()
-        warm = Question("warmup", WARMUP_QUESTION, (), "warmup")
-        for _ in range(cfg.warmup):
-            await runner.question(cfg.label(backend), warm, methods, timed=False)
-        info["warmup_s"] = round(time.perf_counter() - start, 1)
-        timing_start = time.perf_counter()
-        for i, question in enumerate(questions, 1):
-            spent = time.perf_counter() - timing_start
-            if cfg.time_budget_s is not None and spent > cfg.time_budget_s:
-                logger.warning("time budget spent: timed %d of %d questions", i - 1, len(questions))
-                break
-            start = time.perf_counter()
-            done = await runner.question(cfg.label(backend), question, methods)
-            records += done
-            logger.info(
-                "%s %d/%d (%s) in %.1f s: %s", backend, i, len(questions), question.qid,
-                time.perf_counter() - start,
-                ", ".join(f"{r.method} {r.wall_time_s:.2f}s" for r in done),
-            )  # fmt: skip
-    finally:
-        if client is not None:
-            await client.close()
-        if server is not None:
-            server.stop()
-    return records, info
-
-
 async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, Any]]]:
     """Start the engine for ``cfg.model``, measure, write JSON (+ PNG) per backend."""
     from ralmspec_vllm.engine.lm import VllmLanguageModel
@@ -368,7 +232,7 @@ async def measure_all(
             threads={
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
                 "faiss": faiss_threads,
-                "torch": _torch_threads(),
+                "torch": torch_threads(),
             },
             questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
             all_outputs_identical=all(r["outputs_identical"] for r in rows),
@@ -387,14 +251,6 @@ async def measure_all(
         paths.append(path)
         all_rows += rows
     return paths, all_rows
-
-
-def _torch_threads() -> int | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return int(torch.get_num_threads())
 
 
 def _csv(text: str) -> tuple[str, ...]:
