@@ -119,6 +119,10 @@ class DenseIndexRetriever(ABC):
     def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``count`` candidate ids per query (int64, -1 padded) and their index scores."""
 
+    def _candidate_count(self, k: int) -> int:
+        """How many candidates the index proposes for a top-``k`` search."""
+        return min(self.num_docs, k + self.candidate_margin)
+
     def _relative_error(self) -> float | None:
         """Bound on |index score - exact score| / (|q| max|x|); ``None`` for approximate."""
         return None
@@ -158,7 +162,7 @@ class DenseIndexRetriever(ABC):
         queries = check_vectors(vectors, self.dim)
         results: list[list[Hit]] = [[] for _ in range(len(queries))]
         pending = np.arange(len(queries))
-        count = min(self.num_docs, k + self.candidate_margin)
+        count = self._candidate_count(k)
         rel_err = self._relative_error()
         while len(pending):
             ids, approx = self._candidates(queries[pending], count)

@@ -152,3 +152,18 @@ def test_concurrent_searches_with_different_k_do_not_interfere(corpus: Synthetic
             queries, ks = zip(*(jobs * 3), strict=True)
             together = list(pool.map(retriever.search_vectors, queries, ks))
         assert together == alone * 3
+
+
+def test_hnsw_top1_does_not_depend_on_k() -> None:
+    """A prefetching verification (k = 20..ef_search) must see the baseline's (k = 1) top-1.
+
+    A wider FAISS beam visits other graph nodes, so letting k + margin widen efSearch made
+    the top-1 depend on k on a sparse graph like this one; the beam is now fixed for
+    k <= ef_search."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((20_000, 32)).astype(np.float32)
+    queries = rng.standard_normal((400, 32)).astype(np.float32)
+    hnsw = HNSWRetriever(vectors, None, None, m=4, ef_construction=16, ef_search=24)
+    top1 = [hits[0] for hits in hnsw.search_vectors(queries, 1)]
+    for k in (8, 20, 24):
+        assert [hits[0] for hits in hnsw.search_vectors(queries, k)] == top1, k
