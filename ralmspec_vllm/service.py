@@ -12,10 +12,10 @@ own task and yields tokens as soon as they can no longer be rolled back; cancell
 consumer (a client that went away) cancels the task, which aborts the request's in-flight LM
 calls and retrieval waits.
 
-Verified-token progress comes from the core's ``RequestContext.on_final`` callback (tokens
-that can never be rolled back). The job's ``RequestContext`` is built here rather than by
-``RaLMEngine.generate`` because ``retrieval_stride`` and ``max_new_tokens`` are per request,
-while the engine's layout and document cache (query window, document cap) are server-wide.
+Verified-token progress comes from ``RaLMEngine.generate``'s ``on_final`` callback (tokens
+that can never be rolled back). ``retrieval_stride`` and ``max_new_tokens`` are per request
+(the job's ``RaLMConfig``); the engine's layout and document cache (query window, document
+cap) are server-wide.
 """
 
 from __future__ import annotations
@@ -24,20 +24,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from ralmspec_vllm import metrics
-from ralmspec_vllm.core.baseline import run_baseline
 from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
 from ralmspec_vllm.core.cache import QueryEncoder
 from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
-from ralmspec_vllm.core.request import RequestContext
 from ralmspec_vllm.core.runner import RaLMEngine
-from ralmspec_vllm.core.speculative import SpeculativeRequest
-from ralmspec_vllm.core.trace import RequestTrace, TokenSpan, TraceRecorder
+from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
 logger = logging.getLogger(__name__)
@@ -169,7 +165,6 @@ class RaLMService:
             encoder,
         )
         self._ids = itertools.count()
-        self._checked_k: set[int] = set()
 
     # -- planning -------------------------------------------------------------------------
 
@@ -282,41 +277,22 @@ class RaLMService:
         return result
 
     async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
-        engine = self.engine
-        k = job.speculation.prefetch_k
-        if job.mode == "ralmspec" and k not in self._checked_k:
-            self._checked_k.add(k)  # e.g. an HNSW beam too narrow for top-k: warn once per k
-            for problem in await engine.retriever_problems(k):
-                logger.warning("%s", problem)
-        recorder = TraceRecorder(job.method)
-        ctx = RequestContext(
-            job.request_id,
-            job.question_ids,
-            job.config,
-            engine.lm,
-            engine.retriever,
-            engine.layout,
-            engine.doc_tokens,
-            recorder,
-            lambda start, tokens: out.put_nowait(VerifiedChunk(start, tokens)),
-        )
-        start = time.perf_counter()
         try:
-            if job.mode == "baseline":
-                await run_baseline(ctx)
-            else:
-                await SpeculativeRequest(ctx, job.speculation, engine.scorer).run()
+            result = await self.engine.generate(
+                job.question_ids,
+                job.mode,
+                request_id=job.request_id,
+                speculation=job.speculation,
+                on_final=lambda start, tokens: out.put_nowait(VerifiedChunk(start, tokens)),
+                config=job.config,
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
             metrics.record_failure(job.method, "error")
             raise
-        if ctx.final_length != len(ctx.generated):
-            raise RuntimeError(f"{job.request_id}: answer ended with unverified tokens")
-        trace = recorder.freeze(ctx.spans_tuple(), time.perf_counter() - start)
-        tokens = tuple(ctx.generated)
-        metrics.record_request(trace, len(tokens))
-        return JobResult(tokens, ctx.finished, ctx.spans_tuple(), trace)
+        metrics.record_request(result.trace, len(result.token_ids))
+        return JobResult(result.token_ids, result.finished, result.trace.spans, result.trace)
 
     async def titles(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """Document titles for sources (one retriever call)."""

@@ -110,7 +110,7 @@ class RaLMEngine:
 
     async def generate(
         self,
-        question: str,
+        question: str | Sequence[int],
         mode: Mode = "ralmspec",
         *,
         request_id: str | None = None,
@@ -119,7 +119,8 @@ class RaLMEngine:
         on_final: FinalCallback | None = None,
         config: RaLMConfig | None = None,
     ) -> RaLMResult:
-        """Answer one question. ``oracle_doc_ids`` (oracle mode only): the document of each
+        """Answer one question (text, or its token ids as the server has them).
+        ``oracle_doc_ids`` (oracle mode only): the document of each
         step, e.g. ``baseline_result.trace.step_doc_ids``. ``on_final(offset, tokens)`` is
         called whenever answer tokens become final (verified: never rolled back).
         ``config`` overrides the engine's ``retrieval_stride``/``max_new_tokens`` for this
@@ -137,9 +138,13 @@ class RaLMEngine:
         if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
             await self.doc_tokens.get([d for d in oracle_doc_ids if d is not None])
         recorder = TraceRecorder(method)
+        if isinstance(question, str):
+            question_ids = self.layout.question_ids(question)
+        else:
+            question_ids, question = list(question), self.tokenizer.decode(question)
         ctx = RequestContext(
             request_id,
-            self.layout.question_ids(question),
+            question_ids,
             config,
             self.lm,
             self.retriever,
