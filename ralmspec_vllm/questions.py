@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ralmspec_vllm.jsonl import read_objects
 from ralmspec_vllm.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -137,26 +138,16 @@ def load_questions_file(path: str | Path) -> list[Question]:
     """Questions from JSONL: ``question`` (required), ``answers``, ``id``, ``dataset``."""
     path = Path(path)
     out: list[Question] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            text = obj.get("question")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: field 'question' must be a non-empty string")
-            answers = obj.get("answers", [])
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{where}: field 'answers' must be a list of strings")
-            qid = obj.get("id", f"{path.stem}-{len(out)}")
-            dataset = obj.get("dataset", path.stem)
-            out.append(Question(str(qid), text, tuple(answers), str(dataset)))
+    for where, obj in read_objects(path):
+        text = obj.get("question")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: field 'question' must be a non-empty string")
+        answers = obj.get("answers", [])
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: field 'answers' must be a list of strings")
+        qid = obj.get("id", f"{path.stem}-{len(out)}")
+        dataset = obj.get("dataset", path.stem)
+        out.append(Question(str(qid), text, tuple(answers), str(dataset)))
     return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ralmspec_vllm.jsonl import read_objects
 from ralmspec_vllm.types import Document
 
 DICTD_DIR = Path("/usr/share/dictd")
@@ -205,35 +205,22 @@ def read_jsonl_corpus(path: str | Path) -> Iterator[Passage]:
 
     Raises ``ValueError`` naming the line and field of the first malformed record.
     """
-    path = Path(path)
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            ext_id = _field(obj, "id", where)
-            if "text" in obj or "contents" not in obj:
-                title, text = _field(obj, "title", where, False), _field(obj, "text", where)
-            else:
-                contents = _field(obj, "contents", where)
-                title, _, text = (
-                    contents.partition("\n") if "\n" in contents else ("", "", contents)
-                )
-                if len(title) >= 2 and title[0] == title[-1] == '"':
-                    title = title[1:-1]
-            if not text.strip():
-                raise ValueError(f"{where}: field 'text' is empty")
-            if ext_id in seen:
-                raise ValueError(f"{where}: field 'id' repeats {ext_id!r}")
-            seen.add(ext_id)
-            yield Passage(ext_id, title.strip(), text.strip())
+    for where, obj in read_objects(path):
+        ext_id = _field(obj, "id", where)
+        if "text" in obj or "contents" not in obj:
+            title, text = _field(obj, "title", where, False), _field(obj, "text", where)
+        else:
+            contents = _field(obj, "contents", where)
+            title, _, text = contents.partition("\n") if "\n" in contents else ("", "", contents)
+            if len(title) >= 2 and title[0] == title[-1] == '"':
+                title = title[1:-1]
+        if not text.strip():
+            raise ValueError(f"{where}: field 'text' is empty")
+        if ext_id in seen:
+            raise ValueError(f"{where}: field 'id' repeats {ext_id!r}")
+        seen.add(ext_id)
+        yield Passage(ext_id, title.strip(), text.strip())
 
 
 # --------------------------------------------------------------------------- filler
