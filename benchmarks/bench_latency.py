@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT_DIR,
     describe_machine,
     format_table,
+    parse_config,
     run_metadata,
     write_results,
 )
@@ -295,22 +296,7 @@ QUICK: dict[str, Any] = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> LatencyConfig:
-    defaults = LatencyConfig()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for flag, name, kwargs in _FLAGS:
-        default = getattr(defaults, name)
-        if default is not None:
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            kwargs = {**kwargs, "help": f"{kwargs['help']} (default: {shown})"}
-        parser.add_argument(flag, dest=name, default=default, **kwargs)
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    cfg = LatencyConfig(**{name: getattr(args, name) for _, name, _ in _FLAGS})
-    return dataclasses.replace(cfg, **QUICK) if args.quick else cfg
+    return parse_config(LatencyConfig, _FLAGS, QUICK, __doc__, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -408,3 +408,44 @@ def plot_panels(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- command line
+
+Flag = tuple[str, str, dict[str, Any]]
+"""(``--flag``, config field, argparse keywords): a benchmark option mapped onto its config."""
+
+C = TypeVar("C")
+
+
+def parse_config(
+    config_cls: Callable[..., C],
+    flags: Sequence[Flag],
+    quick: Mapping[str, Any],
+    description: str | None,
+    argv: Sequence[str] | None = None,
+) -> C:
+    """Build a benchmark's config dataclass from the command line.
+
+    Defaults come from the dataclass (shown in ``--help``); ``--quick`` overlays ``quick``;
+    ``--log-level`` configures logging.
+    """
+    import argparse
+    import dataclasses
+
+    defaults = config_cls()
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for flag, name, kwargs in flags:
+        default = getattr(defaults, name)
+        if default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kwargs = {**kwargs, "help": f"{kwargs['help']} (default: {shown})"}
+        parser.add_argument(flag, dest=name, default=default, **kwargs)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {dict(quick)}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    cfg = config_cls(**{name: getattr(args, name) for _, name, _ in flags})
+    return dataclasses.replace(cfg, **quick) if args.quick else cfg  # type: ignore[type-var]
