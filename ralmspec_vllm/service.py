@@ -128,14 +128,6 @@ class JobResult:
     trace: RequestTrace
 
 
-class _MeteredBatchingRetriever(BatchingRetriever):
-    """``BatchingRetriever`` that also reports each merged call to Prometheus."""
-
-    def _record(self, record: BatchRecord) -> None:
-        super()._record(record)
-        metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
-
-
 class RaLMService:
     """Answers RaLM jobs on one LM and one retriever (see module doc)."""
 
@@ -153,8 +145,11 @@ class RaLMService:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.max_model_len = max_model_len
-        self.batching = _MeteredBatchingRetriever(
-            retriever, self.config.batch_window_s, self.config.max_batch_queries
+        self.batching = BatchingRetriever(
+            retriever,
+            self.config.batch_window_s,
+            self.config.max_batch_queries,
+            on_batch=_observe_batch,
         )
         self.engine = RaLMEngine(
             lm,
@@ -301,6 +296,11 @@ class RaLMService:
             return {}
         docs = await self.retriever.documents(unique)
         return {doc.doc_id: doc.title for doc in docs}
+
+
+def _observe_batch(record: BatchRecord) -> None:
+    """Each merged retriever call, into the Prometheus batch histograms."""
+    metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
 
 
 def _check_range(param: str, value: int, upper: int) -> None:

@@ -7,8 +7,12 @@ and each caller gets its own slice back. A lone call waits at most ``window_s``.
 different ``k`` are never merged (an approximate index may rank the top-1 differently under a
 different k). ``score``, ``documents``, ``vectors`` and ``info`` pass through.
 
-``stats`` records every inner search: number of queries, number of callers merged, and the
-longest time a caller waited before the batch was sent.
+``stats`` records every inner search once it returned or failed (a ``BatchRecord``: k,
+number of queries, number of callers merged, the longest time a caller waited before the batch
+was sent, how long the inner call took, whether it succeeded); ``on_batch``, when given, is
+called with the same record right after each inner search (the server feeds its Prometheus
+metrics this way), before the callers are woken. An ``on_batch`` that raises is logged and
+otherwise ignored: an observer never breaks a search.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +40,10 @@ class BatchRecord:
     num_callers: int
     max_wait_s: float
     """Longest time one of its callers waited before the call was sent."""
+    search_s: float = 0.0
+    """Duration of the inner ``search`` call (until its answer or error)."""
+    ok: bool = True
+    """False when the inner call raised (every caller got the error)."""
 
 
 @dataclass(slots=True)
@@ -61,6 +69,7 @@ class BatchingRetriever:
         window_s: float = 0.001,
         max_batch_queries: int = 256,
         keep_stats: int = 100_000,
+        on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
@@ -70,6 +79,7 @@ class BatchingRetriever:
         self.window_s = window_s
         self.max_batch_queries = max_batch_queries
         self.keep_stats = keep_stats
+        self.on_batch = on_batch
         self.stats: list[BatchRecord] = []
         self._batches: dict[int, _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,18 +123,22 @@ class BatchingRetriever:
         if not live:
             return
         queries = [q for e in live for q in e.queries]
-        now = time.perf_counter()
-        self._record(BatchRecord(k, len(queries), len(live), max(now - e.arrived for e in live)))
+        sent = time.perf_counter()
+        max_wait_s = max(sent - e.arrived for e in live)
         try:
             results = await self.inner.search(queries, k)
             if len(results) != len(queries):
                 raise ValueError(f"retriever answered {len(results)} lists for {len(queries)}")
         except Exception as exc:
             logger.debug("batched search of %d queries failed: %r", len(queries), exc)
+            self._record(
+                BatchRecord(k, len(queries), len(live), max_wait_s, _since(sent), ok=False)
+            )
             for e in live:
                 if not e.future.done():
                     e.future.set_exception(exc)
             return
+        self._record(BatchRecord(k, len(queries), len(live), max_wait_s, _since(sent)))
         offset = 0
         for e in live:
             part = results[offset : offset + len(e.queries)]
@@ -135,6 +149,11 @@ class BatchingRetriever:
     def _record(self, record: BatchRecord) -> None:
         if len(self.stats) < self.keep_stats:
             self.stats.append(record)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(record)
+            except Exception:
+                logger.exception("on_batch observer failed on %s", record)
 
     async def info(self) -> RetrieverInfo:
         return await self.inner.info()
@@ -147,6 +166,10 @@ class BatchingRetriever:
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         return await self.inner.vectors(doc_ids)
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 def _future() -> asyncio.Future[list[list[Hit]]]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from ralmspec_vllm.core.batching import BatchingRetriever
+from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
 
 from .fakes import ScriptedRetriever
 
@@ -82,3 +83,43 @@ async def test_passthrough_and_validation() -> None:
         BatchingRetriever(inner, window_s=-1)
     with pytest.raises(ValueError, match="max_batch_queries"):
         BatchingRetriever(inner, max_batch_queries=0)
+
+
+async def test_on_batch_sees_each_inner_search_after_it_returns() -> None:
+    inner = ScriptedRetriever(latency_s=0.02)
+    seen: list[tuple[BatchRecord, list[tuple[int, int]]]] = []
+    batching = BatchingRetriever(
+        inner, window_s=0.01, on_batch=lambda r: seen.append((r, list(inner.search_calls)))
+    )
+    await asyncio.gather(batching.search(QUERIES[:2], 3), batching.search(QUERIES[2:5], 3))
+    await batching.search(QUERIES[5:6], 1)
+    assert [record for record, _ in seen] == batching.stats
+    first, second = (record for record, _ in seen)
+    assert (first.k, first.num_queries, first.num_callers, first.ok) == (3, 5, 2, True)
+    assert (second.k, second.num_queries, second.num_callers) == (1, 1, 1)
+    assert seen[0][1] == [(5, 3)]  # called once the inner search had run
+    assert first.search_s >= 0.015 and 0 <= first.max_wait_s < 1.0
+
+
+async def test_on_batch_records_failures_and_its_own_errors_never_break_a_search(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(record: BatchRecord) -> None:
+        raise RuntimeError("observer bug")
+
+    batching = BatchingRetriever(ScriptedRetriever(), window_s=0.001, on_batch=broken)
+    with caplog.at_level(logging.ERROR, logger="ralmspec_vllm.core.batching"):
+        hits = await batching.search(QUERIES[:3], 2)
+    assert len(hits) == 3 and all(len(h) == 2 for h in hits)
+    assert "on_batch observer failed" in caplog.text and len(batching.stats) == 1
+
+    class Failing(ScriptedRetriever):
+        async def search(self, queries, k):  # type: ignore[no-untyped-def]
+            raise RuntimeError("index offline")
+
+    seen: list[BatchRecord] = []
+    batching = BatchingRetriever(Failing(), window_s=0.001, on_batch=seen.append)
+    with pytest.raises(RuntimeError, match="offline"):
+        await batching.search(QUERIES[:2], 1)
+    (record,) = seen
+    assert (record.ok, record.num_queries, record.num_callers) == (False, 2, 1)
