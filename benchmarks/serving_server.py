@@ -1,0 +1,216 @@
+"""The server under load for ``bench_serving``: a real ``ralmspec-vllm serve`` subprocess and
+its Prometheus metrics.
+
+``ServerProcess.start(args)`` runs ``python -m ralmspec_vllm.entrypoints.cli serve --port 0
+ARGS`` (so it binds 127.0.0.1 on an OS-chosen port), copies its stderr into a log file, and
+waits for the ``READY_PREFIX`` line on stdout that names the URL. ``stop`` sends SIGTERM
+(the server stops its engine core and child retriever), waits, and kills whatever is left.
+
+``scrape`` reads ``/metrics`` into ``{(sample name, sorted labels): value}``; ``batch_stats``
+turns the difference of two scrapes into the cell's retriever-batching and verification
+numbers (merged RPCs, callers and queries per RPC, waits, verification sizes and latency) from
+the ``ralmspec_*`` histograms of ``ralmspec_vllm.metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from ralmspec_vllm.entrypoints.serve import READY_PREFIX
+
+logger = logging.getLogger(__name__)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""One ``/metrics`` scrape: (sample name, sorted label pairs) -> value."""
+
+
+@dataclass
+class ServerProcess:
+    """A running ``ralmspec-vllm serve`` child (see module doc)."""
+
+    process: subprocess.Popen[str]
+    url: str
+    log_path: Path
+    startup_s: float
+    argv: list[str]
+    _children: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls, args: Sequence[str], log_path: str | Path, timeout_s: float = 3600.0
+    ) -> ServerProcess:
+        """Start the server with ``args`` (after ``serve --port 0``); wait until it serves."""
+        argv = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "serve", "--port", "0"]
+        argv += list(args)
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("starting the server: %s (log: %s)", " ".join(argv[2:]), log_path)
+        start = time.perf_counter()
+        log = log_path.open("w")
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ)
+        )
+        log.close()  # the child holds its own descriptor
+        try:
+            url = _wait_ready(process, timeout_s, log_path)
+        except BaseException:
+            _kill(process)
+            raise
+        server = cls(process, url, log_path, time.perf_counter() - start, argv)
+        logger.info("server ready at %s after %.0f s", url, server.startup_s)
+        try:
+            import psutil
+
+            server._children = psutil.Process(process.pid).children(recursive=True)
+        except Exception:  # psutil is optional: only used to reap stragglers
+            server._children = []
+        return server
+
+    def model_id(self) -> str:
+        """The served model name (first entry of ``/v1/models``)."""
+        data = httpx.get(self.url + "/v1/models", timeout=30).json()
+        return str(data["data"][0]["id"])
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM, wait, then kill the server and any child it left behind."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("server did not stop within %.0f s: killing it", timeout_s)
+                _kill(self.process)
+        for child in self._children:
+            try:
+                if child.is_running() and child.status() != "zombie":
+                    child.kill()
+            except Exception:
+                pass
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_ready(process: subprocess.Popen[str], timeout_s: float, log_path: Path) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put("")
+
+    assert process.stdout is not None
+    threading.Thread(target=pump, args=(process.stdout,), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            msg = f"server not ready after {timeout_s:.0f} s (log: {log_path})"
+            raise TimeoutError(msg) from None
+        if not line:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"server exited with {process.wait()} before it was ready:\n{tail}")
+        if line.startswith(READY_PREFIX):
+            return line.split()[-1]
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+# -- /metrics -------------------------------------------------------------------------------
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of the server's ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """Sum over matching label sets of ``after - before`` for sample ``name``."""
+    total = 0.0
+    for (sample, pairs), value in after.items():
+        if sample != name:
+            continue
+        got = dict(pairs)
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += value - before.get((sample, pairs), 0.0)
+    return total
+
+
+def _histogram(before: Samples, after: Samples, name: str, **labels: str) -> dict[str, float]:
+    """Count, sum, mean and bucket-estimated p50 / p99 of one histogram's new observations."""
+    count = _delta(before, after, name + "_count", **labels)
+    total = _delta(before, after, name + "_sum", **labels)
+    buckets: dict[float, float] = {}
+    for (sample, pairs), _ in after.items():
+        le = dict(pairs).get("le")
+        if sample == name + "_bucket" and le is not None:
+            edge = float(le)
+            if edge not in buckets:
+                buckets[edge] = _delta(before, after, sample, le=le, **labels)
+    out = {"count": count, "sum": total, "mean": total / count if count else 0.0}
+    for q in (50, 99):
+        out[f"p{q}"] = _bucket_quantile(buckets, count, q / 100)
+    return out
+
+
+def _bucket_quantile(buckets: Mapping[float, float], count: float, q: float) -> float:
+    """Upper edge of the bucket holding the ``q`` quantile (cumulative buckets)."""
+    if not count:
+        return 0.0
+    for edge in sorted(buckets):
+        if buckets[edge] >= q * count:
+            return edge
+    return float("inf")
+
+
+def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
+    """The cell's retriever batching and verification numbers (see module doc)."""
+    calls = _histogram(before, after, "ralmspec_retriever_batch_calls")
+    queries = _histogram(before, after, "ralmspec_retriever_batch_queries")
+    wait = _histogram(before, after, "ralmspec_retriever_batch_wait_seconds")
+    steps = _histogram(before, after, "ralmspec_verification_steps")
+    vlat = _histogram(before, after, "ralmspec_verification_latency_seconds")
+    search = _histogram(before, after, "ralmspec_retrieval_latency_seconds", kind="search")
+    return {
+        "retriever_rpcs": int(calls["count"]),
+        "batch_callers_mean": round(calls["mean"], 3),
+        "batch_queries_mean": round(queries["mean"], 3),
+        "batch_queries_p50": queries["p50"],
+        "batch_queries_p99": queries["p99"],
+        "batch_wait_mean_s": round(wait["mean"], 5),
+        "batch_wait_p99_s": wait["p99"],
+        "verifications": int(steps["count"]),
+        "verification_steps_mean": round(steps["mean"], 3),
+        "verification_latency_mean_s": round(vlat["mean"], 4),
+        "search_latency_mean_s": round(search["mean"], 4),
+        "searches_seen_by_requests": int(search["count"]),
+    }

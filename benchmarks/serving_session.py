@@ -1,0 +1,136 @@
+"""One benchmark session against a running server: cells, metric diffs, identity reference.
+
+``Session`` holds the openai client, the rows so far, each row's request records and the
+baseline answers seen so far (``reference``). ``cell`` times one (cell, method): scrape
+``/metrics``, run the requests closed-loop or Poisson (progress every 30 s), scrape again,
+build the row (``serving_report.cell_row``) and refresh every row's identity check.
+``reference_pass`` fetches, untimed, the baseline answers of questions that only other
+methods were timed on. ``ralm_options`` maps a method name onto the request's ``ralm`` field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.serving_load import Job, RequestRecord, run_closed, run_poisson, summarize
+from benchmarks.serving_report import cell_row, finish_rows
+from benchmarks.serving_server import batch_stats, scrape
+from ralmspec_vllm.core.config import PRESETS
+
+if TYPE_CHECKING:
+    from benchmarks.bench_serving import ServingConfig
+
+logger = logging.getLogger("bench_serving")
+
+METHODS = ("baseline", "ralmspec", *PRESETS)
+"""``baseline``, ``ralmspec`` (the server's defaults) and the preset rows (options sent)."""
+
+
+def ralm_options(method: str) -> dict[str, Any]:
+    """The ``ralm`` request field of a method."""
+    if method in ("baseline", "ralmspec"):
+        return {"mode": method}
+    spec = PRESETS[method]
+    return {
+        "mode": "ralmspec",
+        "speculation_stride": spec.speculation_stride,
+        "prefetch_k": spec.prefetch_k,
+        "async_verification": spec.async_verification,
+    }
+
+
+async def _ticker(label: str, records: list[RequestRecord], total: int, every_s: float) -> None:
+    start = time.perf_counter()
+    while True:
+        await asyncio.sleep(every_s)
+        done = len(records)
+        logger.info("  %s: %d/%d done, %.0f s", label, done, total, time.perf_counter() - start)
+
+
+@dataclass
+class Session:
+    """One run against one server: the client, the results so far and the baseline answers."""
+
+    cfg: ServingConfig
+    client: Any
+    url: str
+    model: str
+    base: dict[str, Any]
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    records: dict[int, list[RequestRecord]] = dataclasses.field(default_factory=dict)
+    reference: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    async def run(self, jobs: list[Job], width: int, deadline: float) -> list[RequestRecord]:
+        """Untimed helper: ``jobs`` at ``width`` in flight."""
+        out: list[RequestRecord] = []
+        await run_closed(self.client, self.model, jobs, width, self.cfg.max_tokens, deadline, out)
+        return out
+
+    async def cell(
+        self, conc: int | None, rate: float | None, method: str, jobs: list[Job], deadline: float
+    ) -> None:
+        """Time one (cell, method), diff the server's metrics around it, add its row."""
+        cfg = self.cfg
+        label = f"{method} c={conc}" if rate is None else f"{method} rate={rate:g}/s"
+        logger.info("cell %s: %d requests", label, len(jobs))
+        records: list[RequestRecord] = []
+        before = await asyncio.to_thread(scrape, self.url)
+        tick = asyncio.create_task(_ticker(label, records, len(jobs), 30.0))
+        try:
+            if rate is None:
+                assert conc is not None
+                wall = await run_closed(
+                    self.client, self.model, jobs, conc, cfg.max_tokens, deadline, records
+                )
+            else:
+                seed = cfg.seed + len(self.rows)
+                wall = await run_poisson(
+                    self.client, self.model, jobs, rate, cfg.max_tokens, deadline, records, seed
+                )
+        finally:
+            tick.cancel()
+        after = await asyncio.to_thread(scrape, self.url)
+        if not records:
+            return
+        summary = summarize(records, wall)
+        row = cell_row(
+            self.base, conc, rate, method, ralm_options(method), summary, batch_stats(before, after)
+        )
+        self.records[len(self.rows)] = records
+        self.rows.append(row)
+        if method == "baseline":
+            self.reference.update({r.job.qid: r.text for r in records if not r.error})
+        finish_rows(self.rows, self.records, self.reference)
+        logger.info(
+            "  %s: %.2f req/s, %.1f tok/s, p50 %.2f s, %d failed, identical %s",
+            label, row["requests_per_s"], row["throughput_tok_s"], row["p50_s"] or 0.0,
+            row["failed"], row["outputs_identical"],
+        )  # fmt: skip
+
+    async def reference_pass(self) -> dict[str, Any]:
+        """Untimed baseline answers for questions only other methods were timed on."""
+        missing = {
+            r.job.qid: r.job
+            for recs in self.records.values()
+            for r in recs
+            if r.job.qid not in self.reference
+        }
+        info: dict[str, Any] = {"questions": len(missing), "seconds": 0.0, "failed": 0}
+        if missing:
+            logger.info("reference pass: baseline answers to %d more questions", len(missing))
+            base = ralm_options("baseline")
+            jobs = [Job(j.qid, j.question, "baseline", base) for j in missing.values()]
+            width = max([c for c, _ in self.cfg.cells if c is not None] or [8])
+            start = time.perf_counter()
+            records = await self.run(jobs, width, math.inf)
+            info["seconds"] = round(time.perf_counter() - start, 1)
+            info["failed"] = sum(1 for r in records if r.error)
+            self.reference.update({r.job.qid: r.text for r in records if not r.error})
+        finish_rows(self.rows, self.records, self.reference)
+        return info

@@ -1,0 +1,141 @@
+"""``bench_serving`` end to end against a real ``ralmspec-vllm serve`` subprocess.
+
+The smoke test builds a 40-passage knowledge base from a JSONL corpus, writes a question file
+and runs the benchmark's CLI (tiny random-weight Llama, exact flat retrieval, concurrency 1
+and 2, baseline vs the server's default RaLMSpec vs preset B, 2 requests per cell, a short
+answer limit), with server flags given both ways (``--server-arg=...`` and after ``--``). It
+checks the result file's shape, that every answer equals the baseline's and that the
+server-side batching numbers were scraped, not any timing. The unit tests cover the config,
+the identity check and the metric diff on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_serving import ServingConfig, main, parse_args
+from benchmarks.common import read_results
+from benchmarks.serving_load import Job, RequestRecord, max_in_flight
+from benchmarks.serving_report import check_identity
+from benchmarks.serving_server import batch_stats
+from benchmarks.serving_session import ralm_options
+
+WORDS = [
+    "river",
+    "mountain",
+    "king",
+    "queen",
+    "city",
+    "battle",
+    "music",
+    "painter",
+    "novel",
+    "ocean",
+    "island",
+    "war",
+]
+
+
+def record(qid: str, text: str, start: float = 0.0, error: str = "") -> RequestRecord:
+    return RequestRecord(Job(qid, "q", "ralmspec", {}), start, 1.0, 0.1, text, 5, error=error)
+
+
+def test_config_flags_and_method_options() -> None:
+    with pytest.raises(ValueError, match="methods"):
+        ServingConfig(methods=("baseline", "XYZ"))
+    with pytest.raises(ValueError, match="concurrency"):
+        ServingConfig(concurrency=(0,))
+    argv = ["--concurrency", "1,16", "--server-arg=--max-num-seqs=8", "--", "--dtype", "float32"]
+    cfg = parse_args(argv)
+    assert cfg.concurrency == (1, 16) and cfg.max_tokens == 128
+    assert cfg.server_args == ("--max-num-seqs=8", "--dtype", "float32")
+    assert cfg.cell_size(16) == 32 and cfg.cell_size(None) == 16
+    assert ralm_options("ralmspec") == {"mode": "ralmspec"}
+    psa = ralm_options("PSA")
+    assert (psa["speculation_stride"], psa["prefetch_k"]) == ("auto", 20)
+    assert psa["async_verification"] is True
+
+
+def test_identity_check_and_in_flight_count() -> None:
+    records = [record("a", "x"), record("b", "y", start=0.5), record("c", "z", error="boom")]
+    assert check_identity(records, {"a": "x", "b": "y", "c": "other"}) == (True, [])
+    assert check_identity(records, {"a": "x", "b": "Y"}) == (False, ["b"])
+    assert check_identity(records, {}) == (None, [])
+    assert max_in_flight(records) == 3
+
+
+def test_batch_stats_diffs_histograms() -> None:
+    def scrape(count: float, total: float, small: float) -> dict:  # type: ignore[type-arg]
+        name = "ralmspec_retriever_batch_queries"
+        return {
+            (name + "_count", ()): count, (name + "_sum", ()): total,
+            (name + "_bucket", (("le", "1.0"),)): small,
+            (name + "_bucket", (("le", "8.0"),)): count,
+            (name + "_bucket", (("le", "+Inf"),)): count,
+        }  # fmt: skip
+
+    stats = batch_stats(scrape(2, 3, 1), scrape(6, 23, 1))  # 4 new RPCs of 20 queries
+    assert stats["batch_queries_mean"] == 5.0
+    assert stats["batch_queries_p50"] == 8.0 and stats["verifications"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from ralmspec_vllm.retrieval.kb import build_index
+
+    root = tmp_path_factory.mktemp("serving")
+    rng = np.random.default_rng(7)
+    with (root / "corpus.jsonl").open("w") as f:
+        for i in range(40):
+            text = " ".join(rng.choice(WORDS, size=30))
+            f.write(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
+    with (root / "questions.jsonl").open("w") as f:
+        for i in range(13):
+            words = " ".join(rng.choice(WORDS, size=5))
+            f.write(json.dumps({"question": f"who {words}", "id": f"q{i}"}) + "\n")
+    build_index(root / "kb", sources=(), corpus=root / "corpus.jsonl", show_progress=False)
+    return {"kb": root / "kb", "questions": root / "questions.jsonl"}
+
+
+@pytest.mark.vllm
+def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> None:
+    argv = ["--model", "tiny-llama", "--concurrency", "1,2", "--methods", "baseline,ralmspec,B"]
+    argv += ["--questions", str(tiny_world["questions"]), "--index", str(tiny_world["kb"])]
+    argv += ["--requests-per-cell", "2", "--max-tokens", "12", "--warmup", "1"]
+    argv += ["--out-dir", str(tmp_path), "--name", "smoke", "--log-level", "WARNING"]
+    argv += ["--server-arg=--max-model-len=1024", "--", "--max-doc-tokens", "64"]
+    assert main(argv) == 0
+    data = read_results(tmp_path / "smoke.json")
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+    meta, rows = data["meta"], data["rows"]
+    assert meta["all_outputs_identical"] is True and meta["skipped_cells"] == []
+    assert "--max-doc-tokens" in meta["server"]["argv"]
+    assert meta["reference_pass"]["questions"] == 8  # ralmspec + B questions, 2 cells x 2
+    assert [(r["concurrency"], r["method"]) for r in rows] == [
+        (1, "baseline"), (1, "ralmspec"), (1, "B"), (2, "ralmspec"), (2, "B"), (2, "baseline"),
+    ]  # fmt: skip
+    for row in rows:
+        for key in (
+            "machine",
+            "concurrency",
+            "method",
+            "throughput_tok_s",
+            "p50_s",
+            "p99_s",
+            "ttft_p50_s",
+            "tpot_p50_s",
+            "requests_per_s",
+            "batch_queries_mean",
+        ):
+            assert row[key] is not None, key  # fmt: skip
+        assert row["outputs_identical"] is True and row["num_checked"] == 2
+        assert row["num_requests"] == 2 and row["failed"] == 0
+        assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
+        assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
+    by = {(r["concurrency"], r["method"]): r for r in rows}
+    assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0
+    assert by[(2, "baseline")]["speedup_vs_baseline"] == 1.0
