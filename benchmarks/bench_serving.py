@@ -304,6 +304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServingConfig:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     cfg = parse_config(ServingConfig, _FLAGS, QUICK, __doc__, argv)
+    for name in ("httpx", "httpx2", "openai"):  # one line per request otherwise
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     return dataclasses.replace(cfg, server_args=(*(cfg.server_args or ()), *extra))
 
 
