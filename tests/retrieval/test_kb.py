@@ -235,8 +235,38 @@ def test_encoder_is_batch_invariant_normalised_and_shared() -> None:
     texts = ["who got the first nobel prize in physics", "what is anarchism", "tram"]
     batch = enc.encode(texts)
     assert batch.dtype == np.float32 and batch.shape == (3, 384)
-    for i, text in enumerate(texts):
-        np.testing.assert_array_equal(enc.encode([text])[0], batch[i])
+    # Many texts of mixed lengths (several padded-length groups, batches of up to 64 rows)
+    # must give each text the vector it gets alone, bit for bit.
+    words = [
+        "the",
+        "river",
+        "delta",
+        "of",
+        "an",
+        "ancient",
+        "city",
+        "where",
+        "1,234",
+        "people",
+        "lived",
+        "in",
+        "1850",
+        "near",
+    ]
+    many = [" ".join(words[: 1 + (i * 7) % len(words)] * (1 + i % 4)) for i in range(40)]
+    # Two intra-op threads around it: the encoder must pin its passes to one.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = enc.encode(many + texts)
+        alone = [enc.encode([text])[0] for text in many + texts]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(together[40:], batch)
+    np.testing.assert_array_equal(np.stack(alone), together)
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-6)
     assert enc.encode([]).shape == (0, 384)
     fast = QueryEncoder(batch_size=2, batch_invariant=False).encode(texts)
