@@ -48,6 +48,8 @@ class RunRecord:
     """Token ids equal the baseline's for this question (baseline: trivially true)."""
     same_documents: bool
     """Per-step document ids equal the baseline's."""
+    plain_steps: int = 0
+    """Steps OS3 ran as plain retrieval (sync, stride 1)."""
 
     @classmethod
     def from_summary(
@@ -83,6 +85,7 @@ class RunRecord:
             rollbacks=summary["rollbacks"],
             tokens_discarded=summary["tokens_discarded"],
             lm_calls=summary["lm_calls"],
+            plain_steps=summary.get("plain_steps", 0),
             identical=identical,
             same_documents=same_documents,
         )
@@ -151,6 +154,7 @@ def summarize(
                 mean_retrieval_calls=_round(_mean([r.retrieval_calls for r in runs])),
                 mean_verifications=_round(_mean([r.verifications for r in runs])),
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
+                mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 per_question=[r.brief() for r in runs],
             )

@@ -14,6 +14,13 @@ Round structure (stride s from ``FixedStride`` or OS3):
    document (a final step), start the next round. Kept tokens were generated with exactly
    the documents the baseline uses, from exactly the baseline's context: identical output.
 
+Plain steps (S without A): when OS3 picks stride 1 for synchronous verification, a
+speculated step costs the same LM step and the same search as a plain retrieval step, plus a
+second LM step on every miss, so it can only lose. Such steps run as plain retrieval
+(retrieve with prefetch, insert into the cache, generate a final step). The cache's would-be
+speculation is still scored against the retrieved document, so OS3 keeps estimating gamma
+(and a, b) and returns to speculation as soon as a stride above 1 pays.
+
 Asynchronous verification (A): the verification runs as a task while the next step is
 speculated concurrently. All matched -> that step is kept and opens the next round (which
 then speculates s - 1 new steps). Mismatch -> the step is cancelled, its LM call aborted
@@ -91,6 +98,9 @@ class SpeculativeRequest:
         carried: SpeculativeStep | None = None
         while carried is not None or not ctx.done:
             stride = self.scheduler.next_stride()
+            if carried is None and self._plain_pays(stride):
+                await self._plain_step()
+                continue
             self.recorder.strides.append(stride)
             steps = [carried] if carried is not None else []
             carried = None
@@ -108,6 +118,30 @@ class SpeculativeRequest:
         await self._insert([hits])
         await self.ctx.generate_step(_top1(hits), "retrieve")
         self.ctx.finalize(len(self.ctx.generated))
+
+    def _plain_pays(self, stride: int) -> bool:
+        return (
+            stride == 1
+            and not self.config.async_verification
+            and isinstance(self.scheduler, OptimalStrideScheduler)
+        )
+
+    async def _plain_step(self) -> None:
+        """Retrieve, then generate a final step; score the cache's guess for OS3's gamma."""
+        start = time.perf_counter()
+        query = self.ctx.query()
+        guess = await self.scorer.top1(self.cache, query, self.recorder)
+        searching = time.perf_counter()
+        (hits,) = await self.ctx.search([query], self.config.prefetch_k, "retrieve")
+        searched = time.perf_counter()
+        await self._insert([hits])
+        await self.ctx.generate_step(_top1(hits), "retrieve")
+        self.ctx.finalize(len(self.ctx.generated))
+        self.recorder.plain_steps += 1
+        hit = guess == _top1(hits)
+        step = (searching - start) + (time.perf_counter() - searched)
+        self.scheduler.record_speculation(step)
+        self.scheduler.record_verification(searched - searching, int(hit), not hit)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         start = time.perf_counter()

@@ -82,6 +82,9 @@ class RequestTrace:
     wall_time_s: float
     num_prompt_tokens: int
     num_cached_tokens: int
+    plain_steps: int = 0
+    """Steps OS3 ran as plain retrieval (retrieve, then generate) because speculating at
+    stride 1 without overlap can only cost time; not counted in ``strides``."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -125,6 +128,7 @@ class RequestTrace:
             "speculation_misses": self.speculation_misses,
             "speculation_accuracy": self.speculation_accuracy,
             "mean_stride": self.mean_stride,
+            "plain_steps": self.plain_steps,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -157,6 +161,7 @@ class TraceRecorder:
     speculation_time_s: float = 0.0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    plain_steps: int = 0
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
@@ -189,4 +194,5 @@ class TraceRecorder:
             wall_time_s=wall_time_s,
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
+            plain_steps=self.plain_steps,
         )

@@ -72,6 +72,25 @@ async def test_scheduler_grows_stride_when_retrieval_is_slow(asynchronous: bool)
     )
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
     assert result.token_ids == baseline.token_ids
-    assert result.trace.strides[0] == 1
-    assert max(result.trace.strides) > 2
-    assert len(result.trace.strides) == len(result.trace.verifications)
+    trace = result.trace
+    if asynchronous:  # overlap makes stride 1 worth speculating while OS3 measures
+        assert trace.strides[0] == 1 and trace.plain_steps == 0
+    else:  # stride 1 without overlap runs as a plain (measuring) step instead
+        assert trace.plain_steps >= 1 and trace.strides[0] > 1
+    assert max(trace.strides) > 2
+    assert len(trace.strides) == len(trace.verifications)
+
+
+async def test_sync_scheduler_retrieves_plainly_when_the_lm_dominates() -> None:
+    """LM steps far slower than searches: OS3 stays at stride 1, which without overlap it
+    runs as plain retrieval steps: no speculation, no rollback, nothing discarded."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 3 == 2), latency_s=0.0005)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride="auto")
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps == len(trace.spans) - 1  # every step after the first
+    assert trace.strides == () and trace.rollbacks == 0 and trace.tokens_discarded == 0
+    assert trace.step_doc_ids == baseline.trace.step_doc_ids

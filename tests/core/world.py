@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
+from ralmspec_vllm.core.trace import RequestTrace
 
 from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 
@@ -57,3 +58,12 @@ def make_engine(
 def describe(config: SpeculationConfig) -> str:
     s = config.max_speculation_stride if config.adaptive else config.speculation_stride
     return f"{config.label}(s={s})"
+
+
+def assert_speculated(trace: RequestTrace, config: SpeculationConfig) -> None:
+    """RaLMSpec really used its cache: some speculation was right. Synchronous OS3 may
+    instead run plain retrieval steps (stride 1 without overlap), timing-dependent here."""
+    if config.adaptive and not config.async_verification:
+        assert trace.speculation_hits > 0 or trace.plain_steps > 0
+    else:
+        assert trace.speculation_hits > 0
