@@ -102,6 +102,19 @@ BATCH_WAIT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+LM_SESSION_EVENTS = Counter(
+    "ralmspec_lm_session_events",
+    "Scheduler-hook LM sessions (lm_path=sessions) by event: opened, resumed (a paused"
+    " sequence continued), rewound (a resume that truncated it: a rollback), closed.",
+    ["event"],
+)
+LM_CHUNK_FIRST_OUTPUT = Histogram(
+    "ralmspec_lm_chunk_first_output_seconds",
+    "Scheduler-hook LM sessions: time from sending a chunk (open or resume) to its first"
+    " output, i.e. pause/resume overhead plus prefill of the new tokens.",
+    buckets=_LATENCY_BUCKETS,
+)
+
 METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_requests_total",
     "ralmspec_request_latency_seconds",

@@ -154,7 +154,13 @@ class RaLMEngine:
             on_final,
         )
         start = time.perf_counter()
-        await self._run(ctx, mode, spec, oracle_doc_ids)
+        try:
+            await self._run(ctx, mode, spec, oracle_doc_ids)
+        finally:
+            # An LM that keeps per-request state (engine.sessions) frees it here.
+            release = getattr(self.lm, "release", None)
+            if release is not None:
+                await release(request_id)
         wall = time.perf_counter() - start
         tokens = tuple(ctx.generated)
         return RaLMResult(

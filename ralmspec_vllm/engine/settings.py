@@ -25,6 +25,12 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
+LmPath = Literal["resubmit", "sessions"]
+RALM_SCHEDULER_CLS = "ralmspec_vllm.engine.scheduler.RaLMScheduler"
+"""The scheduler hook (``engine.scheduler``) that ``lm_path="sessions"`` needs."""
+RALM_SESSION_KEY = "ralm_session"
+RALM_KEEP_KEY = "ralm_keep"
+"""``SamplingParams.extra_args`` keys by which ``engine.sessions`` instructs the hook."""
 
 COMMON_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
@@ -129,6 +135,10 @@ class EngineConfig:
     when the model directory holds no weight files (``engine.models.random_model``)."""
     scheduler_cls: str | None = None
     """Qualified name of a vLLM scheduler class (the serving layer's scheduler hook)."""
+    lm_path: LmPath = "resubmit"
+    """How RaLM steps reach vLLM: ``resubmit`` (each step a new request; the prefix cache
+    serves the shared prefix) or ``sessions`` (each step resumes, and on rollback rewinds,
+    a paused sequence: ``engine.sessions``; sets ``scheduler_cls`` to the RaLM hook)."""
     disable_log_stats: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     """Further ``AsyncEngineArgs`` keyword arguments, passed through unchanged."""
@@ -145,6 +155,13 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.lm_path not in ("resubmit", "sessions"):
+            raise ValueError(f"lm_path must be 'resubmit' or 'sessions', got {self.lm_path!r}")
+        if self.lm_path == "sessions" and self.scheduler_cls not in (None, RALM_SCHEDULER_CLS):
+            raise ValueError(
+                f"scheduler_cls must be {RALM_SCHEDULER_CLS} (or None) when lm_path is "
+                f"'sessions', got {self.scheduler_cls!r}"
             )
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
@@ -170,6 +187,9 @@ class EngineConfig:
             max_num_seqs=self.max_num_seqs or (64 if cpu else 256),
             max_num_batched_tokens=self.max_num_batched_tokens or (512 if cpu else None),
             load_format=load_format,
+            scheduler_cls=(
+                RALM_SCHEDULER_CLS if self.lm_path == "sessions" else self.scheduler_cls
+            ),
         )
 
     def engine_kwargs(self) -> dict[str, Any]:
