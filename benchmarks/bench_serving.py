@@ -55,6 +55,7 @@ from benchmarks.serving_load import Job
 from benchmarks.serving_report import TABLE_COLUMNS, plot_serving
 from benchmarks.serving_server import ServerProcess
 from benchmarks.serving_session import METHODS, Session, ralm_options
+from ralmspec_vllm.paths import cache_dir
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file
 
 logger = logging.getLogger("bench_serving")
@@ -212,11 +213,15 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
         "max_tokens": cfg.max_tokens,
     }
     meta.update(knowledge_base=kb_info, seed=cfg.seed)
-    log_path = out_dir / f"{name}.server.log"
+    log_path = cache_dir("bench") / f"{name}.server.log"  # not in the repo
     server = await asyncio.to_thread(
         ServerProcess.start, server_argv(cfg, index), log_path, cfg.ready_timeout_s
     )
-    meta["server"] = {"argv": server.argv[2:], "startup_s": round(server.startup_s, 1)}
+    meta["server"] = {
+        "argv": server.argv[2:],
+        "startup_s": round(server.startup_s, 1),
+        "log": str(log_path),
+    }
 
     def save(rows: list[dict[str, Any]]) -> Path:
         meta["all_outputs_identical"] = all(r["outputs_identical"] is not False for r in rows)

@@ -9,7 +9,8 @@ waits for the ``READY_PREFIX`` line on stdout that names the URL. ``stop`` sends
 ``scrape`` reads ``/metrics`` into ``{(sample name, sorted labels): value}``; ``batch_stats``
 turns the difference of two scrapes into the cell's retriever-batching and verification
 numbers (merged RPCs, callers and queries per RPC, waits, verification sizes and latency) from
-the ``ralmspec_*`` histograms of ``ralmspec_vllm.metrics``.
+the ``ralmspec_*`` histograms of ``ralmspec_vllm.metrics``, plus the LM's work from vLLM's
+``vllm:*`` counters (``lm_stats``).
 """
 
 from __future__ import annotations
@@ -213,4 +214,23 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
         "verification_latency_mean_s": round(vlat["mean"], 4),
         "search_latency_mean_s": round(search["mean"], 4),
         "searches_seen_by_requests": int(search["count"]),
+        **lm_stats(before, after),
+    }
+
+
+def lm_stats(before: Samples, after: Samples) -> dict[str, Any]:
+    """The LM's work in the cell from vLLM's own counters: engine requests (one per RaLM LM
+    call), prompt tokens sent and served from the prefix cache, generated tokens (discarded
+    ones included), preemptions, engine steps and tokens per step."""
+    steps = _histogram(before, after, "vllm:iteration_tokens_total")
+    prompt = _delta(before, after, "vllm:prompt_tokens_total")
+    cached = _delta(before, after, "vllm:prompt_tokens_cached_total")
+    return {
+        "lm_calls": int(_delta(before, after, "vllm:request_success_total")),
+        "lm_prompt_tokens": int(prompt),
+        "lm_prompt_tokens_computed": int(prompt - cached),
+        "lm_generated_tokens": int(_delta(before, after, "vllm:generation_tokens_total")),
+        "lm_preemptions": int(_delta(before, after, "vllm:num_preemptions_total")),
+        "lm_engine_steps": int(steps["count"]),
+        "lm_tokens_per_step": round(steps["mean"], 2),
     }

@@ -69,7 +69,13 @@ class Session:
     async def run(self, jobs: list[Job], width: int, deadline: float) -> list[RequestRecord]:
         """Untimed helper: ``jobs`` at ``width`` in flight."""
         out: list[RequestRecord] = []
-        await run_closed(self.client, self.model, jobs, width, self.cfg.max_tokens, deadline, out)
+        tick = asyncio.create_task(_ticker("untimed", out, len(jobs), 30.0))
+        try:
+            await run_closed(
+                self.client, self.model, jobs, width, self.cfg.max_tokens, deadline, out
+            )
+        finally:
+            tick.cancel()
         return out
 
     async def cell(
