@@ -89,6 +89,8 @@ class RaLMSchedulerMixin:
             raise ValueError("the RaLM scheduler needs one full-attention KV group, no connector")
         if type(managers[0]) is not FullAttentionManager:
             raise ValueError(f"the RaLM scheduler needs full attention, got {type(managers[0])}")
+        if managers[0].block_pool.hash_block_size != managers[0].block_size:
+            raise ValueError("the RaLM scheduler needs prefix-cache hashes per KV block")
         self._manager = managers[0]
         self._paused: OrderedDict[str, Request] = OrderedDict()
         """RaLM sessions in pause order (entries may be stale; checked when used)."""
