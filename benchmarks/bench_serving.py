@@ -19,6 +19,8 @@ start ONE ``ralmspec-vllm serve`` subprocess on 127.0.0.1 (OS-chosen port) with 
    (cell, method) gets its OWN fresh questions, because the server's prefix cache would
    otherwise hand the second method the first one's KV blocks; baseline answers for the
    questions only other methods timed come from an untimed reference pass at the end.
+   (``--shared-questions``: one question set per cell for all methods, fair only with the
+   server's prefix cache off; per-method sets make the question mix a source of noise.)
 
 ``--time-budget-s`` stops starting requests once spent (in-flight ones finish, later cells
 are skipped, the reference pass still runs); rows are written after every cell. Results:
@@ -82,6 +84,10 @@ class ServingConfig:
     """Knowledge-base folder for the server; ``None``: the server's default index."""
     filler: int | None = None
     """Grow the index with synthetic filler to this many documents (built once, cached)."""
+    shared_questions: bool = False
+    """All methods of a cell answer the SAME questions (identity checked directly, no
+    reference pass); methods after the first then find its KV blocks in the server's prefix
+    cache, so pair it with ``--server-arg=--no-enable-prefix-caching`` for fair timings."""
     max_tokens: int = 128
     warmup: int = 2
     """Untimed requests per method before the first cell."""
@@ -133,7 +139,8 @@ class ServingConfig:
 def question_pool(cfg: ServingConfig) -> list[Question]:
     """Enough distinct questions for the warm-up and every (cell, method), interleaved across
     datasets; a short ``--questions`` file is recycled (with a warning)."""
-    needed = cfg.warmup + sum(cfg.cell_size(c) for c, _ in cfg.cells) * len(cfg.methods)
+    per_cell = 1 if cfg.shared_questions else len(cfg.methods)
+    needed = cfg.warmup + sum(cfg.cell_size(c) for c, _ in cfg.cells) * per_cell
     if cfg.questions_file is not None:
         pool = load_questions_file(cfg.questions_file)
         if len(pool) < needed:
@@ -177,11 +184,10 @@ async def measure(
     skipped: list[str] = []
     for n, (conc, rate) in enumerate(cfg.cells):
         size = cfg.cell_size(conc)
+        shared = list(itertools.islice(pool, size)) if cfg.shared_questions else None
         for method in methods[n % len(methods) :] + methods[: n % len(methods)]:
-            jobs = [
-                Job(q.qid, q.text, method, ralm_options(method))
-                for q in itertools.islice(pool, size)
-            ]
+            asked = shared if shared is not None else itertools.islice(pool, size)
+            jobs = [Job(q.qid, q.text, method, ralm_options(method)) for q in asked]
             if time.monotonic() >= deadline:
                 skipped.append(f"{method} c={conc} rate={rate}")
                 continue
@@ -241,8 +247,9 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
     meta["all_outputs_identical"] = all(r["outputs_identical"] is True for r in rows)
     path = write_results(name, rows, meta, out_dir)
     if cfg.plot and rows:
+        docs = kb_info.get("num_docs")
         title = (
-            f"RaLM serving, {model_tag}, {kb_info.get('num_docs') or 'default'} docs, "
+            f"RaLM serving, {model_tag}, {f'{docs:,}' if docs else 'default index'} docs, "
             f"max_tokens {cfg.max_tokens}, {machine.tag}"
         )
         plot_serving(rows, path.with_suffix(".png"), title)
@@ -279,6 +286,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--questions", "questions_file", {"help": "JSONL file with a 'question' per line"}),
     ("--index", "index", {"help": "knowledge-base folder for the server"}),
     ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
+    ("--shared-questions", "shared_questions",
+     {"action": argparse.BooleanOptionalAction, "help": "same questions for every method"}),
     ("--max-tokens", "max_tokens", {"type": int, "help": "max_tokens per request"}),
     ("--warmup", "warmup", {"type": int, "help": "untimed requests per method"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting requests"}),

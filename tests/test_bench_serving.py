@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.bench_serving import ServingConfig, main, parse_args
+from benchmarks.bench_serving import ServingConfig, main, parse_args, question_pool
 from benchmarks.common import read_results
 from benchmarks.serving_load import Job, RequestRecord, max_in_flight
 from benchmarks.serving_report import check_identity
@@ -58,6 +58,17 @@ def test_config_flags_and_method_options() -> None:
     psa = ralm_options("PSA")
     assert (psa["speculation_stride"], psa["prefetch_k"]) == ("auto", 20)
     assert psa["async_verification"] is True
+
+
+def test_question_pool_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}"}) + "\n" for i in range(50)))
+    cfg = ServingConfig(concurrency=(1, 4), questions_file=str(path), warmup=1)
+    assert len(question_pool(cfg)) == 1 + (4 + 8) * 2  # fresh questions per method
+    shared = ServingConfig(concurrency=(1, 4), questions_file=str(path), shared_questions=True)
+    assert len(question_pool(shared)) == 2 + 4 + 8  # one set per cell
+    short = ServingConfig(concurrency=(64,), questions_file=str(path))
+    assert len(question_pool(short)) == 2 + 128 * 2  # recycled
 
 
 def test_identity_check_and_in_flight_count() -> None:
