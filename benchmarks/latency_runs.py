@@ -64,9 +64,10 @@ class Runner:
             if not record.identical and timed:
                 logger.error(
                     "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
-                    "difference at token %d", backend, method, question.text,
+                    "difference at token %d; %s", backend, method, question.text,
                     len(result.token_ids), len(base.token_ids),
                     _first_difference(result.token_ids, base.token_ids),
+                    _diagnose(result, base),
                 )  # fmt: skip
             records.append(record)
         return records
@@ -85,6 +86,22 @@ class Runner:
             identical=result.token_ids == base.token_ids,
             same_documents=trace.step_doc_ids == base.trace.step_doc_ids,
         )
+
+
+def _diagnose(result: Any, base: Any) -> str:
+    """Retrieval or LM? Compare the documents of the steps up to the first differing token."""
+    at = _first_difference(result.token_ids, base.token_ids)
+    mine = [(span.start, span.end, span.doc_id) for span in result.trace.spans]
+    theirs = [(span.start, span.end, span.doc_id) for span in base.trace.spans]
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=False)):
+        if a[2] != b[2]:
+            return f"step {i} used doc {a[2]}, the baseline doc {b[2]} (retrieval differs)"
+        if a[0] <= at < a[1]:
+            return (
+                f"step {i} (tokens {a[0]}-{a[1]}) had the baseline's documents so far: "
+                "the LM gave other tokens for the same prompt (numerics)"
+            )
+    return "no step boundary explains it"
 
 
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:

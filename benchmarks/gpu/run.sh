@@ -3,7 +3,11 @@
 #   bash benchmarks/gpu/run.sh check       # versions, GPU, engine smoke (first start JITs ~2 min)
 #   bash benchmarks/gpu/run.sh retrieval   # bench_retrieval: real + 1M docs, CPU and CUDA flat, HNSW, IVF, BM25
 #   bash benchmarks/gpu/run.sh latency     # bench_latency: SmolLM2, exact flat (FAISS on CPU) at 1M docs
+#   bash benchmarks/gpu/run.sh bench NAME SCRIPT [args]   # any benchmark, log in $RES/NAME.log
 # Extra arguments go to the benchmark. Each phase fits one device call (< 10 minutes).
+# Two GPUs: run one phase per GPU in parallel, e.g.
+#   CUDA_VISIBLE_DEVICES=0 bash run.sh bench a bench_latency.py ... &
+#   CUDA_VISIBLE_DEVICES=1 bash run.sh bench b bench_latency.py ... ; wait
 set -uo pipefail
 . "$HOME/ralmspec.env"
 RES=${OUT:-/tmp/out}/gpu; mkdir -p "$RES"
@@ -21,5 +25,9 @@ case "$phase" in
   latency)
     python3 benchmarks/bench_latency.py --model smollm2-135m --backends flat --filler 1000000 \
       --out-dir "$RES" "$@" 2>&1 | tee "$RES/latency.log" | grep -v "it/s\]" ;;
+  bench)
+    name=${1:?bench NAME SCRIPT [args]}; script=${2:?bench NAME SCRIPT [args]}; shift 2
+    python3 "benchmarks/$script" --out-dir "$RES" "$@" 2>&1 | tee "$RES/$name.log" \
+      | grep -v "it/s\]" | grep -E "bench_|Error|error|Traceback|^\|" ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
