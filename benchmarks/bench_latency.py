@@ -98,6 +98,12 @@ class LatencyConfig:
     """Start no further question once this much time was spent timing (per backend)."""
     reset_prefix_cache: bool = True
     """Empty vLLM's prefix cache before every timed run."""
+    prefix_caching: bool = True
+    """vLLM prefix caching. Off: every step recomputes its whole prompt, so a step's tokens
+    depend on its prompt alone (on a GPU, bf16 kernels under prefix caching can flip a
+    near-tie token depending on which part of the prompt came from the cache)."""
+    dtype: str | None = None
+    """LM dtype (``EngineConfig.dtype``); default: float32 on CPU, bfloat16 on GPU."""
     faiss_threads: int | None = None
     """FAISS OpenMP threads; ``None``: leave the process setting (``OMP_NUM_THREADS``)."""
     flat_impl: str = "faiss"
@@ -189,7 +195,12 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
 
     questions = load_question_set(cfg)
     kb, kb_info = open_kb(cfg)
-    engine_cfg = EngineConfig(model=str(resolve_model(cfg.model)), seed=cfg.seed)
+    engine_cfg = EngineConfig(
+        model=str(resolve_model(cfg.model)),
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        enable_prefix_caching=cfg.prefix_caching,
+    )
     start = time.perf_counter()
     lm = await VllmLanguageModel.create(engine_cfg)
     startup_s = time.perf_counter() - start
@@ -274,6 +285,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--warmup", "warmup", {"type": int, "help": "untimed questions per method"}),
     ("--reset-prefix-cache", "reset_prefix_cache",
      {"action": argparse.BooleanOptionalAction, "help": "empty the KV prefix cache per run"}),
+    ("--prefix-caching", "prefix_caching",
+     {"action": argparse.BooleanOptionalAction, "help": "vLLM prefix caching"}),
+    ("--dtype", "dtype", {"help": "LM dtype (default: float32 on CPU, bfloat16 on GPU)"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

@@ -43,7 +43,8 @@ class Runner:
         return RaLMEngine(self.lm, self.lm.tokenizer, self.retriever, self.cfg.ralm, **self.embed)
 
     async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
-        if self.cfg.reset_prefix_cache and not await self.lm.engine.reset_prefix_cache():
+        reset = self.cfg.reset_prefix_cache and self.cfg.prefix_caching
+        if reset and not await self.lm.engine.reset_prefix_cache():
             logger.warning("vLLM refused to reset its prefix cache")
         engine = self.engine()
         if method == "baseline":
