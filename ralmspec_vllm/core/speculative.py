@@ -14,12 +14,13 @@ Round structure (stride s from ``FixedStride`` or OS3):
    document (a final step), start the next round. Kept tokens were generated with exactly
    the documents the baseline uses, from exactly the baseline's context: identical output.
 
-Plain steps (S without A): when OS3 picks stride 1 for synchronous verification, a
-speculated step costs the same LM step and the same search as a plain retrieval step, plus a
-second LM step on every miss, so it can only lose. Such steps run as plain retrieval
-(retrieve with prefetch, insert into the cache, generate a final step). The cache's would-be
-speculation is still scored against the retrieved document, so OS3 keeps estimating gamma
-(and a, b) and returns to speculation as soon as a stride above 1 pays.
+Plain steps (S): when OS3 picks stride 1 for synchronous verification, a speculated step
+costs the same LM step and the same search as a plain retrieval step, plus a second LM step
+on every miss, so it can only lose. With asynchronous verification it loses when misses are
+frequent and an LM step costs more than a verification (``prefers_plain_step``). Such steps
+run as plain retrieval (retrieve with prefetch, insert into the cache, generate a final
+step). The cache's would-be speculation is still scored against the retrieved document, so
+OS3 keeps estimating gamma (and a, b) and returns to speculation once speculating pays.
 
 Asynchronous verification (A): the verification runs as a task while the next step is
 speculated concurrently. All matched -> that step is kept and opens the next round (which
@@ -120,11 +121,9 @@ class SpeculativeRequest:
         self.ctx.finalize(len(self.ctx.generated))
 
     def _plain_pays(self, stride: int) -> bool:
-        return (
-            stride == 1
-            and not self.config.async_verification
-            and isinstance(self.scheduler, OptimalStrideScheduler)
-        )
+        if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
+            return False
+        return not self.config.async_verification or self.scheduler.prefers_plain_step()
 
     async def _plain_step(self) -> None:
         """Retrieve, then generate a final step; score the cache's guess for OS3's gamma."""

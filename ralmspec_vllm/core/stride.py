@@ -15,6 +15,10 @@ probability that one speculation is right:
   capped at ``gamma_max``.
 - s starts at 1 (until gamma, a and b are known) and is searched upward from 1 while the
   objective does not drop, up to ``max_stride``.
+- Not in the paper: at stride 1, ``prefers_plain_step`` compares speculating with a plain
+  retrieval step, counting the regenerated step a miss costs (the paper's objective does
+  not). Without overlap plain always wins at stride 1; with overlap it wins when misses
+  are frequent and an LM step costs more than a verification (e.g. approximate retrieval).
 """
 
 from __future__ import annotations
@@ -103,6 +107,29 @@ class OptimalStrideScheduler:
         self._outcomes: deque[tuple[int, bool]] = deque(maxlen=window)
         self.a: float | None = None
         self.b: float | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        """Measured speculation accuracy over the window, uncapped; ``None`` before any."""
+        matched = sum(m for m, _ in self._outcomes)
+        mismatches = sum(1 for _, bad in self._outcomes if bad)
+        if matched + mismatches == 0:
+            return None
+        return matched / (matched + mismatches)
+
+    def prefers_plain_step(self) -> bool:
+        """Whether a plain retrieval step beats speculating one step (stride 1).
+
+        Per produced step, plain costs a + b. Speculating costs, without overlap,
+        g (a + b) + (1 - g)(2a + b) (a miss regenerates the step), which is never less; with
+        overlap, g max(a, b) + (1 - g)(2a + b): the next step hides the verification on a hit,
+        a miss still pays the step, the verification and the regenerated step.
+        """
+        g, a, b = self.accuracy, self.a, self.b
+        if g is None or a is None or b is None:
+            return False
+        hit = max(a, b) if self.asynchronous else a + b
+        return g * hit + (1.0 - g) * (2.0 * a + b) > a + b
 
     @property
     def gamma(self) -> float | None:

@@ -94,3 +94,18 @@ async def test_sync_scheduler_retrieves_plainly_when_the_lm_dominates() -> None:
     assert trace.plain_steps == len(trace.spans) - 1  # every step after the first
     assert trace.strides == () and trace.rollbacks == 0 and trace.tokens_discarded == 0
     assert trace.step_doc_ids == baseline.trace.step_doc_ids
+
+
+async def test_async_scheduler_retrieves_plainly_when_misses_cost_more_than_overlap_saves() -> None:
+    """Overlap hides a 0.5 ms search behind a 10 ms step, but every other speculation is
+    wrong and each miss regenerates a step: OS3 switches to plain steps once it has measured
+    that, and keeps identity."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.0005)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride="auto", async_verification=True)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps > len(trace.spans) // 2
+    assert trace.rollbacks <= 3  # only while OS3 was still measuring

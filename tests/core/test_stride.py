@@ -74,6 +74,30 @@ def test_scheduler_starts_at_one_and_uses_latest_measurements() -> None:
     assert async_sched.next_stride() == choose_stride(0.5, 1.0, 2.0, 10, asynchronous=True)
 
 
+@pytest.mark.parametrize(
+    ("asynchronous", "a", "b", "matched", "plain"),
+    [
+        (False, 1.0, 0.5, 9, True),  # without overlap stride 1 never beats a plain step
+        (False, 0.01, 1.0, 99, True),
+        # overlap, mostly right, step 1 vs verification 0.5: 0.9*1 + 0.1*2.5 = 1.15 < 1.5
+        (True, 1.0, 0.5, 9, False),
+        # overlap, half wrong: 0.5*1 + 0.5*2.5 = 1.75 > 1.5 -> plain
+        (True, 1.0, 0.5, 1, True),
+        # overlap, verification dominates: 0.75*1 + 0.25*1.2 = 1.05 < 1.1
+        (True, 0.1, 1.0, 3, False),
+    ],
+)
+def test_plain_step_decision_hand_computed(
+    asynchronous: bool, a: float, b: float, matched: int, plain: bool
+) -> None:
+    sched = OptimalStrideScheduler(asynchronous=asynchronous)
+    assert not sched.prefers_plain_step()  # nothing measured: speculate to learn
+    sched.record_speculation(a)
+    sched.record_verification(b, matched=matched, mismatched=True)
+    assert sched.accuracy == pytest.approx(matched / (matched + 1))  # not capped at 0.6
+    assert sched.prefers_plain_step() is plain
+
+
 def test_validation() -> None:
     with pytest.raises(ValueError, match="window"):
         OptimalStrideScheduler(window=0)
