@@ -25,6 +25,7 @@ Bounds: at most ``max_sessions_per_group`` sessions per group and ``max_sessions
 (see ``scheduler.py``), so they can slow a resume but never deadlock the cache.
 :meth:`release` closes a group's sessions when its RaLM request ends (``RaLMEngine`` calls
 it when the LM has it); :meth:`abort` ends the session serving an in-flight chunk.
+:func:`create_language_model` starts the LM that ``EngineConfig.lm_path`` asks for.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ralmspec_vllm import metrics
-from ralmspec_vllm.core.lm import Generation
-from ralmspec_vllm.engine.lm import VllmLanguageModel
+from ralmspec_vllm.core.lm import Generation, Tokenizer
+from ralmspec_vllm.engine.lm import CacheStats, VllmLanguageModel
 from ralmspec_vllm.engine.settings import (
     RALM_KEEP_KEY,
     RALM_SCHEDULER_CLS,
@@ -349,17 +350,26 @@ class SessionLanguageModel:
         return SessionStats(self._opened, self._resumed, self._rewound, self._closed_count)
 
     @property
-    def cache_stats(self) -> Any:
-        from ralmspec_vllm.engine.lm import CacheStats
-
+    def cache_stats(self) -> CacheStats:
+        """Prompt tokens served from KV (the session's own or the prefix cache's)."""
         return CacheStats(self._requests, self._prompt_tokens, self._cached_tokens)
+
+    @property
+    def engine(self) -> Any:
+        """The underlying vLLM ``AsyncLLM`` (as ``VllmLanguageModel.engine``)."""
+        return self.base.engine
+
+    def with_stop_token_ids(self, stop_token_ids: Sequence[int]) -> SessionLanguageModel:
+        """Sessions on the same engine that also stop at ``stop_token_ids`` (own session
+        table; its :meth:`shutdown` closes its sessions and leaves the engine running)."""
+        return SessionLanguageModel(self.base.with_stop_token_ids(stop_token_ids), self.config)
 
     @property
     def open_sessions(self) -> int:
         return len(self._sessions)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.base.tokenizer
 
     @property
@@ -374,5 +384,15 @@ class SessionLanguageModel:
         return len(self._inflight)
 
     async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Close every session, then shut the base model down (a no-op for a view)."""
         await self.close_all()
         await self.base.shutdown(timeout_s)
+
+
+async def create_language_model(
+    config: EngineConfig, stop_token_ids: Sequence[int] = (), sessions: SessionConfig | None = None
+) -> VllmLanguageModel | SessionLanguageModel:
+    """The LM for ``config.lm_path``: resubmission (``VllmLanguageModel``) or sessions."""
+    if config.lm_path == "sessions":
+        return await SessionLanguageModel.create(config, stop_token_ids, sessions)
+    return await VllmLanguageModel.create(config, stop_token_ids)

@@ -178,7 +178,8 @@ async def test_ralm_identity_with_forced_rollbacks(
     for spec in CONFIGS:
         result = await engine.generate(question, "ralmspec", speculation=spec)
         assert result.token_ids == expected.token_ids, spec.label
-        assert result.trace.rollbacks >= 2
+        if spec.speculation_stride != "auto":  # OS3 may take plain (unspeculated) steps
+            assert result.trace.rollbacks >= 2
         assert hooked.open_sessions == 0  # released when the request ended
         cached += result.trace.num_cached_tokens
         resubmitted = await reference.generate(question, "ralmspec", speculation=spec)
@@ -202,3 +203,20 @@ def test_lm_path_selects_the_hook(tiny_model_dir: Path) -> None:
         EngineConfig(model="m", lm_path="sessions", scheduler_cls="x.Y")
     assert group_of("ralm-3#12") == "ralm-3"
     assert group_of("a#b#2") == "a#b"
+
+
+async def test_stop_token_finishes_and_closes_the_session(
+    hooked: SessionLanguageModel, base: VllmLanguageModel
+) -> None:
+    prompt = random_prompt(9, 64)
+    free = (await base.generate(prompt, 12, "free")).token_ids
+    stop_at = next(i for i in range(3, 12) if free[i] not in free[:i])
+    stopping = hooked.with_stop_token_ids([free[stop_at]])
+    first = await stopping.generate(prompt, 2, "stop#1")
+    out = await stopping.generate(prompt + list(first.token_ids), 12, "stop#2")
+    assert list(first.token_ids) + list(out.token_ids) == list(free[: stop_at + 1])
+    assert out.finished
+    assert stopping.open_sessions == 0  # a chunk that ended with EOS closes its session
+    await stopping.shutdown()  # a view: the engine keeps running
+    assert len((await hooked.generate(prompt, 2, "alive#1")).token_ids) == 2
+    await hooked.release("alive")
