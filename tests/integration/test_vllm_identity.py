@@ -70,7 +70,8 @@ async def test_forced_rollbacks_on_vllm(vllm_lm: VllmLanguageModel) -> None:
     for spec in CONFIGS:
         result = await engine.generate(QUESTIONS[0], "ralmspec", speculation=spec)
         assert result.token_ids == baseline.token_ids, spec.label
-        assert result.trace.rollbacks >= 2
+        # OS3 may turn to plain steps once it has measured the misses (fewer rollbacks)
+        assert result.trace.rollbacks >= (1 if spec.adaptive else 2), spec.label
         # the correction step after a rollback re-uses the cached prefix (whole blocks)
         assert result.trace.num_cached_tokens > 0
 
