@@ -75,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; env RALMSPEC_API_KEY)",
     )
     _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
+    _own(
+        server,
+        "--lm-path",
+        default="resubmit",
+        choices=("resubmit", "sessions"),
+        help="how RaLM steps reach vLLM: 'resubmit' (a new request per step; the prefix cache "
+        "serves the shared prefix) or 'sessions' (paused/resumed/rewound sessions through "
+        "the RaLMScheduler hook) (default: %(default)s)",
+    )
 
     retr = parser.add_argument_group("retriever")
     _own(retr, "--retriever", default=None, help="HOST:PORT of a running retriever service "
@@ -179,6 +188,7 @@ def engine_config_from_args(args: argparse.Namespace, parser_defaults: dict[str,
         model=model,
         max_model_len=args.max_model_len or 2048,
         disable_log_stats=args.disable_log_stats,  # vLLM's metrics on /metrics by default
+        lm_path=args.lm_path,
         extra=given,
     )
 
@@ -260,9 +270,9 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
 
 
 async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
-    from ralmspec_vllm.engine.lm import VllmLanguageModel
+    from ralmspec_vllm.engine.sessions import create_language_model
 
-    lm = await VllmLanguageModel.create(engine_config)
+    lm = await create_language_model(engine_config)
     stack.push_async_callback(lm.shutdown)
     return lm
 

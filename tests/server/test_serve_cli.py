@@ -53,6 +53,11 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
         service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)  # type: ignore[attr-defined]
+    assert engine_config_from_args(args, defaults).lm_path == "resubmit"  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--model", str(tiny_model_dir), "--lm-path", "sessions"])
+    hooked = engine_config_from_args(args, defaults)  # type: ignore[arg-type]
+    assert hooked.lm_path == "sessions" and hooked.extra == {}
+    assert hooked.engine_kwargs()["scheduler_cls"].endswith("RaLMScheduler")
 
 
 def _wait_ready(process: subprocess.Popen[str], timeout_s: float) -> str:
@@ -73,17 +78,20 @@ def _wait_ready(process: subprocess.Popen[str], timeout_s: float) -> str:
             return line.split()[-1]
 
 
+@pytest.mark.parametrize("lm_path", ["resubmit", "sessions"])
 async def test_serve_subprocess_with_child_retriever(
-    tiny_model_dir: Path, small_index: Path, served: Served
+    tiny_model_dir: Path, small_index: Path, served: Served, lm_path: str
 ) -> None:
     """The CLI end to end: OS-chosen port, API key from the environment, a child retriever
-    that dies with the server, and the same answer as the in-process offline baseline."""
+    that dies with the server, and the same answer as the in-process offline baseline, with
+    either way of reaching vLLM (the scheduler hook's sessions included)."""
     question = "What did Aristotle teach about logic?"
     want = await served.offline.generate(question, "baseline")
     argv = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "serve", "--port", "0"]
     argv += ["--model", str(tiny_model_dir), "--index", str(small_index)]
     argv += ["--max-model-len", "1024", "--served-model-name", "cli-model", "--seed", "0"]
     argv += ["--max-doc-tokens", str(RALM.max_doc_tokens), "--max-new-tokens", "16"]
+    argv += ["--lm-path", lm_path]
     env = {**os.environ, "RALMSPEC_API_KEY": "cli-key"}
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     descendants: list[psutil.Process] = []
