@@ -115,10 +115,18 @@ class SpeculativeRequest:
                 await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
 
     async def _first_step(self) -> None:
-        (hits,) = await self.ctx.search([self.ctx.query()], self.config.prefetch_k, "retrieve")
+        await self._retrieve_step(self.ctx.query())
+
+    async def _retrieve_step(self, query: str) -> tuple[list[Hit], float]:
+        """Search (with prefetch), seed the cache, generate a final step with the top-1.
+        Returns the hits and the search latency."""
+        start = time.perf_counter()
+        (hits,) = await self.ctx.search([query], self.config.prefetch_k, "retrieve")
+        latency = time.perf_counter() - start
         await self._insert([hits])
         await self.ctx.generate_step(_top1(hits), "retrieve")
         self.ctx.finalize(len(self.ctx.generated))
+        return hits, latency
 
     def _plain_pays(self, stride: int) -> bool:
         if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
@@ -130,17 +138,12 @@ class SpeculativeRequest:
         start = time.perf_counter()
         query = self.ctx.query()
         guess = await self.scorer.top1(self.cache, query, self.recorder)
-        searching = time.perf_counter()
-        (hits,) = await self.ctx.search([query], self.config.prefetch_k, "retrieve")
-        searched = time.perf_counter()
-        await self._insert([hits])
-        await self.ctx.generate_step(_top1(hits), "retrieve")
-        self.ctx.finalize(len(self.ctx.generated))
+        hits, search_s = await self._retrieve_step(query)
         self.recorder.plain_steps += 1
         hit = guess == _top1(hits)
-        step = (searching - start) + (time.perf_counter() - searched)
-        self.scheduler.record_speculation(step)
-        self.scheduler.record_verification(searched - searching, int(hit), not hit)
+        # a: scoring + LM step (everything but the search); b: the search
+        self.scheduler.record_speculation(time.perf_counter() - start - search_s)
+        self.scheduler.record_verification(search_s, int(hit), not hit)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         start = time.perf_counter()

@@ -134,11 +134,8 @@ class OptimalStrideScheduler:
     @property
     def gamma(self) -> float | None:
         """Estimated speculation accuracy, capped; ``None`` before any verification."""
-        matched = sum(m for m, _ in self._outcomes)
-        mismatches = sum(1 for _, bad in self._outcomes if bad)
-        if matched + mismatches == 0:
-            return None
-        return min(matched / (matched + mismatches), self.gamma_max)
+        accuracy = self.accuracy
+        return None if accuracy is None else min(accuracy, self.gamma_max)
 
     def next_stride(self) -> int:
         gamma = self.gamma
