@@ -61,6 +61,11 @@ logger = logging.getLogger("bench_scheduler")
 
 WORKLOADS = ("continue", "rollback", "docchange")
 PATHS = ("resubmit", "sessions")
+PROGRESS_COLUMNS = (
+    "workload", "load", "concurrency", "method", "wall_s", "throughput_tok_s",
+    "prefill_computed_tokens",
+)  # fmt: skip
+"""Logged per cell while running; the final table adds rollbacks, identity and speed-up."""
 
 
 @dataclass(frozen=True)
@@ -257,18 +262,7 @@ async def run_engine(cfg: BenchConfig, load: str, levels: tuple[int, ...]) -> li
                     rows.append(row)
                     logger.info(
                         "%s",
-                        {
-                            k: row[k]
-                            for k in (
-                                "workload",
-                                "load",
-                                "concurrency",
-                                "method",
-                                "wall_s",
-                                "throughput_tok_s",
-                                "prefill_computed_tokens",
-                            )
-                        },
+                        {k: row[k] for k in PROGRESS_COLUMNS},
                     )
         rows.append({"load": load, "session_stats": asdict(hooked.stats)})
     finally:
@@ -317,13 +311,7 @@ async def main_async(cfg: BenchConfig) -> int:
     add_ratios(rows)
     cells = [r for r in rows if "method" in r]
     cols = [
-        "workload",
-        "load",
-        "concurrency",
-        "method",
-        "wall_s",
-        "throughput_tok_s",
-        "prefill_computed_tokens",
+        *PROGRESS_COLUMNS,
         "rollbacks",
         "outputs_identical",
         "speedup",
