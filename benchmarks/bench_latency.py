@@ -109,6 +109,8 @@ class LatencyConfig:
     flat_impl: str = "faiss"
     """Flat search: ``faiss`` (IndexFlatIP; below 20 queries per call its CPU cost grows
     linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
+    flat_device: str = "cpu"
+    """Where flat search runs: ``cpu`` (as the paper) or ``cuda`` (torch on the GPU)."""
     hnsw_ef_search: int = 128
     seed: int = 0
     out_dir: str = str(DEFAULT_OUT_DIR)
@@ -127,6 +129,8 @@ class LatencyConfig:
             raise ValueError(f"datasets: must be a subset of {sorted(DATASETS)}")
         if self.flat_impl not in ("faiss", "torch"):
             raise ValueError(f"flat_impl: must be 'faiss' or 'torch', got {self.flat_impl!r}")
+        if self.flat_device not in ("cpu", "cuda"):
+            raise ValueError(f"flat_device: must be 'cpu' or 'cuda', got {self.flat_device!r}")
         if self.transport not in ("inproc", "grpc"):
             raise ValueError(f"transport: must be 'inproc' or 'grpc', got {self.transport!r}")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
@@ -148,7 +152,9 @@ class LatencyConfig:
 
     def label(self, backend: str) -> str:
         """The backend's name in rows and file names (``flat-torch`` for the torch path)."""
-        return f"{backend}-torch" if backend == "flat" and self.flat_impl == "torch" else backend
+        if backend != "flat" or self.flat_impl != "torch":
+            return backend
+        return "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
 
     @property
     def ralm(self) -> RaLMConfig:
@@ -291,6 +297,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
+    ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     ("--out-dir", "out_dir", {"help": "results folder"}),

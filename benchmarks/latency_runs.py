@@ -130,7 +130,11 @@ async def bench_backend(
     from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
 
     rcfg = RetrieverConfig(
-        backend=backend, flat_impl=cfg.flat_impl, ef_search=cfg.hnsw_ef_search, progress=False
+        backend=backend,
+        flat_impl=cfg.flat_impl,
+        device=cfg.flat_device if backend == "flat" else "cpu",
+        ef_search=cfg.hnsw_ef_search,
+        progress=False,
     )
     start = time.perf_counter()
     sync = open_retriever(kb, rcfg)
