@@ -7,7 +7,6 @@ repetition; it checks the result file's shape, not any timing.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.retrieval_timing import config_flags
+from tests.corpus_fixtures import build_tiny_kb
 
 # -- common.py ------------------------------------------------------------------------------
 
@@ -117,6 +117,7 @@ def test_plot_panels_writes_png(tmp_path: Path) -> None:
 
 # -- bench_retrieval end to end ---------------------------------------------------------------
 
+# A vocabulary of its own (the latency and serving worlds use the default), kept as it was.
 WORDS = [
     "river",
     "mountain",
@@ -135,19 +136,13 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ralmspec_vllm.retrieval.kb import build_index
-
     root = tmp_path_factory.mktemp("bench")
     rng = np.random.default_rng(11)
-    with (root / "corpus.jsonl").open("w") as f:
-        for i in range(40):
-            text = " ".join(rng.choice(WORDS, size=30))
-            f.write(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
+    kb = build_tiny_kb(root, rng, WORDS)
     (root / "queries.txt").write_text(
         "\n".join(" ".join(rng.choice(WORDS, size=5)) for _ in range(12)) + "\n"
     )
-    build_index(root / "kb", sources=(), corpus=root / "corpus.jsonl", show_progress=False)
-    return {"root": root, "kb": root / "kb", "queries": root / "queries.txt"}
+    return {"root": root, "kb": kb, "queries": root / "queries.txt"}
 
 
 def smoke_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -21,21 +21,7 @@ from benchmarks.common import read_results
 from benchmarks.latency_report import RunRecord, summarize
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
-
-WORDS = [
-    "river",
-    "mountain",
-    "king",
-    "queen",
-    "city",
-    "battle",
-    "music",
-    "painter",
-    "novel",
-    "ocean",
-    "island",
-    "war",
-]
+from tests.corpus_fixtures import build_tiny_kb
 
 
 def record(method: str, wall: float, identical: bool = True, **extra: Any) -> RunRecord:
@@ -86,19 +72,12 @@ def test_config_validation_and_quick_flags() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ralmspec_vllm.retrieval.kb import build_index
-
     root = tmp_path_factory.mktemp("latency")
-    rng = np.random.default_rng(5)
-    with (root / "corpus.jsonl").open("w") as f:
-        for i in range(40):
-            text = " ".join(rng.choice(WORDS, size=30))
-            f.write(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
+    kb = build_tiny_kb(root, np.random.default_rng(5))
     with (root / "questions.jsonl").open("w") as f:
         f.write(json.dumps({"question": "which king fought the battle by the river"}) + "\n")
         f.write(json.dumps({"question": "who painted the island city", "id": "q2"}) + "\n")
-    build_index(root / "kb", sources=(), corpus=root / "corpus.jsonl", show_progress=False)
-    return {"kb": root / "kb", "questions": root / "questions.jsonl"}
+    return {"kb": kb, "questions": root / "questions.jsonl"}
 
 
 @pytest.mark.vllm
