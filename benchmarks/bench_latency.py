@@ -46,9 +46,10 @@ from ralmspec_vllm.engine.settings import apply_process_settings
 apply_process_settings()  # before torch / vLLM / FAISS are imported
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_OUT_DIR,
+    OutputConfig,
     describe_machine,
     format_table,
+    output_flags,
     parse_config,
     run_metadata,
     write_results,
@@ -69,8 +70,12 @@ BACKENDS = ("flat", "hnsw", "ivf", "bm25")
 
 
 @dataclass(frozen=True)
-class LatencyConfig:
-    """What ``bench_latency`` measures and how (one field per CLI flag)."""
+class LatencyConfig(OutputConfig):
+    """What ``bench_latency`` measures and how (one field per CLI flag).
+
+    ``name`` (from ``OutputConfig``) defaults to ``latency_<machine>_<model>_<backend>`` per
+    backend.
+    """
 
     model: str = "smollm2-135m"
     """Built-in model name (``engine.models.MODELS``) or a model directory."""
@@ -113,10 +118,6 @@ class LatencyConfig:
     """Where flat search runs: ``cpu`` (as the paper) or ``cuda`` (torch on the GPU)."""
     hnsw_ef_search: int = 128
     seed: int = 0
-    out_dir: str = str(DEFAULT_OUT_DIR)
-    name: str | None = None
-    """Result file stem; ``None``: ``latency_<machine>_<model>_<backend>`` per backend."""
-    plot: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("backends", BACKENDS), ("methods", METHODS)):
@@ -300,9 +301,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
-    ("--out-dir", "out_dir", {"help": "results folder"}),
-    ("--name", "name", {"help": "result file stem (default: latency_<machine>_<model>_<backend>)"}),
-    ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+    *output_flags("latency_<machine>_<model>_<backend>"),
 )  # fmt: skip
 QUICK: dict[str, Any] = {
     "model": "tiny-llama",

@@ -41,11 +41,12 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_retrieval.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_OUT_DIR,
+    OutputConfig,
     RepeatPolicy,
     Series,
     describe_machine,
     format_table,
+    output_flags,
     parse_config,
     plot_panels,
     progress,
@@ -72,8 +73,11 @@ SIZES = ("real", "filler")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """What ``bench_retrieval`` measures and how (one field per CLI flag)."""
+class BenchConfig(OutputConfig):
+    """What ``bench_retrieval`` measures and how (one field per CLI flag).
+
+    ``name`` (from ``OutputConfig``) defaults to ``retrieval_<machine-tag>``.
+    """
 
     backends: tuple[str, ...] = BACKENDS
     """Backends to time; ``flat`` also runs the torch path on CUDA when a GPU exists."""
@@ -119,12 +123,6 @@ class BenchConfig:
     """Cap of the automatic nlist (k-means training time grows with nlist on a CPU)."""
     nprobe: int = 16
     """IVF lists probed per query."""
-    out_dir: str = str(DEFAULT_OUT_DIR)
-    """Folder of the JSON and PNG results."""
-    name: str | None = None
-    """Result file stem; ``None``: ``retrieval_<machine-tag>``."""
-    plot: bool = True
-    """Save the PNG plot."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -347,9 +345,7 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
     ("--ef-search", "ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--nlist", "nlist", {"type": int, "help": "IVF lists (default: min(4 sqrt N, 1024))"}),
     ("--nprobe", "nprobe", {"type": int, "help": "IVF lists probed per query"}),
-    ("--out-dir", "out_dir", {"help": "results folder"}),
-    ("--name", "name", {"help": "result file stem (default: retrieval_<machine-tag>)"}),
-    ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+    *output_flags("retrieval_<machine-tag>"),
 )
 QUICK: dict[str, Any] = {
     "sizes": ("real",),

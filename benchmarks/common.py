@@ -5,7 +5,9 @@ where and with what the run happened (machine, git state, package versions, para
 the benchmark times its cells with ``measure`` / ``measure_async`` and condenses each cell
 with ``LatencyStats.from_seconds``, then ``write_results`` stores ``{"name", "meta", "rows"}``
 as JSON in ``benchmarks/results/`` and ``plot_panels`` saves a PNG next to it;
-``format_table`` prints a short fixed-width summary.
+``format_table`` prints a short fixed-width summary. ``parse_config`` builds a benchmark's
+config dataclass from the command line; configs derive their result-file fields (``--out-dir``,
+``--name``, ``--plot``) from ``OutputConfig``.
 
 The machine description is hostname-free on purpose: results are committed to the repo.
 """
@@ -416,6 +418,36 @@ Flag = tuple[str, str, dict[str, Any]]
 """(``--flag``, config field, argparse keywords): a benchmark option mapped onto its config."""
 
 C = TypeVar("C")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """Where a benchmark writes its results, inherited by the benchmark configs.
+
+    The subclass adds ``output_flags(...)`` to its flags. Keyword-only, so that the
+    subclass's own fields keep their positions in ``__init__``.
+    """
+
+    out_dir: str = str(DEFAULT_OUT_DIR)
+    """Folder of the JSON and PNG results."""
+    name: str | None = None
+    """Result file stem; ``None``: the benchmark's own default (its ``--name`` help says)."""
+    plot: bool = True
+    """Save the PNG plot next to the JSON."""
+
+
+def output_flags(default_name: str) -> tuple[Flag, ...]:
+    """``--out-dir``, ``--name`` and ``--plot`` for an ``OutputConfig`` subclass.
+
+    ``default_name`` is the stem used without ``--name``, as shown in ``--help``.
+    """
+    import argparse
+
+    return (
+        ("--out-dir", "out_dir", {"help": "results folder"}),
+        ("--name", "name", {"help": f"result file stem (default: {default_name})"}),
+        ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+    )
 
 
 def parse_config(

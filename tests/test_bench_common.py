@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,18 @@ import pytest
 
 from benchmarks import bench_retrieval
 from benchmarks.common import (
+    DEFAULT_OUT_DIR,
     LatencyStats,
+    OutputConfig,
     RepeatPolicy,
     Series,
     describe_machine,
     format_table,
     git_state,
     measure,
+    output_flags,
     package_versions,
+    parse_config,
     percentile,
     plot_panels,
     read_results,
@@ -113,6 +118,36 @@ def test_plot_panels_writes_png(tmp_path: Path) -> None:
     }
     path = plot_panels(tmp_path / "p.png", panels, xlabel="batch", ylabel="ms")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class _ToyConfig(OutputConfig):
+    reps: int = 2
+    """Timed calls."""
+
+    def __post_init__(self) -> None:
+        if self.reps < 1:
+            raise ValueError(f"reps: must be >= 1, got {self.reps}")
+
+
+def test_output_config_fields_flags_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = [("--reps", "reps", {"type": int, "help": "timed calls"}), *output_flags("toy_<m>")]
+
+    def parse(*argv: str) -> _ToyConfig:
+        return parse_config(_ToyConfig, flags, {"reps": 1}, "toy", list(argv))
+
+    assert parse() == _ToyConfig(out_dir=str(DEFAULT_OUT_DIR), name=None, plot=True, reps=2)
+    assert _ToyConfig(5).reps == 5  # the subclass's fields stay positional, the base's are not
+    cfg = parse("--out-dir", "/tmp/o", "--name", "n", "--no-plot", "--quick")
+    assert (cfg.out_dir, cfg.name, cfg.plot, cfg.reps) == ("/tmp/o", "n", False, 1)
+    with pytest.raises(ValueError, match=r"^reps:"):
+        parse("--reps", "0")
+    with pytest.raises(SystemExit):
+        parse("--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--name NAME result file stem (default: toy_<m>)" in help_text
+    assert f"--out-dir OUT_DIR results folder (default: {DEFAULT_OUT_DIR})" in help_text
+    assert "--plot, --no-plot save the PNG (default: True)" in help_text
 
 
 # -- bench_retrieval end to end ---------------------------------------------------------------
