@@ -15,7 +15,8 @@ calls and retrieval waits.
 Verified-token progress comes from ``RaLMEngine.generate``'s ``on_final`` callback (tokens
 that can never be rolled back). ``retrieval_stride`` and ``max_new_tokens`` are per request
 (the job's ``RaLMConfig``); the engine's layout and document cache (query window, document
-cap) are server-wide.
+cap) are server-wide. ``reset_prefix_cache`` empties vLLM's prefix cache and the document-token
+cache between benchmark runs (``POST /reset_prefix_cache``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
 from ralmspec_vllm.core.cache import QueryEncoder
 from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
+from ralmspec_vllm.core.prompt import DocumentTokenCache
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
 from ralmspec_vllm.retrieval.base import AsyncRetriever
@@ -288,6 +290,26 @@ class RaLMService:
             raise
         metrics.record_request(result.trace, len(result.token_ids))
         return JobResult(result.token_ids, result.finished, result.trace.spans, result.trace)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget cached prompt work so that the next requests start cold (benchmarks).
+
+        Empties vLLM's KV prefix cache (``AsyncLLM.reset_prefix_cache``; either LM path
+        reaches its engine through ``lm.engine``) and the core's document-token cache.
+        Returns vLLM's answer: False while requests (or paused sessions) still hold KV
+        blocks, or when the LM has no vLLM engine; the document cache is emptied anyway.
+        """
+        old = self.engine.doc_tokens
+        self.engine.doc_tokens = DocumentTokenCache(
+            old.retriever, old.tokenizer, old.max_doc_tokens, old.capacity
+        )  # running requests keep the old cache object; new ones start empty
+        vllm_engine = getattr(self.engine.lm, "engine", None)
+        if vllm_engine is None:
+            logger.warning("prefix-cache reset: the LM has no vLLM engine")
+            return False
+        reset = bool(await vllm_engine.reset_prefix_cache())
+        logger.info("prefix-cache reset: %s (%d cached documents dropped)", reset, len(old))
+        return reset
 
     async def titles(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """Document titles for sources (one retriever call)."""

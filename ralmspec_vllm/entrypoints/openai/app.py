@@ -5,10 +5,14 @@
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (``handlers.OpenAIHandlers``),
 - ``GET /v1/models`` (the one served model),
 - ``GET /health`` (always open) and ``GET /metrics`` (Prometheus text, default registry:
-  the ``ralmspec_*`` metrics and vLLM's own ``vllm:*`` ones).
+  the ``ralmspec_*`` metrics and vLLM's own ``vllm:*`` ones),
+- ``POST /reset_prefix_cache`` (admin, for benchmarks): empties vLLM's prefix cache and the
+  document-token cache (``RaLMService.reset_prefix_cache``); answers ``{"reset": bool}``,
+  vLLM's verdict (false while requests still hold KV blocks: retry once they finished).
 
-With API keys, every ``/v1/*`` request needs ``Authorization: Bearer <key>``; others get an
-OpenAI-style 401. The app is run by uvicorn (``entrypoints/serve.py``, or the tests).
+With API keys, every ``/v1/*`` and ``/reset_prefix_cache`` request needs
+``Authorization: Bearer <key>``; others get an OpenAI-style 401. The app is run by uvicorn
+(``entrypoints/serve.py``, or the tests).
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from ralmspec_vllm.entrypoints.openai.errors import install_error_handlers, unau
 from ralmspec_vllm.entrypoints.openai.handlers import OpenAIHandlers
 from ralmspec_vllm.service import RaLMService
 
-GUARDED_PREFIX = "/v1"
+GUARDED_PREFIXES = ("/v1", "/reset_prefix_cache")
 
 
 class APIKeyMiddleware:
-    """Pure ASGI middleware: ``/v1/*`` needs one of ``keys`` as a Bearer token."""
+    """Pure ASGI middleware: ``GUARDED_PREFIXES`` need one of ``keys`` as a Bearer token."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
@@ -55,7 +59,7 @@ class APIKeyMiddleware:
         if (
             scope["type"] == "http"
             and scope.get("method") != "OPTIONS"
-            and scope["path"].removeprefix(scope.get("root_path", "")).startswith(GUARDED_PREFIX)
+            and scope["path"].removeprefix(scope.get("root_path", "")).startswith(GUARDED_PREFIXES)
             and not self._authorized(scope)
         ):
             await unauthorized().response()(scope, receive, send)
@@ -94,6 +98,10 @@ def build_app(service: RaLMService, model_name: str, api_keys: Sequence[str] = (
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> JSONResponse:
+        return JSONResponse({"reset": await service.reset_prefix_cache()})
 
     install_error_handlers(app)
     if api_keys:
