@@ -276,6 +276,52 @@ def test_encoder_is_batch_invariant_normalised_and_shared() -> None:
         QueryEncoder("no-such-model")
 
 
+def test_batched_encoding_equals_the_padded_model_pass_per_text() -> None:
+    """Batch-invariant mode pads the token ids it counted lengths with: every row must equal,
+    bit for bit, the plain pipeline on that text alone (tokenise with ``max_length`` padding
+    to the text's own padded length, BERT on one thread, mean pooling, normalisation)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from ralmspec_vllm.retrieval.encoder import PAD_MULTIPLE, model_dir
+
+    words = ["the", "river", "city", "king", "ocean", "music"]
+    # Token counts (with [CLS] and [SEP]) on both sides of the padding multiples, a repeat, and
+    # texts longer than the encoder's max_length (truncated to it).
+    counts = [3, 15, 16, 17, 31, 32, 33, 16, 47, 255, 256, 257, 400, 17]
+    texts = [
+        " ".join(words[(i + j) % len(words)] for j in range(n - 2)) for i, n in enumerate(counts)
+    ]
+    texts.append(texts[2])  # the same text twice in one call
+    enc = QueryEncoder(batch_size=4)  # its own memo; groups of up to 4 rows
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir(enc.name)))
+    model = AutoModel.from_pretrained(str(model_dir(enc.name)), dtype=torch.float32).eval()
+    assert [len(tokenizer(t)["input_ids"]) for t in texts[:-1]] == counts
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = []
+        for text in texts:
+            n = len(tokenizer(text, truncation=True, max_length=enc.max_length)["input_ids"])
+            padded = min(enc.max_length, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
+            inputs = tokenizer(
+                [text], padding="max_length", truncation=True, max_length=padded,
+                return_tensors="pt",
+            )  # fmt: skip
+            with torch.inference_mode():
+                states = model(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            alone.append(torch.nn.functional.normalize(pooled, p=2.0, dim=-1)[0].numpy())
+    finally:
+        torch.set_num_threads(threads)
+    together = enc.encode(texts)
+    np.testing.assert_array_equal(together, np.stack(alone))
+    # Other batch compositions (one group per padded length, reversed order) change nothing.
+    regrouped = QueryEncoder(batch_size=64).encode(texts[::-1])
+    np.testing.assert_array_equal(regrouped, together[::-1])
+
+
 def test_default_index_is_real_wikipedia_built_once_and_reused() -> None:
     kb = default_index(show_progress=False)
     assert kb.path == default_index_path()
