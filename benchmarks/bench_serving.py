@@ -15,12 +15,15 @@ start ONE ``ralmspec-vllm serve`` subprocess on 127.0.0.1 (OS-chosen port) with 
    Requests stream (``stream=true``), so TTFT is the first verified text. ``/metrics`` is
    scraped before and after each (cell, method) and the ``ralmspec_*`` histograms diffed:
    retriever RPCs, callers and queries merged per RPC, batch waits, verification sizes.
-3. identity: every answer must equal the baseline's answer to the same question. Each
-   (cell, method) gets its OWN fresh questions, because the server's prefix cache would
-   otherwise hand the second method the first one's KV blocks; baseline answers for the
-   questions only other methods timed come from an untimed reference pass at the end.
-   (``--shared-questions``: one question set per cell for all methods, fair only with the
-   server's prefix cache off; per-method sets make the question mix a source of noise.)
+3. identity: every answer must equal the baseline's answer to the same question. By default
+   (``--shared-questions``) every method of a cell answers the SAME questions, and the
+   server's caches are emptied before each (cell, method) with ``POST /reset_prefix_cache``
+   (vLLM's prefix cache and the document-token cache; retried until vLLM confirms, an error
+   if it never does), so no method finds KV blocks another method left and all start
+   equally cold, with prefix caching on. ``--no-shared-questions`` is the older mode: each
+   (cell, method) gets its OWN fresh questions and no reset; baseline answers for questions
+   only other methods timed come from an untimed reference pass at the end. Its per-method
+   question mix moved results by about +-10% on the 2-core CPU.
 
 ``--time-budget-s`` stops starting requests once spent (in-flight ones finish, later cells
 are skipped, the reference pass still runs); rows are written after every cell. Results:
@@ -84,10 +87,10 @@ class ServingConfig:
     """Knowledge-base folder for the server; ``None``: the server's default index."""
     filler: int | None = None
     """Grow the index with synthetic filler to this many documents (built once, cached)."""
-    shared_questions: bool = False
+    shared_questions: bool = True
     """All methods of a cell answer the SAME questions (identity checked directly, no
-    reference pass); methods after the first then find its KV blocks in the server's prefix
-    cache, so pair it with ``--server-arg=--no-enable-prefix-caching`` for fair timings."""
+    reference pass), the server's caches reset before each (cell, method); ``False``: fresh
+    questions per (cell, method), no reset, and an untimed baseline reference pass."""
     max_tokens: int = 128
     warmup: int = 2
     """Untimed requests per method before the first cell."""
@@ -191,6 +194,8 @@ async def measure(
             if time.monotonic() >= deadline:
                 skipped.append(f"{method} c={conc} rate={rate}")
                 continue
+            if cfg.shared_questions:
+                await session.reset_prefix_cache()
             await session.cell(conc, rate, method, jobs, deadline)
             if save is not None:
                 save(session.rows)
@@ -287,7 +292,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--index", "index", {"help": "knowledge-base folder for the server"}),
     ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
     ("--shared-questions", "shared_questions",
-     {"action": argparse.BooleanOptionalAction, "help": "same questions for every method"}),
+     {"action": argparse.BooleanOptionalAction,
+      "help": "same questions for every method, server caches reset before each (default); "
+              "--no-shared-questions: fresh questions per method, no reset"}),
     ("--max-tokens", "max_tokens", {"type": int, "help": "max_tokens per request"}),
     ("--warmup", "warmup", {"type": int, "help": "untimed requests per method"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting requests"}),

@@ -5,7 +5,10 @@ baseline answers seen so far (``reference``). ``cell`` times one (cell, method):
 ``/metrics``, run the requests closed-loop or Poisson (progress every 30 s), scrape again,
 build the row (``serving_report.cell_row``) and refresh every row's identity check.
 ``reference_pass`` fetches, untimed, the baseline answers of questions that only other
-methods were timed on. ``ralm_options`` maps a method name onto the request's ``ralm`` field.
+methods were timed on. ``reset_prefix_cache`` empties the server's caches (``POST
+/reset_prefix_cache``) before a cell, retrying while the last cell's requests still hold KV
+blocks; the next row records that it ran (``prefix_cache_reset``). ``ralm_options`` maps a
+method name onto the request's ``ralm`` field.
 """
 
 from __future__ import annotations
@@ -65,6 +68,27 @@ class Session:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     records: dict[int, list[RequestRecord]] = dataclasses.field(default_factory=dict)
     reference: dict[str, str] = dataclasses.field(default_factory=dict)
+    api_key: str = "unused"
+    _reset: bool = False
+    """A reset ran since the last cell (recorded in the next row)."""
+
+    async def reset_prefix_cache(self, timeout_s: float = 60.0) -> None:
+        """Empty the server's prefix cache; ``RuntimeError`` if vLLM never confirms."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=self.url, timeout=30.0) as http:
+            while True:
+                reply = await http.post("/reset_prefix_cache", headers=headers)
+                reply.raise_for_status()
+                if reply.json().get("reset") is True:
+                    self._reset = True
+                    return
+                if time.monotonic() >= deadline:
+                    msg = f"the server did not reset its prefix cache within {timeout_s:.0f} s"
+                    raise RuntimeError(msg)
+                await asyncio.sleep(0.25)
 
     async def run(self, jobs: list[Job], width: int, deadline: float) -> list[RequestRecord]:
         """Untimed helper: ``jobs`` at ``width`` in flight."""
@@ -108,6 +132,7 @@ class Session:
         row = cell_row(
             self.base, conc, rate, method, ralm_options(method), summary, batch_stats(before, after)
         )
+        row["prefix_cache_reset"], self._reset = self._reset, False
         self.records[len(self.rows)] = records
         self.rows.append(row)
         if method == "baseline":

@@ -3,9 +3,12 @@
 The smoke test builds a 40-passage knowledge base from a JSONL corpus, writes a question file
 and runs the benchmark's CLI (tiny random-weight Llama, exact flat retrieval, concurrency 1
 and 2, baseline vs the server's default RaLMSpec vs preset B, 2 requests per cell, a short
-answer limit), with server flags given both ways (``--server-arg=...`` and after ``--``). It
-checks the result file's shape, that every answer equals the baseline's and that the
-server-side batching numbers were scraped, not any timing. The unit tests cover the config,
+answer limit), with server flags given both ways (``--server-arg=...`` and after ``--``), in
+the default mode (shared questions, the server's prefix cache reset before every cell and
+confirmed by vLLM). A smaller run covers ``--no-shared-questions`` (fresh questions per
+method, the untimed reference pass). Both check the result file's shape, that every answer
+equals the baseline's and that the server-side batching numbers were scraped, not any
+timing. The unit tests cover the config,
 the identity check and the metric diff on hand-made inputs.
 """
 
@@ -63,12 +66,16 @@ def test_config_flags_and_method_options() -> None:
 def test_question_pool_sizes(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"question": f"q{i}"}) + "\n" for i in range(50)))
-    cfg = ServingConfig(concurrency=(1, 4), questions_file=str(path), warmup=1)
+    cfg = ServingConfig(
+        concurrency=(1, 4), questions_file=str(path), warmup=1, shared_questions=False
+    )
     assert len(question_pool(cfg)) == 1 + (4 + 8) * 2  # fresh questions per method
-    shared = ServingConfig(concurrency=(1, 4), questions_file=str(path), shared_questions=True)
+    shared = ServingConfig(concurrency=(1, 4), questions_file=str(path))
+    assert shared.shared_questions  # the default
     assert len(question_pool(shared)) == 2 + 4 + 8  # one set per cell
-    short = ServingConfig(concurrency=(64,), questions_file=str(path))
+    short = ServingConfig(concurrency=(64,), questions_file=str(path), shared_questions=False)
     assert len(question_pool(short)) == 2 + 128 * 2  # recycled
+    assert not parse_args(["--no-shared-questions"]).shared_questions
 
 
 def test_identity_check_and_in_flight_count() -> None:
@@ -125,7 +132,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
     meta, rows = data["meta"], data["rows"]
     assert meta["all_outputs_identical"] is True and meta["skipped_cells"] == []
     assert "--max-doc-tokens" in meta["server"]["argv"]
-    assert meta["reference_pass"]["questions"] == 8  # ralmspec + B questions, 2 cells x 2
+    assert meta["reference_pass"]["questions"] == 0  # shared questions: checked directly
     assert [(r["concurrency"], r["method"]) for r in rows] == [
         (1, "baseline"), (1, "ralmspec"), (1, "B"), (2, "ralmspec"), (2, "B"), (2, "baseline"),
     ]  # fmt: skip
@@ -144,6 +151,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         ):
             assert row[key] is not None, key  # fmt: skip
         assert row["outputs_identical"] is True and row["num_checked"] == 2
+        assert row["prefix_cache_reset"] is True  # vLLM confirmed the reset before the cell
         assert row["num_requests"] == 2 and row["failed"] == 0
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
@@ -151,3 +159,25 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
     by = {(r["concurrency"], r["method"]): r for r in rows}
     assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0
     assert by[(2, "baseline")]["speedup_vs_baseline"] == 1.0
+
+
+@pytest.mark.vllm
+def test_bench_serving_fresh_questions_per_method(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    argv = ["--model", "tiny-llama", "--concurrency", "1", "--methods", "baseline,B"]
+    argv += ["--questions", str(tiny_world["questions"]), "--index", str(tiny_world["kb"])]
+    argv += ["--requests-per-cell", "2", "--max-tokens", "8", "--warmup", "0"]
+    argv += ["--out-dir", str(tmp_path), "--name", "fresh", "--log-level", "WARNING"]
+    argv += ["--no-plot", "--no-shared-questions", "--server-arg=--max-model-len=1024"]
+    argv += ["--server-arg=--max-doc-tokens=64"]
+    assert main(argv) == 0
+    data = read_results(tmp_path / "fresh.json")
+    meta, rows = data["meta"], data["rows"]
+    assert meta["all_outputs_identical"] is True
+    assert meta["reference_pass"]["questions"] == 2  # B's own questions, answered untimed
+    assert [r["method"] for r in rows] == ["baseline", "B"]
+    assert len({q["id"] for q in meta["questions"]}) == 4  # 2 fresh questions per method
+    for row in rows:
+        assert row["outputs_identical"] is True and row["num_checked"] == 2
+        assert row["prefix_cache_reset"] is False
