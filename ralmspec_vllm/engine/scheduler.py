@@ -38,24 +38,29 @@ chunk, and reports no cached-token count for resumed chunks; here each chunk's
 
 Supported: one KV cache group of full attention, no KV connector, no multimodal input.
 ``SCHEDULER_CLS`` picks the ``Scheduler`` or ``AsyncScheduler`` twin per engine config
-(async scheduling is off on CPU, on for GPUs).
+(async scheduling is off on CPU, on for GPUs). vLLM's classes come from the version gate
+(``version.load_scheduler_api``), which checks the installed release on import.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any
-
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.metrics.stats import PrefillStats
-from vllm.v1.request import Request, RequestStatus, StreamingUpdate
+from typing import Any, TypeAlias
 
 from ralmspec_vllm.engine.settings import RALM_KEEP_KEY, RALM_SCHEDULER_CLS, RALM_SESSION_KEY
+from ralmspec_vllm.engine.version import load_scheduler_api
 
 logger = logging.getLogger(__name__)
+
+_api = load_scheduler_api()  # version check; the base classes are needed right here
+Scheduler: Any = _api.Scheduler
+AsyncScheduler: Any = _api.AsyncScheduler
+RequestStatus: Any = _api.RequestStatus
+Request: TypeAlias = Any
+"""``vllm.v1.request.Request`` (vLLM classes are typed ``Any`` here, as in ``version``)."""
+StreamingUpdate: TypeAlias = Any
+"""``vllm.v1.request.StreamingUpdate``."""
 
 SCHEDULER_CLS = RALM_SCHEDULER_CLS
 """Qualified name for ``EngineConfig.scheduler_cls`` / ``--scheduler-cls``."""
@@ -87,7 +92,7 @@ class RaLMSchedulerMixin:
         managers = self.kv_cache_manager.coordinator.single_type_managers
         if self.connector is not None or len(managers) != 1:
             raise ValueError("the RaLM scheduler needs one full-attention KV group, no connector")
-        if type(managers[0]) is not FullAttentionManager:
+        if type(managers[0]) is not _api.FullAttentionManager:
             raise ValueError(f"the RaLM scheduler needs full attention, got {type(managers[0])}")
         if managers[0].block_pool.hash_block_size != managers[0].block_size:
             raise ValueError("the RaLM scheduler needs prefix-cache hashes per KV block")
@@ -137,16 +142,14 @@ class RaLMSchedulerMixin:
         session.arrival_time = update.arrival_time
         # Report the KV this resume reuses as the chunk's cached tokens. With no KV left,
         # the waiting path fills these stats from its prefix-cache lookup instead.
-        session.prefill_stats = PrefillStats()
+        session.prefill_stats = _api.PrefillStats()
         if session.num_computed_tokens:
             session.prefill_stats.set(session.num_prompt_tokens, session.num_computed_tokens, 0)
         if session.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
             self.num_waiting_for_streaming_input -= 1
         session.status = RequestStatus.WAITING
         if self.log_stats:
-            from vllm.v1.engine import EngineCoreEventType
-
-            session.record_event(EngineCoreEventType.QUEUED)
+            session.record_event(_api.EngineCoreEventType.QUEUED)
 
     # -- rewinding ----------------------------------------------------------------------------
 
@@ -204,7 +207,8 @@ class RaLMSchedulerMixin:
             req_id, request = self._paused.popitem(last=False)
             if (
                 request is needy
-                or self.requests.get(req_id) is not request
+                or req_id not in self.requests  # finished since it paused
+                or self.requests[req_id] is not request
                 or request.status != RequestStatus.WAITING_FOR_STREAMING_REQ
                 or request.num_output_placeholders > 0
             ):

@@ -1,11 +1,12 @@
 """The vLLM version gate and the one place that imports vLLM by module path.
 
-Every other module of ``ralmspec_vllm.engine`` gets vLLM classes from :func:`load_vllm`, so
-when vLLM moves a class between releases only this file changes. :func:`load_vllm` first
-applies the process settings (``settings.apply_process_settings``: thread counts, offline
-mode, ...) because vLLM reads several of them at import time, then checks the installed
-version against :data:`SUPPORTED_SERIES` and raises :class:`UnsupportedVllmError` with the
-fix when it does not match.
+Every other module of ``ralmspec_vllm.engine`` gets vLLM classes from :func:`load_vllm` (the
+front end) or :func:`load_scheduler_api` (the scheduler hook, in the engine-core process), so
+when vLLM moves a class between releases only this file changes. Before importing vLLM, both
+check the installed version against :data:`SUPPORTED_SERIES` (raising
+:class:`UnsupportedVllmError` with the fix when it does not match) and apply the process
+settings (``settings.apply_process_settings``: thread counts, offline mode, ...), which vLLM
+reads at import time.
 """
 
 from __future__ import annotations
@@ -73,11 +74,37 @@ class VllmApi:
     RequestOutput: Any
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerApi:
+    """The vLLM classes the scheduler hook (``engine.scheduler``) subclasses and uses.
+
+    Loaded in vLLM's engine-core process, where the hook runs: it leaves out the front-end
+    classes of :class:`VllmApi` (``AsyncLLM`` and its imports).
+    """
+
+    version: str
+    Scheduler: Any
+    """``vllm.v1.core.sched.scheduler.Scheduler`` (async scheduling off: CPU)."""
+    AsyncScheduler: Any
+    """``vllm.v1.core.sched.async_scheduler.AsyncScheduler`` (async scheduling on: GPU)."""
+    FullAttentionManager: Any
+    PrefillStats: Any
+    RequestStatus: Any
+    EngineCoreEventType: Any
+
+
+@functools.cache
+def _checked_version() -> str:
+    """Check the installed version, then apply the process settings (once per process)."""
+    version = check_vllm_version()
+    apply_process_settings()
+    return version
+
+
 @functools.cache
 def load_vllm() -> VllmApi:
     """Apply the process settings, check the version, import vLLM (once per process)."""
-    version = check_vllm_version()
-    apply_process_settings()
+    version = _checked_version()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
     from vllm.outputs import RequestOutput
@@ -96,9 +123,28 @@ def load_vllm() -> VllmApi:
     )
 
 
+@functools.cache
+def load_scheduler_api() -> SchedulerApi:
+    """Check the version and import vLLM's scheduler classes (once per process)."""
+    version = _checked_version()
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.engine import EngineCoreEventType
+    from vllm.v1.metrics.stats import PrefillStats
+    from vllm.v1.request import RequestStatus
+
+    return SchedulerApi(
+        version=version,
+        Scheduler=Scheduler,
+        AsyncScheduler=AsyncScheduler,
+        FullAttentionManager=FullAttentionManager,
+        PrefillStats=PrefillStats,
+        RequestStatus=RequestStatus,
+        EngineCoreEventType=EngineCoreEventType,
+    )
+
+
 def async_scheduler_cls() -> type:
     """vLLM's ``AsyncScheduler`` (the base class for a scheduler hook, see the serving layer)."""
-    load_vllm()
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-
-    return AsyncScheduler
+    return load_scheduler_api().AsyncScheduler
