@@ -108,7 +108,7 @@ class LatencyConfig(OutputConfig):
     depend on its prompt alone (on a GPU, bf16 kernels under prefix caching can flip a
     near-tie token depending on which part of the prompt came from the cache)."""
     dtype: str | None = None
-    """LM dtype (``EngineConfig.dtype``); default: float32 on CPU, bfloat16 on GPU."""
+    """LM dtype (``EngineConfig.dtype``); default: float32 (token identity holds)."""
     faiss_threads: int | None = None
     """FAISS OpenMP threads; ``None``: leave the process setting (``OMP_NUM_THREADS``)."""
     flat_impl: str = "faiss"
@@ -294,7 +294,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      {"action": argparse.BooleanOptionalAction, "help": "empty the KV prefix cache per run"}),
     ("--prefix-caching", "prefix_caching",
      {"action": argparse.BooleanOptionalAction, "help": "vLLM prefix caching"}),
-    ("--dtype", "dtype", {"help": "LM dtype (default: float32 on CPU, bfloat16 on GPU)"}),
+    ("--dtype", "dtype", {"help": "LM dtype (default: float32)"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

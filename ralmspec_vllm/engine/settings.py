@@ -108,8 +108,11 @@ class EngineConfig:
     device: Device | None = None
     """``cpu`` or ``cuda``; default: detected (``settings.detect_device``)."""
     dtype: str | None = None
-    """Weights/activations dtype. CPU default ``float32`` (bf16 on CPU breaks the token
-    identity of prefix-cached continuations), GPU default ``bfloat16``."""
+    """Weights/activations dtype; default ``float32`` on every device. bf16 breaks the token
+    identity RaLMSpec promises: a prompt whose head came from the prefix cache can give a
+    different near-tie token than the same prompt computed whole (seen on CPU and on an H200,
+    where ``VLLM_BATCH_INVARIANT=1`` did not help; fp32 held on 185 of 185 GPU questions).
+    ``bfloat16`` is faster and usually, not always, identical."""
     block_size: int | None = None
     """KV block size in tokens: the prefix-cache granularity (only full blocks are reused).
     CPU default 32 (vLLM's CPU default of 128 wastes prefix reuse), GPU default 16."""
@@ -180,7 +183,7 @@ class EngineConfig:
         return replace(
             self,
             device=device,
-            dtype=self.dtype or ("float32" if cpu else "bfloat16"),
+            dtype=self.dtype or "float32",
             block_size=self.block_size or (32 if cpu else 16),
             kv_cache_gib=self.kv_cache_gib or (1 if cpu else None),
             enforce_eager=cpu if self.enforce_eager is None else self.enforce_eager,

@@ -1,4 +1,4 @@
-"""The adapter with GPU defaults (bf16, block size 16, CUDA graphs): skipped without CUDA."""
+"""The adapter with GPU defaults (fp32, block size 16, CUDA graphs): skipped without CUDA."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_gpu_defaults_differ(tmp_path: Path) -> None:
         model=str(tmp_path), device="cuda", gpu_memory_utilization=0.5, extra={"foo": 1}
     ).engine_kwargs()
     assert (kwargs["dtype"], kwargs["block_size"], kwargs["enforce_eager"]) == (
-        "bfloat16",
+        "float32",
         16,
         False,
     )
