@@ -25,6 +25,10 @@ start ONE ``ralmspec-vllm serve`` subprocess on 127.0.0.1 (OS-chosen port) with 
    only other methods timed come from an untimed reference pass at the end. Its per-method
    question mix moved results by about +-10% on the 2-core CPU.
 
+``--repeats N`` runs every cell N times (fresh questions each time, the method order rotating
+on), for a run-to-run spread: rows carry ``repeat`` and the result's ``meta.repeat_summary``
+gives each method's mean, min and max throughput and speedup over the repeats.
+
 ``--time-budget-s`` stops starting requests once spent (in-flight ones finish, later cells
 are skipped, the reference pass still runs); rows are written after every cell. Results:
 ``benchmarks/results/serving_<machine>.json`` (``--name`` to change) and a PNG next to it.
@@ -57,7 +61,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.serving_load import Job
-from benchmarks.serving_report import TABLE_COLUMNS, plot_serving
+from benchmarks.serving_report import TABLE_COLUMNS, plot_serving, repeat_summary
 from benchmarks.serving_server import ServerProcess
 from benchmarks.serving_session import METHODS, Session, ralm_options
 from ralmspec_vllm.paths import cache_dir
@@ -91,6 +95,8 @@ class ServingConfig:
     """All methods of a cell answer the SAME questions (identity checked directly, no
     reference pass), the server's caches reset before each (cell, method); ``False``: fresh
     questions per (cell, method), no reset, and an untimed baseline reference pass."""
+    repeats: int = 1
+    """Times every cell is run (fresh questions each time, methods rotating)."""
     max_tokens: int = 128
     warmup: int = 2
     """Untimed requests per method before the first cell."""
@@ -114,7 +120,7 @@ class ServingConfig:
             raise ValueError("concurrency: give at least one level or a --request-rate")
         if self.questions_file is None and any(d not in DATASETS for d in self.datasets):
             raise ValueError(f"datasets: must be a subset of {sorted(DATASETS)}")
-        for name in ("max_tokens", "requests_per_cell"):
+        for name in ("max_tokens", "requests_per_cell", "repeats"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
@@ -143,7 +149,7 @@ def question_pool(cfg: ServingConfig) -> list[Question]:
     """Enough distinct questions for the warm-up and every (cell, method), interleaved across
     datasets; a short ``--questions`` file is recycled (with a warning)."""
     per_cell = 1 if cfg.shared_questions else len(cfg.methods)
-    needed = cfg.warmup + sum(cfg.cell_size(c) for c, _ in cfg.cells) * per_cell
+    needed = cfg.warmup + sum(cfg.cell_size(c) for c, _ in cfg.cells) * per_cell * cfg.repeats
     if cfg.questions_file is not None:
         pool = load_questions_file(cfg.questions_file)
         if len(pool) < needed:
@@ -185,18 +191,19 @@ async def measure(
     deadline = time.monotonic() + (cfg.time_budget_s or math.inf)
     methods = cfg.ordered_methods
     skipped: list[str] = []
-    for n, (conc, rate) in enumerate(cfg.cells):
+    runs = itertools.product(range(cfg.repeats), cfg.cells)
+    for n, (repeat, (conc, rate)) in enumerate(runs):
         size = cfg.cell_size(conc)
         shared = list(itertools.islice(pool, size)) if cfg.shared_questions else None
         for method in methods[n % len(methods) :] + methods[: n % len(methods)]:
             asked = shared if shared is not None else itertools.islice(pool, size)
             jobs = [Job(q.qid, q.text, method, ralm_options(method)) for q in asked]
             if time.monotonic() >= deadline:
-                skipped.append(f"{method} c={conc} rate={rate}")
+                skipped.append(f"{method} c={conc} rate={rate} repeat={repeat}")
                 continue
             if cfg.shared_questions:
                 await session.reset_prefix_cache()
-            await session.cell(conc, rate, method, jobs, deadline)
+            await session.cell(conc, rate, method, jobs, deadline, repeat)
             if save is not None:
                 save(session.rows)
     if skipped:
@@ -236,6 +243,7 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
 
     def save(rows: list[dict[str, Any]]) -> Path:
         meta["all_outputs_identical"] = all(r["outputs_identical"] is not False for r in rows)
+        meta["repeat_summary"] = repeat_summary(rows)
         return write_results(name, rows, meta, out_dir)
 
     try:
@@ -250,6 +258,7 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
         await asyncio.to_thread(server.stop)
     rows = session.rows
     meta["all_outputs_identical"] = all(r["outputs_identical"] is True for r in rows)
+    meta["repeat_summary"] = repeat_summary(rows)
     path = write_results(name, rows, meta, out_dir)
     if cfg.plot and rows:
         docs = kb_info.get("num_docs")
@@ -295,6 +304,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      {"action": argparse.BooleanOptionalAction,
       "help": "same questions for every method, server caches reset before each (default); "
               "--no-shared-questions: fresh questions per method, no reset"}),
+    ("--repeats", "repeats", {"type": int, "help": "run every cell N times (spread)"}),
     ("--max-tokens", "max_tokens", {"type": int, "help": "max_tokens per request"}),
     ("--warmup", "warmup", {"type": int, "help": "untimed requests per method"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting requests"}),

@@ -3,7 +3,8 @@
 ``cell_row`` joins a cell's client-side summary (``serving_load.summarize``), its server-side
 batching numbers (``serving_server.batch_stats``) and its identity check into one result row;
 ``check_identity`` compares every answer with the baseline's answer to the same question;
-``add_ratios`` adds each row's throughput and p50 relative to the baseline row of its cell;
+``add_ratios`` adds each row's throughput and p50 relative to the baseline row of its cell
+(and repeat); ``repeat_summary`` condenses repeated cells per (cell, method);
 ``plot_serving`` draws throughput, latency, TTFT and retriever batch size against concurrency
 (or request rate).
 """
@@ -81,9 +82,9 @@ def finish_rows(
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``speedup_vs_baseline`` (throughput ratio) and ``p50_vs_baseline`` per cell."""
-    base = {r["cell"]: r for r in rows if r["method"] == "baseline"}
+    base = {(r["cell"], r.get("repeat", 0)): r for r in rows if r["method"] == "baseline"}
     for row in rows:
-        ref = base.get(row["cell"])
+        ref = base.get((row["cell"], row.get("repeat", 0)))
         row["speedup_vs_baseline"] = (
             round(row["throughput_tok_s"] / ref["throughput_tok_s"], 3)
             if ref and ref["throughput_tok_s"]
@@ -92,6 +93,27 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["p50_vs_baseline"] = (
             round(row["p50_s"] / ref["p50_s"], 3) if ref and ref["p50_s"] and row["p50_s"] else None
         )
+
+
+def repeat_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (cell, method): how many repeats, and the mean, min and max of throughput and of
+    the speedup over the same repeat's baseline."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["cell"], row["method"]), []).append(row)
+    out = []
+    for (cell, method), group in groups.items():
+        entry: dict[str, Any] = {"cell": cell, "method": method, "repeats": len(group)}
+        for key in ("throughput_tok_s", "speedup_vs_baseline"):
+            values = [float(r[key]) for r in group if r.get(key) is not None]
+            if values:
+                entry[key] = {
+                    "mean": round(sum(values) / len(values), 3),
+                    "min": min(values),
+                    "max": max(values),
+                }
+        out.append(entry)
+    return out
 
 
 PANELS = (

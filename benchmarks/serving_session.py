@@ -103,7 +103,13 @@ class Session:
         return out
 
     async def cell(
-        self, conc: int | None, rate: float | None, method: str, jobs: list[Job], deadline: float
+        self,
+        conc: int | None,
+        rate: float | None,
+        method: str,
+        jobs: list[Job],
+        deadline: float,
+        repeat: int = 0,
     ) -> None:
         """Time one (cell, method), diff the server's metrics around it, add its row."""
         cfg = self.cfg
@@ -133,6 +139,7 @@ class Session:
             self.base, conc, rate, method, ralm_options(method), summary, batch_stats(before, after)
         )
         row["prefix_cache_reset"], self._reset = self._reset, False
+        row["repeat"] = repeat
         self.records[len(self.rows)] = records
         self.rows.append(row)
         if method == "baseline":

@@ -23,7 +23,7 @@ import pytest
 from benchmarks.bench_serving import ServingConfig, main, parse_args, question_pool
 from benchmarks.common import read_results
 from benchmarks.serving_load import Job, RequestRecord, max_in_flight
-from benchmarks.serving_report import check_identity
+from benchmarks.serving_report import add_ratios, check_identity, repeat_summary
 from benchmarks.serving_server import batch_stats
 from benchmarks.serving_session import ralm_options
 
@@ -76,6 +76,25 @@ def test_question_pool_sizes(tmp_path: Path) -> None:
     short = ServingConfig(concurrency=(64,), questions_file=str(path), shared_questions=False)
     assert len(question_pool(short)) == 2 + 128 * 2  # recycled
     assert not parse_args(["--no-shared-questions"]).shared_questions
+    repeated = ServingConfig(concurrency=(1, 4), questions_file=str(path), repeats=3)
+    assert len(question_pool(repeated)) == 2 + (4 + 8) * 3  # fresh questions per repeat
+    with pytest.raises(ValueError, match="repeats"):
+        ServingConfig(repeats=0)
+
+
+def test_repeat_summary_and_ratios_per_repeat() -> None:
+    rows: list[dict[str, object]] = []
+    for rep, base, spec in ((0, 10.0, 12.0), (1, 20.0, 18.0)):
+        rows.append({"cell": "c=4", "method": "baseline", "repeat": rep,
+                     "throughput_tok_s": base, "p50_s": 1.0})  # fmt: skip
+        rows.append({"cell": "c=4", "method": "ralmspec", "repeat": rep,
+                     "throughput_tok_s": spec, "p50_s": 1.0})  # fmt: skip
+    add_ratios(rows)  # each repeat against its own baseline
+    assert [r["speedup_vs_baseline"] for r in rows] == [1.0, 1.2, 1.0, 0.9]
+    summary = {e["method"]: e for e in repeat_summary(rows)}
+    assert summary["ralmspec"]["repeats"] == 2
+    assert summary["ralmspec"]["speedup_vs_baseline"] == {"mean": 1.05, "min": 0.9, "max": 1.2}
+    assert summary["baseline"]["throughput_tok_s"] == {"mean": 15.0, "min": 10.0, "max": 20.0}
 
 
 def test_identity_check_and_in_flight_count() -> None:
@@ -167,7 +186,7 @@ def test_bench_serving_fresh_questions_per_method(
 ) -> None:
     argv = ["--model", "tiny-llama", "--concurrency", "1", "--methods", "baseline,B"]
     argv += ["--questions", str(tiny_world["questions"]), "--index", str(tiny_world["kb"])]
-    argv += ["--requests-per-cell", "2", "--max-tokens", "8", "--warmup", "0"]
+    argv += ["--requests-per-cell", "2", "--max-tokens", "8", "--warmup", "0", "--repeats", "2"]
     argv += ["--out-dir", str(tmp_path), "--name", "fresh", "--log-level", "WARNING"]
     argv += ["--no-plot", "--no-shared-questions", "--server-arg=--max-model-len=1024"]
     argv += ["--server-arg=--max-doc-tokens=64"]
@@ -175,9 +194,12 @@ def test_bench_serving_fresh_questions_per_method(
     data = read_results(tmp_path / "fresh.json")
     meta, rows = data["meta"], data["rows"]
     assert meta["all_outputs_identical"] is True
-    assert meta["reference_pass"]["questions"] == 2  # B's own questions, answered untimed
-    assert [r["method"] for r in rows] == ["baseline", "B"]
-    assert len({q["id"] for q in meta["questions"]}) == 4  # 2 fresh questions per method
+    assert meta["reference_pass"]["questions"] == 4  # B's own questions, answered untimed
+    assert [(r["repeat"], r["method"]) for r in rows] == [
+        (0, "baseline"), (0, "B"), (1, "B"), (1, "baseline"),
+    ]  # fmt: skip
+    assert len({q["id"] for q in meta["questions"]}) == 8  # fresh per method and repeat
+    assert [e["repeats"] for e in meta["repeat_summary"]] == [2, 2]
     for row in rows:
         assert row["outputs_identical"] is True and row["num_checked"] == 2
         assert row["prefix_cache_reset"] is False
