@@ -32,6 +32,14 @@ paused sessions could hold the KV cache that running requests need. The KV manag
 session is *spilled* (blocks freed, hashed ones stay in the prefix cache) and the
 allocation is retried. A spilled session resumes through the prefix cache.
 
+Async scheduling (vLLM's default on GPUs; the step after the current one is scheduled
+before the current one's tokens are known): a chunk that stops on EOS or a stop token has its
+next step in flight. vLLM 0.26 would apply that stale step to the paused session (its token
+leaked into the chunk, and a second stop condition paused the session twice, leaving the
+engine one unfinished request short: the next lone request was never scheduled). Here a
+session that pauses with output placeholders drops those frames when they come back
+(``async_tokens_to_discard``, vLLM's own mechanism for requests preempted mid-step).
+
 Also fixed for RaLM sessions: vLLM keeps the first chunk's ``max_tokens`` for every later
 chunk, and reports no cached-token count for resumed chunks; here each chunk's
 ``max_tokens`` applies and ``num_cached_tokens`` is the KV the resume reused.
@@ -76,6 +84,11 @@ def is_ralm_session(request: Request) -> bool:
     return bool(_extra(request.sampling_params).get(SESSION_KEY))
 
 
+def _in_flight(request: Request) -> bool:
+    """Whether an async-scheduling step of ``request`` has not come back yet."""
+    return bool(request.num_output_placeholders > 0 or request.async_tokens_to_discard > 0)
+
+
 class RaLMSchedulerMixin:
     """Rewind on resume, spill under memory pressure; mixed into vLLM's schedulers."""
 
@@ -115,6 +128,16 @@ class RaLMSchedulerMixin:
 
     def _handle_stopped_request(self, request: Request) -> bool:
         finished: bool = super()._handle_stopped_request(request)  # type: ignore[misc]
+        if not finished and request.num_output_placeholders > 0:
+            # Async scheduling: the session stopped (EOS, stop token) while its next step
+            # was already scheduled. That step's output is stale; left as is, it would be
+            # appended to the paused (or resumed) session, and if it also met a stop
+            # condition the session would be paused twice, counting it twice in
+            # num_waiting_for_streaming_input: the engine then undercounts its unfinished
+            # requests and stops scheduling (a hang). Drop it as vLLM drops the stale
+            # frames of requests preempted by reset_prefix_cache.
+            request.async_tokens_to_discard += request.num_output_placeholders
+            request.num_output_placeholders = 0
         if (
             not finished
             and request.status == RequestStatus.WAITING_FOR_STREAMING_REQ
@@ -156,7 +179,7 @@ class RaLMSchedulerMixin:
     def _rewind(self, request: Request, keep: int) -> None:
         """Cut a paused session to its first ``keep`` tokens (see the module docstring)."""
         computed = request.num_computed_tokens
-        if request.num_output_placeholders > 0:
+        if _in_flight(request):
             # Async scheduling: a step is still in flight for this request; its KV position
             # is uncertain, so keep no KV at all (recomputed through the prefix cache).
             logger.warning("%s resumed with a step in flight", request.request_id)
@@ -210,7 +233,7 @@ class RaLMSchedulerMixin:
                 or req_id not in self.requests  # finished since it paused
                 or self.requests[req_id] is not request
                 or request.status != RequestStatus.WAITING_FOR_STREAMING_REQ
-                or request.num_output_placeholders > 0
+                or _in_flight(request)
             ):
                 continue
             computed = request.num_computed_tokens

@@ -5,6 +5,10 @@ One engine for this module: the tiny random-weight Llama with the hook and a sma
 resubmitted requests (``base``: the hook leaves them alone), which are the reference.
 Session groups follow the core's request-id scheme (``<group>#<n>``). Every test uses
 prompts from its own seed so prefix-cache counts are not disturbed by other tests.
+
+A second engine runs the hook under *async scheduling* (``RaLMAsyncScheduler``), vLLM's
+default on GPUs: vLLM's CPU platform turns it off, so that engine's config is built with the
+platform's override undone (vLLM's uniprocess executor supports it on CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -52,6 +57,30 @@ async def hooked(tiny_model_dir: Path) -> AsyncIterator[SessionLanguageModel]:
 @pytest.fixture
 def base(hooked: SessionLanguageModel) -> VllmLanguageModel:
     return hooked.base
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def async_hooked(tiny_model_dir: Path) -> AsyncIterator[SessionLanguageModel]:
+    """The hook on an engine with async scheduling (one step of lookahead, as on GPUs)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    cpu_defaults = CpuPlatform.check_and_update_config
+
+    def keep_async_scheduling(cls: type, vllm_config: Any) -> None:
+        cpu_defaults(vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    config = EngineConfig(
+        model=str(tiny_model_dir), seed=0, extra={"num_gpu_blocks_override": NUM_BLOCKS}
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CpuPlatform, "check_and_update_config", classmethod(keep_async_scheduling))
+        lm = await SessionLanguageModel.create(config, sessions=SessionConfig(max_sessions=16))
+    assert lm.engine.vllm_config.scheduler_config.async_scheduling
+    try:
+        yield lm
+    finally:
+        await lm.shutdown(30)
 
 
 async def test_continuation_matches_one_generation_and_reuses_all_kv(
@@ -220,3 +249,53 @@ async def test_stop_token_finishes_and_closes_the_session(
     await stopping.shutdown()  # a view: the engine keeps running
     assert len((await hooked.generate(prompt, 2, "alive#1")).token_ids) == 2
     await hooked.release("alive")
+
+
+async def test_async_scheduling_stop_one_token_before_the_limit(
+    async_hooked: SessionLanguageModel,
+) -> None:
+    """Async scheduling: when a chunk stops on a stop token, its next step is already in
+    flight. With the stop one token before ``max_tokens``, that stale step used to reach
+    the limit: its token leaked into the chunk (which then looked length-capped, so RaLM
+    went on past the stop) and the session was paused twice. Once closed, vLLM counted one
+    unfinished request too few and never scheduled a lone request again (the GPU hang)."""
+    lm = async_hooked
+    prompt = random_prompt(11, 64)
+    free = (await lm.base.generate(prompt, 12, "async-free")).token_ids
+    stop_at = next(i for i in range(3, 11) if free[i] not in free[:i])
+    stopping = lm.with_stop_token_ids([free[stop_at]])
+    out = await asyncio.wait_for(stopping.generate(prompt, stop_at + 2, "astop#1"), 60)
+    assert list(out.token_ids) == list(free[: stop_at + 1])
+    assert out.finished
+    await stopping.shutdown()  # closes the session if it is still open
+    for g in range(2):  # each request alone in the engine: a new session, then a resume
+        context = random_prompt(12 + g, 50)
+        first = await asyncio.wait_for(lm.generate(context, 4, f"alone{g}#1"), 60)
+        context += first.token_ids
+        resumed = await asyncio.wait_for(lm.generate(context, 4, f"alone{g}#2"), 60)
+        reference = await asyncio.wait_for(lm.base.generate(context, 4, f"alone-ref{g}"), 60)
+        assert resumed.token_ids == reference.token_ids
+        await lm.release(f"alone{g}")
+
+
+async def test_async_scheduling_concurrent_ralm_requests_match_the_baseline(
+    async_hooked: SessionLanguageModel,
+) -> None:
+    """Two RaLM requests at once on the async-scheduling hook (sessions paused, resumed and
+    rewound side by side) give the resubmission baseline's tokens."""
+    lm = async_hooked
+    retriever = ScriptedRetriever(forced(lambda step: step % 3 == 2), doc_length=40)
+    questions = ["who wrote the novel about the white whale", "where do the whales sing"]
+    reference = RaLMEngine(lm.base, lm.tokenizer, retriever, CONFIG)
+    expected = [await reference.generate(q, "baseline") for q in questions]
+    retriever.freeze()
+    engine = RaLMEngine(lm, lm.tokenizer, retriever, CONFIG)
+    before = lm.stats
+    for spec in CONFIGS[:2]:
+        runs = [engine.generate(q, "ralmspec", speculation=spec) for q in questions]
+        results = await asyncio.wait_for(asyncio.gather(*runs), 120)
+        for result, want in zip(results, expected, strict=True):
+            assert result.token_ids == want.token_ids, spec.label
+        assert sum(r.trace.rollbacks for r in results) >= 2
+    assert lm.open_sessions == 0
+    assert lm.stats.rewound > before.rewound
