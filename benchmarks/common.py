@@ -132,7 +132,15 @@ class GitState:
 
 
 def git_state(repo: Path = REPO_ROOT) -> GitState:
-    """HEAD's sha and whether the tracked tree is modified (``unknown`` outside a checkout)."""
+    """HEAD's sha and whether the tracked tree is modified.
+
+    A snapshot (``benchmarks/gpu/snapshot.sh``: ``git archive`` + a ``COMMIT`` file) is not a
+    checkout of its own; inside another checkout git would report that one's HEAD, so the
+    ``COMMIT`` file wins. ``unknown`` outside any checkout.
+    """
+    commit_file = repo / "COMMIT"
+    if commit_file.is_file():
+        return GitState(commit_file.read_text().strip(), False)
 
     def git(*args: str) -> str:
         done = subprocess.run(

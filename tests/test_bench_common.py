@@ -87,6 +87,15 @@ def test_format_table_aligns_columns() -> None:
     assert len({len(line) for line in lines}) == 1  # right-aligned numbers: equal widths
 
 
+def test_git_state_of_a_snapshot_reads_its_commit_file(tmp_path: Path) -> None:
+    # A snapshot inside another checkout must not report that checkout's HEAD.
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "COMMIT").write_text("ab" * 20 + "\n")
+    assert git_state(snap) == type(git_state(snap))("ab" * 20, False)
+    assert git_state(tmp_path).sha == "unknown"  # no checkout, no COMMIT file
+
+
 def test_metadata_and_results_round_trip(tmp_path: Path) -> None:
     machine = describe_machine()
     assert machine.cpu_cores >= 1 and machine.cpu_model
