@@ -53,9 +53,10 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_serving.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    DEFAULT_OUT_DIR,
+    OutputConfig,
     describe_machine,
     format_table,
+    output_flags,
     parse_config,
     run_metadata,
     write_results,
@@ -71,8 +72,9 @@ logger = logging.getLogger("bench_serving")
 
 
 @dataclass(frozen=True)
-class ServingConfig:
-    """What ``bench_serving`` measures and how (one field per CLI flag)."""
+class ServingConfig(OutputConfig):
+    """What ``bench_serving`` measures and how (one field per CLI flag); ``name`` (from
+    ``OutputConfig``) defaults to ``serving_<machine>``."""
 
     model: str = "smollm2-135m"
     """Passed to the server's ``--model`` (built-in name or model directory)."""
@@ -106,10 +108,6 @@ class ServingConfig:
     """Extra ``ralmspec-vllm serve`` flags (retriever backend, ``--max-num-seqs``, ...)."""
     ready_timeout_s: float = 3600.0
     seed: int = 0
-    out_dir: str = str(DEFAULT_OUT_DIR)
-    name: str | None = None
-    """Result file stem; ``None``: ``serving_<machine>``."""
-    plot: bool = True
 
     def __post_init__(self) -> None:
         if not self.methods or any(m not in METHODS for m in self.methods):
@@ -312,9 +310,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
      {"action": _Append, "help": "extra serve flag, repeatable (--server-arg=--max-num-seqs=16)"}),
     ("--ready-timeout-s", "ready_timeout_s", {"type": float, "help": "server start-up limit"}),
     ("--seed", "seed", {"type": int, "help": "engine and arrival seed"}),
-    ("--out-dir", "out_dir", {"help": "results folder"}),
-    ("--name", "name", {"help": "result file stem (default: serving_<machine>)"}),
-    ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
+    *output_flags("serving_<machine>"),
 )  # fmt: skip
 QUICK: dict[str, Any] = {
     "model": "tiny-llama",

@@ -26,21 +26,7 @@ from benchmarks.serving_load import Job, RequestRecord, max_in_flight
 from benchmarks.serving_report import add_ratios, check_identity, repeat_summary
 from benchmarks.serving_server import batch_stats
 from benchmarks.serving_session import ralm_options
-
-WORDS = [
-    "river",
-    "mountain",
-    "king",
-    "queen",
-    "city",
-    "battle",
-    "music",
-    "painter",
-    "novel",
-    "ocean",
-    "island",
-    "war",
-]
+from tests.corpus_fixtures import WORDS, build_tiny_kb
 
 
 def record(qid: str, text: str, start: float = 0.0, error: str = "") -> RequestRecord:
@@ -122,20 +108,14 @@ def test_batch_stats_diffs_histograms() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from ralmspec_vllm.retrieval.kb import build_index
-
     root = tmp_path_factory.mktemp("serving")
     rng = np.random.default_rng(7)
-    with (root / "corpus.jsonl").open("w") as f:
-        for i in range(40):
-            text = " ".join(rng.choice(WORDS, size=30))
-            f.write(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": text}) + "\n")
+    kb = build_tiny_kb(root, rng)
     with (root / "questions.jsonl").open("w") as f:
         for i in range(13):
             words = " ".join(rng.choice(WORDS, size=5))
             f.write(json.dumps({"question": f"who {words}", "id": f"q{i}"}) + "\n")
-    build_index(root / "kb", sources=(), corpus=root / "corpus.jsonl", show_progress=False)
-    return {"kb": root / "kb", "questions": root / "questions.jsonl"}
+    return {"kb": kb, "questions": root / "questions.jsonl"}
 
 
 @pytest.mark.vllm
