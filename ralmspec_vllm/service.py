@@ -33,7 +33,6 @@ from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
 from ralmspec_vllm.core.cache import QueryEncoder
 from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
-from ralmspec_vllm.core.prompt import DocumentTokenCache
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
 from ralmspec_vllm.retrieval.base import AsyncRetriever
@@ -300,9 +299,7 @@ class RaLMService:
         blocks, or when the LM has no vLLM engine; the document cache is emptied anyway.
         """
         old = self.engine.doc_tokens
-        self.engine.doc_tokens = DocumentTokenCache(
-            old.retriever, old.tokenizer, old.max_doc_tokens, old.capacity
-        )  # running requests keep the old cache object; new ones start empty
+        self.engine.doc_tokens = old.emptied()  # running requests keep the old cache object
         vllm_engine = getattr(self.engine.lm, "engine", None)
         if vllm_engine is None:
             logger.warning("prefix-cache reset: the LM has no vLLM engine")

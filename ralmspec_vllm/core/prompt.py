@@ -101,6 +101,13 @@ class DocumentTokenCache:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def emptied(self) -> DocumentTokenCache:
+        """A new, empty cache with the same retriever, tokenizer, cap and capacity (this one
+        is left as it is, for requests that still hold it)."""
+        return DocumentTokenCache(
+            self.retriever, self.tokenizer, self.max_doc_tokens, self.capacity
+        )
+
     def __contains__(self, doc_id: int) -> bool:
         return doc_id in self._tokens
 

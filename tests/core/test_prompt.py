@@ -43,6 +43,11 @@ async def test_document_tokens_fetched_once_and_capped() -> None:
     assert a2 == a and latency2 == 0.0 and kb.document_calls == 1
     await cache.get([3])  # capacity 2: least recently used (2) goes
     assert 2 not in cache and 1 in cache and len(cache) == 2
+    fresh = cache.emptied()  # same settings, no entries; the old cache keeps its own
+    assert len(fresh) == 0 and len(cache) == 2
+    (c,), _ = await fresh.get([1])
+    assert c == a and kb.document_calls == 3  # fetched again, capped at the same 10 tokens
+    assert fresh.capacity == 2 and fresh.retriever is kb
 
 
 async def test_missing_document_is_an_error() -> None:
