@@ -239,8 +239,11 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
         "log": str(log_path),
     }
 
-    def save(rows: list[dict[str, Any]]) -> Path:
-        meta["all_outputs_identical"] = all(r["outputs_identical"] is not False for r in rows)
+    def save(rows: list[dict[str, Any]], final: bool = False) -> Path:
+        """Write the rows so far; ``final``: an answer never checked counts as not identical
+        (while running, ``None`` only means its reference answer has not come yet)."""
+        checked = [r["outputs_identical"] for r in rows]
+        meta["all_outputs_identical"] = all(v is True if final else v is not False for v in checked)
         meta["repeat_summary"] = repeat_summary(rows)
         return write_results(name, rows, meta, out_dir)
 
@@ -255,9 +258,7 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
     finally:
         await asyncio.to_thread(server.stop)
     rows = session.rows
-    meta["all_outputs_identical"] = all(r["outputs_identical"] is True for r in rows)
-    meta["repeat_summary"] = repeat_summary(rows)
-    path = write_results(name, rows, meta, out_dir)
+    path = save(rows, final=True)
     if cfg.plot and rows:
         docs = kb_info.get("num_docs")
         title = (
