@@ -143,8 +143,3 @@ def load_scheduler_api() -> SchedulerApi:
         RequestStatus=RequestStatus,
         EngineCoreEventType=EngineCoreEventType,
     )
-
-
-def async_scheduler_cls() -> type:
-    """vLLM's ``AsyncScheduler`` (the base class for a scheduler hook, see the serving layer)."""
-    return load_scheduler_api().AsyncScheduler
