@@ -72,6 +72,8 @@ def make_scheduler(config: SpeculationConfig) -> StrideScheduler:
             gamma_max=config.gamma_max,
             max_stride=config.max_speculation_stride,
             asynchronous=config.async_verification,
+            confidence_z=config.gamma_confidence_z,
+            evidence_window=config.gamma_evidence_window,
         )
     return FixedStride(config.speculation_stride)
 

@@ -32,6 +32,9 @@ def test_ralm_config_names_bad_field(kwargs: dict[str, int], field: str) -> None
         ({"window": 0}, "window"),
         ({"gamma_max": 1.0}, "gamma_max"),
         ({"max_speculation_stride": 0}, "max_speculation_stride"),
+        ({"gamma_confidence_z": 0.0}, "gamma_confidence_z"),
+        ({"gamma_confidence_z": "high"}, "gamma_confidence_z"),
+        ({"gamma_evidence_window": 4}, "gamma_evidence_window"),
         ({"async_verification": 1}, "async_verification"),
     ],
 )
@@ -49,9 +52,13 @@ def test_defaults_match_the_paper() -> None:
 
 
 def test_presets_are_the_ablation_rows() -> None:
-    assert sorted(PRESETS) == sorted(["B", "P", "S", "A", "PS", "SA", "PA", "PSA"])
+    paper_rows = ["B", "P", "S", "A", "PS", "SA", "PA", "PSA"]
+    assert sorted(PRESETS) == sorted([*paper_rows, "PSA-PAPER"])
     for name, config in PRESETS.items():
-        assert config.label == name
+        assert config.label == name.removesuffix("-PAPER")
+    paper, ours = PRESETS["PSA-PAPER"], PRESETS["PSA"]
+    assert paper.gamma_confidence_z is None and ours.gamma_confidence_z is not None
+    assert (paper.max_speculation_stride, ours.max_speculation_stride) == (10, 16)
     psa = SpeculationConfig.preset("psa", cache_capacity=64)
     assert psa.prefetch_k == 20 and psa.adaptive and psa.async_verification
     assert psa.cache_capacity == 64

@@ -11,6 +11,7 @@ from ralmspec_vllm.core.stride import (
     choose_stride,
     expected_steps,
     sync_objective,
+    wilson_lower_bound,
 )
 
 
@@ -98,11 +99,58 @@ def test_plain_step_decision_hand_computed(
     assert sched.prefers_plain_step() is plain
 
 
+def test_wilson_lower_bound_against_published_values() -> None:
+    # 27 of 30 at 95%: the Wilson interval is 0.744-0.965 (standard tables).
+    assert wilson_lower_bound(27, 30, 1.96) == pytest.approx(0.7436, abs=5e-4)
+    # by hand at z = 1.28: (0.9 + 0.02731 - 1.28 sqrt(0.003 + 0.000455)) / 1.05461
+    assert wilson_lower_bound(27, 30, 1.28) == pytest.approx(0.8079, abs=5e-4)
+    assert wilson_lower_bound(0, 0, 1.28) == 0.0
+    assert wilson_lower_bound(0, 5, 1.28) == 0.0
+    assert wilson_lower_bound(10, 10, 1.28) == pytest.approx(10 / (10 + 1.28**2))
+
+
+def _feed(sched: OptimalStrideScheduler, rounds: list[tuple[int, bool]]) -> None:
+    sched.record_speculation(0.02)  # exact dense at 21M docs: cheap steps, slow retrieval
+    for matched, mismatched in rounds:
+        sched.record_verification(1.0, matched=matched, mismatched=mismatched)
+
+
+def test_evidence_lifts_gamma_above_the_cap_only_when_it_is_strong() -> None:
+    good = [(9, True), (10, False), (8, True), (10, False)]  # 37 right, 2 wrong: 0.949
+    paper = OptimalStrideScheduler(gamma_max=0.6, max_stride=16, asynchronous=True)
+    ours = OptimalStrideScheduler(
+        gamma_max=0.6, max_stride=16, asynchronous=True, confidence_z=1.28
+    )
+    _feed(paper, good)
+    _feed(ours, good)
+    assert paper.gamma == pytest.approx(0.6)
+    assert ours.gamma == pytest.approx(wilson_lower_bound(37, 39, 1.28))
+    assert ours.gamma > 0.85
+    assert ours.next_stride() > paper.next_stride()
+    assert ours.next_stride() == choose_stride(ours.gamma, 0.02, 1.0, 16, asynchronous=True)
+
+    thin = OptimalStrideScheduler(gamma_max=0.6, confidence_z=1.28)
+    _feed(thin, [(2, False)])  # 2 of 2: lower bound 0.55, below the cap
+    assert thin.gamma == pytest.approx(0.6)
+
+
+def test_evidence_bound_never_exceeds_the_recent_accuracy() -> None:
+    sched = OptimalStrideScheduler(window=2, gamma_max=0.6, confidence_z=1.0, evidence_window=20)
+    _feed(sched, [(10, False)] * 10 + [(1, True), (1, True)])  # long good run, then two misses
+    assert sched.accuracy == pytest.approx(0.5)  # the window holds the two bad rounds
+    assert sched.accuracy_lower_bound is not None and sched.accuracy_lower_bound > 0.9
+    assert sched.gamma == pytest.approx(0.5)  # the bound is cut to the recent accuracy
+
+
 def test_validation() -> None:
     with pytest.raises(ValueError, match="window"):
         OptimalStrideScheduler(window=0)
     with pytest.raises(ValueError, match="gamma_max"):
         OptimalStrideScheduler(gamma_max=1.0)
+    with pytest.raises(ValueError, match="confidence_z"):
+        OptimalStrideScheduler(confidence_z=0.0)
+    with pytest.raises(ValueError, match="evidence_window"):
+        OptimalStrideScheduler(window=5, evidence_window=4)
     with pytest.raises(ValueError, match="stride"):
         FixedStride(0)
     assert FixedStride(3).next_stride() == 3
