@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +109,25 @@ class BuildConfig:
 def default_index_path(config: BuildConfig | None = None) -> Path:
     """Where an index of ``config`` (default: real Wikipedia) lives in the cache dir."""
     return cache_dir("indexes") / (config or BuildConfig()).index_name()
+
+
+def _fill(out: np.ndarray, real: np.ndarray, seed: int) -> Iterator[int]:
+    """Write filler vectors 0..len(out)-1 into ``out``, one chunk per thread; yields rows done.
+
+    Each chunk's rows depend only on (seed, chunk), so the threads (numpy releases the GIL
+    while drawing and normalising) give the same bytes as one loop: 21M rows take ~20 s
+    on 16 cores instead of ~3 minutes.
+    """
+    step = corpus_mod.FILLER_CHUNK
+
+    def one(lo: int) -> int:
+        hi = min(lo + step, len(out))
+        out[lo:hi] = corpus_mod.filler_vectors(real, seed, lo, hi)
+        return hi - lo
+
+    workers = max(1, min(os.cpu_count() or 1, 16))
+    with ThreadPoolExecutor(workers, thread_name_prefix="filler") as pool:
+        yield from pool.map(one, range(0, len(out), step))
 
 
 def _collect(cfg: BuildConfig) -> tuple[list[corpus_mod.Passage], dict[str, int]]:
@@ -209,14 +229,9 @@ def _build_into(tmp: Path, cfg: BuildConfig, show_progress: bool) -> Manifest:
         params["filler_vectors"] = (
             f"normalise(real[r] + {corpus_mod.FILLER_NOISE} * N(0, I) / sqrt(dim))"
         )
-        bar = tqdm(total=n_filler, desc="filler", unit="doc", disable=not show_progress)
-        for lo in range(0, n_filler, corpus_mod.FILLER_CHUNK):
-            hi = min(lo + corpus_mod.FILLER_CHUNK, n_filler)
-            emb[n_real + lo : n_real + hi] = corpus_mod.filler_vectors(
-                real, cfg.filler_seed, lo, hi
-            )
-            bar.update(hi - lo)
-        bar.close()
+        with tqdm(total=n_filler, desc="filler", unit="doc", disable=not show_progress) as bar:
+            for done in _fill(emb[n_real:], real, cfg.filler_seed):
+                bar.update(done)
     emb.flush()
     del emb
     source = " + ".join(

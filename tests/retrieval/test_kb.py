@@ -348,3 +348,12 @@ def test_cli_build_of_a_bad_corpus_fails_and_leaves_nothing(
     assert "bad.jsonl:2: missing field 'text'" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "bad.jsonl"]
     assert main(["index", "build", "--synthetic-filler", "-3", "--out", str(out)]) == 2
+
+
+def test_threaded_filler_fill_matches_the_sequential_vectors() -> None:
+    from ralmspec_vllm.retrieval.build import _fill
+
+    real = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    out = np.zeros((70_000, 8), dtype=np.float32)  # two chunks, the second one partial
+    assert sum(_fill(out, real, 5)) == 70_000
+    np.testing.assert_array_equal(out, filler_vectors(real, 5, 0, 70_000))
