@@ -251,10 +251,8 @@ class SessionLanguageModel:
         )
 
     def _chunk(self, tokens: list[int], max_tokens: int, keep: int | None) -> Any:
-        from vllm.engine.protocol import StreamingInput
-
         prompt = self._api.TokensPrompt(prompt_token_ids=tokens)
-        return StreamingInput(prompt, self._params(max_tokens, keep))
+        return self._api.StreamingInput(prompt, self._params(max_tokens, keep))
 
     async def _open(self, group: str, prompt: list[int], max_tokens: int) -> _Session:
         await self._make_room(group)

@@ -68,10 +68,13 @@ class VllmApi:
     AsyncLLM: Any
     """``vllm.v1.engine.async_llm.AsyncLLM``: the in-process async front end."""
     AsyncEngineArgs: Any
+    """``vllm.engine.arg_utils.AsyncEngineArgs``: engine settings and vLLM's engine CLI flags."""
     SamplingParams: Any
     RequestOutputKind: Any
     TokensPrompt: Any
     RequestOutput: Any
+    StreamingInput: Any
+    """``vllm.engine.protocol.StreamingInput``: one chunk of a streaming-input request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,7 @@ def load_vllm() -> VllmApi:
     """Apply the process settings, check the version, import vLLM (once per process)."""
     version = _checked_version()
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.engine.protocol import StreamingInput
     from vllm.inputs import TokensPrompt
     from vllm.outputs import RequestOutput
     from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -120,6 +124,7 @@ def load_vllm() -> VllmApi:
         RequestOutputKind=RequestOutputKind,
         TokensPrompt=TokensPrompt,
         RequestOutput=RequestOutput,
+        StreamingInput=StreamingInput,
     )
 
 

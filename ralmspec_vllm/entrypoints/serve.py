@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
-from ralmspec_vllm.engine.settings import apply_process_settings
+from ralmspec_vllm.engine.version import load_vllm
 from ralmspec_vllm.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ Greedy decoding only (temperature 0/unset): ralmspec returns exactly the baselin
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    apply_process_settings()  # thread/offline settings must precede the vLLM/torch import
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     server = parser.add_argument_group("server")
@@ -123,10 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--max-retrieval-stride", type=int, default=c.max_retrieval_stride)
     _own(ralm, "--max-prefetch-k", type=int, default=c.max_prefetch_k)
 
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
+    # load_vllm applies the process settings (threads, offline) before vLLM/torch is imported.
     engine = parser.add_argument_group("vLLM engine (all of vLLM's engine flags)")
-    AsyncEngineArgs.add_cli_args(engine)  # type: ignore[arg-type]
+    load_vllm().AsyncEngineArgs.add_cli_args(engine)
     parser.set_defaults(model=None)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.metadata
 import os
 from pathlib import Path
@@ -20,7 +22,13 @@ from ralmspec_vllm.engine.version import (
     UnsupportedVllmError,
     check_vllm_version,
     installed_vllm_version,
+    load_scheduler_api,
+    load_vllm,
 )
+
+PACKAGE = Path(__file__).resolve().parents[2] / "ralmspec_vllm"
+# The gate, and the OpenAI protocol models that the server's request types subclass.
+VLLM_IMPORTERS = {"engine/version.py", "entrypoints/openai/protocol.py"}
 
 
 def test_cpu_defaults_are_the_proven_settings(tmp_path: Path) -> None:
@@ -113,6 +121,29 @@ def test_installed_vllm_is_found_without_importing_it() -> None:
     if version is None:
         pytest.skip("vLLM is not installed")
     assert version.startswith("0.26")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("loader", [load_vllm, load_scheduler_api])
+def test_the_gate_loads_every_class_it_declares(loader: object) -> None:
+    api = loader()  # type: ignore[operator]
+    assert api.version == installed_vllm_version()
+    for field in dataclasses.fields(api):
+        if field.name != "version":
+            # Each field holds the vLLM class of that name (StreamingInput, AsyncEngineArgs...).
+            assert getattr(api, field.name).__name__ == field.name
+
+
+def test_only_the_gate_imports_vllm() -> None:
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n == "vllm" or n.startswith("vllm.") for n in names):
+                importers.add(path.relative_to(PACKAGE).as_posix())
+    assert importers == VLLM_IMPORTERS
 
 
 def test_plugin_registration_is_reentrant_and_declared() -> None:
