@@ -45,12 +45,10 @@ from ralmspec_vllm.engine.settings import apply_process_settings
 
 apply_process_settings()  # before torch / vLLM / FAISS are imported
 
+from benchmarks.cli import OutputConfig, output_flags, parse_config  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    OutputConfig,
     describe_machine,
     format_table,
-    output_flags,
-    parse_config,
     run_metadata,
     write_results,
 )

@@ -40,14 +40,12 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python benchmarks/bench_retrieval.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
-    OutputConfig,
     RepeatPolicy,
     Series,
     describe_machine,
     format_table,
-    output_flags,
-    parse_config,
     plot_panels,
     progress,
     run_metadata,

@@ -42,12 +42,11 @@ from ralmspec_vllm.engine.settings import apply_process_settings
 
 apply_process_settings()  # before torch / vLLM are imported
 
+from benchmarks.cli import Flag, parse_config  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    Flag,
     Series,
     describe_machine,
     format_table,
-    parse_config,
     plot_panels,
     run_metadata,
     write_results,

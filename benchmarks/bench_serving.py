@@ -52,12 +52,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python benchmarks/bench_serving.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
-    OutputConfig,
     describe_machine,
     format_table,
-    output_flags,
-    parse_config,
     run_metadata,
     write_results,
 )

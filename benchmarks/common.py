@@ -5,9 +5,8 @@ where and with what the run happened (machine, git state, package versions, para
 the benchmark times its cells with ``measure`` / ``measure_async`` and condenses each cell
 with ``LatencyStats.from_seconds``, then ``write_results`` stores ``{"name", "meta", "rows"}``
 as JSON in ``benchmarks/results/`` and ``plot_panels`` saves a PNG next to it;
-``format_table`` prints a short fixed-width summary. ``parse_config`` builds a benchmark's
-config dataclass from the command line; configs derive their result-file fields (``--out-dir``,
-``--name``, ``--plot``) from ``OutputConfig``.
+``format_table`` prints a short fixed-width summary. The command line (flags, the config
+dataclasses, ``OutputConfig``'s result-file fields) lives in ``benchmarks.cli``.
 
 The machine description is hostname-free on purpose: results are committed to the repo.
 """
@@ -418,74 +417,3 @@ def plot_panels(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-Flag = tuple[str, str, dict[str, Any]]
-"""(``--flag``, config field, argparse keywords): a benchmark option mapped onto its config."""
-
-C = TypeVar("C")
-
-
-@dataclass(frozen=True, kw_only=True)
-class OutputConfig:
-    """Where a benchmark writes its results, inherited by the benchmark configs.
-
-    The subclass adds ``output_flags(...)`` to its flags. Keyword-only, so that the
-    subclass's own fields keep their positions in ``__init__``.
-    """
-
-    out_dir: str = str(DEFAULT_OUT_DIR)
-    """Folder of the JSON and PNG results."""
-    name: str | None = None
-    """Result file stem; ``None``: the benchmark's own default (its ``--name`` help says)."""
-    plot: bool = True
-    """Save the PNG plot next to the JSON."""
-
-
-def output_flags(default_name: str) -> tuple[Flag, ...]:
-    """``--out-dir``, ``--name`` and ``--plot`` for an ``OutputConfig`` subclass.
-
-    ``default_name`` is the stem used without ``--name``, as shown in ``--help``.
-    """
-    import argparse
-
-    return (
-        ("--out-dir", "out_dir", {"help": "results folder"}),
-        ("--name", "name", {"help": f"result file stem (default: {default_name})"}),
-        ("--plot", "plot", {"action": argparse.BooleanOptionalAction, "help": "save the PNG"}),
-    )
-
-
-def parse_config(
-    config_cls: Callable[..., C],
-    flags: Sequence[Flag],
-    quick: Mapping[str, Any],
-    description: str | None,
-    argv: Sequence[str] | None = None,
-) -> C:
-    """Build a benchmark's config dataclass from the command line.
-
-    Defaults come from the dataclass (shown in ``--help``); ``--quick`` overlays ``quick``;
-    ``--log-level`` configures logging.
-    """
-    import argparse
-    import dataclasses
-
-    defaults = config_cls()
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for flag, name, kwargs in flags:
-        default = getattr(defaults, name)
-        if default is not None:
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            kwargs = {**kwargs, "help": f"{kwargs['help']} (default: {shown})"}
-        parser.add_argument(flag, dest=name, default=default, **kwargs)
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: {dict(quick)}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    cfg = config_cls(**{name: getattr(args, name) for _, name, _ in flags})
-    return dataclasses.replace(cfg, **quick) if args.quick else cfg  # type: ignore[type-var]

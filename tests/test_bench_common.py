@@ -16,19 +16,17 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_retrieval
+from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
     DEFAULT_OUT_DIR,
     LatencyStats,
-    OutputConfig,
     RepeatPolicy,
     Series,
     describe_machine,
     format_table,
     git_state,
     measure,
-    output_flags,
     package_versions,
-    parse_config,
     percentile,
     plot_panels,
     read_results,
