@@ -29,6 +29,7 @@ from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.request import FinalCallback, RequestContext
 from ralmspec_vllm.core.speculative import SpeculativeRequest
+from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
@@ -77,6 +78,7 @@ class RaLMEngine:
         encode_in_thread: bool = True,
         encode_batch_window_s: float | None = None,
         embedder: QueryEmbedder | None = None,
+        stride_ledgers: dict[SpeculationConfig, StrideLedger] | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
         speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
@@ -85,7 +87,10 @@ class RaLMEngine:
         requests in shared encoder calls (``BatchingEmbedder``; a lone query waits at most
         this long). Worth it for a transformer encoder under load, not at batch 1.
         ``embedder``: any ``QueryEmbedder`` instead of ``encoder`` (e.g. ``AsyncEmbedder``
-        over the retriever client's ``encode``); dense cache scoring as with ``encoder``."""
+        over the retriever client's ``encode``); dense cache scoring as with ``encoder``.
+        ``stride_ledgers``: OS3's outcomes pooled per speculation config across this
+        engine's requests (``stride.StrideLedger``); pass one dict to several engines to
+        pool across them (a benchmark that makes a fresh engine per run)."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -105,6 +110,7 @@ class RaLMEngine:
             self.scorer = DenseCacheScorer(embedder=embedder)
         elif encoder is not None:
             self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
+        self.stride_ledgers = {} if stride_ledgers is None else stride_ledgers
         self._ids = itertools.count()
         self._checked_k: set[int] = set()
 
@@ -187,7 +193,8 @@ class RaLMEngine:
             assert oracle_doc_ids is not None
             await run_oracle(ctx, oracle_doc_ids)
         else:
-            await SpeculativeRequest(ctx, spec, self.scorer).run()
+            ledger = self.stride_ledgers.setdefault(spec, StrideLedger())
+            await SpeculativeRequest(ctx, spec, self.scorer, ledger).run()
         if ctx.final_length != len(ctx.generated):
             raise RuntimeError(f"{ctx.request_id}: answer ended with unverified tokens")
 

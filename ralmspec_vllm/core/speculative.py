@@ -40,7 +40,12 @@ import numpy as np
 from ralmspec_vllm.core.cache import CacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.request import RequestContext
-from ralmspec_vllm.core.stride import FixedStride, OptimalStrideScheduler, StrideScheduler
+from ralmspec_vllm.core.stride import (
+    FixedStride,
+    OptimalStrideScheduler,
+    StrideLedger,
+    StrideScheduler,
+)
 from ralmspec_vllm.core.trace import VerificationRecord
 from ralmspec_vllm.types import Hit
 
@@ -65,7 +70,9 @@ class Mismatch:
     true_doc_id: int | None
 
 
-def make_scheduler(config: SpeculationConfig) -> StrideScheduler:
+def make_scheduler(
+    config: SpeculationConfig, ledger: StrideLedger | None = None
+) -> StrideScheduler:
     if config.speculation_stride == "auto":
         return OptimalStrideScheduler(
             window=config.window,
@@ -74,6 +81,7 @@ def make_scheduler(config: SpeculationConfig) -> StrideScheduler:
             asynchronous=config.async_verification,
             confidence_z=config.gamma_confidence_z,
             evidence_window=config.gamma_evidence_window,
+            ledger=ledger,
         )
     return FixedStride(config.speculation_stride)
 
@@ -85,13 +93,19 @@ def _top1(hits: list[Hit]) -> int | None:
 class SpeculativeRequest:
     """Runs RaLMSpec for one ``RequestContext``."""
 
-    def __init__(self, ctx: RequestContext, config: SpeculationConfig, scorer: CacheScorer) -> None:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        config: SpeculationConfig,
+        scorer: CacheScorer,
+        ledger: StrideLedger | None = None,
+    ) -> None:
         self.ctx = ctx
         self.config = config
         self.scorer = scorer
         self.recorder = ctx.recorder
         self.cache = SpeculationCache(config.cache_capacity, config.eviction)
-        self.scheduler = make_scheduler(config)
+        self.scheduler = make_scheduler(config, ledger)
 
     async def run(self) -> None:
         ctx = self.ctx

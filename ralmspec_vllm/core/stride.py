@@ -15,10 +15,17 @@ probability that one speculation is right:
   capped at ``gamma_max``.
 - Not in the paper: with ``confidence_z`` set, gamma may rise above the cap to the Wilson
   lower confidence bound (``confidence_z`` standard errors) of the accuracy over the last
-  ``evidence_window`` verifications. The cap guards against a lucky short window; the bound
+  ``evidence_window`` verifications (or less, if the window's own upper bound is lower: the
+  accuracy drifted). The cap guards against a lucky short window; the bound
   does too, but lets a request whose speculations are right 90% of the time, over enough
   trials, plan strides of 10+ instead of ~5 (at 21M docs a verification costs ~0.5-1 s, so
   each round saved is worth 25 LM steps).
+- Not in the paper: a ``StrideLedger`` shared by the requests of one engine and one
+  speculation config pools their outcomes (the last ``capacity`` verifications) and latest
+  a and b. A scheduler with ``confidence_z`` set starts from that evidence: its lower bound
+  counts the pooled trials too, and its first round can already be long, where a lone
+  request starts at stride 1 and needs ~20 trials of its own to pass the cap (an answer at
+  retrieval stride 4 has only ~32 steps).
 - s starts at 1 (until gamma, a and b are known) and is searched upward from 1 while the
   objective does not drop, up to ``max_stride``.
 - Not in the paper: at stride 1, ``prefers_plain_step`` compares speculating with a plain
@@ -81,13 +88,20 @@ def async_objective(s: int, gamma: float, a: float, b: float) -> float:
 
 def wilson_lower_bound(successes: int, trials: int, z: float) -> float:
     """Wilson score lower bound of a success probability; 0 with no trials."""
-    if trials <= 0:
-        return 0.0
+    return _wilson(successes, trials, z, -1.0) if trials > 0 else 0.0
+
+
+def wilson_upper_bound(successes: int, trials: int, z: float) -> float:
+    """Wilson score upper bound of a success probability; 1 with no trials."""
+    return _wilson(successes, trials, z, 1.0) if trials > 0 else 1.0
+
+
+def _wilson(successes: int, trials: int, z: float, sign: float) -> float:
     p = successes / trials
     z2n = z * z / trials
     centre = p + z2n / 2.0
     spread = z * math.sqrt(p * (1.0 - p) / trials + z2n / (4.0 * trials))
-    return max(0.0, (centre - spread) / (1.0 + z2n))
+    return min(1.0, max(0.0, (centre + sign * spread) / (1.0 + z2n)))
 
 
 def choose_stride(gamma: float, a: float, b: float, max_stride: int, asynchronous: bool) -> int:
@@ -103,6 +117,24 @@ def choose_stride(gamma: float, a: float, b: float, max_stride: int, asynchronou
     return s
 
 
+class StrideLedger:
+    """Speculation outcomes and latencies pooled over requests (one engine, one config)."""
+
+    def __init__(self, capacity: int = 200) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self._outcomes: deque[tuple[int, bool]] = deque(maxlen=capacity)
+        self.a: float | None = None
+        self.b: float | None = None
+
+    def record(self, matched: int, mismatched: bool) -> None:
+        self._outcomes.append((matched, mismatched))
+
+    def trials(self) -> tuple[int, int]:
+        """(matched steps, rounds with a mismatch) over the pooled verifications."""
+        return sum(m for m, _ in self._outcomes), sum(1 for _, bad in self._outcomes if bad)
+
+
 class OptimalStrideScheduler:
     """OS3: estimates gamma, a and b online and maximises the objective."""
 
@@ -114,6 +146,7 @@ class OptimalStrideScheduler:
         asynchronous: bool = False,
         confidence_z: float | None = None,
         evidence_window: int = 20,
+        ledger: StrideLedger | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be positive, got {window}")
@@ -133,6 +166,12 @@ class OptimalStrideScheduler:
         self._outcomes: deque[tuple[int, bool]] = deque(maxlen=evidence_window)
         self.a: float | None = None
         self.b: float | None = None
+        # The pooled evidence counts only with the lower bound on (the paper's OS3 is alone).
+        self._ledger = ledger if confidence_z is not None else None
+        self._prior = (0, 0)
+        if self._ledger is not None:
+            self._prior = self._ledger.trials()
+            self.a, self.b = self._ledger.a, self._ledger.b
 
     def _trials(self, last: int) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the last ``last`` verifications."""
@@ -149,10 +188,12 @@ class OptimalStrideScheduler:
 
     @property
     def accuracy_lower_bound(self) -> float | None:
-        """Wilson lower bound of the accuracy over the evidence window (``None`` if off)."""
-        if self.confidence_z is None or not self._outcomes:
-            return None
+        """Wilson lower bound of the accuracy over the evidence window plus the ledger's
+        trials from before this request (``None`` if off or without any trial)."""
         matched, mismatches = self._trials(len(self._outcomes))
+        matched, mismatches = matched + self._prior[0], mismatches + self._prior[1]
+        if self.confidence_z is None or matched + mismatches == 0:
+            return None
         return wilson_lower_bound(matched, matched + mismatches, self.confidence_z)
 
     def prefers_plain_step(self) -> bool:
@@ -171,14 +212,22 @@ class OptimalStrideScheduler:
 
     @property
     def gamma(self) -> float | None:
-        """Estimated speculation accuracy, capped unless the evidence supports more; ``None``
-        before any verification."""
-        accuracy = self.accuracy
-        if accuracy is None:
+        """Estimated speculation accuracy; ``None`` before any verification (own or pooled).
+
+        The paper: the window's accuracy, capped at ``gamma_max``. With ``confidence_z``:
+        at least the lower bound over the evidence window and the pooled trials, unless the
+        window is significantly worse (its upper bound is lower: the accuracy drifted)."""
+        matched, mismatches = self._trials(self._window)
+        if matched + mismatches == 0:
+            matched, mismatches = self._prior  # pooled, until the request has its own
+        if matched + mismatches == 0:
             return None
-        capped = min(accuracy, self.gamma_max)
+        capped = min(matched / (matched + mismatches), self.gamma_max)
         bound = self.accuracy_lower_bound
-        return capped if bound is None else max(capped, min(bound, accuracy))
+        if bound is None or self.confidence_z is None:
+            return capped
+        recent = wilson_upper_bound(matched, matched + mismatches, self.confidence_z)
+        return max(capped, min(bound, recent))
 
     def next_stride(self) -> int:
         gamma = self.gamma
@@ -188,7 +237,12 @@ class OptimalStrideScheduler:
 
     def record_speculation(self, latency_s: float) -> None:
         self.a = latency_s
+        if self._ledger is not None:
+            self._ledger.a = latency_s
 
     def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None:
         self.b = latency_s
         self._outcomes.append((matched, mismatched))
+        if self._ledger is not None:
+            self._ledger.b = latency_s
+            self._ledger.record(matched, mismatched)

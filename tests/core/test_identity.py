@@ -140,3 +140,28 @@ async def test_forced_mismatch_lands_where_scripted(
     # a mismatch at round position m throws away the steps from m to the round's end
     first = trace.verifications[0]
     assert trace.tokens_discarded >= 4 * (first.num_steps - positions[0])
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "paper"])
+async def test_later_requests_start_from_the_engines_pooled_accuracy(pooled: bool) -> None:
+    """OS3 with the evidence bound starts a request from what earlier requests of the same
+    engine and config measured (a long first round); the paper's OS3 starts every request at
+    stride 1. Both stay identical to the baseline, rollback included."""
+    retriever = ScriptedRetriever(forced({9}), latency_s=0.02)  # one miss at step 9
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.001))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    spec = SpeculationConfig.preset("PSA" if pooled else "PSA-PAPER")
+    first = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=spec)
+    matched, mismatches = engine.stride_ledgers[spec].trials()
+    second = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=spec)
+    for result in (first, second):
+        assert result.token_ids == baseline.token_ids
+        assert result.trace.rollbacks == 1
+    assert first.trace.strides[0] == 1  # nothing measured yet
+    if pooled:
+        assert mismatches == 1 and matched >= 20  # the first request's outcomes, pooled
+        assert second.trace.strides[0] > 4
+        assert len(second.trace.verifications) < len(first.trace.verifications)
+    else:
+        assert (matched, mismatches) == (0, 0)  # the paper's OS3 pools nothing
+        assert second.trace.strides[0] == 1

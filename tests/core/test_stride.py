@@ -7,11 +7,13 @@ import pytest
 from ralmspec_vllm.core.stride import (
     FixedStride,
     OptimalStrideScheduler,
+    StrideLedger,
     async_objective,
     choose_stride,
     expected_steps,
     sync_objective,
     wilson_lower_bound,
+    wilson_upper_bound,
 )
 
 
@@ -134,12 +136,48 @@ def test_evidence_lifts_gamma_above_the_cap_only_when_it_is_strong() -> None:
     assert thin.gamma == pytest.approx(0.6)
 
 
-def test_evidence_bound_never_exceeds_the_recent_accuracy() -> None:
+def test_evidence_bound_is_cut_by_a_significantly_worse_window() -> None:
     sched = OptimalStrideScheduler(window=2, gamma_max=0.6, confidence_z=1.0, evidence_window=20)
     _feed(sched, [(10, False)] * 10 + [(1, True), (1, True)])  # long good run, then two misses
     assert sched.accuracy == pytest.approx(0.5)  # the window holds the two bad rounds
     assert sched.accuracy_lower_bound is not None and sched.accuracy_lower_bound > 0.9
-    assert sched.gamma == pytest.approx(0.5)  # the bound is cut to the recent accuracy
+    # 2 of 4 cannot rule out 0.7 (upper bound 0.75): the bound is cut to that, not to 0.5
+    assert sched.gamma == pytest.approx(wilson_upper_bound(2, 4, 1.0))
+    assert 0.6 < sched.gamma < 0.8
+    drifted = OptimalStrideScheduler(window=5, gamma_max=0.6, confidence_z=1.0)
+    _feed(drifted, [(10, False)] * 10 + [(0, True)] * 5)  # five misses in a row: drifted
+    assert drifted.gamma == pytest.approx(wilson_upper_bound(0, 5, 1.0))  # 1/6
+    assert wilson_upper_bound(0, 5, 1.0) == pytest.approx(1 / 6)
+    assert wilson_upper_bound(0, 0, 1.0) == 1.0
+
+
+def test_a_ledger_seeds_new_schedulers_only_with_the_bound_on() -> None:
+    ledger = StrideLedger(capacity=50)
+    first = OptimalStrideScheduler(
+        max_stride=16, asynchronous=True, confidence_z=1.28, ledger=ledger
+    )
+    assert first.next_stride() == 1 and first.gamma is None  # empty ledger: as the paper
+    _feed(first, [(12, True), (16, False), (15, True)])  # 43 right, 2 wrong
+    assert ledger.trials() == (43, 2) and (ledger.a, ledger.b) == (0.02, 1.0)
+
+    seeded = OptimalStrideScheduler(
+        max_stride=16, asynchronous=True, confidence_z=1.28, ledger=ledger
+    )
+    assert seeded.accuracy is None  # nothing of its own yet
+    assert seeded.gamma == pytest.approx(wilson_lower_bound(43, 45, 1.28))
+    assert seeded.next_stride() == choose_stride(seeded.gamma, 0.02, 1.0, 16, asynchronous=True)
+    assert seeded.next_stride() > 10
+    seeded.record_verification(1.0, matched=0, mismatched=True)  # its own evidence counts
+    assert seeded.accuracy == 0.0  # one miss can be chance: the pooled bound is only cut
+    assert seeded.gamma == pytest.approx(wilson_upper_bound(0, 1, 1.28))  # to 0.62
+    assert ledger.trials() == (43, 3)  # and is pooled for the next request
+
+    paper = OptimalStrideScheduler(max_stride=16, asynchronous=True, ledger=ledger)
+    assert paper.next_stride() == 1 and paper.gamma is None  # the paper's OS3 ignores it
+    paper.record_verification(1.0, matched=3, mismatched=False)
+    assert ledger.trials() == (43, 3)  # and does not feed it
+    with pytest.raises(ValueError, match="capacity"):
+        StrideLedger(capacity=0)
 
 
 def test_validation() -> None:
