@@ -20,7 +20,11 @@ start ONE vLLM engine on ``--model``, then per backend (``--backends``) open the
 Dense backends rank the speculation cache with the knowledge base's own query encoder
 (in-process) or the server's ``Encode`` RPC (gRPC); BM25 with the retriever's ``score``.
 Results: ``benchmarks/results/latency_<machine>_<model>_<backend>.json`` (one file per
-backend; rows + run metadata) and a PNG next to it (``latency_report``).
+backend; rows + run metadata) and a PNG next to it (``latency_report``). The JSON is
+rewritten after the warm-up and after every timed question (``meta.complete`` false,
+``meta.questions_timed`` so far; rows from the same ``summarize``), so a run stopped by
+``timeout`` keeps its last question's file; the last write sets ``complete`` true and draws
+the PNG.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ apply_process_settings()  # before torch / vLLM / FAISS are imported
 
 from benchmarks.cli import OutputConfig, output_flags, parse_config  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    MachineInfo,
     describe_machine,
     format_table,
     run_metadata,
@@ -54,12 +59,14 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.latency_report import (  # noqa: E402
     TABLE_COLUMNS,
+    RunRecord,
     plot_latency,
     summarize,
 )
 from benchmarks.latency_runs import bench_backend, set_faiss_threads, torch_threads  # noqa: E402
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
+from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 
 logger = logging.getLogger("bench_latency")
 
@@ -114,6 +121,8 @@ class LatencyConfig(OutputConfig):
     linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
     flat_device: str = "cpu"
     """Where flat search runs: ``cpu`` (as the paper) or ``cuda`` (torch on the GPU)."""
+    flat_dtype: str = "float32"
+    """Matrix dtype of the torch flat search (``retrieval.flat.DTYPES``); faiss: float32."""
     hnsw_ef_search: int = 128
     seed: int = 0
 
@@ -130,6 +139,10 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"flat_impl: must be 'faiss' or 'torch', got {self.flat_impl!r}")
         if self.flat_device not in ("cpu", "cuda"):
             raise ValueError(f"flat_device: must be 'cpu' or 'cuda', got {self.flat_device!r}")
+        if self.flat_dtype not in FLAT_DTYPES:
+            raise ValueError(f"flat_dtype: must be one of {FLAT_DTYPES}, got {self.flat_dtype!r}")
+        if self.flat_dtype != "float32" and self.flat_impl != "torch":
+            raise ValueError(f"flat_dtype: {self.flat_dtype} needs flat_impl='torch'")
         if self.transport not in ("inproc", "grpc"):
             raise ValueError(f"transport: must be 'inproc' or 'grpc', got {self.transport!r}")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
@@ -150,10 +163,13 @@ class LatencyConfig(OutputConfig):
         return ["baseline", *(m for m in self.methods if m != "baseline")]
 
     def label(self, backend: str) -> str:
-        """The backend's name in rows and file names (``flat-torch`` for the torch path)."""
+        """The backend's name in rows and file names: ``flat-torch`` for the torch path,
+        ``flat-torch-cuda`` on the GPU, suffixed with a non-float32 dtype
+        (``flat-torch-cuda-float16``)."""
         if backend != "flat" or self.flat_impl != "torch":
             return backend
-        return "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
+        label = "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
+        return label if self.flat_dtype == "float32" else f"{label}-{self.flat_dtype}"
 
     @property
     def ralm(self) -> RaLMConfig:
@@ -215,6 +231,10 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
         await lm.shutdown()
 
 
+Writer = Callable[[Path], None]
+"""``on_write(path)``: called after every (partial or final) result write."""
+
+
 async def measure_all(
     cfg: LatencyConfig,
     lm: Any,
@@ -222,43 +242,40 @@ async def measure_all(
     kb_info: dict[str, Any],
     questions: Sequence[Question],
     engine_info: dict[str, Any] | None = None,
+    on_write: Writer | None = None,
 ) -> tuple[list[Path], list[dict[str, Any]]]:
-    """Measure every backend of ``cfg`` on a started ``VllmLanguageModel``; write results."""
+    """Measure every backend of ``cfg`` on a started ``VllmLanguageModel``; write results
+    after the warm-up and every timed question (partial), and at the end (complete)."""
     machine = describe_machine()
-    faiss_threads = set_faiss_threads(cfg.faiss_threads)
     model_tag = Path(cfg.model).name
-    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
-    start_meta = run_metadata("bench_latency", params, machine)  # git state of the code run
+    meta = run_meta(
+        cfg, machine, kb_info, questions, {**dataclasses.asdict(lm.config), **(engine_info or {})}
+    )
+    base = {
+        "machine": machine.tag,
+        "model": model_tag,
+        "corpus_size": kb_info["num_docs"],
+        "transport": cfg.transport,
+    }
     paths: list[Path] = []
     all_rows: list[dict[str, Any]] = []
     for backend in cfg.backends:
-        records, info = await bench_backend(cfg, backend, kb, lm, questions)
-        base = {
-            "machine": machine.tag,
-            "model": model_tag,
-            "corpus_size": kb_info["num_docs"],
-            "transport": cfg.transport,
-        }
-        rows = summarize(records, base, cfg.ordered_methods)
-        meta = dict(start_meta)
-        meta.update(
-            seed=cfg.seed,
-            knowledge_base=kb_info,
-            engine={**dataclasses.asdict(lm.config), **(engine_info or {})},
-            retriever=info,
-            threads={
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
-                "faiss": faiss_threads,
-                "torch": torch_threads(),
-            },
-            questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
-            all_outputs_identical=all(r["outputs_identical"] for r in rows),
-        )
         label = cfg.label(backend)
         name = cfg.name or f"latency_{machine.tag}_{model_tag}_{label}"
         if cfg.name and len(cfg.backends) > 1:
             name = f"{cfg.name}_{label}"
-        path = write_results(name, rows, meta, cfg.out_dir)
+
+        def save(
+            records: list[RunRecord], info: dict[str, Any], complete: bool = False, name: str = name
+        ) -> tuple[Path, list[dict[str, Any]]]:
+            rows = summarize(records, base, cfg.ordered_methods)
+            path = write_results(name, rows, backend_meta(meta, rows, info, complete), cfg.out_dir)
+            if on_write is not None:
+                on_write(path)
+            return path, rows
+
+        records, info = await bench_backend(cfg, backend, kb, lm, questions, save)
+        path, rows = save(records, info, complete=True)
         if cfg.plot:
             title = (
                 f"Batch-1 RaLM latency, {model_tag}, {label} over "
@@ -268,6 +285,48 @@ async def measure_all(
         paths.append(path)
         all_rows += rows
     return paths, all_rows
+
+
+def run_meta(
+    cfg: LatencyConfig,
+    machine: MachineInfo,
+    kb_info: dict[str, Any],
+    questions: Sequence[Question],
+    engine_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The metadata every backend's result file shares (taken once, before timing)."""
+    faiss_threads = set_faiss_threads(cfg.faiss_threads)
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
+    meta = run_metadata("bench_latency", params, machine)  # git state of the code run
+    meta.update(
+        seed=cfg.seed,
+        knowledge_base=kb_info,
+        engine=engine_info,
+        threads={
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+            "faiss": faiss_threads,
+            "torch": torch_threads(),
+        },
+        questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
+    )
+    return meta
+
+
+def backend_meta(
+    meta: dict[str, Any], rows: list[dict[str, Any]], info: dict[str, Any], complete: bool
+) -> dict[str, Any]:
+    """One backend's metadata: the run's, the retriever's ``info`` and how far it got
+    (``complete``: the backend's loop finished; ``questions_timed``: answered by every
+    method)."""
+    timed = max((row["num_questions"] for row in rows), default=0)
+    return {
+        **meta,
+        "retriever": info,
+        "complete": complete,
+        "questions_timed": timed,
+        "questions_total": len(meta["questions"]),
+        "all_outputs_identical": all(r["outputs_identical"] for r in rows),
+    }
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -297,6 +356,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
     ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
+    ("--flat-dtype", "flat_dtype", {"choices": FLAT_DTYPES, "help": "torch flat matrix dtype"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     *output_flags("latency_<machine>_<model>_<backend>"),

@@ -5,14 +5,16 @@
 the server's ``Encode`` RPC for dense backends, ``score`` for BM25) and hands each question
 to ``Runner``: baseline first (reference tokens, oracle documents), then the other methods,
 each on a fresh ``RaLMEngine`` after emptying vLLM's prefix cache. Every run becomes a
-``RunRecord``; a run whose tokens differ from the baseline's is logged as an error.
+``RunRecord``; a run whose tokens differ from the baseline's is logged as an error. After the
+warm-up and after every timed question, ``on_progress(records so far, info)`` lets the caller
+rewrite its result file, so a run killed mid-way keeps what it measured.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.latency_report import RunRecord
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from benchmarks.bench_latency import LatencyConfig
 
 logger = logging.getLogger("bench_latency")
+
+Progress = Callable[[list[RunRecord], dict[str, Any]], object]
+"""``on_progress(records, info)``: the timed records so far and the retriever's info."""
 
 WARMUP_QUESTION = "who wrote the declaration of independence"
 
@@ -123,9 +128,15 @@ def set_faiss_threads(threads: int | None) -> int | None:
 
 
 async def bench_backend(
-    cfg: LatencyConfig, backend: str, kb: Any, lm: Any, questions: Sequence[Question]
+    cfg: LatencyConfig,
+    backend: str,
+    kb: Any,
+    lm: Any,
+    questions: Sequence[Question],
+    on_progress: Progress | None = None,
 ) -> tuple[list[RunRecord], dict[str, Any]]:
-    """Warm up and time every method on every question with one backend."""
+    """Warm up and time every method on every question with one backend; ``on_progress``
+    after the warm-up and after every timed question."""
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
 
@@ -133,6 +144,7 @@ async def bench_backend(
         backend=backend,
         flat_impl=cfg.flat_impl,
         device=cfg.flat_device if backend == "flat" else "cpu",
+        dtype=cfg.flat_dtype if backend == "flat" else "float32",
         ef_search=cfg.hnsw_ef_search,
         progress=False,
     )
@@ -162,6 +174,8 @@ async def bench_backend(
         for _ in range(cfg.warmup):
             await runner.question(cfg.label(backend), warm, methods, timed=False)
         info["warmup_s"] = round(time.perf_counter() - start, 1)
+        if on_progress is not None:
+            on_progress(records, info)
         timing_start = time.perf_counter()
         for i, question in enumerate(questions, 1):
             spent = time.perf_counter() - timing_start
@@ -176,6 +190,8 @@ async def bench_backend(
                 time.perf_counter() - start,
                 ", ".join(f"{r.method} {r.wall_time_s:.2f}s" for r in done),
             )  # fmt: skip
+            if on_progress is not None:
+                on_progress(records, info)
     finally:
         if client is not None:
             await client.close()

@@ -3,8 +3,11 @@
 The smoke test builds a 40-passage knowledge base from a JSONL corpus, writes a 2-question
 JSONL file and runs baseline, oracle, B and PSA over flat (dense cache scoring with the
 knowledge base's encoder) and BM25 through ``measure_all``; it checks the result files'
-shape, token identity and the oracle's zero retrieval, not any timing. The unit tests check
-that ``summarize`` computes the ratios and that one differing run marks its row.
+shape, token identity and the oracle's zero retrieval, not any timing. A second run (torch
+flat in float16, baseline and PSA) watches every result write: one after the warm-up and one
+per timed question marked incomplete, then the complete one, the PNG only after it. The unit
+tests check that ``summarize`` computes the ratios, that one differing run marks its row and
+the ``--flat-dtype`` flag.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from benchmarks.common import read_results
 from benchmarks.latency_report import RunRecord, summarize
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
+from ralmspec_vllm.retrieval.flat import DTYPES
 from tests.corpus_fixtures import build_tiny_kb
 
 
@@ -70,6 +74,22 @@ def test_config_validation_and_quick_flags() -> None:
     assert len(cfg.ordered_methods) == 2
 
 
+def test_flat_dtype_flag_validation_and_label() -> None:
+    assert parse_args([]).flat_dtype == "float32"
+    assert LatencyConfig(flat_impl="torch").label("flat") == "flat-torch"
+    for dtype in DTYPES[1:]:  # whatever reduced precisions the torch flat search offers
+        cfg = parse_args(["--flat-impl", "torch", "--flat-device", "cuda", "--flat-dtype", dtype])
+        assert cfg.flat_dtype == dtype
+        assert cfg.label("flat") == f"flat-torch-cuda-{dtype}"
+        assert cfg.label("bm25") == "bm25"
+        with pytest.raises(ValueError, match="flat_dtype"):
+            LatencyConfig(flat_dtype=dtype)  # faiss is float32 only
+    with pytest.raises(ValueError, match="flat_dtype"):
+        LatencyConfig(flat_impl="torch", flat_dtype="int8")
+    with pytest.raises(SystemExit):
+        parse_args(["--flat-dtype", "int8"])
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("latency")
@@ -97,6 +117,7 @@ async def test_bench_latency_smoke(
         data = read_results(path)
         assert path.with_suffix(".png").stat().st_size > 0
         assert data["meta"]["all_outputs_identical"] is True
+        assert data["meta"]["complete"] is True and data["meta"]["questions_timed"] == 2
         assert data["meta"]["params"]["methods"] == ["baseline", "oracle", "B", "PSA"]
         methods = [row["method"] for row in data["rows"]]
         assert methods == ["baseline", "oracle", "B", "PSA"]
@@ -113,3 +134,42 @@ async def test_bench_latency_smoke(
         assert by_method["baseline"]["mean_retrieval_calls"] >= 5  # one per 4-token step
         assert by_method["PSA"]["mean_stride"] is not None
     assert {row["retriever"] for row in rows} == {"flat", "bm25"}
+
+
+@pytest.mark.vllm
+async def test_bench_latency_writes_after_every_question(
+    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    """A run killed by ``timeout`` keeps its last question: every write is watched."""
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=12, flat_impl="torch", flat_dtype="float16", out_dir=str(tmp_path),
+    )  # fmt: skip
+    kb, kb_info = open_kb(cfg)
+    questions = load_questions_file(tiny_world["questions"])
+    seen: list[tuple[bool, int, int, list[str], bool]] = []
+
+    def watch(path: Path) -> None:
+        meta, rows = read_results(path)["meta"], read_results(path)["rows"]
+        seen.append((
+            meta["complete"], meta["questions_timed"], meta["questions_total"],
+            [row["method"] for row in rows], path.with_suffix(".png").exists(),
+        ))  # fmt: skip
+        assert meta["params"]["flat_dtype"] == "float16"
+        assert all(row["num_questions"] == meta["questions_timed"] for row in rows)
+        assert all(row["retriever"] == "flat-torch-float16" for row in rows)
+
+    paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions, on_write=watch)
+    assert len(paths) == 1 and paths[0].name.endswith("_tiny-llama_flat-torch-float16.json")
+    methods = ["baseline", "PSA"]
+    assert seen == [
+        (False, 0, 2, [], False),  # after the warm-up
+        (False, 1, 2, methods, False),
+        (False, 2, 2, methods, False),
+        (True, 2, 2, methods, False),  # the PNG is drawn after the final write
+    ]
+    assert paths[0].with_suffix(".png").stat().st_size > 0
+    data = read_results(paths[0])
+    assert data["rows"] == rows and data["meta"]["retriever"]["warmup_s"] >= 0
+    assert all(row["outputs_identical"] for row in rows)
