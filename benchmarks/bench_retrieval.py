@@ -15,7 +15,10 @@ the torch flat path on CUDA when a GPU exists, HNSW, IVF-Flat, BM25) the retriev
 Queries are real open-domain questions (``--questions nq``), a different slice per call.
 Each cell runs ``--warmup`` untimed calls, then up to ``--reps`` timed ones within
 ``--cell-budget-s``. Results: ``benchmarks/results/retrieval_<machine>.json`` (rows + run
-metadata) and a PNG next to it; a fixed-width table is printed at the end.
+metadata) and a PNG next to it; a fixed-width table is printed at the end. The JSON is
+rewritten after every index open and every timed cell (``meta.complete`` false,
+``meta.cells_done`` of ``meta.cells_total``), so a run stopped by ``timeout`` keeps every
+finished cell; the last write sets ``complete`` true and draws the PNG.
 
 Threads: on a small or shared CPU run it with ``OMP_NUM_THREADS=1`` (the child server
 inherits it). With two torch threads on two busy cores, every OpenMP barrier in the MiniLM
@@ -43,15 +46,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_retrieval.py`
 from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
     RepeatPolicy,
-    Series,
     describe_machine,
     format_table,
-    plot_panels,
     progress,
     run_metadata,
-    write_results,
 )
 from benchmarks.corpora import Corpus, open_corpora
+from benchmarks.retrieval_report import TABLE_COLUMNS, Results, Writer, cell_row, plot_rows
 from benchmarks.retrieval_timing import (
     IndexParams,
     Queries,
@@ -62,6 +63,7 @@ from benchmarks.retrieval_timing import (
     time_grpc_server,
     time_inproc,
 )
+from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES
 
 logger = logging.getLogger("bench_retrieval")
 
@@ -107,6 +109,9 @@ class BenchConfig(OutputConfig):
     """Server cross-request batch window (0: a lone client never waits)."""
     flat_impls: tuple[str, ...] = ("faiss", "torch")
     """Flat search implementations timed on the CPU (``faiss`` IndexFlatIP, ``torch`` matmul)."""
+    flat_dtypes: tuple[str, ...] = ("float32",)
+    """Matrix dtypes of the torch flat cells, CPU and CUDA (``retrieval.flat.DTYPES``); one
+    variant each. FAISS flat is float32 only."""
     cuda: bool = True
     """Also time flat search on CUDA (torch path) when a GPU exists."""
     hnsw_m: int = 32
@@ -134,6 +139,10 @@ class BenchConfig(OutputConfig):
         if not self.flat_impls or any(i not in ("faiss", "torch") for i in self.flat_impls):
             raise ValueError(
                 f"flat_impls: must be a non-empty subset of faiss,torch, got {self.flat_impls}"
+            )
+        if not self.flat_dtypes or any(d not in FLAT_DTYPES for d in self.flat_dtypes):
+            raise ValueError(
+                f"flat_dtypes: must be a non-empty subset of {FLAT_DTYPES}, got {self.flat_dtypes}"
             )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes: must be positive, got {self.batch_sizes}")
@@ -172,9 +181,12 @@ class BenchConfig(OutputConfig):
             if backend != "flat":
                 out.append(Variant(backend))
                 continue
-            out += [Variant("flat", "cpu", impl) for impl in self.flat_impls]
+            if "faiss" in self.flat_impls:
+                out.append(Variant("flat", "cpu", "faiss"))
+            if "torch" in self.flat_impls:
+                out += [Variant("flat", "cpu", "torch", dtype) for dtype in self.flat_dtypes]
             if self.cuda and cuda_available:
-                out.append(Variant("flat", "cuda", "torch"))
+                out += [Variant("flat", "cuda", "torch", dtype) for dtype in self.flat_dtypes]
         return out
 
 
@@ -187,9 +199,15 @@ def artifact_names(corpus: Corpus) -> set[str]:
 
 
 def bench_variant(
-    cfg: BenchConfig, corpus: Corpus, variant: Variant, queries: Queries, machine_tag: str
-) -> tuple[list[Row], Row]:
-    """Rows of one (corpus, variant) and a record of how long opening its index took."""
+    cfg: BenchConfig,
+    corpus: Corpus,
+    variant: Variant,
+    queries: Queries,
+    machine_tag: str,
+    results: Results,
+) -> None:
+    """Open one (corpus, variant) and time its cells, adding the opening record (how long,
+    what it built) and every cell's row to ``results`` as soon as they exist."""
     from ralmspec_vllm.retrieval.factory import open_retriever
 
     rcfg = retriever_config(variant, cfg.index_params(corpus.size))
@@ -204,26 +222,7 @@ def bench_variant(
         "index_params": describe_params(rcfg),
     }
     logger.info("%s on %d docs opened in %.1f s", variant.label, corpus.size, opened["seconds"])
-    cells: dict[tuple[str, int], Row] = {}
-    if "inproc" in cfg.transports:
-        for b in progress(cfg.batch_sizes, desc=f"{variant.label}@{corpus.size} inproc"):
-            cells["inproc", b] = time_inproc(retriever, queries, b, cfg.k, cfg.policy)
-    if "grpc" in cfg.transports:
-        logger.info("timing %s over gRPC (server in a %s)", variant.label, cfg.server)
-        grpc_rows = time_grpc_server(
-            retriever,
-            corpus.kb.path,
-            rcfg,
-            server=cfg.server,
-            batch_window_ms=cfg.batch_window_ms,
-            queries=queries,
-            batch_sizes=cfg.batch_sizes,
-            k=cfg.k,
-            policy=cfg.policy,
-        )
-        cells.update((("grpc", b), row) for b, row in grpc_rows.items())
-    del retriever
-    gc.collect()
+    results.add_build(opened)
     base = {
         "machine": machine_tag,
         "backend": variant.label,
@@ -233,10 +232,26 @@ def bench_variant(
         "k": cfg.k,
         "index_params": opened["index_params"],
     }
-    rows = [{**base, "transport": t, "batch_size": b, **cell} for (t, b), cell in cells.items()]
-    for row in rows:
-        row["per_query_ms_p50"] = round(row["latency_ms_p50"] / row["batch_size"], 3)
-    return rows, opened
+    if "inproc" in cfg.transports:
+        for b in progress(cfg.batch_sizes, desc=f"{variant.label}@{corpus.size} inproc"):
+            cell = time_inproc(retriever, queries, b, cfg.k, cfg.policy)
+            results.add_row(cell_row(base, "inproc", b, cell))
+    if "grpc" in cfg.transports:
+        logger.info("timing %s over gRPC (server in a %s)", variant.label, cfg.server)
+        time_grpc_server(
+            retriever,
+            corpus.kb.path,
+            rcfg,
+            server=cfg.server,
+            batch_window_ms=cfg.batch_window_ms,
+            queries=queries,
+            batch_sizes=cfg.batch_sizes,
+            k=cfg.k,
+            policy=cfg.policy,
+            on_cell=lambda b, cell: results.add_row(cell_row(base, "grpc", b, cell)),
+        )
+    del retriever
+    gc.collect()
 
 
 def load_queries(spec: str, limit: int = 5000) -> Queries:
@@ -249,76 +264,35 @@ def load_queries(spec: str, limit: int = 5000) -> Queries:
     return Queries([q.text for q in load_questions(spec, limit)])
 
 
-def run_benchmark(cfg: BenchConfig) -> tuple[Path, list[Row]]:
-    """Measure everything ``cfg`` asks for; write JSON (+ PNG); return its path and rows."""
+def run_benchmark(cfg: BenchConfig, on_write: Writer | None = None) -> tuple[Path, list[Row]]:
+    """Measure everything ``cfg`` asks for, rewriting the JSON as cells finish (``on_write``
+    after each write); draw the PNG at the end; return the JSON's path and the rows."""
     machine = describe_machine()
     queries = load_queries(cfg.questions)
-    corpora, builds = open_corpora(cfg.index, cfg.filler_index, cfg.sizes, cfg.filler_total)
-    variants = cfg.variants(cuda_available=machine.gpu_count > 0)
-    rows: list[Row] = []
-    for corpus in corpora:
-        for variant in variants:
-            variant_rows, opened = bench_variant(cfg, corpus, variant, queries, machine.tag)
-            rows += variant_rows
-            builds.append(opened)
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "name")}
     params["num_queries"] = len(queries.texts)
-    meta = run_metadata("bench_retrieval", params, machine)
-    meta["builds"] = builds
+    meta = run_metadata("bench_retrieval", params, machine)  # git state of the code run
+    corpora, builds = open_corpora(cfg.index, cfg.filler_index, cfg.sizes, cfg.filler_total)
     meta["corpora"] = [c.describe() for c in corpora]
+    variants = cfg.variants(cuda_available=machine.gpu_count > 0)
+    cells = len(corpora) * len(variants) * len(cfg.transports) * len(cfg.batch_sizes)
     name = cfg.name or f"retrieval_{machine.tag}"
-    path = write_results(name, rows, meta, cfg.out_dir)
+    results = Results(name, meta, cfg.out_dir, cells, builds, on_write=on_write)
+    results.write()
+    for corpus in corpora:
+        for variant in variants:
+            bench_variant(cfg, corpus, variant, queries, machine.tag, results)
+    path = results.write(complete=True)
     if cfg.plot:
-        plot_rows(rows, path.with_suffix(".png"), machine.tag)
-    return path, rows
-
-
-def _series(label: str, points: list[tuple[int, float]], style: str) -> Series:
-    points = sorted(points)
-    return Series(label, [x for x, _ in points], [y for _, y in points], style)
-
-
-def plot_rows(rows: Sequence[Row], path: Path, machine_tag: str) -> Path:
-    """p50 latency vs batch size: one panel per corpus size, one line per backend/transport
-    (solid: in-process, dashed: gRPC, dotted: the query encoder alone)."""
-    panels: dict[str, list[Series]] = {}
-    for size, real in sorted({(r["corpus_size"], r["num_real_docs"]) for r in rows}):
-        mine = [r for r in rows if r["corpus_size"] == size]
-        series = []
-        for backend, transport in sorted({(r["backend"], r["transport"]) for r in mine}):
-            points = [
-                (r["batch_size"], r["latency_ms_p50"])
-                for r in mine
-                if (r["backend"], r["transport"]) == (backend, transport)
-            ]
-            style = "-" if transport == "inproc" else "--"
-            series.append(_series(f"{backend} {transport}", points, style))
-        encode = [
-            (r["batch_size"], r["encode_ms_p50"])
-            for r in mine
-            if (r["backend"], r["transport"]) == ("flat", "inproc") and "encode_ms_p50" in r
-        ]
-        if encode:
-            series.append(_series("encode-only (MiniLM)", encode, ":"))
-        panels[f"{size:,} docs ({real:,} real)"] = series
-    return plot_panels(
-        path,
-        panels,
-        xlabel="batch size (queries per call)",
-        ylabel="latency p50 (ms)",
-        title=f"Retrieval latency per call, {machine_tag}",
-    )
-
-
-TABLE_COLUMNS = (
-    "corpus_size", "backend", "transport", "batch_size",
-    "latency_ms_p50", "latency_ms_p99", "encode_ms_p50", "n",
-)  # fmt: skip
+        plot_rows(results.rows, path.with_suffix(".png"), machine.tag)
+    return path, results.rows
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
     return lambda text: tuple(kind(x) for x in text.split(",") if x)
 
+
+_DTYPES = ",".join(FLAT_DTYPES)
 
 # (flag, BenchConfig field, argparse keywords): defaults come from BenchConfig.
 _FLAGS: tuple[tuple[str, str, Row], ...] = (
@@ -337,6 +311,7 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
     ("--server", "server", {"choices": ("process", "thread"), "help": "gRPC server placement"}),
     ("--batch-window-ms", "batch_window_ms", {"type": float, "help": "server batch window"}),
     ("--flat-impls", "flat_impls", {"type": _csv(str), "help": "CPU flat: faiss,torch"}),
+    ("--flat-dtypes", "flat_dtypes", {"type": _csv(str), "help": f"torch flat: {_DTYPES}"}),
     ("--cuda", "cuda", {"action": argparse.BooleanOptionalAction, "help": "flat on CUDA too"}),
     ("--hnsw-m", "hnsw_m", {"type": int, "help": "HNSW M"}),
     ("--ef-construction", "ef_construction", {"type": int, "help": "HNSW efConstruction"}),

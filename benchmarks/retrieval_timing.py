@@ -6,7 +6,8 @@ project's ``RetrieverConfig`` and ``config_flags`` into the ``retriever serve`` 
 server needs. ``time_inproc`` times ``encode`` and ``search_vectors`` separately for dense
 backends (their sum is the latency of ``search``); ``time_grpc_server`` starts a server (child
 process or thread) and times ``RetrieverClient.search`` with text queries, one channel for
-all batch sizes. Every cell is condensed to ``LatencyStats`` row fields.
+all batch sizes, handing each finished cell to ``on_cell`` at once (the caller saves it).
+Every cell is condensed to ``LatencyStats`` row fields.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,31 @@ from ralmspec_vllm.retrieval.factory import RetrieverConfig
 
 Row = dict[str, Any]
 
+CellDone = Callable[[int, Row], object]
+"""``on_cell(batch_size, row)``: one timed cell, handed over as soon as it is finished."""
+
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """One retriever setup measured: a backend on a device with a flat implementation."""
+    """One retriever setup measured: a backend on a device with a flat implementation and
+    (torch flat only) a matrix dtype."""
 
     backend: str
     device: str = "cpu"
     flat_impl: str = "faiss"
+    dtype: str = "float32"
 
     @property
     def label(self) -> str:
-        """``flat`` (FAISS on the CPU), ``flat-torch`` (torch on the CPU), ``flat-cuda``..."""
+        """``flat`` (FAISS on the CPU), ``flat-torch`` (torch on the CPU), ``flat-cuda``...,
+        suffixed with a non-float32 dtype (``flat-cuda-float16``)."""
         if self.device != "cpu":
-            return f"{self.backend}-{self.device}"
-        return self.backend if self.flat_impl == "faiss" else f"{self.backend}-{self.flat_impl}"
+            label = f"{self.backend}-{self.device}"
+        elif self.flat_impl == "faiss":
+            label = self.backend
+        else:
+            label = f"{self.backend}-{self.flat_impl}"
+        return label if self.dtype == "float32" else f"{label}-{self.dtype}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,7 @@ def retriever_config(variant: Variant, params: IndexParams) -> RetrieverConfig:
         backend=variant.backend,
         device=variant.device,
         flat_impl=variant.flat_impl,
+        dtype=variant.dtype,
         hnsw_m=params.hnsw_m,
         ef_construction=params.ef_construction,
         ef_search=params.ef_search,
@@ -132,7 +144,12 @@ def time_inproc(
 
 
 async def time_client(
-    target: str, queries: Queries, batch_sizes: Sequence[int], k: int, policy: RepeatPolicy
+    target: str,
+    queries: Queries,
+    batch_sizes: Sequence[int],
+    k: int,
+    policy: RepeatPolicy,
+    on_cell: CellDone | None = None,
 ) -> dict[int, Row]:
     """Every batch size against the server at ``target``, through one client channel."""
     from ralmspec_vllm.retrieval.client import RetrieverClient
@@ -147,6 +164,8 @@ async def time_client(
 
             samples = await measure_async(call, policy)
             out[b] = dict(LatencyStats.from_seconds(samples).as_row())
+            if on_cell is not None:
+                on_cell(b, out[b])
     return out
 
 
@@ -161,14 +180,16 @@ def time_grpc_server(
     batch_sizes: Sequence[int],
     k: int,
     policy: RepeatPolicy,
+    on_cell: CellDone | None = None,
 ) -> dict[int, Row]:
     """Start a server (``process``: ``retriever serve`` child; ``thread``: serves
-    ``retriever`` itself) on 127.0.0.1 with an OS-chosen port and time it."""
+    ``retriever`` itself) on 127.0.0.1 with an OS-chosen port and time it (``on_cell``
+    after each batch size)."""
     from ralmspec_vllm.retrieval.server import ServerProcess, ServerThread
     from ralmspec_vllm.retrieval.service import ServiceConfig
 
     def timed(target: str) -> dict[int, Row]:
-        return asyncio.run(time_client(target, queries, batch_sizes, k, policy))
+        return asyncio.run(time_client(target, queries, batch_sizes, k, policy, on_cell))
 
     if server == "thread":
         service = ServiceConfig(batch_window_ms=batch_window_ms)

@@ -1,0 +1,97 @@
+"""``bench_retrieval``'s progressive result file and its ``--flat-dtypes`` variants.
+
+A tiny world (a 40-passage knowledge base from a seeded JSONL corpus and a query file) is
+timed over FAISS flat and the torch flat path in every dtype ``retrieval.flat.DTYPES`` offers,
+in-process and through a real gRPC server thread, one repetition per cell. Every result write
+is watched: one after opening the corpora, one per index open and one per cell, all marked
+incomplete, then the complete one; the PNG only after it. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_retrieval import BenchConfig, parse_args, run_benchmark
+from benchmarks.common import read_results
+from benchmarks.retrieval_timing import Variant
+from ralmspec_vllm.retrieval.flat import DTYPES
+from tests.corpus_fixtures import build_tiny_kb
+
+
+def test_flat_dtypes_make_one_torch_variant_each() -> None:
+    cfg = BenchConfig(backends=("flat", "bm25"), flat_dtypes=DTYPES)
+    labels = [v.label for v in cfg.variants(cuda_available=True)]
+    reduced = DTYPES[1:]
+    assert labels == [
+        "flat", "flat-torch", *(f"flat-torch-{d}" for d in reduced),
+        "flat-cuda", *(f"flat-cuda-{d}" for d in reduced), "bm25",
+    ]  # fmt: skip
+    assert [v.label for v in BenchConfig(backends=("flat",)).variants(False)] == [
+        "flat",
+        "flat-torch",
+    ]
+    assert Variant("flat", "cpu", "torch", "float16").label == "flat-torch-float16"
+    assert parse_args(["--flat-dtypes", ",".join(DTYPES)]).flat_dtypes == DTYPES
+    assert parse_args([]).flat_dtypes == ("float32",)
+    with pytest.raises(ValueError, match="flat_dtypes"):
+        BenchConfig(flat_dtypes=("int8",))
+    with pytest.raises(ValueError, match="flat_dtypes"):
+        BenchConfig(flat_dtypes=())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("retrieval")
+    rng = np.random.default_rng(23)
+    kb = build_tiny_kb(root, rng)
+    words = ["river", "king", "battle", "ocean", "novel", "island"]
+    (root / "queries.txt").write_text(
+        "\n".join(" ".join(rng.choice(words, size=4)) for _ in range(8)) + "\n"
+    )
+    return {"kb": kb, "queries": root / "queries.txt"}
+
+
+def test_bench_retrieval_writes_after_every_cell(world: dict[str, Path], tmp_path: Path) -> None:
+    """A run killed by ``timeout`` keeps every finished cell: every write is watched."""
+    cfg = parse_args([
+        "--index", str(world["kb"]), "--questions", str(world["queries"]),
+        "--sizes", "real", "--backends", "flat", "--flat-impls", "faiss,torch",
+        "--flat-dtypes", ",".join(DTYPES), "--transports", "inproc,grpc", "--server", "thread",
+        "--batch-sizes", "1,2", "--reps", "1", "--warmup", "0", "--no-cuda",
+        "--out-dir", str(tmp_path), "--name", "progress", "--log-level", "WARNING",
+    ])  # fmt: skip
+    png = tmp_path / "progress.png"
+    seen: list[tuple[bool, int, int, int, bool]] = []
+
+    def watch(path: Path) -> None:
+        data = read_results(path)
+        meta = data["meta"]
+        assert meta["cells_done"] == len(data["rows"])
+        assert meta["params"]["flat_dtypes"] == list(DTYPES)
+        seen.append(
+            (meta["complete"], meta["cells_done"], meta["cells_total"], len(meta["builds"]),
+             png.exists())
+        )  # fmt: skip
+
+    path, rows = run_benchmark(cfg, on_write=watch)
+    variants = 1 + len(DTYPES)  # FAISS flat, then torch flat per dtype
+    total = variants * 2 * 2  # x transports x batch sizes
+    expected = [(False, 0, total, 0, False)]  # corpora opened, nothing timed yet
+    for v in range(variants):
+        expected.append((False, 4 * v, total, v + 1, False))  # the index is open
+        expected += [(False, 4 * v + c, total, v + 1, False) for c in range(1, 5)]
+    expected.append((True, total, total, variants, False))  # the PNG is drawn after it
+    assert seen == expected
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    data = read_results(path)
+    assert data["rows"] == rows and len(rows) == total
+    cells = {(r["backend"], r["transport"], r["batch_size"]) for r in rows}
+    labels = ["flat", "flat-torch", *(f"flat-torch-{d}" for d in DTYPES[1:])]
+    assert cells == {(b, t, n) for b in labels for t in ("inproc", "grpc") for n in (1, 2)}
+    params = {r["backend"]: r["index_params"] for r in rows}
+    assert params["flat"] == "faiss,float32"
+    assert all(params[f"flat-torch-{d}"] == f"torch,{d}" for d in DTYPES[1:])
+    assert [b["what"] for b in data["meta"]["builds"]] == [f"open {x}" for x in labels]
