@@ -10,8 +10,9 @@ it directly; search results report it too.
 ``DenseIndexRetriever.search_vectors`` asks the backend's index (FAISS flat, torch matmul,
 HNSW, IVF) for ``k + margin`` candidates by its own fast, approximate-in-the-last-bits float
 scores, re-scores them with ``inner_product`` and ranks them by (score desc, doc id asc).
-For exact backends the index scores come with an error bound: if the lowest index score
-among the candidates, plus the bound, is not strictly below the k-th exact score, a document
+For exact backends the index scores come with an error bound: if the ceiling on the index
+scores of the docs left out (the lowest candidate's index score, or lower when the backend
+proposes extra candidates), plus the bound, is not strictly below the k-th exact score, a document
 outside the candidates could still beat or tie it, so the candidate set doubles and the
 query is searched again. The result is then the exact top-k under ``inner_product``,
 ties included, and every reported score equals ``score(query, [doc_id])`` bit for bit.
@@ -110,6 +111,10 @@ class DenseIndexRetriever(ABC):
         self.candidate_margin = candidate_margin
         self.index_dir = index_dir
         self.num_docs, self.dim = (int(s) for s in vectors.shape)
+        # Counters for benchmarks and tests: candidates re-scored exactly (all rounds), and
+        # query searches repeated with a doubled candidate set.
+        self.rescored = 0
+        self.widened = 0
         self._max_norm = float(
             max(np.linalg.norm(c.astype(np.float64), axis=1).max() for c in _chunks(vectors))
         )
@@ -118,6 +123,20 @@ class DenseIndexRetriever(ABC):
     @abstractmethod
     def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``count`` candidate ids per query (int64, -1 padded) and their index scores."""
+
+    def _bounded_candidates(
+        self, queries: np.ndarray, count: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_candidates`` plus, per query, a ceiling on the index score of every doc left out.
+
+        The default proposes the top ``count`` by index score, so the lowest proposed score
+        is the ceiling. A backend may propose more (every doc within the error bound of the
+        k-th score, so that one scan suffices) and report a lower ceiling.
+        """
+        ids, approx = self._candidates(queries, count)
+        valid = ids >= 0
+        ceiling = np.where(valid, approx, np.inf).min(axis=1, initial=np.inf)
+        return ids, approx, ceiling
 
     def _candidate_count(self, k: int) -> int:
         """How many candidates the index proposes for a top-``k`` search."""
@@ -165,20 +184,24 @@ class DenseIndexRetriever(ABC):
         count = self._candidate_count(k)
         rel_err = self._relative_error()
         while len(pending):
-            ids, approx = self._candidates(queries[pending], count)
+            ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
             exact = inner_product(queries[pending], self._vectors[np.maximum(ids, 0)])
             retry = []
             for row, qi in enumerate(pending.tolist()):
                 valid = ids[row] >= 0
+                self.rescored += int(valid.sum())
                 hits = top_k_from_scores(ids[row][valid], exact[row][valid], k)
                 results[qi] = hits
-                if rel_err is None or count >= self.num_docs or len(hits) < k:
+                complete = count >= self.num_docs or int(valid.sum()) >= self.num_docs
+                if rel_err is None or complete or len(hits) < k:
                     continue
                 q_norm = float(np.linalg.norm(queries[qi].astype(np.float64)))
                 bound = rel_err * q_norm * self._max_norm + 1e-30
-                if not float(approx[row][valid].min()) + bound < hits[-1].score:
+                # Every doc left out has index score <= ceiling, so exact score < ceiling + bound.
+                if not float(ceiling[row]) + bound < hits[-1].score:
                     retry.append(qi)
             if retry:
+                self.widened += len(retry)
                 logger.debug("widening %d queries from %d candidates", len(retry), count)
             pending = np.asarray(retry, dtype=np.int64)
             count = min(self.num_docs, 2 * count)

@@ -37,7 +37,9 @@ class RetrieverConfig:
     flat_impl: str = "faiss"
     """Flat candidate generator: ``faiss`` (IndexFlatIP) or ``torch`` (matmul + topk)."""
     dtype: str = "float32"
-    """Matrix dtype of the torch flat search (``float16`` halves GPU memory)."""
+    """Matrix dtype of the torch flat search: ``bfloat16`` / ``float16`` halve the memory and
+    make a batch of 4-16 queries cost about one on CPUs with AMX; results stay exact (wider
+    candidate sets, re-scored in float64)."""
     candidate_margin: int = 16
     """Extra candidates a dense index proposes beyond k before exact re-scoring."""
     hnsw_m: int = 64
@@ -69,7 +71,7 @@ class RetrieverConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
         if self.flat_impl == "faiss" and self.dtype != "float32":
-            raise ValueError("dtype: float16 needs flat_impl='torch'")
+            raise ValueError(f"dtype: {self.dtype} needs flat_impl='torch'")
         for name in ("hnsw_m", "ef_construction"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")

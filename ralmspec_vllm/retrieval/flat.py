@@ -7,8 +7,20 @@ provably exact, so both give the same hits and the same (bit-identical) scores:
 - ``impl="faiss"``: ``faiss.IndexFlatIP``; moved to every GPU when the FAISS build has GPUs
   (``faiss.get_num_gpus() > 0``) and ``device`` is not ``"cpu"``, on the CPU otherwise.
 - ``impl="torch"``: the matrix lives on ``device`` (``"cuda"`` where faiss-gpu is missing, e.g.
-  CUDA 13; ``"cpu"`` works too) in float16 or float32; queries are one matmul + ``topk`` per
-  chunk of documents, chunks merged by a second ``topk``.
+  CUDA 13; ``"cpu"`` works too) in float32, bfloat16 or float16; a query batch is one matmul
+  per chunk of documents. Each chunk's scores are cut into groups of ``_GROUP`` docs; groups
+  whose best score reaches the running threshold ``min(c-th best, k-th best - 2 * bound)``
+  (c = k + margin, bound = the index's error bound for that query) are kept. One scan thus
+  proposes every doc that could still be in the exact top-k, and reports the threshold as the
+  ceiling on the scores of the docs it left out: no second scan ("widening") is needed even
+  where a bfloat16 bound (~2^-6.4 |q| max|x|) admits hundreds of near-ties. Queries and the
+  matrix are scaled by powers of two (exact) to norm <= 1, so float16 cannot overflow.
+
+Error bounds (``reduced_relative_error``): on the CPU torch multiplies bfloat16/float16 with
+fp32 accumulation and rounds the output to the input dtype (checked: ``torch.mm`` has no CPU
+``out_dtype``; a probe with 1 + 383 x u/2 sums gives the fp32 result for batch 1..20).
+
+Timings on the 3M index: ``benchmarks/micro_backends.py``.
 """
 
 from __future__ import annotations
@@ -31,10 +43,41 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("faiss", "torch")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
-# Loose bound for reduced-precision paths (fp16 inputs/outputs, TF32 or fp16 reductions).
+# Added to the bound off the CPU: GPU kernels may use TF32 or reduced-precision split-K
+# reductions. A loose allowance, not a proof.
 _REDUCED_PRECISION_ERROR = 2.0**-7
+# Unit roundoff u and half the subnormal spacing eta of the reduced dtypes.
+_ROUNDING = {"bfloat16": (2.0**-8, 2.0**-134), "float16": (2.0**-11, 2.0**-25)}
+_SAFETY = 1.125
+# Docs per group whose maximum decides whether the group's scores are looked at.
+_GROUP = 256
+
+
+def reduced_relative_error(dim: int, dtype: str) -> float:
+    """Bound on |index score - q.x| / (|q| max|x|) for the torch CPU path in ``dtype``.
+
+    Setting: q and x scaled by powers of two to norms in [1/2, 1) (exact), so
+    ``|q| max|x| >= 1/4`` and nothing overflows. Each input is rounded to ``dtype`` (RNE):
+    ``|dq_j| <= u |q_j| + eta`` (eta covers float16 subnormals), likewise x. Then
+
+    - input: ``sum |q_j x_j - q'_j x'_j| <= (2u + u^2)|q||x| + 2 eta (1+u)(|q|_1 + |x|_1)
+      + d eta^2``, with ``|v|_1 <= sqrt(d)|v| <= sqrt(d)``: relative to ``|q||x| >= 1/4``
+      at most ``2u + u^2 + 4 (4 eta (1+u) sqrt(d) + d eta^2)``;
+    - accumulation: products of two bf16/fp16 values are exact in fp32, summed in fp32:
+      ``gamma_d sum|q'_j x'_j| <= g (1+u)^2 |q||x|`` with ``g = float32_relative_error(d)``
+      (twice gamma_d); fp32 underflow adds at most ``4 d 2^-126``;
+    - output rounded to ``dtype``: ``u |s'| + eta`` with ``|s'| <= (1 + input + acc)|q||x|``.
+
+    The sum, times 1.125 for safety. About 3u: bfloat16 0.0132 (2^-6.2), float16 0.00166.
+    """
+    u, eta = _ROUNDING[dtype]
+    g = float32_relative_error(dim)
+    inputs = 2 * u + u * u + 4 * (4 * eta * (1 + u) * dim**0.5 + dim * eta * eta)
+    accumulation = g * (1 + u) ** 2 + 4 * dim * 2.0**-126
+    output = u * (1 + inputs + accumulation) + 4 * eta
+    return _SAFETY * (inputs + accumulation + output)
 
 
 class FlatRetriever(DenseIndexRetriever):
@@ -71,11 +114,15 @@ class FlatRetriever(DenseIndexRetriever):
         )
         self.impl = impl
         self.dtype = dtype
-        self.chunk_size = chunk_size
+        # A multiple of _GROUP, so only the matrix's last chunk has a partial group.
+        self.chunk_size = -(-chunk_size // _GROUP) * _GROUP
+        self._matrix_scale = _power_of_two_scale(self._max_norm)
         if impl == "faiss":
             self._index, self.device = _faiss_flat(self._vectors, device, progress)
         else:
-            self._matrix, self.device = _torch_matrix(self._vectors, device, dtype, chunk_size)
+            self._matrix, self.device = _torch_matrix(
+                self._vectors, device, dtype, self.chunk_size, self._matrix_scale
+            )
         logger.info(
             "flat retriever: %d x %d, impl=%s device=%s dtype=%s",
             self.num_docs,
@@ -91,10 +138,13 @@ class FlatRetriever(DenseIndexRetriever):
         return cls(kb.embeddings(), kb.documents, kb.encoder(), **params)
 
     def _relative_error(self) -> float:
-        exact32 = float32_relative_error(self.dim)
-        if self.dtype == "float16" or self.device != "cpu":
-            return exact32 + _REDUCED_PRECISION_ERROR
-        return exact32
+        if self.dtype == "float32":
+            bound = float32_relative_error(self.dim)
+        else:
+            bound = reduced_relative_error(self.dim, self.dtype)
+        if self.device != "cpu":
+            bound += _REDUCED_PRECISION_ERROR
+        return bound
 
     def _extra_info(self) -> dict[str, str]:
         return {"impl": self.impl, "device": self.device, "dtype": self.dtype}
@@ -103,30 +153,113 @@ class FlatRetriever(DenseIndexRetriever):
         if self.impl == "faiss":
             scores, ids = self._index.search(queries, count)
             return ids.astype(np.int64, copy=False), scores
-        return self._torch_candidates(queries, count)
+        ids, scores, _ = self._torch_scan(queries, count, count)
+        return ids, scores
 
-    def _torch_candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def _bounded_candidates(
+        self, queries: np.ndarray, count: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.impl == "faiss":
+            return super()._bounded_candidates(queries, count, k)
+        return self._torch_scan(queries, count, k)
+
+    def _torch_scan(
+        self, queries: np.ndarray, count: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top ``count`` plus every doc within twice the bound of the k-th; see module doc."""
         import torch
 
-        matrix = self._matrix
+        q_norms = np.linalg.norm(queries.astype(np.float64), axis=1)
+        q_scale = np.array([_power_of_two_scale(n) for n in q_norms])
+        scaled = (queries * q_scale[:, None].astype(np.float32)).astype(np.float32)
+        bound = self._relative_error() * q_norms * q_scale * self._max_norm * self._matrix_scale
+        # 2 * bound, widened a little so the float32 threshold arithmetic cannot undercut it.
+        slack = 2.0 * (bound + 1e-30 * q_scale * self._matrix_scale) * (1 + 2.0**-8)
         with torch.inference_mode():
-            q = torch.from_numpy(queries).to(device=matrix.device, dtype=matrix.dtype)
-            best_scores: torch.Tensor | None = None
-            best_ids: torch.Tensor | None = None
+            q = torch.from_numpy(scaled).to(device=self._matrix.device, dtype=self._matrix.dtype)
+            scan = _ThresholdScan(len(queries), count, k, slack, self._matrix.device)
             for start in range(0, self.num_docs, self.chunk_size):
-                block = q @ matrix[start : start + self.chunk_size].T
-                top = torch.topk(block.float(), min(count, block.shape[1]), dim=1)
-                ids = top.indices + start
-                if best_scores is None or best_ids is None:
-                    best_scores, best_ids = top.values, ids
-                    continue
-                merged = torch.cat([best_scores, top.values], dim=1)
-                merged_ids = torch.cat([best_ids, ids], dim=1)
-                keep = torch.topk(merged, min(count, merged.shape[1]), dim=1)
-                best_scores = keep.values
-                best_ids = torch.gather(merged_ids, 1, keep.indices)
-            assert best_scores is not None and best_ids is not None
-            return best_ids.cpu().numpy().astype(np.int64), best_scores.cpu().numpy()
+                scan.add(q @ self._matrix[start : start + self.chunk_size].T, start)
+            ids, scores, ceiling = scan.result()
+        unscale = 1.0 / (q_scale * self._matrix_scale)  # powers of two: exact
+        return ids, scores * unscale[:, None], ceiling * unscale
+
+
+class _ThresholdScan:
+    """Collects, chunk by chunk, every doc whose score reaches the running threshold."""
+
+    def __init__(self, rows: int, count: int, k: int, slack: np.ndarray, device: Any) -> None:
+        import torch
+
+        self.count, self.k = count, k
+        self.slack = torch.from_numpy(slack.astype(np.float32)).to(device)
+        # Best group maxima so far: real scores of distinct docs, so their c-th and k-th are
+        # lower bounds on the true c-th and k-th, and the threshold never exceeds the true one.
+        self.best = torch.full((rows, 0), -torch.inf, device=device)
+        self.parts: list[tuple[Any, Any, Any]] = []
+
+    def add(self, block: Any, start: int) -> None:
+        import torch
+
+        rows, n = block.shape
+        if n % _GROUP:
+            pad = torch.full((rows, _GROUP - n % _GROUP), -torch.inf, dtype=block.dtype)
+            block = torch.cat([block, pad.to(block.device)], dim=1)
+        groups = block.view(rows, -1, _GROUP)
+        maxima = groups.amax(dim=2).float()
+        merged = torch.cat([self.best, maxima], dim=1)
+        self.best = torch.topk(merged, min(self.count, merged.shape[1]), dim=1).values
+        threshold = self._threshold(self.best)
+        row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
+        values = groups[row, group].float()  # (hits, _GROUP)
+        keep = values >= threshold[row, None]
+        col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
+        row = row[:, None].expand(-1, _GROUP)
+        self.parts.append((row[keep], col[keep] + start, values[keep]))
+
+    def _threshold(self, best: Any) -> Any:
+        import torch
+
+        width = best.shape[1]
+        low = torch.full_like(best[:, 0], -torch.inf)
+        kth = best[:, self.k - 1] - self.slack if width >= self.k else low
+        cth = best[:, self.count - 1] if width >= self.count else low
+        return torch.minimum(kth, cth)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids -1 padded, scores, ceiling): the final threshold is exact, not a lower bound."""
+        rows = self.best.shape[0]
+        row = np.concatenate([p[0].cpu().numpy() for p in self.parts])
+        ids = np.concatenate([p[1].cpu().numpy() for p in self.parts]).astype(np.int64)
+        values = np.concatenate([p[2].cpu().numpy() for p in self.parts])
+        slack = self.slack.cpu().numpy()
+        per_row: list[tuple[np.ndarray, np.ndarray]] = []
+        ceiling = np.empty(rows, dtype=np.float64)
+        for r in range(rows):
+            mine = row == r
+            v, i = values[mine], ids[mine]
+            ranked = np.sort(v)[::-1]
+            cth = ranked[min(self.count, len(ranked)) - 1]
+            kth = ranked[min(self.k, len(ranked)) - 1] - slack[r]
+            limit = min(np.float32(cth), np.float32(kth))
+            keep = v >= limit
+            per_row.append((i[keep], v[keep]))
+            ceiling[r] = float(limit)
+        width = max(len(i) for i, _ in per_row)
+        out_ids = np.full((rows, width), -1, dtype=np.int64)
+        out_scores = np.full((rows, width), -np.inf, dtype=np.float64)
+        for r, (i, v) in enumerate(per_row):
+            out_ids[r, : len(i)] = i
+            out_scores[r, : len(v)] = v
+        return out_ids, out_scores, ceiling
+
+
+def _power_of_two_scale(norm: float) -> float:
+    """2^-e with norm * 2^-e in [1/2, 1) (1.0 for a zero norm)."""
+    if not norm > 0 or not np.isfinite(norm):
+        return 1.0
+    _, exponent = np.frexp(norm)
+    return float(np.ldexp(1.0, -int(exponent)))
 
 
 def _faiss_flat(vectors: np.ndarray, device: str, progress: bool) -> tuple[Any, str]:
@@ -146,19 +279,22 @@ def _faiss_flat(vectors: np.ndarray, device: str, progress: bool) -> tuple[Any, 
     return index, "cpu"
 
 
-def _torch_matrix(vectors: np.ndarray, device: str, dtype: str, chunk_size: int) -> tuple[Any, str]:
+def _torch_matrix(
+    vectors: np.ndarray, device: str, dtype: str, chunk_size: int, scale: float
+) -> tuple[Any, str]:
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: CUDA requested but torch sees no GPU")
-    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    torch_dtype = getattr(torch, dtype)
     matrix = torch.empty(vectors.shape, dtype=torch_dtype, device=device)
 
     def load(start: int) -> None:
         # A writable copy per chunk: the KB's embeddings are a read-only memory map.
         block = np.array(vectors[start : start + chunk_size], dtype=np.float32)
+        block *= np.float32(scale)  # a power of two: exact
         matrix[start : start + len(block)] = torch.from_numpy(block).to(device, torch_dtype)
 
     # Threads overlap the page-cache reads and copies (21M x 384 is 32 GB; one thread took

@@ -1,4 +1,8 @@
-"""Exact dense search: FAISS and torch flat search against brute-force numpy, ties, scores."""
+"""Exact dense search: FAISS and torch flat search against brute-force numpy, ties, scores.
+
+Reduced-precision torch matrices (bfloat16, float16) must give the float32 FAISS path's hits
+and scores bit for bit; a near-tie corpus makes their error bound admit many candidates.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pytest
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.dense import inner_product
-from ralmspec_vllm.retrieval.flat import FlatRetriever
+from ralmspec_vllm.retrieval.flat import FlatRetriever, reduced_relative_error
 
 from .synthetic import DIM, DUP_IDS, DUP_OF, NUM_DOCS, SyntheticCorpus, brute_force
 
@@ -15,6 +19,7 @@ IMPLS = [
     {"impl": "faiss"},
     {"impl": "torch", "device": "cpu"},
     {"impl": "torch", "device": "cpu", "dtype": "float16", "chunk_size": 128},
+    {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300},
 ]
 
 
@@ -166,3 +171,57 @@ def test_torch_cuda_equals_faiss(corpus: SyntheticCorpus, dtype: str) -> None:
     assert cuda.device == "cuda"
     assert cuda.search_vectors(queries, 12) == _flat(corpus).search_vectors(queries, 12)
     assert cuda.search_vectors(corpus.vectors[DUP_OF], 3)[0][0].doc_id == DUP_IDS[0]
+
+
+def _near_ties(seed: int = 11, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """1500 docs: 400 within ~1e-3 of one direction (far inside the bf16 bound), rest random;
+    7 queries near that direction, one exactly on it, one scaled by 1000."""
+    rng = np.random.default_rng(seed)
+    docs = rng.standard_normal((1500, dim))
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    centre = docs[0].copy()
+    docs[1:401] = centre + 1e-3 * rng.standard_normal((400, dim))
+    docs[401:405] = docs[1]  # exact duplicates: ties at float64 too
+    queries = centre + 0.02 * rng.standard_normal((7, dim))
+    queries[0] = centre
+    queries[3] *= 1000.0
+    return docs.astype(np.float32), queries.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("k", [1, 20])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: int) -> None:
+    docs, queries = _near_ties()
+    reference = FlatRetriever(docs, candidate_margin=0)
+    torch_flat = FlatRetriever(docs, impl="torch", device="cpu", dtype=dtype, chunk_size=512)
+    expected = reference.search_vectors(queries[:batch], k)
+    got = torch_flat.search_vectors(queries[:batch], k)
+    assert [_pairs(row) for row in got] == [_pairs(row) for row in expected]
+    assert [[h.doc_id for h in row] for row in got] == brute_force(queries[:batch], docs, k)
+    # FAISS proposes k and must widen; the torch scan proposes every doc within its bound
+    # in one pass (bf16's bound admits hundreds here), so it never rescans.
+    assert reference.widened >= batch
+    assert torch_flat.widened == 0
+    if dtype == "bfloat16":
+        assert torch_flat.rescored > 100 * batch
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
+    # Worst case for input rounding: every coordinate sits just below a rounding midpoint,
+    # so q and x both lose almost u per coordinate, all in the same direction.
+    u = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+    dim = 96
+    worst = np.full((1, dim), 1.0 + u - u / 64, dtype=np.float32)
+    rng = np.random.default_rng(5)
+    docs = np.concatenate([worst, rng.random((500, dim))]).astype(np.float32)  # norms < |worst|
+    queries = np.concatenate([worst, rng.standard_normal((3, dim))]).astype(np.float32)
+    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype=dtype)
+    ids, approx, _ = flat._torch_scan(queries, len(docs), len(docs))
+    exact = inner_product(queries, docs[ids])
+    q_norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+    relative = np.abs(approx - exact) / (q_norms * flat._max_norm)
+    bound = reduced_relative_error(dim, dtype)
+    assert relative.max() < bound
+    assert relative[0].max() > 1.9 * u  # the worst row really loses ~2u: the bound is ~3u
