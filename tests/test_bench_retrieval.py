@@ -4,11 +4,18 @@ A tiny world (a 40-passage knowledge base from a seeded JSONL corpus and a query
 timed over FAISS flat and the torch flat path in every dtype ``retrieval.flat.DTYPES`` offers,
 in-process and through a real gRPC server thread, one repetition per cell. Every result write
 is watched: one after opening the corpora, one per index open and one per cell, all marked
-incomplete, then the complete one; the PNG only after it. No timing is asserted.
+incomplete, then the complete one; the PNG only after it. A run in a child process killed
+with SIGTERM (what ``timeout`` sends) mid-cell leaves its last partial file. No timing is
+asserted.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +105,31 @@ def test_bench_retrieval_writes_after_every_cell(world: dict[str, Path], tmp_pat
     assert params["flat"] == "faiss,float32"
     assert all(params[f"flat-torch-{d}"] == f"torch,{d}" for d in REDUCED)
     assert [b["what"] for b in data["meta"]["builds"]] == [f"open {x}" for x in labels]
+
+
+def test_sigterm_keeps_the_last_partial_file(world: dict[str, Path], tmp_path: Path) -> None:
+    """What ``timeout`` does: SIGTERM mid-run leaves the file of the cells finished so far."""
+    argv = [
+        "--index", str(world["kb"]), "--questions", str(world["queries"]),
+        "--sizes", "real", "--backends", "flat", "--flat-impls", "faiss",
+        "--transports", "inproc", "--batch-sizes", "1,2,4,8", "--reps", "1000000",
+        "--cell-budget-s", "3", "--no-cuda", "--out-dir", str(tmp_path), "--name", "killed",
+    ]  # fmt: skip
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_retrieval.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = tmp_path / "killed.json"
+    with subprocess.Popen(
+        [sys.executable, str(script), *argv],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ) as child:  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and child.poll() is None:
+            if result.exists() and read_results(result)["meta"]["cells_done"] >= 1:
+                break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)  # each cell takes 3 s: the run is mid-cell now
+        assert child.wait(timeout=30) == -signal.SIGTERM
+    meta = read_results(result)["meta"]
+    assert meta["complete"] is False
+    assert 1 <= meta["cells_done"] < meta["cells_total"] == 4
+    assert not (tmp_path / "killed.png").exists()
