@@ -12,7 +12,9 @@ Flags: our own (server, retriever, RaLM defaults and limits) plus every vLLM eng
 Start-up order: the retriever child and the engine start concurrently; then the app
 (``entrypoints.openai.app.build_app``) is served by uvicorn on a socket bound here, so
 ``--port 0`` works and the line ``ralmspec-vllm serving on http://HOST:PORT`` (stdout) names
-the real port.
+the real port. Idle keep-alive connections stay open ``--timeout-keep-alive`` seconds (65),
+longer than the clients' connection-pool expiry (5 s in httpx), so a client never reuses a
+connection that the server is closing at that very moment (such a request is lost).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 READY_PREFIX = "ralmspec-vllm serving on"
 DEFAULT_MODEL = "smollm2-135m"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_KEEP_ALIVE_S = 65
+"""Idle keep-alive timeout: above the 5 s pool expiry of httpx (and the openai client) and the
+60 s idle timeout common in load balancers, so the client side always closes first."""
 
 # Our flags' destinations; everything else in the namespace is a vLLM engine flag.
 _OWN: set[str] = set()
@@ -74,6 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; env RALMSPEC_API_KEY)",
     )
     _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
+    _own(
+        server,
+        "--timeout-keep-alive",
+        type=int,
+        default=DEFAULT_KEEP_ALIVE_S,
+        metavar="SECONDS",
+        help="seconds an idle keep-alive connection stays open; keep it above the clients' "
+        "pool expiry (httpx, the openai client: 5 s) so that clients drop idle connections "
+        "first: a request sent just as the server closes its connection is lost "
+        "(default: %(default)s; uvicorn's: 5)",
+    )
     _own(
         server,
         "--lm-path",
@@ -246,14 +262,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         service = RaLMService(lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len)
         model_name = (args.served_model_name or [args.model or DEFAULT_MODEL])[0]
         app = build_app(service, model_name, api_keys)
-        uv = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                log_level=args.uvicorn_log_level,
-                timeout_graceful_shutdown=5,
-                lifespan="off",
-            )
-        )
+        uv = uvicorn.Server(uvicorn_config(app, args))
         print(f"{READY_PREFIX} http://{bound.host}:{bound.port}", flush=True)
         logger.info(
             "model %s, retriever %s, api key %s", model_name, target, "on" if api_keys else "off"
@@ -265,6 +274,19 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             stack.callback(signal.signal, sig, signal.signal(sig, lambda *_: None))
         await uv.serve(sockets=[bound.sock])
         logger.info("shutting down: engine, retriever client and child retriever")
+
+
+def uvicorn_config(app: Any, args: argparse.Namespace) -> Any:
+    """The ``uvicorn.Config`` serving ``app`` with the server flags (tests use it too)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level=args.uvicorn_log_level,
+        timeout_keep_alive=args.timeout_keep_alive,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+    )
 
 
 async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
@@ -281,6 +303,9 @@ def run(args: argparse.Namespace) -> int:
             "binding %s without --api-key: anyone who can reach it may use it", args.host
         )
     try:
+        if args.timeout_keep_alive < 1:
+            msg = f"--timeout-keep-alive must be >= 1 s, got {args.timeout_keep_alive}"
+            raise ValueError(msg)
         config = service_config_from_args(args)
     except ValueError as err:
         print(f"ralmspec-vllm serve: error: {err}", file=sys.stderr)
