@@ -8,6 +8,14 @@ text, completion tokens and the server's per-request ``ralm`` summary. ``run_clo
 ``concurrency`` requests in flight until its list is done; ``run_poisson`` starts requests at
 exponentially spaced times (``rate`` per second, seeded); both stop starting new requests at
 ``deadline`` (requests in flight finish). ``summarize`` condenses one cell's records.
+
+A request whose connection fails before any response byte (``never_answered``: connect
+refused, reset or closed without a reply; typically a pooled keep-alive connection that
+the server closed just as it was reused) is sent again on a new connection, at most
+``RESEND_LIMIT`` times; the record counts the resends (``resends``) and each cell's row
+sums them (``connection_resends``), so they stay visible. The client is built with
+``max_retries=0``: the openai client's own retries would also resend on timeouts and 5xx
+answers, uncounted. Errors after the first response byte are never retried.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class RequestRecord:
     completion_tokens: int
     ralm: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    resends: int = 0
+    """Times the request was sent again after its connection failed unanswered."""
 
     @property
     def tpot_s(self) -> float | None:
@@ -57,23 +67,71 @@ class RequestRecord:
         return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
 
 
+RESEND_LIMIT = 2
+"""Resends of one request after unanswered connection failures (then it counts as failed)."""
+
+_UNANSWERED = ("ConnectError", "ReadError", "WriteError")
+"""httpx/httpx2 transport errors raised before the response's status line arrived (the
+openai client wraps them in ``APIConnectionError``), by name: either package may be in use."""
+
+
+def never_answered(err: BaseException) -> bool:
+    """``err`` (from ``completions.create``, before the stream starts) says the connection
+    failed before any response byte: not a timeout, the server did not answer at all.
+
+    uvicorn closes an idle keep-alive connection without reading what arrived on it, so a
+    request that crossed the close was not seen by the server (which logs nothing) and
+    sending it again duplicates nothing. The same errors when the server died mid-request
+    are the exception; then the resend fails too and the request still counts as failed.
+    """
+    import openai
+
+    cause = err.__cause__
+    if not isinstance(err, openai.APIConnectionError) or isinstance(err, openai.APITimeoutError):
+        return False
+    if cause is None or not type(cause).__module__.startswith("httpx"):
+        return False
+    name = type(cause).__name__
+    return name in _UNANSWERED or (
+        name == "RemoteProtocolError" and "without sending a response" in str(cause)
+    )
+
+
+async def _send(client: Any, model: str, job: Job, max_tokens: int) -> Any:
+    """The request's stream (its status line and headers have arrived)."""
+    return await client.completions.create(
+        model=model,
+        prompt=job.question,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ralm": dict(job.ralm)},
+    )
+
+
 async def ask(client: Any, model: str, job: Job, max_tokens: int, t0: float) -> RequestRecord:
-    """One streamed completion (see module doc); failures become records with ``error``."""
+    """One streamed completion (see module doc); failures become records with ``error``.
+    Latencies run from the first send, resends included."""
     start = time.perf_counter()
     ttft: float | None = None
     parts: list[str] = []
     tokens = 0
     ralm: dict[str, Any] = {}
+    resends = 0
     try:
-        stream = await client.completions.create(
-            model=model,
-            prompt=job.question,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ralm": dict(job.ralm)},
-        )
+        while True:
+            try:
+                stream = await _send(client, model, job, max_tokens)
+                break
+            except Exception as err:
+                if resends >= RESEND_LIMIT or not never_answered(err):
+                    raise
+                resends += 1
+                logger.warning(
+                    "request %s (%s): connection failed unanswered (%r), resend %d",
+                    job.qid, job.method, err.__cause__, resends,
+                )  # fmt: skip
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 if ttft is None:
@@ -88,10 +146,10 @@ async def ask(client: Any, model: str, job: Job, max_tokens: int, t0: float) -> 
         logger.warning("request %s (%s) failed: %r", job.qid, job.method, err)
         return RequestRecord(
             job, start - t0, time.perf_counter() - start, ttft, "".join(parts), tokens,
-            ralm, error=f"{type(err).__name__}: {err}",
+            ralm, error=f"{type(err).__name__}: {err}", resends=resends,
         )  # fmt: skip
     e2e = time.perf_counter() - start
-    return RequestRecord(job, start - t0, e2e, ttft, "".join(parts), tokens, ralm)
+    return RequestRecord(job, start - t0, e2e, ttft, "".join(parts), tokens, ralm, resends=resends)
 
 
 async def run_closed(
@@ -185,6 +243,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
     return {
         "num_requests": len(records),
         "failed": len(records) - len(ok),
+        "connection_resends": sum(r.resends for r in records),
         "duration_s": round(wall_s, 3),
         "max_in_flight": max_in_flight(records),
         "requests_per_s": round(len(ok) / wall_s, 4) if wall_s > 0 else 0.0,

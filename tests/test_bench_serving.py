@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
+import openai
 import pytest
 
 from benchmarks.bench_serving import ServingConfig, main, parse_args, question_pool
 from benchmarks.common import read_results
-from benchmarks.serving_load import Job, RequestRecord, max_in_flight
+from benchmarks.serving_load import Job, RequestRecord, max_in_flight, never_answered, summarize
 from benchmarks.serving_report import add_ratios, check_identity, repeat_summary
 from benchmarks.serving_server import batch_stats
 from benchmarks.serving_session import ralm_options
@@ -89,6 +92,30 @@ def test_identity_check_and_in_flight_count() -> None:
     assert check_identity(records, {"a": "x", "b": "Y"}) == (False, ["b"])
     assert check_identity(records, {}) == (None, [])
     assert max_in_flight(records) == 3
+
+
+def test_resends_only_for_connections_that_failed_unanswered() -> None:
+    request: Any = httpx.Request("POST", "http://127.0.0.1/v1/completions")
+
+    def wrapped(cause: Exception, error: type[openai.APIConnectionError]) -> Exception:
+        try:
+            raise error(request=request) from cause
+        except openai.APIConnectionError as err:
+            return err
+
+    reset = httpx.ReadError("[Errno 104] Connection reset by peer")
+    assert never_answered(wrapped(reset, openai.APIConnectionError))
+    assert never_answered(wrapped(httpx.ConnectError("refused"), openai.APIConnectionError))
+    closed = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    assert never_answered(wrapped(closed, openai.APIConnectionError))
+    garbled = httpx.RemoteProtocolError("illegal status line: b'XYZ'")
+    assert not never_answered(wrapped(garbled, openai.APIConnectionError))  # it answered
+    assert not never_answered(wrapped(reset, openai.APITimeoutError))  # may still be running
+    assert not never_answered(openai.APIConnectionError(request=request))  # cause unknown
+    assert not never_answered(RuntimeError("boom"))
+    resent = RequestRecord(Job("a", "q", "baseline", {}), 0.0, 1.0, 0.1, "x", 5, resends=2)
+    summary = summarize([resent, record("b", "y"), record("c", "", error="boom")], 2.0)
+    assert (summary["connection_resends"], summary["failed"]) == (2, 1)
 
 
 def test_batch_stats_diffs_histograms() -> None:
