@@ -14,6 +14,8 @@ start ONE vLLM engine on ``--model``, then per backend (``--backends``) open the
    ``A``, ``PS``, ``SA``, ``PA``, ``PSA``: RaLMSpec presets). Methods are interleaved per
    question so machine-load drift hits them alike. Each run gets a fresh ``RaLMEngine`` and
    (by default) an emptied vLLM prefix cache, so no run profits from another's KV blocks.
+   OS3's measured accuracy (``StrideLedger``) is pooled per method across the questions,
+   as one server engine pools it across requests; ``PSA-PAPER`` (the paper's OS3) ignores it.
 3. every run's token ids are compared with the baseline's: a mismatch is logged as an
    error, marks the row ``outputs_identical: false`` and makes the exit status 1.
 

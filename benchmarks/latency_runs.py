@@ -41,11 +41,21 @@ class Runner:
         self.retriever = retriever
         self.embed = embed
         """``encoder=`` or ``embedder=`` for ``RaLMEngine`` (empty: ``score`` ranking)."""
+        self.stride_ledgers: dict[Any, Any] = {}
+        """OS3's pooled outcomes per speculation config, shared by the per-run engines as
+        one server engine shares them across its requests (warm-up included)."""
 
     def engine(self) -> Any:
         from ralmspec_vllm.core.runner import RaLMEngine
 
-        return RaLMEngine(self.lm, self.lm.tokenizer, self.retriever, self.cfg.ralm, **self.embed)
+        return RaLMEngine(
+            self.lm,
+            self.lm.tokenizer,
+            self.retriever,
+            self.cfg.ralm,
+            stride_ledgers=self.stride_ledgers,
+            **self.embed,
+        )
 
     async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
         reset = self.cfg.reset_prefix_cache and self.cfg.prefix_caching
