@@ -178,7 +178,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
             assert row[key] is not None, key  # fmt: skip
         assert row["outputs_identical"] is True and row["num_checked"] == 2
         assert row["prefix_cache_reset"] is True  # vLLM confirmed the reset before the cell
-        assert row["num_requests"] == 2 and row["failed"] == 0
+        assert row["num_requests"] == 2 and row["failed"] == 0 and row["connection_resends"] == 0
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
