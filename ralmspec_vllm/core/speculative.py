@@ -131,7 +131,9 @@ class SpeculativeRequest:
                 await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
 
     async def _first_step(self) -> None:
-        await self._retrieve_step(self.ctx.query())
+        _, latency = await self._retrieve_step(self.ctx.query())
+        if isinstance(self.scheduler, OptimalStrideScheduler):
+            self.scheduler.record_search(latency)  # b(1), before any verification
 
     async def _retrieve_step(self, query: str) -> tuple[list[Hit], float]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
@@ -159,7 +161,7 @@ class SpeculativeRequest:
         hit = guess == _top1(hits)
         # a: scoring + LM step (everything but the search); b: the search
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
-        self.scheduler.record_verification(search_s, int(hit), not hit)
+        self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         start = time.perf_counter()
@@ -200,7 +202,7 @@ class SpeculativeRequest:
                 asynchronous=asynchronous,
             )
         )
-        self.scheduler.record_verification(latency, matched, mismatch is not None)
+        self.scheduler.record_verification(latency, matched, mismatch is not None, len(steps))
         return mismatch
 
     async def _verify_overlapped(

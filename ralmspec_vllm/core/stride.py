@@ -26,6 +26,14 @@ probability that one speculation is right:
   counts the pooled trials too, and its first round can already be long, where a lone
   request starts at stride 1 and needs ~20 trials of its own to pass the cap (an answer at
   retrieval stride 4 has only ~32 steps).
+- Not in the paper, with ``confidence_z`` set: the verification latency b is modelled per
+  batch size (latest latency per size, linear between and beyond the measured sizes)
+  instead of "the latest b whatever its size", and the stride is the objective's best
+  s in 1..max_stride (b(s) can jump). An exact CPU scan of 2-16 queries costs 2-3x one
+  query in fp32 (MKL gemm vs gemv) but about one query in bf16 (AMX), and FAISS below 20
+  queries is linear: one number cannot stand for both a single-query step and a long
+  round. On a measured 3M-doc CPU run with a random-weight LM (accuracy 0.46) the
+  size-blind OS3 speculated at stride ~3-4 and ended 0.93x the baseline.
 - s starts at 1 (until gamma, a and b are known) and is searched upward from 1 while the
   objective does not drop, up to ``max_stride``.
 - Not in the paper: at stride 1, ``prefers_plain_step`` compares speculating with a plain
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 _TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
@@ -48,7 +57,9 @@ class StrideScheduler(Protocol):
 
     def record_speculation(self, latency_s: float) -> None: ...
 
-    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None: ...
+    def record_verification(
+        self, latency_s: float, matched: int, mismatched: bool, size: int | None = None
+    ) -> None: ...
 
 
 class FixedStride:
@@ -65,7 +76,9 @@ class FixedStride:
     def record_speculation(self, latency_s: float) -> None:
         pass
 
-    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None:
+    def record_verification(
+        self, latency_s: float, matched: int, mismatched: bool, size: int | None = None
+    ) -> None:
         pass
 
 
@@ -104,9 +117,21 @@ def _wilson(successes: int, trials: int, z: float, sign: float) -> float:
     return min(1.0, max(0.0, (centre + sign * spread) / (1.0 + z2n)))
 
 
-def choose_stride(gamma: float, a: float, b: float, max_stride: int, asynchronous: bool) -> int:
-    """From s = 1, increase s while the objective does not drop (at most ``max_stride``)."""
+def choose_stride(
+    gamma: float,
+    a: float,
+    b: float | Callable[[int], float],
+    max_stride: int,
+    asynchronous: bool,
+) -> int:
+    """``b`` one latency (the paper): from s = 1, increase s while the objective does not
+    drop (at most ``max_stride``). ``b`` the latency of a verification of s queries: the
+    best s in 1..max_stride, since b(s) can jump (a CPU gemm of 2 queries costs 2-3x one)
+    and make the objective dip before it rises."""
     objective = async_objective if asynchronous else sync_objective
+    if callable(b):
+        values = [objective(s, gamma, a, b(s)) for s in range(1, max_stride + 1)]
+        return 1 + max(range(len(values)), key=lambda i: (values[i], -i))
     s = 1
     current = objective(1, gamma, a, b)
     while s < max_stride:
@@ -115,6 +140,38 @@ def choose_stride(gamma: float, a: float, b: float, max_stride: int, asynchronou
             break
         s, current = s + 1, candidate
     return s
+
+
+class VerificationCost:
+    """Latest verification latency per batch size; b(s) interpolates linearly between the
+    measured sizes, extends the last slope beyond them (never below the largest measured
+    latency) and is flat below the smallest."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, float] = {}
+
+    def record(self, size: int, latency_s: float) -> None:
+        self.latest[size] = latency_s
+
+    def __bool__(self) -> bool:
+        return bool(self.latest)
+
+    def __call__(self, s: int) -> float:
+        if s in self.latest:
+            return self.latest[s]
+        sizes = sorted(self.latest)
+        if s < sizes[0]:
+            return self.latest[sizes[0]]
+        if s > sizes[-1]:
+            if len(sizes) == 1:
+                return self.latest[sizes[0]]
+            lo, hi = sizes[-2], sizes[-1]
+            slope = (self.latest[hi] - self.latest[lo]) / (hi - lo)
+            return max(self.latest[hi], self.latest[hi] + slope * (s - hi))
+        hi = next(n for n in sizes if n > s)
+        lo = max(n for n in sizes if n < s)
+        t = (s - lo) / (hi - lo)
+        return self.latest[lo] + t * (self.latest[hi] - self.latest[lo])
 
 
 class StrideLedger:
@@ -126,6 +183,7 @@ class StrideLedger:
         self._outcomes: deque[tuple[int, bool]] = deque(maxlen=capacity)
         self.a: float | None = None
         self.b: float | None = None
+        self.cost = VerificationCost()
 
     def record(self, matched: int, mismatched: bool) -> None:
         self._outcomes.append((matched, mismatched))
@@ -169,6 +227,10 @@ class OptimalStrideScheduler:
         # The pooled evidence counts only with the lower bound on (the paper's OS3 is alone).
         self._ledger = ledger if confidence_z is not None else None
         self._prior = (0, 0)
+        # b per batch size (extended OS3 only): shared with the ledger when there is one.
+        self.cost: VerificationCost | None = None
+        if confidence_z is not None:
+            self.cost = ledger.cost if ledger is not None else VerificationCost()
         if self._ledger is not None:
             self._prior = self._ledger.trials()
             self.a, self.b = self._ledger.a, self._ledger.b
@@ -233,15 +295,25 @@ class OptimalStrideScheduler:
         gamma = self.gamma
         if gamma is None or self.a is None or self.b is None:
             return 1
-        return choose_stride(gamma, self.a, self.b, self.max_stride, self.asynchronous)
+        b: float | VerificationCost = self.cost if self.cost else self.b
+        return choose_stride(gamma, self.a, b, self.max_stride, self.asynchronous)
+
+    def record_search(self, latency_s: float, size: int = 1) -> None:
+        """A plain search's latency (e.g. the first retrieval): a point of b(s) only."""
+        if self.cost is not None:
+            self.cost.record(size, latency_s)
 
     def record_speculation(self, latency_s: float) -> None:
         self.a = latency_s
         if self._ledger is not None:
             self._ledger.a = latency_s
 
-    def record_verification(self, latency_s: float, matched: int, mismatched: bool) -> None:
+    def record_verification(
+        self, latency_s: float, matched: int, mismatched: bool, size: int | None = None
+    ) -> None:
         self.b = latency_s
+        if self.cost is not None and size is not None:
+            self.cost.record(size, latency_s)
         self._outcomes.append((matched, mismatched))
         if self._ledger is not None:
             self._ledger.b = latency_s

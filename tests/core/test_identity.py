@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
+
 import pytest
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+from ralmspec_vllm.types import Hit
 
 from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever, SyntheticDenseRetriever
 from .world import (
@@ -165,3 +169,38 @@ async def test_later_requests_start_from_the_engines_pooled_accuracy(pooled: boo
     else:
         assert (matched, mismatches) == (0, 0)  # the paper's OS3 pools nothing
         assert second.trace.strides[0] == 1
+
+
+class GemmLikeRetriever(ScriptedRetriever):
+    """A retriever whose search of 2+ queries costs 3x one query (fp32 CPU gemm vs gemv)."""
+
+    def __init__(self, script: Callable[[int], int], one_query_s: float) -> None:
+        super().__init__(script)
+        self.one_query_s = one_query_s
+
+    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        await asyncio.sleep(self.one_query_s * (1 if len(queries) == 1 else 3))
+        return await super().search(queries, k)
+
+
+@pytest.mark.parametrize("preset", ["PSA", "PSA-PAPER"])
+async def test_extended_os3_takes_plain_steps_when_rounds_cost_more_than_they_save(
+    preset: str,
+) -> None:
+    """Half the speculations are wrong and a round of 2+ queries costs 3x a single search:
+    the size-aware OS3 (PSA) settles on plain steps, the paper's (latest b whatever its
+    batch) keeps speculating. Both stay identical to the baseline."""
+    retriever = GemmLikeRetriever(forced(lambda s: s % 2 == 1), one_query_s=0.01)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.001))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    retriever.search_calls.clear()
+    result = await engine.generate(
+        SHORT_QUESTION, "ralmspec", speculation=SpeculationConfig.preset(preset)
+    )
+    assert result.token_ids == baseline.token_ids
+    multi = sum(1 for n, _ in retriever.search_calls if n > 1)
+    steps = len(baseline.trace.step_doc_ids)
+    if preset == "PSA":  # one exploratory round of 3, then single-query steps only
+        assert multi <= 2 and result.trace.plain_steps >= steps // 4
+    else:
+        assert multi > steps // 4 and result.trace.plain_steps <= 2

@@ -8,6 +8,7 @@ from ralmspec_vllm.core.stride import (
     FixedStride,
     OptimalStrideScheduler,
     StrideLedger,
+    VerificationCost,
     async_objective,
     choose_stride,
     expected_steps,
@@ -178,6 +179,45 @@ def test_a_ledger_seeds_new_schedulers_only_with_the_bound_on() -> None:
     assert ledger.trials() == (43, 3)  # and does not feed it
     with pytest.raises(ValueError, match="capacity"):
         StrideLedger(capacity=0)
+
+
+def test_verification_cost_per_batch_size() -> None:
+    cost = VerificationCost()
+    assert not cost
+    cost.record(1, 0.5)
+    assert cost and cost(1) == 0.5 and cost(8) == 0.5  # one size known: flat
+    cost.record(4, 1.1)
+    cost.record(16, 1.3)
+    assert cost(2) == pytest.approx(0.5 + (1.1 - 0.5) / 3)  # between 1 and 4
+    assert cost(10) == pytest.approx(1.2)  # between 4 and 16
+    assert cost(28) == pytest.approx(1.5)  # beyond: the last slope (0.2 per 12)
+    cost.record(32, 1.0)  # noisy: a cheaper big batch
+    assert cost(64) == pytest.approx(1.0)  # never below the largest measured size's latency
+
+
+def test_size_aware_choice_takes_the_best_stride_not_the_first_peak() -> None:
+    gemm = VerificationCost()  # fp32 CPU exact scan: 2+ queries cost 2.1x one
+    for size, latency in ((1, 0.53), (2, 1.1), (16, 1.1)):
+        gemm.record(size, latency)
+    # accuracy 0.5: long rounds do not pay for the jump, stride 1 (the blind OS3 says 4)
+    assert choose_stride(0.5, 0.02, gemm, 16, asynchronous=True) == 1
+    assert choose_stride(0.5, 0.02, 0.53, 16, asynchronous=True) == 4
+    # accuracy 0.9: the objective dips at 2 (cost doubles) and rises past stride 1 later;
+    # the paper's greedy search would stop at 1, the best s is the longest
+    values = [async_objective(s, 0.9, 0.02, gemm(s)) for s in range(1, 17)]
+    assert values[1] < values[0] < values[15]
+    assert choose_stride(0.9, 0.02, gemm, 16, asynchronous=True) == 16
+    sched = OptimalStrideScheduler(max_stride=16, asynchronous=True, confidence_z=1.28)
+    sched.record_speculation(0.02)
+    sched.record_search(0.53)
+    for size in (2, 16):
+        sched.record_verification(1.1, matched=1, mismatched=True, size=size)
+    assert sched.accuracy == pytest.approx(0.5) and sched.next_stride() == 1
+    paper = OptimalStrideScheduler(max_stride=16, asynchronous=True)
+    paper.record_speculation(0.02)
+    paper.record_search(0.53)  # ignored: the paper's OS3 has no b(s)
+    paper.record_verification(1.1, matched=1, mismatched=True, size=2)
+    assert paper.cost is None and paper.next_stride() > 1
 
 
 def test_validation() -> None:
