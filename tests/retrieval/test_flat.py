@@ -225,3 +225,12 @@ def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
     bound = reduced_relative_error(dim, dtype)
     assert relative.max() < bound
     assert relative[0].max() > 1.9 * u  # the worst row really loses ~2u: the bound is ~3u
+
+
+def test_config_accepts_reduced_dtypes_for_torch_only() -> None:
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig
+
+    for dtype in ("bfloat16", "float16"):
+        assert RetrieverConfig(flat_impl="torch", dtype=dtype).dtype == dtype
+        with pytest.raises(ValueError, match=rf"^dtype: {dtype} needs flat_impl='torch'"):
+            RetrieverConfig(flat_impl="faiss", dtype=dtype)
