@@ -102,12 +102,13 @@ async def test_plan_limits() -> None:
     assert job.speculation == SpeculationConfig.preset("PSA")
     job = service.plan(ids, 7, RequestOptions(mode="baseline", retrieval_stride=2))
     assert (job.mode, job.config.max_new_tokens, job.config.retrieval_stride) == ("baseline", 7, 2)
+    too_long = service.config.speculation.max_speculation_stride + 1  # the default cap moves
     bad = [
         (ids, 0, RequestOptions(), "max_tokens"),
         (ids, 101, RequestOptions(), "max_tokens"),
         (ids, None, RequestOptions(mode="oracle"), "ralm.mode"),
         (ids, None, RequestOptions(retrieval_stride=9), "ralm.retrieval_stride"),
-        (ids, None, RequestOptions(speculation_stride=11), "ralm.speculation_stride"),
+        (ids, None, RequestOptions(speculation_stride=too_long), "ralm.speculation_stride"),
         (ids, None, RequestOptions(speculation_stride="fast"), "ralm.speculation_stride"),
         (ids, None, RequestOptions(prefetch_k=51), "ralm.prefetch_k"),
         (list(range(1024 - 256)), None, RequestOptions(), "prompt"),
@@ -131,7 +132,7 @@ async def test_closing_the_stream_cancels_the_job() -> None:
     first = await anext(stream)  # type: ignore[call-overload]
     assert isinstance(first, VerifiedChunk)
     await asyncio.sleep(0.02)  # the next step's LM call (50 ms) is in flight now
-    await stream.aclose()  # what a disconnected client's cancelled response does
+    await stream.aclose()  # type: ignore[attr-defined]  # as a disconnected client does
     calls = len(lm.calls)
     await asyncio.sleep(0.2)
     assert len(lm.calls) == calls  # nothing ran on after the close
