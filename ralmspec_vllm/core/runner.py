@@ -61,6 +61,11 @@ class StreamDelta:
     result: RaLMResult | None = None
 
 
+MAX_STRIDE_LEDGERS = 64
+"""Distinct speculation configs whose OS3 outcomes an engine pools (clients choose them per
+request, so the table must not grow without bound)."""
+
+
 class RaLMEngine:
     """Answers questions with iterative retrieval-augmented generation."""
 
@@ -193,7 +198,12 @@ class RaLMEngine:
             assert oracle_doc_ids is not None
             await run_oracle(ctx, oracle_doc_ids)
         else:
-            ledger = self.stride_ledgers.setdefault(spec, StrideLedger())
+            ledger = self.stride_ledgers.get(spec)
+            if ledger is None:
+                ledger = StrideLedger()
+                # Per-request options make new configs; past the cap they learn alone.
+                if len(self.stride_ledgers) < MAX_STRIDE_LEDGERS:
+                    self.stride_ledgers[spec] = ledger
             await SpeculativeRequest(ctx, spec, self.scorer, ledger).run()
         if ctx.final_length != len(ctx.generated):
             raise RuntimeError(f"{ctx.request_id}: answer ended with unverified tokens")

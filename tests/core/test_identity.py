@@ -204,3 +204,19 @@ async def test_extended_os3_takes_plain_steps_when_rounds_cost_more_than_they_sa
         assert multi <= 2 and result.trace.plain_steps >= steps // 4
     else:
         assert multi > steps // 4 and result.trace.plain_steps <= 2
+
+
+async def test_the_engine_pools_a_bounded_number_of_configs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ralmspec_vllm.core import runner
+
+    monkeypatch.setattr(runner, "MAX_STRIDE_LEDGERS", 2)
+    retriever = ScriptedRetriever(forced({3}))
+    engine, _ = make_engine(retriever)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    for prefetch_k in (1, 2, 3, 4):  # four per-request configs, room for two
+        spec = SpeculationConfig.preset("PSA", prefetch_k=prefetch_k)
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=spec)
+        assert result.token_ids == baseline.token_ids
+    assert [s.prefetch_k for s in engine.stride_ledgers] == [1, 2]
