@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 _TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
@@ -174,6 +174,15 @@ class VerificationCost:
         return self.latest[lo] + t * (self.latest[hi] - self.latest[lo])
 
 
+def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:
+    """(matched steps, rounds with a mismatch) of ``(matched, mismatched)`` outcomes."""
+    matched = mismatches = 0
+    for m, bad in outcomes:
+        matched += m
+        mismatches += bad
+    return matched, mismatches
+
+
 class StrideLedger:
     """Speculation outcomes and latencies pooled over requests (one engine, one config)."""
 
@@ -190,7 +199,7 @@ class StrideLedger:
 
     def trials(self) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the pooled verifications."""
-        return sum(m for m, _ in self._outcomes), sum(1 for _, bad in self._outcomes if bad)
+        return _count(self._outcomes)
 
 
 class OptimalStrideScheduler:
@@ -237,8 +246,7 @@ class OptimalStrideScheduler:
 
     def _trials(self, last: int) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the last ``last`` verifications."""
-        recent = list(self._outcomes)[-last:]
-        return sum(m for m, _ in recent), sum(1 for _, bad in recent if bad)
+        return _count(list(self._outcomes)[-last:])
 
     @property
     def accuracy(self) -> float | None:
