@@ -39,7 +39,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ apply_process_settings()  # before torch / vLLM / FAISS are imported
 from benchmarks.cli import OutputConfig, output_flags, parse_config  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     MachineInfo,
+    Writer,
     describe_machine,
     format_table,
     run_metadata,
@@ -231,10 +232,6 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
         return await measure_all(cfg, lm, kb, kb_info, questions, {"startup_s": startup_s})
     finally:
         await lm.shutdown()
-
-
-Writer = Callable[[Path], None]
-"""``on_write(path)``: called after every (partial or final) result write."""
 
 
 async def measure_all(

@@ -46,13 +46,14 @@ if __package__ in (None, ""):  # run as `python benchmarks/bench_retrieval.py`
 from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
     RepeatPolicy,
+    Writer,
     describe_machine,
     format_table,
     progress,
     run_metadata,
 )
 from benchmarks.corpora import Corpus, open_corpora
-from benchmarks.retrieval_report import TABLE_COLUMNS, Results, Writer, cell_row, plot_rows
+from benchmarks.retrieval_report import TABLE_COLUMNS, Results, cell_row, plot_rows
 from benchmarks.retrieval_timing import (
     IndexParams,
     Queries,

@@ -315,6 +315,10 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") ->
 # -- output -------------------------------------------------------------------------------
 
 
+Writer = Callable[[Path], object]
+"""``on_write(path)``: a benchmark's hook, called after every (partial or final) result write."""
+
+
 def write_results(
     name: str,
     rows: Sequence[Mapping[str, Any]],

@@ -10,17 +10,14 @@ against batch size per corpus size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Series, plot_panels, thread_settings, write_results
+from benchmarks.common import Series, Writer, plot_panels, thread_settings, write_results
 
 Row = dict[str, Any]
-
-Writer = Callable[[Path], object]
-"""``on_write(path)``: called after every (partial or final) result write."""
 
 
 @dataclass
