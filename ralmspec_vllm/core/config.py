@@ -56,6 +56,12 @@ class SpeculationConfig:
     """Documents inserted into the cache per verified query (P when > 1; paper: 20)."""
     async_verification: bool = False
     """A: speculate the next step while the batched verification is in flight."""
+    overlap_depth: int | Literal["stride"] = 1
+    """A: steps speculated ahead while a verification is in flight. 1 is the paper's (one
+    step); ``"stride"`` (not in the paper) keeps speculating while the verification runs, up
+    to the stride planned for the next round, so a round whose speculations all hold finds
+    the next round already generated (pipelined verification: when a verification costs
+    25 LM steps, the paper's overlap leaves the LM idle for 24 of them)."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     eviction: Eviction = "lru"
@@ -81,6 +87,8 @@ class SpeculationConfig:
         _positive("prefetch_k", self.prefetch_k)
         if not isinstance(self.async_verification, bool):
             raise ValueError(f"async_verification must be a bool, got {self.async_verification!r}")
+        if self.overlap_depth != "stride":
+            _positive("overlap_depth", self.overlap_depth)  # type: ignore[arg-type]
         _positive("cache_capacity", self.cache_capacity)
         if self.eviction not in ("lru", "fifo"):
             raise ValueError(f"eviction must be 'lru' or 'fifo', got {self.eviction!r}")
@@ -123,6 +131,33 @@ class SpeculationConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
         return replace(base, **overrides)  # type: ignore[arg-type]
 
+    @classmethod
+    def parse(cls, text: str) -> SpeculationConfig:
+        """A preset row with fields overridden, as one word (benchmark method names):
+        ``PSA``, ``PSA:overlap_depth=1``, ``PSA:prefetch_k=64:max_speculation_stride=32``.
+        Values read as bool (``true``/``false``), ``none``, int, float, else text."""
+        name, *pairs = text.split(":")
+        overrides: dict[str, object] = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ValueError(f"{text!r}: {pair!r} is not FIELD=VALUE of SpeculationConfig")
+            overrides[key] = _literal(raw)
+        return cls.preset(name, **overrides)
+
+
+def _literal(raw: str) -> object:
+    """``raw`` as bool, None, int or float where it reads as one, else the text itself."""
+    words: dict[str, object] = {"true": True, "false": False, "none": None}
+    if raw.lower() in words:
+        return words[raw.lower()]
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
 
 PREFETCH_K = 20
 """The paper's prefetch size (256 was mostly worse)."""
@@ -136,7 +171,10 @@ PRESETS: dict[str, SpeculationConfig] = {
     "SA": SpeculationConfig(speculation_stride="auto", async_verification=True),
     "PA": SpeculationConfig(prefetch_k=PREFETCH_K, async_verification=True),
     "PSA": SpeculationConfig(
-        prefetch_k=PREFETCH_K, speculation_stride="auto", async_verification=True
+        prefetch_k=PREFETCH_K,
+        speculation_stride="auto",
+        async_verification=True,
+        overlap_depth="stride",
     ),
     "PSA-PAPER": SpeculationConfig(
         prefetch_k=PREFETCH_K,
@@ -147,5 +185,6 @@ PRESETS: dict[str, SpeculationConfig] = {
     ),
 }
 """The paper's ablation rows; ``B`` is plain RaLMSpec with a fixed stride of 3. The S rows use
-OS3 with the evidence bound on gamma; ``PSA-PAPER`` is PSA with the paper's plain cap (and a
-stride of at most 10), to measure what the bound adds."""
+OS3 with the evidence bound on gamma; ``PSA`` also speculates ahead for the whole next round
+while a verification is in flight (``overlap_depth="stride"``); ``PSA-PAPER`` is the paper's
+PSA (gamma capped at 0.6, stride at most 10, one overlapped step), to measure what ours add."""

@@ -22,10 +22,13 @@ run as plain retrieval (retrieve with prefetch, insert into the cache, generate 
 step). The cache's would-be speculation is still scored against the retrieved document, so
 OS3 keeps estimating gamma (and a, b) and returns to speculation once speculating pays.
 
-Asynchronous verification (A): the verification runs as a task while the next step is
-speculated concurrently. All matched -> that step is kept and opens the next round (which
-then speculates s - 1 new steps). Mismatch -> the step is cancelled, its LM call aborted
-(``LanguageModel.abort``) and its tokens, if any, discarded with the rollback.
+Asynchronous verification (A): the verification runs as a task while the next steps are
+speculated concurrently: one (the paper's), or with ``overlap_depth="stride"`` as many as the
+next round's planned stride, for as long as the verification is in flight. All matched ->
+those steps are kept, still unverified, and open the next round (a round verifies at most
+its stride; steps beyond it wait for the round after). Mismatch -> the step in flight is
+cancelled, its LM call aborted (``LanguageModel.abort``) and every step after the mismatch,
+with its tokens, discarded with the rollback.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def make_scheduler(
     config: SpeculationConfig, ledger: StrideLedger | None = None
 ) -> StrideScheduler:
     if config.speculation_stride == "auto":
+        depth = None if config.overlap_depth == "stride" else config.overlap_depth
         return OptimalStrideScheduler(
             window=config.window,
             gamma_max=config.gamma_max,
@@ -82,6 +86,7 @@ def make_scheduler(
             confidence_z=config.gamma_confidence_z,
             evidence_window=config.gamma_evidence_window,
             ledger=ledger,
+            depth=depth,
         )
     return FixedStride(config.speculation_stride)
 
@@ -112,22 +117,22 @@ class SpeculativeRequest:
         if ctx.done:
             return
         await self._first_step()
-        carried: SpeculativeStep | None = None
-        while carried is not None or not ctx.done:
+        pending: list[SpeculativeStep] = []  # speculated, not verified yet, in order
+        while pending or not ctx.done:
             stride = self.scheduler.next_stride()
-            if carried is None and self._plain_pays(stride):
+            if not pending and self._plain_pays(stride):
                 await self._plain_step()
                 continue
             self.recorder.strides.append(stride)
-            steps = [carried] if carried is not None else []
-            carried = None
-            while len(steps) < stride and not ctx.done:
-                steps.append(await self._speculate(ctx.new_lm_request_id()))
+            while len(pending) < stride and not ctx.done:
+                pending.append(await self._speculate(ctx.new_lm_request_id()))
+            steps, pending = pending[:stride], pending[stride:]
             if self.config.async_verification and not ctx.done:
-                carried, mismatch = await self._verify_overlapped(steps, stride)
+                pending, mismatch = await self._verify_overlapped(steps, pending, stride)
             else:
                 mismatch = await self._verify(steps, stride, asynchronous=False)
             if mismatch is not None:
+                pending = []  # all after the mismatch: their tokens go with the rollback
                 await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
 
     async def _first_step(self) -> None:
@@ -206,28 +211,49 @@ class SpeculativeRequest:
         return mismatch
 
     async def _verify_overlapped(
-        self, steps: list[SpeculativeStep], stride: int
-    ) -> tuple[SpeculativeStep | None, Mismatch | None]:
-        """Verify while the next step is speculated; keep that step only if all matched."""
-        lm_request_id = self.ctx.new_lm_request_id()
+        self, steps: list[SpeculativeStep], ahead: list[SpeculativeStep], stride: int
+    ) -> tuple[list[SpeculativeStep], Mismatch | None]:
+        """Verify ``steps`` while speculating past ``ahead`` (already speculated after them);
+        keep what was speculated ahead only if all matched."""
+        depth = self.config.overlap_depth
+        limit = self.scheduler.next_stride() if depth == "stride" else depth
+        ahead = list(ahead)
         verification = asyncio.create_task(self._verify(steps, stride, asynchronous=True))
-        overlapped = asyncio.create_task(self._speculate(lm_request_id))
+        in_flight: list[str] = []  # the LM request id of the step being speculated
+        overlapped = asyncio.create_task(self._run_ahead(verification, ahead, limit, in_flight))
         try:
             mismatch = await verification
         except BaseException:
-            await self._discard(overlapped, lm_request_id)
+            await self._discard(overlapped, in_flight)
             raise
         if mismatch is None:
-            return await overlapped, None
-        await self._discard(overlapped, lm_request_id)
-        return None, mismatch
+            await overlapped  # the step in flight finishes; no new one starts
+            return ahead, None
+        await self._discard(overlapped, in_flight)
+        return [], mismatch
 
-    async def _discard(self, task: asyncio.Task[SpeculativeStep], lm_request_id: str) -> None:
-        """Cancel a speculative step; tokens it already appended go with the rollback."""
+    async def _run_ahead(
+        self,
+        verification: asyncio.Task[Mismatch | None],
+        ahead: list[SpeculativeStep],
+        limit: int,
+        in_flight: list[str],
+    ) -> None:
+        """Speculate one step, then more while ``verification`` runs, up to ``limit`` ahead."""
+        first = True
+        while len(ahead) < limit and not self.ctx.done and (first or not verification.done()):
+            first = False
+            in_flight[:] = [self.ctx.new_lm_request_id()]
+            ahead.append(await self._speculate(in_flight[0]))
+            in_flight.clear()
+
+    async def _discard(self, task: asyncio.Task[None], in_flight: list[str]) -> None:
+        """Cancel speculating ahead; tokens already appended go with the rollback."""
         if not task.done():
             task.cancel()
-            await self.ctx.lm.abort(lm_request_id)
-            self.recorder.lm_aborts += 1
+            if in_flight:
+                await self.ctx.lm.abort(in_flight[0])
+                self.recorder.lm_aborts += 1
         await asyncio.gather(task, return_exceptions=True)
 
     async def _correct(self, rollback_to: int, true_doc_id: int | None) -> None:

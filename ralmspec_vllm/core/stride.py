@@ -34,6 +34,9 @@ probability that one speculation is right:
   queries is linear: one number cannot stand for both a single-query step and a long
   round. On a measured 3M-doc CPU run with a random-weight LM (accuracy 0.46) the
   size-blind OS3 speculated at stride ~3-4 and ended 0.93x the baseline.
+- Not in the paper: with ``depth`` > 1 (or ``None``: the whole next round) the asynchronous
+  objective counts the steps speculated ahead while a verification is in flight
+  (``async_objective``); the paper overlaps one step.
 - s starts at 1 (until gamma, a and b are known) and is searched upward from 1 while the
   objective does not drop, up to ``max_stride``.
 - Not in the paper: at stride 1, ``prefers_plain_step`` compares speculating with a plain
@@ -92,10 +95,14 @@ def sync_objective(s: int, gamma: float, a: float, b: float) -> float:
     return expected_steps(s, gamma) / max(s * a + b, _TINY)
 
 
-def async_objective(s: int, gamma: float, a: float, b: float) -> float:
-    """Verified steps per second when the next step overlaps the verification."""
+def async_objective(s: int, gamma: float, a: float, b: float, depth: int | None = 1) -> float:
+    """Verified steps per second when ``depth`` steps of the next round (``None``: all of
+    them) are speculated while the verification is in flight. On a round whose speculations
+    all hold, those d = min(depth, s) steps cost max(b, d a) together, the other s - d cost
+    a each; a round with a miss pays s a + b. ``depth=1`` is the paper's formula."""
+    d = s if depth is None else min(depth, s)
     gs = gamma**s
-    time = gs * ((s - 1) * a + max(a, b)) + (1.0 - gs) * (s * a + b)
+    time = gs * (max(b, d * a) + (s - d) * a) + (1.0 - gs) * (s * a + b)
     return expected_steps(s, gamma) / max(time, _TINY)
 
 
@@ -123,19 +130,25 @@ def choose_stride(
     b: float | Callable[[int], float],
     max_stride: int,
     asynchronous: bool,
+    depth: int | None = 1,
 ) -> int:
     """``b`` one latency (the paper): from s = 1, increase s while the objective does not
     drop (at most ``max_stride``). ``b`` the latency of a verification of s queries: the
     best s in 1..max_stride, since b(s) can jump (a CPU gemm of 2 queries costs 2-3x one)
     and make the objective dip before it rises."""
-    objective = async_objective if asynchronous else sync_objective
+
+    def objective(s: int, b_s: float) -> float:
+        if asynchronous:
+            return async_objective(s, gamma, a, b_s, depth)
+        return sync_objective(s, gamma, a, b_s)
+
     if callable(b):
-        values = [objective(s, gamma, a, b(s)) for s in range(1, max_stride + 1)]
+        values = [objective(s, b(s)) for s in range(1, max_stride + 1)]
         return 1 + max(range(len(values)), key=lambda i: (values[i], -i))
     s = 1
-    current = objective(1, gamma, a, b)
+    current = objective(1, b)
     while s < max_stride:
-        candidate = objective(s + 1, gamma, a, b)
+        candidate = objective(s + 1, b)
         if candidate < current:
             break
         s, current = s + 1, candidate
@@ -214,7 +227,10 @@ class OptimalStrideScheduler:
         confidence_z: float | None = None,
         evidence_window: int = 20,
         ledger: StrideLedger | None = None,
+        depth: int | None = 1,
     ) -> None:
+        """``depth``: steps speculated ahead during a verification (``None``: the whole
+        next round), see ``async_objective``."""
         if window < 1:
             raise ValueError(f"window must be positive, got {window}")
         if not 0.0 <= gamma_max < 1.0:
@@ -225,6 +241,9 @@ class OptimalStrideScheduler:
             raise ValueError(f"confidence_z must be positive or None, got {confidence_z}")
         if evidence_window < window:
             raise ValueError(f"evidence_window must be >= window ({window}), got {evidence_window}")
+        if depth is not None and depth < 1:
+            raise ValueError(f"depth must be positive or None, got {depth}")
+        self.depth = depth
         self.confidence_z = confidence_z
         self.gamma_max = gamma_max
         self.max_stride = max_stride
@@ -304,7 +323,7 @@ class OptimalStrideScheduler:
         if gamma is None or self.a is None or self.b is None:
             return 1
         b: float | VerificationCost = self.cost if self.cost else self.b
-        return choose_stride(gamma, self.a, b, self.max_stride, self.asynchronous)
+        return choose_stride(gamma, self.a, b, self.max_stride, self.asynchronous, self.depth)
 
     def record_search(self, latency_s: float, size: int = 1) -> None:
         """A plain search's latency (e.g. the first retrieval): a point of b(s) only."""

@@ -130,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--prefetch-k", type=int, default=s.prefetch_k)
     _own(ralm, "--async-verification", action=argparse.BooleanOptionalAction,
          default=s.async_verification)  # fmt: skip
+    _own(ralm, "--overlap-depth", default=str(s.overlap_depth),
+         help="steps speculated ahead while a verification is in flight: an int (1: the "
+              "paper's) or 'stride' (the next round; default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
          help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
@@ -151,15 +154,20 @@ def parser_defaults() -> dict[str, Any]:
     return vars(parser.parse_args([]))
 
 
+def _int_or(value: str, word: str, flag: str) -> int | str:
+    """``value`` as an int, or ``word`` itself (ValueError naming ``flag`` otherwise)."""
+    if value == word:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be an int or {word!r}, got {value!r}") from None
+
+
 def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """The RaLM defaults and limits from the flags (ValueError names a bad one)."""
-    stride: int | str = args.speculation_stride
-    if stride != "auto":
-        try:
-            stride = int(stride)
-        except ValueError:
-            msg = f"--speculation-stride must be an int or 'auto', got {stride!r}"
-            raise ValueError(msg) from None
+    stride = _int_or(args.speculation_stride, "auto", "--speculation-stride")
+    depth = _int_or(args.overlap_depth, "stride", "--overlap-depth")
     return ServiceConfig(
         ralm=RaLMConfig(
             retrieval_stride=args.retrieval_stride,
@@ -171,6 +179,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             speculation_stride=stride,  # type: ignore[arg-type]
             prefetch_k=args.prefetch_k,
             async_verification=args.async_verification,
+            overlap_depth=depth,  # type: ignore[arg-type]
             cache_capacity=args.cache_capacity,
             max_speculation_stride=args.max_speculation_stride,
         ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
@@ -36,12 +38,77 @@ async def test_next_step_runs_while_verification_is_in_flight() -> None:
     assert all(v.asynchronous for v in trace.verifications[:-1])
 
 
-async def test_mismatch_aborts_the_in_flight_step() -> None:
+def overlap_windows(events: list[str]) -> list[int]:
+    """LM steps started during each verification (search of 2+ queries) in ``events``."""
+    windows: list[int] = []
+    inside = False
+    for event in events:
+        if event.startswith("search-start") and event != "search-start 1":
+            inside = True
+            windows.append(0)
+        elif event.startswith("search-end"):
+            inside = False
+        elif event.startswith("lm-start") and inside:
+            windows[-1] += 1
+    return windows
+
+
+@pytest.mark.parametrize("depth", [1, "stride"])
+async def test_speculating_ahead_fills_the_verification_with_the_next_round(
+    depth: int | Literal["stride"],
+) -> None:
+    """A verification costs ~10 LM steps and every speculation holds: the paper's overlap
+    runs one step per verification; ahead-of-round overlap generates the next round (4
+    steps) while the verification runs, so rounds follow each other without LM time."""
+    events: list[str] = []
+    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.02, events=events)
+    lm = FakeLM(latency_s=0.002, events=events)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    config = SpeculationConfig(speculation_stride=4, async_verification=True, overlap_depth=depth)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.tokens_discarded == 0 and trace.lm_aborts == 0
+    assert all(v.num_steps <= v.stride for v in trace.verifications)
+    windows = overlap_windows(events)
+    if depth == 1:
+        assert max(windows) == 1
+    else:
+        assert max(windows) == 4  # the whole next round, no more
+        assert sum(w == 4 for w in windows) >= len(windows) - 2  # bar the last rounds
+        # each round after the first starts with its steps already generated
+        assert all(v.num_steps == 4 for v in trace.verifications[:-1])
+
+
+async def test_mismatch_discards_every_step_speculated_ahead() -> None:
+    retriever = ScriptedRetriever(forced({6}), latency_s=0.02)
+    lm = FakeLM(latency_s=0.002)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    lm.calls.clear()
+    config = SpeculationConfig(
+        speculation_stride=4, async_verification=True, overlap_depth="stride"
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    (bad,) = [v for v in trace.verifications if v.mismatch_step is not None]
+    assert trace.rollbacks == 1
+    # the round's steps from the mismatch on, and the next round generated ahead
+    assert trace.tokens_discarded >= 4 * (bad.num_steps - bad.mismatch_step + 1)
+    generated = sum(len(call.output) for call in lm.calls)
+    assert generated == len(result.token_ids) + trace.tokens_discarded
+
+
+@pytest.mark.parametrize("depth", [1, "stride"])
+async def test_mismatch_aborts_the_in_flight_step(depth: int | Literal["stride"]) -> None:
     retriever = ScriptedRetriever(forced(lambda s: s % 3 == 2), latency_s=0.001)
     lm = FakeLM(latency_s=0.02)
     engine, _ = make_engine(retriever, lm)
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    config = SpeculationConfig(speculation_stride=2, async_verification=True)
+    config = SpeculationConfig(speculation_stride=2, async_verification=True, overlap_depth=depth)
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
     assert result.token_ids == baseline.token_ids
     assert result.trace.lm_aborts >= 1  # (every mismatch round, unless the loop stalls)

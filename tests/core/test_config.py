@@ -36,6 +36,8 @@ def test_ralm_config_names_bad_field(kwargs: dict[str, int], field: str) -> None
         ({"gamma_confidence_z": "high"}, "gamma_confidence_z"),
         ({"gamma_evidence_window": 4}, "gamma_evidence_window"),
         ({"async_verification": 1}, "async_verification"),
+        ({"overlap_depth": 0}, "overlap_depth"),
+        ({"overlap_depth": "round"}, "overlap_depth"),
     ],
 )
 def test_speculation_config_names_bad_field(kwargs: dict[str, object], field: str) -> None:
@@ -59,8 +61,27 @@ def test_presets_are_the_ablation_rows() -> None:
     paper, ours = PRESETS["PSA-PAPER"], PRESETS["PSA"]
     assert paper.gamma_confidence_z is None and ours.gamma_confidence_z is not None
     assert (paper.max_speculation_stride, ours.max_speculation_stride) == (10, 16)
+    assert (paper.overlap_depth, ours.overlap_depth) == (1, "stride")
+    assert all(c.overlap_depth == 1 for n, c in PRESETS.items() if n != "PSA")
     psa = SpeculationConfig.preset("psa", cache_capacity=64)
     assert psa.prefetch_k == 20 and psa.adaptive and psa.async_verification
     assert psa.cache_capacity == 64
     with pytest.raises(ValueError, match="preset"):
         SpeculationConfig.preset("X")
+
+
+def test_parse_overrides_a_preset_by_name() -> None:
+    assert SpeculationConfig.parse("PSA") == PRESETS["PSA"]
+    spec = SpeculationConfig.parse("psa:overlap_depth=1:gamma_confidence_z=none:gamma_max=0.5")
+    assert spec == SpeculationConfig.preset(
+        "PSA", overlap_depth=1, gamma_confidence_z=None, gamma_max=0.5
+    )
+    assert SpeculationConfig.parse("A:async_verification=false").label == "B"
+    for bad, match in (
+        ("PSA:depth=1", "FIELD=VALUE"),
+        ("PSA:overlap_depth", "FIELD=VALUE"),
+        ("PSA:overlap_depth=deep", "overlap_depth"),
+        ("XYZ", "preset"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SpeculationConfig.parse(bad)

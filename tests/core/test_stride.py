@@ -41,6 +41,27 @@ def test_async_objective_hand_computed_and_ties_keep_climbing() -> None:
     assert choose_stride(0.5, 1.0, 2.0, 10, asynchronous=True) == 2
 
 
+def test_async_objective_with_speculation_ahead_hand_computed() -> None:
+    g, a, b = 0.5, 1.0, 2.0
+    for s in (1, 2, 3):  # depth 1 is the paper's formula
+        assert async_objective(s, g, a, b, depth=1) == async_objective(s, g, a, b)
+    # s=3, the whole round ahead: hit time max(2, 3) = 3, miss 3 + 2 -> .125*3 + .875*5
+    assert async_objective(3, g, a, b, depth=None) == pytest.approx(1.75 / 4.75)
+    # depth 2 of 3: hit time max(2, 2) + 1 = 3
+    assert async_objective(3, g, a, b, depth=2) == pytest.approx(1.75 / 4.75)
+    # retrieval 25x an LM step (exact dense at 21M): a hit round hides all of its s steps
+    # behind the verification, not one; a miss round still pays s a + b
+    g, a, b = 0.9, 0.02, 0.5
+    for s in range(2, 17):
+        assert async_objective(s, g, a, b, None) > async_objective(s, g, a, b, 1)
+    # hit 0.5, miss 0.32 + 0.5: the best stride is where misses start to dominate
+    values = [async_objective(s, g, a, b, None) for s in range(1, 17)]
+    assert choose_stride(g, a, b, 16, asynchronous=True, depth=None) == 14
+    assert values.index(max(values)) == 13
+    with pytest.raises(ValueError, match="depth"):
+        OptimalStrideScheduler(depth=0)
+
+
 def test_choice_is_first_drop_and_bounded() -> None:
     a, b, g = 0.01, 1.0, 0.6  # cheap speculation, slow retrieval (exact dense)
     values = [sync_objective(s, g, a, b) for s in range(1, 40)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
@@ -15,17 +16,26 @@ LONG_QUESTION = " ".join(f"word{i}" for i in range(50))  # longer than the 32-to
 STRIDES = (1, 2, 3, 8)
 
 
+OVERLAPS: tuple[tuple[bool, int | Literal["stride"]], ...] = (
+    (False, 1),
+    (True, 1),  # the paper's A: one step overlaps the verification
+    (True, "stride"),  # ours: speculate ahead for the whole next round
+)
+
+
 def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
-    """s x P on/off x S on/off x A on/off (with S on, s bounds the scheduler)."""
+    """s x P on/off x S on/off x A off/one step/the next round (with S on, s bounds the
+    scheduler)."""
     for s in strides:
         for prefetch_k in (1, 20):
             for adaptive in (False, True):
-                for asynchronous in (False, True):
+                for asynchronous, depth in OVERLAPS:
                     yield SpeculationConfig(
                         speculation_stride="auto" if adaptive else s,
                         max_speculation_stride=s,
                         prefetch_k=prefetch_k,
                         async_verification=asynchronous,
+                        overlap_depth=depth,
                     )
 
 
@@ -57,7 +67,8 @@ def make_engine(
 
 def describe(config: SpeculationConfig) -> str:
     s = config.max_speculation_stride if config.adaptive else config.speculation_stride
-    return f"{config.label}(s={s})"
+    deep = ",ahead" if config.async_verification and config.overlap_depth != 1 else ""
+    return f"{config.label}(s={s}{deep})"
 
 
 def assert_speculated(trace: RequestTrace, config: SpeculationConfig) -> None:

@@ -48,9 +48,13 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     assert config.default_mode == "baseline" and config.batch_window_s == 0.005
     spec = config.speculation
     assert (spec.speculation_stride, spec.prefetch_k, spec.async_verification) == (3, 5, False)
-    args, _ = parse(["serve", "--speculation-stride", "fast"])
-    with pytest.raises(ValueError, match="--speculation-stride"):
-        service_config_from_args(args)  # type: ignore[arg-type]
+    assert spec.overlap_depth == "stride"  # PSA's default
+    args, _ = parse(["serve", "--overlap-depth", "2"])
+    assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
+    for flag in ("--speculation-stride", "--overlap-depth"):
+        args, _ = parse(["serve", flag, "fast"])
+        with pytest.raises(ValueError, match=flag):
+            service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)  # type: ignore[attr-defined]
     assert engine_config_from_args(args, defaults).lm_path == "resubmit"  # type: ignore[arg-type]
