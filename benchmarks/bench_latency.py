@@ -67,7 +67,7 @@ from benchmarks.latency_report import (  # noqa: E402
     summarize,
 )
 from benchmarks.latency_runs import bench_backend, set_faiss_threads, torch_threads  # noqa: E402
-from ralmspec_vllm.core.config import PRESETS, RaLMConfig  # noqa: E402
+from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 
@@ -90,7 +90,8 @@ class LatencyConfig(OutputConfig):
     backends: tuple[str, ...] = ("flat",)
     """Retrieval backends, one result file each."""
     methods: tuple[str, ...] = METHODS
-    """``baseline`` (always run: the reference), ``oracle`` and RaLMSpec preset rows."""
+    """``baseline`` (always run: the reference), ``oracle`` and RaLMSpec preset rows, each
+    optionally with fields overridden (``PSA:overlap_depth=1``, ``SpeculationConfig.parse``)."""
     datasets: tuple[str, ...] = ("nq", "triviaqa", "webquestions")
     """Question sets (ignored with ``questions_file``)."""
     questions_per_dataset: int = 5
@@ -130,10 +131,16 @@ class LatencyConfig(OutputConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in (("backends", BACKENDS), ("methods", METHODS)):
-            values = getattr(self, name)
-            if not values or any(v not in allowed for v in values):
-                raise ValueError(f"{name}: must be a non-empty subset of {allowed}, got {values}")
+        if not self.backends or any(v not in BACKENDS for v in self.backends):
+            raise ValueError(f"backends: must be a non-empty subset of {BACKENDS}")
+        if not self.methods:
+            raise ValueError("methods: must not be empty")
+        for method in self.methods:
+            if method not in ("baseline", "oracle"):
+                try:
+                    SpeculationConfig.parse(method)
+                except ValueError as exc:
+                    raise ValueError(f"methods: {exc}") from None
         if self.questions_file is None and (
             not self.datasets or any(d not in DATASETS for d in self.datasets)
         ):
@@ -336,7 +343,8 @@ def _csv(text: str) -> tuple[str, ...]:
 _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--model", "model", {"help": "model name or directory"}),
     ("--backends", "backends", {"type": _csv, "help": "comma list of flat,hnsw,ivf,bm25"}),
-    ("--methods", "methods", {"type": _csv, "help": f"comma list of {','.join(METHODS)}"}),
+    ("--methods", "methods", {"type": _csv, "help": f"comma list of {','.join(METHODS)}; "
+                              "a preset may override fields: PSA:overlap_depth=1"}),
     ("--datasets", "datasets", {"type": _csv, "help": "comma list of nq,triviaqa,webquestions"}),
     ("--questions-per-dataset", "questions_per_dataset", {"type": int, "help": "first N each"}),
     ("--questions", "questions_file", {"help": "JSONL file with a 'question' per line"}),

@@ -5,7 +5,8 @@ Input: one ``RunRecord`` per timed (backend, method, question) run, each holding
 one row per (backend, method) with the mean latency, the speed-up against the baseline
 (baseline mean / method mean), the oracle ceiling (baseline mean / oracle mean), the fraction
 of that ceiling reached (oracle mean / method mean), ``outputs_identical`` (every question),
-the mean time split (LM, retrieval, speculation, other) and pooled speculation statistics;
+the mean time split (LM, retrieval, speculation, other), pooled speculation statistics and
+the rounds taken against the fewest the run's own hits and misses allow (``fewest_rounds``);
 each row also lists its per-question records. ``plot_latency`` draws speed-up bars and
 stacked time-split bars per backend.
 """
@@ -17,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from ralmspec_vllm.core.config import SpeculationConfig
 
 Row = dict[str, Any]
 
@@ -115,6 +118,22 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or math.isnan(value) else round(value, digits)
 
 
+def max_stride(method: str) -> int | None:
+    """The most steps one verification of ``method`` may hold (None: not speculative)."""
+    if method in ("baseline", "oracle"):
+        return None
+    spec = SpeculationConfig.parse(method)
+    return spec.max_speculation_stride if spec.adaptive else int(spec.speculation_stride)
+
+
+def fewest_rounds(record: RunRecord, stride: int) -> int:
+    """The fewest verification rounds (plain retrieval steps included) that the run's own
+    outcomes allow: every miss ends a round, and a round holds at most ``stride`` steps."""
+    misses = record.speculation_misses
+    steps = record.speculation_hits + misses + record.plain_steps
+    return max(misses, -(-steps // stride))
+
+
 def summarize(
     records: Sequence[RunRecord], base: Mapping[str, Any], methods: Sequence[str]
 ) -> list[Row]:
@@ -155,6 +174,7 @@ def summarize(
                 mean_verifications=_round(_mean([r.verifications for r in runs])),
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
+                **_rounds(runs, max_stride(method)),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 per_question=[r.brief() for r in runs],
             )
@@ -162,10 +182,21 @@ def summarize(
     return rows
 
 
+def _rounds(runs: Sequence[RunRecord], stride: int | None) -> Row:
+    """Rounds taken (verifications + plain steps) vs the fewest the outcomes allow."""
+    if stride is None:
+        return {"mean_rounds": None, "mean_fewest_rounds": None}
+    return {
+        "mean_rounds": _round(_mean([r.verifications + r.plain_steps for r in runs])),
+        "mean_fewest_rounds": _round(_mean([fewest_rounds(r, stride) for r in runs])),
+    }
+
+
 TABLE_COLUMNS = (
     "retriever", "method", "mean_latency_s", "speedup_vs_baseline", "oracle_fraction",
     "lm_time_s", "retrieval_time_s", "speculation_time_s", "other_time_s",
-    "speculation_accuracy", "mean_stride", "mean_rollbacks", "outputs_identical",
+    "speculation_accuracy", "mean_stride", "mean_rollbacks", "mean_rounds",
+    "mean_fewest_rounds", "outputs_identical",
 )  # fmt: skip
 
 

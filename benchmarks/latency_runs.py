@@ -66,7 +66,7 @@ class Runner:
             return await engine.generate(question, "baseline")
         if method == "oracle":
             return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
-        spec = SpeculationConfig.preset(method)
+        spec = SpeculationConfig.parse(method)
         return await engine.generate(question, "ralmspec", speculation=spec)
 
     async def question(

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.bench_latency import LatencyConfig, measure_all, open_kb, parse_args
 from benchmarks.common import read_results
-from benchmarks.latency_report import RunRecord, summarize
+from benchmarks.latency_report import RunRecord, fewest_rounds, summarize
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
 from ralmspec_vllm.retrieval.flat import DTYPES
@@ -63,9 +63,30 @@ def test_summarize_ratios_and_a_loud_mismatch() -> None:
     assert rows["PSA"]["machine"] == "m" and len(rows["PSA"]["per_question"]) == 2
 
 
+def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
+    runs = [  # 3 misses, 20 hits, 2 plain steps: 25 steps, at most 16 a round -> 3
+        record("PSA", 1.0, verifications=6, speculation_hits=20, speculation_misses=3,
+               plain_steps=2),
+        # no miss: 40 steps need ceil(40 / 16) = 3 rounds; a fixed stride of 3 needs 14
+        record("PSA", 1.0, verifications=4, speculation_hits=40),
+        record("B", 1.0, verifications=14, speculation_hits=40),
+        record("PSA:max_speculation_stride=4", 1.0, verifications=12, speculation_hits=40),
+        record("baseline", 1.0),
+    ]  # fmt: skip
+    assert [fewest_rounds(r, 16) for r in runs[:2]] == [3, 3]
+    methods = ["baseline", "PSA", "B", "PSA:max_speculation_stride=4"]
+    rows = {r["method"]: r for r in summarize(runs, {}, methods)}
+    assert (rows["PSA"]["mean_rounds"], rows["PSA"]["mean_fewest_rounds"]) == (6.0, 3.0)
+    assert (rows["B"]["mean_rounds"], rows["B"]["mean_fewest_rounds"]) == (14.0, 14.0)
+    assert rows["PSA:max_speculation_stride=4"]["mean_fewest_rounds"] == 10.0
+    assert rows["baseline"]["mean_rounds"] is None
+
+
 def test_config_validation_and_quick_flags() -> None:
-    with pytest.raises(ValueError, match="methods"):
-        LatencyConfig(methods=("baseline", "XYZ"))
+    for bad in ("XYZ", "PSA:bogus=1", "PSA:overlap_depth=0"):
+        with pytest.raises(ValueError, match="methods"):
+            LatencyConfig(methods=("baseline", bad))
+    assert LatencyConfig(methods=("PSA:overlap_depth=1",)).methods == ("PSA:overlap_depth=1",)
     with pytest.raises(ValueError, match="backends"):
         LatencyConfig(backends=("annoy",))
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
