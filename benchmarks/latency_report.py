@@ -53,6 +53,8 @@ class RunRecord:
     """Per-step document ids equal the baseline's."""
     plain_steps: int = 0
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
+    searches: tuple[tuple[int, float], ...] = ()
+    """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
 
     @classmethod
     def from_summary(
@@ -67,6 +69,7 @@ class RunRecord:
         num_tokens: int,
         identical: bool,
         same_documents: bool,
+        searches: Sequence[tuple[int, float]] = (),
     ) -> RunRecord:
         return cls(
             backend=backend,
@@ -91,12 +94,13 @@ class RunRecord:
             plain_steps=summary.get("plain_steps", 0),
             identical=identical,
             same_documents=same_documents,
+            searches=tuple(searches),
         )
 
     def brief(self) -> dict[str, Any]:
         """The per-question record stored inside a row (strides summarised)."""
         out = asdict(self)
-        del out["backend"], out["method"], out["strides"]
+        del out["backend"], out["method"], out["strides"], out["searches"]
         out["mean_stride"] = _mean(self.strides)
         for key, value in out.items():
             if isinstance(value, float):
@@ -175,6 +179,7 @@ def summarize(
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 **_rounds(runs, max_stride(method)),
+                search_ms_by_queries=_search_ms(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 per_question=[r.brief() for r in runs],
             )
@@ -189,6 +194,22 @@ def _rounds(runs: Sequence[RunRecord], stride: int | None) -> Row:
     return {
         "mean_rounds": _round(_mean([r.verifications + r.plain_steps for r in runs])),
         "mean_fewest_rounds": _round(_mean([fewest_rounds(r, stride) for r in runs])),
+    }
+
+
+def _search_ms(runs: Sequence[RunRecord]) -> dict[str, Row]:
+    """Per search size (queries in one call): how many calls and their mean and p50 ms."""
+    by_size: dict[int, list[float]] = {}
+    for run in runs:
+        for queries, seconds in run.searches:
+            by_size.setdefault(queries, []).append(seconds * 1000)
+    return {
+        str(n): {
+            "calls": len(ms),
+            "mean_ms": _round(_mean(ms), 2),
+            "p50_ms": _round(sorted(ms)[len(ms) // 2], 2),
+        }
+        for n, ms in sorted(by_size.items())
     }
 
 

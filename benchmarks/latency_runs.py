@@ -101,6 +101,9 @@ class Runner:
             num_tokens=len(result.token_ids),
             identical=result.token_ids == base.token_ids,
             same_documents=trace.step_doc_ids == base.trace.step_doc_ids,
+            searches=[
+                (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
+            ],
         )
 
 

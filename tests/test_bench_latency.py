@@ -82,6 +82,22 @@ def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
     assert rows["baseline"]["mean_rounds"] is None
 
 
+def test_rows_report_search_latency_by_batch_size() -> None:
+    runs = [
+        RunRecord.from_summary(
+            "flat", "PSA", "q", "nq", record("PSA", 1.0).brief() | {"retrieval_calls": {}},
+            strides=(), num_tokens=8, identical=True, same_documents=True,
+            searches=[(1, 0.5), (16, 0.6), (16, 0.8), (1, 0.3)],
+        ),
+    ]  # fmt: skip
+    (row,) = summarize(runs, {}, ["PSA"])
+    assert row["search_ms_by_queries"] == {
+        "1": {"calls": 2, "mean_ms": 400.0, "p50_ms": 500.0},
+        "16": {"calls": 2, "mean_ms": 700.0, "p50_ms": 800.0},
+    }
+    assert "searches" not in row["per_question"][0]
+
+
 def test_config_validation_and_quick_flags() -> None:
     for bad in ("XYZ", "PSA:bogus=1", "PSA:overlap_depth=0"):
         with pytest.raises(ValueError, match="methods"):
