@@ -99,7 +99,13 @@ def bench_bm25(
 
 
 def bench_flat(
-    num_docs: int, num_queries: int, k: int, device: str, impls: str
+    num_docs: int,
+    num_queries: int,
+    k: int,
+    device: str,
+    impls: str,
+    dtypes: str = "float32",
+    batches: tuple[int, ...] = (1, 16),
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     dim = 384
@@ -114,16 +120,15 @@ def bench_flat(
     if "faiss" in impls:
         variants.append(("faiss-cpu", {"impl": "faiss", "device": "cpu"}))
     if "torch" in impls:
-        variants.append((f"torch-{device}-fp32", {"impl": "torch", "device": device}))
-    if "torch" in impls and device != "cpu":
-        fp16 = {"impl": "torch", "device": device, "dtype": "float16"}
-        variants.append((f"torch-{device}-fp16", fp16))
+        for dtype in dtypes.split(","):
+            params = {"impl": "torch", "device": device, "dtype": dtype}
+            variants.append((f"torch-{device}-{dtype}", params))
     reference: list[Any] | None = None
     for name, params in variants:
         retriever = FlatRetriever(vectors, **params)
         hits = retriever.search_vectors(queries, k)  # warm-up, and the equality check
         reference = hits if reference is None else reference
-        for batch in (1, 16):
+        for batch in batches:
             groups = [queries[i : i + batch] for i in range(0, min(len(queries), 8 * batch), batch)]
             seconds = _time(functools.partial(retriever.search_vectors, k=k), groups)
             row = {
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="bm25,flat")
     parser.add_argument("--device", default="cpu", help="torch flat device")
     parser.add_argument("--flat-impls", default="faiss,torch")
+    parser.add_argument("--flat-dtypes", default="float32", help="torch flat matrix dtypes")
+    parser.add_argument("--batches", default="1,16", help="queries per search call")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--real-texts", type=Path, default=None, help="a KB's docs.jsonl instead of gensim"
@@ -168,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if "bm25" in args.backends:
         rows += bench_bm25(args.num_docs, args.queries, args.k, args.real_texts)
     if "flat" in args.backends:
-        rows += bench_flat(args.num_docs, args.queries, args.k, args.device, args.flat_impls)
+        batches = tuple(int(b) for b in args.batches.split(","))
+        rows += bench_flat(
+            args.num_docs, args.queries, args.k, args.device, args.flat_impls,
+            args.flat_dtypes, batches,
+        )  # fmt: skip
     print(f"{'backend':<32}{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ms/query':>14}  same")
     for r in rows:
         print(
