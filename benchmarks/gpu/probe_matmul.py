@@ -9,7 +9,9 @@ which oneDNN kernel torch picked (``ONEDNN_VERBOSE``) so a slow path is visible:
     python benchmarks/gpu/probe_matmul.py --docs 4000000 --batches 1,4,16,64,128
 
 Layouts: ``q @ M.T`` (the matrix stored N x d, as the scan does now), ``q @ MT`` (stored
-d x N) and ``F.linear(q, M)``. Prints ms per call, effective TFLOP/s and GB/s of matrix read.
+d x N), ``F.linear(q, M)`` and, in bfloat16, the matrix pre-packed by oneDNN for a batch-size
+hint (``pk<hint>``: ``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``). Prints ms
+per call, effective TFLOP/s and GB/s of matrix read.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def probe(docs: int, dim: int, batches: list[int], dtypes: list[str], repeats: i
                 "q@MT": lambda q=q, t=transposed: q @ t,
                 "linear": lambda q=q, m=matrix: F.linear(q, m),
             }
+            if dtype_name == "bfloat16" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+                # the weight pre-packed in oneDNN's blocked layout (torch.compile's CPU path)
+                for hint in sorted({1, 16, b}):
+                    packed = torch.ops.mkldnn._reorder_linear_weight(matrix, hint)
+                    layouts[f"pk{hint}"] = lambda q=q, w=packed: torch.ops.mkldnn._linear_pointwise(
+                        q, w, None, "none", [], ""
+                    )
             for name, fn in layouts.items():
                 seconds = _time(fn, repeats)
                 flops = 2 * b * dim * docs / seconds / 1e12
