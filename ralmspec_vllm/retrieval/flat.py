@@ -8,7 +8,8 @@ provably exact, so both give the same hits and the same (bit-identical) scores:
   (``faiss.get_num_gpus() > 0``) and ``device`` is not ``"cpu"``, on the CPU otherwise.
 - ``impl="torch"``: the matrix lives on ``device`` (``"cuda"`` where faiss-gpu is missing, e.g.
   CUDA 13; ``"cpu"`` works too) in float32, bfloat16 or float16; a query batch is one matmul
-  per chunk of documents. Each chunk's scores are cut into groups of ``_GROUP`` docs; groups
+  per chunk of documents (on the CPU in bfloat16, against chunks pre-packed for oneDNN).
+  Each chunk's scores are cut into groups of ``_GROUP`` docs; groups
   whose best score reaches the running threshold ``min(c-th best, k-th best - 2 * bound)``
   (c = k + margin, bound = the index's error bound for that query) are kept. One scan thus
   proposes every doc that could still be in the exact top-k, and reports the threshold as the
@@ -18,7 +19,8 @@ provably exact, so both give the same hits and the same (bit-identical) scores:
 
 Error bounds (``reduced_relative_error``): on the CPU torch multiplies bfloat16/float16 with
 fp32 accumulation and rounds the output to the input dtype (checked: ``torch.mm`` has no CPU
-``out_dtype``; a probe with 1 + 383 x u/2 sums gives the fp32 result for batch 1..20).
+``out_dtype``; a probe with 1 + 383 x u/2 sums gives the fp32 result for batch 1..20; the
+packed product too, ``tests/retrieval/test_flat.py``).
 
 Measured (3M x 384 MiniLM index, NQ questions, CPU 2 threads, Sapphire Rapids with AMX;
 ms per search_vectors call of batch 1/4/16, noisy +-20%): k=1 float32 263/556/715, bfloat16
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +108,10 @@ class FlatRetriever(DenseIndexRetriever):
         candidate_margin: int = 16,
         index_dir: str = "",
         progress: bool = False,
+        pack: bool | None = None,
     ) -> None:
+        """``pack`` (torch on the CPU in bfloat16): store each chunk pre-packed in oneDNN's
+        blocked layout (``None``: where this torch build can; see ``_TorchMatrix``)."""
         if impl not in IMPLS:
             raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
         if device not in DEVICES:
@@ -127,16 +133,18 @@ class FlatRetriever(DenseIndexRetriever):
         if impl == "faiss":
             self._index, self.device = _faiss_flat(self._vectors, device, progress)
         else:
-            self._matrix, self.device = _torch_matrix(
-                self._vectors, device, dtype, self.chunk_size, self._matrix_scale
+            self._matrix = _TorchMatrix(
+                self._vectors, device, dtype, self.chunk_size, self._matrix_scale, pack
             )
+            self.device = self._matrix.device
         logger.info(
-            "flat retriever: %d x %d, impl=%s device=%s dtype=%s",
+            "flat retriever: %d x %d, impl=%s device=%s dtype=%s%s",
             self.num_docs,
             self.dim,
             impl,
             self.device,
             dtype,
+            " (oneDNN-packed)" if impl == "torch" and self._matrix.packed else "",
         )
 
     @classmethod
@@ -154,7 +162,10 @@ class FlatRetriever(DenseIndexRetriever):
         return bound
 
     def _extra_info(self) -> dict[str, str]:
-        return {"impl": self.impl, "device": self.device, "dtype": self.dtype}
+        info = {"impl": self.impl, "device": self.device, "dtype": self.dtype}
+        if self.impl == "torch":
+            info["layout"] = "onednn-packed" if self._matrix.packed else "plain"
+        return info
 
     def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         if self.impl == "faiss":
@@ -183,10 +194,9 @@ class FlatRetriever(DenseIndexRetriever):
         # 2 * bound, widened a little so the float32 threshold arithmetic cannot undercut it.
         slack = 2.0 * (bound + 1e-30 * q_scale * self._matrix_scale) * (1 + 2.0**-8)
         with torch.inference_mode():
-            q = torch.from_numpy(scaled).to(device=self._matrix.device, dtype=self._matrix.dtype)
-            scan = _ThresholdScan(len(queries), count, k, slack, self._matrix.device)
-            for start in range(0, self.num_docs, self.chunk_size):
-                scan.add(q @ self._matrix[start : start + self.chunk_size].T, start)
+            scan = _ThresholdScan(len(queries), count, k, slack, self.device)
+            for start, block in self._matrix.products(scaled):
+                scan.add(block, start)
             ids, scores, ceiling = scan.result()
         unscale = 1.0 / (q_scale * self._matrix_scale)  # powers of two: exact
         return ids, scores * unscale[:, None], ceiling * unscale
@@ -286,27 +296,89 @@ def _faiss_flat(vectors: np.ndarray, device: str, progress: bool) -> tuple[Any, 
     return index, "cpu"
 
 
-def _torch_matrix(
-    vectors: np.ndarray, device: str, dtype: str, chunk_size: int, scale: float
-) -> tuple[Any, str]:
+PACK_BATCH_HINT = 16
+"""Queries per call oneDNN packs the bfloat16 chunks for (a verification holds 1-16)."""
+
+
+def can_pack() -> bool:
+    """Whether this torch build packs bfloat16 linear weights for oneDNN on the CPU."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA requested but torch sees no GPU")
-    torch_dtype = getattr(torch, dtype)
-    matrix = torch.empty(vectors.shape, dtype=torch_dtype, device=device)
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ones(8, 32, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        out = _packed_product(torch.ones(2, 32, dtype=torch.bfloat16), packed)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return bool(out.shape == (2, 8) and (out == 32).all())
 
-    def load(start: int) -> None:
-        # A writable copy per chunk: the KB's embeddings are a read-only memory map.
-        block = np.array(vectors[start : start + chunk_size], dtype=np.float32)
-        block *= np.float32(scale)  # a power of two: exact
-        matrix[start : start + len(block)] = torch.from_numpy(block).to(device, torch_dtype)
 
-    # Threads overlap the page-cache reads and copies (21M x 384 is 32 GB; one thread took
-    # ~70 s on the H200 host).
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="flat-load") as pool:
-        list(pool.map(load, range(0, len(vectors), chunk_size)))
-    return matrix, device
+def _packed_product(q: Any, packed: Any) -> Any:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(q, packed, None, "none", [], "")
+
+
+class _TorchMatrix:
+    """The scaled document matrix of the torch scan, in chunks of ``chunk_size`` rows.
+
+    Plain: one tensor on ``device``; a chunk's scores are ``q @ chunk.T``. Packed (CPU,
+    bfloat16, where ``can_pack``): every chunk pre-packed by oneDNN for a batch of
+    ``PACK_BATCH_HINT`` queries (what ``torch.compile`` does for CPU linear layers), the same
+    product with bfloat16 inputs, fp32 accumulation and a bfloat16 output, so the scan's error
+    bound holds unchanged; the plain layout leaves oneDNN a slower kernel for batches (2-core
+    EPYC, 200k docs: 64 queries 141 ms plain, 67 ms packed).
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        device: str,
+        dtype: str,
+        chunk_size: int,
+        scale: float,
+        pack: bool | None,
+    ) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: CUDA requested but torch sees no GPU")
+        possible = device == "cpu" and dtype == "bfloat16" and can_pack()
+        if pack and not possible:
+            raise ValueError("pack: needs device='cpu', dtype='bfloat16' and oneDNN packing")
+        self.device = device
+        self.packed = possible if pack is None else pack
+        self.dtype = getattr(torch, dtype)
+        self._starts = list(range(0, len(vectors), chunk_size))
+        matrix = (
+            None if self.packed else torch.empty(vectors.shape, dtype=self.dtype, device=device)
+        )
+
+        def load(start: int) -> Any:
+            """The chunk at ``start``: packed, or a view of the plain matrix."""
+            # A writable copy per chunk: the KB's embeddings are a read-only memory map.
+            block = np.array(vectors[start : start + chunk_size], dtype=np.float32)
+            block *= np.float32(scale)  # a power of two: exact
+            rows = torch.from_numpy(block).to(device, self.dtype)
+            if matrix is None:
+                return torch.ops.mkldnn._reorder_linear_weight(rows, PACK_BATCH_HINT)
+            matrix[start : start + len(block)] = rows
+            return matrix[start : start + len(block)]
+
+        # Threads overlap the page-cache reads, copies and packing (21M x 384 is 32 GB; one
+        # thread took ~70 s on the H200 host).
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        with ThreadPoolExecutor(workers, thread_name_prefix="flat-load") as pool:
+            self._chunks = list(pool.map(load, self._starts))
+
+    def products(self, queries: np.ndarray) -> Iterator[tuple[int, Any]]:
+        """(first row, scores of ``queries`` against the chunk) for every chunk, in order."""
+        import torch
+
+        q = torch.from_numpy(queries).to(device=self.device, dtype=self.dtype)
+        for start, chunk in zip(self._starts, self._chunks, strict=True):
+            yield start, _packed_product(q, chunk) if self.packed else q @ chunk.T

@@ -11,7 +11,12 @@ import pytest
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.dense import inner_product
-from ralmspec_vllm.retrieval.flat import FlatRetriever, reduced_relative_error
+from ralmspec_vllm.retrieval.flat import (
+    FlatRetriever,
+    _TorchMatrix,
+    can_pack,
+    reduced_relative_error,
+)
 
 from .synthetic import DIM, DUP_IDS, DUP_OF, NUM_DOCS, SyntheticCorpus, brute_force
 
@@ -20,6 +25,7 @@ IMPLS = [
     {"impl": "torch", "device": "cpu"},
     {"impl": "torch", "device": "cpu", "dtype": "float16", "chunk_size": 128},
     {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300},
+    {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300, "pack": False},
 ]
 
 
@@ -141,6 +147,33 @@ def test_constructor_validation(corpus: SyntheticCorpus) -> None:
         FlatRetriever(corpus.vectors[:, :8], encoder=corpus.encoder)
     with pytest.raises(ValueError, match=r"^documents:"):
         FlatRetriever(corpus.vectors[:10], documents=corpus.documents)
+    with pytest.raises(ValueError, match=r"^pack:"):
+        FlatRetriever(corpus.vectors, impl="torch", device="cpu", dtype="float32", pack=True)
+
+
+def test_bfloat16_on_the_cpu_packs_its_chunks_where_onednn_can(corpus: SyntheticCorpus) -> None:
+    assert can_pack()  # the CPU builds of torch we install all can
+    packed = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", chunk_size=300)
+    plain = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", pack=False)
+    assert packed.info.extra["layout"] == "onednn-packed"
+    assert plain.info.extra["layout"] == "plain"
+    assert _flat(corpus, impl="torch", device="cpu").info.extra["layout"] == "plain"
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 20, 64])
+def test_bfloat16_products_accumulate_in_float32(pack: bool, batch: int) -> None:
+    """The error bound assumes fp32 sums: 1 + 383 x u/2 (u = 2^-8) is 1.748 in fp32, which
+    rounds to 1.75 in bfloat16; summed in bfloat16 every u/2 would round away (1.0)."""
+    dim = 384
+    docs = np.ones((1000, dim), dtype=np.float32)
+    matrix = _TorchMatrix(docs, "cpu", "bfloat16", chunk_size=512, scale=1.0, pack=pack)
+    queries = np.random.default_rng(batch).standard_normal((batch, dim)).astype(np.float32)
+    queries[-1] = 2.0**-9
+    queries[-1, 0] = 1.0
+    blocks = [block.float().numpy() for _, block in matrix.products(queries)]
+    assert matrix.packed == pack and [b.shape for b in blocks] == [(batch, 512), (batch, 488)]
+    assert all((b[-1] == 1.75).all() for b in blocks)
 
 
 @pytest.mark.parametrize("params", IMPLS, ids=lambda p: "-".join(map(str, p.values())))
@@ -188,13 +221,17 @@ def _near_ties(seed: int = 11, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return docs.astype(np.float32), queries.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-plain", "float16", "float32"])
 @pytest.mark.parametrize("k", [1, 20])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: int) -> None:
     docs, queries = _near_ties()
     reference = FlatRetriever(docs, candidate_margin=0)
-    torch_flat = FlatRetriever(docs, impl="torch", device="cpu", dtype=dtype, chunk_size=512)
+    dtype, _, layout = dtype.partition("-")
+    pack = False if layout == "plain" else None
+    torch_flat = FlatRetriever(
+        docs, impl="torch", device="cpu", dtype=dtype, chunk_size=512, pack=pack
+    )
     expected = reference.search_vectors(queries[:batch], k)
     got = torch_flat.search_vectors(queries[:batch], k)
     assert [_pairs(row) for row in got] == [_pairs(row) for row in expected]
@@ -207,8 +244,9 @@ def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: 
         assert torch_flat.rescored > 100 * batch
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-plain", "float16"])
 def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
+    dtype, _, layout = dtype.partition("-")
     # Worst case for input rounding: every coordinate sits just below a rounding midpoint,
     # so q and x both lose almost u per coordinate, all in the same direction.
     u = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
@@ -217,7 +255,10 @@ def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
     rng = np.random.default_rng(5)
     docs = np.concatenate([worst, rng.random((500, dim))]).astype(np.float32)  # norms < |worst|
     queries = np.concatenate([worst, rng.standard_normal((3, dim))]).astype(np.float32)
-    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype=dtype)
+    flat = FlatRetriever(
+        docs, impl="torch", device="cpu", dtype=dtype, pack=False if layout else None
+    )
+    assert flat._matrix.packed == (dtype == "bfloat16" and not layout)
     ids, approx, _ = flat._torch_scan(queries, len(docs), len(docs))
     exact = inner_product(queries, docs[ids])
     q_norms = np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
