@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ralmspec_vllm.core.baseline import run_baseline, run_oracle
 from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, RetrieverCacheScorer
@@ -117,7 +117,9 @@ class RaLMEngine:
             self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
         self.stride_ledgers = {} if stride_ledgers is None else stride_ledgers
         self._ids = itertools.count()
-        self._checked_k: set[int] = set()
+        self._capped_k: set[int] = set()
+        self._prefetch_limit: int | None = None
+        self._prefetch_limit_known = False
 
     async def generate(
         self,
@@ -143,7 +145,7 @@ class RaLMEngine:
         config = self._request_config(config)
         spec = speculation or self.speculation
         if mode == "ralmspec":
-            await self._check_retriever(spec.prefetch_k)
+            spec = await self._fit_to_retriever(spec)
         method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
         request_id = request_id or f"ralm-{next(self._ids)}"
         if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
@@ -208,31 +210,35 @@ class RaLMEngine:
         if ctx.final_length != len(ctx.generated):
             raise RuntimeError(f"{ctx.request_id}: answer ended with unverified tokens")
 
-    async def retriever_problems(self, k: int) -> list[str]:
-        """Reasons why the retriever's top-1 for a search with ``k`` results might differ
-        from its top-1 for k = 1 (the baseline's), which would break token identity.
+    async def prefetch_limit(self) -> int | None:
+        """The largest k whose search keeps the retriever's top-1 for k = 1 (the
+        baseline's), or ``None`` for any k; asked once.
 
         Known case: FAISS HNSW widens its search beam to ``k`` when k exceeds ``ef_search``
         (the retriever keeps the beam fixed otherwise), so a larger k explores a different
-        graph neighbourhood."""
-        if k == 1:
-            return []
-        info = await self.retriever.info()
-        extra = info.extra
-        if info.backend == "hnsw" and "ef_search" in extra and k > int(extra["ef_search"]):
-            return [
-                f"prefetch_k={k}: above HNSW's ef_search ({extra['ef_search']}) the search "
-                f"beam widens, so the top-1 may differ from the baseline's (k=1) search. "
-                f"Use ef_search >= {k} or a smaller prefetch_k."
-            ]
-        return []
+        graph neighbourhood and may find another top-1."""
+        if not self._prefetch_limit_known:
+            info = await self.retriever.info()
+            ef_search = info.extra.get("ef_search") if info.backend == "hnsw" else None
+            self._prefetch_limit = int(ef_search) if ef_search is not None else None
+            self._prefetch_limit_known = True
+        return self._prefetch_limit
 
-    async def _check_retriever(self, k: int) -> None:
-        """Log ``retriever_problems`` once per distinct k."""
-        if k not in self._checked_k:
-            self._checked_k.add(k)
-            for problem in await self.retriever_problems(k):
-                logger.warning("%s", problem)
+    async def _fit_to_retriever(self, spec: SpeculationConfig) -> SpeculationConfig:
+        """``spec`` with ``prefetch_k`` capped at ``prefetch_limit`` (logged once per k):
+        prefetching only speeds speculation up, the top-1 must stay the baseline's."""
+        limit = await self.prefetch_limit()
+        if limit is None or spec.prefetch_k <= limit:
+            return spec
+        if spec.prefetch_k not in self._capped_k:
+            self._capped_k.add(spec.prefetch_k)
+            logger.info(
+                "prefetch_k=%d capped at HNSW's ef_search (%d): a wider search beam could "
+                "change the top-1 the baseline sees",
+                spec.prefetch_k,
+                limit,
+            )
+        return replace(spec, prefetch_k=limit)
 
     def _request_config(self, config: RaLMConfig | None) -> RaLMConfig:
         if config is None:

@@ -154,8 +154,8 @@ class HNSWRetriever(_FaissANNRetriever):
         # The beam (efSearch) must not depend on k: a wider beam visits other nodes, so a
         # top-20 search (a prefetching verification) could rank a different top-1 than the
         # baseline's top-1 search and break token identity. The margin is therefore taken
-        # from inside the fixed beam; only k > ef_search widens it (and is reported by
-        # ``RaLMEngine.retriever_problems``).
+        # from inside the fixed beam; only k > ef_search widens it (``RaLMEngine`` caps
+        # prefetching at ef_search, ``prefetch_limit``).
         return min(super()._candidate_count(k), max(self.ef_search, k))
 
     def _search_params(self, count: int) -> Any:

@@ -129,15 +129,20 @@ def test_core_imports_no_heavy_framework() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-async def test_hnsw_beam_narrower_than_prefetch_is_reported() -> None:
+@pytest.mark.parametrize(("ef_search", "searched_k"), [(16, 16), (128, 20)])
+async def test_prefetch_is_capped_at_the_hnsw_beam(ef_search: int, searched_k: int) -> None:
+    """Above ef_search FAISS widens HNSW's beam, which may change the top-1: speculation
+    then prefetches ef_search documents, and the answer stays the baseline's."""
     ann = pytest.importorskip("ralmspec_vllm.retrieval.ann")
     vectors = np.random.default_rng(2).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
-
-    def engine(ef_search: int) -> RaLMEngine:
-        kb = ann.HNSWRetriever(vectors, Store(corpus()), BagOfWords(), m=8, ef_search=ef_search)
-        return RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb))
-
-    narrow = await engine(16).retriever_problems(20)
-    assert len(narrow) == 1 and "ef_search" in narrow[0]
-    assert await engine(128).retriever_problems(20) == []
-    assert await engine(16).retriever_problems(1) == []
+    kb = ann.HNSWRetriever(vectors, Store(corpus()), BagOfWords(), m=8, ef_search=ef_search)
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb))
+    assert await engine.prefetch_limit() == ef_search
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    spec = SpeculationConfig.preset("PSA", prefetch_k=20)
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    searched = {c.k for c in result.trace.retrieval_calls if c.kind == "search"}
+    assert searched == {searched_k}
+    flat = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(flat_retriever()))  # type: ignore[arg-type]
+    assert await flat.prefetch_limit() is None
