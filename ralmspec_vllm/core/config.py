@@ -162,6 +162,16 @@ def _literal(raw: str) -> object:
 PREFETCH_K = 20
 """The paper's prefetch size (256 was mostly worse)."""
 
+PSA_PREFETCH_K = 256
+"""Our PSA's prefetch size. The paper found 256 mostly worse, but its retriever paid for
+every extra document; here a verification's top-256 costs ~7% more than its top-20 (torch
+flat, 3M docs) and the speculation accuracy rises: 0.84 (k=20), 0.90 (64), 0.93 (256) on a
+2-core CPU run of SmolLM2 over 3M docs (NQ/TriviaQA/WebQuestions), i.e. ~half the misses
+and so about half the rounds that end in a rollback."""
+PSA_CACHE_CAPACITY = 8192
+"""Cached documents per request with ``PSA_PREFETCH_K`` (each verified query inserts up to
+256; the dense cache's vectors grow on demand, at most 12 MiB a request at 384 dims)."""
+
 PRESETS: dict[str, SpeculationConfig] = {
     "B": SpeculationConfig(),
     "P": SpeculationConfig(prefetch_k=PREFETCH_K),
@@ -171,7 +181,8 @@ PRESETS: dict[str, SpeculationConfig] = {
     "SA": SpeculationConfig(speculation_stride="auto", async_verification=True),
     "PA": SpeculationConfig(prefetch_k=PREFETCH_K, async_verification=True),
     "PSA": SpeculationConfig(
-        prefetch_k=PREFETCH_K,
+        prefetch_k=PSA_PREFETCH_K,
+        cache_capacity=PSA_CACHE_CAPACITY,
         speculation_stride="auto",
         async_verification=True,
         overlap_depth="stride",
@@ -186,5 +197,6 @@ PRESETS: dict[str, SpeculationConfig] = {
 }
 """The paper's ablation rows; ``B`` is plain RaLMSpec with a fixed stride of 3. The S rows use
 OS3 with the evidence bound on gamma; ``PSA`` also speculates ahead for the whole next round
-while a verification is in flight (``overlap_depth="stride"``); ``PSA-PAPER`` is the paper's
-PSA (gamma capped at 0.6, stride at most 10, one overlapped step), to measure what ours add."""
+while a verification is in flight (``overlap_depth="stride"``) and prefetches 256 documents
+(``PSA_PREFETCH_K``); ``PSA-PAPER`` is the paper's PSA (top-20 prefetch, gamma capped at 0.6,
+stride at most 10, one overlapped step), to measure what ours add."""

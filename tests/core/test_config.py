@@ -64,8 +64,10 @@ def test_presets_are_the_ablation_rows() -> None:
     assert (paper.overlap_depth, ours.overlap_depth) == (1, "stride")
     assert all(c.overlap_depth == 1 for n, c in PRESETS.items() if n != "PSA")
     psa = SpeculationConfig.preset("psa", cache_capacity=64)
-    assert psa.prefetch_k == 20 and psa.adaptive and psa.async_verification
+    assert psa.prefetch_k == 256 and psa.adaptive and psa.async_verification
     assert psa.cache_capacity == 64
+    assert (paper.prefetch_k, paper.cache_capacity) == (20, 512)
+    assert all(c.prefetch_k == 20 for n, c in PRESETS.items() if "P" in n and n != "PSA")
     with pytest.raises(ValueError, match="preset"):
         SpeculationConfig.preset("X")
 
