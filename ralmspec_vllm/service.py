@@ -73,6 +73,11 @@ class ServiceConfig:
             raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
+        if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
+            raise ValueError(
+                f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
+                f"({self.speculation.prefetch_k})"
+            )
 
 
 @dataclass(frozen=True, slots=True)

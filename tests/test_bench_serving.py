@@ -48,7 +48,8 @@ def test_config_flags_and_method_options() -> None:
     assert cfg.cell_size(16) == 32 and cfg.cell_size(None) == 16
     assert ralm_options("ralmspec") == {"mode": "ralmspec"}
     psa = ralm_options("PSA")
-    assert (psa["speculation_stride"], psa["prefetch_k"]) == ("auto", 20)
+    assert (psa["speculation_stride"], psa["prefetch_k"]) == ("auto", 256)
+    assert ralm_options("PSA-PAPER")["prefetch_k"] == 20
     assert psa["async_verification"] is True
 
 

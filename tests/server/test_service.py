@@ -95,7 +95,9 @@ async def test_baseline_streams_every_step() -> None:
 
 
 async def test_plan_limits() -> None:
-    service, _, _ = make_service(max_tokens_limit=100, max_retrieval_stride=8, max_prefetch_k=50)
+    with pytest.raises(ValueError, match="max_prefetch_k"):  # below PSA's 256: caught at start
+        make_service(max_prefetch_k=50)
+    service, _, _ = make_service(max_tokens_limit=100, max_retrieval_stride=8, max_prefetch_k=300)
     ids = service.question_ids(SHORT_QUESTION)
     job = service.plan(ids, None, RequestOptions())
     assert job.mode == "ralmspec" and job.config.max_new_tokens == 48
@@ -110,7 +112,7 @@ async def test_plan_limits() -> None:
         (ids, None, RequestOptions(retrieval_stride=9), "ralm.retrieval_stride"),
         (ids, None, RequestOptions(speculation_stride=too_long), "ralm.speculation_stride"),
         (ids, None, RequestOptions(speculation_stride="fast"), "ralm.speculation_stride"),
-        (ids, None, RequestOptions(prefetch_k=51), "ralm.prefetch_k"),
+        (ids, None, RequestOptions(prefetch_k=301), "ralm.prefetch_k"),
         (list(range(1024 - 256)), None, RequestOptions(), "prompt"),
     ]
     for question_ids, max_tokens, options, param in bad:
