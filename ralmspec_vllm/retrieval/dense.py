@@ -9,7 +9,8 @@ it directly; search results report it too.
 
 ``DenseIndexRetriever.search_vectors`` asks the backend's index (FAISS flat, torch matmul,
 HNSW, IVF) for ``k + margin`` candidates by its own fast, approximate-in-the-last-bits float
-scores, re-scores them with ``inner_product`` and ranks them by (score desc, doc id asc).
+scores, drops those a float32 score proves cannot reach the top-k (``screen_candidates``),
+re-scores the rest with ``inner_product`` and ranks them by (score desc, doc id asc).
 For exact backends the index scores come with an error bound: if the ceiling on the index
 scores of the docs left out (the lowest candidate's index score, or lower when the backend
 proposes extra candidates), plus the bound, is not strictly below the k-th exact score, a document
@@ -81,6 +82,29 @@ def inner_product(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
     return out
 
 
+def screen_candidates(
+    query: np.ndarray, vectors: np.ndarray, k: int, max_norm: float
+) -> np.ndarray:
+    """Which of one query's candidates can still be in its exact top-``k``: a float32 screen.
+
+    Scores the (m, d) candidate ``vectors`` in float32 (BLAS, any order):
+    ``|s32 - s| <= e = float32_relative_error(d) |q| max|x|`` (+ an underflow allowance),
+    where s is ``inner_product``'s score. With t the k-th best s32, k candidates have
+    s >= t - e, so the k-th exact score is >= t - e, and a candidate with s32 < t - 2e has
+    s < t - e: strictly below it, never in the top-k, ties included. Returns the mask of the
+    others (all of them when m <= k). A bfloat16 scan proposes hundreds of near-ties per
+    query; this leaves about k of them for the float64 re-scoring, ~10x dearer per candidate.
+    """
+    m, d = vectors.shape
+    if m <= k:
+        return np.ones(m, dtype=bool)
+    approx = (vectors @ query.astype(np.float32)).astype(np.float64)
+    kth = np.partition(approx, m - k)[m - k]
+    q_norm = float(np.linalg.norm(query.astype(np.float64)))
+    e = float32_relative_error(d) * q_norm * max_norm + d * 2.0**-126 + 1e-30
+    return approx >= kth - 2.0 * e
+
+
 class DenseIndexRetriever(ABC):
     """A ``DenseRetriever`` whose index only proposes candidates; ``inner_product`` ranks them."""
 
@@ -111,9 +135,11 @@ class DenseIndexRetriever(ABC):
         self.candidate_margin = candidate_margin
         self.index_dir = index_dir
         self.num_docs, self.dim = (int(s) for s in vectors.shape)
-        # Counters for benchmarks and tests: candidates re-scored exactly (all rounds), and
-        # query searches repeated with a doubled candidate set.
+        # Counters for benchmarks and tests: candidates the index proposed and those re-scored
+        # exactly after the float32 screen (all rounds), and query searches repeated with a
+        # doubled candidate set.
         self.rescored = 0
+        self.rescored_exact = 0
         self.widened = 0
         self._max_norm = float(
             max(np.linalg.norm(c.astype(np.float64), axis=1).max() for c in _chunks(vectors))
@@ -185,14 +211,13 @@ class DenseIndexRetriever(ABC):
         rel_err = self._relative_error()
         while len(pending):
             ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
-            exact = inner_product(queries[pending], self._vectors[np.maximum(ids, 0)])
+            proposed = (ids >= 0).sum(axis=1)
+            ranked = self._rank(queries[pending], ids, k)
+            self.rescored += int(proposed.sum())
             retry = []
             for row, qi in enumerate(pending.tolist()):
-                valid = ids[row] >= 0
-                self.rescored += int(valid.sum())
-                hits = top_k_from_scores(ids[row][valid], exact[row][valid], k)
-                results[qi] = hits
-                complete = count >= self.num_docs or int(valid.sum()) >= self.num_docs
+                hits = results[qi] = ranked[row]
+                complete = count >= self.num_docs or int(proposed[row]) >= self.num_docs
                 if rel_err is None or complete or len(hits) < k:
                     continue
                 q_norm = float(np.linalg.norm(queries[qi].astype(np.float64)))
@@ -206,6 +231,20 @@ class DenseIndexRetriever(ABC):
             pending = np.asarray(retry, dtype=np.int64)
             count = min(self.num_docs, 2 * count)
         return results
+
+    def _rank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+        """Every query's exact top-k among its candidates (``ids``, -1 padded):
+        ``screen_candidates`` drops those that cannot reach it, ``inner_product`` scores the
+        rest, ties break by doc id. Only the valid candidates' vectors are read."""
+        ranked: list[list[Hit]] = []
+        for query, row in zip(queries, ids, strict=True):
+            doc_ids = row[row >= 0]
+            vectors = self._vectors[doc_ids]
+            keep = screen_candidates(query, vectors, k, self._max_norm)
+            exact = inner_product(query[None], vectors[keep])[0]
+            ranked.append(top_k_from_scores(doc_ids[keep], exact, k))
+            self.rescored_exact += int(keep.sum())
+        return ranked
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         check_query(query)

@@ -62,7 +62,7 @@ _REDUCED_PRECISION_ERROR = 2.0**-7
 _ROUNDING = {"bfloat16": (2.0**-8, 2.0**-134), "float16": (2.0**-11, 2.0**-25)}
 _SAFETY = 1.125
 # Docs per group whose maximum decides whether the group's scores are looked at.
-_GROUP = 256
+_GROUP = 64
 
 
 def reduced_relative_error(dim: int, dtype: str) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
-from ralmspec_vllm.retrieval.dense import inner_product
+from ralmspec_vllm.retrieval.dense import inner_product, screen_candidates
 from ralmspec_vllm.retrieval.flat import (
     FlatRetriever,
     _TorchMatrix,
@@ -242,6 +242,30 @@ def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: 
     assert torch_flat.widened == 0
     if dtype == "bfloat16":
         assert torch_flat.rescored > 100 * batch
+        # The float32 screen leaves the near-ties within float32's bound (none here beyond
+        # the exact duplicates) for the float64 re-scoring: k plus a few per query.
+        assert torch_flat.rescored_exact <= (k + 8) * batch
+
+
+def test_float32_screen_keeps_every_possible_top_k_member() -> None:
+    """Candidates closer than float32 can resolve all survive the screen; far ones do not."""
+    rng = np.random.default_rng(8)
+    dim, k = 64, 5
+    query = rng.standard_normal(dim).astype(np.float32)
+    base = rng.standard_normal(dim).astype(np.float32)
+    vectors = np.repeat(base[None], 40, axis=0)
+    # 20 docs differ from base by one ulp-scale nudge (scores within ~1e-6 relative), 20 by
+    # a large step down the query's direction (clearly worse).
+    toward = np.where(np.arange(20) % 2, np.inf, -np.inf).astype(np.float32)
+    vectors[:20, 0] = np.nextafter(vectors[:20, 0], toward)
+    vectors[20:] -= 0.5 * query / np.linalg.norm(query)
+    max_norm = float(np.linalg.norm(vectors.astype(np.float64), axis=1).max())
+    keep = screen_candidates(query, vectors, k, max_norm)
+    exact = inner_product(query[None], vectors)[0]
+    top = np.lexsort((np.arange(40), -exact))[:k]
+    assert keep[top].all()
+    assert keep[:20].all() and not keep[20:].any()
+    assert screen_candidates(query, vectors[:k], k, max_norm).all()  # m <= k: nothing to drop
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-plain", "float16"])
