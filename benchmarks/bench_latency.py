@@ -96,6 +96,9 @@ class LatencyConfig(OutputConfig):
     """Question sets (ignored with ``questions_file``)."""
     questions_per_dataset: int = 5
     """First N test questions of each dataset."""
+    skip_questions: int = 0
+    """Drop the first N questions of the set: a later shard of a run too long for one
+    sitting (``merge_latency.py`` joins the shards' result files)."""
     questions_file: str | None = None
     """JSONL with ``question`` (and optionally ``id``, ``dataset``) instead of the datasets."""
     index: str | None = None
@@ -158,6 +161,8 @@ class LatencyConfig(OutputConfig):
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.skip_questions < 0:
+            raise ValueError(f"skip_questions: must be >= 0, got {self.skip_questions}")
         if self.warmup < 0:
             raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
         if self.filler is not None and self.filler < 1:
@@ -190,11 +195,15 @@ class LatencyConfig(OutputConfig):
 
 def load_question_set(cfg: LatencyConfig) -> list[Question]:
     """The file's questions, or the datasets' first N each, interleaved (nq, tqa, wq, nq, ...)
-    so that a time budget cuts every dataset alike."""
+    so that a time budget cuts every dataset alike; the first ``skip_questions`` dropped."""
     if cfg.questions_file is not None:
-        return load_questions_file(cfg.questions_file)
-    sets = [load_questions(d, cfg.questions_per_dataset) for d in cfg.datasets]
-    return [q for group in itertools.zip_longest(*sets) for q in group if q is not None]
+        questions = load_questions_file(cfg.questions_file)
+    else:
+        sets = [load_questions(d, cfg.questions_per_dataset) for d in cfg.datasets]
+        questions = [q for group in itertools.zip_longest(*sets) for q in group if q is not None]
+    if cfg.skip_questions >= len(questions):
+        raise ValueError(f"skip_questions: {cfg.skip_questions} leaves none of {len(questions)}")
+    return questions[cfg.skip_questions :]
 
 
 def open_kb(cfg: LatencyConfig) -> tuple[Any, dict[str, Any]]:
@@ -348,6 +357,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--datasets", "datasets", {"type": _csv, "help": "comma list of nq,triviaqa,webquestions"}),
     ("--questions-per-dataset", "questions_per_dataset", {"type": int, "help": "first N each"}),
     ("--questions", "questions_file", {"help": "JSONL file with a 'question' per line"}),
+    ("--skip-questions", "skip_questions", {"type": int, "help": "drop the first N (a shard)"}),
     ("--index", "index", {"help": "knowledge-base folder (default: the default index)"}),
     ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
     ("--transport", "transport", {"choices": ("inproc", "grpc"), "help": "retriever transport"}),
@@ -374,6 +384,7 @@ QUICK: dict[str, Any] = {
     "datasets": ("nq",),
     "questions_per_dataset": 2,
     "questions_file": None,
+    "skip_questions": 0,
     "max_new_tokens": 24,
     "filler": None,
 }

@@ -98,14 +98,27 @@ class RunRecord:
         )
 
     def brief(self) -> dict[str, Any]:
-        """The per-question record stored inside a row (strides summarised)."""
+        """The per-question record stored inside a row: every field but backend and method
+        (``from_brief`` rebuilds the record), plus the mean stride."""
         out = asdict(self)
-        del out["backend"], out["method"], out["strides"], out["searches"]
+        del out["backend"], out["method"]
+        out["strides"] = list(self.strides)
+        out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
         out["mean_stride"] = _mean(self.strides)
         for key, value in out.items():
             if isinstance(value, float):
                 out[key] = round(value, 4)
         return out
+
+    @classmethod
+    def from_brief(cls, backend: str, method: str, brief: Mapping[str, Any]) -> RunRecord:
+        """The record a row's ``per_question`` entry was written from (``brief``)."""
+        fields = {k: v for k, v in brief.items() if k in cls.__dataclass_fields__}
+        if "strides" not in fields:
+            raise ValueError("per-question record without strides (written before merging)")
+        fields["strides"] = tuple(fields["strides"])
+        fields["searches"] = tuple((int(n), float(s)) for n, s in fields.get("searches", ()))
+        return cls(backend=backend, method=method, **fields)
 
 
 def _mean(values: Sequence[float]) -> float | None:

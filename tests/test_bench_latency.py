@@ -13,15 +13,23 @@ the ``--flat-dtype`` flag.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from benchmarks.bench_latency import LatencyConfig, measure_all, open_kb, parse_args
+from benchmarks.bench_latency import (
+    LatencyConfig,
+    load_question_set,
+    measure_all,
+    open_kb,
+    parse_args,
+)
 from benchmarks.common import read_results
 from benchmarks.latency_report import RunRecord, fewest_rounds, summarize
+from benchmarks.merge_latency import BASE_FIELDS, merge
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
 from ralmspec_vllm.retrieval.flat import DTYPES
@@ -95,7 +103,62 @@ def test_rows_report_search_latency_by_batch_size() -> None:
         "1": {"calls": 2, "mean_ms": 400.0, "p50_ms": 500.0},
         "16": {"calls": 2, "mean_ms": 700.0, "p50_ms": 800.0},
     }
-    assert "searches" not in row["per_question"][0]
+    brief = row["per_question"][0]
+    assert brief["searches"] == [[1, 0.5], [16, 0.6], [16, 0.8], [1, 0.3]]
+    assert RunRecord.from_brief("flat", "PSA", brief) == runs[0]
+
+
+def _shard(ids: Sequence[str], walls: dict[str, float], **meta: Any) -> dict[str, Any]:
+    """A result file as bench_latency writes it, for questions ``ids``."""
+    records = [
+        RunRecord.from_summary(
+            "flat", method, qid, "nq", record(method, wall).brief() | {"retrieval_calls": {}},
+            strides=(2, 4), num_tokens=8, identical=True, same_documents=True,
+            searches=[(2, 0.1)],
+        )
+        for qid in ids for method, wall in walls.items()
+    ]  # fmt: skip
+    rows = summarize(records, {k: "x" for k in BASE_FIELDS}, list(walls))
+    return {
+        "rows": rows,
+        "meta": {
+            "git_sha": "abc", "machine_tag": "m", "knowledge_base": {"num_docs": 9},
+            "params": {"methods": list(walls), "skip_questions": 0}, "date": "d",
+            "command": "c", "questions_timed": len(ids), "questions_total": len(ids),
+            "complete": True, "questions": [{"id": q} for q in ids], **meta,
+        },
+    }  # fmt: skip
+
+
+def test_merging_shards_equals_summarizing_all_questions_at_once() -> None:
+    walls = {"baseline": 4.0, "oracle": 1.0, "PSA": 2.0}
+    a, b = _shard(["q1", "q2"], walls), _shard(["q3"], {**walls, "PSA": 1.0})
+    rows, meta = merge([a, b], ["a.json", "b.json"])
+    whole = {r["method"]: r for r in rows}
+    assert whole["PSA"]["num_questions"] == 3 and meta["questions_timed"] == 3
+    assert whole["PSA"]["mean_latency_s"] == pytest.approx(5 / 3, abs=1e-4)
+    assert whole["PSA"]["speedup_vs_baseline"] == pytest.approx(4 / (5 / 3), abs=1e-3)
+    assert whole["PSA"]["search_ms_by_queries"]["2"]["calls"] == 3
+    assert [s["file"] for s in meta["shards"]] == ["a.json", "b.json"]
+    assert [q["id"] for q in meta["questions"]] == ["q1", "q2", "q3"]
+    with pytest.raises(ValueError, match="question q1"):
+        merge([a, _shard(["q1"], walls)], ["a.json", "c.json"])
+    with pytest.raises(ValueError, match="commit"):
+        merge([a, _shard(["q4"], walls, git_sha="other")], ["a.json", "d.json"])
+    with pytest.raises(ValueError, match="methods"):
+        merge([a, _shard(["q4"], {"baseline": 4.0, "PSA": 2.0})], ["a.json", "e.json"])
+
+
+def test_skip_questions_takes_a_later_shard(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q {i}?"}) + "\n" for i in range(5)))
+    cfg = LatencyConfig(questions_file=str(path), skip_questions=3)
+    assert [q.text for q in load_question_set(cfg)] == ["q 3?", "q 4?"]
+    with pytest.raises(ValueError, match="skip_questions"):
+        load_question_set(LatencyConfig(questions_file=str(path), skip_questions=5))
+    with pytest.raises(ValueError, match="skip_questions"):
+        LatencyConfig(skip_questions=-1)
+    assert parse_args(["--skip-questions", "7"]).skip_questions == 7
 
 
 def test_config_validation_and_quick_flags() -> None:

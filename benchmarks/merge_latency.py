@@ -1,0 +1,120 @@
+"""Join ``bench_latency`` result files of one run cut into shards (``--skip-questions``).
+
+A batch-1 run at 21M documents costs ~13 s per question (the baseline alone ~9 s), so 100
+questions do not fit one 10-minute device call. Each shard runs the same command on the same
+machine and commit, with its own questions (``--skip-questions N``), and writes its own
+JSON; this rebuilds every shard's per-question records and summarizes them together with
+the same ``summarize`` as one run would (ratios of means over all questions):
+
+    python benchmarks/merge_latency.py A.json B.json --name latency_..._merged
+
+Refuses shards that differ in what they measure (commit, machine, model, retriever, corpus
+size, methods, engine settings) or that share a question. The merged file's ``meta.shards``
+lists each shard's command, date and question count; a PNG is drawn next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/merge_latency.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import format_table, read_results, write_results
+from benchmarks.latency_report import TABLE_COLUMNS, RunRecord, plot_latency, summarize
+
+# Params that may differ between shards: which questions, how long, where results go.
+SHARD_PARAMS = frozenset({"skip_questions", "time_budget_s", "name", "plot", "log_level"})
+BASE_FIELDS = ("machine", "model", "corpus_size", "transport")
+
+
+def _same(shards: Sequence[dict[str, Any]], what: str, get: Any) -> Any:
+    values = [get(shard) for shard in shards]
+    if any(v != values[0] for v in values[1:]):
+        raise ValueError(f"shards differ in {what}: {values}")
+    return values[0]
+
+
+def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[dict], dict]:
+    """(rows, meta) of the shards joined; raises ``ValueError`` where they do not match."""
+    if len(shards) < 2:
+        raise ValueError("merge needs at least two shards")
+    _same(shards, "commit", lambda s: s["meta"]["git_sha"])
+    _same(shards, "machine", lambda s: s["meta"]["machine_tag"])
+    _same(shards, "corpus size", lambda s: s["meta"]["knowledge_base"]["num_docs"])
+    _same(shards, "params", lambda s: {
+        k: v for k, v in s["meta"]["params"].items() if k not in SHARD_PARAMS
+    })  # fmt: skip
+    methods = _same(shards, "methods", lambda s: [r["method"] for r in s["rows"]])
+    _same(shards, "retriever", lambda s: sorted({r["retriever"] for r in s["rows"]}))
+    records: list[RunRecord] = []
+    seen: dict[str, str] = {}
+    for shard, path in zip(shards, paths, strict=True):
+        for row in shard["rows"]:
+            for brief in row["per_question"]:
+                if row["method"] == "baseline":
+                    if brief["question_id"] in seen:
+                        raise ValueError(
+                            f"question {brief['question_id']} is in {seen[brief['question_id']]} "
+                            f"and {path}"
+                        )
+                    seen[brief["question_id"]] = path
+                records.append(RunRecord.from_brief(row["retriever"], row["method"], brief))
+    base = {k: shards[0]["rows"][0][k] for k in BASE_FIELDS}
+    rows = summarize(records, base, methods)
+    timed = set(seen)
+    meta = dict(shards[0]["meta"])
+    meta.update(
+        command="merge_latency.py " + " ".join(paths),
+        questions=[q for s in shards for q in s["meta"]["questions"] if q["id"] in timed],
+        complete=all(s["meta"]["complete"] for s in shards),
+        questions_timed=min((r["num_questions"] for r in rows), default=0),
+        questions_total=sum(s["meta"]["questions_total"] for s in shards),
+        all_outputs_identical=all(r["outputs_identical"] for r in rows),
+        shards=[
+            {
+                "file": Path(p).name,
+                "date": s["meta"]["date"],
+                "command": s["meta"]["command"],
+                "questions_timed": s["meta"]["questions_timed"],
+                "complete": s["meta"]["complete"],
+            }
+            for s, p in zip(shards, paths, strict=True)
+        ],
+    )
+    return rows, meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shards", nargs="+", help="bench_latency result JSON files")
+    parser.add_argument("--name", required=True, help="merged result file stem")
+    parser.add_argument("--out-dir", default=None, help="default: the first shard's folder")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    args = parser.parse_args(argv)
+    shards = [read_results(p) for p in args.shards]
+    try:
+        rows, meta = merge(shards, args.shards)
+    except ValueError as exc:
+        print(f"merge_latency: {exc}", file=sys.stderr)
+        return 2
+    out_dir = args.out_dir or str(Path(args.shards[0]).parent)
+    path = write_results(args.name, rows, meta, out_dir)
+    if args.plot:
+        title = (
+            f"Batch-1 RaLM latency, {rows[0]['model']}, {rows[0]['retriever']} over "
+            f"{rows[0]['corpus_size']:,} docs, {meta['questions_timed']} questions "
+            f"({len(shards)} shards), {rows[0]['machine']}"
+        )
+        plot_latency(rows, path.with_suffix(".png"), title)
+    print(format_table(rows, TABLE_COLUMNS))
+    print(f"wrote {path}")
+    return 0 if meta["all_outputs_identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
