@@ -8,9 +8,11 @@ the same ``summarize`` as one run would (ratios of means over all questions):
 
     python benchmarks/merge_latency.py A.json B.json --name latency_..._merged
 
-Refuses shards that differ in what they measure (commit, machine, model, retriever, corpus
-size, methods, engine settings) or that share a question. The merged file's ``meta.shards``
-lists each shard's command, date and question count; a PNG is drawn next to it.
+Keeps the methods every shard ran (a shard may add rows of its own, e.g. an A/B); refuses
+shards that differ in what they measure (commit, machine, model, retriever, corpus size,
+engine settings), that share a question or that lack a common baseline. The merged file's
+``meta.shards`` lists each shard's command, date and question count; a PNG is drawn next
+to it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from benchmarks.common import format_table, read_results, write_results
 from benchmarks.latency_report import TABLE_COLUMNS, RunRecord, plot_latency, summarize
 
 # Params that may differ between shards: which questions, how long, where results go.
-SHARD_PARAMS = frozenset({"skip_questions", "time_budget_s", "name", "plot", "log_level"})
+SHARD_PARAMS = frozenset(
+    {"skip_questions", "time_budget_s", "name", "plot", "log_level", "methods"}
+)
 BASE_FIELDS = ("machine", "model", "corpus_size", "transport")
 
 
@@ -49,12 +53,16 @@ def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[
     _same(shards, "params", lambda s: {
         k: v for k, v in s["meta"]["params"].items() if k not in SHARD_PARAMS
     })  # fmt: skip
-    methods = _same(shards, "methods", lambda s: [r["method"] for r in s["rows"]])
+    # A shard may carry extra rows (an A/B of its own); the merge keeps the common methods.
+    per_shard = [[r["method"] for r in s["rows"]] for s in shards]
+    methods = [m for m in per_shard[0] if all(m in mine for mine in per_shard[1:])]
+    if "baseline" not in methods:
+        raise ValueError(f"shards share no baseline row: methods {per_shard}")
     _same(shards, "retriever", lambda s: sorted({r["retriever"] for r in s["rows"]}))
     records: list[RunRecord] = []
     seen: dict[str, str] = {}
     for shard, path in zip(shards, paths, strict=True):
-        for row in shard["rows"]:
+        for row in (r for r in shard["rows"] if r["method"] in methods):
             for brief in row["per_question"]:
                 if row["method"] == "baseline":
                     if brief["question_id"] in seen:
@@ -75,6 +83,7 @@ def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[
         questions_timed=min((r["num_questions"] for r in rows), default=0),
         questions_total=sum(s["meta"]["questions_total"] for s in shards),
         all_outputs_identical=all(r["outputs_identical"] for r in rows),
+        methods_left_out=sorted({m for mine in per_shard for m in mine} - set(methods)),
         shards=[
             {
                 "file": Path(p).name,

@@ -145,8 +145,11 @@ def test_merging_shards_equals_summarizing_all_questions_at_once() -> None:
         merge([a, _shard(["q1"], walls)], ["a.json", "c.json"])
     with pytest.raises(ValueError, match="commit"):
         merge([a, _shard(["q4"], walls, git_sha="other")], ["a.json", "d.json"])
-    with pytest.raises(ValueError, match="methods"):
-        merge([a, _shard(["q4"], {"baseline": 4.0, "PSA": 2.0})], ["a.json", "e.json"])
+    rows, meta = merge([a, _shard(["q4"], {"baseline": 4.0, "PSA": 2.0})], ["a.json", "e.json"])
+    assert [r["method"] for r in rows] == ["baseline", "PSA"]
+    assert meta["methods_left_out"] == ["oracle"]
+    with pytest.raises(ValueError, match="baseline"):
+        merge([a, _shard(["q4"], {"PSA": 2.0})], ["a.json", "f.json"])
 
 
 def test_skip_questions_takes_a_later_shard(tmp_path: Path) -> None:
