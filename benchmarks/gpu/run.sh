@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu/run.sh retrieval   # bench_retrieval: real + 1M docs, CPU and CUDA flat, HNSW, IVF, BM25
 #   bash benchmarks/gpu/run.sh latency     # bench_latency: SmolLM2, exact flat (FAISS on CPU) at 1M docs
 #   bash benchmarks/gpu/run.sh bench NAME SCRIPT [args]   # any benchmark, log in $RES/NAME.log
+#   bash benchmarks/gpu/run.sh save-cache  # vLLM/Triton/FlashInfer JIT caches -> $RES/jit_cache.tgz
+#     (copy it to $RALMSPEC_CACHE/gpu/ on the CPU machine: prepare.sh then carries it, and
+#     install.sh restores it, so a fresh machine's first vLLM start skips that compilation)
 # Extra arguments go to the benchmark. Each phase fits one device call (< 10 minutes).
 # Two GPUs: run one phase per GPU in parallel, e.g.
 #   CUDA_VISIBLE_DEVICES=0 bash run.sh bench a bench_latency.py ... &
@@ -47,5 +50,10 @@ print(filler_corpus(default_index(), int(sys.argv[1]))[1])" "$1" 2>&1 | grep -v 
     name=${1:?bench NAME SCRIPT [args]}; script=${2:?bench NAME SCRIPT [args]}; shift 2
     python3 "benchmarks/$script" --out-dir "$RES" "$@" 2>&1 | tee "$RES/$name.log" \
       | grep -v "it/s\]" | grep -E "bench_|Error|error|Traceback|^\|" ;;
+  save-cache)
+    dirs=$(cd "$HOME" && ls -d .cache/vllm .cache/flashinfer .triton/cache .cache/torch/kernels \
+      2>/dev/null || true)
+    [ -n "$dirs" ] || { echo "no JIT cache under $HOME" >&2; exit 1; }
+    tar -czf "$RES/jit_cache.tgz" -C "$HOME" $dirs && du -h "$RES/jit_cache.tgz" && echo $dirs ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

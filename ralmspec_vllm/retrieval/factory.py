@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import Retriever
-from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS
+from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS, LAYOUTS
 from ralmspec_vllm.types import BM25Params
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ class RetrieverConfig:
     """Matrix dtype of the torch flat search: ``bfloat16`` / ``float16`` halve the memory and
     make a batch of 4-16 queries cost about one on CPUs with AMX; results stay exact (wider
     candidate sets, re-scored in float64)."""
+    flat_layout: str = "auto"
+    """Torch flat matrix layout on the CPU in bfloat16: ``packed`` (oneDNN, fastest up to ~64
+    queries a search), ``plain``, ``both`` (packed for small searches, plain for the large
+    merged batches of a busy server; twice the memory) or ``auto`` (packed where possible)."""
     candidate_margin: int = 16
     """Extra candidates a dense index proposes beyond k before exact re-scoring."""
     hnsw_m: int = 64
@@ -66,12 +70,24 @@ class RetrieverConfig:
     """Show progress bars while building indexes."""
 
     def __post_init__(self) -> None:
-        choices = {"backend": BACKENDS, "device": DEVICES, "flat_impl": IMPLS, "dtype": DTYPES}
+        choices = {
+            "backend": BACKENDS,
+            "device": DEVICES,
+            "flat_impl": IMPLS,
+            "dtype": DTYPES,
+            "flat_layout": LAYOUTS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
         if self.flat_impl == "faiss" and self.dtype != "float32":
             raise ValueError(f"dtype: {self.dtype} needs flat_impl='torch'")
+        if self.flat_layout in ("packed", "both") and (
+            self.flat_impl != "torch" or self.dtype != "bfloat16"
+        ):
+            raise ValueError(
+                f"flat_layout: {self.flat_layout} needs flat_impl='torch' and dtype='bfloat16'"
+            )
         for name in ("hnsw_m", "ef_construction"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")
@@ -113,6 +129,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             impl=config.flat_impl,
             device=config.device,
             dtype=config.dtype,
+            layout=config.flat_layout,
             candidate_margin=margin,
             progress=config.progress,
         )
@@ -174,13 +191,20 @@ def config_from_args(args: argparse.Namespace) -> RetrieverConfig:
     return RetrieverConfig(**{f.name: getattr(args, f.name) for f in fields(RetrieverConfig)})
 
 
-_CHOICES = {"backend": BACKENDS, "device": DEVICES, "flat_impl": IMPLS, "dtype": DTYPES}
+_CHOICES = {
+    "backend": BACKENDS,
+    "device": DEVICES,
+    "flat_impl": IMPLS,
+    "dtype": DTYPES,
+    "flat_layout": LAYOUTS,
+}
 
 _FIELD_HELP = {
     "backend": "retrieval backend",
     "device": "flat search device",
     "flat_impl": "flat search implementation",
     "dtype": "torch flat matrix dtype",
+    "flat_layout": "torch flat matrix layout (packed: small batches, both: a busy server)",
     "candidate_margin": "extra dense candidates re-scored beyond k",
     "hnsw_m": "HNSW M",
     "ef_construction": "HNSW efConstruction",

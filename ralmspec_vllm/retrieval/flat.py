@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMPLS = ("faiss", "torch")
+LAYOUTS = ("auto", "packed", "plain", "both")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -108,10 +109,13 @@ class FlatRetriever(DenseIndexRetriever):
         candidate_margin: int = 16,
         index_dir: str = "",
         progress: bool = False,
-        pack: bool | None = None,
+        layout: str = "auto",
     ) -> None:
-        """``pack`` (torch on the CPU in bfloat16): store each chunk pre-packed in oneDNN's
-        blocked layout (``None``: where this torch build can; see ``_TorchMatrix``)."""
+        """``layout`` of the torch matrix (``_TorchMatrix``): ``packed`` (CPU, bfloat16: each
+        chunk pre-packed in oneDNN's blocked layout, fastest up to ~64 queries a call),
+        ``plain``, ``both`` (packed for small calls, plain for large ones such as a serving
+        retriever's merged batches; twice the memory) or ``auto`` (packed where this torch
+        build can, else plain)."""
         if impl not in IMPLS:
             raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
         if device not in DEVICES:
@@ -122,6 +126,8 @@ class FlatRetriever(DenseIndexRetriever):
             raise ValueError("dtype: the faiss flat index is float32 only")
         if chunk_size < 1:
             raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
         super().__init__(
             vectors, documents, encoder, candidate_margin=candidate_margin, index_dir=index_dir
         )
@@ -134,7 +140,7 @@ class FlatRetriever(DenseIndexRetriever):
             self._index, self.device = _faiss_flat(self._vectors, device, progress)
         else:
             self._matrix = _TorchMatrix(
-                self._vectors, device, dtype, self.chunk_size, self._matrix_scale, pack
+                self._vectors, device, dtype, self.chunk_size, self._matrix_scale, layout
             )
             self.device = self._matrix.device
         logger.info(
@@ -144,7 +150,7 @@ class FlatRetriever(DenseIndexRetriever):
             impl,
             self.device,
             dtype,
-            " (oneDNN-packed)" if impl == "torch" and self._matrix.packed else "",
+            f" ({self._matrix.layout} layout)" if impl == "torch" else "",
         )
 
     @classmethod
@@ -164,7 +170,7 @@ class FlatRetriever(DenseIndexRetriever):
     def _extra_info(self) -> dict[str, str]:
         info = {"impl": self.impl, "device": self.device, "dtype": self.dtype}
         if self.impl == "torch":
-            info["layout"] = "onednn-packed" if self._matrix.packed else "plain"
+            info["layout"] = self._matrix.layout
         return info
 
     def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +304,11 @@ def _faiss_flat(vectors: np.ndarray, device: str, progress: bool) -> tuple[Any, 
 
 PACK_BATCH_HINT = 16
 """Queries per call oneDNN packs the bfloat16 chunks for (a verification holds 1-16)."""
+PACKED_MAX_BATCH = 64
+"""With ``layout="both"``: calls of up to this many queries use the packed chunks, larger
+ones the plain matrix. H200 host (AMX, 16 threads, 4M docs): packed for 16 / plain
+44 / 60 ms at 16 queries, 89 / 116 ms at 64, but 1,379 / 370 ms at 256
+(``benchmarks/results/gpu/probe_matmul_4m_h200host_session6.txt``)."""
 
 
 def can_pack() -> bool:
@@ -328,8 +339,10 @@ class _TorchMatrix:
     bfloat16, where ``can_pack``): every chunk pre-packed by oneDNN for a batch of
     ``PACK_BATCH_HINT`` queries (what ``torch.compile`` does for CPU linear layers), the same
     product with bfloat16 inputs, fp32 accumulation and a bfloat16 output, so the scan's error
-    bound holds unchanged; the plain layout leaves oneDNN a slower kernel for batches (2-core
-    EPYC, 200k docs: 64 queries 141 ms plain, 67 ms packed).
+    bound holds unchanged; the plain layout leaves oneDNN a slower kernel for small batches
+    (2-core EPYC, 200k docs: 64 queries 141 ms plain, 67 ms packed), but the packing for 16
+    queries is the slower one at hundreds (``PACKED_MAX_BATCH``). ``both`` keeps the two and
+    picks by the call's batch.
     """
 
     def __init__(
@@ -339,7 +352,7 @@ class _TorchMatrix:
         dtype: str,
         chunk_size: int,
         scale: float,
-        pack: bool | None,
+        layout: str = "auto",
     ) -> None:
         import torch
 
@@ -348,37 +361,58 @@ class _TorchMatrix:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: CUDA requested but torch sees no GPU")
         possible = device == "cpu" and dtype == "bfloat16" and can_pack()
-        if pack and not possible:
-            raise ValueError("pack: needs device='cpu', dtype='bfloat16' and oneDNN packing")
+        if layout in ("packed", "both") and not possible:
+            raise ValueError(
+                f"layout: {layout} needs device='cpu', dtype='bfloat16' and oneDNN packing"
+            )
+        if layout == "auto":
+            layout = "packed" if possible else "plain"
         self.device = device
-        self.packed = possible if pack is None else pack
+        self.layout = layout
         self.dtype = getattr(torch, dtype)
         self._starts = list(range(0, len(vectors), chunk_size))
         matrix = (
-            None if self.packed else torch.empty(vectors.shape, dtype=self.dtype, device=device)
+            torch.empty(vectors.shape, dtype=self.dtype, device=device)
+            if layout in ("plain", "both")
+            else None
         )
 
         def load(start: int) -> Any:
-            """The chunk at ``start``: packed, or a view of the plain matrix."""
+            """The chunk at ``start``: packed (or None), filling the plain matrix if any."""
             # A writable copy per chunk: the KB's embeddings are a read-only memory map.
             block = np.array(vectors[start : start + chunk_size], dtype=np.float32)
             block *= np.float32(scale)  # a power of two: exact
             rows = torch.from_numpy(block).to(device, self.dtype)
-            if matrix is None:
+            if matrix is not None:
+                matrix[start : start + len(block)] = rows
+            if layout in ("packed", "both"):
                 return torch.ops.mkldnn._reorder_linear_weight(rows, PACK_BATCH_HINT)
-            matrix[start : start + len(block)] = rows
-            return matrix[start : start + len(block)]
+            return None
 
         # Threads overlap the page-cache reads, copies and packing (21M x 384 is 32 GB; one
         # thread took ~70 s on the H200 host).
         workers = max(1, min(os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(workers, thread_name_prefix="flat-load") as pool:
-            self._chunks = list(pool.map(load, self._starts))
+            self._packed = list(pool.map(load, self._starts))
+        self._plain = (
+            [] if matrix is None else [matrix[s : s + chunk_size] for s in self._starts]  # views
+        )
+
+    @property
+    def packed(self) -> bool:
+        """Whether calls of up to ``PACKED_MAX_BATCH`` queries use pre-packed chunks."""
+        return self.layout in ("packed", "both")
 
     def products(self, queries: np.ndarray) -> Iterator[tuple[int, Any]]:
         """(first row, scores of ``queries`` against the chunk) for every chunk, in order."""
         import torch
 
         q = torch.from_numpy(queries).to(device=self.device, dtype=self.dtype)
-        for start, chunk in zip(self._starts, self._chunks, strict=True):
-            yield start, _packed_product(q, chunk) if self.packed else q @ chunk.T
+        use_packed = self.layout == "packed" or (
+            self.layout == "both" and len(queries) <= PACKED_MAX_BATCH
+        )
+        for i, start in enumerate(self._starts):
+            if use_packed:
+                yield start, _packed_product(q, self._packed[i])
+            else:
+                yield start, q @ self._plain[i].T

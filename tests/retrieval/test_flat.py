@@ -12,6 +12,7 @@ import pytest
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.dense import inner_product, screen_candidates
 from ralmspec_vllm.retrieval.flat import (
+    PACKED_MAX_BATCH,
     FlatRetriever,
     _TorchMatrix,
     can_pack,
@@ -25,7 +26,7 @@ IMPLS = [
     {"impl": "torch", "device": "cpu"},
     {"impl": "torch", "device": "cpu", "dtype": "float16", "chunk_size": 128},
     {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300},
-    {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300, "pack": False},
+    {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300, "layout": "plain"},
 ]
 
 
@@ -147,32 +148,44 @@ def test_constructor_validation(corpus: SyntheticCorpus) -> None:
         FlatRetriever(corpus.vectors[:, :8], encoder=corpus.encoder)
     with pytest.raises(ValueError, match=r"^documents:"):
         FlatRetriever(corpus.vectors[:10], documents=corpus.documents)
-    with pytest.raises(ValueError, match=r"^pack:"):
-        FlatRetriever(corpus.vectors, impl="torch", device="cpu", dtype="float32", pack=True)
+    with pytest.raises(ValueError, match=r"^layout: packed needs"):
+        FlatRetriever(corpus.vectors, impl="torch", device="cpu", dtype="float32", layout="packed")
+    with pytest.raises(ValueError, match=r"^layout: must be one of"):
+        FlatRetriever(corpus.vectors, impl="torch", device="cpu", layout="tiled")
 
 
 def test_bfloat16_on_the_cpu_packs_its_chunks_where_onednn_can(corpus: SyntheticCorpus) -> None:
     assert can_pack()  # the CPU builds of torch we install all can
     packed = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", chunk_size=300)
-    plain = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", pack=False)
-    assert packed.info.extra["layout"] == "onednn-packed"
+    plain = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", layout="plain")
+    both = _flat(corpus, impl="torch", device="cpu", dtype="bfloat16", layout="both")
+    assert packed.info.extra["layout"] == "packed"
     assert plain.info.extra["layout"] == "plain"
+    assert both.info.extra["layout"] == "both"
     assert _flat(corpus, impl="torch", device="cpu").info.extra["layout"] == "plain"
+    # both layouts answer alike, below and above the batch where "both" switches layout
+    rng = np.random.default_rng(3)
+    for batch in (3, PACKED_MAX_BATCH + 1):
+        queries = rng.standard_normal((batch, DIM)).astype(np.float32)
+        expected = _flat(corpus).search_vectors(queries, 5)
+        for flat in (packed, plain, both):
+            assert flat.search_vectors(queries, 5) == expected
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("batch", [1, 2, 7, 16, 20, 64])
-def test_bfloat16_products_accumulate_in_float32(pack: bool, batch: int) -> None:
+@pytest.mark.parametrize("layout", ["plain", "packed", "both"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 20, 64, 65])
+def test_bfloat16_products_accumulate_in_float32(layout: str, batch: int) -> None:
     """The error bound assumes fp32 sums: 1 + 383 x u/2 (u = 2^-8) is 1.748 in fp32, which
     rounds to 1.75 in bfloat16; summed in bfloat16 every u/2 would round away (1.0)."""
     dim = 384
     docs = np.ones((1000, dim), dtype=np.float32)
-    matrix = _TorchMatrix(docs, "cpu", "bfloat16", chunk_size=512, scale=1.0, pack=pack)
+    matrix = _TorchMatrix(docs, "cpu", "bfloat16", chunk_size=512, scale=1.0, layout=layout)
     queries = np.random.default_rng(batch).standard_normal((batch, dim)).astype(np.float32)
     queries[-1] = 2.0**-9
     queries[-1, 0] = 1.0
     blocks = [block.float().numpy() for _, block in matrix.products(queries)]
-    assert matrix.packed == pack and [b.shape for b in blocks] == [(batch, 512), (batch, 488)]
+    assert matrix.packed == (layout != "plain")
+    assert [b.shape for b in blocks] == [(batch, 512), (batch, 488)]
     assert all((b[-1] == 1.75).all() for b in blocks)
 
 
@@ -221,16 +234,17 @@ def _near_ties(seed: int = 11, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return docs.astype(np.float32), queries.astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-plain", "float16", "float32"])
+@pytest.mark.parametrize(
+    "dtype", ["bfloat16", "bfloat16-plain", "bfloat16-both", "float16", "float32"]
+)
 @pytest.mark.parametrize("k", [1, 20])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: int) -> None:
     docs, queries = _near_ties()
     reference = FlatRetriever(docs, candidate_margin=0)
     dtype, _, layout = dtype.partition("-")
-    pack = False if layout == "plain" else None
     torch_flat = FlatRetriever(
-        docs, impl="torch", device="cpu", dtype=dtype, chunk_size=512, pack=pack
+        docs, impl="torch", device="cpu", dtype=dtype, chunk_size=512, layout=layout or "auto"
     )
     expected = reference.search_vectors(queries[:batch], k)
     got = torch_flat.search_vectors(queries[:batch], k)
@@ -279,9 +293,7 @@ def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
     rng = np.random.default_rng(5)
     docs = np.concatenate([worst, rng.random((500, dim))]).astype(np.float32)  # norms < |worst|
     queries = np.concatenate([worst, rng.standard_normal((3, dim))]).astype(np.float32)
-    flat = FlatRetriever(
-        docs, impl="torch", device="cpu", dtype=dtype, pack=False if layout else None
-    )
+    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype=dtype, layout=layout or "auto")
     assert flat._matrix.packed == (dtype == "bfloat16" and not layout)
     ids, approx, _ = flat._torch_scan(queries, len(docs), len(docs))
     exact = inner_product(queries, docs[ids])
@@ -290,6 +302,30 @@ def test_reduced_error_bound_holds_and_is_not_loose(dtype: str) -> None:
     bound = reduced_relative_error(dim, dtype)
     assert relative.max() < bound
     assert relative[0].max() > 1.9 * u  # the worst row really loses ~2u: the bound is ~3u
+
+
+def test_config_layout_needs_the_bfloat16_torch_scan(corpus: SyntheticCorpus) -> None:
+    import argparse
+
+    from ralmspec_vllm.retrieval.factory import (
+        RetrieverConfig,
+        add_retriever_arguments,
+        config_from_args,
+    )
+
+    config = RetrieverConfig(flat_impl="torch", device="cpu", dtype="bfloat16", flat_layout="both")
+    assert config.flat_layout == "both"
+    for bad in ({"flat_impl": "faiss"}, {"flat_impl": "torch", "dtype": "float16"}):
+        with pytest.raises(ValueError, match=r"^flat_layout: both needs"):
+            RetrieverConfig(flat_layout="both", **bad)  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser()
+    add_retriever_arguments(parser)
+    args = parser.parse_args(
+        ["--flat-impl", "torch", "--dtype", "bfloat16", "--flat-layout", "both"]
+    )
+    assert config_from_args(args).flat_layout == "both"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--flat-layout", "tiled"])
 
 
 def test_config_accepts_reduced_dtypes_for_torch_only() -> None:
