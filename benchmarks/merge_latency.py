@@ -74,11 +74,10 @@ def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[
                 records.append(RunRecord.from_brief(row["retriever"], row["method"], brief))
     base = {k: shards[0]["rows"][0][k] for k in BASE_FIELDS}
     rows = summarize(records, base, methods)
-    timed = set(seen)
     meta = dict(shards[0]["meta"])
     meta.update(
         command="merge_latency.py " + " ".join(paths),
-        questions=[q for s in shards for q in s["meta"]["questions"] if q["id"] in timed],
+        questions=[q for s in shards for q in s["meta"]["questions"] if q["id"] in seen],
         complete=all(s["meta"]["complete"] for s in shards),
         questions_timed=min((r["num_questions"] for r in rows), default=0),
         questions_total=sum(s["meta"]["questions_total"] for s in shards),
