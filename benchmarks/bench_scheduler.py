@@ -148,12 +148,13 @@ class ScriptedKB:
     async def info(self) -> RetrieverInfo:
         return RetrieverInfo("scripted", 2000, 0, "ip")
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         out = []
+        n = k + prefetch
         for query in queries:
-            ids = {self.truth(query), *range(min(k, 4))}
+            ids = {self.truth(query), *range(min(n, 4))}
             hits = sorted((Hit(d, self._score(query, d)) for d in ids), key=lambda h: -h.score)
-            out.append(hits[:k])
+            out.append(hits[:n])
         return out
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:

@@ -1,11 +1,12 @@
 """Cross-request retrieval batching: many concurrent ``search`` calls, one retriever call.
 
 ``BatchingRetriever`` wraps an ``AsyncRetriever`` and implements it. ``search`` calls with the
-same ``k`` that arrive within ``window_s`` of the first one of a batch are concatenated into
-ONE inner ``search`` call (at most ``max_batch_queries`` queries; a full batch goes at once),
-and each caller gets its own slice back. A lone call waits at most ``window_s``. Calls with
-different ``k`` are never merged (an approximate index may rank the top-1 differently under a
-different k). ``score``, ``documents``, ``vectors`` and ``info`` pass through.
+same ``k`` and ``prefetch`` that arrive within ``window_s`` of the first one of a batch are
+concatenated into ONE inner ``search`` call (at most ``max_batch_queries`` queries; a full
+batch goes at once), and each caller gets its own slice back. A lone call waits at most
+``window_s``. Calls with different ``k`` or ``prefetch`` are never merged (an approximate
+index may rank the top-1 differently under a different k, and the prefetch hits may depend
+on both). ``score``, ``documents``, ``vectors`` and ``info`` pass through.
 
 ``stats`` records every inner search once it returned or failed (a ``BatchRecord``: k,
 number of queries, number of callers merged, the longest time a caller waited before the batch
@@ -44,6 +45,8 @@ class BatchRecord:
     """Duration of the inner ``search`` call (until its answer or error)."""
     ok: bool = True
     """False when the inner call raised (every caller got the error)."""
+    prefetch: int = 0
+    """Hits asked for after the exact top-k."""
 
 
 @dataclass(slots=True)
@@ -81,64 +84,70 @@ class BatchingRetriever:
         self.keep_stats = keep_stats
         self.on_batch = on_batch
         self.stats: list[BatchRecord] = []
-        self._batches: dict[int, _Batch] = {}
+        self._batches: dict[tuple[int, int], _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         queries = list(queries)
         if not queries:
             return []
+        key = (k, prefetch)
         if len(queries) >= self.max_batch_queries:  # too big to merge with anything
             alone = _Pending(queries, _future(), time.perf_counter())
-            await self._send(k, [alone])
+            await self._send(key, [alone])
             return await alone.future
-        batch = self._batches.get(k)
+        batch = self._batches.get(key)
         if batch is not None and batch.num_queries + len(queries) > self.max_batch_queries:
-            self._flush(k)
+            self._flush(key)
             batch = None
         if batch is None:
-            batch = self._batches[k] = _Batch()
+            batch = self._batches[key] = _Batch()
             loop = asyncio.get_running_loop()
-            batch.timer = loop.call_later(self.window_s, self._flush, k)
+            batch.timer = loop.call_later(self.window_s, self._flush, key)
         pending = _Pending(queries, _future(), time.perf_counter())
         batch.entries.append(pending)
         batch.num_queries += len(queries)
         if batch.num_queries >= self.max_batch_queries:
-            self._flush(k)
+            self._flush(key)
         return await pending.future
 
-    def _flush(self, k: int) -> None:
-        batch = self._batches.pop(k, None)
+    def _flush(self, key: tuple[int, int]) -> None:
+        batch = self._batches.pop(key, None)
         if batch is None:
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        task = asyncio.get_running_loop().create_task(self._send(k, batch.entries))
+        task = asyncio.get_running_loop().create_task(self._send(key, batch.entries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, k: int, entries: list[_Pending]) -> None:
+    async def _send(self, key: tuple[int, int], entries: list[_Pending]) -> None:
         """One inner call for ``entries``; delivers each caller's hits (or the error)."""
         live = [e for e in entries if not e.future.done()]  # skip callers already cancelled
         if not live:
             return
+        k, prefetch = key
         queries = [q for e in live for q in e.queries]
         sent = time.perf_counter()
         max_wait_s = max(sent - e.arrived for e in live)
+
+        def record(ok: bool) -> BatchRecord:
+            return BatchRecord(
+                k, len(queries), len(live), max_wait_s, _since(sent), ok=ok, prefetch=prefetch
+            )
+
         try:
-            results = await self.inner.search(queries, k)
+            results = await self.inner.search(queries, k, prefetch)
             if len(results) != len(queries):
                 raise ValueError(f"retriever answered {len(results)} lists for {len(queries)}")
         except Exception as exc:
             logger.debug("batched search of %d queries failed: %r", len(queries), exc)
-            self._record(
-                BatchRecord(k, len(queries), len(live), max_wait_s, _since(sent), ok=False)
-            )
+            self._record(record(ok=False))
             for e in live:
                 if not e.future.done():
                     e.future.set_exception(exc)
             return
-        self._record(BatchRecord(k, len(queries), len(live), max_wait_s, _since(sent)))
+        self._record(record(ok=True))
         offset = 0
         for e in live:
             part = results[offset : offset + len(e.queries)]

@@ -68,9 +68,12 @@ class RequestContext:
         self._lm_calls += 1
         return f"{self.request_id}#{self._lm_calls}"
 
-    async def search(self, queries: Sequence[str], k: int, purpose: CallPurpose) -> list[list[Hit]]:
+    async def search(
+        self, queries: Sequence[str], k: int, purpose: CallPurpose, prefetch: int = 0
+    ) -> list[list[Hit]]:
+        """The exact top-k per query (+ up to ``prefetch`` further hits, for the cache)."""
         start = time.perf_counter()
-        hits = await self.retriever.search(queries, k)
+        hits = await self.retriever.search(queries, k, prefetch)
         self.recorder.retrieval("search", purpose, len(queries), k, time.perf_counter() - start)
         if len(hits) != len(queries):
             raise ValueError(f"retriever answered {len(hits)} result lists for {len(queries)}")

@@ -7,9 +7,10 @@ Round structure (stride s from ``FixedStride`` or OS3):
 2. Speculate up to s steps: the cache's top-1 for the current query, then one step of
    generation with it. Steps stop early at EOS or ``max_new_tokens``; they are still
    verified before the answer is final.
-3. Verify: ``search`` of the round's s queries as ONE call (k = ``prefetch_k``); compare the
-   knowledge base's top-1 with the speculated doc id, position by position. Documents of the
-   queries up to and including the first mismatch are inserted into the cache.
+3. Verify: ``search`` of the round's s queries as ONE call (``prefetch_k`` hits each, of
+   which the first ``exact_k`` are the exact top ranks); compare the knowledge base's top-1
+   with the speculated doc id, position by position. Documents of the queries up to and
+   including the first mismatch are inserted into the cache.
 4. At the first mismatch m: drop every token from step m on, regenerate step m with the true
    document (a final step), start the next round. Kept tokens were generated with exactly
    the documents the baseline uses, from exactly the baseline's context: identical output.
@@ -49,7 +50,7 @@ from ralmspec_vllm.core.stride import (
     StrideLedger,
     StrideScheduler,
 )
-from ralmspec_vllm.core.trace import VerificationRecord
+from ralmspec_vllm.core.trace import CallPurpose, VerificationRecord
 from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
@@ -144,12 +145,18 @@ class SpeculativeRequest:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
         Returns the hits and the search latency."""
         start = time.perf_counter()
-        (hits,) = await self.ctx.search([query], self.config.prefetch_k, "retrieve")
+        (hits,) = await self._search([query], "retrieve")
         latency = time.perf_counter() - start
         await self._insert([hits])
         await self.ctx.generate_step(_top1(hits), "retrieve")
         self.ctx.finalize(len(self.ctx.generated))
         return hits, latency
+
+    async def _search(self, queries: list[str], purpose: CallPurpose) -> list[list[Hit]]:
+        """``prefetch_k`` hits per query, the first ``exact_k`` (or all) exact; only the
+        top-1 decides a verification."""
+        cfg = self.config
+        return await self.ctx.search(queries, cfg.search_k, purpose, cfg.search_prefetch)
 
     def _plain_pays(self, stride: int) -> bool:
         if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
@@ -184,7 +191,7 @@ class SpeculativeRequest:
     ) -> Mismatch | None:
         start = time.perf_counter()
         queries = [step.query for step in steps]
-        results = await self.ctx.search(queries, self.config.prefetch_k, "verify")
+        results = await self._search(queries, "verify")
         latency = time.perf_counter() - start
         mismatch = None
         for i, (step, hits) in enumerate(zip(steps, results, strict=True)):

@@ -128,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--speculation-stride", default="auto", help="int or 'auto' (default: auto)")
     _own(ralm, "--max-speculation-stride", type=int, default=s.max_speculation_stride)
     _own(ralm, "--prefetch-k", type=int, default=s.prefetch_k)
+    _own(ralm, "--exact-k", type=int, default=s.exact_k,
+         help="how many of the prefetch-k documents are the exact top ranks; the rest are "
+              "the retriever's further candidates (0: all; default: %(default)s)")  # fmt: skip
     _own(ralm, "--async-verification", action=argparse.BooleanOptionalAction,
          default=s.async_verification)  # fmt: skip
     _own(ralm, "--overlap-depth", default=str(s.overlap_depth),
@@ -178,6 +181,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         speculation=SpeculationConfig(
             speculation_stride=stride,  # type: ignore[arg-type]
             prefetch_k=args.prefetch_k,
+            exact_k=args.exact_k,
             async_verification=args.async_verification,
             overlap_depth=depth,  # type: ignore[arg-type]
             cache_capacity=args.cache_capacity,

@@ -150,13 +150,13 @@ class HNSWRetriever(_FaissANNRetriever):
         self._add_all(index, f"hnsw M={self.m} efC={self.ef_construction}", progress)
         return index
 
-    def _candidate_count(self, k: int) -> int:
+    def _candidate_count(self, k: int, prefetch: int = 0) -> int:
         # The beam (efSearch) must not depend on k: a wider beam visits other nodes, so a
         # top-20 search (a prefetching verification) could rank a different top-1 than the
         # baseline's top-1 search and break token identity. The margin is therefore taken
         # from inside the fixed beam; only k > ef_search widens it (``RaLMEngine`` caps
         # prefetching at ef_search, ``prefetch_limit``).
-        return min(super()._candidate_count(k), max(self.ef_search, k))
+        return min(super()._candidate_count(k, prefetch), max(self.ef_search, k))
 
     def _search_params(self, count: int) -> Any:
         import faiss

@@ -6,6 +6,12 @@ it directly, and ``InProcessAsyncRetriever`` wraps any ``Retriever`` (running it
 thread so the event loop keeps generating while an index search runs).
 
 Ranking rule everywhere: score descending, then doc id ascending (``rank_hits``).
+
+``search(queries, k, prefetch)``: each query's exact top-k, then up to ``prefetch`` more
+hits, the best further documents the backend's search came across, ranked by their exact
+scores but not a complete ranking (a document left out may outscore them). A speculation
+cache needs good guesses, not exact ranks: an exact top-256 over 21M documents costs ~30%
+more than a top-20 whose scan already proposes ~200 near candidates.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ class Retriever(Protocol):
     @property
     def info(self) -> RetrieverInfo: ...
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-k hits per query text, ranked by ``rank_hits``'s rule."""
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        """Top-k hits per query text, ranked by ``rank_hits``'s rule, then up to
+        ``prefetch`` further hits (module docstring)."""
         ...
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
@@ -57,7 +64,7 @@ class DenseRetriever(Retriever, Protocol):
         """Query embeddings, float32, shape (len(queries), dim)."""
         ...
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]: ...
+    def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]: ...
 
     def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
         """The documents' own index vectors, float32, shape (len(doc_ids), dim)."""
@@ -69,7 +76,9 @@ class AsyncRetriever(Protocol):
 
     async def info(self) -> RetrieverInfo: ...
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
+    async def search(
+        self, queries: Sequence[str], k: int, prefetch: int = 0
+    ) -> list[list[Hit]]: ...
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]: ...
 
@@ -89,8 +98,8 @@ class InProcessAsyncRetriever:
     async def info(self) -> RetrieverInfo:
         return self.retriever.info
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        return await asyncio.to_thread(self.retriever.search, list(queries), k)
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        return await asyncio.to_thread(self.retriever.search, list(queries), k, prefetch)
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return await asyncio.to_thread(self.retriever.score, query, list(doc_ids))

@@ -14,7 +14,9 @@ Mixed k: cutting a top-max(k) list to a smaller k equals a top-k search only for
 whose answer is exact (flat with exact re-scoring, BM25; ties break by doc id). An ANN
 backend's candidate pool can depend on k, so with ``mixed_k=False`` a batch only merges
 requests with the same k as its oldest request (the others wait for the next batch), which
-keeps every answer independent of what it was batched with.
+keeps every answer independent of what it was batched with. Requests with ``prefetch``
+(hits wanted after the exact top-k, whose choice may depend on k) merge only with requests
+of the same k and prefetch.
 """
 
 from __future__ import annotations
@@ -64,12 +66,15 @@ class BatchStats:
 
 
 class _Request(Generic[P]):
-    __slots__ = ("arrived", "future", "k", "n", "payload")
+    __slots__ = ("arrived", "future", "k", "n", "payload", "prefetch")
 
-    def __init__(self, payload: P, n: int, k: int, future: asyncio.Future[list[list[Hit]]]):
+    def __init__(
+        self, payload: P, n: int, k: int, prefetch: int, future: asyncio.Future[list[list[Hit]]]
+    ):
         self.payload = payload
         self.n = n
         self.k = k
+        self.prefetch = prefetch
         self.future = future
         self.arrived = future.get_loop().time()
 
@@ -80,7 +85,7 @@ class SearchLane(Generic[P]):
     def __init__(
         self,
         name: str,
-        search_fn: Callable[[P, int], list[list[Hit]]],
+        search_fn: Callable[[P, int, int], list[list[Hit]]],
         concat: Callable[[list[P]], P],
         *,
         window_s: float,
@@ -101,12 +106,13 @@ class SearchLane(Generic[P]):
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, payload: P, n: int, k: int) -> list[list[Hit]]:
-        """Top-k hits for the ``n`` queries in ``payload``, searched together with others."""
+    async def submit(self, payload: P, n: int, k: int, prefetch: int = 0) -> list[list[Hit]]:
+        """Top-k (+ ``prefetch``) hits for the ``n`` queries in ``payload``, searched together
+        with others."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name=f"search-lane-{self.name}")
-        request = _Request(payload, n, k, loop.create_future())
+        request = _Request(payload, n, k, prefetch, loop.create_future())
         self._queue.append(request)
         self._queued += n
         self._changed.set()
@@ -143,7 +149,7 @@ class SearchLane(Generic[P]):
 
     def _take(self) -> list[_Request[P]]:
         """Pop queued requests up to max_batch queries (at least one, oldest first); drop
-        cancelled ones; without ``mixed_k`` only those with the oldest request's k."""
+        cancelled ones; only those ``_mergeable`` with the oldest."""
         batch: list[_Request[P]] = []
         kept: deque[_Request[P]] = deque()
         size = 0
@@ -153,7 +159,7 @@ class SearchLane(Generic[P]):
                 self._queued -= request.n
                 continue
             if batch and (
-                size + request.n > self._max_batch or (not self.mixed_k and request.k != batch[0].k)
+                size + request.n > self._max_batch or not self._mergeable(batch[0], request)
             ):
                 kept.append(request)
                 if size + request.n > self._max_batch:
@@ -166,13 +172,22 @@ class SearchLane(Generic[P]):
         self._queue = kept
         return batch
 
+    def _mergeable(self, first: _Request[P], other: _Request[P]) -> bool:
+        """Whether ``other`` gets the same answer in ``first``'s batch as alone."""
+        if first.prefetch or other.prefetch or not self.mixed_k:
+            return (first.k, first.prefetch) == (other.k, other.prefetch)
+        return True
+
     async def _execute(self, batch: list[_Request[P]]) -> None:
         payload = self._concat([r.payload for r in batch])
         k = max(r.k for r in batch)
+        prefetch = batch[0].prefetch  # all equal where any is set (_mergeable)
         total = sum(r.n for r in batch)
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._search_fn, payload, k)
+            results = await loop.run_in_executor(
+                self._executor, self._search_fn, payload, k, prefetch
+            )
             if len(results) != total:
                 raise RuntimeError(f"backend returned {len(results)} result lists for {total}")
         except asyncio.CancelledError:
@@ -191,4 +206,4 @@ class SearchLane(Generic[P]):
             rows = results[offset : offset + request.n]
             offset += request.n
             if not request.future.done():
-                request.future.set_result([hits[: request.k] for hits in rows])
+                request.future.set_result([hits[: request.k + prefetch] for hits in rows])

@@ -37,7 +37,13 @@ from tqdm import tqdm
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import DocumentStore
-from ralmspec_vllm.retrieval.validation import check_doc_ids, check_k, check_queries, check_query
+from ralmspec_vllm.retrieval.validation import (
+    check_doc_ids,
+    check_k,
+    check_prefetch,
+    check_queries,
+    check_query,
+)
 from ralmspec_vllm.types import BM25Params, Document, Hit, RetrieverInfo
 
 if TYPE_CHECKING:
@@ -355,10 +361,12 @@ class BM25Retriever:
             },
         )
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        k = check_k(k)
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        """Top-k per query; the ``prefetch`` hits after it are exact too (the top-(k+p)):
+        an inverted index pays little for a longer list."""
+        n = check_k(k) + check_prefetch(prefetch)
         texts = check_queries(queries)
-        return [self.index.top_k(self.index.term_ids(q), k) for q in texts]
+        return [self.index.top_k(self.index.term_ids(q), n) for q in texts]
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         check_query(query)

@@ -168,30 +168,49 @@ class RetrieverClient:
         return vectors_from_proto(reply.embeddings, len(queries))
 
     async def search(
-        self, queries: Sequence[str], k: int, *, timeout_s: float | None = None
+        self,
+        queries: Sequence[str],
+        k: int,
+        prefetch: int = 0,
+        *,
+        timeout_s: float | None = None,
     ) -> list[list[Hit]]:
-        """Top-k hits per query text (score desc, doc id asc)."""
+        """Top-k hits per query text (score desc, doc id asc), then up to ``prefetch`` more
+        (``SearchRequest.prefetch``)."""
         if isinstance(queries, str):
             raise TypeError("queries must be a sequence of strings, not one string")
         if len(queries) == 0:
             return []
-        request = pb.SearchRequest(text=pb.TextQueries(texts=list(queries)), top_k=k)
+        request = pb.SearchRequest(
+            text=pb.TextQueries(texts=list(queries)), top_k=k, prefetch=prefetch
+        )
         reply = await self._call("Search", request, timeout_s)
         return [hits_from_proto(r) for r in reply.results]
 
     async def search_vectors(
-        self, vectors: np.ndarray, k: int, *, timeout_s: float | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        prefetch: int = 0,
+        *,
+        timeout_s: float | None = None,
     ) -> list[list[Hit]]:
-        """Top-k hits per query embedding, ``vectors`` of shape (n, dim) (or (dim,))."""
+        """Top-k (+ ``prefetch``) hits per query embedding, ``vectors`` of shape (n, dim)
+        (or (dim,))."""
         arr = _as_matrix(vectors)
         if len(arr) == 0:
             return []
-        request = pb.SearchRequest(embeddings=embeddings_to_proto(arr), top_k=k)
+        request = pb.SearchRequest(embeddings=embeddings_to_proto(arr), top_k=k, prefetch=prefetch)
         reply = await self._call("Search", request, timeout_s)
         return [hits_from_proto(r) for r in reply.results]
 
     async def search_with_vectors(
-        self, queries: Sequence[str] | np.ndarray, k: int, *, timeout_s: float | None = None
+        self,
+        queries: Sequence[str] | np.ndarray,
+        k: int,
+        prefetch: int = 0,
+        *,
+        timeout_s: float | None = None,
     ) -> list[SearchResult]:
         """Like ``search``/``search_vectors`` (texts or an embedding matrix), plus each hit's
         index vector, in one round trip (dense backends only)."""
@@ -200,13 +219,19 @@ class RetrieverClient:
             if len(arr) == 0:
                 return []
             request = pb.SearchRequest(
-                embeddings=embeddings_to_proto(arr), top_k=k, return_vectors=True
+                embeddings=embeddings_to_proto(arr),
+                top_k=k,
+                prefetch=prefetch,
+                return_vectors=True,
             )
         else:
             if len(queries) == 0:
                 return []
             request = pb.SearchRequest(
-                text=pb.TextQueries(texts=list(queries)), top_k=k, return_vectors=True
+                text=pb.TextQueries(texts=list(queries)),
+                top_k=k,
+                prefetch=prefetch,
+                return_vectors=True,
             )
         reply = await self._call("Search", request, timeout_s)
         return [

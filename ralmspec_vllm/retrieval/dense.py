@@ -19,6 +19,12 @@ query is searched again. The result is then the exact top-k under ``inner_produc
 ties included, and every reported score equals ``score(query, [doc_id])`` bit for bit.
 Approximate backends (HNSW, IVF) skip the widening: their recall is what their parameters
 give, but their reported scores are still exact and identical to ``score``.
+
+With ``prefetch`` the index proposes ``k + max(margin, prefetch)`` candidates (the torch
+scan: its usual ones, every near-tie of the k-th included), the screen keeps those that can
+reach the candidates' top ``k + prefetch``, and the hits after the exact top-k are the best
+of the rest by ``inner_product``: good guesses for a speculation cache, not a complete
+ranking. The widening only ever concerns the top-k.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ralmspec_vllm.retrieval.base import DocumentStore, top_k_from_scores
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
     check_k,
+    check_prefetch,
     check_queries,
     check_query,
     check_vectors,
@@ -164,9 +171,9 @@ class DenseIndexRetriever(ABC):
         ceiling = np.where(valid, approx, np.inf).min(axis=1, initial=np.inf)
         return ids, approx, ceiling
 
-    def _candidate_count(self, k: int) -> int:
-        """How many candidates the index proposes for a top-``k`` search."""
-        return min(self.num_docs, k + self.candidate_margin)
+    def _candidate_count(self, k: int, prefetch: int = 0) -> int:
+        """How many candidates the index proposes for a top-``k`` search (+ ``prefetch``)."""
+        return min(self.num_docs, k + max(self.candidate_margin, prefetch))
 
     def _relative_error(self) -> float | None:
         """Bound on |index score - exact score| / (|q| max|x|); ``None`` for approximate."""
@@ -198,21 +205,23 @@ class DenseIndexRetriever(ABC):
             return np.zeros((0, self.dim), dtype=np.float32)
         return check_vectors(self._encoder.encode(texts), self.dim, "encoder output")
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         check_k(k)
-        return self.search_vectors(self.encode(queries), k)
+        check_prefetch(prefetch)
+        return self.search_vectors(self.encode(queries), k, prefetch)
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]:
         k = min(check_k(k), self.num_docs)
+        prefetch = min(check_prefetch(prefetch), self.num_docs - k)
         queries = check_vectors(vectors, self.dim)
         results: list[list[Hit]] = [[] for _ in range(len(queries))]
         pending = np.arange(len(queries))
-        count = self._candidate_count(k)
+        count = self._candidate_count(k, prefetch)
         rel_err = self._relative_error()
         while len(pending):
             ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
             proposed = (ids >= 0).sum(axis=1)
-            ranked = self._rank(queries[pending], ids, k)
+            ranked = self._rank(queries[pending], ids, k + prefetch)
             self.rescored += int(proposed.sum())
             retry = []
             for row, qi in enumerate(pending.tolist()):
@@ -223,7 +232,7 @@ class DenseIndexRetriever(ABC):
                 q_norm = float(np.linalg.norm(queries[qi].astype(np.float64)))
                 bound = rel_err * q_norm * self._max_norm + 1e-30
                 # Every doc left out has index score <= ceiling, so exact score < ceiling + bound.
-                if not float(ceiling[row]) + bound < hits[-1].score:
+                if not float(ceiling[row]) + bound < hits[k - 1].score:
                     retry.append(qi)
             if retry:
                 self.widened += len(retry)

@@ -206,19 +206,24 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         kind = request.WhichOneof("queries")
         if kind is None:
             raise InvalidField("queries", "missing: set text or embeddings")
-        k = request.top_k
+        k, prefetch = request.top_k, request.prefetch
         if not 1 <= k <= self.config.max_k:
             raise InvalidField("top_k", f"must be in [1, {self.config.max_k}], got {k}")
+        if not 0 <= prefetch <= self.config.max_k - k:
+            raise InvalidField(
+                "prefetch",
+                f"must be in [0, max_k - top_k = {self.config.max_k - k}], got {prefetch}",
+            )
         hits: list[list[Hit]]
         if kind == "text":
             texts = self._check_texts(request.text.texts)
-            self._check_vectors_fit(request.return_vectors, len(texts), k)
-            hits = await self.text_lane.submit(texts, len(texts), k)
+            self._check_vectors_fit(request.return_vectors, len(texts), k + prefetch)
+            hits = await self.text_lane.submit(texts, len(texts), k, prefetch)
         else:
             vectors = self._check_embeddings(request.embeddings, "embeddings")
-            self._check_vectors_fit(request.return_vectors, len(vectors), k)
+            self._check_vectors_fit(request.return_vectors, len(vectors), k + prefetch)
             assert self.vector_lane is not None
-            hits = await self.vector_lane.submit(vectors, len(vectors), k)
+            hits = await self.vector_lane.submit(vectors, len(vectors), k, prefetch)
         if not request.return_vectors:
             return pb.SearchResponse(results=[hits_to_proto(row) for row in hits])
         assert self.dense is not None

@@ -2,8 +2,8 @@
 
 Backends call these before touching an index, so a malformed request fails fast with an
 exception whose message starts with the offending field's name: ``ValueError`` for bad values
-(``k``, ``queries[i]``, ``query``, ``vectors``) and ``KeyError`` for doc ids outside the
-knowledge base (``doc_ids``). The gRPC layer maps both to ``INVALID_ARGUMENT``.
+(``k``, ``prefetch``, ``queries[i]``, ``query``, ``vectors``) and ``KeyError`` for doc ids
+outside the knowledge base (``doc_ids``). The gRPC layer maps both to ``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ def check_k(k: int) -> int:
     if k < 1:
         raise ValueError(f"k: must be >= 1, got {k}")
     return int(k)
+
+
+def check_prefetch(prefetch: int) -> int:
+    """``prefetch`` (hits wanted after the exact top-k) must be an integer >= 0."""
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int | np.integer):
+        raise ValueError(f"prefetch: must be an integer, got {type(prefetch).__name__}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch: must be >= 0, got {prefetch}")
+    return int(prefetch)
 
 
 def check_query(query: str, field: str = "query") -> str:

@@ -232,7 +232,8 @@ class ScriptedRetriever:
     async def info(self) -> RetrieverInfo:
         return RetrieverInfo("scripted", self.num_common, 0, "ip")
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        """The exact top-(k + prefetch): a valid answer to a prefetch search."""
         self.search_calls.append((len(queries), k))
         if self.events is not None:
             self.events.append(f"search-start {len(queries)}")
@@ -244,7 +245,7 @@ class ScriptedRetriever:
             truth = self.truth(q)
             ids = set(range(self.num_common)) | {truth}
             hits = [Hit(d, self._score(q, d, truth)) for d in ids]
-            out.append(sorted((h for h in hits if h.score > 0), key=rank_key)[:k])
+            out.append(sorted((h for h in hits if h.score > 0), key=rank_key)[: k + prefetch])
         return out
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
@@ -289,13 +290,13 @@ class SyntheticDenseRetriever:
                 out[i] += self._word(w)
         return out
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]:
         ids = np.arange(len(self.doc_vectors), dtype=np.int64)
-        return [top_k_from_scores(ids, self.doc_vectors @ v, k) for v in vectors]
+        return [top_k_from_scores(ids, self.doc_vectors @ v, k + prefetch) for v in vectors]
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.search_calls += 1
-        return self.search_vectors(self.encode(queries), k)
+        return self.search_vectors(self.encode(queries), k, prefetch)
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         q = self.encode([query])[0]

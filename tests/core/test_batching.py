@@ -49,7 +49,7 @@ async def test_different_k_are_not_merged() -> None:
 
 async def test_errors_reach_every_caller_and_cancelled_callers_are_skipped() -> None:
     class Failing(ScriptedRetriever):
-        async def search(self, queries, k):  # type: ignore[no-untyped-def]
+        async def search(self, queries, k, prefetch=0):  # type: ignore[no-untyped-def]
             raise RuntimeError("index offline")
 
     batching = BatchingRetriever(Failing(), window_s=0.01)
@@ -114,7 +114,7 @@ async def test_on_batch_records_failures_and_its_own_errors_never_break_a_search
     assert "on_batch observer failed" in caplog.text and len(batching.stats) == 1
 
     class Failing(ScriptedRetriever):
-        async def search(self, queries, k):  # type: ignore[no-untyped-def]
+        async def search(self, queries, k, prefetch=0):  # type: ignore[no-untyped-def]
             raise RuntimeError("index offline")
 
     seen: list[BatchRecord] = []

@@ -36,6 +36,8 @@ def test_ralm_config_names_bad_field(kwargs: dict[str, int], field: str) -> None
         ({"gamma_confidence_z": "high"}, "gamma_confidence_z"),
         ({"gamma_evidence_window": 4}, "gamma_evidence_window"),
         ({"async_verification": 1}, "async_verification"),
+        ({"exact_k": -1}, "exact_k"),
+        ({"exact_k": True}, "exact_k"),
         ({"overlap_depth": 0}, "overlap_depth"),
         ({"overlap_depth": "round"}, "overlap_depth"),
     ],
@@ -87,3 +89,12 @@ def test_parse_overrides_a_preset_by_name() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             SpeculationConfig.parse(bad)
+
+
+def test_exact_k_splits_each_retrieval_into_exact_hits_and_prefetch_hits() -> None:
+    assert (SpeculationConfig(prefetch_k=256).search_k, SpeculationConfig().search_k) == (256, 1)
+    spec = SpeculationConfig.parse("PSA:exact_k=20")
+    assert (spec.prefetch_k, spec.search_k, spec.search_prefetch) == (256, 20, 236)
+    small = SpeculationConfig(prefetch_k=5, exact_k=20)  # a request's smaller prefetch_k
+    assert (small.search_k, small.search_prefetch) == (5, 0)
+    assert spec.label == "PSA"

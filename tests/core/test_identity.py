@@ -178,9 +178,9 @@ class GemmLikeRetriever(ScriptedRetriever):
         super().__init__(script)
         self.one_query_s = one_query_s
 
-    async def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         await asyncio.sleep(self.one_query_s * (1 if len(queries) == 1 else 3))
-        return await super().search(queries, k)
+        return await super().search(queries, k, prefetch)
 
 
 @pytest.mark.parametrize("preset", ["PSA", "PSA-PAPER"])

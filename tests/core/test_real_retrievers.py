@@ -22,7 +22,7 @@ from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
-from ralmspec_vllm.types import Document
+from ralmspec_vllm.types import Document, Hit
 
 from .fakes import FakeLM, FakeTokenizer, crc, doc_text
 from .world import LONG_QUESTION, SHORT_QUESTION, assert_speculated, describe, matrix
@@ -146,3 +146,49 @@ async def test_prefetch_is_capped_at_the_hnsw_beam(ef_search: int, searched_k: i
     assert searched == {searched_k}
     flat = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(flat_retriever()))  # type: ignore[arg-type]
     assert await flat.prefetch_limit() is None
+
+
+class RecordingRetriever(InProcessAsyncRetriever):
+    """Records every search's (k, prefetch) and the longest answer it got."""
+
+    def __init__(self, retriever: object) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.asked: set[tuple[int, int]] = set()
+        self.longest = 0
+
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        self.asked.add((k, prefetch))
+        hits = await super().search(queries, k, prefetch)
+        self.longest = max(self.longest, *(len(row) for row in hits))
+        return hits
+
+
+def torch_bf16_retriever() -> object:
+    vectors = np.random.default_rng(1).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+    return flat.FlatRetriever(
+        vectors, Store(corpus()), BagOfWords(), impl="torch", device="cpu", dtype="bfloat16"
+    )
+
+
+@pytest.mark.parametrize("backend", ["flat", "flat-torch-bf16", "bm25"])
+@pytest.mark.parametrize("exact_k", [1, 3])
+@pytest.mark.parametrize("preset", ["PSA", "P"])
+async def test_prefetch_beyond_the_exact_top_k_keeps_outputs_identical(
+    backend: str, exact_k: int, preset: str
+) -> None:
+    """``exact_k``: each retrieval asks for the exact top-``exact_k`` plus the index's further
+    hits; the cache fills from both and only the top-1 decides, so outputs stay the
+    baseline's."""
+    kb = {"flat": flat_retriever, "flat-torch-bf16": torch_bf16_retriever, "bm25": bm25_retriever}
+    retriever = RecordingRetriever(kb[backend]())
+    encoder = None if backend == "bm25" else BagOfWords().encode
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=encoder)
+    spec = SpeculationConfig.preset(preset, prefetch_k=20, exact_k=exact_k)
+    for question in (SHORT_QUESTION, LONG_QUESTION):
+        baseline = await engine.generate(question, "baseline")
+        result = await engine.generate(question, "ralmspec", speculation=spec)
+        assert result.token_ids == baseline.token_ids
+        assert result.trace.step_doc_ids == baseline.trace.step_doc_ids
+        assert_speculated(result.trace, spec)
+    assert retriever.asked == {(1, 0), (exact_k, 20 - exact_k)}  # baseline's, speculation's
+    assert retriever.longest > exact_k

@@ -20,15 +20,17 @@ class RecordingIndex:
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.calls: list[tuple[list[str], int]] = []
+        self.prefetches: list[int] = []
         self.gate = gate
         self.entered = threading.Event()
 
-    def __call__(self, queries: list[str], k: int) -> list[list[Hit]]:
+    def __call__(self, queries: list[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append((list(queries), k))
-        return [[Hit(len(q) + i, float(-i)) for i in range(k)] for q in queries]
+        self.prefetches.append(prefetch)
+        return [[Hit(len(q) + i, float(-i)) for i in range(k + prefetch)] for q in queries]
 
 
 def _concat(parts: list[list[str]]) -> list[str]:
@@ -104,7 +106,7 @@ async def test_cancelled_request_is_dropped_before_the_search() -> None:
 async def test_search_failure_reaches_every_merged_caller_and_lane_recovers() -> None:
     calls = 0
 
-    def flaky(queries: list[str], k: int) -> list[list[Hit]]:
+    def flaky(queries: list[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -141,3 +143,23 @@ async def test_without_mixed_k_a_batch_only_merges_equal_k() -> None:
         await lane.close()
     assert index.calls == [(["q0", "q2"], 3), (["q1", "q3"], 5), (["q4"], 1)]
     assert got == [[expected(f"q{i}", k)] for i, k in enumerate(ks)]
+
+
+async def test_prefetch_requests_merge_only_with_the_same_k_and_prefetch() -> None:
+    """The prefetch hits may depend on k: such a request never shares a search with another
+    k or prefetch, even where plain requests of any k merge; each gets k + prefetch hits."""
+    index = RecordingIndex()
+    lane = SearchLane("text", index, _concat, window_s=0.3, max_batch=100)
+    asks = [(["a"], 2, 5), (["bb"], 2, 5), (["ccc"], 3, 5), (["d"], 2, 0), (["ee"], 4, 0)]
+    try:
+        answers = await asyncio.gather(*(lane.submit(q, 1, k, p) for q, k, p in asks))
+    finally:
+        await lane.close()
+    for (queries, k, prefetch), rows in zip(asks, answers, strict=True):
+        assert rows == [expected(queries[0], k + prefetch)]
+    batches = sorted(zip(index.calls, index.prefetches, strict=True))
+    assert batches == [
+        ((["a", "bb"], 2), 5),
+        ((["ccc"], 3), 5),
+        ((["d", "ee"], 4), 0),
+    ]

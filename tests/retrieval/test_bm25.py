@@ -184,6 +184,7 @@ def test_idf_matches_rank_bm25_formula() -> None:
     ("call", "error", "field"),
     [
         (lambda r: r.search(["x"], 0), ValueError, "k"),
+        (lambda r: r.search(["x"], 2, -1), ValueError, "prefetch"),
         (lambda r: r.search(["x", ""], 2), ValueError, "queries[1]"),
         (lambda r: r.score("   ", [0]), ValueError, "query"),
         (lambda r: r.score("x", [0, 3]), KeyError, "doc_ids"),

@@ -77,6 +77,42 @@ def test_ties_break_by_doc_id_and_widen_past_margin(corpus: SyntheticCorpus, par
         assert hits == flat.search_vectors(query, k)[0]
 
 
+@pytest.mark.parametrize("params", IMPLS, ids=lambda p: "-".join(map(str, p.values())))
+@pytest.mark.parametrize(("k", "prefetch"), [(1, 30), (5, 10)])
+def test_prefetch_hits_follow_the_exact_top_k(
+    corpus: SyntheticCorpus, params: dict, k: int, prefetch: int
+) -> None:
+    """The first k hits are the plain top-k, bit for bit; then up to ``prefetch`` distinct
+    further docs, ranked by their exact scores. FAISS proposes k + prefetch candidates, so
+    its prefetch hits are the exact next ones; the bfloat16 scan gives its near-ties."""
+    flat = _flat(corpus, **params)
+    plain = flat.search(corpus.queries, k)
+    got = flat.search(corpus.queries, k, prefetch)
+    exact = flat.search(corpus.queries, k + prefetch)
+    for query, row, top, full in zip(corpus.queries, got, plain, exact, strict=True):
+        assert row[:k] == top
+        assert k < len(row) <= k + prefetch
+        assert len({h.doc_id for h in row}) == len(row)
+        assert [h.score for h in row] == flat.score(query, [h.doc_id for h in row])
+        assert [(-h.score, h.doc_id) for h in row] == sorted((-h.score, h.doc_id) for h in row)
+        if params.get("dtype", "float32") != "bfloat16":
+            assert row == full
+    assert flat.search_vectors(corpus.query_vectors, k, prefetch) == got
+
+
+def test_bfloat16_prefetch_hits_are_the_scans_near_ties() -> None:
+    """On a near-tie corpus a top-1 bfloat16 scan proposes hundreds of docs: the prefetch
+    hits are the best of them, the first of which are the exact runners-up."""
+    docs, queries = _near_ties()
+    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16", chunk_size=512)
+    got = flat.search_vectors(queries, 1, 100)
+    exact = FlatRetriever(docs).search_vectors(queries, 101)
+    for row, full in zip(got, exact, strict=True):
+        assert len(row) == 101
+        assert row[:20] == full[:20]
+    assert flat.widened == 0
+
+
 def test_torch_equals_faiss(corpus: SyntheticCorpus) -> None:
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((30, DIM)).astype(np.float32)  # not unit: scores scale
@@ -117,6 +153,8 @@ def test_protocol_info_documents_vectors(corpus: SyntheticCorpus) -> None:
     [
         (lambda r: r.search(["hello"], 0), ValueError, "k"),
         (lambda r: r.search(["hello"], -3), ValueError, "k"),
+        (lambda r: r.search(["hello"], 2, -1), ValueError, "prefetch"),
+        (lambda r: r.search_vectors(np.ones((1, DIM), np.float32), 2, 1.5), ValueError, "prefetch"),
         (lambda r: r.search(["ok", "  "], 3), ValueError, "queries[1]"),
         (lambda r: r.search("a string", 3), ValueError, "queries"),
         (lambda r: r.score("", [1]), ValueError, "query"),

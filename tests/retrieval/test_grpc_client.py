@@ -62,10 +62,10 @@ class SlowRetriever:
     def info(self) -> RetrieverInfo:
         return self.inner.info
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.searches += 1
         time.sleep(self.delay_s)
-        return self.inner.search(queries, k)
+        return self.inner.search(queries, k, prefetch)
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return self.inner.score(query, doc_ids)

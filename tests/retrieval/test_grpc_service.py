@@ -89,13 +89,13 @@ class CountingRetriever:
     def info(self) -> RetrieverInfo:
         return self.inner.info
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.text_batches.append(len(queries))
-        return self.inner.search(queries, k)
+        return self.inner.search(queries, k, prefetch)
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.vector_batches.append(len(vectors))
-        return self.inner.search_vectors(vectors, k)
+        return self.inner.search_vectors(vectors, k, prefetch)
 
     def encode(self, queries: Sequence[str]) -> np.ndarray:
         return self.inner.encode(queries)
@@ -206,6 +206,30 @@ async def test_search_returns_hit_vectors(
         np.testing.assert_array_equal(r.vectors, local.vectors([h.doc_id for h in r.hits]))
     by_vec = await clients["flat"].search_with_vectors(local.encode(QUERIES[:2]), K)
     assert [r.hits for r in by_vec] == [r.hits for r in results]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_prefetch_hits_follow_the_exact_top_k_over_grpc(
+    backend: str, retrievers: dict[str, Retriever], clients: dict[str, RetrieverClient]
+) -> None:
+    """top_k=2 with prefetch=6: the in-process answer; the first 2 are the exact top-2, the
+    rest carry the knowledge base's own scores (and, with vectors, their index vectors)."""
+    local, remote = retrievers[backend], clients[backend]
+    got = await remote.search(QUERIES, 2, 6)
+    assert got == local.search(QUERIES, 2, 6)
+    assert [row[:2] for row in got] == local.search(QUERIES, 2)
+    for query, row in zip(QUERIES, got, strict=True):
+        assert 2 < len(row) <= 8
+        assert len({h.doc_id for h in row}) == len(row)
+        assert [h.score for h in row] == local.score(query, [h.doc_id for h in row])
+    if backend == "bm25":  # an inverted index's prefetch hits are the exact top-(k + p)
+        assert got == local.search(QUERIES, 8)
+    if isinstance(local, DenseRetriever):
+        assert await remote.search_vectors(local.encode(QUERIES), 2, 6) == got
+        results = await remote.search_with_vectors(QUERIES[:2], 2, 6)
+        assert [r.hits for r in results] == got[:2]
+        for r in results:
+            np.testing.assert_array_equal(r.vectors, local.vectors([h.doc_id for h in r.hits]))
 
 
 # -- cross-request batching ---------------------------------------------------------------
@@ -343,6 +367,20 @@ MALFORMED: list[tuple[str, str, str, object, str]] = [
         pb.SearchRequest(text=pb.TextQueries(texts=["q"] * 100), top_k=1000, return_vectors=True),
         "return_vectors",
     ),
+    (
+        "prefetch-negative",
+        "flat",
+        "Search",
+        pb.SearchRequest(text=_TEXT, top_k=3, prefetch=-1),
+        "prefetch",
+    ),
+    (
+        "prefetch-over-max-k",
+        "bm25",
+        "Search",
+        pb.SearchRequest(text=_TEXT, top_k=3, prefetch=998),
+        "prefetch",
+    ),
     ("score-no-query", "flat", "Score", pb.ScoreRequest(doc_ids=[1]), "query"),
     ("score-empty-text", "bm25", "Score", pb.ScoreRequest(text="", doc_ids=[1]), "text"),
     (
@@ -415,7 +453,7 @@ async def test_client_maps_invalid_argument_to_value_error(
 
 
 class _BrokenRetriever(CountingRetriever):
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         raise RuntimeError("index file vanished")
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fretriever.proto\x12\x15ralmspec.retriever.v1\"=\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x12\n\nfloat32_le\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\x1c\n\x0bTextQueries\x12\r\n\x05texts\x18\x01 \x03(\t\"\xb4\x01\n\rSearchRequest\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".ralmspec.retriever.v1.TextQueriesH\x00\x12\x37\n\nembeddings\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0ereturn_vectors\x18\x04 \x01(\x08\x42\t\n\x07queriesJ\x04\x08\x05\x10\n\"`\n\tQueryHits\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x32\n\x07vectors\x18\x03 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"C\n\x0eSearchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ralmspec.retriever.v1.QueryHits\"p\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\tembedding\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\x03\x42\x07\n\x05query\"\x1f\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"&\n\x13GetDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"7\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"J\n\x14GetDocumentsResponse\x12\x32\n\tdocuments\x18\x01 \x03(\x0b\x32\x1f.ralmspec.retriever.v1.Document\"$\n\x11GetVectorsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"[\n\x12GetVectorsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x32\n\x07vectors\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"G\n\x0e\x45ncodeResponse\x12\x35\n\nembeddings\x18\x01 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\r\n\x0bInfoRequest\"4\n\nBM25Params\x12\n\n\x02k1\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\"\x88\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x02 \x01(\x05\x12\x13\n\x0bmax_doc_ids\x18\x03 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x62\x61tch_window_ms\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\"\x81\x01\n\nBatchStats\x12\x14\n\x0csearch_calls\x18\x01 \x01(\x04\x12\x16\n\x0eindex_searches\x18\x02 \x01(\x04\x12\x0f\n\x07queries\x18\x03 \x01(\x04\x12\x18\n\x10max_merged_calls\x18\x04 \x01(\x04\x12\x1a\n\x12max_merged_queries\x18\x05 \x01(\x04\"\xe0\x02\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08num_docs\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12/\n\x04\x62m25\x18\x05 \x01(\x0b\x32!.ralmspec.retriever.v1.BM25Params\x12\x11\n\tindex_dir\x18\x06 \x01(\t\x12=\n\x05\x65xtra\x18\x07 \x03(\x0b\x32..ralmspec.retriever.v1.InfoResponse.ExtraEntry\x12-\n\x06limits\x18\x08 \x01(\x0b\x32\x1d.ralmspec.retriever.v1.Limits\x12\x30\n\x05stats\x18\t \x01(\x0b\x32!.ralmspec.retriever.v1.BatchStats\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xaa\x04\n\tRetriever\x12U\n\x06Search\x12$.ralmspec.retriever.v1.SearchRequest\x1a%.ralmspec.retriever.v1.SearchResponse\x12R\n\x05Score\x12#.ralmspec.retriever.v1.ScoreRequest\x1a$.ralmspec.retriever.v1.ScoreResponse\x12g\n\x0cGetDocuments\x12*.ralmspec.retriever.v1.GetDocumentsRequest\x1a+.ralmspec.retriever.v1.GetDocumentsResponse\x12\x61\n\nGetVectors\x12(.ralmspec.retriever.v1.GetVectorsRequest\x1a).ralmspec.retriever.v1.GetVectorsResponse\x12O\n\x04Info\x12\".ralmspec.retriever.v1.InfoRequest\x1a#.ralmspec.retriever.v1.InfoResponse\x12U\n\x06\x45ncode\x12$.ralmspec.retriever.v1.EncodeRequest\x1a%.ralmspec.retriever.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fretriever.proto\x12\x15ralmspec.retriever.v1\"=\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x12\n\nfloat32_le\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\x1c\n\x0bTextQueries\x12\r\n\x05texts\x18\x01 \x03(\t\"\xc6\x01\n\rSearchRequest\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".ralmspec.retriever.v1.TextQueriesH\x00\x12\x37\n\nembeddings\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0ereturn_vectors\x18\x04 \x01(\x08\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x42\t\n\x07queriesJ\x04\x08\x06\x10\n\"`\n\tQueryHits\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x32\n\x07vectors\x18\x03 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"C\n\x0eSearchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ralmspec.retriever.v1.QueryHits\"p\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\tembedding\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\x03\x42\x07\n\x05query\"\x1f\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"&\n\x13GetDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"7\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"J\n\x14GetDocumentsResponse\x12\x32\n\tdocuments\x18\x01 \x03(\x0b\x32\x1f.ralmspec.retriever.v1.Document\"$\n\x11GetVectorsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"[\n\x12GetVectorsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x32\n\x07vectors\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"G\n\x0e\x45ncodeResponse\x12\x35\n\nembeddings\x18\x01 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\r\n\x0bInfoRequest\"4\n\nBM25Params\x12\n\n\x02k1\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\"\x88\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x02 \x01(\x05\x12\x13\n\x0bmax_doc_ids\x18\x03 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x62\x61tch_window_ms\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\"\x81\x01\n\nBatchStats\x12\x14\n\x0csearch_calls\x18\x01 \x01(\x04\x12\x16\n\x0eindex_searches\x18\x02 \x01(\x04\x12\x0f\n\x07queries\x18\x03 \x01(\x04\x12\x18\n\x10max_merged_calls\x18\x04 \x01(\x04\x12\x1a\n\x12max_merged_queries\x18\x05 \x01(\x04\"\xe0\x02\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08num_docs\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12/\n\x04\x62m25\x18\x05 \x01(\x0b\x32!.ralmspec.retriever.v1.BM25Params\x12\x11\n\tindex_dir\x18\x06 \x01(\t\x12=\n\x05\x65xtra\x18\x07 \x03(\x0b\x32..ralmspec.retriever.v1.InfoResponse.ExtraEntry\x12-\n\x06limits\x18\x08 \x01(\x0b\x32\x1d.ralmspec.retriever.v1.Limits\x12\x30\n\x05stats\x18\t \x01(\x0b\x32!.ralmspec.retriever.v1.BatchStats\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xaa\x04\n\tRetriever\x12U\n\x06Search\x12$.ralmspec.retriever.v1.SearchRequest\x1a%.ralmspec.retriever.v1.SearchResponse\x12R\n\x05Score\x12#.ralmspec.retriever.v1.ScoreRequest\x1a$.ralmspec.retriever.v1.ScoreResponse\x12g\n\x0cGetDocuments\x12*.ralmspec.retriever.v1.GetDocumentsRequest\x1a+.ralmspec.retriever.v1.GetDocumentsResponse\x12\x61\n\nGetVectors\x12(.ralmspec.retriever.v1.GetVectorsRequest\x1a).ralmspec.retriever.v1.GetVectorsResponse\x12O\n\x04Info\x12\".ralmspec.retriever.v1.InfoRequest\x1a#.ralmspec.retriever.v1.InfoResponse\x12U\n\x06\x45ncode\x12$.ralmspec.retriever.v1.EncodeRequest\x1a%.ralmspec.retriever.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,41 +38,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTQUERIES']._serialized_start=105
   _globals['_TEXTQUERIES']._serialized_end=133
   _globals['_SEARCHREQUEST']._serialized_start=136
-  _globals['_SEARCHREQUEST']._serialized_end=316
-  _globals['_QUERYHITS']._serialized_start=318
-  _globals['_QUERYHITS']._serialized_end=414
-  _globals['_SEARCHRESPONSE']._serialized_start=416
-  _globals['_SEARCHRESPONSE']._serialized_end=483
-  _globals['_SCOREREQUEST']._serialized_start=485
-  _globals['_SCOREREQUEST']._serialized_end=597
-  _globals['_SCORERESPONSE']._serialized_start=599
-  _globals['_SCORERESPONSE']._serialized_end=630
-  _globals['_GETDOCUMENTSREQUEST']._serialized_start=632
-  _globals['_GETDOCUMENTSREQUEST']._serialized_end=670
-  _globals['_DOCUMENT']._serialized_start=672
-  _globals['_DOCUMENT']._serialized_end=727
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=729
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=803
-  _globals['_GETVECTORSREQUEST']._serialized_start=805
-  _globals['_GETVECTORSREQUEST']._serialized_end=841
-  _globals['_GETVECTORSRESPONSE']._serialized_start=843
-  _globals['_GETVECTORSRESPONSE']._serialized_end=934
-  _globals['_ENCODEREQUEST']._serialized_start=936
-  _globals['_ENCODEREQUEST']._serialized_end=966
-  _globals['_ENCODERESPONSE']._serialized_start=968
-  _globals['_ENCODERESPONSE']._serialized_end=1039
-  _globals['_INFOREQUEST']._serialized_start=1041
-  _globals['_INFOREQUEST']._serialized_end=1054
-  _globals['_BM25PARAMS']._serialized_start=1056
-  _globals['_BM25PARAMS']._serialized_end=1108
-  _globals['_LIMITS']._serialized_start=1111
-  _globals['_LIMITS']._serialized_end=1247
-  _globals['_BATCHSTATS']._serialized_start=1250
-  _globals['_BATCHSTATS']._serialized_end=1379
-  _globals['_INFORESPONSE']._serialized_start=1382
-  _globals['_INFORESPONSE']._serialized_end=1734
-  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_start=1690
-  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_end=1734
-  _globals['_RETRIEVER']._serialized_start=1737
-  _globals['_RETRIEVER']._serialized_end=2291
+  _globals['_SEARCHREQUEST']._serialized_end=334
+  _globals['_QUERYHITS']._serialized_start=336
+  _globals['_QUERYHITS']._serialized_end=432
+  _globals['_SEARCHRESPONSE']._serialized_start=434
+  _globals['_SEARCHRESPONSE']._serialized_end=501
+  _globals['_SCOREREQUEST']._serialized_start=503
+  _globals['_SCOREREQUEST']._serialized_end=615
+  _globals['_SCORERESPONSE']._serialized_start=617
+  _globals['_SCORERESPONSE']._serialized_end=648
+  _globals['_GETDOCUMENTSREQUEST']._serialized_start=650
+  _globals['_GETDOCUMENTSREQUEST']._serialized_end=688
+  _globals['_DOCUMENT']._serialized_start=690
+  _globals['_DOCUMENT']._serialized_end=745
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=747
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=821
+  _globals['_GETVECTORSREQUEST']._serialized_start=823
+  _globals['_GETVECTORSREQUEST']._serialized_end=859
+  _globals['_GETVECTORSRESPONSE']._serialized_start=861
+  _globals['_GETVECTORSRESPONSE']._serialized_end=952
+  _globals['_ENCODEREQUEST']._serialized_start=954
+  _globals['_ENCODEREQUEST']._serialized_end=984
+  _globals['_ENCODERESPONSE']._serialized_start=986
+  _globals['_ENCODERESPONSE']._serialized_end=1057
+  _globals['_INFOREQUEST']._serialized_start=1059
+  _globals['_INFOREQUEST']._serialized_end=1072
+  _globals['_BM25PARAMS']._serialized_start=1074
+  _globals['_BM25PARAMS']._serialized_end=1126
+  _globals['_LIMITS']._serialized_start=1129
+  _globals['_LIMITS']._serialized_end=1265
+  _globals['_BATCHSTATS']._serialized_start=1268
+  _globals['_BATCHSTATS']._serialized_end=1397
+  _globals['_INFORESPONSE']._serialized_start=1400
+  _globals['_INFORESPONSE']._serialized_end=1752
+  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_start=1708
+  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_end=1752
+  _globals['_RETRIEVER']._serialized_start=1755
+  _globals['_RETRIEVER']._serialized_end=2309
 # @@protoc_insertion_point(module_scope)

@@ -23,16 +23,18 @@ class TextQueries(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "embeddings", "top_k", "return_vectors")
+    __slots__ = ("text", "embeddings", "top_k", "return_vectors", "prefetch")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     text: TextQueries
     embeddings: Embeddings
     top_k: int
     return_vectors: bool
-    def __init__(self, text: _Optional[_Union[TextQueries, _Mapping]] = ..., embeddings: _Optional[_Union[Embeddings, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: bool = ...) -> None: ...
+    prefetch: int
+    def __init__(self, text: _Optional[_Union[TextQueries, _Mapping]] = ..., embeddings: _Optional[_Union[Embeddings, _Mapping]] = ..., top_k: _Optional[int] = ..., return_vectors: bool = ..., prefetch: _Optional[int] = ...) -> None: ...
 
 class QueryHits(_message.Message):
     __slots__ = ("doc_ids", "scores", "vectors")
