@@ -5,6 +5,14 @@
 #   bash benchmarks/gpu/run.sh retrieval   # bench_retrieval: real + 1M docs, CPU and CUDA flat, HNSW, IVF, BM25
 #   bash benchmarks/gpu/run.sh latency     # bench_latency: SmolLM2, exact flat (FAISS on CPU) at 1M docs
 #   bash benchmarks/gpu/run.sh bench NAME SCRIPT [args]   # any benchmark, log in $RES/NAME.log
+#   bash benchmarks/gpu/run.sh start NAME SCRIPT [args]  # a benchmark that outlives this call
+#   bash benchmarks/gpu/run.sh follow NAME [SECONDS]      # wait for it (or SECONDS), results -> $RES
+#     A device call ends after 10 minutes, but a process in its own session (setsid) runs on
+#     while the machine is held: one invocation can then time for 20+ minutes after paying
+#     its setup once (filler index, vLLM start, 21M matrix: ~6 min on a fresh machine). Issue
+#     the `follow` calls back to back: the machine goes back 30 s after a call ends. Run it
+#     from a copy outside the checkout (e.g. cp -r .snap ~/snap; cd ~/snap; install.sh),
+#     since every call re-copies the checkout.
 #   bash benchmarks/gpu/run.sh save-cache  # vLLM/Triton/FlashInfer JIT caches -> $RES/jit_cache.tgz
 #     (copy it to $RALMSPEC_CACHE/gpu/ on the CPU machine: prepare.sh then carries it, and
 #     install.sh restores it, so a fresh machine's first vLLM start skips that compilation)
@@ -50,6 +58,19 @@ print(filler_corpus(default_index(), int(sys.argv[1]))[1])" "$1" 2>&1 | grep -v 
     name=${1:?bench NAME SCRIPT [args]}; script=${2:?bench NAME SCRIPT [args]}; shift 2
     python3 "benchmarks/$script" --out-dir "$RES" "$@" 2>&1 | tee "$RES/$name.log" \
       | grep -v "it/s\]" | grep -E "bench_|Error|error|Traceback|^\|" ;;
+  start)
+    name=${1:?start NAME SCRIPT [args]}; script=${2:?start NAME SCRIPT [args]}; shift 2
+    dir=$HOME/runs/$name; mkdir -p "$dir"
+    setsid nohup python3 "benchmarks/$script" --out-dir "$dir" "$@" >"$dir/log" 2>&1 </dev/null &
+    echo $! >"$dir/pid"; echo "[start] $name: pid $(cat "$dir/pid"), log $dir/log" ;;
+  follow)
+    name=${1:?follow NAME [SECONDS]}; secs=${2:-540}; dir=$HOME/runs/$name
+    pid=$(cat "$dir/pid"); end=$((SECONDS + secs))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    grep -v "it/s\]" "$dir/log" | grep -E "bench_|Error|error|Traceback|^\||budget" | tail -40
+    tail -n 4 "$dir/log"; cp -r "$dir/." "$RES/"
+    if kill -0 "$pid" 2>/dev/null; then echo "[follow] $name: still running"
+    else echo "[follow] $name: finished"; fi ;;
   save-cache)
     dirs=$(cd "$HOME" && ls -d .cache/vllm .cache/flashinfer .triton/cache .cache/torch/kernels \
       2>/dev/null || true)
