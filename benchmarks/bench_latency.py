@@ -66,7 +66,12 @@ from benchmarks.latency_report import (  # noqa: E402
     plot_latency,
     summarize,
 )
-from benchmarks.latency_runs import bench_backend, set_faiss_threads, torch_threads  # noqa: E402
+from benchmarks.latency_runs import (  # noqa: E402
+    bench_backend,
+    set_faiss_threads,
+    set_torch_threads,
+    torch_threads,
+)
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
@@ -123,6 +128,10 @@ class LatencyConfig(OutputConfig):
     """LM dtype (``EngineConfig.dtype``); default: float32 (token identity holds)."""
     faiss_threads: int | None = None
     """FAISS OpenMP threads; ``None``: leave the process setting (``OMP_NUM_THREADS``)."""
+    torch_threads: int | None = None
+    """Torch intra-op threads of this process (the torch flat scan, the encoder); ``None``:
+    torch's default (every core). Fewer leave cores to vLLM's engine process while a
+    memory-bound scan runs."""
     flat_impl: str = "faiss"
     """Flat search: ``faiss`` (IndexFlatIP; below 20 queries per call its CPU cost grows
     linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
@@ -171,6 +180,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"time_budget_s: must be > 0, got {self.time_budget_s}")
         if self.faiss_threads is not None and self.faiss_threads < 1:
             raise ValueError(f"faiss_threads: must be >= 1, got {self.faiss_threads}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
 
     @property
     def ordered_methods(self) -> list[str]:
@@ -311,6 +322,7 @@ def run_meta(
 ) -> dict[str, Any]:
     """The metadata every backend's result file shares (taken once, before timing)."""
     faiss_threads = set_faiss_threads(cfg.faiss_threads)
+    set_torch_threads(cfg.torch_threads)
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
     meta = run_metadata("bench_latency", params, machine)  # git state of the code run
     meta.update(
@@ -371,6 +383,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--dtype", "dtype", {"help": "LM dtype (default: float32)"}),
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
+    ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
     ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
     ("--flat-dtype", "flat_dtype", {"choices": FLAT_DTYPES, "help": "torch flat matrix dtype"}),

@@ -213,6 +213,14 @@ async def bench_backend(
     return records, info
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """Apply ``--torch-threads`` (nothing when ``None``)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def torch_threads() -> int | None:
     try:
         import torch

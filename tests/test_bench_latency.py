@@ -171,6 +171,9 @@ def test_config_validation_and_quick_flags() -> None:
     assert LatencyConfig(methods=("PSA:overlap_depth=1",)).methods == ("PSA:overlap_depth=1",)
     with pytest.raises(ValueError, match="backends"):
         LatencyConfig(backends=("annoy",))
+    with pytest.raises(ValueError, match="torch_threads"):
+        LatencyConfig(torch_threads=0)
+    assert parse_args(["--torch-threads", "12"]).torch_threads == 12
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
     cfg = parse_args(["--quick", "--log-level", "WARNING"])
     assert cfg.model == "tiny-llama" and cfg.questions_per_dataset == 2

@@ -187,6 +187,14 @@ every extra document; here a single-query top-256 search costs ~3% more than a t
 (256) on a 2-core CPU run of SmolLM2 over 3M docs (12 NQ/TriviaQA/WebQuestions questions,
 ``benchmarks/results/latency_cpu-2c_smollm2-135m_flat-torch-bf16-3m_prefetch.json``): 1.4
 misses per answer instead of 3.3, so less than half the rounds that end in a rollback."""
+PSA_EXACT_K = 20
+"""Of our PSA's 256 prefetched documents, those that are the exact top ranks; the other 236
+are the best further documents the search came across (``Retriever.search``'s
+``prefetch``). Same invocation on an H200 host, 21M docs, exact bf16 CPU scan, SmolLM2, 62
+NQ/TriviaQA/WebQuestions questions: 2.18x the baseline against 2.02x for an exact top-256,
+at the same speculation accuracy (0.90), because a 4-query verification then costs what a
+top-20 one does (309 against 436 ms;
+``benchmarks/results/gpu/latency_gpu-nvidia-h200_smollm2-135m_flat-torch-cpu-bf16-21m_s7.json``)."""
 PSA_CACHE_CAPACITY = 8192
 """Cached documents per request with ``PSA_PREFETCH_K`` (each verified query inserts up to
 256; the dense cache's vectors grow on demand, at most 12 MiB a request at 384 dims)."""
@@ -201,6 +209,7 @@ PRESETS: dict[str, SpeculationConfig] = {
     "PA": SpeculationConfig(prefetch_k=PREFETCH_K, async_verification=True),
     "PSA": SpeculationConfig(
         prefetch_k=PSA_PREFETCH_K,
+        exact_k=PSA_EXACT_K,
         cache_capacity=PSA_CACHE_CAPACITY,
         speculation_stride="auto",
         async_verification=True,
@@ -217,5 +226,6 @@ PRESETS: dict[str, SpeculationConfig] = {
 """The paper's ablation rows; ``B`` is plain RaLMSpec with a fixed stride of 3. The S rows use
 OS3 with the evidence bound on gamma; ``PSA`` also speculates ahead for the whole next round
 while a verification is in flight (``overlap_depth="stride"``) and prefetches 256 documents
-(``PSA_PREFETCH_K``); ``PSA-PAPER`` is the paper's PSA (top-20 prefetch, gamma capped at 0.6,
-stride at most 10, one overlapped step), to measure what ours add."""
+(``PSA_PREFETCH_K``), the top 20 of them exact (``PSA_EXACT_K``); ``PSA-PAPER`` is the
+paper's PSA (top-20 prefetch, gamma capped at 0.6, stride at most 10, one overlapped step),
+to measure what ours add."""

@@ -67,6 +67,8 @@ def test_presets_are_the_ablation_rows() -> None:
     assert all(c.overlap_depth == 1 for n, c in PRESETS.items() if n != "PSA")
     psa = SpeculationConfig.preset("psa", cache_capacity=64)
     assert psa.prefetch_k == 256 and psa.adaptive and psa.async_verification
+    assert (psa.search_k, psa.search_prefetch) == (20, 236)
+    assert all(c.exact_k == 0 for n, c in PRESETS.items() if n != "PSA")
     assert psa.cache_capacity == 64
     assert (paper.prefetch_k, paper.cache_capacity) == (20, 512)
     assert all(c.prefetch_k == 20 for n, c in PRESETS.items() if "P" in n and n != "PSA")
@@ -93,8 +95,10 @@ def test_parse_overrides_a_preset_by_name() -> None:
 
 def test_exact_k_splits_each_retrieval_into_exact_hits_and_prefetch_hits() -> None:
     assert (SpeculationConfig(prefetch_k=256).search_k, SpeculationConfig().search_k) == (256, 1)
-    spec = SpeculationConfig.parse("PSA:exact_k=20")
-    assert (spec.prefetch_k, spec.search_k, spec.search_prefetch) == (256, 20, 236)
+    spec = SpeculationConfig.parse("PSA:exact_k=0")  # the exact top-256
+    assert (spec.prefetch_k, spec.search_k, spec.search_prefetch) == (256, 256, 0)
+    spec = SpeculationConfig.parse("PSA:exact_k=64")
+    assert (spec.prefetch_k, spec.search_k, spec.search_prefetch) == (256, 64, 192)
     small = SpeculationConfig(prefetch_k=5, exact_k=20)  # a request's smaller prefetch_k
     assert (small.search_k, small.search_prefetch) == (5, 0)
     assert spec.label == "PSA"
