@@ -30,8 +30,11 @@ ranking. The widening only ever concerns the top-k.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -50,6 +53,21 @@ from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 1 << 18
+_PARALLEL_RANK_MIN = 2048
+"""Candidates in one search call from which queries are ranked on several threads (numpy
+releases the GIL in the products and sums): a 16-query verification with a 512-document
+prefetch re-scores ~8,000 candidates exactly, tens of ms on one core."""
+_rank_pool: ThreadPoolExecutor | None = None
+_rank_pool_lock = threading.Lock()
+
+
+def _ranking_threads() -> ThreadPoolExecutor:
+    global _rank_pool
+    with _rank_pool_lock:
+        if _rank_pool is None:
+            workers = max(1, min(8, os.cpu_count() or 1))
+            _rank_pool = ThreadPoolExecutor(workers, thread_name_prefix="dense-rank")
+        return _rank_pool
 
 
 class TextEncoder(Protocol):
@@ -244,16 +262,23 @@ class DenseIndexRetriever(ABC):
     def _rank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Every query's exact top-k among its candidates (``ids``, -1 padded):
         ``screen_candidates`` drops those that cannot reach it, ``inner_product`` scores the
-        rest, ties break by doc id. Only the valid candidates' vectors are read."""
-        ranked: list[list[Hit]] = []
-        for query, row in zip(queries, ids, strict=True):
-            doc_ids = row[row >= 0]
-            vectors = self._vectors[doc_ids]
-            keep = screen_candidates(query, vectors, k, self._max_norm)
-            exact = inner_product(query[None], vectors[keep])[0]
-            ranked.append(top_k_from_scores(doc_ids[keep], exact, k))
-            self.rescored_exact += int(keep.sum())
-        return ranked
+        rest, ties break by doc id. Only the valid candidates' vectors are read. Queries are
+        independent, so many candidates are ranked on several threads (same results)."""
+        rows = [row[row >= 0] for row in ids]
+        if len(rows) > 1 and sum(len(r) for r in rows) >= _PARALLEL_RANK_MIN:
+            pool = _ranking_threads()
+            done = list(pool.map(self._rank_one, queries, rows, [k] * len(rows)))
+        else:
+            done = [self._rank_one(q, r, k) for q, r in zip(queries, rows, strict=True)]
+        self.rescored_exact += sum(n for _, n in done)
+        return [hits for hits, _ in done]
+
+    def _rank_one(self, query: np.ndarray, doc_ids: np.ndarray, k: int) -> tuple[list[Hit], int]:
+        """One query's exact top-k among ``doc_ids``, and how many were re-scored exactly."""
+        vectors = self._vectors[doc_ids]
+        keep = screen_candidates(query, vectors, k, self._max_norm)
+        exact = inner_product(query[None], vectors[keep])[0]
+        return top_k_from_scores(doc_ids[keep], exact, k), int(keep.sum())
 
     def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         check_query(query)

@@ -299,6 +299,24 @@ def test_reduced_precision_equals_faiss_on_near_ties(dtype: str, k: int, batch: 
         assert torch_flat.rescored_exact <= (k + 8) * batch
 
 
+def test_ranking_on_threads_equals_ranking_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_PARALLEL_RANK_MIN`` candidates a call's queries are ranked on a thread pool:
+    the same hits, scores and counters as one after another."""
+    from ralmspec_vllm.retrieval import dense
+
+    docs, queries = _near_ties()
+
+    def run(threshold: int) -> tuple[list, int, int]:
+        monkeypatch.setattr(dense, "_PARALLEL_RANK_MIN", threshold)
+        flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16", chunk_size=512)
+        hits = flat.search_vectors(queries, 5, 60)
+        return [_pairs(row) for row in hits], flat.rescored, flat.rescored_exact
+
+    in_turn, on_threads = run(10**9), run(0)
+    assert on_threads == in_turn
+    assert in_turn[2] > len(queries) * 60  # enough work to matter
+
+
 def test_float32_screen_keeps_every_possible_top_k_member() -> None:
     """Candidates closer than float32 can resolve all survive the screen; far ones do not."""
     rng = np.random.default_rng(8)
