@@ -68,6 +68,10 @@ class RetrieverConfig:
     """Rebuild a saved index (HNSW, IVF, BM25) even if one exists."""
     progress: bool = True
     """Show progress bars while building indexes."""
+    threads: int | None = None
+    """Search threads of this process (torch intra-op and FAISS OpenMP), set when the
+    retriever opens; ``None``: their defaults (every core). Fewer leave cores to a vLLM
+    engine on the same machine while a memory-bound flat scan runs."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -94,6 +98,8 @@ class RetrieverConfig:
         for name in ("ef_search", "nprobe"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {self.threads}")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
         if self.candidate_margin < 0:
@@ -120,6 +126,8 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
         from ralmspec_vllm.retrieval.kb import KnowledgeBase
 
         kb = KnowledgeBase.open(kb)
+    if config.threads is not None:
+        set_search_threads(config.threads)
     margin = config.candidate_margin
     if config.backend == "flat":
         from ralmspec_vllm.retrieval.flat import FlatRetriever
@@ -165,6 +173,18 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
         rebuild=config.rebuild,
         progress=config.progress,
     )
+
+
+def set_search_threads(threads: int) -> None:
+    """Torch intra-op and FAISS OpenMP threads of this process (process-wide)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+    except ImportError:  # BM25-only installs
+        return
+    faiss.omp_set_num_threads(threads)
 
 
 def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,4 +237,5 @@ _FIELD_HELP = {
     "bm25_stopwords": "drop English stopwords in BM25",
     "rebuild": "rebuild saved indexes",
     "progress": "show build progress bars",
+    "threads": "torch/FAISS search threads of the retriever process; auto = every core",
 }

@@ -56,6 +56,7 @@ def kb() -> KnowledgeBase:
         ({"bm25_k1": -0.5}, "bm25_k1"),
         ({"bm25_b": 1.5}, "bm25_b"),
         ({"bm25_epsilon": -1.0}, "bm25_epsilon"),
+        ({"threads": 0}, "threads"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, field: str) -> None:
@@ -71,7 +72,7 @@ def test_cli_flags_round_trip() -> None:
         [
             *("--backend", "bm25", "--bm25-k1", "1.2", "--bm25-b", "0.5"),
             *("--no-bm25-stopwords", "--nlist", "64", "--nprobe", "4", "--flat-impl", "torch"),
-            *("--dtype", "float16", "--device", "cpu", "--ef-search", "32"),
+            *("--dtype", "float16", "--device", "cpu", "--ef-search", "32", "--threads", "3"),
         ]
     )
     config = config_from_args(args)
@@ -86,6 +87,7 @@ def test_cli_flags_round_trip() -> None:
         dtype="float16",
         device="cpu",
         ef_search=32,
+        threads=3,
     )
     assert config.bm25_params == BM25Params(k1=1.2, b=0.5, epsilon=0.25)
     assert not config.analyzer.stopwords
@@ -141,3 +143,16 @@ def test_exact_backends_agree_with_brute_force_on_real_embeddings(kb: KnowledgeB
 def test_open_by_path(kb: KnowledgeBase) -> None:
     retriever = open_retriever(str(kb.path), RetrieverConfig(backend="bm25", progress=False))
     assert retriever.info.num_docs == len(kb)
+
+
+def test_threads_set_the_search_threads_when_the_retriever_opens(kb: KnowledgeBase) -> None:
+    import faiss
+    import torch
+
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    try:
+        open_retriever(kb, RetrieverConfig(backend="bm25", progress=False, threads=1))
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
