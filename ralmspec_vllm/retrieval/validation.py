@@ -15,20 +15,21 @@ import numpy as np
 
 def check_k(k: int) -> int:
     """``k`` must be an integer >= 1 (a ``k`` above the corpus size returns every document)."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise ValueError(f"k: must be an integer, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k: must be >= 1, got {k}")
-    return int(k)
+    return _check_count(k, "k", 1)
 
 
 def check_prefetch(prefetch: int) -> int:
     """``prefetch`` (hits wanted after the exact top-k) must be an integer >= 0."""
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int | np.integer):
-        raise ValueError(f"prefetch: must be an integer, got {type(prefetch).__name__}")
-    if prefetch < 0:
-        raise ValueError(f"prefetch: must be >= 0, got {prefetch}")
-    return int(prefetch)
+    return _check_count(prefetch, "prefetch", 0)
+
+
+def _check_count(value: int, field: str, minimum: int) -> int:
+    """``value`` as an int; ``ValueError`` naming ``field`` unless an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{field}: must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{field}: must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_query(query: str, field: str = "query") -> str:
