@@ -32,9 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -130,6 +132,24 @@ def screen_candidates(
     return approx >= kth - 2.0 * e
 
 
+@dataclass
+class PhaseTimes:
+    """Seconds a dense retriever spent, summed over calls (threads included): the index's
+    candidate search (``scan_s``: for the torch scan the matmul and threshold), the exact
+    re-scoring (``rank_s``), and ``vectors``/``documents`` reads; ``searches`` counts
+    ``search_vectors`` calls. A benchmark subtracts two ``snapshot``s to split a run's
+    awaited search time into work inside the retriever and waiting outside it."""
+
+    searches: int = 0
+    scan_s: float = 0.0
+    rank_s: float = 0.0
+    vectors_s: float = 0.0
+    documents_s: float = 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
 class DenseIndexRetriever(ABC):
     """A ``DenseRetriever`` whose index only proposes candidates; ``inner_product`` ranks them."""
 
@@ -166,6 +186,8 @@ class DenseIndexRetriever(ABC):
         self.rescored = 0
         self.rescored_exact = 0
         self.widened = 0
+        self.times = PhaseTimes()
+        self._times_lock = threading.Lock()
         self._max_norm = float(
             max(np.linalg.norm(c.astype(np.float64), axis=1).max() for c in _chunks(vectors))
         )
@@ -237,9 +259,12 @@ class DenseIndexRetriever(ABC):
         count = self._candidate_count(k, prefetch)
         rel_err = self._relative_error()
         while len(pending):
+            start = time.perf_counter()
             ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
+            scanned = time.perf_counter()
             proposed = (ids >= 0).sum(axis=1)
             ranked = self._rank(queries[pending], ids, k + prefetch)
+            self._add_times(scan_s=scanned - start, rank_s=time.perf_counter() - scanned)
             self.rescored += int(proposed.sum())
             retry = []
             for row, qi in enumerate(pending.tolist()):
@@ -257,7 +282,13 @@ class DenseIndexRetriever(ABC):
                 logger.debug("widening %d queries from %d candidates", len(retry), count)
             pending = np.asarray(retry, dtype=np.int64)
             count = min(self.num_docs, 2 * count)
+        self._add_times(searches=1)
         return results
+
+    def _add_times(self, **seconds: float) -> None:
+        with self._times_lock:
+            for name, value in seconds.items():
+                setattr(self.times, name, getattr(self.times, name) + value)
 
     def _rank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Every query's exact top-k among its candidates (``ids``, -1 padded):
@@ -293,13 +324,19 @@ class DenseIndexRetriever(ABC):
 
     def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
         ids = check_doc_ids(doc_ids, self.num_docs)
-        return np.array(self._vectors[ids], dtype=np.float32)
+        start = time.perf_counter()
+        out = np.array(self._vectors[ids], dtype=np.float32)
+        self._add_times(vectors_s=time.perf_counter() - start)
+        return out
 
     def documents(self, doc_ids: Sequence[int]) -> list[Document]:
         ids = check_doc_ids(doc_ids, self.num_docs)
         if self._documents is None:
             raise RuntimeError("documents: this retriever has no document store")
-        return self._documents.get(ids.tolist())
+        start = time.perf_counter()
+        out = self._documents.get(ids.tolist())
+        self._add_times(documents_s=time.perf_counter() - start)
+        return out
 
 
 def _chunks(vectors: np.ndarray, size: int = 65536) -> list[np.ndarray]:

@@ -148,6 +148,28 @@ def test_protocol_info_documents_vectors(corpus: SyntheticCorpus) -> None:
     assert np.array_equal(flat.encode(corpus.queries[:2]), corpus.query_vectors[:2])
 
 
+@pytest.mark.parametrize("params", [IMPLS[0], IMPLS[3]], ids=["faiss", "torch-bf16"])
+def test_phase_times_count_every_call(corpus: SyntheticCorpus, params: dict) -> None:
+    """The benchmark splits awaited search time with these: each phase is counted once a
+    call, and reads are timed apart from searches."""
+    flat = _flat(corpus, **params)
+    assert flat.times.snapshot() == {
+        "searches": 0, "scan_s": 0, "rank_s": 0, "vectors_s": 0, "documents_s": 0
+    }  # fmt: skip
+    flat.search_vectors(corpus.query_vectors[:3], 5, 7)
+    flat.search(corpus.queries[:1], 2)
+    after = flat.times.snapshot()
+    assert after["searches"] == 2 and after["scan_s"] > 0 and after["rank_s"] > 0
+    assert after["vectors_s"] == after["documents_s"] == 0
+    flat.vectors([1, 2])
+    flat.documents([3])
+    last = flat.times.snapshot()
+    assert last["vectors_s"] > 0 and last["documents_s"] > 0
+    assert {k: last[k] for k in ("searches", "scan_s", "rank_s")} == {
+        k: after[k] for k in ("searches", "scan_s", "rank_s")
+    }
+
+
 @pytest.mark.parametrize(
     ("call", "error", "field"),
     [
