@@ -105,11 +105,13 @@ class InProcessAsyncRetriever:
         return await asyncio.to_thread(self.retriever.score, query, list(doc_ids))
 
     async def documents(self, doc_ids: Sequence[int]) -> list[Document]:
-        return self.retriever.documents(list(doc_ids))
+        # In a thread like the rest: a read from a cold memory-mapped store can take seconds,
+        # and the event loop meanwhile drives the LM (and other requests).
+        return await asyncio.to_thread(self.retriever.documents, list(doc_ids))
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         if isinstance(self.retriever, DenseRetriever):
-            return self.retriever.vectors(list(doc_ids))
+            return await asyncio.to_thread(self.retriever.vectors, list(doc_ids))
         return None
 
 

@@ -192,3 +192,30 @@ async def test_prefetch_beyond_the_exact_top_k_keeps_outputs_identical(
         assert_speculated(result.trace, spec)
     assert retriever.asked == {(1, 0), (exact_k, 20 - exact_k)}  # baseline's, speculation's
     assert retriever.longest > exact_k
+
+
+async def test_in_process_reads_run_off_the_event_loop() -> None:
+    """``documents`` and ``vectors`` run in a worker thread like searches: a read from a cold
+    memory-mapped 21M-doc store must not stall the LM, which the same event loop drives."""
+    import threading
+
+    seen: dict[str, int] = {}
+
+    class Watched(flat.FlatRetriever):  # type: ignore[misc,name-defined]
+        def documents(self, doc_ids: Sequence[int]) -> list[Document]:
+            seen["documents"] = threading.get_ident()
+            return super().documents(doc_ids)
+
+        def vectors(self, doc_ids: Sequence[int]) -> np.ndarray:
+            seen["vectors"] = threading.get_ident()
+            return super().vectors(doc_ids)
+
+    vectors = np.random.default_rng(1).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+    adapter = InProcessAsyncRetriever(Watched(vectors, Store(corpus()), BagOfWords()))
+    docs = await adapter.documents([4, 2])
+    got = await adapter.vectors([4, 2])
+    assert [d.doc_id for d in docs] == [4, 2]
+    assert got is not None and np.array_equal(got, vectors[[4, 2]])
+    loop_thread = threading.get_ident()
+    assert seen.keys() == {"documents", "vectors"}
+    assert loop_thread not in seen.values()
