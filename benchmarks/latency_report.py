@@ -55,6 +55,10 @@ class RunRecord:
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
     searches: tuple[tuple[int, float], ...] = ()
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
+    kb_phases: tuple[tuple[str, float], ...] = ()
+    """Seconds inside the dense retriever during this run (``PhaseTimes``: searches, scan_s,
+    rank_s, vectors_s, documents_s); the awaited ``searches`` minus scan and rank is time
+    spent waiting outside it (thread hand-off, a busy event loop)."""
 
     @classmethod
     def from_summary(
@@ -70,6 +74,7 @@ class RunRecord:
         identical: bool,
         same_documents: bool,
         searches: Sequence[tuple[int, float]] = (),
+        kb_phases: Mapping[str, float] | None = None,
     ) -> RunRecord:
         return cls(
             backend=backend,
@@ -95,6 +100,7 @@ class RunRecord:
             identical=identical,
             same_documents=same_documents,
             searches=tuple(searches),
+            kb_phases=tuple((kb_phases or {}).items()),
         )
 
     def brief(self) -> dict[str, Any]:
@@ -104,6 +110,7 @@ class RunRecord:
         del out["backend"], out["method"]
         out["strides"] = list(self.strides)
         out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
+        out["kb_phases"] = {name: round(value, 6) for name, value in self.kb_phases}
         out["mean_stride"] = _mean(self.strides)
         for key, value in out.items():
             if isinstance(value, float):
@@ -118,6 +125,8 @@ class RunRecord:
             raise ValueError("per-question record without strides (written before merging)")
         fields["strides"] = tuple(fields["strides"])
         fields["searches"] = tuple((int(n), float(s)) for n, s in fields.get("searches", ()))
+        phases = fields.get("kb_phases", {})
+        fields["kb_phases"] = tuple((str(name), float(value)) for name, value in phases.items())
         return cls(backend=backend, method=method, **fields)
 
 
@@ -193,6 +202,7 @@ def summarize(
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 **_rounds(runs, max_stride(method)),
                 search_ms_by_queries=_search_ms(runs),
+                kb_phases_s=_kb_phases(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 per_question=[r.brief() for r in runs],
             )
@@ -208,6 +218,20 @@ def _rounds(runs: Sequence[RunRecord], stride: int | None) -> Row:
         "mean_rounds": _round(_mean([r.verifications + r.plain_steps for r in runs])),
         "mean_fewest_rounds": _round(_mean([fewest_rounds(r, stride) for r in runs])),
     }
+
+
+def _kb_phases(runs: Sequence[RunRecord]) -> Row | None:
+    """Per answer (means): the dense retriever's own seconds by phase, next to the awaited
+    search seconds; ``search_wait`` is the difference (None where nothing was recorded)."""
+    recorded = [dict(r.kb_phases) for r in runs if r.kb_phases]
+    if not recorded:
+        return None
+    out: Row = {name: _round(_mean([p.get(name, 0.0) for p in recorded])) for name in recorded[0]}
+    awaited = _mean([sum(s for _, s in r.searches) for r in runs if r.kb_phases])
+    inside = _mean([p.get("scan_s", 0.0) + p.get("rank_s", 0.0) for p in recorded])
+    out["awaited_search_s"] = _round(awaited)
+    out["search_wait_s"] = _round((awaited or 0.0) - (inside or 0.0))
+    return out
 
 
 def _search_ms(runs: Sequence[RunRecord]) -> dict[str, Row]:

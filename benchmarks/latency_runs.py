@@ -35,12 +35,22 @@ WARMUP_QUESTION = "who wrote the declaration of independence"
 class Runner:
     """Runs every method on one question with one retriever and records the results."""
 
-    def __init__(self, cfg: LatencyConfig, lm: Any, retriever: Any, embed: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: LatencyConfig,
+        lm: Any,
+        retriever: Any,
+        embed: dict[str, Any],
+        phase_times: Any = None,
+    ):
         self.cfg = cfg
         self.lm = lm
         self.retriever = retriever
         self.embed = embed
         """``encoder=`` or ``embedder=`` for ``RaLMEngine`` (empty: ``score`` ranking)."""
+        self.phase_times = phase_times
+        """The dense retriever's ``PhaseTimes`` (None for BM25): methods run one at a time,
+        so the difference of two snapshots is one run's time inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
@@ -72,11 +82,13 @@ class Runner:
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
     ) -> list[RunRecord]:
+        before = self._phases()
         base = await self.one("baseline", question.text, ())
-        records = [self._record(backend, "baseline", question, base, base)]
+        records = [self._record(backend, "baseline", question, base, base, self._since(before))]
         for method in methods[1:]:
+            before = self._phases()
             result = await self.one(method, question.text, base.trace.step_doc_ids)
-            record = self._record(backend, method, question, result, base)
+            record = self._record(backend, method, question, result, base, self._since(before))
             if not record.identical and timed:
                 logger.error(
                     "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
@@ -88,8 +100,24 @@ class Runner:
             records.append(record)
         return records
 
+    def _phases(self) -> dict[str, float] | None:
+        return None if self.phase_times is None else self.phase_times.snapshot()
+
+    def _since(self, before: dict[str, float] | None) -> dict[str, float] | None:
+        after = self._phases()
+        if before is None or after is None:
+            return None
+        return {name: after[name] - before[name] for name in after}
+
     @staticmethod
-    def _record(backend: str, method: str, question: Question, result: Any, base: Any) -> RunRecord:
+    def _record(
+        backend: str,
+        method: str,
+        question: Question,
+        result: Any,
+        base: Any,
+        kb_phases: dict[str, float] | None = None,
+    ) -> RunRecord:
         trace = result.trace
         return RunRecord.from_summary(
             backend,
@@ -104,6 +132,7 @@ class Runner:
             searches=[
                 (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
             ],
+            kb_phases=kb_phases,
         )
 
 
@@ -178,7 +207,7 @@ async def bench_backend(
         client = RetrieverClient(server.target, timeout_s=120.0)
         retriever = client
         embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}
-    runner = Runner(cfg, lm, retriever, embed)
+    runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []
     try:

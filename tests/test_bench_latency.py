@@ -108,6 +108,28 @@ def test_rows_report_search_latency_by_batch_size() -> None:
     assert RunRecord.from_brief("flat", "PSA", brief) == runs[0]
 
 
+def test_rows_split_search_time_inside_and_outside_the_retriever() -> None:
+    phases = {"searches": 2.0, "scan_s": 0.8, "rank_s": 0.2, "vectors_s": 0.05}
+    runs = [
+        RunRecord.from_summary(
+            "flat", "PSA", qid, "nq", record("PSA", 1.0).brief() | {"retrieval_calls": {}},
+            strides=(), num_tokens=8, identical=True, same_documents=True,
+            searches=[(1, 0.5), (4, 0.7)], kb_phases=phases,
+        )
+        for qid in ("q1", "q2")
+    ]  # fmt: skip
+    (row,) = summarize(runs, {}, ["PSA"])
+    split = row["kb_phases_s"]
+    assert split["searches"] == 2.0 and split["scan_s"] == 0.8 and split["rank_s"] == 0.2
+    assert split["awaited_search_s"] == pytest.approx(1.2)
+    assert split["search_wait_s"] == pytest.approx(0.2)  # 1.2 awaited - 1.0 inside
+    brief = row["per_question"][0]
+    assert brief["kb_phases"] == phases
+    assert RunRecord.from_brief("flat", "PSA", brief) == runs[0]
+    (plain,) = summarize([record("PSA", 1.0)], {}, ["PSA"])
+    assert plain["kb_phases_s"] is None  # BM25, or a file written before the split existed
+
+
 def _shard(ids: Sequence[str], walls: dict[str, float], **meta: Any) -> dict[str, Any]:
     """A result file as bench_latency writes it, for questions ``ids``."""
     records = [
@@ -239,6 +261,13 @@ async def test_bench_latency_smoke(
         assert by_method["oracle"]["mean_retrieval_calls"] == 0
         assert by_method["baseline"]["mean_retrieval_calls"] >= 5  # one per 4-token step
         assert by_method["PSA"]["mean_stride"] is not None
+        for row in data["rows"]:  # the dense retriever's own time, per run
+            split = row["kb_phases_s"]
+            if row["retriever"] == "bm25" or row["method"] == "oracle":
+                assert split is None or split["searches"] == 0
+                continue
+            assert split["searches"] >= 1 and split["scan_s"] > 0 and split["rank_s"] > 0
+            assert split["awaited_search_s"] >= split["scan_s"] + split["rank_s"] - 1e-3
     assert {row["retriever"] for row in rows} == {"flat", "bm25"}
 
 
