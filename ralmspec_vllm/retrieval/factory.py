@@ -206,6 +206,22 @@ def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=default, help=help_text)
 
 
+def config_to_args(config: RetrieverConfig) -> list[str]:
+    """The flags that make ``config_from_args`` give back ``config`` (only non-defaults):
+    how a parent process hands its retriever settings to a ``retriever serve`` child."""
+    args: list[str] = []
+    for f in fields(RetrieverConfig):
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args.append(f"{flag}={value}")
+    return args
+
+
 def config_from_args(args: argparse.Namespace) -> RetrieverConfig:
     """The ``RetrieverConfig`` described by flags added with ``add_retriever_arguments``."""
     return RetrieverConfig(**{f.name: getattr(args, f.name) for f in fields(RetrieverConfig)})

@@ -18,6 +18,7 @@ from ralmspec_vllm.retrieval.factory import (
     RetrieverConfig,
     add_retriever_arguments,
     config_from_args,
+    config_to_args,
     open_retriever,
 )
 from ralmspec_vllm.retrieval.kb import KnowledgeBase, default_index
@@ -96,6 +97,15 @@ def test_cli_flags_round_trip() -> None:
     # Every config field has a flag.
     dests = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(RetrieverConfig)} <= dests
+    # config_to_args is the inverse: a parent hands its settings to a child retriever.
+    assert config_to_args(RetrieverConfig()) == []
+    assert config_from_args(parser.parse_args(config_to_args(config))) == config
+    other = RetrieverConfig(
+        backend="flat", flat_impl="torch", dtype="bfloat16", flat_layout="both",
+        progress=False, rebuild=True, candidate_margin=0, bm25_epsilon=0.5,
+    )  # fmt: skip
+    assert config_from_args(parser.parse_args(config_to_args(other))) == other
+    assert "--no-progress" in config_to_args(other)
 
 
 BACKEND_CONFIGS = {
