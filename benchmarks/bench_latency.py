@@ -5,7 +5,8 @@ WebQuestions, or ``--questions FILE``, JSONL with ``question``), open the knowle
 (``--index`` or the default index; ``--filler N`` grows it with synthetic filler to N
 documents in total, built once into the cache dir and shared with ``bench_retrieval``),
 start ONE vLLM engine on ``--model``, then per backend (``--backends``) open the retriever
-(in-process, or behind a real gRPC server thread with ``--transport grpc``) and
+(in-process, behind a real gRPC server thread with ``--transport grpc``, or in a child
+``retriever serve`` process with ``--transport process``, as ``serve`` runs it) and
 
 1. warm up: one untimed question through every method;
 2. for every question, one at a time: the baseline first (its token ids are the reference
@@ -79,6 +80,7 @@ from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 logger = logging.getLogger("bench_latency")
 
 METHODS = ("baseline", "oracle", *PRESETS)
+TRANSPORTS = ("inproc", "grpc", "process")
 BACKENDS = ("flat", "hnsw", "ivf", "bm25")
 
 
@@ -111,7 +113,9 @@ class LatencyConfig(OutputConfig):
     filler: int | None = None
     """Grow the index with synthetic filler to this many documents in total."""
     transport: str = "inproc"
-    """``inproc`` (retriever in this process) or ``grpc`` (server thread + real client)."""
+    """``inproc`` (retriever in this process), ``grpc`` (a server thread in this process and
+    the real client) or ``process`` (a ``retriever serve`` child process and the real
+    client, as ``serve`` runs it; ``--torch-threads`` then sets the child's threads)."""
     max_new_tokens: int = 128
     retrieval_stride: int = 4
     warmup: int = 1
@@ -132,6 +136,13 @@ class LatencyConfig(OutputConfig):
     """Torch intra-op threads of this process (the torch flat scan, the encoder); ``None``:
     torch's default (every core). Fewer leave cores to vLLM's engine process while a
     memory-bound scan runs."""
+    switch_interval_ms: float | None = None
+    """Python's GIL switch interval (``sys.setswitchinterval``) in this process; ``None``:
+    Python's 5 ms. In-process, a search thread re-takes the GIL after every torch or numpy
+    call, and while the event loop runs Python (vLLM's outputs, speculation) each re-take can
+    wait a whole interval: on 2 cores a 5-query bf16 scan of 1M docs took 39 ms alone and 432
+    ms beside a busy Python thread at 5 ms, 74 ms at 0.5 ms (``serve`` keeps its retriever in
+    another process)."""
     flat_impl: str = "faiss"
     """Flat search: ``faiss`` (IndexFlatIP; below 20 queries per call its CPU cost grows
     linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
@@ -165,8 +176,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"flat_dtype: must be one of {FLAT_DTYPES}, got {self.flat_dtype!r}")
         if self.flat_dtype != "float32" and self.flat_impl != "torch":
             raise ValueError(f"flat_dtype: {self.flat_dtype} needs flat_impl='torch'")
-        if self.transport not in ("inproc", "grpc"):
-            raise ValueError(f"transport: must be 'inproc' or 'grpc', got {self.transport!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: must be one of {TRANSPORTS}, got {self.transport!r}")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -180,6 +191,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"time_budget_s: must be > 0, got {self.time_budget_s}")
         if self.faiss_threads is not None and self.faiss_threads < 1:
             raise ValueError(f"faiss_threads: must be >= 1, got {self.faiss_threads}")
+        if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
+            raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
 
@@ -323,6 +336,8 @@ def run_meta(
     """The metadata every backend's result file shares (taken once, before timing)."""
     faiss_threads = set_faiss_threads(cfg.faiss_threads)
     set_torch_threads(cfg.torch_threads)
+    if cfg.switch_interval_ms is not None:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
     meta = run_metadata("bench_latency", params, machine)  # git state of the code run
     meta.update(
@@ -333,6 +348,7 @@ def run_meta(
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
             "faiss": faiss_threads,
             "torch": torch_threads(),
+            "switch_interval_ms": sys.getswitchinterval() * 1000,
         },
         questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
     )
@@ -372,7 +388,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--skip-questions", "skip_questions", {"type": int, "help": "drop the first N (a shard)"}),
     ("--index", "index", {"help": "knowledge-base folder (default: the default index)"}),
     ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
-    ("--transport", "transport", {"choices": ("inproc", "grpc"), "help": "retriever transport"}),
+    ("--transport", "transport",
+     {"choices": TRANSPORTS, "help": "retriever transport (process: as serve runs it)"}),
     ("--max-new-tokens", "max_new_tokens", {"type": int, "help": "answer length limit"}),
     ("--retrieval-stride", "retrieval_stride", {"type": int, "help": "tokens per retrieval"}),
     ("--warmup", "warmup", {"type": int, "help": "untimed questions per method"}),
@@ -384,6 +401,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
+    ("--switch-interval-ms", "switch_interval_ms",
+     {"type": float, "help": "Python GIL switch interval (default: Python's 5 ms)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
     ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
     ("--flat-dtype", "flat_dtype", {"choices": FLAT_DTYPES, "help": "torch flat matrix dtype"}),

@@ -12,6 +12,7 @@ rewrite its result file, so a run killed mid-way keeps what it measured.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -191,11 +192,22 @@ async def bench_backend(
         progress=False,
     )
     start = time.perf_counter()
-    sync = open_retriever(kb, rcfg)
-    info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
     dense = backend != "bm25"
-    server = client = None
-    if cfg.transport == "inproc":
+    server: Any = None
+    client = sync = None
+    if cfg.transport == "process":
+        # As `serve` runs it: the retriever in its own process, so its search threads never
+        # wait for this process's GIL (the event loop that drives vLLM).
+        from ralmspec_vllm.retrieval.factory import config_to_args
+        from ralmspec_vllm.retrieval.server import ServerProcess
+
+        child_cfg = dataclasses.replace(rcfg, threads=cfg.torch_threads)
+        child = ["--host", "127.0.0.1", "--port", "0", "--index", str(kb.path)]
+        server = ServerProcess.spawn([*child, *config_to_args(child_cfg)], timeout_s=3600.0)
+    else:
+        sync = open_retriever(kb, rcfg)
+    info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
+    if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
         embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
     else:
@@ -203,7 +215,8 @@ async def bench_backend(
         from ralmspec_vllm.retrieval.client import RetrieverClient
         from ralmspec_vllm.retrieval.server import ServerThread
 
-        server = ServerThread(sync).start()
+        if server is None:
+            server = ServerThread(sync).start()
         client = RetrieverClient(server.target, timeout_s=120.0)
         retriever = client
         embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}

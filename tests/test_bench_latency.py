@@ -308,3 +308,32 @@ async def test_bench_latency_writes_after_every_question(
     data = read_results(paths[0])
     assert data["rows"] == rows and data["meta"]["retriever"]["warmup_s"] >= 0
     assert all(row["outputs_identical"] for row in rows)
+
+
+@pytest.mark.vllm
+async def test_bench_latency_with_the_retriever_in_a_child_process(
+    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--transport process``: a real ``retriever serve`` child, as ``serve`` runs it."""
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=16, flat_impl="torch", flat_dtype="bfloat16", transport="process",
+        torch_threads=1, out_dir=str(tmp_path), name="child", plot=False,
+    )  # fmt: skip
+    kb, kb_info = open_kb(cfg)
+    questions = load_questions_file(tiny_world["questions"])
+    paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
+    data = read_results(paths[0])
+    assert data["meta"]["complete"] is True and data["meta"]["questions_timed"] == 2
+    assert [row["method"] for row in rows] == ["baseline", "PSA"]
+    assert all(row["outputs_identical"] and row["transport"] == "process" for row in rows)
+    assert all(row["retriever"] == "flat-torch-bfloat16" for row in rows)
+    assert rows[0]["mean_retrieval_calls"] >= 4 and rows[1]["mean_verifications"] >= 1
+    assert all(row["kb_phases_s"] is None for row in rows)  # timed in the child, not here
+
+
+def test_transport_validation() -> None:
+    assert parse_args(["--transport", "process"]).transport == "process"
+    with pytest.raises(ValueError, match="transport"):
+        LatencyConfig(transport="pigeon")
