@@ -57,8 +57,8 @@ class RunRecord:
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
     kb_phases: tuple[tuple[str, float], ...] = ()
     """Seconds inside the dense retriever during this run (``PhaseTimes``: searches, scan_s,
-    rank_s, vectors_s, documents_s); the awaited ``searches`` minus scan and rank is time
-    spent waiting outside it (thread hand-off, a busy event loop)."""
+    rank_s, vectors_s, documents_s, encode_s); the awaited ``searches`` minus encode, scan and
+    rank is time spent waiting outside it (thread hand-off, a busy event loop)."""
 
     @classmethod
     def from_summary(
@@ -220,6 +220,10 @@ def _rounds(runs: Sequence[RunRecord], stride: int | None) -> Row:
     }
 
 
+_SEARCH_PHASES = ("encode_s", "scan_s", "rank_s")
+"""The phases inside an awaited search (``PhaseTimes``)."""
+
+
 def _kb_phases(runs: Sequence[RunRecord]) -> Row | None:
     """Per answer (means): the dense retriever's own seconds by phase, next to the awaited
     search seconds; ``search_wait`` is the difference (None where nothing was recorded)."""
@@ -228,7 +232,7 @@ def _kb_phases(runs: Sequence[RunRecord]) -> Row | None:
         return None
     out: Row = {name: _round(_mean([p.get(name, 0.0) for p in recorded])) for name in recorded[0]}
     awaited = _mean([sum(s for _, s in r.searches) for r in runs if r.kb_phases])
-    inside = _mean([p.get("scan_s", 0.0) + p.get("rank_s", 0.0) for p in recorded])
+    inside = _mean([sum(p.get(name, 0.0) for name in _SEARCH_PHASES) for p in recorded])
     out["awaited_search_s"] = _round(awaited)
     out["search_wait_s"] = _round((awaited or 0.0) - (inside or 0.0))
     return out

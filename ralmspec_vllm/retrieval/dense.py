@@ -136,11 +136,13 @@ def screen_candidates(
 class PhaseTimes:
     """Seconds a dense retriever spent, summed over calls (threads included): the index's
     candidate search (``scan_s``: for the torch scan the matmul and threshold), the exact
-    re-scoring (``rank_s``), and ``vectors``/``documents`` reads; ``searches`` counts
+    re-scoring (``rank_s``), the query encoding of text searches (``encode_s``: ``search``,
+    not ``encode``) and ``vectors``/``documents`` reads; ``searches`` counts
     ``search_vectors`` calls. A benchmark subtracts two ``snapshot``s to split a run's
     awaited search time into work inside the retriever and waiting outside it."""
 
     searches: int = 0
+    encode_s: float = 0.0
     scan_s: float = 0.0
     rank_s: float = 0.0
     vectors_s: float = 0.0
@@ -248,7 +250,10 @@ class DenseIndexRetriever(ABC):
     def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         check_k(k)
         check_prefetch(prefetch)
-        return self.search_vectors(self.encode(queries), k, prefetch)
+        start = time.perf_counter()
+        vectors = self.encode(queries)
+        self._add_times(encode_s=time.perf_counter() - start)
+        return self.search_vectors(vectors, k, prefetch)
 
     def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]:
         k = min(check_k(k), self.num_docs)

@@ -154,12 +154,15 @@ def test_phase_times_count_every_call(corpus: SyntheticCorpus, params: dict) -> 
     call, and reads are timed apart from searches."""
     flat = _flat(corpus, **params)
     assert flat.times.snapshot() == {
-        "searches": 0, "scan_s": 0, "rank_s": 0, "vectors_s": 0, "documents_s": 0
+        "searches": 0, "encode_s": 0, "scan_s": 0, "rank_s": 0, "vectors_s": 0,
+        "documents_s": 0,
     }  # fmt: skip
     flat.search_vectors(corpus.query_vectors[:3], 5, 7)
+    assert flat.times.encode_s == 0  # by vector: nothing to encode
     flat.search(corpus.queries[:1], 2)
     after = flat.times.snapshot()
     assert after["searches"] == 2 and after["scan_s"] > 0 and after["rank_s"] > 0
+    assert after["encode_s"] > 0
     assert after["vectors_s"] == after["documents_s"] == 0
     flat.vectors([1, 2])
     flat.documents([3])
