@@ -1,0 +1,100 @@
+"""Does an in-process search wait for the GIL while the event loop runs Python?
+
+Times ``FlatRetriever.search_vectors`` (torch, bf16, CPU: the 21M configuration on fewer
+random docs) alone and beside a Python thread that holds the GIL all the time (``busy``) or
+1 ms in every 5 (``duty20``, nearer an event loop that drives vLLM), at Python's 5 ms
+switch interval and at 0.5 ms. The search thread re-takes the GIL after every torch and
+numpy call, so its wait grows with the number of chunks (docs / chunk size).
+
+    python3 benchmarks/gpu/probe_gil.py --docs 4000000 --threads 12 --out probe_gil.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=4_000_000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--batches", default="1,5")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="JSON output file")
+    args = parser.parse_args()
+
+    import torch
+
+    from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    docs = np.empty((args.docs, 384), dtype=np.float32)
+    for i in range(0, args.docs, 1 << 20):
+        block = rng.standard_normal((min(1 << 20, args.docs - i), 384), dtype=np.float32)
+        docs[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16")
+    print(f"[probe_gil] {args.docs} docs ready in {time.perf_counter() - start:.1f} s, "
+          f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+    picks = rng.choice(args.docs, 16, replace=False)
+    queries = docs[picks] + 0.05 * rng.standard_normal((16, 384), dtype=np.float32)
+
+    def timed(batch: int) -> float:
+        runs = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            flat.search_vectors(queries[:batch], 20, 236)
+            runs.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(runs)
+
+    def load(kind: str, stop: threading.Event) -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + (1.0 if kind == "busy" else 0.001)
+            x = 0
+            while time.perf_counter() < until and not stop.is_set():
+                for i in range(200):
+                    x += i
+            if kind == "duty20":
+                time.sleep(0.004)
+
+    results = []
+    batches = [int(b) for b in args.batches.split(",")]
+    for interval in (0.005, 0.0005):
+        sys.setswitchinterval(interval)
+        for kind in ("idle", "duty20", "busy"):
+            stop = threading.Event()
+            worker = None
+            if kind != "idle":
+                worker = threading.Thread(target=load, args=(kind, stop), daemon=True)
+                worker.start()
+            timed(batches[0])  # settle
+            for batch in batches:
+                ms = timed(batch)
+                results.append({"switch_ms": interval * 1000, "load": kind, "batch": batch,
+                                "p50_ms": round(ms, 1)})  # fmt: skip
+                print(f"switch {interval * 1000:>3} ms  {kind:>6}  batch {batch:>2}: "
+                      f"{ms:7.1f} ms", flush=True)  # fmt: skip
+            stop.set()
+            if worker is not None:
+                worker.join()
+    if args.out:
+        meta = {"docs": args.docs, "torch_threads": torch.get_num_threads(),
+                "chunk_size": flat.chunk_size}  # fmt: skip
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
