@@ -143,6 +143,9 @@ class LatencyConfig(OutputConfig):
     wait a whole interval: on 2 cores a 5-query bf16 scan of 1M docs took 39 ms alone and 432
     ms beside a busy Python thread at 5 ms, 74 ms at 0.5 ms (``serve`` keeps its retriever in
     another process)."""
+    loop_lag_ms: float | None = None
+    """Watch the event loop during every run: a task sleeps this long at a time and records
+    how late it wakes (rows' ``loop_lag_ms``); ``None``: off."""
     flat_impl: str = "faiss"
     """Flat search: ``faiss`` (IndexFlatIP; below 20 queries per call its CPU cost grows
     linearly with the batch) or ``torch`` (one matmul per call: batches amortise)."""
@@ -191,6 +194,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"time_budget_s: must be > 0, got {self.time_budget_s}")
         if self.faiss_threads is not None and self.faiss_threads < 1:
             raise ValueError(f"faiss_threads: must be >= 1, got {self.faiss_threads}")
+        if self.loop_lag_ms is not None and not self.loop_lag_ms > 0:
+            raise ValueError(f"loop_lag_ms: must be > 0, got {self.loop_lag_ms}")
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -401,6 +406,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--time-budget-s", "time_budget_s", {"type": float, "help": "stop starting questions"}),
     ("--faiss-threads", "faiss_threads", {"type": int, "help": "FAISS OpenMP threads"}),
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
+    ("--loop-lag-ms", "loop_lag_ms",
+     {"type": float, "help": "watch the event loop's lag every N ms (default: off)"}),
     ("--switch-interval-ms", "switch_interval_ms",
      {"type": float, "help": "Python GIL switch interval (default: Python's 5 ms)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

@@ -55,6 +55,9 @@ class RunRecord:
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
     searches: tuple[tuple[int, float], ...] = ()
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
+    loop_lag_ms: tuple[tuple[str, float], ...] = ()
+    """How late the event loop woke a sleeper during this run (p50, p99, max in ms;
+    ``--loop-lag-ms``): long lags mean long GIL holds that in-process searches wait for."""
     kb_phases: tuple[tuple[str, float], ...] = ()
     """Seconds inside the dense retriever during this run (``PhaseTimes``: searches, scan_s,
     rank_s, vectors_s, documents_s, encode_s); the awaited ``searches`` minus encode, scan and
@@ -75,6 +78,7 @@ class RunRecord:
         same_documents: bool,
         searches: Sequence[tuple[int, float]] = (),
         kb_phases: Mapping[str, float] | None = None,
+        loop_lag_ms: Mapping[str, float] | None = None,
     ) -> RunRecord:
         return cls(
             backend=backend,
@@ -101,6 +105,7 @@ class RunRecord:
             same_documents=same_documents,
             searches=tuple(searches),
             kb_phases=tuple((kb_phases or {}).items()),
+            loop_lag_ms=tuple((loop_lag_ms or {}).items()),
         )
 
     def brief(self) -> dict[str, Any]:
@@ -111,6 +116,7 @@ class RunRecord:
         out["strides"] = list(self.strides)
         out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
         out["kb_phases"] = {name: round(value, 6) for name, value in self.kb_phases}
+        out["loop_lag_ms"] = {name: round(value, 3) for name, value in self.loop_lag_ms}
         out["mean_stride"] = _mean(self.strides)
         for key, value in out.items():
             if isinstance(value, float):
@@ -125,8 +131,9 @@ class RunRecord:
             raise ValueError("per-question record without strides (written before merging)")
         fields["strides"] = tuple(fields["strides"])
         fields["searches"] = tuple((int(n), float(s)) for n, s in fields.get("searches", ()))
-        phases = fields.get("kb_phases", {})
-        fields["kb_phases"] = tuple((str(name), float(value)) for name, value in phases.items())
+        for name in ("kb_phases", "loop_lag_ms"):
+            pairs = fields.get(name, {})
+            fields[name] = tuple((str(key), float(value)) for key, value in pairs.items())
         return cls(backend=backend, method=method, **fields)
 
 
@@ -203,6 +210,7 @@ def summarize(
                 **_rounds(runs, max_stride(method)),
                 search_ms_by_queries=_search_ms(runs),
                 kb_phases_s=_kb_phases(runs),
+                loop_lag_ms=_loop_lag(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 per_question=[r.brief() for r in runs],
             )
@@ -217,6 +225,18 @@ def _rounds(runs: Sequence[RunRecord], stride: int | None) -> Row:
     return {
         "mean_rounds": _round(_mean([r.verifications + r.plain_steps for r in runs])),
         "mean_fewest_rounds": _round(_mean([fewest_rounds(r, stride) for r in runs])),
+    }
+
+
+def _loop_lag(runs: Sequence[RunRecord]) -> Row | None:
+    """Event-loop lag over the row's runs: mean of their p50 and p99, the largest max."""
+    lags = [dict(r.loop_lag_ms) for r in runs if r.loop_lag_ms]
+    if not lags:
+        return None
+    return {
+        "p50": _round(_mean([lag["p50"] for lag in lags]), 3),
+        "p99": _round(_mean([lag["p99"] for lag in lags]), 3),
+        "max": _round(max(lag["max"] for lag in lags), 3),
     }
 
 

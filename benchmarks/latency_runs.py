@@ -12,6 +12,7 @@ rewrite its result file, so a run killed mid-way keeps what it measured.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -52,6 +53,8 @@ class Runner:
         self.phase_times = phase_times
         """The dense retriever's ``PhaseTimes`` (None for BM25): methods run one at a time,
         so the difference of two snapshots is one run's time inside the retriever."""
+        self.lag: LoopLag | None = None
+        """The last run's event-loop lag monitor (``--loop-lag-ms``)."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
@@ -72,6 +75,13 @@ class Runner:
         reset = self.cfg.reset_prefix_cache and self.cfg.prefix_caching
         if reset and not await self.lm.engine.reset_prefix_cache():
             logger.warning("vLLM refused to reset its prefix cache")
+        if self.cfg.loop_lag_ms is None:
+            self.lag = None
+            return await self._generate(method, question, oracle_ids)
+        async with LoopLag(self.cfg.loop_lag_ms / 1000) as self.lag:
+            return await self._generate(method, question, oracle_ids)
+
+    async def _generate(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
         engine = self.engine()
         if method == "baseline":
             return await engine.generate(question, "baseline")
@@ -85,11 +95,15 @@ class Runner:
     ) -> list[RunRecord]:
         before = self._phases()
         base = await self.one("baseline", question.text, ())
-        records = [self._record(backend, "baseline", question, base, base, self._since(before))]
+        records = [
+            self._record(backend, "baseline", question, base, base, self._since(before), self.lag)
+        ]
         for method in methods[1:]:
             before = self._phases()
             result = await self.one(method, question.text, base.trace.step_doc_ids)
-            record = self._record(backend, method, question, result, base, self._since(before))
+            record = self._record(
+                backend, method, question, result, base, self._since(before), self.lag
+            )
             if not record.identical and timed:
                 logger.error(
                     "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
@@ -118,6 +132,7 @@ class Runner:
         result: Any,
         base: Any,
         kb_phases: dict[str, float] | None = None,
+        lag: LoopLag | None = None,
     ) -> RunRecord:
         trace = result.trace
         return RunRecord.from_summary(
@@ -134,7 +149,46 @@ class Runner:
                 (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
             ],
             kb_phases=kb_phases,
+            loop_lag_ms=None if lag is None else lag.summary(),
         )
+
+
+class LoopLag:
+    """How late the event loop wakes a task that sleeps ``interval_s`` at a time, for one
+    run (``async with``). The loop that drives vLLM and the speculation also holds the GIL
+    that in-process search threads need after every torch call: long stretches of lag mean
+    long GIL holds (``benchmarks/gpu/probe_gil.py``). Costs one wake-up per interval."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(self.interval_s)
+            self.samples.append(max(0.0, time.perf_counter() - start - self.interval_s))
+
+    def summary(self) -> dict[str, float]:
+        """Lag in ms: median, 99th percentile and maximum over the run's wake-ups."""
+        if not self.samples:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+        ordered = sorted(self.samples)
+
+        def ms(quantile: float) -> float:
+            return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
+        return {"p50": ms(0.5), "p99": ms(0.99), "max": 1000 * ordered[-1]}
 
 
 def _diagnose(result: Any, base: Any) -> str:

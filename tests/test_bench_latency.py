@@ -130,6 +130,33 @@ def test_rows_split_search_time_inside_and_outside_the_retriever() -> None:
     assert plain["kb_phases_s"] is None  # BM25, or a file written before the split existed
 
 
+async def test_loop_lag_sees_a_blocked_event_loop() -> None:
+    import asyncio
+    import time
+
+    from benchmarks.latency_runs import LoopLag
+
+    async with LoopLag(0.002) as lag:
+        await asyncio.sleep(0.03)
+        time.sleep(0.06)  # holds the loop (and the GIL), as a long Python stretch would
+        await asyncio.sleep(0.03)
+    summary = lag.summary()
+    assert summary["max"] >= 45  # the wake-up due during the block came ~60 ms late
+    assert summary["p50"] < 10 and len(lag.samples) >= 5
+    runs = [
+        RunRecord.from_summary(
+            "flat", "PSA", "q", "nq", record("PSA", 1.0).brief() | {"retrieval_calls": {}},
+            strides=(), num_tokens=8, identical=True, same_documents=True, loop_lag_ms=summary,
+        )
+    ]  # fmt: skip
+    (row,) = summarize(runs, {}, ["PSA"])
+    assert row["loop_lag_ms"]["max"] == pytest.approx(summary["max"], abs=1e-3)
+    rebuilt = RunRecord.from_brief("flat", "PSA", row["per_question"][0])
+    assert rebuilt.loop_lag_ms == tuple((k, round(v, 3)) for k, v in summary.items())
+    (plain,) = summarize([record("PSA", 1.0)], {}, ["PSA"])
+    assert plain["loop_lag_ms"] is None
+
+
 def _shard(ids: Sequence[str], walls: dict[str, float], **meta: Any) -> dict[str, Any]:
     """A result file as bench_latency writes it, for questions ``ids``."""
     records = [
@@ -320,7 +347,7 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
         model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
         max_new_tokens=16, flat_impl="torch", flat_dtype="bfloat16", transport="process",
-        torch_threads=1, out_dir=str(tmp_path), name="child", plot=False,
+        torch_threads=1, loop_lag_ms=5.0, out_dir=str(tmp_path), name="child", plot=False,
     )  # fmt: skip
     kb, kb_info = open_kb(cfg)
     questions = load_questions_file(tiny_world["questions"])
@@ -332,6 +359,7 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
     assert all(row["retriever"] == "flat-torch-bfloat16" for row in rows)
     assert rows[0]["mean_retrieval_calls"] >= 4 and rows[1]["mean_verifications"] >= 1
     assert all(row["kb_phases_s"] is None for row in rows)  # timed in the child, not here
+    assert all(row["loop_lag_ms"]["max"] >= row["loop_lag_ms"]["p50"] >= 0 for row in rows)
 
 
 def test_transport_validation() -> None:
