@@ -246,7 +246,7 @@ _SEARCH_PHASES = ("encode_s", "scan_s", "rank_s")
 
 def _kb_phases(runs: Sequence[RunRecord]) -> Row | None:
     """Per answer (means): the dense retriever's own seconds by phase, next to the awaited
-    search seconds; ``search_wait`` is the difference (None where nothing was recorded)."""
+    search seconds; ``search_wait_s`` is the difference (None where nothing was recorded)."""
     recorded = [dict(r.kb_phases) for r in runs if r.kb_phases]
     if not recorded:
         return None
