@@ -13,10 +13,11 @@ rewrite its result file, so a run killed mid-way keeps what it measured.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.latency_report import RunRecord
@@ -32,6 +33,17 @@ Progress = Callable[[list[RunRecord], dict[str, Any]], object]
 """``on_progress(records, info)``: the timed records so far and the retriever's info."""
 
 WARMUP_QUESTION = "who wrote the declaration of independence"
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A run's result (``RaLMEngine.generate``) and what was measured around it."""
+
+    result: Any
+    kb_phases: dict[str, float] | None
+    """Seconds inside the dense retriever by phase (None without ``PhaseTimes``)."""
+    loop_lag_ms: dict[str, float] | None
+    """``LoopLag.summary()`` (None without ``--loop-lag-ms``)."""
 
 
 class Runner:
@@ -53,8 +65,6 @@ class Runner:
         self.phase_times = phase_times
         """The dense retriever's ``PhaseTimes`` (None for BM25): methods run one at a time,
         so the difference of two snapshots is one run's time inside the retriever."""
-        self.lag: LoopLag | None = None
-        """The last run's event-loop lag monitor (``--loop-lag-ms``)."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
@@ -71,15 +81,16 @@ class Runner:
             **self.embed,
         )
 
-    async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
+    async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Measured:
+        """One run, with the retriever's phase times and the event loop's lag around it."""
         reset = self.cfg.reset_prefix_cache and self.cfg.prefix_caching
         if reset and not await self.lm.engine.reset_prefix_cache():
             logger.warning("vLLM refused to reset its prefix cache")
-        if self.cfg.loop_lag_ms is None:
-            self.lag = None
-            return await self._generate(method, question, oracle_ids)
-        async with LoopLag(self.cfg.loop_lag_ms / 1000) as self.lag:
-            return await self._generate(method, question, oracle_ids)
+        lag = None if self.cfg.loop_lag_ms is None else LoopLag(self.cfg.loop_lag_ms / 1000)
+        before = self._phases()
+        async with lag or contextlib.nullcontext():
+            result = await self._generate(method, question, oracle_ids)
+        return Measured(result, self._since(before), None if lag is None else lag.summary())
 
     async def _generate(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
         engine = self.engine()
@@ -93,17 +104,13 @@ class Runner:
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
     ) -> list[RunRecord]:
-        before = self._phases()
-        base = await self.one("baseline", question.text, ())
-        records = [
-            self._record(backend, "baseline", question, base, base, self._since(before), self.lag)
-        ]
+        measured = await self.one("baseline", question.text, ())
+        base = measured.result
+        records = [self._record(backend, "baseline", question, measured, base)]
         for method in methods[1:]:
-            before = self._phases()
-            result = await self.one(method, question.text, base.trace.step_doc_ids)
-            record = self._record(
-                backend, method, question, result, base, self._since(before), self.lag
-            )
+            measured = await self.one(method, question.text, base.trace.step_doc_ids)
+            result = measured.result
+            record = self._record(backend, method, question, measured, base)
             if not record.identical and timed:
                 logger.error(
                     "OUTPUTS DIFFER: %s %s on %r: %d tokens vs the baseline's %d, first "
@@ -126,14 +133,9 @@ class Runner:
 
     @staticmethod
     def _record(
-        backend: str,
-        method: str,
-        question: Question,
-        result: Any,
-        base: Any,
-        kb_phases: dict[str, float] | None = None,
-        lag: LoopLag | None = None,
+        backend: str, method: str, question: Question, measured: Measured, base: Any
     ) -> RunRecord:
+        result = measured.result
         trace = result.trace
         return RunRecord.from_summary(
             backend,
@@ -148,8 +150,8 @@ class Runner:
             searches=[
                 (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
             ],
-            kb_phases=kb_phases,
-            loop_lag_ms=None if lag is None else lag.summary(),
+            kb_phases=measured.kb_phases,
+            loop_lag_ms=measured.loop_lag_ms,
         )
 
 
@@ -255,7 +257,7 @@ async def bench_backend(
         from ralmspec_vllm.retrieval.factory import config_to_args
         from ralmspec_vllm.retrieval.server import ServerProcess
 
-        child_cfg = dataclasses.replace(rcfg, threads=cfg.torch_threads)
+        child_cfg = replace(rcfg, threads=cfg.torch_threads)
         child = ["--host", "127.0.0.1", "--port", "0", "--index", str(kb.path)]
         server = ServerProcess.spawn([*child, *config_to_args(child_cfg)], timeout_s=3600.0)
     else:
