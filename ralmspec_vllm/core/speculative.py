@@ -25,7 +25,9 @@ OS3 keeps estimating gamma (and a, b) and returns to speculation once speculatin
 
 Asynchronous verification (A): the verification runs as a task while the next steps are
 speculated concurrently: one (the paper's), or with ``overlap_depth="stride"`` as many as the
-next round's planned stride, for as long as the verification is in flight. All matched ->
+next round's planned stride, for as long as the verification is in flight; with
+``overlap_depth="fill"``, up to ``max_speculation_stride``, and the next round verifies all
+of them (at least its planned stride). All matched ->
 those steps are kept, still unverified, and open the next round (a round verifies at most
 its stride; steps beyond it wait for the round after). Mismatch -> the step in flight is
 cancelled, its LM call aborted (``LanguageModel.abort``) and every step after the mismatch,
@@ -78,7 +80,7 @@ def make_scheduler(
     config: SpeculationConfig, ledger: StrideLedger | None = None
 ) -> StrideScheduler:
     if config.speculation_stride == "auto":
-        depth = None if config.overlap_depth == "stride" else config.overlap_depth
+        depth = config.overlap_depth if isinstance(config.overlap_depth, int) else None
         return OptimalStrideScheduler(
             window=config.window,
             gamma_max=config.gamma_max,
@@ -112,6 +114,10 @@ class SpeculativeRequest:
         self.recorder = ctx.recorder
         self.cache = SpeculationCache(config.cache_capacity, config.eviction)
         self.scheduler = make_scheduler(config, ledger)
+        # "fill": speculate ahead up to this many steps and verify all of them next round
+        self._fill = config.async_verification and config.overlap_depth == "fill"
+        fixed = config.speculation_stride if isinstance(config.speculation_stride, int) else 1
+        self._fill_cap = max(fixed, config.max_speculation_stride)
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -124,6 +130,8 @@ class SpeculativeRequest:
             if not pending and self._plain_pays(stride):
                 await self._plain_step()
                 continue
+            if self._fill:
+                stride = min(self._fill_cap, max(stride, len(pending)))
             self.recorder.strides.append(stride)
             while len(pending) < stride and not ctx.done:
                 pending.append(await self._speculate(ctx.new_lm_request_id()))
@@ -223,7 +231,10 @@ class SpeculativeRequest:
         """Verify ``steps`` while speculating past ``ahead`` (already speculated after them);
         keep what was speculated ahead only if all matched."""
         depth = self.config.overlap_depth
-        limit = self.scheduler.next_stride() if depth == "stride" else depth
+        if depth == "fill":
+            limit = self._fill_cap
+        else:
+            limit = self.scheduler.next_stride() if depth == "stride" else depth
         ahead = list(ahead)
         verification = asyncio.create_task(self._verify(steps, stride, asynchronous=True))
         in_flight: list[str] = []  # the LM request id of the step being speculated

@@ -135,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          default=s.async_verification)  # fmt: skip
     _own(ralm, "--overlap-depth", default=str(s.overlap_depth),
          help="steps speculated ahead while a verification is in flight: an int (1: the "
-              "paper's) or 'stride' (the next round; default: %(default)s)")  # fmt: skip
+              "paper's), 'stride' (the next round) or 'fill' (up to --max-speculation-stride, "
+              "all verified next round; default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
          help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
@@ -157,20 +158,21 @@ def parser_defaults() -> dict[str, Any]:
     return vars(parser.parse_args([]))
 
 
-def _int_or(value: str, word: str, flag: str) -> int | str:
-    """``value`` as an int, or ``word`` itself (ValueError naming ``flag`` otherwise)."""
-    if value == word:
+def _int_or(value: str, flag: str, *words: str) -> int | str:
+    """``value`` as an int, or one of ``words`` itself (ValueError naming ``flag``)."""
+    if value in words:
         return value
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{flag} must be an int or {word!r}, got {value!r}") from None
+        allowed = " or ".join(repr(w) for w in words)
+        raise ValueError(f"{flag} must be an int or {allowed}, got {value!r}") from None
 
 
 def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """The RaLM defaults and limits from the flags (ValueError names a bad one)."""
-    stride = _int_or(args.speculation_stride, "auto", "--speculation-stride")
-    depth = _int_or(args.overlap_depth, "stride", "--overlap-depth")
+    stride = _int_or(args.speculation_stride, "--speculation-stride", "auto")
+    depth = _int_or(args.overlap_depth, "--overlap-depth", "stride", "fill")
     return ServiceConfig(
         ralm=RaLMConfig(
             retrieval_stride=args.retrieval_stride,

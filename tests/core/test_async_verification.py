@@ -82,6 +82,55 @@ async def test_speculating_ahead_fills_the_verification_with_the_next_round(
         assert all(v.num_steps == 4 for v in trace.verifications[:-1])
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+async def test_fill_speculates_up_to_the_largest_stride_and_verifies_it_all(
+    adaptive: bool,
+) -> None:
+    """A verification costs ~10 LM steps and every speculation holds: "fill" keeps the LM
+    busy up to ``max_speculation_stride`` (8) steps ahead, and the next round verifies all 8
+    even where the planned stride is 2."""
+    events: list[str] = []
+    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.02, events=events)
+    lm = FakeLM(latency_s=0.002, events=events)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    config = SpeculationConfig(
+        speculation_stride="auto" if adaptive else 2,
+        max_speculation_stride=8,
+        async_verification=True,
+        overlap_depth="fill",
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.tokens_discarded == 0 and trace.lm_aborts == 0
+    assert max(overlap_windows(events)) == 8  # never more than the largest stride ahead
+    sizes = [v.num_steps for v in trace.verifications]
+    assert all(v.num_steps <= v.stride <= 8 for v in trace.verifications)
+    assert sizes[0] <= 2 and max(sizes) == 8  # a round from nothing is the planned one
+    assert sum(n == 8 for n in sizes) >= len(sizes) - 3  # bar the first and last rounds
+
+
+@pytest.mark.parametrize("miss", [1, 4, 9])
+async def test_fill_rolls_back_everything_after_a_miss(miss: int) -> None:
+    retriever = ScriptedRetriever(forced({miss, miss + 7}), latency_s=0.02)
+    lm = FakeLM(latency_s=0.002)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    lm.calls.clear()
+    config = SpeculationConfig(
+        speculation_stride=2, max_speculation_stride=8, async_verification=True,
+        overlap_depth="fill",
+    )  # fmt: skip
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == trace.speculation_misses == 2
+    generated = sum(len(call.output) for call in lm.calls)
+    assert generated == len(result.token_ids) + trace.tokens_discarded
+
+
 async def test_mismatch_discards_every_step_speculated_ahead() -> None:
     retriever = ScriptedRetriever(forced({6}), latency_s=0.02)
     lm = FakeLM(latency_s=0.002)

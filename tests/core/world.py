@@ -16,10 +16,11 @@ LONG_QUESTION = " ".join(f"word{i}" for i in range(50))  # longer than the 32-to
 STRIDES = (1, 2, 3, 8)
 
 
-OVERLAPS: tuple[tuple[bool, int | Literal["stride"]], ...] = (
+OVERLAPS: tuple[tuple[bool, int | Literal["stride", "fill"]], ...] = (
     (False, 1),
     (True, 1),  # the paper's A: one step overlaps the verification
     (True, "stride"),  # ours: speculate ahead for the whole next round
+    (True, "fill"),  # ours: speculate ahead up to the largest stride, verify all of it
 )
 
 
@@ -67,7 +68,9 @@ def make_engine(
 
 def describe(config: SpeculationConfig) -> str:
     s = config.max_speculation_stride if config.adaptive else config.speculation_stride
-    deep = ",ahead" if config.async_verification and config.overlap_depth != 1 else ""
+    deep = ""
+    if config.async_verification and config.overlap_depth != 1:
+        deep = ",fill" if config.overlap_depth == "fill" else ",ahead"
     return f"{config.label}(s={s}{deep})"
 
 

@@ -51,6 +51,8 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     assert spec.overlap_depth == "stride"  # PSA's default
     args, _ = parse(["serve", "--overlap-depth", "2"])
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--overlap-depth", "fill"])
+    assert service_config_from_args(args).speculation.overlap_depth == "fill"  # type: ignore[arg-type]
     for flag in ("--speculation-stride", "--overlap-depth"):
         args, _ = parse(["serve", flag, "fast"])
         with pytest.raises(ValueError, match=flag):
