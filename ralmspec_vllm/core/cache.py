@@ -32,7 +32,7 @@ from ralmspec_vllm.core.config import Eviction
 from ralmspec_vllm.core.encoding import QueryEmbedder, QueryEncoder, ThreadEmbedder
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
-from ralmspec_vllm.retrieval.dense import float32_relative_error, inner_product
+from ralmspec_vllm.retrieval.dense import float32_products, float32_relative_error, inner_product
 
 
 class SpeculationCache:
@@ -209,7 +209,7 @@ def exact_candidates(
     exact scores. Any float32 dot product is within ``bound`` of the exact one, so the
     exact best (and any exact tie) lies within ``2 * bound`` of the float32 maximum.
     ``max_norm`` must bound every row's norm (a slight overestimate only widens the set)."""
-    approx = vectors @ q
+    approx = float32_products(vectors, q)  # not BLAS: its idle threads spin against the scan
     q_norm = float(np.linalg.norm(q.astype(np.float64)))
     bound = float32_relative_error(len(q)) * q_norm * max_norm
     rows = np.flatnonzero(approx >= approx.max() - 2.0 * bound - 1e-30)

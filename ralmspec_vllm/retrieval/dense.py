@@ -109,12 +109,25 @@ def inner_product(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
     return out
 
 
+def float32_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``vectors @ query`` in float32, computed on the calling thread (numpy's einsum loop,
+    not BLAS; as fast for one query: the product is memory-bound).
+
+    OpenBLAS runs a matrix-vector product of this size on every core, and its worker threads
+    then spin-wait for their next job. A product every ~30 ms (the speculation cache's
+    scoring at each LM step) kept them spinning against the retriever's scan threads: on the
+    H200 host's 16 cores, beside a 16,384 x 384 product every 30 ms, a 4M-doc bf16 scan took
+    208 ms instead of 61 (one query) and 744 instead of 97 (eight), in another process as
+    in this one; with one BLAS thread, 64 and 98 (``benchmarks/gpu/probe_contention.py``)."""
+    return np.einsum("ij,j->i", vectors, query.astype(np.float32, copy=False))
+
+
 def screen_candidates(
     query: np.ndarray, vectors: np.ndarray, k: int, max_norm: float
 ) -> np.ndarray:
     """Which of one query's candidates can still be in its exact top-``k``: a float32 screen.
 
-    Scores the (m, d) candidate ``vectors`` in float32 (BLAS, any order):
+    Scores the (m, d) candidate ``vectors`` in float32 (any summation order):
     ``|s32 - s| <= e = float32_relative_error(d) |q| max|x|`` (+ an underflow allowance),
     where s is ``inner_product``'s score. With t the k-th best s32, k candidates have
     s >= t - e, so the k-th exact score is >= t - e, and a candidate with s32 < t - 2e has
@@ -125,7 +138,7 @@ def screen_candidates(
     m, d = vectors.shape
     if m <= k:
         return np.ones(m, dtype=bool)
-    approx = (vectors @ query.astype(np.float32)).astype(np.float64)
+    approx = float32_products(vectors, query).astype(np.float64)
     kth = np.partition(approx, m - k)[m - k]
     q_norm = float(np.linalg.norm(query.astype(np.float64)))
     e = float32_relative_error(d) * q_norm * max_norm + d * 2.0**-126 + 1e-30

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
-from ralmspec_vllm.retrieval.dense import inner_product, screen_candidates
+from ralmspec_vllm.retrieval.dense import (
+    float32_products,
+    float32_relative_error,
+    inner_product,
+    screen_candidates,
+)
 from ralmspec_vllm.retrieval.flat import (
     PACKED_MAX_BATCH,
     FlatRetriever,
@@ -361,6 +366,24 @@ def test_float32_screen_keeps_every_possible_top_k_member() -> None:
     assert keep[top].all()
     assert keep[:20].all() and not keep[20:].any()
     assert screen_candidates(query, vectors[:k], k, max_norm).all()  # m <= k: nothing to drop
+
+
+def test_float32_products_stay_within_the_screens_error_bound() -> None:
+    """The screens' float32 product (einsum on the calling thread, not multi-threaded BLAS)
+    is within ``float32_relative_error(d) |q| |x|`` of the exact score, float64 query too."""
+    rng = np.random.default_rng(11)
+    dim = 384
+    vectors = rng.standard_normal((5000, dim)).astype(np.float32)
+    vectors[:10] = np.float32(1e-3) * vectors[:10] + vectors[10]  # near-ties
+    for query in (rng.standard_normal(dim).astype(np.float32), rng.standard_normal(dim)):
+        approx = float32_products(vectors, query)
+        assert approx.dtype == np.float32 and approx.shape == (5000,)
+        exact = inner_product(query.astype(np.float32)[None], vectors)[0]
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        q_norm = np.linalg.norm(query.astype(np.float32).astype(np.float64))
+        bound = float32_relative_error(dim) * q_norm * norms
+        assert (np.abs(approx - exact) <= bound).all()
+        np.testing.assert_allclose(approx, vectors @ query.astype(np.float32), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-plain", "float16"])
