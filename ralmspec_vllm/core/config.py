@@ -71,13 +71,13 @@ class SpeculationConfig:
 
     ``"fill"`` (not in the paper) keeps speculating while the verification runs, up to
     ``max_speculation_stride`` steps ahead, and the next round verifies every step pending
-    (at least the stride the scheduler plans, at most ``max_speculation_stride``). Where a
+    at once (at most ``max_speculation_stride``): the verifier never waits. Where a
     verification costs many LM steps and a few more queries cost little (the exact CPU scan
-    at 21M: 0.25 s for one query, ~0.4 s for 16, 27 ms an LM step), the planned stride
-    leaves the LM idle for most of each round and takes a round per ~6 steps; filling takes
-    one per ~15 (a simulation with session 8's measured costs: 2.5 s an answer against 2.8 s
-    at stride 6). The scheduler's stride still sizes a round that starts from nothing (the
-    first, and the one after a rollback)."""
+    at 21M: 0.25 s for one query, ~0.4 s for 8, 20-27 ms an LM step), the planned stride
+    leaves the LM idle for most of each round and takes a round per ~6 steps.
+    ``benchmarks/simulate_pipeline.py`` gives 2.40 s an answer against 2.69 s at stride 6
+    there. A round that starts from nothing (the first, and the one after a rollback) is
+    ``OptimalStrideScheduler.fill_restart`` steps (b(1) / 3a), or the fixed stride."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     eviction: Eviction = "lru"

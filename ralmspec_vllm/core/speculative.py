@@ -27,7 +27,9 @@ Asynchronous verification (A): the verification runs as a task while the next st
 speculated concurrently: one (the paper's), or with ``overlap_depth="stride"`` as many as the
 next round's planned stride, for as long as the verification is in flight; with
 ``overlap_depth="fill"``, up to ``max_speculation_stride``, and the next round verifies all
-of them (at least its planned stride). All matched ->
+of them at once (the verifier never waits for a planned stride). A fill round that starts
+from nothing (the first, or after a rollback) is ``OptimalStrideScheduler.fill_restart``
+steps. All matched ->
 those steps are kept, still unverified, and open the next round (a round verifies at most
 its stride; steps beyond it wait for the round after). Mismatch -> the step in flight is
 cancelled, its LM call aborted (``LanguageModel.abort``) and every step after the mismatch,
@@ -130,8 +132,8 @@ class SpeculativeRequest:
             if not pending and self._plain_pays(stride):
                 await self._plain_step()
                 continue
-            if self._fill:
-                stride = min(self._fill_cap, max(stride, len(pending)))
+            if self._fill:  # the verifier never waits: all that is pending, else restart
+                stride = min(self._fill_cap, len(pending)) if pending else self._restart(stride)
             self.recorder.strides.append(stride)
             while len(pending) < stride and not ctx.done:
                 pending.append(await self._speculate(ctx.new_lm_request_id()))
@@ -143,6 +145,14 @@ class SpeculativeRequest:
             if mismatch is not None:
                 pending = []  # all after the mismatch: their tokens go with the rollback
                 await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
+
+    def _restart(self, planned: int) -> int:
+        """Fill: the size of a round that starts from nothing (the first, or after a
+        rollback): OS3's ``fill_restart``, else the planned stride."""
+        restart = None
+        if isinstance(self.scheduler, OptimalStrideScheduler):
+            restart = self.scheduler.fill_restart(self._fill_cap)
+        return min(self._fill_cap, planned if restart is None else restart)
 
     async def _first_step(self) -> None:
         _, latency = await self._retrieve_step(self.ctx.query())

@@ -325,6 +325,20 @@ class OptimalStrideScheduler:
         b: float | VerificationCost = self.cost if self.cost else self.b
         return choose_stride(gamma, self.a, b, self.max_stride, self.asynchronous, self.depth)
 
+    def fill_restart(self, max_stride: int) -> int | None:
+        """Steps to generate before the first verification of a round that starts from
+        nothing, with ``overlap_depth="fill"`` (after which rounds follow each other): those
+        the LM generates in a third of a one-query verification, b(1) / 3a, in 1..max_stride.
+        The verifier idles while they are generated; fewer make more, smaller rounds. In
+        ``benchmarks/simulate_pipeline.py`` this was the best restart in each regime tried:
+        b(1) from 0.01 to 1 s, a 20-27 ms, accuracy 0.8-0.92 (restarting with the planned
+        stride instead, 10-16 at 21M docs, cost 5-12% there). ``None`` before a and b are
+        known."""
+        b1 = self.cost(1) if self.cost else self.b
+        if self.a is None or b1 is None:
+            return None
+        return max(1, min(max_stride, round(b1 / (3.0 * max(self.a, _TINY)))))
+
     def record_search(self, latency_s: float, size: int = 1) -> None:
         """A plain search's latency (e.g. the first retrieval): a point of b(s) only."""
         if self.cost is not None:

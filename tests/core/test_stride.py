@@ -253,3 +253,22 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="stride"):
         FixedStride(0)
     assert FixedStride(3).next_stride() == 3
+
+
+def test_fill_restart_is_a_third_of_a_one_query_verification_in_lm_steps() -> None:
+    scheduler = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, depth=None)
+    assert scheduler.fill_restart(16) is None  # nothing measured yet
+    scheduler.record_search(0.25)  # b(1): the first retrieval
+    assert scheduler.fill_restart(16) is None  # a unknown
+    scheduler.record_speculation(0.0204)
+    assert scheduler.fill_restart(16) == 4  # 0.25 / 0.0612
+    scheduler.record_verification(0.9, 8, False, size=8)  # b(8) does not move b(1)
+    assert scheduler.fill_restart(16) == 4
+    scheduler.record_speculation(0.2)  # the LM dominates: verify after one step
+    assert scheduler.fill_restart(16) == 1
+    scheduler.record_speculation(0.001)  # capped at the largest stride
+    assert scheduler.fill_restart(16) == 16 and scheduler.fill_restart(5) == 5
+    paper = OptimalStrideScheduler(asynchronous=True)  # no cost model: the latest b
+    paper.record_speculation(0.01)
+    paper.record_verification(0.12, 3, False, size=3)
+    assert paper.fill_restart(16) == 4
