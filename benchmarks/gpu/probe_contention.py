@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -83,29 +82,9 @@ def main() -> int:
 
     import torch
 
-    from ralmspec_vllm.retrieval.flat import FlatRetriever
+    from benchmarks.gpu.probe_gil import random_scan
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    docs = np.empty((args.docs, 384), dtype=np.float32)
-    for i in range(0, args.docs, 1 << 20):
-        block = rng.standard_normal((min(1 << 20, args.docs - i), 384), dtype=np.float32)
-        docs[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16")
-    print(f"[probe_contention] {args.docs} docs ready in {time.perf_counter() - start:.1f} s, "
-          f"scan threads {torch.get_num_threads()}, {os.cpu_count()} cpus", flush=True)  # fmt: skip
-    picks = rng.choice(args.docs, 16, replace=False)
-    queries = docs[picks] + 0.05 * rng.standard_normal((16, 384), dtype=np.float32)
-
-    def timed(batch: int) -> float:
-        runs = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            flat.search_vectors(queries[:batch], 20, 236)
-            runs.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(runs)
+    _, timed = random_scan(args.docs, args.threads, args.repeats, "probe_contention")
 
     def child(kind: str, rows: int, threads: int | None) -> subprocess.Popen[bytes]:
         env = dict(os.environ)

@@ -13,15 +13,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def random_scan(
+    num_docs: int, threads: int | None, repeats: int, tag: str
+) -> tuple[Any, Callable[[int], float]]:
+    """The 21M configuration's scan (``FlatRetriever``, torch bf16 on the CPU) over
+    ``num_docs`` random unit vectors, and ``timed(batch)``: the median ms of ``repeats``
+    searches of ``batch`` queries near stored docs (top-20 + 236 further hits, PSA's shape).
+    ``threads`` sets torch's (the scan's) threads."""
+    import torch
+
+    from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    docs = np.empty((num_docs, 384), dtype=np.float32)
+    for i in range(0, num_docs, 1 << 20):
+        block = rng.standard_normal((min(1 << 20, num_docs - i), 384), dtype=np.float32)
+        docs[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16")
+    seconds = time.perf_counter() - start
+    print(f"[{tag}] {num_docs} docs ready in {seconds:.1f} s, torch threads "
+          f"{torch.get_num_threads()}, {os.cpu_count()} cpus", flush=True)  # fmt: skip
+    picks = rng.choice(num_docs, 16, replace=False)
+    queries = docs[picks] + 0.05 * rng.standard_normal((16, 384), dtype=np.float32)
+
+    def timed(batch: int) -> float:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            flat.search_vectors(queries[:batch], 20, 236)
+            runs.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(runs)
+
+    return flat, timed
 
 
 def main() -> int:
@@ -35,29 +75,7 @@ def main() -> int:
 
     import torch
 
-    from ralmspec_vllm.retrieval.flat import FlatRetriever
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    docs = np.empty((args.docs, 384), dtype=np.float32)
-    for i in range(0, args.docs, 1 << 20):
-        block = rng.standard_normal((min(1 << 20, args.docs - i), 384), dtype=np.float32)
-        docs[i : i + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    flat = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16")
-    print(f"[probe_gil] {args.docs} docs ready in {time.perf_counter() - start:.1f} s, "
-          f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
-    picks = rng.choice(args.docs, 16, replace=False)
-    queries = docs[picks] + 0.05 * rng.standard_normal((16, 384), dtype=np.float32)
-
-    def timed(batch: int) -> float:
-        runs = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            flat.search_vectors(queries[:batch], 20, 236)
-            runs.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(runs)
+    flat, timed = random_scan(args.docs, args.threads, args.repeats, "probe_gil")
 
     def load(kind: str, stop: threading.Event) -> None:
         while not stop.is_set():
