@@ -7,6 +7,7 @@ from typing import Literal
 import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
+from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
 
 from .fakes import FakeLM, ScriptedRetriever
 from .world import SHORT_QUESTION, baseline_and_freeze, forced, make_engine
@@ -53,6 +54,17 @@ def overlap_windows(events: list[str]) -> list[int]:
     return windows
 
 
+async def verifier_bound(events: list[str]) -> tuple[RaLMEngine, RaLMResult]:
+    """An engine whose verification costs ~10 LM steps (20 ms against 2 ms) and whose
+    speculations all hold, and its baseline; ``events`` then logs the next run's LM calls
+    and searches."""
+    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.02, events=events)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.002, events=events))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    return engine, baseline
+
+
 @pytest.mark.parametrize("depth", [1, "stride"])
 async def test_speculating_ahead_fills_the_verification_with_the_next_round(
     depth: int | Literal["stride"],
@@ -61,11 +73,7 @@ async def test_speculating_ahead_fills_the_verification_with_the_next_round(
     runs one step per verification; ahead-of-round overlap generates the next round (4
     steps) while the verification runs, so rounds follow each other without LM time."""
     events: list[str] = []
-    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.02, events=events)
-    lm = FakeLM(latency_s=0.002, events=events)
-    engine, _ = make_engine(retriever, lm)
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    events.clear()
+    engine, baseline = await verifier_bound(events)
     config = SpeculationConfig(speculation_stride=4, async_verification=True, overlap_depth=depth)
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
     assert result.token_ids == baseline.token_ids
@@ -90,11 +98,7 @@ async def test_fill_speculates_up_to_the_largest_stride_and_verifies_it_all(
     busy up to ``max_speculation_stride`` (8) steps ahead, and the next round verifies all 8
     even where the planned stride is 2."""
     events: list[str] = []
-    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.02, events=events)
-    lm = FakeLM(latency_s=0.002, events=events)
-    engine, _ = make_engine(retriever, lm)
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    events.clear()
+    engine, baseline = await verifier_bound(events)
     config = SpeculationConfig(
         speculation_stride="auto" if adaptive else 2,
         max_speculation_stride=8,
