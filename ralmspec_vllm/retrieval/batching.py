@@ -92,8 +92,15 @@ class SearchLane(Generic[P]):
         max_batch: int,
         executor: Executor | None = None,
         mixed_k: bool = True,
+        overlapping: bool = False,
     ) -> None:
+        """``overlapping``: start a batch while earlier ones still run (for a backend whose
+        searches share one walk of the index, ``CircularScan``: a batch that waited for the
+        one before would wait a whole turn for nothing). ``executor`` then needs a thread per
+        batch in flight."""
         self.name = name
+        self.overlapping = overlapping
+        self._running: set[asyncio.Task[None]] = set()
         self.mixed_k = mixed_k
         self.stats = BatchStats()
         self._search_fn = search_fn
@@ -123,6 +130,9 @@ class SearchLane(Generic[P]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         for request in self._queue:
             if not request.future.done():
                 request.future.cancel()
@@ -144,7 +154,11 @@ class SearchLane(Generic[P]):
                 except TimeoutError:
                     break
             batch = self._take()
-            if batch:
+            if batch and self.overlapping:
+                task = loop.create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            elif batch:
                 await self._execute(batch)
 
     def _take(self) -> list[_Request[P]]:

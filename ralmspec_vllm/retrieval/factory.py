@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import Retriever
-from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS, LAYOUTS
+from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS, LAYOUTS, SCANS
 from ralmspec_vllm.types import BM25Params
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ class RetrieverConfig:
     """Torch flat matrix layout on the CPU in bfloat16: ``packed`` (oneDNN, fastest up to ~64
     queries a search), ``plain``, ``both`` (packed for small searches, plain for the large
     merged batches of a busy server; twice the memory) or ``auto`` (packed where possible)."""
+    flat_scan: str = "batch"
+    """Torch flat scan: ``batch`` (each search walks the matrix) or ``circular`` (one shared
+    walk that searches board at any chunk and leave after a full turn: concurrent searches
+    never wait for each other; for pipelined verification, ``overlap_depth="pipeline"``)."""
     candidate_margin: int = 16
     """Extra candidates a dense index proposes beyond k before exact re-scoring."""
     hnsw_m: int = 64
@@ -80,6 +84,7 @@ class RetrieverConfig:
             "flat_impl": IMPLS,
             "dtype": DTYPES,
             "flat_layout": LAYOUTS,
+            "flat_scan": SCANS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -92,6 +97,8 @@ class RetrieverConfig:
             raise ValueError(
                 f"flat_layout: {self.flat_layout} needs flat_impl='torch' and dtype='bfloat16'"
             )
+        if self.flat_scan == "circular" and self.flat_impl != "torch":
+            raise ValueError("flat_scan: circular needs flat_impl='torch'")
         for name in ("hnsw_m", "ef_construction"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")
@@ -138,6 +145,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             device=config.device,
             dtype=config.dtype,
             layout=config.flat_layout,
+            scan=config.flat_scan,
             candidate_margin=margin,
             progress=config.progress,
         )
@@ -233,6 +241,7 @@ _CHOICES = {
     "flat_impl": IMPLS,
     "dtype": DTYPES,
     "flat_layout": LAYOUTS,
+    "flat_scan": SCANS,
 }
 
 _FIELD_HELP = {
@@ -241,6 +250,7 @@ _FIELD_HELP = {
     "flat_impl": "flat search implementation",
     "dtype": "torch flat matrix dtype",
     "flat_layout": "torch flat matrix layout (packed: small batches, both: a busy server)",
+    "flat_scan": "torch flat scan (circular: searches share one never-ending walk)",
     "candidate_margin": "extra dense candidates re-scored beyond k",
     "hnsw_m": "HNSW M",
     "ef_construction": "HNSW efConstruction",

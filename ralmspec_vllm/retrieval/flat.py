@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.circular import CircularScan
 from ralmspec_vllm.retrieval.dense import DenseIndexRetriever, TextEncoder, float32_relative_error
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ IMPLS = ("faiss", "torch")
 LAYOUTS = ("auto", "packed", "plain", "both")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+SCANS = ("batch", "circular")
 
 # Added to the bound off the CPU: GPU kernels may use TF32 or reduced-precision split-K
 # reductions. A loose allowance, not a proof.
@@ -110,8 +112,11 @@ class FlatRetriever(DenseIndexRetriever):
         index_dir: str = "",
         progress: bool = False,
         layout: str = "auto",
+        scan: str = "batch",
     ) -> None:
-        """``layout`` of the torch matrix (``_TorchMatrix``): ``packed`` (CPU, bfloat16: each
+        """``scan`` (torch only): ``batch`` (each search walks the matrix itself) or
+        ``circular`` (one shared walk that searches board at any chunk, ``CircularScan``).
+        ``layout`` of the torch matrix (``_TorchMatrix``): ``packed`` (CPU, bfloat16: each
         chunk pre-packed in oneDNN's blocked layout, fastest up to ~64 queries a call),
         ``plain``, ``both`` (packed for small calls, plain for large ones such as a serving
         retriever's merged batches; twice the memory) or ``auto`` (packed where this torch
@@ -128,6 +133,10 @@ class FlatRetriever(DenseIndexRetriever):
             raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
+        if scan not in SCANS:
+            raise ValueError(f"scan: must be one of {SCANS}, got {scan!r}")
+        if scan == "circular" and impl != "torch":
+            raise ValueError("scan: circular needs impl='torch'")
         super().__init__(
             vectors, documents, encoder, candidate_margin=candidate_margin, index_dir=index_dir
         )
@@ -136,6 +145,8 @@ class FlatRetriever(DenseIndexRetriever):
         # A multiple of _GROUP, so only the matrix's last chunk has a partial group.
         self.chunk_size = -(-chunk_size // _GROUP) * _GROUP
         self._matrix_scale = _power_of_two_scale(self._max_norm)
+        self.scan = scan
+        self._circular: CircularScan | None = None
         if impl == "faiss":
             self._index, self.device = _faiss_flat(self._vectors, device, progress)
         else:
@@ -143,14 +154,17 @@ class FlatRetriever(DenseIndexRetriever):
                 self._vectors, device, dtype, self.chunk_size, self._matrix_scale, layout
             )
             self.device = self._matrix.device
+            if scan == "circular":
+                self._circular = CircularScan(self._matrix.num_chunks, self._matrix.product)
         logger.info(
-            "flat retriever: %d x %d, impl=%s device=%s dtype=%s%s",
+            "flat retriever: %d x %d, impl=%s device=%s dtype=%s%s%s",
             self.num_docs,
             self.dim,
             impl,
             self.device,
             dtype,
             f" ({self._matrix.layout} layout)" if impl == "torch" else "",
+            ", circular scan" if scan == "circular" else "",
         )
 
     @classmethod
@@ -171,7 +185,13 @@ class FlatRetriever(DenseIndexRetriever):
         info = {"impl": self.impl, "device": self.device, "dtype": self.dtype}
         if self.impl == "torch":
             info["layout"] = self._matrix.layout
+            info["scan"] = self.scan
         return info
+
+    def close(self) -> None:
+        """Stop the circular scan's thread (if any); searches still on board fail."""
+        if self._circular is not None:
+            self._circular.close()
 
     def _candidate_count(self, k: int, prefetch: int = 0) -> int:
         if self.impl == "torch" and self.dtype == "bfloat16":
@@ -210,8 +230,11 @@ class FlatRetriever(DenseIndexRetriever):
         slack = 2.0 * (bound + 1e-30 * q_scale * self._matrix_scale) * (1 + 2.0**-8)
         with torch.inference_mode():
             scan = _ThresholdScan(len(queries), count, k, slack, self.device)
-            for start, block in self._matrix.products(scaled):
-                scan.add(block, start)
+            if self._circular is not None:
+                self._circular.submit(self._matrix.queries(scaled), scan).result()
+            else:
+                for start, block in self._matrix.products(scaled):
+                    scan.add(block, start)
             ids, scores, ceiling = scan.result()
         unscale = 1.0 / (q_scale * self._matrix_scale)  # powers of two: exact
         return ids, scores * unscale[:, None], ceiling * unscale
@@ -412,16 +435,24 @@ class _TorchMatrix:
         """Whether calls of up to ``PACKED_MAX_BATCH`` queries use pre-packed chunks."""
         return self.layout in ("packed", "both")
 
-    def products(self, queries: np.ndarray) -> Iterator[tuple[int, Any]]:
-        """(first row, scores of ``queries`` against the chunk) for every chunk, in order."""
+    @property
+    def num_chunks(self) -> int:
+        return len(self._starts)
+
+    def queries(self, queries: np.ndarray) -> Any:
+        """float32 queries as a tensor the products take."""
         import torch
 
-        q = torch.from_numpy(queries).to(device=self.device, dtype=self.dtype)
-        use_packed = self.layout == "packed" or (
-            self.layout == "both" and len(queries) <= PACKED_MAX_BATCH
-        )
-        for i, start in enumerate(self._starts):
-            if use_packed:
-                yield start, _packed_product(q, self._packed[i])
-            else:
-                yield start, q @ self._plain[i].T
+        return torch.from_numpy(queries).to(device=self.device, dtype=self.dtype)
+
+    def product(self, q: Any, i: int) -> tuple[int, Any]:
+        """(first row, scores of the query tensor ``q`` against chunk ``i``)."""
+        if self.layout == "packed" or (self.layout == "both" and len(q) <= PACKED_MAX_BATCH):
+            return self._starts[i], _packed_product(q, self._packed[i])
+        return self._starts[i], q @ self._plain[i].T
+
+    def products(self, queries: np.ndarray) -> Iterator[tuple[int, Any]]:
+        """(first row, scores of ``queries`` against the chunk) for every chunk, in order."""
+        q = self.queries(queries)
+        for i in range(self.num_chunks):
+            yield self.product(q, i)

@@ -92,8 +92,12 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         self.dense: DenseRetriever | None = (
             retriever if isinstance(retriever, DenseRetriever) and self.info.dim > 0 else None
         )
-        # One thread per lane: a lane runs one index search at a time (batching while busy).
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retriever-search")
+        # One thread per lane: a lane runs one index search at a time (batching while busy),
+        # except over a circular scan, where batches board the shared walk as they come.
+        overlapping = self.info.extra.get("scan") == "circular"
+        self._executor = ThreadPoolExecutor(
+            max_workers=64 if overlapping else 2, thread_name_prefix="retriever-search"
+        )
         window_s = self.config.batch_window_ms / 1000.0
         mixed_k = self.info.backend in EXACT_PREFIX_BACKENDS
         self.text_lane: SearchLane[list[str]] = SearchLane(
@@ -104,6 +108,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
             max_batch=self.config.max_batch,
             executor=self._executor,
             mixed_k=mixed_k,
+            overlapping=overlapping,
         )
         self.vector_lane: SearchLane[np.ndarray] | None = None
         if self.dense is not None:
@@ -115,6 +120,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 max_batch=self.config.max_batch,
                 executor=self._executor,
                 mixed_k=mixed_k,
+                overlapping=overlapping,
             )
 
     @property

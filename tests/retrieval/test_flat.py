@@ -32,6 +32,8 @@ IMPLS = [
     {"impl": "torch", "device": "cpu", "dtype": "float16", "chunk_size": 128},
     {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300},
     {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 300, "layout": "plain"},
+    {"impl": "torch", "device": "cpu", "dtype": "bfloat16", "chunk_size": 256, "scan": "circular"},
+    {"impl": "torch", "device": "cpu", "chunk_size": 384, "scan": "circular"},
 ]
 
 
@@ -220,6 +222,10 @@ def test_constructor_validation(corpus: SyntheticCorpus) -> None:
         FlatRetriever(corpus.vectors, impl="torch", device="cpu", dtype="float32", layout="packed")
     with pytest.raises(ValueError, match=r"^layout: must be one of"):
         FlatRetriever(corpus.vectors, impl="torch", device="cpu", layout="tiled")
+    with pytest.raises(ValueError, match=r"^scan: circular needs impl='torch'"):
+        FlatRetriever(corpus.vectors, impl="faiss", scan="circular")
+    with pytest.raises(ValueError, match=r"^scan: must be one of"):
+        FlatRetriever(corpus.vectors, impl="torch", device="cpu", scan="round")
 
 
 def test_bfloat16_on_the_cpu_packs_its_chunks_where_onednn_can(corpus: SyntheticCorpus) -> None:

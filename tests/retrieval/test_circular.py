@@ -1,0 +1,104 @@
+"""The circular scan: searches that board a shared walk at any chunk get a batch scan's hits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from ralmspec_vllm.retrieval.circular import CircularScan
+from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+
+def _docs(n: int = 6000, dim: int = 48, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    docs = rng.standard_normal((n, dim)).astype(np.float32)
+    queries = rng.standard_normal((40, dim)).astype(np.float32)
+    return docs, queries
+
+
+def _ids(rows: list) -> list[list[tuple[int, float]]]:
+    return [[(h.doc_id, h.score) for h in row] for row in rows]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_concurrent_staggered_searches_equal_the_batch_scan(dtype: str) -> None:
+    docs, queries = _docs()
+    params = {"impl": "torch", "device": "cpu", "dtype": dtype, "chunk_size": 256}
+    batch = FlatRetriever(docs, **params)  # type: ignore[arg-type]
+    circular = FlatRetriever(docs, scan="circular", **params)  # type: ignore[arg-type]
+    # Calls of 1-4 queries, with and without prefetch, started at staggered times so they
+    # board at different chunks and share matmuls with whoever is on board.
+    calls = [(queries[i : i + 1 + i % 4], 1 + i % 7, 8 * (i % 3)) for i in range(0, 36, 2)]
+
+    def run(call: tuple[np.ndarray, int, int], delay: float) -> list:
+        time.sleep(delay)
+        return circular.search_vectors(*call)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(run, c, 0.002 * (i % 5)) for i, c in enumerate(calls)]
+        got = [f.result() for f in futures]
+    for call, rows in zip(calls, got, strict=True):
+        assert _ids(rows) == _ids(batch.search_vectors(*call))
+    assert circular._circular is not None and circular._circular.max_cohorts >= 2
+    assert circular.info.extra["scan"] == "circular"
+    circular.close()
+
+
+def test_a_cohort_sees_every_chunk_once_starting_wherever_the_walk_is() -> None:
+    seen: list[list[int]] = [[], []]
+    gate = threading.Event()
+
+    class Record:
+        def __init__(self, slot: int) -> None:
+            self.slot = slot
+
+        def add(self, block: object, start: int) -> None:
+            seen[self.slot].append(start)
+
+    def product(q: torch.Tensor, i: int) -> tuple[int, torch.Tensor]:
+        gate.wait(5)
+        time.sleep(0.02)  # slow enough for the second cohort to board mid-turn
+        return i * 10, q[:, :1]
+
+    scan = CircularScan(5, product)
+    first = scan.submit(torch.zeros(1, 2), Record(0))
+    time.sleep(0.05)
+    gate.set()  # the walk is at chunk 0 with one cohort; the second boards later
+    while scan.turns < 0.4:
+        time.sleep(0.001)
+    second = scan.submit(torch.zeros(2, 2), Record(1))
+    first.result(5), second.result(5)
+    assert seen[0] == [0, 10, 20, 30, 40]
+    assert sorted(seen[1]) == [0, 10, 20, 30, 40] and seen[1][0] != 0
+    scan.close()
+
+
+def test_a_failing_chunk_fails_those_on_board_and_the_walk_goes_on() -> None:
+    fail = {"left": 1}
+
+    class Count:
+        def __init__(self) -> None:
+            self.chunks = 0
+
+        def add(self, block: object, start: int) -> None:
+            self.chunks += 1
+
+    def product(q: torch.Tensor, i: int) -> tuple[int, torch.Tensor]:
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("injected chunk failure")
+        return i, q
+
+    scan = CircularScan(3, product)
+    with pytest.raises(RuntimeError, match="injected chunk failure"):
+        scan.submit(torch.zeros(1, 1), Count()).result(5)
+    ok = Count()
+    assert scan.submit(torch.zeros(1, 1), ok).result(5) is ok and ok.chunks == 3
+    scan.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scan.submit(torch.zeros(1, 1), Count())
