@@ -4,15 +4,15 @@ A batch scan makes a search that arrives while another runs wait for it (or run 
 splitting the memory bandwidth both need). ``CircularScan`` instead keeps ONE thread walking
 the document matrix chunk after chunk, round and round, while any query is on board. A search
 boards at the next chunk boundary with its queries (a "cohort", with its own
-``ThresholdScan`` state), rides along in the same matmul as every other cohort on board, and
+``flat._ThresholdScan`` state), rides along in the same matmul as every other cohort on board, and
 is done once it has seen every chunk: a full turn, started wherever the walk was. The order
 in which a cohort sees the chunks does not change its result (the threshold scan keeps every
 doc that can reach its top-k whatever the order), so the hits are those of a batch scan.
 
 What it buys: a search's latency is one turn, whenever it arrives, and concurrent searches
-share the reads of the matrix. RaLMSpec's pipelined verification (``overlap_depth=
-"pipeline"``) submits each speculation step's query the moment it exists; with a batch scan
-it would queue behind the round in flight. The walk stops when nobody is on board.
+share the reads of the matrix. It is meant for a pipelined verification (not built yet) that
+submits each speculation step's query the moment it exists; with a batch scan that query
+would queue behind the round in flight. The walk stops when nobody is on board.
 
 One matmul per chunk covers every cohort on board; chunks of 1M docs (the default) let a
 cohort board within ~15 ms at 21M docs on 12 CPU threads.
@@ -24,14 +24,14 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
 
 class ChunkScan(Protocol):
-    """One search's running state (``flat.ThresholdScan``)."""
+    """One search's running state (``flat._ThresholdScan``)."""
 
     def add(self, block: Any, start: int) -> None: ...
 
@@ -42,10 +42,6 @@ class _Cohort:
     scan: ChunkScan
     future: Future[ChunkScan]
     left: int  # chunks still to see
-    rows: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rows = int(self.queries.shape[0])
 
 
 class CircularScan:
@@ -128,8 +124,9 @@ class CircularScan:
                     start, block = self._product(queries, chunk)
                     row = 0
                     for cohort in on_board:
-                        cohort.scan.add(block[row : row + cohort.rows], start)
-                        row += cohort.rows
+                        rows = len(cohort.queries)
+                        cohort.scan.add(block[row : row + rows], start)
+                        row += rows
             except Exception as exc:  # a failed chunk fails everyone on board, not the walk
                 logger.exception("circular scan: chunk %d failed", chunk)
                 for cohort in on_board:
