@@ -76,6 +76,7 @@ from benchmarks.latency_runs import (  # noqa: E402
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
+from ralmspec_vllm.retrieval.flat import SCANS as FLAT_SCANS  # noqa: E402
 
 logger = logging.getLogger("bench_latency")
 
@@ -153,6 +154,10 @@ class LatencyConfig(OutputConfig):
     """Where flat search runs: ``cpu`` (as the paper) or ``cuda`` (torch on the GPU)."""
     flat_dtype: str = "float32"
     """Matrix dtype of the torch flat search (``retrieval.flat.DTYPES``); faiss: float32."""
+    flat_scan: str = "batch"
+    """Torch flat scan (``retrieval.flat.SCANS``): ``batch`` (each search walks the matrix)
+    or ``circular`` (searches board one shared walk: they overlap, for
+    ``overlap_depth=pipeline``)."""
     hnsw_ef_search: int = 128
     seed: int = 0
 
@@ -179,6 +184,10 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"flat_dtype: must be one of {FLAT_DTYPES}, got {self.flat_dtype!r}")
         if self.flat_dtype != "float32" and self.flat_impl != "torch":
             raise ValueError(f"flat_dtype: {self.flat_dtype} needs flat_impl='torch'")
+        if self.flat_scan not in FLAT_SCANS:
+            raise ValueError(f"flat_scan: must be one of {FLAT_SCANS}, got {self.flat_scan!r}")
+        if self.flat_scan != "batch" and self.flat_impl != "torch":
+            raise ValueError(f"flat_scan: {self.flat_scan} needs flat_impl='torch'")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: must be one of {TRANSPORTS}, got {self.transport!r}")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
@@ -213,7 +222,8 @@ class LatencyConfig(OutputConfig):
         if backend != "flat" or self.flat_impl != "torch":
             return backend
         label = "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
-        return label if self.flat_dtype == "float32" else f"{label}-{self.flat_dtype}"
+        label = label if self.flat_dtype == "float32" else f"{label}-{self.flat_dtype}"
+        return label if self.flat_scan == "batch" else f"{label}-{self.flat_scan}"
 
     @property
     def ralm(self) -> RaLMConfig:
@@ -413,6 +423,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),
     ("--flat-device", "flat_device", {"choices": ("cpu", "cuda"), "help": "flat search device"}),
     ("--flat-dtype", "flat_dtype", {"choices": FLAT_DTYPES, "help": "torch flat matrix dtype"}),
+    ("--flat-scan", "flat_scan",
+     {"choices": FLAT_SCANS, "help": "torch flat scan (circular: searches overlap)"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     *output_flags("latency_<machine>_<model>_<backend>"),

@@ -244,6 +244,7 @@ async def bench_backend(
         flat_impl=cfg.flat_impl,
         device=cfg.flat_device if backend == "flat" else "cpu",
         dtype=cfg.flat_dtype if backend == "flat" else "float32",
+        flat_scan=cfg.flat_scan if backend == "flat" else "batch",
         ef_search=cfg.hnsw_ef_search,
         progress=False,
     )

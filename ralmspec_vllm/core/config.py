@@ -62,7 +62,7 @@ class SpeculationConfig:
     21M-document CPU scan, whose top-20 already proposes ~200 near candidates."""
     async_verification: bool = False
     """A: speculate the next step while the batched verification is in flight."""
-    overlap_depth: int | Literal["stride", "fill"] = 1
+    overlap_depth: int | Literal["stride", "fill", "pipeline"] = 1
     """A: steps speculated ahead while a verification is in flight. 1 is the paper's (one
     step); ``"stride"`` (not in the paper) keeps speculating while the verification runs, up
     to the stride planned for the next round, so a round whose speculations all hold finds
@@ -77,7 +77,13 @@ class SpeculationConfig:
     leaves the LM idle for most of each round and takes a round per ~6 steps.
     ``benchmarks/simulate_pipeline.py`` gives 2.40 s an answer against 2.69 s at stride 6
     there. A round that starts from nothing (the first, and the one after a rollback) is
-    ``OptimalStrideScheduler.fill_restart`` steps (b(1) / 3a), or the fixed stride."""
+    ``OptimalStrideScheduler.fill_restart`` steps (b(1) / 3a), or the fixed stride.
+
+    ``"pipeline"`` (not in the paper) has no rounds: every speculated step is verified by
+    its own search, sent the moment the step exists, with up to ``max_speculation_stride``
+    (or the fixed stride) steps unverified at once; results settle in step order. Meant for
+    a retriever whose searches overlap (``FlatRetriever(scan="circular")``), where a step's
+    answer comes one scan after the step instead of after the round before it."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     eviction: Eviction = "lru"
@@ -105,7 +111,7 @@ class SpeculationConfig:
             raise ValueError(f"exact_k must be a non-negative integer, got {self.exact_k!r}")
         if not isinstance(self.async_verification, bool):
             raise ValueError(f"async_verification must be a bool, got {self.async_verification!r}")
-        if self.overlap_depth not in ("stride", "fill"):
+        if self.overlap_depth not in ("stride", "fill", "pipeline"):
             _positive("overlap_depth", self.overlap_depth)  # type: ignore[arg-type]
         _positive("cache_capacity", self.cache_capacity)
         if self.eviction not in ("lru", "fifo"):

@@ -34,6 +34,16 @@ those steps are kept, still unverified, and open the next round (a round verifie
 its stride; steps beyond it wait for the round after). Mismatch -> the step in flight is
 cancelled, its LM call aborted (``LanguageModel.abort``) and every step after the mismatch,
 with its tokens, discarded with the rollback.
+
+Pipelined verification (``overlap_depth="pipeline"``, not in the paper): there are no
+rounds. Each speculated step's query goes to the retriever the moment the step is generated,
+as its own search, while the LM speculates the next step; up to ``max_speculation_stride``
+(or the fixed stride) steps are unverified at once. Results settle strictly in step order:
+a match finalizes its step and inserts its documents; the first mismatch cancels every
+later search, aborts the LM step in flight, and rolls back to it as above. A retriever
+whose searches overlap (the circular flat scan, ``FlatRetriever(scan="circular")``) answers
+each step one scan after it was generated instead of after the previous round's scan; a
+retriever that runs one batch at a time batches what queued behind the running search.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -120,12 +131,17 @@ class SpeculativeRequest:
         self._fill = config.async_verification and config.overlap_depth == "fill"
         fixed = config.speculation_stride if isinstance(config.speculation_stride, int) else 1
         self._fill_cap = max(fixed, config.max_speculation_stride)
+        self._pipeline = config.async_verification and config.overlap_depth == "pipeline"
+        self._pipeline_depth = fixed if fixed > 1 else config.max_speculation_stride
 
     async def run(self) -> None:
         ctx = self.ctx
         if ctx.done:
             return
         await self._first_step()
+        if self._pipeline:
+            await self._run_pipeline()
+            return
         pending: list[SpeculativeStep] = []  # speculated, not verified yet, in order
         while pending or not ctx.done:
             stride = self.scheduler.next_stride()
@@ -243,8 +259,11 @@ class SpeculativeRequest:
         depth = self.config.overlap_depth
         if depth == "fill":
             limit = self._fill_cap
+        elif depth == "stride":
+            limit = self.scheduler.next_stride()
         else:
-            limit = self.scheduler.next_stride() if depth == "stride" else depth
+            assert isinstance(depth, int)  # "pipeline" runs _run_pipeline instead
+            limit = depth
         ahead = list(ahead)
         verification = asyncio.create_task(self._verify(steps, stride, asynchronous=True))
         in_flight: list[str] = []  # the LM request id of the step being speculated
@@ -275,7 +294,87 @@ class SpeculativeRequest:
             ahead.append(await self._speculate(in_flight[0]))
             in_flight.clear()
 
-    async def _discard(self, task: asyncio.Task[None], in_flight: list[str]) -> None:
+    async def _run_pipeline(self) -> None:
+        """Speculate step after step, each verified by its own search as soon as it exists;
+        settle the searches in step order (see the module docstring)."""
+        ctx = self.ctx
+        unsettled: list[tuple[SpeculativeStep, asyncio.Task[tuple[list[Hit], float]]]] = []
+        speculation: asyncio.Task[SpeculativeStep] | None = None
+        lm_request_id = ""
+        try:
+            while True:
+                if speculation is None and not ctx.done:
+                    if not unsettled and self._plain_pays(self.scheduler.next_stride()):
+                        await self._plain_step()
+                        continue
+                    if len(unsettled) < self._pipeline_depth:
+                        lm_request_id = ctx.new_lm_request_id()
+                        speculation = asyncio.create_task(self._speculate(lm_request_id))
+                if speculation is None and not unsettled:
+                    return  # done, everything verified
+                head = unsettled[0][1] if unsettled else None
+                waiting = {t for t in (speculation, head) if t is not None}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if head is not None and head in done:
+                    step, _ = unsettled.pop(0)
+                    hits, latency = head.result()
+                    mismatch = await self._settle(step, hits, latency, len(unsettled) + 1)
+                    if mismatch is not None:
+                        if speculation is not None:
+                            await self._discard(speculation, [lm_request_id])
+                            speculation = None
+                        await self._cancel_searches([task for _, task in unsettled])
+                        unsettled = []
+                        await self._correct(step.start, mismatch.true_doc_id)
+                    continue
+                if speculation is not None and speculation in done:
+                    step = speculation.result()
+                    speculation = None
+                    self.recorder.strides.append(len(unsettled) + 1)
+                    search = asyncio.create_task(self._timed_search(step.query))
+                    unsettled.append((step, search))
+        except BaseException:
+            if speculation is not None:
+                await self._discard(speculation, [lm_request_id])
+            await self._cancel_searches([task for _, task in unsettled])
+            raise
+
+    async def _timed_search(self, query: str) -> tuple[list[Hit], float]:
+        start = time.perf_counter()
+        (hits,) = await self._search([query], "verify")
+        return hits, time.perf_counter() - start
+
+    async def _settle(
+        self, step: SpeculativeStep, hits: list[Hit], latency: float, depth: int
+    ) -> Mismatch | None:
+        """Pipeline: a step's search came back (every earlier step matched). A match
+        finalizes the step; a mismatch is returned for the rollback."""
+        true_doc = _top1(hits)
+        matched = true_doc == step.doc_id
+        self.ctx.finalize(step.end if matched else step.start)
+        await self._insert([hits])
+        rec = self.recorder
+        rec.speculation_hits += matched
+        rec.speculation_misses += not matched
+        rec.verifications.append(
+            VerificationRecord(
+                stride=depth,
+                num_steps=1,
+                matched=int(matched),
+                mismatch_step=None if matched else 0,
+                latency_s=latency,
+                asynchronous=True,
+            )
+        )
+        self.scheduler.record_verification(latency, int(matched), not matched, 1)
+        return None if matched else Mismatch(0, true_doc)
+
+    async def _cancel_searches(self, tasks: list[asyncio.Task[tuple[list[Hit], float]]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _discard(self, task: asyncio.Task[Any], in_flight: list[str]) -> None:
         """Cancel speculating ahead; tokens already appended go with the rollback."""
         if not task.done():
             task.cancel()

@@ -135,8 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          default=s.async_verification)  # fmt: skip
     _own(ralm, "--overlap-depth", default=str(s.overlap_depth),
          help="steps speculated ahead while a verification is in flight: an int (1: the "
-              "paper's), 'stride' (the next round) or 'fill' (up to --max-speculation-stride, "
-              "all verified next round; default: %(default)s)")  # fmt: skip
+              "paper's), 'stride' (the next round), 'fill' (up to --max-speculation-stride, "
+              "all verified next round) or 'pipeline' (each step verified on its own as soon "
+              "as it exists; pair with --flat-scan circular; default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
          help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
@@ -172,7 +173,7 @@ def _int_or(value: str, flag: str, *words: str) -> int | str:
 def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """The RaLM defaults and limits from the flags (ValueError names a bad one)."""
     stride = _int_or(args.speculation_stride, "--speculation-stride", "auto")
-    depth = _int_or(args.overlap_depth, "--overlap-depth", "stride", "fill")
+    depth = _int_or(args.overlap_depth, "--overlap-depth", "stride", "fill", "pipeline")
     return ServiceConfig(
         ralm=RaLMConfig(
             retrieval_stride=args.retrieval_stride,

@@ -10,9 +10,10 @@ in which a cohort sees the chunks does not change its result (the threshold scan
 doc that can reach its top-k whatever the order), so the hits are those of a batch scan.
 
 What it buys: a search's latency is one turn, whenever it arrives, and concurrent searches
-share the reads of the matrix. It is meant for a pipelined verification (not built yet) that
-submits each speculation step's query the moment it exists; with a batch scan that query
-would queue behind the round in flight. The walk stops when nobody is on board.
+share the reads of the matrix. It is meant for the pipelined verification
+(``overlap_depth="pipeline"``) that submits each speculation step's query the moment it
+exists; with a batch scan that query would queue behind the round in flight.
+The walk stops when nobody is on board.
 
 One matmul per chunk covers every cohort on board; chunks of 1M docs (the default) let a
 cohort board within ~15 ms at 21M docs on 12 CPU threads.

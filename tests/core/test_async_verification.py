@@ -250,3 +250,60 @@ async def test_async_scheduler_retrieves_plainly_when_misses_cost_more_than_over
     trace = result.trace
     assert trace.plain_steps > len(trace.spans) // 2
     assert trace.rollbacks <= 3  # only while OS3 was still measuring
+
+
+def max_searches_in_flight(events: list[str]) -> int:
+    in_flight = peak = 0
+    for event in events:
+        if event.startswith("search-start"):
+            in_flight += 1
+            peak = max(peak, in_flight)
+        elif event.startswith("search-end"):
+            in_flight -= 1
+    return peak
+
+
+async def test_pipeline_verifies_each_step_alone_without_waiting_for_the_last() -> None:
+    """A verification costs ~10 LM steps and every speculation holds: each step's search
+    starts as soon as the step exists, so up to the depth (4) searches are in flight at once,
+    each of one query, and the LM never waits for a round."""
+    events: list[str] = []
+    engine, baseline = await verifier_bound(events)
+    config = SpeculationConfig(
+        speculation_stride=4, async_verification=True, overlap_depth="pipeline"
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert max_searches_in_flight(events) == 4
+    assert {e for e in events if e.startswith("search-start")} == {"search-start 1"}
+    assert all(v.num_steps == 1 and v.matched == 1 for v in trace.verifications)
+    assert len(trace.verifications) == trace.speculation_hits == len(trace.spans) - 1
+    assert trace.tokens_discarded == 0 and trace.lm_aborts == 0 and trace.rollbacks == 0
+
+
+async def test_pipeline_mismatch_cancels_later_searches_and_the_step_in_flight() -> None:
+    """Step 3 misses while steps 4.. are speculated and being verified: their searches are
+    cancelled (started, never answered), the LM step in flight is aborted, and the rollback
+    regenerates step 3 with the true document; the output is the baseline's."""
+    events: list[str] = []
+    # a search returns halfway through an LM step (14 ms against 4 ms): one is in flight
+    retriever = ScriptedRetriever(forced({3}), latency_s=0.014, events=events)
+    lm = FakeLM(latency_s=0.004, events=events)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    # the depth never binds: the LM is never idle
+    config = SpeculationConfig(
+        speculation_stride=16, async_verification=True, overlap_depth="pipeline"
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == 1 and trace.speculation_misses == 1
+    started = sum(e.startswith("search-start") for e in events)
+    ended = sum(e.startswith("search-end") for e in events)
+    assert started - ended >= 2  # the searches behind the miss were cancelled
+    assert trace.lm_aborts == 1 and lm.aborted  # the step being speculated
+    assert trace.tokens_discarded >= 8  # the wrong step and at least one after it
+    assert [v.mismatch_step for v in trace.verifications].count(0) == 1

@@ -16,11 +16,12 @@ LONG_QUESTION = " ".join(f"word{i}" for i in range(50))  # longer than the 32-to
 STRIDES = (1, 2, 3, 8)
 
 
-OVERLAPS: tuple[tuple[bool, int | Literal["stride", "fill"]], ...] = (
+OVERLAPS: tuple[tuple[bool, int | Literal["stride", "fill", "pipeline"]], ...] = (
     (False, 1),
     (True, 1),  # the paper's A: one step overlaps the verification
     (True, "stride"),  # ours: speculate ahead for the whole next round
     (True, "fill"),  # ours: speculate ahead up to the largest stride, verify all of it
+    (True, "pipeline"),  # ours: no rounds, every step verified on its own as it appears
 )
 
 
@@ -70,7 +71,8 @@ def describe(config: SpeculationConfig) -> str:
     s = config.max_speculation_stride if config.adaptive else config.speculation_stride
     deep = ""
     if config.async_verification and config.overlap_depth != 1:
-        deep = ",fill" if config.overlap_depth == "fill" else ",ahead"
+        names = {"fill": ",fill", "pipeline": ",pipe"}
+        deep = names.get(str(config.overlap_depth), ",ahead")
     return f"{config.label}(s={s}{deep})"
 
 

@@ -1,0 +1,120 @@
+"""Probe: search latency of the torch flat scan, batch vs circular, alone and staggered.
+
+Random unit vectors (no knowledge base needed): ``--docs`` rows of ``--dim``. For each scan
+it times one query alone (b(1)), one call of ``--batch`` queries (b(n)), and a pipelined
+verification's load: a new single-query search every ``--interval-ms`` from one thread each,
+at most ``--depth`` in flight, reporting the latencies' median and p90. A batch scan runs the
+staggered searches side by side (each walks the matrix); a circular scan boards them on one
+walk. Writes JSON to ``--out`` when given.
+
+    python benchmarks/probe_scan.py --docs 2000000 --dtype bfloat16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+logger = logging.getLogger("probe_scan")
+
+
+def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def staggered(retriever: FlatRetriever, queries: np.ndarray, interval_s: float, depth: int,
+              k: int) -> list[float]:  # fmt: skip
+    """One search per query, started every ``interval_s`` (at most ``depth`` in flight)."""
+    latencies: list[float] = []
+    slots = threading.Semaphore(depth)
+    lock = threading.Lock()
+
+    def one(vector: np.ndarray) -> None:
+        try:
+            seconds = _timed(retriever.search_vectors, vector[None], k)
+            with lock:
+                latencies.append(seconds)
+        finally:
+            slots.release()
+
+    threads = []
+    for vector in queries:
+        slots.acquire()
+        thread = threading.Thread(target=one, args=(vector,))
+        thread.start()
+        threads.append(thread)
+        time.sleep(interval_s)
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=2_000_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--chunk-size", type=int, default=1 << 20)
+    parser.add_argument("--batch", type=int, default=7)
+    parser.add_argument("--interval-ms", type=float, default=30.0)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--searches", type=int, default=40)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    logger.info("making %d x %d random vectors", args.docs, args.dim)
+    vectors = np.empty((args.docs, args.dim), dtype=np.float32)
+    for start in range(0, args.docs, 1 << 20):
+        block = rng.standard_normal((min(1 << 20, args.docs - start), args.dim), np.float32)
+        vectors[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    queries = rng.standard_normal((max(args.searches, args.batch), args.dim), np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    out: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    for scan in ("batch", "circular"):
+        retriever = FlatRetriever(vectors, impl="torch", device=args.device, dtype=args.dtype,
+                                  chunk_size=args.chunk_size, scan=scan)  # fmt: skip
+        search = retriever.search_vectors
+        search(queries[:1], args.k)  # warm
+        b1 = [_timed(search, queries[:1], args.k) for _ in range(args.repeats)]
+        bn = [_timed(search, queries[: args.batch], args.k) for _ in range(args.repeats)]
+        lat = staggered(retriever, queries[: args.searches], args.interval_ms / 1000, args.depth,
+                        args.k)  # fmt: skip
+        row = {
+            "b1_s": statistics.median(b1),
+            f"b{args.batch}_s": statistics.median(bn),
+            "staggered_median_s": statistics.median(lat),
+            "staggered_p90_s": float(np.percentile(lat, 90)),
+        }
+        out[scan] = row
+        logger.info("%s: %s", scan, {k: round(v, 4) for k, v in row.items()})
+        retriever.close()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
