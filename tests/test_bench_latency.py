@@ -90,6 +90,16 @@ def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
     assert rows["baseline"]["mean_rounds"] is None
 
 
+def test_pipelined_rounds_are_its_restarts() -> None:
+    """A pipelined run verifies every step alone (40 verifications) but waits serially only
+    after its start and each miss (2 misses + 1) and for its plain step."""
+    method = "PSA:overlap_depth=pipeline"
+    runs = [record(method, 1.0, verifications=40, speculation_hits=37, speculation_misses=2,
+                   plain_steps=1)]  # fmt: skip
+    (row,) = summarize(runs, {}, [method])
+    assert (row["mean_rounds"], row["mean_fewest_rounds"]) == (4.0, 3.0)
+
+
 def test_rows_report_search_latency_by_batch_size() -> None:
     runs = [
         RunRecord.from_summary(
