@@ -282,18 +282,16 @@ async def test_pipeline_verifies_each_step_alone_without_waiting_for_the_last() 
     assert trace.tokens_discarded == 0 and trace.lm_aborts == 0 and trace.rollbacks == 0
 
 
-async def test_pipeline_mismatch_cancels_later_searches_and_the_step_in_flight() -> None:
-    """Step 3 misses while steps 4.. are speculated and being verified: their searches are
-    cancelled (started, never answered), the LM step in flight is aborted, and the rollback
+async def test_pipeline_mismatch_cancels_the_searches_behind_it() -> None:
+    """Step 3 misses while the steps after it are being verified (a search costs ~10 LM
+    steps): their searches are cancelled (started, never answered), and the rollback
     regenerates step 3 with the true document; the output is the baseline's."""
     events: list[str] = []
-    # a search returns halfway through an LM step (14 ms against 4 ms): one is in flight
-    retriever = ScriptedRetriever(forced({3}), latency_s=0.014, events=events)
-    lm = FakeLM(latency_s=0.004, events=events)
+    retriever = ScriptedRetriever(forced({3}), latency_s=0.02, events=events)
+    lm = FakeLM(latency_s=0.002, events=events)
     engine, _ = make_engine(retriever, lm)
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     events.clear()
-    # the depth never binds: the LM is never idle
     config = SpeculationConfig(
         speculation_stride=16, async_verification=True, overlap_depth="pipeline"
     )
@@ -304,6 +302,23 @@ async def test_pipeline_mismatch_cancels_later_searches_and_the_step_in_flight()
     started = sum(e.startswith("search-start") for e in events)
     ended = sum(e.startswith("search-end") for e in events)
     assert started - ended >= 2  # the searches behind the miss were cancelled
-    assert trace.lm_aborts == 1 and lm.aborted  # the step being speculated
     assert trace.tokens_discarded >= 8  # the wrong step and at least one after it
     assert [v.mismatch_step for v in trace.verifications].count(0) == 1
+    assert set(lm.cancelled) == set(lm.aborted)
+
+
+async def test_pipeline_mismatch_aborts_the_step_in_flight() -> None:
+    """An LM step costs 5 searches: step 3's search answers (a miss) 10 ms into the 50 ms
+    of step 4, which is cancelled and aborted by id; the output is the baseline's."""
+    retriever = ScriptedRetriever(forced({3}), latency_s=0.01)
+    lm = FakeLM(latency_s=0.05)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(
+        speculation_stride=16, async_verification=True, overlap_depth="pipeline"
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == 1 and trace.lm_aborts == 1
+    assert set(lm.cancelled) == set(lm.aborted) and len(lm.aborted) == 1
