@@ -47,7 +47,7 @@ class RetrieverConfig:
     flat_scan: str = "batch"
     """Torch flat scan: ``batch`` (each search walks the matrix) or ``circular`` (one shared
     walk that searches board at any chunk and leave after a full turn: concurrent searches
-    never wait for each other; groundwork for a pipelined verification not built yet)."""
+    never wait for each other: for ``overlap_depth="pipeline"``)."""
     candidate_margin: int = 16
     """Extra candidates a dense index proposes beyond k before exact re-scoring."""
     hnsw_m: int = 64

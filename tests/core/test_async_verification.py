@@ -282,21 +282,31 @@ async def test_pipeline_verifies_each_step_alone_without_waiting_for_the_last() 
     assert trace.tokens_discarded == 0 and trace.lm_aborts == 0 and trace.rollbacks == 0
 
 
-async def test_pipeline_mismatch_cancels_the_searches_behind_it() -> None:
-    """Step 3 misses while the steps after it are being verified (a search costs ~10 LM
-    steps): their searches are cancelled (started, never answered), and the rollback
-    regenerates step 3 with the true document; the output is the baseline's."""
-    events: list[str] = []
-    retriever = ScriptedRetriever(forced({3}), latency_s=0.02, events=events)
-    lm = FakeLM(latency_s=0.002, events=events)
+async def pipeline_missing_step_3(
+    lm: FakeLM, search_s: float, events: list[str] | None = None
+) -> RaLMResult:
+    """A 16-deep pipelined run whose step 3 misses, checked token for token against the
+    baseline; ``events`` then holds the run's LM calls and searches only."""
+    retriever = ScriptedRetriever(forced({3}), latency_s=search_s, events=events)
     engine, _ = make_engine(retriever, lm)
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    events.clear()
+    if events is not None:
+        events.clear()
     config = SpeculationConfig(
         speculation_stride=16, async_verification=True, overlap_depth="pipeline"
     )
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
     assert result.token_ids == baseline.token_ids
+    return result
+
+
+async def test_pipeline_mismatch_cancels_the_searches_behind_it() -> None:
+    """Step 3 misses while the steps after it are being verified (a search costs ~10 LM
+    steps): their searches are cancelled (started, never answered), and the rollback
+    regenerates step 3 with the true document; the output is the baseline's."""
+    events: list[str] = []
+    lm = FakeLM(latency_s=0.002, events=events)
+    result = await pipeline_missing_step_3(lm, search_s=0.02, events=events)
     trace = result.trace
     assert trace.rollbacks == 1 and trace.speculation_misses == 1
     started = sum(e.startswith("search-start") for e in events)
@@ -310,15 +320,8 @@ async def test_pipeline_mismatch_cancels_the_searches_behind_it() -> None:
 async def test_pipeline_mismatch_aborts_the_step_in_flight() -> None:
     """An LM step costs 5 searches: step 3's search answers (a miss) 10 ms into the 50 ms
     of step 4, which is cancelled and aborted by id; the output is the baseline's."""
-    retriever = ScriptedRetriever(forced({3}), latency_s=0.01)
     lm = FakeLM(latency_s=0.05)
-    engine, _ = make_engine(retriever, lm)
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    config = SpeculationConfig(
-        speculation_stride=16, async_verification=True, overlap_depth="pipeline"
-    )
-    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
-    assert result.token_ids == baseline.token_ids
+    result = await pipeline_missing_step_3(lm, search_s=0.01)
     trace = result.trace
     assert trace.rollbacks == 1 and trace.lm_aborts == 1
     assert set(lm.cancelled) == set(lm.aborted) and len(lm.aborted) == 1
