@@ -5,7 +5,10 @@ it times one query alone (b(1)), one call of ``--batch`` queries (b(n)), and a p
 verification's load: a new single-query search every ``--interval-ms`` from one thread each,
 at most ``--depth`` in flight, reporting the latencies' median and p90. A batch scan runs the
 staggered searches side by side (each walks the matrix); a circular scan boards them on one
-walk. Writes JSON to ``--out`` when given.
+walk; ``circular-percohort`` is the circular scan with its threshold ops run cohort by cohort
+(as before they were merged). ``--busy-duty`` adds a Python thread that holds the GIL that
+fraction of the time, in 2 ms bursts (an event loop driving vLLM in-process), and
+``--switch-ms`` sets the GIL switch interval. Writes JSON to ``--out`` when given.
 
     python benchmarks/probe_scan.py --docs 2000000 --dtype bfloat16 --threads 2
 """
@@ -63,6 +66,16 @@ def staggered(retriever: FlatRetriever, queries: np.ndarray, interval_s: float, 
     return latencies
 
 
+def busy(duty: float, stop: threading.Event) -> None:
+    """Hold the GIL ``duty`` of the time in 2 ms bursts of pure Python."""
+    burst = 0.002
+    while not stop.is_set():
+        end = time.perf_counter() + burst
+        while time.perf_counter() < end:
+            pass
+        time.sleep(burst * (1 - duty) / duty)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=2_000_000)
@@ -77,6 +90,8 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=40)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--busy-duty", type=float, default=0.0)
+    parser.add_argument("--switch-ms", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -93,9 +108,17 @@ def main() -> None:
     queries = rng.standard_normal((max(args.searches, args.batch), args.dim), np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     out: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    for scan in ("batch", "circular"):
+    if args.switch_ms is not None:
+        sys.setswitchinterval(args.switch_ms / 1000)
+    stop = threading.Event()
+    if args.busy_duty > 0:
+        threading.Thread(target=busy, args=(args.busy_duty, stop), daemon=True).start()
+    for scan in ("batch", "circular-percohort", "circular"):
         retriever = FlatRetriever(vectors, impl="torch", device=args.device, dtype=args.dtype,
-                                  chunk_size=args.chunk_size, scan=scan)  # fmt: skip
+                                  chunk_size=args.chunk_size, scan=scan.split("-")[0])  # fmt: skip
+        if scan == "circular-percohort":
+            assert retriever._circular is not None
+            retriever._circular._add_all = None
         search = retriever.search_vectors
         search(queries[:1], args.k)  # warm
         b1 = [_timed(search, queries[:1], args.k) for _ in range(args.repeats)]
@@ -111,6 +134,7 @@ def main() -> None:
         out[scan] = row
         logger.info("%s: %s", scan, {k: round(v, 4) for k, v in row.items()})
         retriever.close()
+    stop.set()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))

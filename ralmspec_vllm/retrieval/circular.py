@@ -15,7 +15,8 @@ share the reads of the matrix. It is meant for the pipelined verification
 exists; with a batch scan that query would queue behind the round in flight.
 The walk stops when nobody is on board.
 
-One matmul per chunk covers every cohort on board; chunks of 1M docs (the default) let a
+One matmul per chunk covers every cohort on board (and, with ``add_all``, one set of
+threshold ops); chunks of 1M docs (the default) let a
 cohort board within ~15 ms at 21M docs on 12 CPU threads.
 """
 
@@ -50,18 +51,23 @@ class CircularScan:
 
     ``product(queries, i)`` returns ``(first row, scores)`` of chunk ``i``; it runs on the
     scan's thread only. ``submit`` returns a future of the cohort's scan state once it has
-    seen every chunk."""
+    seen every chunk. ``add_all(scans, block, start)``, where given, feeds one chunk's block
+    (the cohorts' rows stacked in boarding order) to every scan at once; by default each
+    cohort's ``add`` gets its rows. One call instead of one per cohort matters in-process:
+    each torch op the walk makes re-takes the GIL, which can wait a switch interval."""
 
     def __init__(
         self,
         num_chunks: int,
         product: Callable[[Any, int], tuple[int, Any]],
         name: str = "circular-scan",
+        add_all: Callable[[list[Any], Any, int], None] | None = None,
     ) -> None:
         if num_chunks < 1:
             raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
         self.num_chunks = num_chunks
         self._product = product
+        self._add_all = add_all
         self._name = name
         self._cond = threading.Condition()
         self._boarding: list[_Cohort] = []
@@ -123,11 +129,14 @@ class CircularScan:
                         else torch.cat([c.queries for c in on_board])
                     )
                     start, block = self._product(queries, chunk)
-                    row = 0
-                    for cohort in on_board:
-                        rows = len(cohort.queries)
-                        cohort.scan.add(block[row : row + rows], start)
-                        row += rows
+                    if self._add_all is not None:
+                        self._add_all([c.scan for c in on_board], block, start)
+                    else:
+                        row = 0
+                        for cohort in on_board:
+                            rows = len(cohort.queries)
+                            cohort.scan.add(block[row : row + rows], start)
+                            row += rows
             except Exception as exc:  # a failed chunk fails everyone on board, not the walk
                 logger.exception("circular scan: chunk %d failed", chunk)
                 for cohort in on_board:

@@ -155,7 +155,9 @@ class FlatRetriever(DenseIndexRetriever):
             )
             self.device = self._matrix.device
             if scan == "circular":
-                self._circular = CircularScan(self._matrix.num_chunks, self._matrix.product)
+                self._circular = CircularScan(
+                    self._matrix.num_chunks, self._matrix.product, add_all=_ThresholdScan.add_all
+                )
         logger.info(
             "flat retriever: %d x %d, impl=%s device=%s dtype=%s%s%s",
             self.num_docs,
@@ -271,6 +273,54 @@ class _ThresholdScan:
         col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
         row = row[:, None].expand(-1, _GROUP)
         self.parts.append((row[keep], col[keep] + start, values[keep]))
+
+    @staticmethod
+    def add_all(scans: list[_ThresholdScan], block: Any, start: int) -> None:
+        """``scans[i].add(rows_i of block, start)`` for every scan, as one set of tensor ops.
+
+        ``block`` stacks the scans' rows in order (a circular scan's cohorts). Every op works
+        row by row, so each scan ends with the hits and threshold its own ``add`` would
+        give, bit for bit (its ``best`` may carry -inf padding, which changes nothing); what it
+        saves is the per-scan op calls, each a GIL re-take on the scan's thread."""
+        import torch
+
+        if len(scans) == 1:
+            scans[0].add(block, start)
+            return
+        rows, n = block.shape
+        if n % _GROUP:
+            pad = torch.full((rows, _GROUP - n % _GROUP), -torch.inf, dtype=block.dtype)
+            block = torch.cat([block, pad.to(block.device)], dim=1)
+        groups = block.view(rows, -1, _GROUP)
+        maxima = groups.amax(dim=2).float()
+        # Each scan's best, padded with -inf to the widest count: a row's top-c of the padded
+        # merge equals its own top-c, and an index past its real width reads -inf (= "low").
+        width = max(s.count for s in scans)
+        best = torch.full((rows, width), -torch.inf, device=block.device)
+        kth_index = torch.empty(rows, dtype=torch.long)
+        cth_index = torch.empty(rows, dtype=torch.long)
+        bounds = [0]
+        for s in scans:
+            r0, r1 = bounds[-1], bounds[-1] + s.best.shape[0]
+            best[r0:r1, : s.best.shape[1]] = s.best
+            kth_index[r0:r1], cth_index[r0:r1] = s.k - 1, s.count - 1
+            bounds.append(r1)
+        best = torch.topk(torch.cat([best, maxima], dim=1), width, dim=1).values
+        slack = torch.cat([s.slack for s in scans])
+        kth = best.gather(1, kth_index[:, None].to(block.device))[:, 0] - slack
+        cth = best.gather(1, cth_index[:, None].to(block.device))[:, 0]
+        threshold = torch.minimum(kth, cth)
+        row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
+        values = groups[row, group].float()
+        keep = values >= threshold[row, None]
+        col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
+        row = row[:, None].expand(-1, _GROUP)
+        row, col, values = row[keep], col[keep] + start, values[keep]  # still sorted by row
+        cuts = torch.searchsorted(row, torch.tensor(bounds, device=row.device)).tolist()
+        for i, s in enumerate(scans):
+            r0, a, b = bounds[i], cuts[i], cuts[i + 1]
+            s.best = best[r0 : bounds[i + 1], : s.count]
+            s.parts.append((row[a:b] - r0, col[a:b], values[a:b]))
 
     def _threshold(self, best: Any) -> Any:
         import torch

@@ -102,3 +102,38 @@ def test_a_failing_chunk_fails_those_on_board_and_the_walk_goes_on() -> None:
     scan.close()
     with pytest.raises(RuntimeError, match="closed"):
         scan.submit(torch.zeros(1, 1), Count())
+
+
+def test_threshold_ops_merged_across_cohorts_give_each_cohort_its_own_result() -> None:
+    from ralmspec_vllm.retrieval.flat import _ThresholdScan
+
+    rng = np.random.default_rng(3)
+    # (rows, count, k, chunk it boards at): counts differ, one is wider than a first chunk
+    specs = [(1, 30, 20, 0), (2, 5, 1, 0), (3, 300, 256, 1), (1, 17, 9, 2)]
+    sizes = [200, 130, 77, 256, 64]  # not multiples of the 64-doc group: padding paths too
+    blocks = [torch.from_numpy(rng.standard_normal((7, n)).astype(np.float32)) for n in sizes]
+    blocks = [b.to(torch.bfloat16) for b in blocks]
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+
+    def fresh() -> list[_ThresholdScan]:
+        return [
+            _ThresholdScan(rows, count, k, rng.uniform(0.01, 0.1, rows), "cpu")
+            for rows, count, k, _ in specs
+        ]
+
+    alone, merged = fresh(), fresh()
+    for s in merged:
+        s.slack = alone[merged.index(s)].slack.clone()
+    offsets = np.cumsum([0] + [rows for rows, *_ in specs]).tolist()
+    for turn in range(len(sizes) + 2):
+        chunk = turn % len(sizes)
+        riding = [i for i, spec in enumerate(specs) if spec[3] <= turn < spec[3] + len(sizes)]
+        if not riding:
+            continue
+        block = torch.cat([blocks[chunk][offsets[i] : offsets[i + 1]] for i in riding])
+        _ThresholdScan.add_all([merged[i] for i in riding], block, starts[chunk])
+        for i in riding:
+            alone[i].add(blocks[chunk][offsets[i] : offsets[i + 1]], starts[chunk])
+    for a, m in zip(alone, merged, strict=True):
+        for x, y in zip(a.result(), m.result(), strict=True):
+            np.testing.assert_array_equal(x, y)
