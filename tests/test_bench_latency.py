@@ -349,24 +349,30 @@ async def test_bench_latency_writes_after_every_question(
 
 
 @pytest.mark.vllm
+@pytest.mark.parametrize(
+    ("scan", "psa"), [("batch", "PSA"), ("circular", "PSA:overlap_depth=pipeline")]
+)
 async def test_bench_latency_with_the_retriever_in_a_child_process(
-    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path
+    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path, scan: str, psa: str
 ) -> None:
-    """``--transport process``: a real ``retriever serve`` child, as ``serve`` runs it."""
+    """``--transport process``: a real ``retriever serve`` child, as ``serve`` runs it (with
+    the circular scan, the child's lanes overlap the pipeline's one-query searches)."""
     cfg = LatencyConfig(
-        model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
+        model="tiny-llama", backends=("flat",), methods=("baseline", psa),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
         max_new_tokens=16, flat_impl="torch", flat_dtype="bfloat16", transport="process",
-        torch_threads=1, loop_lag_ms=5.0, out_dir=str(tmp_path), name="child", plot=False,
+        flat_scan=scan, torch_threads=1, loop_lag_ms=5.0, out_dir=str(tmp_path), name="child",
+        plot=False,
     )  # fmt: skip
     kb, kb_info = open_kb(cfg)
     questions = load_questions_file(tiny_world["questions"])
     paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
     data = read_results(paths[0])
     assert data["meta"]["complete"] is True and data["meta"]["questions_timed"] == 2
-    assert [row["method"] for row in rows] == ["baseline", "PSA"]
+    assert [row["method"] for row in rows] == ["baseline", psa]
     assert all(row["outputs_identical"] and row["transport"] == "process" for row in rows)
-    assert all(row["retriever"] == "flat-torch-bfloat16" for row in rows)
+    label = "flat-torch-bfloat16" + ("-circular" if scan == "circular" else "")
+    assert all(row["retriever"] == label for row in rows)
     assert rows[0]["mean_retrieval_calls"] >= 4 and rows[1]["mean_verifications"] >= 1
     assert all(row["kb_phases_s"] is None for row in rows)  # timed in the child, not here
     assert all(row["loop_lag_ms"]["max"] >= row["loop_lag_ms"]["p50"] >= 0 for row in rows)
