@@ -309,6 +309,8 @@ async def bench_backend(
             await client.close()
         if server is not None:
             server.stop()
+        if sync is not None and callable(getattr(sync, "close", None)):
+            sync.close()
     return records, info
 
 

@@ -132,7 +132,11 @@ class SpeculativeRequest:
         fixed = config.speculation_stride if isinstance(config.speculation_stride, int) else 1
         self._fill_cap = max(fixed, config.max_speculation_stride)
         self._pipeline = config.async_verification and config.overlap_depth == "pipeline"
-        self._pipeline_depth = fixed if fixed > 1 else config.max_speculation_stride
+        self._pipeline_depth = (
+            config.speculation_stride
+            if isinstance(config.speculation_stride, int)
+            else config.max_speculation_stride
+        )
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -224,9 +228,20 @@ class SpeculativeRequest:
         self, steps: list[SpeculativeStep], stride: int, asynchronous: bool
     ) -> Mismatch | None:
         start = time.perf_counter()
-        queries = [step.query for step in steps]
-        results = await self._search(queries, "verify")
-        latency = time.perf_counter() - start
+        results = await self._search([step.query for step in steps], "verify")
+        return await self._judge(steps, results, time.perf_counter() - start, stride, asynchronous)
+
+    async def _judge(
+        self,
+        steps: list[SpeculativeStep],
+        results: list[list[Hit]],
+        latency: float,
+        stride: int,
+        asynchronous: bool,
+    ) -> Mismatch | None:
+        """Compare ``steps``' documents with their searches' top-1: finalize the matched
+        prefix, cache what the searches found, record the verification; return the first
+        mismatch (for the rollback) or None."""
         mismatch = None
         for i, (step, hits) in enumerate(zip(steps, results, strict=True)):
             if _top1(hits) != step.doc_id:
@@ -349,25 +364,7 @@ class SpeculativeRequest:
     ) -> Mismatch | None:
         """Pipeline: a step's search came back (every earlier step matched). A match
         finalizes the step; a mismatch is returned for the rollback."""
-        true_doc = _top1(hits)
-        matched = true_doc == step.doc_id
-        self.ctx.finalize(step.end if matched else step.start)
-        await self._insert([hits])
-        rec = self.recorder
-        rec.speculation_hits += matched
-        rec.speculation_misses += not matched
-        rec.verifications.append(
-            VerificationRecord(
-                stride=depth,
-                num_steps=1,
-                matched=int(matched),
-                mismatch_step=None if matched else 0,
-                latency_s=latency,
-                asynchronous=True,
-            )
-        )
-        self.scheduler.record_verification(latency, int(matched), not matched, 1)
-        return None if matched else Mismatch(0, true_doc)
+        return await self._judge([step], [hits], latency, depth, asynchronous=True)
 
     async def _cancel_searches(self, tasks: list[asyncio.Task[tuple[list[Hit], float]]]) -> None:
         for task in tasks:

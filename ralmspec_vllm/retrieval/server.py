@@ -404,4 +404,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         logger.error("cannot serve on %s:%d: %s", args.host, args.port, exc)
         return 1
+    finally:
+        close = getattr(retriever, "close", None)  # e.g. a circular scan's walking thread
+        if callable(close):
+            close()
     return 0

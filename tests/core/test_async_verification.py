@@ -263,19 +263,21 @@ def max_searches_in_flight(events: list[str]) -> int:
     return peak
 
 
-async def test_pipeline_verifies_each_step_alone_without_waiting_for_the_last() -> None:
+@pytest.mark.parametrize("depth", [4, 1])
+async def test_pipeline_verifies_each_step_alone_without_waiting_for_the_last(depth: int) -> None:
     """A verification costs ~10 LM steps and every speculation holds: each step's search
-    starts as soon as the step exists, so up to the depth (4) searches are in flight at once,
-    each of one query, and the LM never waits for a round."""
+    starts as soon as the step exists, so up to the depth (the fixed stride, 4; or 1: one
+    step at a time) searches are in flight at once, each of one query, and with depth 4 the
+    LM never waits for a round."""
     events: list[str] = []
     engine, baseline = await verifier_bound(events)
     config = SpeculationConfig(
-        speculation_stride=4, async_verification=True, overlap_depth="pipeline"
+        speculation_stride=depth, async_verification=True, overlap_depth="pipeline"
     )
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
     assert result.token_ids == baseline.token_ids
     trace = result.trace
-    assert max_searches_in_flight(events) == 4
+    assert max_searches_in_flight(events) == depth
     assert {e for e in events if e.startswith("search-start")} == {"search-start 1"}
     assert all(v.num_steps == 1 and v.matched == 1 for v in trace.verifications)
     assert len(trace.verifications) == trace.speculation_hits == len(trace.spans) - 1
