@@ -248,12 +248,15 @@ class _ThresholdScan:
     def __init__(self, rows: int, count: int, k: int, slack: np.ndarray, device: Any) -> None:
         import torch
 
+        if not 1 <= k <= count:
+            raise ValueError(f"need 1 <= k <= count, got k={k}, count={count}")
         self.count, self.k = count, k
         self.slack = torch.from_numpy(slack.astype(np.float32)).to(device)
         # Best group maxima so far: real scores of distinct docs, so their c-th and k-th are
         # lower bounds on the true c-th and k-th, and the threshold never exceeds the true one.
-        self.best = torch.full((rows, 0), -torch.inf, device=device)
-        self.parts: list[tuple[Any, Any, Any]] = []
+        # -inf where fewer than ``count`` docs were seen: the threshold then stays -inf.
+        self.best = torch.full((rows, count), -torch.inf, device=device)
+        self.parts: list[tuple[Any, Any, Any]] = []  # (rows, doc ids, scores): tensors/arrays
 
     def add(self, block: Any, start: int) -> None:
         import torch
@@ -265,7 +268,7 @@ class _ThresholdScan:
         groups = block.view(rows, -1, _GROUP)
         maxima = groups.amax(dim=2).float()
         merged = torch.cat([self.best, maxima], dim=1)
-        self.best = torch.topk(merged, min(self.count, merged.shape[1]), dim=1).values
+        self.best = torch.topk(merged, self.count, dim=1).values
         threshold = self._threshold(self.best)
         row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
         values = groups[row, group].float()  # (hits, _GROUP)
@@ -279,9 +282,11 @@ class _ThresholdScan:
         """``scans[i].add(rows_i of block, start)`` for every scan, as one set of tensor ops.
 
         ``block`` stacks the scans' rows in order (a circular scan's cohorts). Every op works
-        row by row, so each scan ends with the hits and threshold its own ``add`` would
-        give, bit for bit (its ``best`` may carry -inf padding, which changes nothing); what it
-        saves is the per-scan op calls, each a GIL re-take on the scan's thread."""
+        row by row, so each scan ends with the hits and threshold its own ``add`` would give,
+        bit for bit. What it saves is ops: in-process, each torch op the scan's thread makes
+        releases the GIL and must re-take it, which waits while the event loop runs Python.
+        So the per-scan work is a handful of ops (none when the cohort's k are alike) and the
+        hits are split among the scans in numpy, which holds the GIL throughout."""
         import torch
 
         if len(scans) == 1:
@@ -293,50 +298,55 @@ class _ThresholdScan:
             block = torch.cat([block, pad.to(block.device)], dim=1)
         groups = block.view(rows, -1, _GROUP)
         maxima = groups.amax(dim=2).float()
-        # Each scan's best, padded with -inf to the widest count: a row's top-c of the padded
-        # merge equals its own top-c, and an index past its real width reads -inf (= "low").
+        # Each best is -inf padded to its count; pad further to the widest: a row's top-c of
+        # the padded merge equals its own top-c, and an index past its real width reads -inf.
         width = max(s.count for s in scans)
-        best = torch.full((rows, width), -torch.inf, device=block.device)
-        kth_index = torch.empty(rows, dtype=torch.long)
-        cth_index = torch.empty(rows, dtype=torch.long)
-        bounds = [0]
-        for s in scans:
-            r0, r1 = bounds[-1], bounds[-1] + s.best.shape[0]
-            best[r0:r1, : s.best.shape[1]] = s.best
-            kth_index[r0:r1], cth_index[r0:r1] = s.k - 1, s.count - 1
-            bounds.append(r1)
-        best = torch.topk(torch.cat([best, maxima], dim=1), width, dim=1).values
+        bests = [
+            s.best
+            if s.count == width
+            else torch.nn.functional.pad(s.best, (0, width - s.count), value=-torch.inf)
+            for s in scans
+        ]
+        merged = torch.cat([torch.cat(bests), maxima], dim=1)
+        best = torch.topk(merged, width, dim=1).values
         slack = torch.cat([s.slack for s in scans])
-        kth = best.gather(1, kth_index[:, None].to(block.device))[:, 0] - slack
-        cth = best.gather(1, cth_index[:, None].to(block.device))[:, 0]
-        threshold = torch.minimum(kth, cth)
+        counts = {(s.k, s.count) for s in scans}
+        if len(counts) == 1:
+            ((k, count),) = counts
+            threshold = torch.minimum(best[:, k - 1] - slack, best[:, count - 1])
+        else:
+            index = torch.tensor(
+                [[s.k - 1, s.count - 1] for s in scans for _ in range(s.best.shape[0])],
+                device=block.device,
+            )
+            picked = best.gather(1, index)
+            threshold = torch.minimum(picked[:, 0] - slack, picked[:, 1])
         row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
         values = groups[row, group].float()
         keep = values >= threshold[row, None]
         col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
         row = row[:, None].expand(-1, _GROUP)
-        row, col, values = row[keep], col[keep] + start, values[keep]  # still sorted by row
-        cuts = torch.searchsorted(row, torch.tensor(bounds, device=row.device)).tolist()
+        hit_rows = row[keep].cpu().numpy()  # sorted by row
+        hit_cols = (col[keep] + start).cpu().numpy()
+        hit_values = values[keep].cpu().numpy()
+        bounds = np.cumsum([0] + [s.best.shape[0] for s in scans])
+        cuts = np.searchsorted(hit_rows, bounds)
         for i, s in enumerate(scans):
-            r0, a, b = bounds[i], cuts[i], cuts[i + 1]
-            s.best = best[r0 : bounds[i + 1], : s.count]
-            s.parts.append((row[a:b] - r0, col[a:b], values[a:b]))
+            r0, r1, a, b = bounds[i], bounds[i + 1], cuts[i], cuts[i + 1]
+            s.best = best[r0:r1] if s.count == width else best[r0:r1, : s.count]
+            s.parts.append((hit_rows[a:b] - r0, hit_cols[a:b], hit_values[a:b]))
 
     def _threshold(self, best: Any) -> Any:
         import torch
 
-        width = best.shape[1]
-        low = torch.full_like(best[:, 0], -torch.inf)
-        kth = best[:, self.k - 1] - self.slack if width >= self.k else low
-        cth = best[:, self.count - 1] if width >= self.count else low
-        return torch.minimum(kth, cth)
+        return torch.minimum(best[:, self.k - 1] - self.slack, best[:, self.count - 1])
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids -1 padded, scores, ceiling): the final threshold is exact, not a lower bound."""
         rows = self.best.shape[0]
-        row = np.concatenate([p[0].cpu().numpy() for p in self.parts])
-        ids = np.concatenate([p[1].cpu().numpy() for p in self.parts]).astype(np.int64)
-        values = np.concatenate([p[2].cpu().numpy() for p in self.parts])
+        row = np.concatenate([_numpy(p[0]) for p in self.parts])
+        ids = np.concatenate([_numpy(p[1]) for p in self.parts]).astype(np.int64)
+        values = np.concatenate([_numpy(p[2]) for p in self.parts])
         slack = self.slack.cpu().numpy()
         per_row: list[tuple[np.ndarray, np.ndarray]] = []
         ceiling = np.empty(rows, dtype=np.float64)
@@ -357,6 +367,10 @@ class _ThresholdScan:
             out_ids[r, : len(i)] = i
             out_scores[r, : len(v)] = v
         return out_ids, out_scores, ceiling
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
 
 def _power_of_two_scale(norm: float) -> float:

@@ -104,20 +104,28 @@ def test_a_failing_chunk_fails_those_on_board_and_the_walk_goes_on() -> None:
         scan.submit(torch.zeros(1, 1), Count())
 
 
-def test_threshold_ops_merged_across_cohorts_give_each_cohort_its_own_result() -> None:
+@pytest.mark.parametrize(
+    "specs",
+    [
+        # (rows, count, k, chunk it boards at): counts differ, one is wider than a first chunk
+        [(1, 30, 20, 0), (2, 5, 1, 0), (3, 300, 256, 1), (1, 17, 9, 2)],
+        [(1, 20, 20, 0), (2, 20, 20, 0), (3, 20, 20, 1), (1, 20, 20, 2)],  # alike (one op)
+    ],
+)
+def test_threshold_ops_merged_across_cohorts_give_each_cohort_its_own_result(
+    specs: list[tuple[int, int, int, int]],
+) -> None:
     from ralmspec_vllm.retrieval.flat import _ThresholdScan
 
     rng = np.random.default_rng(3)
-    # (rows, count, k, chunk it boards at): counts differ, one is wider than a first chunk
-    specs = [(1, 30, 20, 0), (2, 5, 1, 0), (3, 300, 256, 1), (1, 17, 9, 2)]
-    sizes = [200, 130, 77, 256, 64]  # not multiples of the 64-doc group: padding paths too
+    sizes = [2000, 1300, 770, 2560, 650]  # ~115 groups of 64 docs, most chunks padded
     blocks = [torch.from_numpy(rng.standard_normal((7, n)).astype(np.float32)) for n in sizes]
     blocks = [b.to(torch.bfloat16) for b in blocks]
     starts = np.cumsum([0, *sizes[:-1]]).tolist()
 
     def fresh() -> list[_ThresholdScan]:
         return [
-            _ThresholdScan(rows, count, k, rng.uniform(0.01, 0.1, rows), "cpu")
+            _ThresholdScan(rows, count, k, rng.uniform(0.2, 0.5, rows), "cpu")
             for rows, count, k, _ in specs
         ]
 
