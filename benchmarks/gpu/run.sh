@@ -66,7 +66,11 @@ print(filler_corpus(default_index(), int(sys.argv[1]))[1])" "$1" 2>&1 | grep -v 
   follow)
     name=${1:?follow NAME [SECONDS]}; secs=${2:-540}; dir=$HOME/runs/$name
     pid=$(cat "$dir/pid"); end=$((SECONDS + secs))
-    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    # Copy the results every minute too: a call cut short by the device budget still returns
+    # what $RES holds, and bench_latency rewrites its JSON after every question.
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do
+      sleep 5; [ $((SECONDS % 60)) -lt 5 ] && cp -r "$dir/." "$RES/"
+    done
     grep -v "it/s\]" "$dir/log" | grep -E "bench_|Error|error|Traceback|^\||budget" | tail -40
     tail -n 4 "$dir/log"; cp -r "$dir/." "$RES/"
     if kill -0 "$pid" 2>/dev/null; then echo "[follow] $name: still running"
