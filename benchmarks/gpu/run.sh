@@ -61,7 +61,11 @@ print(filler_corpus(default_index(), int(sys.argv[1]))[1])" "$1" 2>&1 | grep -v 
   start)
     name=${1:?start NAME SCRIPT [args]}; script=${2:?start NAME SCRIPT [args]}; shift 2
     dir=$HOME/runs/$name; mkdir -p "$dir"
-    setsid nohup python3 "benchmarks/$script" --out-dir "$dir" "$@" >"$dir/log" 2>&1 </dev/null &
+    if [[ $script == *.sh ]]; then  # a driver script (e.g. gpu/serving_paths.sh): OUTDIR first
+      setsid nohup bash "benchmarks/$script" "$dir" "$@" >"$dir/log" 2>&1 </dev/null &
+    else
+      setsid nohup python3 "benchmarks/$script" --out-dir "$dir" "$@" >"$dir/log" 2>&1 </dev/null &
+    fi
     echo $! >"$dir/pid"; echo "[start] $name: pid $(cat "$dir/pid"), log $dir/log" ;;
   follow)
     name=${1:?follow NAME [SECONDS]}; secs=${2:-540}; dir=$HOME/runs/$name
