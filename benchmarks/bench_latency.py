@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -68,7 +69,9 @@ from benchmarks.latency_report import (  # noqa: E402
     summarize,
 )
 from benchmarks.latency_runs import (  # noqa: E402
+    OpenedRetriever,
     bench_backend,
+    open_inproc,
     set_faiss_threads,
     set_torch_threads,
     torch_threads,
@@ -273,20 +276,42 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
     from ralmspec_vllm.engine.settings import EngineConfig
 
     questions = load_question_set(cfg)
-    kb, kb_info = open_kb(cfg)
-    engine_cfg = EngineConfig(
-        model=str(resolve_model(cfg.model)),
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        enable_prefix_caching=cfg.prefix_caching,
-    )
-    start = time.perf_counter()
-    lm = await VllmLanguageModel.create(engine_cfg)
-    startup_s = time.perf_counter() - start
+    set_torch_threads(cfg.torch_threads)
+    # The knowledge base (a 21M filler build: ~35 s) and the first backend's in-process
+    # retriever (~70 s to load and lay out 21M vectors) open in a thread while the model
+    # converts and vLLM starts (~3 min on a fresh GPU machine): they share nothing, and a
+    # GPU session's minutes are few.
+    opening = asyncio.get_running_loop().run_in_executor(None, open_ahead, cfg)
+    lm: Any = None
+    opened: OpenedRetriever | None = None
     try:
-        return await measure_all(cfg, lm, kb, kb_info, questions, {"startup_s": startup_s})
+        engine_cfg = EngineConfig(
+            model=str(resolve_model(cfg.model)),
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+            enable_prefix_caching=cfg.prefix_caching,
+        )
+        start = time.perf_counter()
+        lm = await VllmLanguageModel.create(engine_cfg)
+        engine_info = {"startup_s": time.perf_counter() - start}
+        kb, kb_info, opened = await opening
+        return await measure_all(cfg, lm, kb, kb_info, questions, engine_info, opened=opened)
     finally:
-        await lm.shutdown()
+        if opened is None:  # an engine start that failed: let the opening end, then close it
+            with contextlib.suppress(Exception):
+                opened = (await opening)[2]
+        if opened is not None:
+            opened.close()
+        if lm is not None:
+            await lm.shutdown()
+
+
+def open_ahead(cfg: LatencyConfig) -> tuple[Any, dict[str, Any], OpenedRetriever | None]:
+    """``open_kb``, plus the first backend's retriever when it runs in this process."""
+    kb, kb_info = open_kb(cfg)
+    if cfg.transport != "inproc":
+        return kb, kb_info, None
+    return kb, kb_info, open_inproc(cfg, cfg.backends[0], kb)
 
 
 async def measure_all(
@@ -297,9 +322,11 @@ async def measure_all(
     questions: Sequence[Question],
     engine_info: dict[str, Any] | None = None,
     on_write: Writer | None = None,
+    opened: OpenedRetriever | None = None,
 ) -> tuple[list[Path], list[dict[str, Any]]]:
     """Measure every backend of ``cfg`` on a started ``VllmLanguageModel``; write results
-    after the warm-up and every timed question (partial), and at the end (complete)."""
+    after the warm-up and every timed question (partial), and at the end (complete).
+    ``opened``: a backend's in-process retriever opened ahead (the caller closes it)."""
     machine = describe_machine()
     model_tag = Path(cfg.model).name
     meta = run_meta(
@@ -328,7 +355,8 @@ async def measure_all(
                 on_write(path)
             return path, rows
 
-        records, info = await bench_backend(cfg, backend, kb, lm, questions, save)
+        ahead = opened if opened is not None and opened.backend == backend else None
+        records, info = await bench_backend(cfg, backend, kb, lm, questions, save, ahead)
         path, rows = save(records, info, complete=True)
         if cfg.plot:
             title = (

@@ -226,20 +226,11 @@ def set_faiss_threads(threads: int | None) -> int | None:
     return int(faiss.omp_get_max_threads())
 
 
-async def bench_backend(
-    cfg: LatencyConfig,
-    backend: str,
-    kb: Any,
-    lm: Any,
-    questions: Sequence[Question],
-    on_progress: Progress | None = None,
-) -> tuple[list[RunRecord], dict[str, Any]]:
-    """Warm up and time every method on every question with one backend; ``on_progress``
-    after the warm-up and after every timed question."""
-    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
-    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
+    """The ``RetrieverConfig`` that ``cfg`` asks of ``backend``."""
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig
 
-    rcfg = RetrieverConfig(
+    return RetrieverConfig(
         backend=backend,
         flat_impl=cfg.flat_impl,
         device=cfg.flat_device if backend == "flat" else "cpu",
@@ -248,11 +239,55 @@ async def bench_backend(
         ef_search=cfg.hnsw_ef_search,
         progress=False,
     )
+
+
+@dataclass
+class OpenedRetriever:
+    """An in-process retriever opened ahead of ``bench_backend`` (while vLLM starts); its
+    opener closes it, not ``bench_backend``."""
+
+    backend: str
+    retriever: Any
+    open_s: float
+
+    def close(self) -> None:
+        if callable(getattr(self.retriever, "close", None)):
+            self.retriever.close()
+
+
+def open_inproc(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
+    from ralmspec_vllm.retrieval.factory import open_retriever
+
+    start = time.perf_counter()
+    retriever = open_retriever(kb, retriever_config(cfg, backend))
+    return OpenedRetriever(backend, retriever, round(time.perf_counter() - start, 1))
+
+
+async def bench_backend(
+    cfg: LatencyConfig,
+    backend: str,
+    kb: Any,
+    lm: Any,
+    questions: Sequence[Question],
+    on_progress: Progress | None = None,
+    opened: OpenedRetriever | None = None,
+) -> tuple[list[RunRecord], dict[str, Any]]:
+    """Warm up and time every method on every question with one backend; ``on_progress``
+    after the warm-up and after every timed question. ``opened``: this backend's in-process
+    retriever, already open (the caller closes it)."""
+    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+    from ralmspec_vllm.retrieval.factory import open_retriever
+
+    rcfg = retriever_config(cfg, backend)
     start = time.perf_counter()
     dense = backend != "bm25"
     server: Any = None
     client = sync = None
-    if cfg.transport == "process":
+    if opened is not None:
+        if opened.backend != backend or cfg.transport != "inproc":
+            raise ValueError(f"opened: a {opened.backend} retriever for {backend}/{cfg.transport}")
+        sync = opened.retriever
+    elif cfg.transport == "process":
         # As `serve` runs it: the retriever in its own process, so its search threads never
         # wait for this process's GIL (the event loop that drives vLLM).
         from ralmspec_vllm.retrieval.factory import config_to_args
@@ -264,6 +299,8 @@ async def bench_backend(
     else:
         sync = open_retriever(kb, rcfg)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
+    if opened is not None:
+        info.update(open_s=opened.open_s, opened_during_engine_start=True)
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
         embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
@@ -309,7 +346,7 @@ async def bench_backend(
             await client.close()
         if server is not None:
             server.stop()
-        if sync is not None and callable(getattr(sync, "close", None)):
+        if opened is None and sync is not None and callable(getattr(sync, "close", None)):
             sync.close()
     return records, info
 

@@ -382,3 +382,84 @@ def test_transport_validation() -> None:
     assert parse_args(["--transport", "process"]).transport == "process"
     with pytest.raises(ValueError, match="transport"):
         LatencyConfig(transport="pigeon")
+
+
+@pytest.mark.vllm
+async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``run_benchmark`` opens the knowledge base and the first backend's retriever in a
+    thread while vLLM starts, hands that retriever to the run (not opened twice) and closes
+    it once. The engine start is the session's engine, handed over (a fresh one would cost
+    minutes here) and not shut down, since later tests share it."""
+    from benchmarks import bench_latency, latency_runs
+
+    opened: list[latency_runs.OpenedRetriever] = []
+    closes: list[str] = []
+    real_open_inproc = latency_runs.open_inproc
+    real_close = latency_runs.OpenedRetriever.close
+
+    def open_inproc(*args: Any) -> latency_runs.OpenedRetriever:
+        opened.append(real_open_inproc(*args))
+        return opened[-1]
+
+    def close(self: latency_runs.OpenedRetriever) -> None:
+        closes.append(self.backend)
+        real_close(self)
+
+    async def create(config: Any) -> VllmLanguageModel:
+        return vllm_lm
+
+    async def keep_running() -> None:
+        pass
+
+    monkeypatch.setattr(bench_latency, "open_inproc", open_inproc)
+    monkeypatch.setattr(latency_runs.OpenedRetriever, "close", close)
+    monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
+    monkeypatch.setattr(vllm_lm, "shutdown", keep_running)
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat", "bm25"), methods=("baseline", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=12, flat_impl="torch", flat_scan="circular", torch_threads=1,
+        out_dir=str(tmp_path), name="ahead", plot=False,
+    )  # fmt: skip
+    paths, rows = await bench_latency.run_benchmark(cfg)
+    assert [p.name for p in paths] == ["ahead_flat-torch-circular.json", "ahead_bm25.json"]
+    assert [o.backend for o in opened] == ["flat"] and closes == ["flat"]
+    flat, bm25 = (read_results(p)["meta"]["retriever"] for p in paths)
+    assert flat["opened_during_engine_start"] is True and flat["open_s"] == opened[0].open_s
+    assert "opened_during_engine_start" not in bm25  # later backends open as before
+    assert all(row["outputs_identical"] for row in rows) and len(rows) == 4
+
+
+async def test_run_benchmark_closes_its_early_retriever_when_the_engine_fails(
+    tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the engine start fails while the retriever is opening; the error
+    surfaces and the retriever (a circular scan with its own thread) is still closed."""
+    from benchmarks import bench_latency, latency_runs
+
+    closes: list[str] = []
+    real_close = latency_runs.OpenedRetriever.close
+
+    def close(self: latency_runs.OpenedRetriever) -> None:
+        closes.append(self.backend)
+        real_close(self)
+
+    async def create(config: Any) -> VllmLanguageModel:
+        raise RuntimeError("injected: no GPU today")
+
+    monkeypatch.setattr(latency_runs.OpenedRetriever, "close", close)
+    monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline",),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        flat_impl="torch", flat_scan="circular", torch_threads=1, out_dir=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected"):
+        await bench_latency.run_benchmark(cfg)
+    assert closes == ["flat"]
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

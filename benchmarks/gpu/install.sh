@@ -24,8 +24,15 @@ if [ -f "$STASH/jit_cache.tgz" ]; then  # optional: a previous session's `run.sh
   tar -xzf "$STASH/jit_cache.tgz" -C "$HOME" || echo "[install] JIT caches not restored" >&2
 fi
 rm -rf "$W"
+# Bytecode now, on every core: the wheels went in with --no-compile, and the first vLLM
+# import (the benchmark's, then its engine process's) otherwise compiles it serially (~30 s).
+python3 -m compileall -q -j 0 "$SITE" >/dev/null 2>&1 || true
+# VLLM_USE_FLASHINFER_SAMPLER=0: greedy decoding never samples, but vLLM's start builds
+# FlashInfer's top-k/top-p sampler with nvcc on a fresh machine (103 s in session 13's
+# 200 s engine start; a start with that cache took 32 s).
 cat > "$HOME/ralmspec.env" <<ENV
 export PYTHONPATH=$SITE:$(pwd) RALMSPEC_CACHE=$CACHE
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export VLLM_USE_FLASHINFER_SAMPLER=0
 ENV
 cat "$HOME/ralmspec.env"
