@@ -9,7 +9,8 @@ waits for the ``READY_PREFIX`` line on stdout that names the URL. ``stop`` sends
 ``scrape`` reads ``/metrics`` into ``{(sample name, sorted labels): value}``; ``batch_stats``
 turns the difference of two scrapes into the cell's retriever-batching and verification
 numbers (merged RPCs, callers and queries per RPC, waits, verification sizes and latency) from
-the ``ralmspec_*`` histograms of ``ralmspec_vllm.metrics``, plus the LM's work from vLLM's
+the ``ralmspec_*`` histograms of ``ralmspec_vllm.metrics``, the retriever service's own
+index searches and backend seconds (``index_stats``), plus the LM's work from vLLM's
 ``vllm:*`` counters (``lm_stats``).
 """
 
@@ -214,7 +215,23 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
         "verification_latency_mean_s": round(vlat["mean"], 4),
         "search_latency_mean_s": round(search["mean"], 4),
         "searches_seen_by_requests": int(search["count"]),
+        **index_stats(before, after),
         **lm_stats(before, after),
+    }
+
+
+def index_stats(before: Samples, after: Samples) -> dict[str, Any]:
+    """The retriever service's own view (its counters, fetched by each scrape): index
+    searches and the mean seconds its backend spent in one. Next to ``search_latency_mean_s``
+    (a search as the server's requests saw it) this tells a slow index from slow RPCs, batch
+    windows or a busy event loop. None where the server's retriever has no counters."""
+    if ("ralmspec_retriever_index_searches_total", ()) not in after:
+        return {"index_searches": None, "index_search_mean_s": None}
+    searches = _delta(before, after, "ralmspec_retriever_index_searches_total")
+    seconds = _delta(before, after, "ralmspec_retriever_search_seconds_total")
+    return {
+        "index_searches": int(searches),
+        "index_search_mean_s": round(seconds / searches, 4) if searches else 0.0,
     }
 
 

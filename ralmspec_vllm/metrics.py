@@ -9,6 +9,9 @@ process). Data flows in two ways:
   retrieval latency per purpose, chosen strides, prefix-cache hits).
 - ``observe_batch(calls, queries, wait_s)``: from the server's cross-request
   ``BatchingRetriever`` each time it sends one merged retriever call.
+- ``set_retriever_stats(stats)``: the retriever service's own counters (its index searches
+  and the seconds its backend spent in them), fetched by ``/metrics`` before each scrape, so
+  a reader can tell a slow index from slow RPCs or a busy event loop.
 
 Speculation accuracy is ``hits / (hits + misses)``, computed by the reader from
 ``ralmspec_speculation_steps_total``; a per-request accuracy histogram is kept as well.
@@ -16,12 +19,16 @@ Speculation accuracy is ``hits / (hits + misses)``, computed by the reader from
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ralmspec_vllm.core.trace import RequestTrace
+    from ralmspec_vllm.retrieval.batching import BatchStats
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -172,3 +179,33 @@ def observe_batch(calls: int, queries: int, wait_s: float) -> None:
     BATCH_CALLS.observe(calls)
     BATCH_QUERIES.observe(queries)
     BATCH_WAIT.observe(wait_s)
+
+
+class _RetrieverStats(Collector):
+    """``ralmspec_retriever_*_total``: the retriever service's batch counters as of the
+    last ``set_retriever_stats`` (absent until then)."""
+
+    def __init__(self) -> None:
+        self.stats: BatchStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        if s is None:
+            return
+        for name, doc, value in (
+            ("search_calls", "Search RPCs the retriever service admitted.", s.search_calls),
+            ("index_searches", "Index searches it ran for them (merged).", s.index_searches),
+            ("queries", "Queries those index searches answered.", s.queries),
+            ("search_seconds", "Seconds its backend spent in those index searches (the "
+             "index's own work: no queueing, batching window or RPC).", s.search_seconds),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"ralmspec_retriever_{name}", doc, value=value)
+
+
+RETRIEVER_STATS = _RetrieverStats()
+REGISTRY.register(RETRIEVER_STATS)
+
+
+def set_retriever_stats(stats: BatchStats) -> None:
+    """The retriever service's counters, for the next scrape."""
+    RETRIEVER_STATS.stats = stats

@@ -313,6 +313,21 @@ class RaLMService:
         logger.info("prefix-cache reset: %s (%d cached documents dropped)", reset, len(old))
         return reset
 
+    async def refresh_retriever_stats(self, timeout_s: float = 1.0) -> bool:
+        """Fetch the retriever service's batch counters into the metrics (``/metrics`` calls
+        this before each scrape). False, keeping the last values, when the retriever has no
+        counters (an in-process one) or does not answer within ``timeout_s``: a scrape must
+        not wait out the retriever's retry budget."""
+        stats = getattr(self.retriever, "stats", None)
+        if stats is None:
+            return False
+        try:
+            metrics.set_retriever_stats(await asyncio.wait_for(stats(), timeout_s))
+        except Exception as exc:  # a down or slow retriever: the scrape goes on without it
+            logger.debug("retriever stats unavailable: %r", exc)
+            return False
+        return True
+
     async def titles(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """Document titles for sources (one retriever call)."""
         unique = list(dict.fromkeys(doc_ids))

@@ -132,6 +132,16 @@ def test_batch_stats_diffs_histograms() -> None:
     stats = batch_stats(scrape(2, 3, 1), scrape(6, 23, 1))  # 4 new RPCs of 20 queries
     assert stats["batch_queries_mean"] == 5.0
     assert stats["batch_queries_p50"] == 8.0 and stats["verifications"] == 0
+    assert stats["index_searches"] is None  # a retriever without counters: unknown, not 0
+
+    def index(searches: float, seconds: float) -> dict:  # type: ignore[type-arg]
+        return {
+            ("ralmspec_retriever_index_searches_total", ()): searches,
+            ("ralmspec_retriever_search_seconds_total", ()): seconds,
+        }
+
+    stats = batch_stats(index(10, 1.0), index(14, 2.2))  # 4 index searches, 1.2 s in them
+    assert (stats["index_searches"], stats["index_search_mean_s"]) == (4, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +192,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["num_requests"] == 2 and row["failed"] == 0 and row["connection_resends"] == 0
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
+        assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
     by = {(r["concurrency"], r["method"]): r for r in rows}
     assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -38,21 +39,25 @@ P = TypeVar("P")  # a batch payload: list[str] or a (n, dim) float32 array
 
 @dataclass(frozen=True, slots=True)
 class BatchStats:
-    """Counters since start: Search calls, index searches made for them, merge sizes."""
+    """Counters since start: Search calls, index searches made for them, merge sizes, and
+    the seconds the backend spent in those searches (timed in the worker thread: the index's
+    own work, without queueing, batching windows or RPC overhead)."""
 
     search_calls: int = 0
     index_searches: int = 0
     queries: int = 0
     max_merged_calls: int = 0
     max_merged_queries: int = 0
+    search_seconds: float = 0.0
 
-    def add(self, calls: int, queries: int) -> BatchStats:
+    def add(self, calls: int, queries: int, seconds: float = 0.0) -> BatchStats:
         return BatchStats(
             search_calls=self.search_calls + calls,
             index_searches=self.index_searches + 1,
             queries=self.queries + queries,
             max_merged_calls=max(self.max_merged_calls, calls),
             max_merged_queries=max(self.max_merged_queries, queries),
+            search_seconds=self.search_seconds + seconds,
         )
 
     def __add__(self, other: BatchStats) -> BatchStats:
@@ -62,6 +67,7 @@ class BatchStats:
             queries=self.queries + other.queries,
             max_merged_calls=max(self.max_merged_calls, other.max_merged_calls),
             max_merged_queries=max(self.max_merged_queries, other.max_merged_queries),
+            search_seconds=self.search_seconds + other.search_seconds,
         )
 
 
@@ -192,6 +198,11 @@ class SearchLane(Generic[P]):
             return (first.k, first.prefetch) == (other.k, other.prefetch)
         return True
 
+    def _timed_search(self, payload: P, k: int, prefetch: int) -> tuple[list[list[Hit]], float]:
+        start = time.perf_counter()
+        results = self._search_fn(payload, k, prefetch)
+        return results, time.perf_counter() - start
+
     async def _execute(self, batch: list[_Request[P]]) -> None:
         payload = self._concat([r.payload for r in batch])
         k = max(r.k for r in batch)
@@ -199,8 +210,8 @@ class SearchLane(Generic[P]):
         total = sum(r.n for r in batch)
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._search_fn, payload, k, prefetch
+            results, seconds = await loop.run_in_executor(
+                self._executor, self._timed_search, payload, k, prefetch
             )
             if len(results) != total:
                 raise RuntimeError(f"backend returned {len(results)} result lists for {total}")
@@ -213,7 +224,7 @@ class SearchLane(Generic[P]):
                 if not request.future.done():
                     request.future.set_exception(exc)
             return
-        self.stats = self.stats.add(len(batch), total)
+        self.stats = self.stats.add(len(batch), total, seconds)
         logger.debug("%s lane: %d call(s), %d queries, k=%d", self.name, len(batch), total, k)
         offset = 0
         for request in batch:

@@ -155,6 +155,7 @@ class RetrieverClient:
             queries=s.queries,
             max_merged_calls=s.max_merged_calls,
             max_merged_queries=s.max_merged_queries,
+            search_seconds=s.search_seconds,
         )
 
     async def encode(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:

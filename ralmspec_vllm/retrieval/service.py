@@ -185,6 +185,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 queries=s.queries,
                 max_merged_calls=s.max_merged_calls,
                 max_merged_queries=s.max_merged_queries,
+                search_seconds=s.search_seconds,
             )
         )
         return msg

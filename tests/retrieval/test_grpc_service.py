@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class CountingRetriever:
         self.inner = inner
         self.text_batches: list[int] = []
         self.vector_batches: list[int] = []
+        self.seconds: list[float] = []  # each text search's own time
 
     @property
     def info(self) -> RetrieverInfo:
@@ -91,7 +93,11 @@ class CountingRetriever:
 
     def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.text_batches.append(len(queries))
-        return self.inner.search(queries, k, prefetch)
+        start = time.perf_counter()
+        time.sleep(0.02)  # a backend slow enough for its time to be told from overhead
+        hits = self.inner.search(queries, k, prefetch)
+        self.seconds.append(time.perf_counter() - start)
+        return hits
 
     def search_vectors(self, vectors: np.ndarray, k: int, prefetch: int = 0) -> list[list[Hit]]:
         self.vector_batches.append(len(vectors))
@@ -265,6 +271,8 @@ async def test_concurrent_searches_are_merged(
     assert stats.search_calls == 20
     assert stats.index_searches == len(counting.text_batches)
     assert stats.max_merged_calls == max(counting.text_batches) > 1
+    assert sum(counting.seconds) == pytest.approx(stats.search_seconds, abs=0.05)
+    assert stats.search_seconds > 0
 
 
 async def test_text_and_embedding_queries_batch_separately_within_max_batch(

@@ -273,6 +273,34 @@ async def test_metrics_expose_ralmspec_counters(
     assert sample("ralmspec_retriever_batch_calls_count") > 0
     assert sample("ralmspec_prefix_cache_hit_tokens_total") > 0
     assert sample("ralmspec_speculation_stride_count") > 0
+    # The retriever service's own counters, fetched for the scrape: its backend's time.
+    assert sample("ralmspec_retriever_index_searches_total") >= 1
+    assert sample("ralmspec_retriever_queries_total") >= sample(
+        "ralmspec_retriever_index_searches_total"
+    )
+    assert sample("ralmspec_retriever_search_seconds_total") > 0
+
+
+async def test_metrics_answer_while_the_retriever_hangs(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the retriever's counters never come; a scrape still answers within
+    about a second, with the last counters fetched."""
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        await http.get("/metrics")
+        before = sample("ralmspec_retriever_search_seconds_total")
+
+        async def hang() -> None:
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(served.service.retriever, "stats", hang)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        response = await http.get("/metrics")
+        waited = loop.time() - start
+    assert response.status_code == 200 and waited < 3.0
+    assert "ralmspec_requests_total" in response.text
+    assert sample("ralmspec_retriever_search_seconds_total") == before
 
 
 async def _wait_idle(served: Served, aborted_before: float, method: str) -> None:

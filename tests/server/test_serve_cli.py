@@ -118,6 +118,9 @@ async def test_serve_subprocess_with_child_retriever(
         async with httpx.AsyncClient(base_url=url) as http:
             metrics = (await http.get("/metrics")).text  # ours and vLLM's, one registry
         assert "ralmspec_requests_total" in metrics and "vllm:prompt_tokens" in metrics
+        # The child retriever's own counters: it searched, and its backend's time is there.
+        searched = re.search(r"^ralmspec_retriever_search_seconds_total (\S+)$", metrics, re.M)
+        assert searched is not None and float(searched.group(1)) > 0
         with pytest.raises(openai.AuthenticationError):
             await openai.AsyncOpenAI(
                 base_url=url + "/v1", api_key="wrong", max_retries=0

@@ -5,7 +5,8 @@
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (``handlers.OpenAIHandlers``),
 - ``GET /v1/models`` (the one served model),
 - ``GET /health`` (always open) and ``GET /metrics`` (Prometheus text, default registry:
-  the ``ralmspec_*`` metrics and vLLM's own ``vllm:*`` ones),
+  the ``ralmspec_*`` metrics, the retriever service's counters fetched for each scrape, and
+  vLLM's own ``vllm:*`` ones),
 - ``POST /reset_prefix_cache`` (admin, for benchmarks): empties vLLM's prefix cache and the
   document-token cache (``RaLMService.reset_prefix_cache``); answers ``{"reset": bool}``,
   vLLM's verdict (false while requests still hold KV blocks: retry once they finished).
@@ -97,6 +98,7 @@ def build_app(service: RaLMService, model_name: str, api_keys: Sequence[str] = (
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await service.refresh_retriever_stats()
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/reset_prefix_cache")

@@ -147,18 +147,20 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_queries: _Optional[int] = ..., max_doc_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., batch_window_ms: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class BatchStats(_message.Message):
-    __slots__ = ("search_calls", "index_searches", "queries", "max_merged_calls", "max_merged_queries")
+    __slots__ = ("search_calls", "index_searches", "queries", "max_merged_calls", "max_merged_queries", "search_seconds")
     SEARCH_CALLS_FIELD_NUMBER: _ClassVar[int]
     INDEX_SEARCHES_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     MAX_MERGED_CALLS_FIELD_NUMBER: _ClassVar[int]
     MAX_MERGED_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     search_calls: int
     index_searches: int
     queries: int
     max_merged_calls: int
     max_merged_queries: int
-    def __init__(self, search_calls: _Optional[int] = ..., index_searches: _Optional[int] = ..., queries: _Optional[int] = ..., max_merged_calls: _Optional[int] = ..., max_merged_queries: _Optional[int] = ...) -> None: ...
+    search_seconds: float
+    def __init__(self, search_calls: _Optional[int] = ..., index_searches: _Optional[int] = ..., queries: _Optional[int] = ..., max_merged_calls: _Optional[int] = ..., max_merged_queries: _Optional[int] = ..., search_seconds: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("backend", "num_docs", "dim", "metric", "bm25", "index_dir", "extra", "limits", "stats")
