@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The exact-dense headline run of issue 5, as sessions 12-13 ran it: SmolLM2-135M, the bf16
+# flat scan on the CPU (12 threads, circular) over 21M docs in process, baseline / oracle /
+# pipelined PSA on 102 real questions (34 per dataset), one invocation. On the GPU machine:
+#   bash benchmarks/gpu/run.sh start NAME gpu/latency_21m.sh [more bench_latency args]
+# then `run.sh follow NAME SECONDS` call after call, back to back. The loop stops starting
+# questions after --time-budget-s; the JSON is rewritten after every question.
+set -uo pipefail
+out=${1:?usage: latency_21m.sh OUTDIR [bench_latency args]}; shift
+exec python3 benchmarks/bench_latency.py --out-dir "$out" --model smollm2-135m \
+  --backends flat --flat-impl torch --flat-device cpu --flat-dtype bfloat16 \
+  --flat-scan circular --filler 21000000 --torch-threads 12 --switch-interval-ms 0.5 \
+  --loop-lag-ms 5 \
+  --methods baseline,oracle,PSA:prefetch_k=512:cache_capacity=16384:overlap_depth=pipeline \
+  --questions-per-dataset 34 --time-budget-s 1500 --no-plot "$@"
