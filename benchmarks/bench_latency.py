@@ -6,9 +6,9 @@ WebQuestions, or ``--questions FILE``, JSONL with ``question``), open the knowle
 documents in total, built once into the cache dir and shared with ``bench_retrieval``),
 start ONE vLLM engine on ``--model``, then per backend (``--backends``) open the retriever
 (in-process, behind a real gRPC server thread with ``--transport grpc``, or in a child
-``retriever serve`` process with ``--transport process``, as ``serve`` runs it) and
-(the knowledge base and the first backend's in-process retriever open in a thread while the
-engine starts: on a fresh GPU machine that hides their ~100 s at 21M)
+``retriever serve`` process with ``--transport process``, as ``serve`` runs it; the
+knowledge base and the first backend's in-process retriever open in a thread while the
+engine starts, which on a fresh GPU machine hides their ~100 s at 21M), and
 
 1. warm up: one untimed question through every method;
 2. for every question, one at a time: the baseline first (its token ids are the reference
