@@ -163,6 +163,8 @@ class LatencyConfig(OutputConfig):
     """Torch flat scan (``retrieval.flat.SCANS``): ``batch`` (each search walks the matrix)
     or ``circular`` (searches board one shared walk: they overlap, for
     ``overlap_depth=pipeline``)."""
+    flat_chunk_size: int = 1 << 20
+    """Documents per chunk of the torch flat scan (``RetrieverConfig.flat_chunk_size``)."""
     hnsw_ef_search: int = 128
     seed: int = 0
 
@@ -214,6 +216,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
+        if self.flat_chunk_size < 1:
+            raise ValueError(f"flat_chunk_size: must be >= 1, got {self.flat_chunk_size}")
 
     @property
     def ordered_methods(self) -> list[str]:
@@ -455,6 +459,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--flat-dtype", "flat_dtype", {"choices": FLAT_DTYPES, "help": "torch flat matrix dtype"}),
     ("--flat-scan", "flat_scan",
      {"choices": FLAT_SCANS, "help": "torch flat scan (circular: searches overlap)"}),
+    ("--flat-chunk-size", "flat_chunk_size",
+     {"type": int, "help": "documents per chunk of the torch flat scan (default 1048576)"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     *output_flags("latency_<machine>_<model>_<backend>"),

@@ -236,6 +236,7 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
         device=cfg.flat_device if backend == "flat" else "cpu",
         dtype=cfg.flat_dtype if backend == "flat" else "float32",
         flat_scan=cfg.flat_scan if backend == "flat" else "batch",
+        flat_chunk_size=cfg.flat_chunk_size,
         ef_search=cfg.hnsw_ef_search,
         progress=False,
     )

@@ -253,6 +253,9 @@ def test_flat_dtype_flag_validation_and_label() -> None:
         LatencyConfig(flat_impl="torch", flat_dtype="int8")
     with pytest.raises(SystemExit):
         parse_args(["--flat-dtype", "int8"])
+    assert parse_args(["--flat-chunk-size", "4096"]).flat_chunk_size == 4096
+    with pytest.raises(ValueError, match="flat_chunk_size"):
+        LatencyConfig(flat_chunk_size=0)
 
 
 @pytest.fixture(scope="module")
@@ -424,11 +427,13 @@ async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
         model="tiny-llama", backends=("flat", "bm25"), methods=("baseline", "PSA"),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
         max_new_tokens=12, flat_impl="torch", flat_scan="circular", torch_threads=1,
-        out_dir=str(tmp_path), name="ahead", plot=False,
+        flat_chunk_size=10, out_dir=str(tmp_path), name="ahead", plot=False,
     )  # fmt: skip
     paths, rows = await bench_latency.run_benchmark(cfg)
     assert [p.name for p in paths] == ["ahead_flat-torch-circular.json", "ahead_bm25.json"]
     assert [o.backend for o in opened] == ["flat"] and closes == ["flat"]
+    # --flat-chunk-size reached the scan (rounded up to a whole group of 64 docs).
+    assert opened[0].retriever.chunk_size == 64
     flat, bm25 = (read_results(p)["meta"]["retriever"] for p in paths)
     assert flat["opened_during_engine_start"] is True and flat["open_s"] == opened[0].open_s
     assert "opened_during_engine_start" not in bm25  # later backends open as before

@@ -48,6 +48,11 @@ class RetrieverConfig:
     """Torch flat scan: ``batch`` (each search walks the matrix) or ``circular`` (one shared
     walk that searches board at any chunk and leave after a full turn: concurrent searches
     never wait for each other: for ``overlap_depth="pipeline"``)."""
+    flat_chunk_size: int = 1 << 20
+    """Documents per chunk of the torch flat scan. A circular scan's search boards at a chunk
+    boundary and its thread runs a handful of tensor ops per chunk; in the LM's own process
+    each op may wait for the GIL, so larger chunks mean fewer waits (and a longer wait to
+    board)."""
     candidate_margin: int = 16
     """Extra candidates a dense index proposes beyond k before exact re-scoring."""
     hnsw_m: int = 64
@@ -102,7 +107,7 @@ class RetrieverConfig:
         for name in ("hnsw_m", "ef_construction"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")
-        for name in ("ef_search", "nprobe"):
+        for name in ("ef_search", "nprobe", "flat_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
@@ -146,6 +151,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             dtype=config.dtype,
             layout=config.flat_layout,
             scan=config.flat_scan,
+            chunk_size=config.flat_chunk_size,
             candidate_margin=margin,
             progress=config.progress,
         )
@@ -251,6 +257,7 @@ _FIELD_HELP = {
     "dtype": "torch flat matrix dtype",
     "flat_layout": "torch flat matrix layout (packed: small batches, both: a busy server)",
     "flat_scan": "torch flat scan (circular: searches share one never-ending walk)",
+    "flat_chunk_size": "documents per chunk of the torch flat scan",
     "candidate_margin": "extra dense candidates re-scored beyond k",
     "hnsw_m": "HNSW M",
     "ef_construction": "HNSW efConstruction",

@@ -58,6 +58,7 @@ def kb() -> KnowledgeBase:
         ({"bm25_b": 1.5}, "bm25_b"),
         ({"bm25_epsilon": -1.0}, "bm25_epsilon"),
         ({"threads": 0}, "threads"),
+        ({"flat_chunk_size": 0}, "flat_chunk_size"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, field: str) -> None:
@@ -74,6 +75,7 @@ def test_cli_flags_round_trip() -> None:
             *("--backend", "bm25", "--bm25-k1", "1.2", "--bm25-b", "0.5"),
             *("--no-bm25-stopwords", "--nlist", "64", "--nprobe", "4", "--flat-impl", "torch"),
             *("--dtype", "float16", "--device", "cpu", "--ef-search", "32", "--threads", "3"),
+            *("--flat-chunk-size", "4096"),
         ]
     )
     config = config_from_args(args)
@@ -89,6 +91,7 @@ def test_cli_flags_round_trip() -> None:
         device="cpu",
         ef_search=32,
         threads=3,
+        flat_chunk_size=4096,
     )
     assert config.bm25_params == BM25Params(k1=1.2, b=0.5, epsilon=0.25)
     assert not config.analyzer.stopwords
