@@ -8,7 +8,8 @@ staggered searches side by side (each walks the matrix); a circular scan boards 
 walk; ``circular-percohort`` is the circular scan with its threshold ops run cohort by cohort
 (as before they were merged). ``--busy-duty`` adds a Python thread that holds the GIL that
 fraction of the time, in 2 ms bursts (an event loop driving vLLM in-process), and
-``--switch-ms`` sets the GIL switch interval. Writes JSON to ``--out`` when given.
+``--switch-ms`` sets the GIL switch interval; ``--scans`` picks which of the three run and
+``--chunk-size`` sets the scan's chunk. Writes JSON to ``--out`` when given.
 
     python benchmarks/probe_scan.py --docs 2000000 --dtype bfloat16 --threads 2
 """
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--busy-duty", type=float, default=0.0)
     parser.add_argument("--switch-ms", type=float, default=None)
+    parser.add_argument("--scans", default="batch,circular-percohort,circular")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -113,7 +115,7 @@ def main() -> None:
     stop = threading.Event()
     if args.busy_duty > 0:
         threading.Thread(target=busy, args=(args.busy_duty, stop), daemon=True).start()
-    for scan in ("batch", "circular-percohort", "circular"):
+    for scan in args.scans.split(","):
         retriever = FlatRetriever(vectors, impl="torch", device=args.device, dtype=args.dtype,
                                   chunk_size=args.chunk_size, scan=scan.split("-")[0])  # fmt: skip
         if scan == "circular-percohort":
