@@ -215,6 +215,7 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
         "verification_latency_mean_s": round(vlat["mean"], 4),
         "search_latency_mean_s": round(search["mean"], 4),
         "searches_seen_by_requests": int(search["count"]),
+        "load_fallbacks": int(_delta(before, after, "ralmspec_load_fallbacks_total")),
         **index_stats(before, after),
         **lm_stats(before, after),
     }

@@ -67,6 +67,11 @@ TOKENS_DISCARDED = Counter(
     "ralmspec_tokens_discarded", "Generated tokens thrown away by rollbacks or aborted work."
 )
 LM_ABORTS = Counter("ralmspec_lm_aborts", "In-flight speculative LM calls cancelled.")
+LOAD_FALLBACKS = Counter(
+    "ralmspec_load_fallbacks",
+    "ralmspec requests run as the baseline (the same answer) because the server's"
+    " max_speculating requests were already speculating.",
+)
 VERIFICATION_STEPS = Histogram(
     "ralmspec_verification_steps",
     "Speculated steps checked by one verification of one request.",
@@ -131,6 +136,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_rollbacks_total",
     "ralmspec_tokens_discarded_total",
     "ralmspec_lm_aborts_total",
+    "ralmspec_load_fallbacks_total",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
     "ralmspec_retrieval_latency_seconds",
@@ -167,6 +173,11 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
         SPECULATION_STRIDE.observe(stride)
     PROMPT_TOKENS.inc(trace.num_prompt_tokens)
     PREFIX_CACHE_HIT_TOKENS.inc(trace.num_cached_tokens)
+
+
+def record_load_fallback() -> None:
+    """A ``ralmspec`` request that runs as the baseline under load (``max_speculating``)."""
+    LOAD_FALLBACKS.inc()
 
 
 def record_failure(method: str, outcome: str) -> None:

@@ -62,6 +62,12 @@ class ServiceConfig:
     """Cross-request batching: how long the first search of a batch waits for others."""
     max_batch_queries: int = 256
     """Cross-request batching: most queries in one retriever call."""
+    max_speculating: int | None = None
+    """Load-aware fallback: a ``ralmspec`` request that starts while this many others are
+    speculating runs as the baseline instead (the same answer: the baseline is the reference
+    speculation is checked against). Speculation spends extra LM steps and retriever queries
+    to save waiting, which pays only while the engine and the retriever have room (H100,
+    c=256: 0.74x the baseline's throughput). ``None``: never fall back."""
 
     def __post_init__(self) -> None:
         if self.default_mode not in SERVED_MODES:
@@ -73,6 +79,8 @@ class ServiceConfig:
             raise ValueError(f"batch_window_s must be >= 0, got {self.batch_window_s}")
         if self.max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
+        if self.max_speculating is not None and self.max_speculating < 0:
+            raise ValueError(f"max_speculating must be >= 0, got {self.max_speculating}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
@@ -132,6 +140,9 @@ class JobResult:
     """The model emitted EOS (otherwise ``max_tokens`` ended the answer)."""
     spans: tuple[TokenSpan, ...]
     trace: RequestTrace
+    load_fallback: bool = False
+    """A ``ralmspec`` request that ran as the baseline because the server was busy
+    (``ServiceConfig.max_speculating``); the answer is the same."""
 
 
 class RaLMService:
@@ -166,6 +177,8 @@ class RaLMService:
             encoder,
         )
         self._ids = itertools.count()
+        self.speculating = 0
+        """``ralmspec`` requests speculating now (for ``max_speculating``)."""
 
     # -- planning -------------------------------------------------------------------------
 
@@ -278,10 +291,17 @@ class RaLMService:
         return result
 
     async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
+        mode = job.mode
+        limit = self.config.max_speculating
+        if mode == "ralmspec" and limit is not None and self.speculating >= limit:
+            mode = "baseline"  # the same answer, without speculation's extra work
+            metrics.record_load_fallback()
+        speculates = mode == "ralmspec"
+        self.speculating += speculates
         try:
             result = await self.engine.generate(
                 job.question_ids,
-                job.mode,
+                mode,
                 request_id=job.request_id,
                 speculation=job.speculation,
                 on_final=lambda start, tokens: out.put_nowait(VerifiedChunk(start, tokens)),
@@ -292,8 +312,13 @@ class RaLMService:
         except Exception:
             metrics.record_failure(job.method, "error")
             raise
+        finally:
+            self.speculating -= speculates
         metrics.record_request(result.trace, len(result.token_ids))
-        return JobResult(result.token_ids, result.finished, result.trace.spans, result.trace)
+        fallback = job.mode == "ralmspec" and not speculates
+        return JobResult(
+            result.token_ids, result.finished, result.trace.spans, result.trace, fallback
+        )
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).

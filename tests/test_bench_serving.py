@@ -193,6 +193,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
+        assert row["load_fallbacks"] == 0  # the server speculates without a limit by default
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
     by = {(r["concurrency"], r["method"]): r for r in rows}
     assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0

@@ -145,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--max-tokens-limit", type=int, default=c.max_tokens_limit)
     _own(ralm, "--max-retrieval-stride", type=int, default=c.max_retrieval_stride)
     _own(ralm, "--max-prefetch-k", type=int, default=c.max_prefetch_k)
+    _own(ralm, "--max-speculating", type=int, default=c.max_speculating,
+         help="load-aware fallback: a ralmspec request that starts while this many others "
+              "speculate runs as the baseline (same answer); default: never")  # fmt: skip
 
     # load_vllm applies the process settings (threads, offline) before vLLM/torch is imported.
     engine = parser.add_argument_group("vLLM engine (all of vLLM's engine flags)")
@@ -196,6 +199,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_prefetch_k=args.max_prefetch_k,
         batch_window_s=args.batch_window_ms / 1000,
         max_batch_queries=args.max_batch_queries,
+        max_speculating=args.max_speculating,
     )
 
 

@@ -5,6 +5,7 @@ for token, in every mode, streamed or not, alone or concurrent."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 from typing import Any
@@ -95,6 +96,38 @@ async def test_completion_equals_offline_baseline(
     )
     want = await baseline(served, QUESTIONS[0])
     assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+
+
+async def test_busy_server_runs_ralmspec_requests_as_the_baseline(
+    served: Served, openai_client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_speculating=1``: one request at a time speculates; requests that start while
+    another speculates run as the baseline, say so and give the same answer."""
+    config = dataclasses.replace(served.service.config, max_speculating=1)
+    monkeypatch.setattr(served.service, "config", config)
+
+    async def ask(question: str) -> Any:
+        return await openai_client.completions.create(
+            model=MODEL_NAME,
+            prompt=question,
+            extra_body={"ralm": SPECULATIVE[2], "return_token_ids": True},
+        )
+
+    before = sample("ralmspec_load_fallbacks_total")
+    alone = await ask(QUESTIONS[0])  # nobody else speculates: it does
+    assert not (alone.model_extra or {})["ralm"]["load_fallback"]
+    assert sample("ralmspec_load_fallbacks_total") == before
+    together = await asyncio.gather(*(ask(q) for q in QUESTIONS))
+    fell_back = [(r.model_extra or {})["ralm"]["load_fallback"] for r in together]
+    assert 1 <= sum(fell_back) <= len(QUESTIONS) - 1, fell_back  # one speculates at a time
+    assert sample("ralmspec_load_fallbacks_total") == before + sum(fell_back)
+    for question, response, fallback in zip(QUESTIONS, together, fell_back, strict=True):
+        want = await baseline(served, question)
+        assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+        usage = (response.model_extra or {})["ralm"]
+        assert usage["mode"].startswith("baseline" if fallback else "ralmspec")
+        assert fallback or usage["verifications"] >= 1
+    assert served.service.speculating == 0
 
 
 async def test_streaming_completion_sends_verified_text(

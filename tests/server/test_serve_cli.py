@@ -49,6 +49,12 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     spec = config.speculation
     assert (spec.speculation_stride, spec.prefetch_k, spec.async_verification) == (3, 5, False)
     assert spec.overlap_depth == "stride"  # PSA's default
+    assert config.max_speculating is None  # no load-aware fallback unless asked
+    args, _ = parse(["serve", "--max-speculating", "48"])
+    assert service_config_from_args(args).max_speculating == 48  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--max-speculating", "-1"])
+    with pytest.raises(ValueError, match="max_speculating"):
+        service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "2"])
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "fill"])

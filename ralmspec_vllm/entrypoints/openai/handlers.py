@@ -391,4 +391,5 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         wall_time_s=trace.wall_time_s,
         prefix_cached_tokens=trace.num_cached_tokens,
         prompt_tokens_sent=trace.num_prompt_tokens,
+        load_fallback=result.load_fallback,
     )

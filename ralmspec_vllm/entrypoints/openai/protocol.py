@@ -123,6 +123,9 @@ class RaLMUsage(BaseModel):
     wall_time_s: float
     prefix_cached_tokens: int
     prompt_tokens_sent: int
+    load_fallback: bool = False
+    """Asked for ``ralmspec`` but ran as the baseline: the server was at its
+    ``--max-speculating`` (the answer is the same)."""
 
 
 class RaLMCompletionResponse(CompletionResponse):
