@@ -73,10 +73,10 @@ print(filler_corpus(default_index(), int(sys.argv[1]))[1])" "$1" 2>&1 | grep -v 
     # Copy the results every minute too: a call cut short by the device budget still returns
     # what $RES holds, and bench_latency rewrites its JSON after every question.
     while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do
-      sleep 5; [ $((SECONDS % 60)) -lt 5 ] && cp -r "$dir/." "$RES/"
+      sleep 5; [ $((SECONDS % 60)) -lt 5 ] && cp -r "$dir/." "$RES/" && rm -f "$RES"/*.tmp
     done
     grep -v "it/s\]" "$dir/log" | grep -E "bench_|Error|error|Traceback|^\||budget" | tail -40
-    tail -n 4 "$dir/log"; cp -r "$dir/." "$RES/"
+    tail -n 4 "$dir/log"; cp -r "$dir/." "$RES/"; rm -f "$RES"/*.tmp  # a JSON mid-rewrite
     if kill -0 "$pid" 2>/dev/null; then echo "[follow] $name: still running"
     else echo "[follow] $name: finished"; fi ;;
   save-cache)
