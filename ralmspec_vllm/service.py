@@ -315,9 +315,8 @@ class RaLMService:
         finally:
             self.speculating -= speculates
         metrics.record_request(result.trace, len(result.token_ids))
-        fallback = job.mode == "ralmspec" and not speculates
         return JobResult(
-            result.token_ids, result.finished, result.trace.spans, result.trace, fallback
+            result.token_ids, result.finished, result.trace.spans, result.trace, mode != job.mode
         )
 
     async def reset_prefix_cache(self) -> bool:

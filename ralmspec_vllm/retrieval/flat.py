@@ -269,7 +269,7 @@ class _ThresholdScan:
         maxima = groups.amax(dim=2).float()
         merged = torch.cat([self.best, maxima], dim=1)
         self.best = torch.topk(merged, self.count, dim=1).values
-        threshold = self._threshold(self.best)
+        threshold = _threshold(self.best, self.k, self.count, self.slack)
         row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
         values = groups[row, group].float()  # (hits, _GROUP)
         keep = values >= threshold[row, None]
@@ -313,7 +313,7 @@ class _ThresholdScan:
         counts = {(s.k, s.count) for s in scans}
         if len(counts) == 1:
             ((k, count),) = counts
-            threshold = torch.minimum(best[:, k - 1] - slack, best[:, count - 1])
+            threshold = _threshold(best, k, count, slack)
         else:
             index = torch.tensor(
                 [[s.k - 1, s.count - 1] for s in scans for _ in range(s.best.shape[0])],
@@ -335,11 +335,6 @@ class _ThresholdScan:
             r0, r1, a, b = bounds[i], bounds[i + 1], cuts[i], cuts[i + 1]
             s.best = best[r0:r1] if s.count == width else best[r0:r1, : s.count]
             s.parts.append((hit_rows[a:b] - r0, hit_cols[a:b], hit_values[a:b]))
-
-    def _threshold(self, best: Any) -> Any:
-        import torch
-
-        return torch.minimum(best[:, self.k - 1] - self.slack, best[:, self.count - 1])
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids -1 padded, scores, ceiling): the final threshold is exact, not a lower bound."""
@@ -367,6 +362,14 @@ class _ThresholdScan:
             out_ids[r, : len(i)] = i
             out_scores[r, : len(v)] = v
         return out_ids, out_scores, ceiling
+
+
+def _threshold(best: Any, k: int, count: int, slack: Any) -> Any:
+    """Per row: the k-th best minus its slack, or the count-th best if lower (``best``: a
+    scan's top ``count`` group maxima so far, -inf where fewer were seen)."""
+    import torch
+
+    return torch.minimum(best[:, k - 1] - slack, best[:, count - 1])
 
 
 def _numpy(x: Any) -> np.ndarray:
