@@ -215,7 +215,11 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
         "verification_latency_mean_s": round(vlat["mean"], 4),
         "search_latency_mean_s": round(search["mean"], 4),
         "searches_seen_by_requests": int(search["count"]),
+        "retriever_queries": int(queries["sum"]),
         "load_fallbacks": int(_delta(before, after, "ralmspec_load_fallbacks_total")),
+        "retriever_fallbacks": int(
+            _delta(before, after, "ralmspec_load_fallbacks_total", reason="retriever")
+        ),
         **index_stats(before, after),
         **lm_stats(before, after),
     }

@@ -9,6 +9,7 @@ process). Data flows in two ways:
   retrieval latency per purpose, chosen strides, prefix-cache hits).
 - ``observe_batch(calls, queries, wait_s)``: from the server's cross-request
   ``BatchingRetriever`` each time it sends one merged retriever call.
+- ``watch_retriever_slowdown(fn)``: the load signal of the server's fallback, read per scrape.
 - ``set_retriever_stats(stats)``: the retriever service's own counters (its index searches
   and the seconds its backend spent in them), fetched by ``/metrics`` before each scrape, so
   a reader can tell a slow index from slow RPCs or a busy event loop.
@@ -19,10 +20,10 @@ Speculation accuracy is ``hits / (hits + misses)``, computed by the reader from
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,8 +70,17 @@ TOKENS_DISCARDED = Counter(
 LM_ABORTS = Counter("ralmspec_lm_aborts", "In-flight speculative LM calls cancelled.")
 LOAD_FALLBACKS = Counter(
     "ralmspec_load_fallbacks",
-    "ralmspec requests run as the baseline (the same answer) because the server's"
-    " max_speculating requests were already speculating.",
+    "ralmspec requests run as the baseline (the same answer) under load, by reason:"
+    " speculating (max_speculating others were) or retriever (its recent searches were"
+    " max_retriever_slowdown times slower than its fastest).",
+    ["reason"],
+)
+for _reason in ("speculating", "retriever"):
+    LOAD_FALLBACKS.labels(_reason)  # exposed at 0 from the start
+RETRIEVER_SLOWDOWN = Gauge(
+    "ralmspec_retriever_slowdown",
+    "Median of the retriever's recent merged searches over the fastest one seen (1 when"
+    " idle); above max_retriever_slowdown, ralmspec requests run as the baseline.",
 )
 VERIFICATION_STEPS = Histogram(
     "ralmspec_verification_steps",
@@ -137,6 +147,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_tokens_discarded_total",
     "ralmspec_lm_aborts_total",
     "ralmspec_load_fallbacks_total",
+    "ralmspec_retriever_slowdown",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
     "ralmspec_retrieval_latency_seconds",
@@ -175,9 +186,16 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     PREFIX_CACHE_HIT_TOKENS.inc(trace.num_cached_tokens)
 
 
-def record_load_fallback() -> None:
-    """A ``ralmspec`` request that runs as the baseline under load (``max_speculating``)."""
-    LOAD_FALLBACKS.inc()
+def record_load_fallback(reason: str) -> None:
+    """A ``ralmspec`` request that runs as the baseline under load (``speculating`` or
+    ``retriever``: see ``RaLMService.fallback_reason``)."""
+    LOAD_FALLBACKS.labels(reason).inc()
+
+
+def watch_retriever_slowdown(slowdown: Callable[[], float]) -> None:
+    """``ralmspec_retriever_slowdown`` reads ``slowdown()`` at each scrape (the latest
+    service's, where a process builds several)."""
+    RETRIEVER_SLOWDOWN.set_function(slowdown)
 
 
 def record_failure(method: str, outcome: str) -> None:

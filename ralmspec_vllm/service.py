@@ -35,6 +35,7 @@ from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
+from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ class ServiceConfig:
     speculation is checked against). Speculation spends extra LM steps and retriever queries
     to save waiting, which pays only while the engine and the retriever have room (H100,
     c=256: 0.74x the baseline's throughput). ``None``: never fall back."""
+    max_retriever_slowdown: float | None = 2.0
+    """Load-aware fallback on the retriever (``ralmspec_vllm.load``): a ``ralmspec`` request
+    that starts while the recent searches take more than this many times the fastest search
+    seen runs as the baseline instead (the same answer). A retriever that slow is bound by
+    arithmetic, so speculation's extra queries slow everyone (H200, 21M docs, c=64: 0.61x
+    without this). ``None``: never fall back on the retriever's account."""
 
     def __post_init__(self) -> None:
         if self.default_mode not in SERVED_MODES:
@@ -81,6 +88,9 @@ class ServiceConfig:
             raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
         if self.max_speculating is not None and self.max_speculating < 0:
             raise ValueError(f"max_speculating must be >= 0, got {self.max_speculating}")
+        slowdown = self.max_retriever_slowdown
+        if slowdown is not None and not slowdown > 1:
+            raise ValueError(f"max_retriever_slowdown must be > 1 (or None), got {slowdown}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
@@ -142,7 +152,7 @@ class JobResult:
     trace: RequestTrace
     load_fallback: bool = False
     """A ``ralmspec`` request that ran as the baseline because the server was busy
-    (``ServiceConfig.max_speculating``); the answer is the same."""
+    (``ServiceConfig.max_speculating`` or ``max_retriever_slowdown``); the same answer."""
 
 
 class RaLMService:
@@ -162,11 +172,14 @@ class RaLMService:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.max_model_len = max_model_len
+        self.retriever_load = RetrieverLoad()
+        """Recent search durations against the fastest (for ``max_retriever_slowdown``)."""
+        metrics.watch_retriever_slowdown(lambda: self.retriever_load.slowdown())
         self.batching = BatchingRetriever(
             retriever,
             self.config.batch_window_s,
             self.config.max_batch_queries,
-            on_batch=_observe_batch,
+            on_batch=self._observe_batch,
         )
         self.engine = RaLMEngine(
             lm,
@@ -292,10 +305,11 @@ class RaLMService:
 
     async def _run(self, job: RaLMJob, out: asyncio.Queue[VerifiedChunk]) -> JobResult:
         mode = job.mode
-        limit = self.config.max_speculating
-        if mode == "ralmspec" and limit is not None and self.speculating >= limit:
+        reason = self.fallback_reason() if mode == "ralmspec" else None
+        if reason is not None:
             mode = "baseline"  # the same answer, without speculation's extra work
-            metrics.record_load_fallback()
+            metrics.record_load_fallback(reason)
+            logger.debug("request %s runs as the baseline: %s", job.request_id, reason)
         speculates = mode == "ralmspec"
         self.speculating += speculates
         try:
@@ -318,6 +332,23 @@ class RaLMService:
         return JobResult(
             result.token_ids, result.finished, result.trace.spans, result.trace, mode != job.mode
         )
+
+    def fallback_reason(self) -> str | None:
+        """Why a ``ralmspec`` request starting now should run as the baseline, if it should:
+        ``speculating`` (``max_speculating`` others are) or ``retriever`` (its searches are
+        ``max_retriever_slowdown`` times slower than its fastest)."""
+        cfg = self.config
+        if cfg.max_speculating is not None and self.speculating >= cfg.max_speculating:
+            return "speculating"
+        slowdown = cfg.max_retriever_slowdown
+        if slowdown is not None and self.retriever_load.slowdown() > slowdown:
+            return "retriever"
+        return None
+
+    def _observe_batch(self, record: BatchRecord) -> None:
+        """Each merged retriever call: the Prometheus batch histograms and the load signal."""
+        metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
+        self.retriever_load.observe(record.search_s, record.ok)
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).
@@ -359,11 +390,6 @@ class RaLMService:
             return {}
         docs = await self.retriever.documents(unique)
         return {doc.doc_id: doc.title for doc in docs}
-
-
-def _observe_batch(record: BatchRecord) -> None:
-    """Each merged retriever call, into the Prometheus batch histograms."""
-    metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
 
 
 def _check_range(param: str, value: int, upper: int) -> None:

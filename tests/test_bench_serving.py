@@ -162,7 +162,8 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
     argv += ["--questions", str(tiny_world["questions"]), "--index", str(tiny_world["kb"])]
     argv += ["--requests-per-cell", "2", "--max-tokens", "12", "--warmup", "1"]
     argv += ["--out-dir", str(tmp_path), "--name", "smoke", "--log-level", "WARNING"]
-    argv += ["--server-arg=--max-model-len=1024", "--", "--max-doc-tokens", "64"]
+    argv += ["--server-arg=--max-model-len=1024", "--server-arg=--max-retriever-slowdown=0"]
+    argv += ["--", "--max-doc-tokens", "64"]
     assert main(argv) == 0
     data = read_results(tmp_path / "smoke.json")
     assert (tmp_path / "smoke.png").stat().st_size > 0
@@ -193,7 +194,9 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
-        assert row["load_fallbacks"] == 0  # the server speculates without a limit by default
+        assert row["load_fallbacks"] == 0  # both fallbacks off: every ralmspec request speculates
+        assert row["retriever_fallbacks"] == 0
+        assert row["retriever_queries"] >= row["retriever_rpcs"]
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
     by = {(r["concurrency"], r["method"]): r for r in rows}
     assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0

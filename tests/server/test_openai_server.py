@@ -15,6 +15,7 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
+from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.metrics import METRIC_NAMES
 
 from .conftest import API_KEY, MODEL_NAME, Served
@@ -113,14 +114,14 @@ async def test_busy_server_runs_ralmspec_requests_as_the_baseline(
             extra_body={"ralm": SPECULATIVE[2], "return_token_ids": True},
         )
 
-    before = sample("ralmspec_load_fallbacks_total")
+    before = sample("ralmspec_load_fallbacks_total", reason="speculating")
     alone = await ask(QUESTIONS[0])  # nobody else speculates: it does
     assert not (alone.model_extra or {})["ralm"]["load_fallback"]
-    assert sample("ralmspec_load_fallbacks_total") == before
+    assert sample("ralmspec_load_fallbacks_total", reason="speculating") == before
     together = await asyncio.gather(*(ask(q) for q in QUESTIONS))
     fell_back = [(r.model_extra or {})["ralm"]["load_fallback"] for r in together]
     assert 1 <= sum(fell_back) <= len(QUESTIONS) - 1, fell_back  # one speculates at a time
-    assert sample("ralmspec_load_fallbacks_total") == before + sum(fell_back)
+    assert sample("ralmspec_load_fallbacks_total", reason="speculating") == before + sum(fell_back)
     for question, response, fallback in zip(QUESTIONS, together, fell_back, strict=True):
         want = await baseline(served, question)
         assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
@@ -128,6 +129,37 @@ async def test_busy_server_runs_ralmspec_requests_as_the_baseline(
         assert usage["mode"].startswith("baseline" if fallback else "ralmspec")
         assert fallback or usage["verifications"] >= 1
     assert served.service.speculating == 0
+
+
+async def test_slow_retriever_runs_ralmspec_requests_as_the_baseline(
+    served: Served, openai_client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_retriever_slowdown``: a ``ralmspec`` request that starts while the retriever's
+    recent searches are far slower than its fastest runs as the baseline: same answer,
+    ``load_fallback`` in the usage block, counted with reason ``retriever``; the slowdown is
+    on ``/metrics``. The slow searches are injected into the load signal (fault injection)."""
+    service = served.service
+    monkeypatch.setattr(
+        service, "config", dataclasses.replace(service.config, max_retriever_slowdown=2.0)
+    )
+    monkeypatch.setattr(service, "retriever_load", RetrieverLoad())
+    service.retriever_load.observe(0.002)  # the index alone
+    for _ in range(16):
+        service.retriever_load.observe(0.5)  # 250x: bound by arithmetic, say
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        text = (await http.get("/metrics")).text  # the gauge reads the load at scrape time
+    assert "\nralmspec_retriever_slowdown 250.0" in text
+    before = sample("ralmspec_load_fallbacks_total", reason="retriever")
+    response = await openai_client.completions.create(
+        model=MODEL_NAME,
+        prompt=QUESTIONS[1],
+        extra_body={"ralm": SPECULATIVE[2], "return_token_ids": True},
+    )
+    usage = (response.model_extra or {})["ralm"]
+    assert usage["load_fallback"] and usage["mode"].startswith("baseline")
+    want = await baseline(served, QUESTIONS[1])
+    assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+    assert sample("ralmspec_load_fallbacks_total", reason="retriever") == before + 1
 
 
 async def test_streaming_completion_sends_verified_text(

@@ -140,3 +140,52 @@ async def test_closing_the_stream_cancels_the_job() -> None:
     assert len(lm.calls) == calls  # nothing ran on after the close
     assert lm.cancelled  # the in-flight LM call was cancelled
     assert not lm._inflight
+
+
+def fallbacks(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("ralmspec_load_fallbacks_total", {"reason": reason}) or 0.0
+
+
+async def test_a_slow_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
+    """``max_retriever_slowdown``: while the retriever's recent searches are much slower than
+    its fastest, a ``ralmspec`` request runs as the baseline (same answer, counted); once the
+    searches are fast again, requests speculate again."""
+    service, retriever, _ = make_service(max_retriever_slowdown=2.0)
+    assert service.config.max_speculating is None
+    retriever.latency_s = 0.005
+    _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    assert service.retriever_load.slowdown() < 2.0  # steady searches: not loaded
+    _, fast = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert not fast.load_fallback and fast.trace.verifications
+    assert fast.token_ids == want.token_ids
+
+    retriever.latency_s = 0.06  # 12x: a scan bound by arithmetic
+    await collect(service, SHORT_QUESTION, mode="baseline", retrieval_stride=2)
+    assert service.retriever_load.slowdown() > 2.0
+    before = fallbacks("retriever")
+    _, slow = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert slow.load_fallback and slow.trace.mode == "baseline"
+    assert not slow.trace.verifications
+    assert slow.token_ids == want.token_ids
+    assert fallbacks("retriever") == before + 1
+    assert service.fallback_reason() == "retriever"
+
+    retriever.latency_s = 0.005  # the load is gone; the fallen-back requests see it first
+    for _ in range(3):
+        _, result = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+        assert result.token_ids == want.token_ids
+    assert not result.load_fallback and result.trace.verifications
+    assert service.fallback_reason() is None
+
+
+async def test_speculating_limit_comes_before_the_retriever() -> None:
+    service, _, _ = make_service(max_speculating=0, max_retriever_slowdown=None)
+    before = fallbacks("speculating")
+    _, result = await collect(service, SHORT_QUESTION, mode="ralmspec")
+    assert result.load_fallback and fallbacks("speculating") == before + 1
+    service, _, _ = make_service(max_retriever_slowdown=None)
+    for s in (0.01, 5.0, 5.0, 5.0):
+        service.retriever_load.observe(s)
+    assert service.fallback_reason() is None  # off: a slow retriever changes nothing
