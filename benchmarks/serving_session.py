@@ -146,9 +146,11 @@ class Session:
             self.reference.update({r.job.qid: r.text for r in records if not r.error})
         finish_rows(self.rows, self.records, self.reference)
         logger.info(
-            "  %s: %.2f req/s, %.1f tok/s, p50 %.2f s, %d failed, %d resent, identical %s",
+            "  %s: %.2f req/s, %.1f tok/s, p50 %.2f s, %d failed, %d resent, %d fell back,"
+            " identical %s",
             label, row["requests_per_s"], row["throughput_tok_s"], row["p50_s"] or 0.0,
-            row["failed"], row["connection_resends"], row["outputs_identical"],
+            row["failed"], row["connection_resends"], row.get("load_fallbacks", 0),
+            row["outputs_identical"],
         )  # fmt: skip
 
     async def reference_pass(self) -> dict[str, Any]:

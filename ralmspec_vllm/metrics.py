@@ -9,7 +9,7 @@ process). Data flows in two ways:
   retrieval latency per purpose, chosen strides, prefix-cache hits).
 - ``observe_batch(calls, queries, wait_s)``: from the server's cross-request
   ``BatchingRetriever`` each time it sends one merged retriever call.
-- ``watch_retriever_slowdown(fn)``: the load signal of the server's fallback, read per scrape.
+- ``watch_retriever_utilization(fn)``: the load signal of the server's fallback, per scrape.
 - ``set_retriever_stats(stats)``: the retriever service's own counters (its index searches
   and the seconds its backend spent in them), fetched by ``/metrics`` before each scrape, so
   a reader can tell a slow index from slow RPCs or a busy event loop.
@@ -71,16 +71,17 @@ LM_ABORTS = Counter("ralmspec_lm_aborts", "In-flight speculative LM calls cancel
 LOAD_FALLBACKS = Counter(
     "ralmspec_load_fallbacks",
     "ralmspec requests run as the baseline (the same answer) under load, by reason:"
-    " speculating (max_speculating others were) or retriever (its recent searches were"
-    " max_retriever_slowdown times slower than its fastest).",
+    " speculating (max_speculating others were) or retriever (busier than"
+    " max_retriever_utilization).",
     ["reason"],
 )
 for _reason in ("speculating", "retriever"):
     LOAD_FALLBACKS.labels(_reason)  # exposed at 0 from the start
-RETRIEVER_SLOWDOWN = Gauge(
-    "ralmspec_retriever_slowdown",
-    "Median of the retriever's recent merged searches over the fastest one seen (1 when"
-    " idle); above max_retriever_slowdown, ralmspec requests run as the baseline.",
+RETRIEVER_UTILIZATION = Gauge(
+    "ralmspec_retriever_utilization",
+    "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
+    " seconds one more query costs it (calibrated at start); above max_retriever_utilization,"
+    " ralmspec requests run as the baseline.",
 )
 VERIFICATION_STEPS = Histogram(
     "ralmspec_verification_steps",
@@ -147,7 +148,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_tokens_discarded_total",
     "ralmspec_lm_aborts_total",
     "ralmspec_load_fallbacks_total",
-    "ralmspec_retriever_slowdown",
+    "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
     "ralmspec_retrieval_latency_seconds",
@@ -192,10 +193,10 @@ def record_load_fallback(reason: str) -> None:
     LOAD_FALLBACKS.labels(reason).inc()
 
 
-def watch_retriever_slowdown(slowdown: Callable[[], float]) -> None:
-    """``ralmspec_retriever_slowdown`` reads ``slowdown()`` at each scrape (the latest
+def watch_retriever_utilization(utilization: Callable[[], float]) -> None:
+    """``ralmspec_retriever_utilization`` reads ``utilization()`` at each scrape (the latest
     service's, where a process builds several)."""
-    RETRIEVER_SLOWDOWN.set_function(slowdown)
+    RETRIEVER_UTILIZATION.set_function(utilization)
 
 
 def record_failure(method: str, outcome: str) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -35,12 +36,13 @@ from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
-from ralmspec_vllm.load import RetrieverLoad
+from ralmspec_vllm.load import CALIBRATION_QUERIES, RetrieverLoad
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
 logger = logging.getLogger(__name__)
 
 SERVED_MODES: tuple[Mode, ...] = ("baseline", "ralmspec")
+CALIBRATION_TEXT = "retriever calibration query number {}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,13 @@ class ServiceConfig:
     speculation is checked against). Speculation spends extra LM steps and retriever queries
     to save waiting, which pays only while the engine and the retriever have room (H100,
     c=256: 0.74x the baseline's throughput). ``None``: never fall back."""
-    max_retriever_slowdown: float | None = 2.0
+    max_retriever_utilization: float | None = 0.5
     """Load-aware fallback on the retriever (``ralmspec_vllm.load``): a ``ralmspec`` request
-    that starts while the recent searches take more than this many times the fastest search
-    seen runs as the baseline instead (the same answer). A retriever that slow is bound by
-    arithmetic, so speculation's extra queries slow everyone (H200, 21M docs, c=64: 0.61x
-    without this). ``None``: never fall back on the retriever's account."""
+    that starts while this server keeps the retriever busier than this (recent queries/s x
+    the calibrated seconds per query) runs as the baseline instead (the same answer).
+    Speculation asks ~1.6x the baseline's queries, so above ~0.6 they no longer fit (H200,
+    21M docs, c=64: 0.61x without this). ``None``: never fall back on the retriever's
+    account."""
 
     def __post_init__(self) -> None:
         if self.default_mode not in SERVED_MODES:
@@ -88,9 +91,9 @@ class ServiceConfig:
             raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
         if self.max_speculating is not None and self.max_speculating < 0:
             raise ValueError(f"max_speculating must be >= 0, got {self.max_speculating}")
-        slowdown = self.max_retriever_slowdown
-        if slowdown is not None and not slowdown > 1:
-            raise ValueError(f"max_retriever_slowdown must be > 1 (or None), got {slowdown}")
+        busy = self.max_retriever_utilization
+        if busy is not None and not busy > 0:
+            raise ValueError(f"max_retriever_utilization must be > 0 (or None), got {busy}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
@@ -152,7 +155,7 @@ class JobResult:
     trace: RequestTrace
     load_fallback: bool = False
     """A ``ralmspec`` request that ran as the baseline because the server was busy
-    (``ServiceConfig.max_speculating`` or ``max_retriever_slowdown``); the same answer."""
+    (``ServiceConfig.max_speculating`` or ``max_retriever_utilization``); the same answer."""
 
 
 class RaLMService:
@@ -173,8 +176,8 @@ class RaLMService:
         self.retriever = retriever
         self.max_model_len = max_model_len
         self.retriever_load = RetrieverLoad()
-        """Recent search durations against the fastest (for ``max_retriever_slowdown``)."""
-        metrics.watch_retriever_slowdown(lambda: self.retriever_load.slowdown())
+        """Queries sent and their calibrated cost (for ``max_retriever_utilization``)."""
+        metrics.watch_retriever_utilization(lambda: self.retriever_load.utilization())
         self.batching = BatchingRetriever(
             retriever,
             self.config.batch_window_s,
@@ -335,20 +338,42 @@ class RaLMService:
 
     def fallback_reason(self) -> str | None:
         """Why a ``ralmspec`` request starting now should run as the baseline, if it should:
-        ``speculating`` (``max_speculating`` others are) or ``retriever`` (its searches are
-        ``max_retriever_slowdown`` times slower than its fastest)."""
+        ``speculating`` (``max_speculating`` others are) or ``retriever`` (this server keeps
+        it busier than ``max_retriever_utilization``)."""
         cfg = self.config
         if cfg.max_speculating is not None and self.speculating >= cfg.max_speculating:
             return "speculating"
-        slowdown = cfg.max_retriever_slowdown
-        if slowdown is not None and self.retriever_load.slowdown() > slowdown:
+        busy = cfg.max_retriever_utilization
+        if busy is not None and self.retriever_load.utilization() > busy:
             return "retriever"
         return None
+
+    async def calibrate_retriever(self) -> float:
+        """Time one query and ``CALIBRATION_QUERIES`` queries on the retriever (best of two
+        each) and set the load signal's seconds per query; returns it. Call it once, before
+        serving (at 21M docs on the H200 host it takes a few seconds)."""
+        one = [CALIBRATION_TEXT.format(0)]
+        many = [CALIBRATION_TEXT.format(i) for i in range(CALIBRATION_QUERIES)]
+        times = {}
+        for name, queries in (("one", one), ("many", many)):
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                await self.retriever.search(queries, 1)
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+        cost = self.retriever_load.calibrate(times["one"], times["many"])
+        logger.info(
+            "retriever calibration: 1 query %.3f s, %d queries %.3f s: %.2f ms a query%s",
+            times["one"], CALIBRATION_QUERIES, times["many"], cost * 1000,
+            f" (~{1 / cost:.0f} queries/s at most)" if cost > 0 else "",
+        )  # fmt: skip
+        return cost
 
     def _observe_batch(self, record: BatchRecord) -> None:
         """Each merged retriever call: the Prometheus batch histograms and the load signal."""
         metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
-        self.retriever_load.observe(record.search_s, record.ok)
+        self.retriever_load.observe(record.num_queries)
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).

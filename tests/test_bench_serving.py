@@ -162,7 +162,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
     argv += ["--questions", str(tiny_world["questions"]), "--index", str(tiny_world["kb"])]
     argv += ["--requests-per-cell", "2", "--max-tokens", "12", "--warmup", "1"]
     argv += ["--out-dir", str(tmp_path), "--name", "smoke", "--log-level", "WARNING"]
-    argv += ["--server-arg=--max-model-len=1024", "--server-arg=--max-retriever-slowdown=0"]
+    argv += ["--server-arg=--max-model-len=1024", "--server-arg=--max-retriever-utilization=0"]
     argv += ["--", "--max-doc-tokens", "64"]
     assert main(argv) == 0
     data = read_results(tmp_path / "smoke.json")

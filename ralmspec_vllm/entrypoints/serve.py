@@ -148,11 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--max-speculating", type=int, default=c.max_speculating,
          help="load-aware fallback: a ralmspec request that starts while this many others "
               "speculate runs as the baseline (same answer); default: never")  # fmt: skip
-    _own(ralm, "--max-retriever-slowdown", type=float, default=c.max_retriever_slowdown,
-         help="load-aware fallback: a ralmspec request that starts while the retriever's "
-              "recent searches take more than this many times its fastest runs as the "
-              "baseline (same answer; a retriever that slow has no room for speculation's "
-              "extra queries); 0: never (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--max-retriever-utilization", type=float,
+         default=c.max_retriever_utilization,
+         help="load-aware fallback: a ralmspec request that starts while this server keeps "
+              "the retriever busier than this (queries/s x seconds per query, calibrated "
+              "at start) runs as the baseline (same answer); 0: never "
+              "(default: %(default)s)")  # fmt: skip
 
     # load_vllm applies the process settings (threads, offline) before vLLM/torch is imported.
     engine = parser.add_argument_group("vLLM engine (all of vLLM's engine flags)")
@@ -205,7 +206,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         batch_window_s=args.batch_window_ms / 1000,
         max_batch_queries=args.max_batch_queries,
         max_speculating=args.max_speculating,
-        max_retriever_slowdown=args.max_retriever_slowdown or None,  # 0: off
+        max_retriever_utilization=args.max_retriever_utilization or None,  # 0: off
     )
 
 
@@ -286,6 +287,8 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         stack.push_async_callback(client.close)
         await client.wait_ready()
         service = RaLMService(lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len)
+        if config.max_retriever_utilization is not None:
+            await service.calibrate_retriever()
         model_name = (args.served_model_name or [args.model or DEFAULT_MODEL])[0]
         app = build_app(service, model_name, api_keys)
         uv = uvicorn.Server(uvicorn_config(app, args))

@@ -201,6 +201,7 @@ class ScriptedRetriever:
         self.num_common = num_common
         self.doc_length = doc_length
         self.latency_s = latency_s
+        self.query_latency_s = 0.0
         self.learning = True
         self.step_of: dict[str, int] = {}
         self.search_calls: list[tuple[int, int]] = []
@@ -238,6 +239,8 @@ class ScriptedRetriever:
         if self.events is not None:
             self.events.append(f"search-start {len(queries)}")
         await self._delay()
+        if self.query_latency_s:  # a scan's arithmetic: each query costs this much more
+            await asyncio.sleep(self.query_latency_s * len(queries))
         if self.events is not None:
             self.events.append(f"search-end {len(queries)}")
         out = []

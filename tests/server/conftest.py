@@ -83,15 +83,14 @@ async def served(small_index: Path, vllm_lm: object) -> AsyncIterator[Served]:
     lm = vllm_lm
     tokenizer = lm.tokenizer  # type: ignore[attr-defined]
     max_model_len = lm.max_model_len  # type: ignore[attr-defined]
-    # No retriever fallback here: these tests compare speculation itself with the baseline,
-    # and on 2 shared cores a search can be slow for a while for no reason of the index's.
+    # No retriever fallback here: these tests compare speculation itself with the baseline.
     # The fallback has its own tests (test_service, test_openai_server).
     config = ServiceConfig(
         ralm=RALM,
         speculation=SPECULATION,
         max_tokens_limit=256,
         batch_window_s=0.01,
-        max_retriever_slowdown=None,
+        max_retriever_utilization=None,
     )
     service = RaLMService(lm, tokenizer, client, config, max_model_len=max_model_len)  # type: ignore[arg-type]
     offline = RaLMEngine(lm, tokenizer, client, RALM, SPECULATION)  # type: ignore[arg-type]

@@ -15,47 +15,34 @@ class Clock:
         return self.now
 
 
-def test_slowdown_is_the_recent_median_over_the_fastest_search() -> None:
-    load = RetrieverLoad(window=4, clock=Clock())
-    assert load.slowdown() == 1.0  # nothing seen: not loaded
-    for s in (0.3, 0.28, 0.31):  # an idle 21M scan
-        load.observe(s)
-    assert load.fastest == 0.28
-    assert load.slowdown() == pytest.approx(0.3 / 0.28)
-    for s in (5.6, 5.2, 6.0):  # the same scan, arithmetic-bound (session 14, c=64)
-        load.observe(s)
-    assert load.recent_median() == pytest.approx((5.2 + 5.6) / 2)  # of 0.31, 5.6, 5.2, 6.0
-    assert load.slowdown() == pytest.approx(5.4 / 0.28)
-    load.observe(5.5)
-    assert load.slowdown() > 15  # the window holds the last 4: all slow
+def test_calibration_prices_a_query_by_the_difference_of_two_searches() -> None:
+    load = RetrieverLoad()
+    # The H200's 21M bf16 scan: one query 0.27 s, 64 queries ~0.9 s.
+    assert load.calibrate(0.27, 0.9, 64) == pytest.approx(0.01)
+    assert load.calibrate(0.27, 0.25, 64) == 0.0  # a batch as cheap as one: queries are free
+    with pytest.raises(ValueError, match="many"):
+        load.calibrate(0.1, 0.2, 1)
 
 
-def test_failed_searches_are_not_load() -> None:
-    load = RetrieverLoad(clock=Clock())
-    load.observe(0.2)
-    load.observe(0.001, ok=False)  # an error can come back at once: not the fastest search
-    load.observe(float("nan"))
-    assert load.fastest == 0.2 and len(load.recent) == 1
-
-
-def test_old_searches_age_out_and_jitter_is_not_load() -> None:
+def test_utilization_is_recent_query_rate_times_query_cost() -> None:
     clock = Clock()
-    load = RetrieverLoad(max_age_s=30.0, min_excess_s=0.01, clock=clock)
-    load.observe(0.1)
-    load.observe(1.0)
-    load.observe(1.0)
-    assert load.slowdown() == pytest.approx(10.0)
-    clock.now = 31.0  # nothing searched for 31 s: whatever was slow then is not load now
-    assert load.recent_median() is None and load.slowdown() == 1.0
-    fast = RetrieverLoad(min_excess_s=0.01, clock=clock)
-    for s in (0.001, 0.004, 0.005):  # 4-5x the fastest, but only 3-4 ms more
-        fast.observe(s)
-    assert fast.slowdown() == 1.0
-    for _ in range(4):  # now most recent searches are 29 ms slower: load
-        fast.observe(0.03)
-    assert fast.slowdown() == pytest.approx(30.0)
+    load = RetrieverLoad(window_s=10.0, clock=clock)
+    assert load.utilization() == 0.0  # nothing sent
+    for n in (4, 4, 12):  # no cost calibrated yet: not busy, however many
+        load.observe(n)
+    assert load.query_rate() == pytest.approx(2.0) and load.utilization() == 0.0
+    load.calibrate(0.27, 0.9, 64)  # 10 ms a query
+    for _ in range(20):  # c=64's baseline at 21M: 68 queries/s, for 20 s
+        clock.now += 1.0
+        load.observe(68)
+    assert load.query_rate() == pytest.approx(68.0)  # only the last 10 s count
+    assert load.utilization() == pytest.approx(0.68)
+    clock.now += 5.0
+    assert load.utilization() == pytest.approx(0.34)  # half the window has gone quiet
+    clock.now += 5.0
+    assert load.utilization() == 0.0 and not load.sent
 
 
-def test_window_must_hold_a_search() -> None:
-    with pytest.raises(ValueError, match="window"):
-        RetrieverLoad(window=0)
+def test_window_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="window_s"):
+        RetrieverLoad(window_s=0)

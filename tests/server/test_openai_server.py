@@ -131,24 +131,25 @@ async def test_busy_server_runs_ralmspec_requests_as_the_baseline(
     assert served.service.speculating == 0
 
 
-async def test_slow_retriever_runs_ralmspec_requests_as_the_baseline(
+async def test_busy_retriever_runs_ralmspec_requests_as_the_baseline(
     served: Served, openai_client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``max_retriever_slowdown``: a ``ralmspec`` request that starts while the retriever's
-    recent searches are far slower than its fastest runs as the baseline: same answer,
-    ``load_fallback`` in the usage block, counted with reason ``retriever``; the slowdown is
-    on ``/metrics``. The slow searches are injected into the load signal (fault injection)."""
+    """``max_retriever_utilization``: a ``ralmspec`` request that starts while the server
+    keeps its retriever busy runs as the baseline: same answer, ``load_fallback`` in the
+    usage block, counted with reason ``retriever``; the utilization is on ``/metrics``.
+    The real gRPC retriever is calibrated; the busy spell is injected (fault injection)."""
     service = served.service
-    monkeypatch.setattr(
-        service, "config", dataclasses.replace(service.config, max_retriever_slowdown=2.0)
-    )
+    config = dataclasses.replace(service.config, max_retriever_utilization=0.5)
+    monkeypatch.setattr(service, "config", config)
     monkeypatch.setattr(service, "retriever_load", RetrieverLoad())
-    service.retriever_load.observe(0.002)  # the index alone
-    for _ in range(16):
-        service.retriever_load.observe(0.5)  # 250x: bound by arithmetic, say
+    cost = await service.calibrate_retriever()
+    assert cost >= 0.0
+    service.retriever_load.query_cost_s = 0.01  # say, the H200's 21M scan: 10 ms a query
+    for _ in range(10):
+        service.retriever_load.observe(100)  # 1,000 queries in the last 10 s: utilization 1
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         text = (await http.get("/metrics")).text  # the gauge reads the load at scrape time
-    assert "\nralmspec_retriever_slowdown 250.0" in text
+    assert "\nralmspec_retriever_utilization 1.0" in text
     before = sample("ralmspec_load_fallbacks_total", reason="retriever")
     response = await openai_client.completions.create(
         model=MODEL_NAME,

@@ -55,12 +55,12 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--max-speculating", "-1"])
     with pytest.raises(ValueError, match="max_speculating"):
         service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.max_retriever_slowdown == 2.0  # the retriever fallback is on by default
-    for value, want in (("3.5", 3.5), ("0", None)):  # 0 turns it off
-        args, _ = parse(["serve", "--max-retriever-slowdown", value])
-        assert service_config_from_args(args).max_retriever_slowdown == want  # type: ignore[arg-type]
-    args, _ = parse(["serve", "--max-retriever-slowdown", "0.5"])  # would always fall back
-    with pytest.raises(ValueError, match="max_retriever_slowdown"):
+    assert config.max_retriever_utilization == 0.5  # the retriever fallback is on by default
+    for value, want in (("0.8", 0.8), ("0", None)):  # 0 turns it off
+        args, _ = parse(["serve", "--max-retriever-utilization", value])
+        assert service_config_from_args(args).max_retriever_utilization == want  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--max-retriever-utilization", "-1"])
+    with pytest.raises(ValueError, match="max_retriever_utilization"):
         service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "2"])
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from core.fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 from core.world import LONG_QUESTION, SHORT_QUESTION, forced
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.service import (
     JobError,
     JobResult,
@@ -148,44 +149,48 @@ def fallbacks(reason: str) -> float:
     return REGISTRY.get_sample_value("ralmspec_load_fallbacks_total", {"reason": reason}) or 0.0
 
 
-async def test_a_slow_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
-    """``max_retriever_slowdown``: while the retriever's recent searches are much slower than
-    its fastest, a ``ralmspec`` request runs as the baseline (same answer, counted); once the
-    searches are fast again, requests speculate again."""
-    service, retriever, _ = make_service(max_retriever_slowdown=2.0)
+async def test_calibration_measures_what_a_query_costs_the_retriever() -> None:
+    service, retriever, _ = make_service()
+    retriever.latency_s, retriever.query_latency_s = 0.01, 0.002  # 10 ms a call + 2 ms a query
+    cost = await service.calibrate_retriever()
+    assert 0.0015 <= cost <= 0.004, cost
+    assert service.retriever_load.query_cost_s == cost
+    assert not service.retriever_load.sent  # calibration is not load
+
+
+async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
+    """``max_retriever_utilization``: while this server keeps the retriever busy (recent
+    queries/s x the calibrated cost of one), a ``ralmspec`` request runs as the baseline
+    (same answer, counted); once the window has gone quiet, requests speculate again."""
+    service, _, _ = make_service(max_retriever_utilization=0.5)
     assert service.config.max_speculating is None
-    retriever.latency_s = 0.005
+    service.retriever_load = RetrieverLoad(window_s=1.0)
+    service.retriever_load.calibrate(0.0, 3.15, 64)  # 50 ms a query: a slow scan
+    _, first = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert not first.load_fallback and first.trace.verifications  # idle: it speculates
+    service.retriever_load.sent.clear()
     _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
-    assert service.retriever_load.slowdown() < 2.0  # steady searches: not loaded
-    _, fast = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
-    assert not fast.load_fallback and fast.trace.verifications
-    assert fast.token_ids == want.token_ids
-
-    retriever.latency_s = 0.06  # 12x: a scan bound by arithmetic
-    await collect(service, SHORT_QUESTION, mode="baseline", retrieval_stride=2)
-    assert service.retriever_load.slowdown() > 2.0
+    assert first.token_ids == want.token_ids
+    assert service.retriever_load.utilization() > 0.5  # >10 queries within the last second
     before = fallbacks("retriever")
-    _, slow = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
-    assert slow.load_fallback and slow.trace.mode == "baseline"
-    assert not slow.trace.verifications
-    assert slow.token_ids == want.token_ids
+    _, busy = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert busy.load_fallback and busy.trace.mode == "baseline"
+    assert not busy.trace.verifications
+    assert busy.token_ids == want.token_ids
     assert fallbacks("retriever") == before + 1
-    assert service.fallback_reason() == "retriever"
-
-    retriever.latency_s = 0.005  # the load is gone; the fallen-back requests see it first
-    for _ in range(3):
-        _, result = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
-        assert result.token_ids == want.token_ids
-    assert not result.load_fallback and result.trace.verifications
+    await asyncio.sleep(1.05)  # the window goes quiet
     assert service.fallback_reason() is None
+    _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert not again.load_fallback and again.trace.verifications
+    assert again.token_ids == want.token_ids
 
 
 async def test_speculating_limit_comes_before_the_retriever() -> None:
-    service, _, _ = make_service(max_speculating=0, max_retriever_slowdown=None)
+    service, _, _ = make_service(max_speculating=0, max_retriever_utilization=None)
     before = fallbacks("speculating")
     _, result = await collect(service, SHORT_QUESTION, mode="ralmspec")
     assert result.load_fallback and fallbacks("speculating") == before + 1
-    service, _, _ = make_service(max_retriever_slowdown=None)
-    for s in (0.01, 5.0, 5.0, 5.0):
-        service.retriever_load.observe(s)
-    assert service.fallback_reason() is None  # off: a slow retriever changes nothing
+    service, _, _ = make_service(max_retriever_utilization=None)
+    service.retriever_load.calibrate(0.0, 63.0, 64)  # a second a query
+    service.retriever_load.observe(100)
+    assert service.fallback_reason() is None  # off: a busy retriever changes nothing
