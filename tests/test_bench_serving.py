@@ -222,6 +222,8 @@ def test_bench_serving_fresh_questions_per_method(
         (0, "baseline"), (0, "B"), (1, "B"), (1, "baseline"),
     ]  # fmt: skip
     assert len({q["id"] for q in meta["questions"]}) == 8  # fresh per method and repeat
+    # This server runs with the default retriever fallback: it calibrated at start-up.
+    assert "retriever calibration: 1 query" in Path(meta["server"]["log"]).read_text()
     assert [e["repeats"] for e in meta["repeat_summary"]] == [2, 2]
     for row in rows:
         assert row["outputs_identical"] is True and row["num_checked"] == 2
