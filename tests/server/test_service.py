@@ -158,6 +158,20 @@ async def test_calibration_measures_what_a_query_costs_the_retriever() -> None:
     assert not service.retriever_load.sent  # calibration is not load
 
 
+async def test_a_failing_calibration_leaves_the_fallback_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, retriever, _ = make_service()
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("retriever down")
+
+    retriever.search = broken  # type: ignore[method-assign]
+    assert await service.calibrate_retriever() == 0.0
+    assert service.retriever_load.query_cost_s == 0.0
+    assert "retriever calibration failed" in caplog.text
+
+
 async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
     """``max_retriever_utilization``: while this server keeps the retriever busy (recent
     queries/s x the calibrated cost of one), a ``ralmspec`` request runs as the baseline
