@@ -1,6 +1,6 @@
 """The GPU machine's scripts (``benchmarks/gpu``): they only run there, where a broken line
-costs a session's device time, so here every script must parse and the headline command's
-flags must make a valid ``bench_latency`` configuration."""
+costs a session's device time, so here every script must parse, and the drivers' flags must
+make valid ``bench_latency`` / ``bench_serving`` configurations."""
 
 from __future__ import annotations
 
@@ -43,3 +43,46 @@ def test_headline_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert cfg.filler == 21_000_000 and cfg.flat_scan == "circular" and cfg.seed == 3
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 3
     assert cfg.out_dir == str(out) and cfg.questions_per_dataset == 34
+
+
+def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Path) -> None:
+    """``serving_fallback_21m.sh``: two valid ``bench_serving`` runs, the same but for the
+    fallback flag, with retriever flags the retriever's own parser accepts."""
+    import argparse
+
+    from benchmarks.bench_serving import parse_args as parse_serving
+    from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "out"
+    subprocess.run(
+        ["bash", str(GPU / "serving_fallback_21m.sh"), str(out), "--concurrency", "64"],
+        check=True,
+        env=env,
+        cwd=GPU.parent.parent,
+    )
+    runs = [r.strip("\n").splitlines() for r in record.read_text().split("--END--") if r.strip()]
+    assert len(runs) == 2
+    cfgs = [parse_serving(argv[1:]) for argv in runs]  # validates every value
+    on, off = cfgs
+    assert [c.name for c in cfgs] == ["serving_21m_fallback-on", "serving_21m_fallback-off"]
+    assert on.filler == 21_000_000 and on.concurrency == off.concurrency == (64,)  # args win
+    assert set(off.server_args) - set(on.server_args) == {"--max-retriever-utilization=0"}
+    assert not any("utilization" in a for a in on.server_args)  # the shipped default
+    retriever = [a.split("=", 1)[1] for a in on.server_args if a.startswith("--retriever-arg=")]
+    parser = argparse.ArgumentParser()
+    add_retriever_arguments(parser)
+    config = config_from_args(parser.parse_args(retriever))
+    assert (config.flat_impl, config.device, config.dtype, config.flat_scan) == (
+        "torch",
+        "cpu",
+        "bfloat16",
+        "circular",
+    )
+    assert config.threads == 12

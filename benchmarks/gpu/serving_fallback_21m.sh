@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine (after install.sh): bench_serving at 21M docs twice, back to back on the
+# same card: with the server's retriever fallback as shipped (--max-retriever-utilization,
+# default on) and with it off, so "never below 1.0x" and what the fallback gives up at low
+# load are measured against one baseline each. The retriever child runs the latency
+# headline's exact scan (torch bf16, circular, 12 threads); scheduler hook. Used with run.sh:
+#   bash benchmarks/gpu/run.sh start NAME gpu/serving_fallback_21m.sh [bench_serving args]
+# Writes OUTDIR/serving_21m_fallback-{on,off}.json (+ .server.log). Default cells c=8,64,256;
+# a later --concurrency wins.
+set -uo pipefail
+out=${1:?usage: serving_fallback_21m.sh OUTDIR [bench_serving args]}; shift
+export VLLM_BATCH_INVARIANT=1 PYTHONUNBUFFERED=1
+R=--server-arg=--retriever-arg
+for mode in on off; do
+  name="serving_21m_fallback-$mode"
+  extra=(); [ "$mode" = off ] && extra=(--server-arg=--max-retriever-utilization=0)
+  echo "[serving_fallback_21m] $name: $(date +%T)"
+  python3 benchmarks/bench_serving.py --out-dir "$out" --no-plot --name "$name" \
+    --filler 21000000 --concurrency 8,64,256 --methods baseline,ralmspec \
+    --server-arg=--lm-path=sessions "$R=--flat-impl=torch" "$R=--device=cpu" \
+    "$R=--dtype=bfloat16" "$R=--flat-scan=circular" "$R=--threads=12" \
+    "${extra[@]}" "$@" 2>&1 | grep -v "it/s\]"
+  cp "${RALMSPEC_CACHE:-$HOME/.cache/ralmspec-vllm}/bench/$name.server.log" "$out/" 2>/dev/null || true
+done
+echo "[serving_fallback_21m] done: $(date +%T)"
