@@ -252,8 +252,13 @@ class OpenedRetriever:
     open_s: float
 
     def close(self) -> None:
-        if callable(getattr(self.retriever, "close", None)):
-            self.retriever.close()
+        close_retriever(self.retriever)
+
+
+def close_retriever(retriever: Any) -> None:
+    """Close an in-process retriever that holds resources (a circular scan's thread)."""
+    if callable(getattr(retriever, "close", None)):
+        retriever.close()
 
 
 def open_inproc(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
@@ -347,8 +352,8 @@ async def bench_backend(
             await client.close()
         if server is not None:
             server.stop()
-        if opened is None and sync is not None and callable(getattr(sync, "close", None)):
-            sync.close()
+        if opened is None and sync is not None:
+            close_retriever(sync)
     return records, info
 
 

@@ -16,6 +16,20 @@ from benchmarks.bench_latency import parse_args
 GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
 
 
+def run_with_fake_python(tmp_path: Path, script: str, *args: str) -> list[list[str]]:
+    """Run ``script`` against a ``python3`` that only records its arguments: the argv of
+    each ``python3`` the script started, in order."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv"
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(GPU / script), *args], check=True, env=env, cwd=GPU.parent.parent)
+    return [r.strip("\n").splitlines() for r in record.read_text().split("--END--") if r.strip()]
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in GPU.glob("*.sh")))
 def test_script_parses(script: str) -> None:
     subprocess.run(["bash", "-n", str(GPU / script)], check=True)
@@ -23,21 +37,8 @@ def test_script_parses(script: str) -> None:
 
 def test_headline_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     """``latency_21m.sh`` run against a ``python3`` that only records its arguments."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "argv"
-    fake = bin_dir / "python3"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     out = tmp_path / "out"
-    subprocess.run(
-        ["bash", str(GPU / "latency_21m.sh"), str(out), "--seed", "3"],
-        check=True,
-        env=env,
-        cwd=GPU.parent.parent,
-    )
-    argv = record.read_text().splitlines()
+    (argv,) = run_with_fake_python(tmp_path, "latency_21m.sh", str(out), "--seed", "3")
     assert argv[0] == "benchmarks/bench_latency.py"
     cfg = parse_args(argv[1:])  # the dataclass validates every value, methods included
     assert cfg.filler == 21_000_000 and cfg.flat_scan == "circular" and cfg.seed == 3
@@ -53,21 +54,10 @@ def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Pa
     from benchmarks.bench_serving import parse_args as parse_serving
     from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "argv"
-    fake = bin_dir / "python3"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     out = tmp_path / "out"
-    subprocess.run(
-        ["bash", str(GPU / "serving_fallback_21m.sh"), str(out), "--concurrency", "64"],
-        check=True,
-        env=env,
-        cwd=GPU.parent.parent,
+    runs = run_with_fake_python(
+        tmp_path, "serving_fallback_21m.sh", str(out), "--concurrency", "64"
     )
-    runs = [r.strip("\n").splitlines() for r in record.read_text().split("--END--") if r.strip()]
     assert len(runs) == 2
     cfgs = [parse_serving(argv[1:]) for argv in runs]  # validates every value
     on, off = cfgs

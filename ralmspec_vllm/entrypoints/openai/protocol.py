@@ -125,7 +125,7 @@ class RaLMUsage(BaseModel):
     prompt_tokens_sent: int
     load_fallback: bool = False
     """Asked for ``ralmspec`` but ran as the baseline: the server was at its
-    ``--max-speculating`` (the answer is the same)."""
+    ``--max-speculating`` or its ``--max-retriever-utilization`` (the answer is the same)."""
 
 
 class RaLMCompletionResponse(CompletionResponse):
