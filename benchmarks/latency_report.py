@@ -296,6 +296,11 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 
 
+def _label(method: str) -> str:
+    """A method's axis label: its name, then one parameter per line (``PSA:k=v:k=v``)."""
+    return "\n".join(method.split(":"))
+
+
 def plot_latency(rows: Sequence[Row], path: Path, title: str) -> Path:
     """Per backend: speed-up vs baseline per method (left), mean time split (right)."""
     import matplotlib
@@ -308,7 +313,7 @@ def plot_latency(rows: Sequence[Row], path: Path, title: str) -> Path:
     parts = (("lm", "LM"), ("retrieval", "retrieval"), ("speculation", "cache"), ("other", "other"))
     for (ax_speed, ax_split), backend in zip(axes, backends, strict=True):
         mine = [r for r in rows if r["retriever"] == backend]
-        names = [r["method"] for r in mine]
+        names = [_label(r["method"]) for r in mine]
         speedups = [r["speedup_vs_baseline"] or 0.0 for r in mine]
         colors = ["tab:green" if r["outputs_identical"] else "tab:red" for r in mine]
         bars = ax_speed.bar(names, speedups, color=colors)
@@ -327,7 +332,7 @@ def plot_latency(rows: Sequence[Row], path: Path, title: str) -> Path:
         ax_split.set_title(f"{backend}: time split (async parts overlap)")
         ax_split.legend(fontsize=8)
         for ax in (ax_speed, ax_split):
-            ax.tick_params(axis="x", labelrotation=45)
+            ax.tick_params(axis="x", labelsize=8)
             ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
