@@ -77,6 +77,11 @@ LOAD_FALLBACKS = Counter(
 )
 for _reason in ("speculating", "retriever"):
     LOAD_FALLBACKS.labels(_reason)  # exposed at 0 from the start
+HELD_STEPS = Counter(
+    "ralmspec_held_steps",
+    "Steps of speculating requests run as plain retrieval because the retriever was busier"
+    " than max_retriever_utilization (speculation held; the same answer).",
+)
 RETRIEVER_UTILIZATION = Gauge(
     "ralmspec_retriever_utilization",
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
@@ -148,6 +153,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_tokens_discarded_total",
     "ralmspec_lm_aborts_total",
     "ralmspec_load_fallbacks_total",
+    "ralmspec_held_steps_total",
     "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
@@ -175,6 +181,7 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     ROLLBACKS.inc(trace.rollbacks)
     TOKENS_DISCARDED.inc(trace.tokens_discarded)
     LM_ABORTS.inc(trace.lm_aborts)
+    HELD_STEPS.inc(trace.held_steps)
     for verification in trace.verifications:
         VERIFICATION_STEPS.observe(verification.num_steps)
         label = "true" if verification.asynchronous else "false"

@@ -76,8 +76,11 @@ class ServiceConfig:
     that starts while this server keeps the retriever busier than this (recent queries/s x
     the calibrated seconds per query) runs as the baseline instead (the same answer).
     Speculation asks ~1.6x the baseline's queries, so above ~0.6 they no longer fit (H200,
-    21M docs, c=64: 0.61x without this). ``None``: never fall back on the retriever's
-    account."""
+    21M docs, c=64: 0.61x without this). Requests already speculating hold speculation
+    (plain retrieval steps) while it lasts: a burst of requests that all start speculating
+    before any of their queries show in the rate would otherwise keep speculating to the end
+    (H200, 21M, c=64, start-time fallback only: 0.89x, the first 64 all speculated).
+    ``None``: never fall back or hold on the retriever's account."""
 
     def __post_init__(self) -> None:
         if self.default_mode not in SERVED_MODES:
@@ -191,6 +194,7 @@ class RaLMService:
             self.config.ralm,
             self.config.speculation,
             encoder,
+            speculation_held=self.retriever_busy,
         )
         self._ids = itertools.count()
         self.speculating = 0
@@ -343,10 +347,16 @@ class RaLMService:
         cfg = self.config
         if cfg.max_speculating is not None and self.speculating >= cfg.max_speculating:
             return "speculating"
-        busy = cfg.max_retriever_utilization
-        if busy is not None and self.retriever_load.utilization() > busy:
+        if self.retriever_busy():
             return "retriever"
         return None
+
+    def retriever_busy(self) -> bool:
+        """This server keeps the retriever busier than ``max_retriever_utilization``: a
+        ``ralmspec`` request starting now runs as the baseline, and the speculating ones
+        hold speculation (plain retrieval steps) until it is not."""
+        busy = self.config.max_retriever_utilization
+        return busy is not None and self.retriever_load.utilization() > busy
 
     async def calibrate_retriever(self) -> float:
         """Time one query and ``CALIBRATION_QUERIES`` queries on the retriever (best of two

@@ -195,7 +195,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
         assert row["load_fallbacks"] == 0  # both fallbacks off: every ralmspec request speculates
-        assert row["retriever_fallbacks"] == 0
+        assert row["retriever_fallbacks"] == 0 and row["held_steps"] == 0
         assert row["retriever_queries"] >= row["retriever_rpcs"]
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
     by = {(r["concurrency"], r["method"]): r for r in rows}

@@ -23,6 +23,14 @@ from ralmspec_vllm.types import Hit
 FinalCallback = Callable[[int, tuple[int, ...]], None]
 """Called with (offset, tokens) when generated tokens become final (never rolled back)."""
 
+SpeculationHold = Callable[[], bool]
+"""Asked before each speculated step: True while speculation should pause (the server's
+retriever is busy, ``RaLMService``); the request then runs plain retrieval steps."""
+
+
+def _never() -> bool:
+    return False
+
 
 class RequestContext:
     """Mutable state of one question being answered."""
@@ -38,6 +46,7 @@ class RequestContext:
         doc_tokens: DocumentTokenCache,
         recorder: TraceRecorder,
         on_final: FinalCallback | None = None,
+        speculation_held: SpeculationHold | None = None,
     ) -> None:
         self.request_id = request_id
         self.question_ids = list(question_ids)
@@ -54,6 +63,7 @@ class RequestContext:
         self.final_length = 0
         """Generated tokens that can no longer be rolled back (safe to stream)."""
         self.on_final = on_final
+        self.speculation_held = speculation_held or _never
         self._lm_calls = 0
 
     @property

@@ -27,7 +27,7 @@ from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.encoding import BatchingEmbedder, QueryEmbedder, QueryEncoder
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
-from ralmspec_vllm.core.request import FinalCallback, RequestContext
+from ralmspec_vllm.core.request import FinalCallback, RequestContext, SpeculationHold
 from ralmspec_vllm.core.speculative import SpeculativeRequest
 from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
@@ -84,6 +84,7 @@ class RaLMEngine:
         encode_batch_window_s: float | None = None,
         embedder: QueryEmbedder | None = None,
         stride_ledgers: dict[SpeculationConfig, StrideLedger] | None = None,
+        speculation_held: SpeculationHold | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
         speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
@@ -95,7 +96,10 @@ class RaLMEngine:
         over the retriever client's ``encode``); dense cache scoring as with ``encoder``.
         ``stride_ledgers``: OS3's outcomes pooled per speculation config across this
         engine's requests (``stride.StrideLedger``); pass one dict to several engines to
-        pool across them (a benchmark that makes a fresh engine per run)."""
+        pool across them (a benchmark that makes a fresh engine per run).
+        ``speculation_held``: asked by every speculative request before each speculated
+        step; while it answers True the request runs plain retrieval steps (the server's
+        retriever-load hold, ``RaLMService``). Settable after construction."""
         self.lm = lm
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -116,6 +120,7 @@ class RaLMEngine:
         elif encoder is not None:
             self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
         self.stride_ledgers = {} if stride_ledgers is None else stride_ledgers
+        self.speculation_held = speculation_held
         self._ids = itertools.count()
         self._capped_k: set[int] = set()
         self._prefetch_limit: int | None = None
@@ -165,6 +170,7 @@ class RaLMEngine:
             self.doc_tokens,
             recorder,
             on_final,
+            self.speculation_held,
         )
         start = time.perf_counter()
         try:

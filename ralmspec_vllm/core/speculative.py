@@ -23,6 +23,14 @@ run as plain retrieval (retrieve with prefetch, insert into the cache, generate 
 step). The cache's would-be speculation is still scored against the retrieved document, so
 OS3 keeps estimating gamma (and a, b) and returns to speculation once speculating pays.
 
+Held speculation (not in the paper): while ``ctx.speculation_held()`` answers True (the
+server's retriever is busier than it allows, ``RaLMService``), no new step is speculated;
+once every speculated step is verified, steps run as plain retrieval without the cache
+scoring (a search is all they ask, as the baseline's steps). A speculating request asks the
+retriever for more queries than the baseline (every step after a mismatch is verified
+again), which only pays while the retriever has room for them. The request resumes
+speculating as soon as the hold lifts; the answer is the same either way.
+
 Asynchronous verification (A): the verification runs as a task while the next steps are
 speculated concurrently: one (the paper's), or with ``overlap_depth="stride"`` as many as the
 next round's planned stride, for as long as the verification is in flight; with
@@ -149,13 +157,16 @@ class SpeculativeRequest:
         pending: list[SpeculativeStep] = []  # speculated, not verified yet, in order
         while pending or not ctx.done:
             stride = self.scheduler.next_stride()
-            if not pending and self._plain_pays(stride):
-                await self._plain_step()
+            held = not pending and self.ctx.speculation_held()
+            if not pending and (held or self._plain_pays(stride)):
+                await self._plain_step(held)
                 continue
             if self._fill:  # the verifier never waits: all that is pending, else restart
                 stride = min(self._fill_cap, len(pending)) if pending else self._restart(stride)
             self.recorder.strides.append(stride)
             while len(pending) < stride and not ctx.done:
+                if pending and ctx.speculation_held():
+                    break  # verify what there is; plain steps follow
                 pending.append(await self._speculate(ctx.new_lm_request_id()))
             steps, pending = pending[:stride], pending[stride:]
             if self.config.async_verification and not ctx.done:
@@ -201,8 +212,16 @@ class SpeculativeRequest:
             return False
         return not self.config.async_verification or self.scheduler.prefers_plain_step()
 
-    async def _plain_step(self) -> None:
-        """Retrieve, then generate a final step; score the cache's guess for OS3's gamma."""
+    async def _plain_step(self, held: bool = False) -> None:
+        """Retrieve, then generate a final step; score the cache's guess for OS3's gamma.
+        ``held``: run because the server holds speculation (counted in ``held_steps``); then
+        the step costs the retriever only its search, the baseline's: no scoring of the
+        cache (an encoder call, possibly on the retriever's host) and nothing for OS3."""
+        if held:
+            await self._retrieve_step(self.ctx.query())
+            self.recorder.plain_steps += 1
+            self.recorder.held_steps += 1
+            return
         start = time.perf_counter()
         query = self.ctx.query()
         guess = await self.scorer.top1(self.cache, query, self.recorder)
@@ -304,6 +323,8 @@ class SpeculativeRequest:
         """Speculate one step, then more while ``verification`` runs, up to ``limit`` ahead."""
         first = True
         while len(ahead) < limit and not self.ctx.done and (first or not verification.done()):
+            if self.ctx.speculation_held():
+                return
             first = False
             in_flight[:] = [self.ctx.new_lm_request_id()]
             ahead.append(await self._speculate(in_flight[0]))
@@ -319,10 +340,11 @@ class SpeculativeRequest:
         try:
             while True:
                 if speculation is None and not ctx.done:
-                    if not unsettled and self._plain_pays(self.scheduler.next_stride()):
-                        await self._plain_step()
+                    held = self.ctx.speculation_held()
+                    if not unsettled and (held or self._plain_pays(self.scheduler.next_stride())):
+                        await self._plain_step(held)
                         continue
-                    if len(unsettled) < self._pipeline_depth:
+                    if not held and len(unsettled) < self._pipeline_depth:
                         lm_request_id = ctx.new_lm_request_id()
                         speculation = asyncio.create_task(self._speculate(lm_request_id))
                 if speculation is None and not unsettled:

@@ -84,7 +84,11 @@ class RequestTrace:
     num_cached_tokens: int
     plain_steps: int = 0
     """Steps OS3 ran as plain retrieval (retrieve, then generate) because speculating at
-    stride 1 without overlap can only cost time; not counted in ``strides``."""
+    stride 1 without overlap can only cost time, or because the server held speculation
+    while the retriever was busy (``held_steps``); not counted in ``strides``."""
+    held_steps: int = 0
+    """Of ``plain_steps``: those run plainly because the server held speculation
+    (``RequestContext.speculation_held``: its retriever was busy)."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -129,6 +133,7 @@ class RequestTrace:
             "speculation_accuracy": self.speculation_accuracy,
             "mean_stride": self.mean_stride,
             "plain_steps": self.plain_steps,
+            "held_steps": self.held_steps,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -162,6 +167,7 @@ class TraceRecorder:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     plain_steps: int = 0
+    held_steps: int = 0
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
@@ -195,4 +201,5 @@ class TraceRecorder:
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
             plain_steps=self.plain_steps,
+            held_steps=self.held_steps,
         )

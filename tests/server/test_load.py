@@ -30,7 +30,8 @@ def test_utilization_is_recent_query_rate_times_query_cost() -> None:
     assert load.utilization() == 0.0  # nothing sent
     for n in (4, 4, 12):  # no cost calibrated yet: not busy, however many
         load.observe(n)
-    assert load.query_rate() == pytest.approx(2.0) and load.utilization() == 0.0
+    # a spell that has just begun is a rate over the shortest span (2 s), not the window
+    assert load.query_rate() == pytest.approx(10.0) and load.utilization() == 0.0
     load.calibrate(0.27, 0.9, 64)  # 10 ms a query
     for _ in range(20):  # c=64's baseline at 21M: 68 queries/s, for 20 s
         clock.now += 1.0
@@ -46,3 +47,38 @@ def test_utilization_is_recent_query_rate_times_query_cost() -> None:
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window_s"):
         RetrieverLoad(window_s=0)
+
+
+def test_a_burst_reads_as_its_rate_within_seconds_not_a_window_later() -> None:
+    """64 requests arrive at once after a quiet spell (H200, 21M, c=64): their first
+    searches return within a second, and the rate is taken over the time since, so the
+    signal reaches ~0.6 at once instead of ~1/5 of it until the window fills."""
+    clock = Clock()
+    load = RetrieverLoad(window_s=10.0, clock=clock)
+    load.calibrate(0.27, 0.9, 64)  # 10 ms a query
+    load.observe(5)
+    clock.now = 100.0  # quiet for longer than the window: a new spell
+    assert load.utilization() == 0.0
+    clock.now += 0.5
+    load.observe(64)
+    assert load.query_rate() == pytest.approx(32.0)  # over the 2 s shortest span
+    clock.now += 1.5
+    load.observe(64)
+    assert load.utilization() == pytest.approx(0.64)
+    clock.now += 2.0
+    load.observe(128)
+    assert load.query_rate() == pytest.approx(256 / 3.5)  # since the first returned
+    clock.now += 20.0
+    assert load.query_rate() == 0.0
+    load.observe(10)  # the next spell starts afresh
+    assert load.query_rate() == pytest.approx(5.0)
+    load.clear()
+    assert load.query_rate() == 0.0 and not load.sent
+
+
+def test_spans_must_be_positive_and_fit_the_window() -> None:
+    with pytest.raises(ValueError, match="min_span_s"):
+        RetrieverLoad(window_s=10.0, min_span_s=0)
+    with pytest.raises(ValueError, match="min_span_s"):
+        RetrieverLoad(window_s=1.0, min_span_s=2.0)
+    assert RetrieverLoad(window_s=1.0).min_span_s == 1.0

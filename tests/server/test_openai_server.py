@@ -145,8 +145,7 @@ async def test_busy_retriever_runs_ralmspec_requests_as_the_baseline(
     cost = await service.calibrate_retriever()
     assert cost >= 0.0
     service.retriever_load.query_cost_s = 0.01  # say, the H200's 21M scan: 10 ms a query
-    for _ in range(10):
-        service.retriever_load.observe(100)  # 1,000 queries in the last 10 s: utilization 1
+    service.retriever_load.observe(200)  # 200 queries just now: 100/s over the 2 s shortest span
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         text = (await http.get("/metrics")).text  # the gauge reads the load at scrape time
     assert "\nralmspec_retriever_utilization 1.0" in text
@@ -161,6 +160,41 @@ async def test_busy_retriever_runs_ralmspec_requests_as_the_baseline(
     want = await baseline(served, QUESTIONS[1])
     assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
     assert sample("ralmspec_load_fallbacks_total", reason="retriever") == before + 1
+
+
+async def test_retriever_turning_busy_mid_answer_holds_speculation(
+    served: Served, openai_client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A speculating request whose retriever turns busy after its third step runs the rest
+    as plain steps: the same answer, ``held_steps`` in the usage block and on ``/metrics``.
+    The busy spell is injected into the load signal (fault injection)."""
+    service = served.service
+    config = dataclasses.replace(service.config, max_retriever_utilization=0.5)
+    monkeypatch.setattr(service, "config", config)
+    monkeypatch.setattr(service, "retriever_load", RetrieverLoad())
+    service.retriever_load.query_cost_s = 0.01
+    asked = 0
+
+    def busy_after_three_asks() -> bool:
+        nonlocal asked
+        asked += 1
+        if asked == 3:
+            service.retriever_load.observe(200)  # utilization 1 from here on
+        return service.retriever_busy()
+
+    monkeypatch.setattr(service.engine, "speculation_held", busy_after_three_asks)
+    before = sample("ralmspec_held_steps_total")
+    response = await openai_client.completions.create(
+        model=MODEL_NAME,
+        prompt=QUESTIONS[3],
+        extra_body={"ralm": SPECULATIVE[2], "return_token_ids": True},
+    )
+    usage = (response.model_extra or {})["ralm"]
+    assert not usage["load_fallback"] and usage["mode"].startswith("ralmspec")
+    assert usage["held_steps"] >= 1
+    assert sample("ralmspec_held_steps_total") == before + usage["held_steps"]
+    want = await baseline(served, QUESTIONS[3])
+    assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
 
 
 async def test_streaming_completion_sends_verified_text(

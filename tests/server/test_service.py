@@ -182,7 +182,7 @@ async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None
     service.retriever_load.calibrate(0.0, 3.15, 64)  # 50 ms a query: a slow scan
     _, first = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
     assert not first.load_fallback and first.trace.verifications  # idle: it speculates
-    service.retriever_load.sent.clear()
+    service.retriever_load.clear()
     _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
     assert first.token_ids == want.token_ids
     assert service.retriever_load.utilization() > 0.5  # >10 queries within the last second
@@ -197,6 +197,38 @@ async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None
     _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
     assert not again.load_fallback and again.trace.verifications
     assert again.token_ids == want.token_ids
+
+
+async def test_a_retriever_that_turns_busy_holds_speculation_mid_answer() -> None:
+    """A request that started speculating on an idle retriever runs plain steps once the
+    retriever turns busy (a burst of other requests' queries after its 4th LM call): same
+    answer, not a fallback (it did speculate), its held steps counted on the metric."""
+    from prometheus_client import REGISTRY
+
+    service, _, lm = make_service(max_retriever_utilization=0.5)
+    service.retriever_load.calibrate(0.0, 0.063, 64)  # 1 ms a query: its own are no load
+    _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    service.retriever_load.clear()
+    generate = lm.generate
+
+    async def busy_after_call_4(*args: object, **kwargs: object) -> object:
+        out = await generate(*args, **kwargs)  # type: ignore[arg-type]
+        if len(lm.calls) == 4:
+            service.retriever_load.observe(10_000)  # 5,000 queries/s: utilization 5
+        return out
+
+    lm.generate = busy_after_call_4  # type: ignore[method-assign]
+    lm.calls.clear()
+    before = REGISTRY.get_sample_value("ralmspec_held_steps_total") or 0.0
+    _, result = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert result.token_ids == want.token_ids
+    assert not result.load_fallback and result.trace.mode.startswith("ralmspec")
+    trace = result.trace
+    assert trace.verifications and trace.held_steps > len(trace.spans) // 2
+    assert REGISTRY.get_sample_value("ralmspec_held_steps_total") == before + trace.held_steps
+    service.retriever_load.clear()  # quiet again: the next request speculates throughout
+    _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert again.token_ids == want.token_ids and again.trace.held_steps == 0
 
 
 async def test_speculating_limit_comes_before_the_retriever() -> None:

@@ -392,4 +392,5 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         prefix_cached_tokens=trace.num_cached_tokens,
         prompt_tokens_sent=trace.num_prompt_tokens,
         load_fallback=result.load_fallback,
+        held_steps=trace.held_steps,
     )

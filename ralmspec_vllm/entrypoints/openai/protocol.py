@@ -126,6 +126,9 @@ class RaLMUsage(BaseModel):
     load_fallback: bool = False
     """Asked for ``ralmspec`` but ran as the baseline: the server was at its
     ``--max-speculating`` or its ``--max-retriever-utilization`` (the answer is the same)."""
+    held_steps: int = 0
+    """Steps of a speculating request run as plain retrieval because the retriever turned
+    busier than ``--max-retriever-utilization`` while it ran (the answer is the same)."""
 
 
 class RaLMCompletionResponse(CompletionResponse):
