@@ -16,16 +16,18 @@ from benchmarks.bench_latency import parse_args
 GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
 
 
-def run_with_fake_python(tmp_path: Path, script: str, *args: str) -> list[list[str]]:
-    """Run ``script`` against a ``python3`` that only records its arguments: the argv of
-    each ``python3`` the script started, in order."""
+def run_with_fake_python(
+    tmp_path: Path, script: str, *args: str, **env_vars: str
+) -> list[list[str]]:
+    """Run ``script`` (with ``env_vars`` set) against a ``python3`` that only records its
+    arguments: the argv of each ``python3`` the script started, in order."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "argv"
     fake = bin_dir / "python3"
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **env_vars, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", str(GPU / script), *args], check=True, env=env, cwd=GPU.parent.parent)
     return [r.strip("\n").splitlines() for r in record.read_text().split("--END--") if r.strip()]
 
@@ -76,3 +78,62 @@ def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Pa
         "circular",
     )
     assert config.threads == 12
+
+
+def test_fallback_comparison_can_run_one_mode(tmp_path: Path) -> None:
+    (on,) = run_with_fake_python(tmp_path, "serving_fallback_21m.sh", "out", FALLBACK_MODES="on")
+    assert "serving_21m_fallback-on" in on and not any("utilization" in a for a in on)
+    bad = subprocess.run(
+        ["bash", str(GPU / "serving_fallback_21m.sh"), "out"],
+        env={**os.environ, "FALLBACK_MODES": "of"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "FALLBACK_MODES" in bad.stderr
+
+
+def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
+    (argv,) = run_with_fake_python(tmp_path, "approx_latency_1m.sh", "out", "--time-budget-s", "90")
+    assert argv[0] == "benchmarks/bench_latency.py"
+    cfg = parse_args(argv[1:])
+    assert cfg.backends == ("hnsw", "ivf", "bm25") and cfg.filler == 1_000_000
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
+    assert cfg.time_budget_s == 90  # a later argument wins
+
+
+def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
+    """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
+    step's environment (here FALLBACK_MODES=on: one serving run, not two)."""
+    runs = run_with_fake_python(
+        tmp_path,
+        "chain.sh",
+        "out",
+        "FALLBACK_MODES=on serving_fallback_21m.sh --concurrency 1,8",
+        "approx_latency_1m.sh --time-budget-s 60",
+    )
+    assert [argv[0] for argv in runs] == [
+        "benchmarks/bench_serving.py",
+        "benchmarks/bench_latency.py",
+    ]
+    assert "serving_21m_fallback-on" in runs[0] and "1,8" in runs[0]
+    assert parse_args(runs[1][1:]).time_budget_s == 60
+
+
+def test_chain_refuses_a_missing_script_before_running_anything(tmp_path: Path) -> None:
+    bad = subprocess.run(
+        ["bash", str(GPU / "chain.sh"), "out", "latency_21m.sh", "X=1 no_such.sh --a"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "no_such.sh" in bad.stderr
+
+
+def test_chain_runs_the_next_step_after_a_failure_and_reports_it(tmp_path: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_with_fake_python(
+            tmp_path, "chain.sh", "out", "FALLBACK_MODES=of serving_fallback_21m.sh",
+            "approx_latency_1m.sh",
+        )  # fmt: skip
+    assert failed.value.returncode == 2  # the first step's
+    record = (tmp_path / "argv").read_text()
+    assert "benchmarks/bench_latency.py" in record and "bench_serving" not in record

@@ -6,12 +6,16 @@
 # headline's exact scan (torch bf16, circular, 12 threads); scheduler hook. Used with run.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/serving_fallback_21m.sh [bench_serving args]
 # Writes OUTDIR/serving_21m_fallback-{on,off}.json (+ .server.log). Default cells c=8,64,256;
-# a later --concurrency wins.
+# a later --concurrency wins. FALLBACK_MODES="on" (or "off") runs one of the two only.
 set -uo pipefail
 out=${1:?usage: serving_fallback_21m.sh OUTDIR [bench_serving args]}; shift
+modes=${FALLBACK_MODES:-on off}
+for mode in $modes; do
+  case $mode in on|off) ;; *) echo "FALLBACK_MODES: on and/or off, got '$mode'" >&2; exit 2;; esac
+done
 export VLLM_BATCH_INVARIANT=1 PYTHONUNBUFFERED=1
 R=--server-arg=--retriever-arg
-for mode in on off; do
+for mode in $modes; do
   name="serving_21m_fallback-$mode"
   extra=(); [ "$mode" = off ] && extra=(--server-arg=--max-retriever-utilization=0)
   echo "[serving_fallback_21m] $name: $(date +%T)"
