@@ -10,6 +10,7 @@ import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.core.trace import RequestTrace
 
 from .fakes import FakeLM, ScriptedRetriever
 from .world import LONG_QUESTION, OVERLAPS, baseline_and_freeze, forced, make_engine
@@ -91,22 +92,28 @@ async def test_a_hold_from_the_start_speculates_nothing() -> None:
         assert set(trace.call_counts()) == {"search"}  # no cache scoring
 
 
+async def run_held(stride: int, asynchronous: bool, depth: int | str, hold: str) -> RequestTrace:
+    """One fixed-stride run on the natural script under ``HOLDS[hold]``, checked against
+    the baseline token for token; its trace."""
+    engine, lm, want = await engine_and_baseline("natural")
+    spec = SpeculationConfig(
+        speculation_stride=stride,
+        async_verification=asynchronous,
+        overlap_depth=depth,  # type: ignore[arg-type]
+    )
+    lm.calls.clear()
+    engine.speculation_held = hold_by_lm_calls(lm, HOLDS[hold])
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == want
+    return result.trace
+
+
 @pytest.mark.parametrize(("asynchronous", "depth"), OVERLAPS)
 async def test_speculation_resumes_when_the_hold_lifts(
     asynchronous: bool, depth: int | str
 ) -> None:
     """Held for LM calls 3..7 only: steps are speculated before it and again after it."""
-    engine, lm, want = await engine_and_baseline("natural")
-    spec = SpeculationConfig(
-        speculation_stride=3,
-        async_verification=asynchronous,
-        overlap_depth=depth,  # type: ignore[arg-type]
-    )
-    lm.calls.clear()
-    engine.speculation_held = hold_by_lm_calls(lm, HOLDS["calls-3-to-8"])
-    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
-    assert result.token_ids == want
-    trace = result.trace
+    trace = await run_held(3, asynchronous, depth, "calls-3-to-8")
     assert 0 < trace.held_steps < len(trace.spans) - 1
     # Before the hold at most the steps of LM calls 2-4 were speculated (call 1 is the
     # first retrieval's, and a step in flight finishes); the rest came after it lifted.
@@ -128,16 +135,6 @@ async def test_a_hold_mid_round_verifies_what_was_speculated(
 ) -> None:
     """Rounds of 8: a hold that starts at LM call 4 ends the round there (3 speculated steps
     are verified at once) instead of speculating 5 more that the retriever must verify."""
-    engine, lm, want = await engine_and_baseline("natural")
-    spec = SpeculationConfig(
-        speculation_stride=8,
-        async_verification=asynchronous,
-        overlap_depth=depth,  # type: ignore[arg-type]
-    )
-    lm.calls.clear()
-    engine.speculation_held = hold_by_lm_calls(lm, HOLDS["from-call-4"])
-    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
-    assert result.token_ids == want
-    trace = result.trace
+    trace = await run_held(8, asynchronous, depth, "from-call-4")
     assert [v.num_steps for v in trace.verifications] == [3]
     assert trace.held_steps == trace.plain_steps > 0
