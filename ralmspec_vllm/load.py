@@ -51,7 +51,7 @@ class RetrieverLoad:
         window_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         min_span_s: float | None = None,
-    ):
+    ) -> None:
         """``min_span_s``: default 2 s (or ``window_s`` if shorter)."""
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")

@@ -157,10 +157,11 @@ class SpeculativeRequest:
         pending: list[SpeculativeStep] = []  # speculated, not verified yet, in order
         while pending or not ctx.done:
             stride = self.scheduler.next_stride()
-            held = not pending and self.ctx.speculation_held()
-            if not pending and (held or self._plain_pays(stride)):
-                await self._plain_step(held)
-                continue
+            if not pending:
+                held = ctx.speculation_held()
+                if held or self._plain_pays(stride):
+                    await self._plain_step(held)
+                    continue
             if self._fill:  # the verifier never waits: all that is pending, else restart
                 stride = min(self._fill_cap, len(pending)) if pending else self._restart(stride)
             self.recorder.strides.append(stride)
