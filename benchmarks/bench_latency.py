@@ -280,9 +280,15 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
     from ralmspec_vllm.engine.lm import VllmLanguageModel
     from ralmspec_vllm.engine.models import resolve_model
     from ralmspec_vllm.engine.settings import EngineConfig
+    from ralmspec_vllm.engine.version import load_vllm
 
     questions = load_question_set(cfg)
     set_torch_threads(cfg.torch_threads)
+    # vLLM (and with it transformers) is imported before the opening thread starts, not
+    # alongside it: the encoder that thread loads imports transformers too, and transformers'
+    # lazy module is not safe to import from two threads at once. Session 16's HNSW run
+    # died of it: "cannot import name 'PretrainedConfig' from 'transformers'".
+    await asyncio.to_thread(load_vllm)
     # The knowledge base (a 21M filler build: ~35 s) and the first backend's in-process
     # retriever (~70 s to load and lay out 21M vectors) open in a thread while the model
     # converts and vLLM starts (~3 min on a fresh GPU machine): they share nothing, and a

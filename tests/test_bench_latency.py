@@ -468,3 +468,38 @@ async def test_run_benchmark_closes_its_early_retriever_when_the_engine_fails(
         await bench_latency.run_benchmark(cfg)
     assert closes == ["flat"]
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+async def test_run_benchmark_imports_vllm_before_the_opening_thread_starts(
+    tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opening thread loads the encoder (transformers) while vLLM starts; vLLM's import
+    of transformers must be over by then, since transformers' lazy module breaks when two
+    threads import it at once (session 16, HNSW: "cannot import name 'PretrainedConfig'")."""
+    from benchmarks import bench_latency
+    from ralmspec_vllm.engine import version
+
+    events: list[str] = []
+    real_open_ahead = bench_latency.open_ahead
+
+    def load_vllm() -> None:
+        events.append("load_vllm")
+
+    def open_ahead(cfg: LatencyConfig) -> Any:
+        events.append("open_ahead")
+        return real_open_ahead(cfg)
+
+    async def create(config: Any) -> VllmLanguageModel:
+        raise RuntimeError("injected: stop after the start")
+
+    monkeypatch.setattr(version, "load_vllm", load_vllm)
+    monkeypatch.setattr(bench_latency, "open_ahead", open_ahead)
+    monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline",),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        flat_impl="torch", torch_threads=1, out_dir=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected"):
+        await bench_latency.run_benchmark(cfg)
+    assert events == ["load_vllm", "open_ahead"]
