@@ -21,6 +21,11 @@ queries than the baseline.
 ``ServiceConfig.max_retriever_utilization`` as the baseline (the same answer), and requests
 already speculating hold speculation (plain retrieval steps) while it is.
 
+Busy has hysteresis (``busy``): it starts above the limit and ends only below
+``RELEASE_FRACTION`` of it. A server held near the limit would otherwise flicker: H200, 21M,
+c=64 and c=256 with the limit at 0.5, the utilization sat at 0.50-0.52, requests resumed
+speculating at every dip, and RaLMSpec finished 0.92x and 0.80x the baseline's answers.
+
 The rate reacts within seconds of a burst: until the window is full it is taken over the
 time since the current spell of searches began (at least ``min_span_s``), not over the whole
 window. Over a full window, 64 requests that arrive at once would read as ~1/5 of their rate
@@ -32,6 +37,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+
+RELEASE_FRACTION = 0.75
+"""``busy`` ends once the utilization falls below this fraction of the limit it rose above."""
 
 CALIBRATION_QUERIES = 64
 """Queries in the second calibration search: past the ~9 that a bf16 CPU scan answers for the
@@ -71,6 +79,8 @@ class RetrieverLoad:
         """Sum of ``sent``'s queries."""
         self._spell_start = 0.0
         """When the first search since the window was last empty returned."""
+        self._busy = False
+        """What ``busy`` last answered (its hysteresis)."""
 
     def calibrate(self, one_s: float, many_s: float, many: int = CALIBRATION_QUERIES) -> float:
         """Set ``query_cost_s`` from a one-query and a ``many``-query search's durations."""
@@ -91,6 +101,7 @@ class RetrieverLoad:
         """Forget every search (as after a quiet window)."""
         self.sent.clear()
         self._queries = 0
+        self._busy = False
 
     def query_rate(self) -> float:
         """Queries per second over the last ``window_s``, or over the current spell of
@@ -104,6 +115,13 @@ class RetrieverLoad:
 
     def utilization(self) -> float:
         return self.query_rate() * self.query_cost_s
+
+    def busy(self, limit: float) -> bool:
+        """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
+        been above it."""
+        utilization = self.utilization()
+        self._busy = utilization > (limit * RELEASE_FRACTION if self._busy else limit)
+        return self._busy
 
     def _forget(self, now: float) -> None:
         while self.sent and now - self.sent[0][0] >= self.window_s:

@@ -71,15 +71,21 @@ class ServiceConfig:
     speculation is checked against). Speculation spends extra LM steps and retriever queries
     to save waiting, which pays only while the engine and the retriever have room (H100,
     c=256: 0.74x the baseline's throughput). ``None``: never fall back."""
-    max_retriever_utilization: float | None = 0.5
+    max_retriever_utilization: float | None = 0.4
     """Load-aware fallback on the retriever (``ralmspec_vllm.load``): a ``ralmspec`` request
     that starts while this server keeps the retriever busier than this (recent queries/s x
     the calibrated seconds per query) runs as the baseline instead (the same answer).
-    Speculation asks ~1.6x the baseline's queries, so above ~0.6 they no longer fit (H200,
-    21M docs, c=64: 0.61x without this). Requests already speculating hold speculation
-    (plain retrieval steps) while it lasts: a burst of requests that all start speculating
-    before any of their queries show in the rate would otherwise keep speculating to the end
-    (H200, 21M, c=64, start-time fallback only: 0.89x, the first 64 all speculated).
+    Speculation asks ~1.6x the baseline's queries, so near saturation they no longer fit
+    (H200, 21M docs, c=64: 0.61x without this). Requests already speculating hold
+    speculation (plain retrieval steps) while it lasts: a burst of requests that all start
+    speculating before any of their queries show in the rate would otherwise keep
+    speculating to the end (H200, 21M, c=64, start-time fallback only: 0.89x).
+
+    Why 0.4: the calibration underrates a query's cost under serving load (H200, 21M: 9.4 ms
+    calibrated; the c=256 baseline saturated the scan at 64 queries/s, ~16 ms each). On the
+    calibrated scale, speculation won where it drew 0.32 (c=8: 1.72x) and lost where the
+    baseline alone draws 0.50 (c=64 0.92x, c=256 0.80x with the hold at 0.5, which then
+    flickered around it; session 16). 0.4 lies between, and a held c=64 server stays held.
     ``None``: never fall back or hold on the retriever's account."""
 
     def __post_init__(self) -> None:
@@ -352,11 +358,12 @@ class RaLMService:
         return None
 
     def retriever_busy(self) -> bool:
-        """This server keeps the retriever busier than ``max_retriever_utilization``: a
-        ``ralmspec`` request starting now runs as the baseline, and the speculating ones
-        hold speculation (plain retrieval steps) until it is not."""
-        busy = self.config.max_retriever_utilization
-        return busy is not None and self.retriever_load.utilization() > busy
+        """This server keeps the retriever busier than ``max_retriever_utilization`` (and
+        stays busy until it falls below ``load.RELEASE_FRACTION`` of it): a ``ralmspec``
+        request starting now runs as the baseline, and the speculating ones hold speculation
+        (plain retrieval steps) until it is not."""
+        limit = self.config.max_retriever_utilization
+        return limit is not None and self.retriever_load.busy(limit)
 
     async def calibrate_retriever(self) -> float:
         """Time one query and ``CALIBRATION_QUERIES`` queries on the retriever (best of two
@@ -387,9 +394,12 @@ class RaLMService:
         return cost
 
     def _observe_batch(self, record: BatchRecord) -> None:
-        """Each merged retriever call: the Prometheus batch histograms and the load signal."""
+        """Each merged retriever call: the Prometheus batch histograms and, if it succeeded,
+        the load signal (an error can return at once: a retriever that fails fast is not
+        busy, and its requests fail whether they speculate or not)."""
         metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
-        self.retriever_load.observe(record.num_queries)
+        if record.ok:
+            self.retriever_load.observe(record.num_queries)
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).

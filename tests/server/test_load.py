@@ -82,3 +82,25 @@ def test_spans_must_be_positive_and_fit_the_window() -> None:
     with pytest.raises(ValueError, match="min_span_s"):
         RetrieverLoad(window_s=1.0, min_span_s=2.0)
     assert RetrieverLoad(window_s=1.0).min_span_s == 1.0
+
+
+def test_busy_starts_above_the_limit_and_ends_below_three_quarters_of_it() -> None:
+    """Hysteresis: a server held near its limit must not flicker between holding and
+    speculating (H200, 21M, limit 0.5: utilization 0.50-0.52, 0.92x at c=64)."""
+    clock = Clock()
+    load = RetrieverLoad(window_s=10.0, clock=clock)
+    load.calibrate(0.0, 0.63, 64)  # 10 ms a query
+    load.observe(50)  # 50 queries over the shortest span (2 s): 0.25
+    assert load.utilization() == pytest.approx(0.25) and not load.busy(0.4)
+    load.observe(40)  # 0.45: above the limit
+    assert load.busy(0.4)
+    clock.now = 2.5  # 90 queries over 2.5 s: 0.36, below the limit, above 0.3
+    assert load.utilization() == pytest.approx(0.36) and load.busy(0.4)
+    clock.now = 3.2  # 0.28: below three quarters of the limit
+    assert load.utilization() == pytest.approx(90 / 3.2 * 0.01) and not load.busy(0.4)
+    load.observe(10)  # 0.31: between the two, and released: stays not busy
+    assert load.utilization() == pytest.approx(100 / 3.2 * 0.01) and not load.busy(0.4)
+    load.observe(40)  # 0.44: busy again
+    assert load.busy(0.4)
+    load.clear()  # a cleared window starts released
+    assert not load.busy(0.4)

@@ -55,7 +55,7 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--max-speculating", "-1"])
     with pytest.raises(ValueError, match="max_speculating"):
         service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.max_retriever_utilization == 0.5  # the retriever fallback is on by default
+    assert config.max_retriever_utilization == 0.4  # the retriever fallback is on by default
     for value, want in (("0.8", 0.8), ("0", None)):  # 0 turns it off
         args, _ = parse(["serve", "--max-retriever-utilization", value])
         assert service_config_from_args(args).max_retriever_utilization == want  # type: ignore[arg-type]

@@ -199,6 +199,27 @@ async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None
     assert again.token_ids == want.token_ids
 
 
+async def test_failed_searches_do_not_count_as_retriever_load() -> None:
+    """A retriever that fails fast is not busy: its failed searches add nothing to the load
+    signal (an error can return at once, so its queries say nothing about the retriever's
+    room), while the searches that succeed do."""
+    service, retriever, _ = make_service(max_retriever_utilization=0.4)
+    service.retriever_load.calibrate(0.0, 3.15, 64)  # 50 ms a query
+    search = retriever.search
+
+    async def down(*args: object, **kwargs: object) -> object:
+        raise ConnectionError("injected: retriever down")
+
+    retriever.search = down  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError, match="injected"):
+        await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    assert service.retriever_load.query_rate() == 0.0
+    assert not service.retriever_busy()
+    retriever.search = search  # type: ignore[method-assign]
+    await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    assert service.retriever_load.query_rate() > 0.0
+
+
 async def test_a_retriever_that_turns_busy_holds_speculation_mid_answer() -> None:
     """A request that started speculating on an idle retriever runs plain steps once the
     retriever turns busy (a burst of other requests' queries after its 4th LM call): same
