@@ -5,7 +5,7 @@
 # brings .snap): 56 MiB pieces stopped fitting in session 16.
 #
 #   bash benchmarks/gpu/prepare.sh            # -> .carry/pNN (+ .carry/MANIFEST)
-#   WITH_QWEN=1 bash benchmarks/gpu/prepare.sh # + Qwen2.5-0.5B's six wheels (469 MiB, 9 more pieces)
+#   WITH_QWEN=1 bash benchmarks/gpu/prepare.sh # + Qwen2.5-0.5B's six wheels (469 MiB, 10 more pieces)
 # A last piece carries $RALMSPEC_CACHE/gpu/jit_cache.tgz when present (a previous session's
 # `run.sh save-cache` output): vLLM's compile and kernel caches for the GPU machine.
 #

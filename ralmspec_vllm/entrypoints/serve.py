@@ -33,6 +33,7 @@ from typing import Any
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.engine.version import load_vllm
+from ralmspec_vllm.load import RELEASE_FRACTION
 from ralmspec_vllm.service import ServiceConfig
 
 logger = logging.getLogger(__name__)
@@ -152,8 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          default=c.max_retriever_utilization,
          help="load-aware fallback: a ralmspec request that starts while this server keeps "
               "the retriever busier than this (queries/s x seconds per query, calibrated "
-              "at start) runs as the baseline, and speculating ones run plain steps while "
-              "it lasts (same answer); 0: never "
+              "at start) runs as the baseline, and speculating ones run plain steps until "
+              f"it falls below {RELEASE_FRACTION:g} of this (same answer); 0: never "
               "(default: %(default)s)")  # fmt: skip
 
     # load_vllm applies the process settings (threads, offline) before vLLM/torch is imported.
