@@ -1,9 +1,9 @@
 """Probe: how often can a cache speculate an approximate retriever's answer, and why not?
 
 No LM: each question's "generated" text is the exact top-1 passage for the question (an LM
-answering from its document copies much of it), and a query is the last ``--window`` tokens
-every ``--stride`` tokens, as ``RaLMConfig`` makes them. For every query it searches the
-backend (top-1 with PSA's prefetch, capped at efSearch as the engine caps it) and the exact
+answering from its document copies much of it), and a query is the last ``query_window``
+tokens every ``retrieval_stride`` tokens (``RaLMConfig``'s defaults). The probe searches the
+backend (top-1 with PSA's prefetch; HNSW keeps it within its efSearch beam) and the exact
 flat index, keeps a cache of every list the backend returned, and speculates the cached
 document with the best exact inner product (what ``DenseCacheScorer`` does). Each step then
 counts as a hit or as one of two misses:
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ralmspec_vllm.core.config import PSA_PREFETCH_K
+from ralmspec_vllm.core.config import PSA_PREFETCH_K, RaLMConfig
 
 
 def replay(
@@ -46,8 +46,8 @@ def replay(
     questions: Sequence[str],
     prefetch: int,
     steps: int = 28,
-    stride: int = 4,
-    window: int = 32,
+    stride: int = RaLMConfig().retrieval_stride,
+    window: int = RaLMConfig().query_window,
 ) -> Counter[str]:
     """Replay every question's query windows against ``ann`` and ``exact``; the counts."""
     counts: Counter[str] = Counter()
@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dataset in ("nq", "triviaqa", "webquestions")
         for q in load_questions(dataset, args.questions_per_dataset)
     ]
-    # The engine caps HNSW's prefetch at efSearch (a wider list would widen the beam).
-    cap = args.ef_search if args.backend == "hnsw" else PSA_PREFETCH_K
-    result = summary(replay(ann, exact, tokenizer, questions, min(PSA_PREFETCH_K, cap) - 1))
+    # HNSW answers from within its efSearch beam whatever the prefetch (ann.py), which is
+    # where the engine caps it too.
+    result = summary(replay(ann, exact, tokenizer, questions, PSA_PREFETCH_K - 1))
     result.update(backend=args.backend, ef_search=args.ef_search, docs=len(kb))
     print(json.dumps(result, indent=1))
     if args.out:
