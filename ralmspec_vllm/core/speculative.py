@@ -25,8 +25,8 @@ OS3 keeps estimating gamma (and a, b) and returns to speculation once speculatin
 
 Held speculation (not in the paper): while ``ctx.speculation_held()`` answers True (the
 server's retriever is busier than it allows, ``RaLMService``), no new step is speculated;
-once every speculated step is verified, steps run as plain retrieval without the cache
-scoring (a search is all they ask, as the baseline's steps). A speculating request asks the
+once every speculated step is verified, steps run as the baseline's steps: its search (the
+exact top-1, no prefetch), no cache scoring and no cache insert. A speculating request asks the
 retriever for more queries than the baseline (every step after a mismatch is verified
 again), which only pays while the retriever has room for them. The request resumes
 speculating as soon as the hold lifts; the answer is the same either way.
@@ -216,10 +216,16 @@ class SpeculativeRequest:
     async def _plain_step(self, held: bool = False) -> None:
         """Retrieve, then generate a final step; score the cache's guess for OS3's gamma.
         ``held``: run because the server holds speculation (counted in ``held_steps``); then
-        the step costs the retriever only its search, the baseline's: no scoring of the
-        cache (an encoder call, possibly on the retriever's host) and nothing for OS3."""
+        the step is the baseline's step: the baseline's search (the exact top-1, no
+        prefetch), no scoring of the cache (an encoder call, possibly on the retriever's
+        host), no cache insert (whose vectors would be another call) and nothing for OS3.
+        The hold exists because the retriever has no room, so a held request must not ask
+        it for more than the baseline would; the cache just misses the held steps'
+        documents when speculation resumes."""
         if held:
-            await self._retrieve_step(self.ctx.query())
+            (hits,) = await self.ctx.search([self.ctx.query()], 1, "retrieve")
+            await self.ctx.generate_step(_top1(hits), "retrieve")
+            self.ctx.finalize(len(self.ctx.generated))
             self.recorder.plain_steps += 1
             self.recorder.held_steps += 1
             return

@@ -205,6 +205,9 @@ class ScriptedRetriever:
         self.learning = True
         self.step_of: dict[str, int] = {}
         self.search_calls: list[tuple[int, int]] = []
+        """(queries, k) of every search."""
+        self.prefetches: list[int] = []
+        """``prefetch`` of every search, in the same order."""
         self.score_calls = 0
         self.document_calls = 0
 
@@ -236,6 +239,7 @@ class ScriptedRetriever:
     async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
         """The exact top-(k + prefetch): a valid answer to a prefetch search."""
         self.search_calls.append((len(queries), k))
+        self.prefetches.append(prefetch)
         if self.events is not None:
             self.events.append(f"search-start {len(queries)}")
         await self._delay()

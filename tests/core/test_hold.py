@@ -92,6 +92,27 @@ async def test_a_hold_from_the_start_speculates_nothing() -> None:
         assert set(trace.call_counts()) == {"search"}  # no cache scoring
 
 
+async def test_a_held_step_asks_the_retriever_what_the_baseline_asks() -> None:
+    """A held step's search is the baseline's: one query, the exact top-1, no prefetch, and
+    no document vectors or cache scoring, whatever the request's prefetch settings: the hold
+    is on because the retriever has no room for more. Only the first retrieval (before the
+    hold is asked) seeds the cache with the request's own search."""
+    retriever = ScriptedRetriever(SCRIPTS["miss-every-third"])
+    engine, _ = make_engine(retriever, FakeLM())
+    want = await baseline_and_freeze(engine, retriever, LONG_QUESTION)
+    for prefetch_k, exact_k in ((20, 0), (256, 20)):
+        spec = SpeculationConfig.preset("PSA", prefetch_k=prefetch_k, exact_k=exact_k)
+        retriever.search_calls.clear()
+        retriever.prefetches.clear()
+        engine.speculation_held = lambda: True
+        result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+        assert result.token_ids == want.token_ids
+        steps = len(result.trace.spans)
+        assert retriever.search_calls == [(1, spec.search_k)] + [(1, 1)] * (steps - 1)
+        assert retriever.prefetches == [spec.search_prefetch] + [0] * (steps - 1)
+        assert set(result.trace.call_counts()) == {"search"}
+
+
 async def run_held(stride: int, asynchronous: bool, depth: int | str, hold: str) -> RequestTrace:
     """One fixed-stride run on the natural script under ``HOLDS[hold]``, checked against
     the baseline token for token; its trace."""
