@@ -250,7 +250,7 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
         client = openai.AsyncOpenAI(
             base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=3600.0
         )
-        session = Session(cfg, client, server.url, model, base)
+        session = Session(cfg, client, server.url, model, base, cpu=server.cpu_seconds)
         meta.update(await measure(session, questions, save))
         meta["questions"] = [{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions]
     finally:

@@ -65,6 +65,38 @@ def cell_row(
     }
 
 
+def load_columns(samples: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """A cell's retriever utilization as the server's load signal saw it, from
+    ``(seconds into the cell, ralmspec_retriever_utilization)`` samples: quantiles and the
+    whole timeline (where a hold flickers, the timeline shows it crossing the limit)."""
+    values = sorted(u for _, u in samples)
+
+    def quantile(q: float) -> float | None:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+    return {
+        "utilization_p10": quantile(0.1),
+        "utilization_p50": quantile(0.5),
+        "utilization_p90": quantile(0.9),
+        "utilization_max": round(values[-1], 3) if values else None,
+        "utilization_timeline": [[round(t, 1), round(u, 3)] for t, u in samples],
+    }
+
+
+def cpu_columns(
+    before: Mapping[str, float], after: Mapping[str, float], wall_s: float
+) -> dict[str, Any]:
+    """CPU cores each process kept busy during a cell (CPU seconds / wall seconds), by role
+    (``ServerProcess.cpu_seconds`` plus ``client``, the load generator)."""
+    if wall_s <= 0:
+        return {"cpu_cores": {}}
+    return {
+        "cpu_cores": {
+            role: round((after[role] - before.get(role, 0.0)) / wall_s, 2) for role in sorted(after)
+        }
+    }
+
+
 def finish_rows(
     rows: list[dict[str, Any]],
     records: Mapping[int, Sequence[RequestRecord]],

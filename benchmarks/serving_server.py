@@ -103,11 +103,48 @@ class ServerProcess:
                 pass
         return self.process.returncode
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) the server's processes have used so far, by role:
+        ``server`` (the API process), ``engine`` (vLLM's engine core), ``retriever`` (the
+        child retriever service) and ``other``; ``{}`` without psutil. A cell's difference
+        says which process the extra work of a method lands on: on a shared host every core
+        the server takes is one the retriever's scan threads wait for."""
+        try:
+            import psutil
+
+            root = psutil.Process(self.process.pid)
+            out = {"server": _cpu(root)}
+            for child in root.children(recursive=True):
+                role = _role(child)
+                out[role] = out.get(role, 0.0) + _cpu(child)
+        except Exception:  # psutil missing, or the server is gone
+            return {}
+        return out
+
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _cpu(process: Any) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _role(process: Any) -> str:
+    """``engine``, ``retriever`` or ``other``, from the process's command line (vLLM names
+    its engine core process ``VLLM::EngineCore``)."""
+    try:
+        words = " ".join(process.cmdline()) + " " + process.name()
+    except Exception:
+        return "other"
+    if "EngineCore" in words:
+        return "engine"
+    if "retriever" in words and "serve" in words:
+        return "retriever"
+    return "other"
 
 
 def _wait_ready(process: subprocess.Popen[str], timeout_s: float, log_path: Path) -> str:
@@ -143,11 +180,11 @@ def _kill(process: subprocess.Popen[str]) -> None:
 # -- /metrics -------------------------------------------------------------------------------
 
 
-def scrape(url: str) -> Samples:
+def scrape(url: str, timeout_s: float = 30.0) -> Samples:
     """Every sample of the server's ``/metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=30).text
+    text = httpx.get(url + "/metrics", timeout=timeout_s).text
     out: Samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

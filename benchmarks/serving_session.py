@@ -18,11 +18,12 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.serving_load import Job, RequestRecord, run_closed, run_poisson, summarize
-from benchmarks.serving_report import cell_row, finish_rows
+from benchmarks.serving_report import cell_row, cpu_columns, finish_rows, load_columns
 from benchmarks.serving_server import batch_stats, scrape
 from ralmspec_vllm.core.config import PRESETS
 
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from benchmarks.bench_serving import ServingConfig
 
 logger = logging.getLogger("bench_serving")
+
+UTILIZATION_GAUGE = "ralmspec_retriever_utilization"
+"""The server's retriever load signal (``ralmspec_vllm.metrics``), sampled during cells."""
+LOAD_SAMPLE_S = 1.0
+"""How often a cell samples it: each sample is one ``/metrics`` request to the server."""
 
 METHODS = ("baseline", "ralmspec", *PRESETS)
 """``baseline``, ``ralmspec`` (the server's defaults) and the preset rows (options sent)."""
@@ -46,6 +52,25 @@ def ralm_options(method: str) -> dict[str, Any]:
         "prefetch_k": spec.prefetch_k,
         "async_verification": spec.async_verification,
     }
+
+
+async def _sample_load(url: str, out: list[tuple[float, float]], every_s: float) -> None:
+    """Append ``(seconds since start, ralmspec_retriever_utilization)`` every ``every_s``
+    (reading only that gauge's line of ``/metrics``); a failed scrape is skipped."""
+    import httpx
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
+        while True:
+            try:
+                text = (await http.get("/metrics")).text
+            except httpx.HTTPError:
+                text = ""
+            for line in text.splitlines():
+                if line.startswith(UTILIZATION_GAUGE + " "):
+                    out.append((time.perf_counter() - start, float(line.split()[-1])))
+                    break
+            await asyncio.sleep(every_s)
 
 
 async def _ticker(label: str, records: list[RequestRecord], total: int, every_s: float) -> None:
@@ -69,6 +94,9 @@ class Session:
     records: dict[int, list[RequestRecord]] = dataclasses.field(default_factory=dict)
     reference: dict[str, str] = dataclasses.field(default_factory=dict)
     api_key: str = "unused"
+    cpu: Callable[[], dict[str, float]] | None = None
+    """The server's CPU seconds so far by process role (``ServerProcess.cpu_seconds``): each
+    row gets the cores every process kept busy during its cell (``cpu_cores``)."""
     _reset: bool = False
     """A reset ran since the last cell (recorded in the next row)."""
 
@@ -117,6 +145,9 @@ class Session:
         logger.info("cell %s: %d requests", label, len(jobs))
         records: list[RequestRecord] = []
         before = await asyncio.to_thread(scrape, self.url)
+        cpu_before = self._cpu_seconds()
+        load: list[tuple[float, float]] = []
+        sampler = asyncio.create_task(_sample_load(self.url, load, LOAD_SAMPLE_S))
         tick = asyncio.create_task(_ticker(label, records, len(jobs), 30.0))
         try:
             if rate is None:
@@ -131,6 +162,8 @@ class Session:
                 )
         finally:
             tick.cancel()
+            sampler.cancel()
+        cpu = cpu_columns(cpu_before, self._cpu_seconds(), wall)
         after = await asyncio.to_thread(scrape, self.url)
         if not records:
             return
@@ -138,6 +171,7 @@ class Session:
         row = cell_row(
             self.base, conc, rate, method, ralm_options(method), summary, batch_stats(before, after)
         )
+        row.update(load_columns(load), **cpu)
         row["prefix_cache_reset"], self._reset = self._reset, False
         row["repeat"] = repeat
         self.records[len(self.rows)] = records
@@ -152,6 +186,16 @@ class Session:
             row["failed"], row["connection_resends"], row.get("load_fallbacks", 0),
             row.get("held_steps", 0), row["outputs_identical"],
         )  # fmt: skip
+        logger.info(
+            "  %s: retriever utilization p10/p50/p90 %s/%s/%s; CPU cores %s",
+            label, row["utilization_p10"], row["utilization_p50"], row["utilization_p90"],
+            ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_cores"].items()) or "n/a",
+        )  # fmt: skip
+
+    def _cpu_seconds(self) -> dict[str, float]:
+        """The server's CPU seconds by role (``cpu``) plus this process's (``client``)."""
+        out = self.cpu() if self.cpu is not None else {}
+        return {**out, "client": time.process_time()}
 
     async def reference_pass(self) -> dict[str, Any]:
         """Untimed baseline answers for questions only other methods were timed on."""

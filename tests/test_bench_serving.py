@@ -26,7 +26,13 @@ import pytest
 from benchmarks.bench_serving import ServingConfig, main, parse_args, question_pool
 from benchmarks.common import read_results
 from benchmarks.serving_load import Job, RequestRecord, max_in_flight, never_answered, summarize
-from benchmarks.serving_report import add_ratios, check_identity, repeat_summary
+from benchmarks.serving_report import (
+    add_ratios,
+    check_identity,
+    cpu_columns,
+    load_columns,
+    repeat_summary,
+)
 from benchmarks.serving_server import batch_stats
 from benchmarks.serving_session import ralm_options
 from tests.corpus_fixtures import WORDS, build_tiny_kb
@@ -119,6 +125,21 @@ def test_resends_only_for_connections_that_failed_unanswered() -> None:
     assert (summary["connection_resends"], summary["failed"]) == (2, 1)
 
 
+def test_load_and_cpu_columns() -> None:
+    samples = [(0.0, 0.0), (1.0, 0.52), (2.0, 0.31), (3.0, 0.45), (4.0, 0.41)]
+    cols = load_columns(samples)
+    assert cols["utilization_p10"] == 0.0 and cols["utilization_p50"] == 0.41
+    assert cols["utilization_p90"] == cols["utilization_max"] == 0.52
+    assert cols["utilization_timeline"] == [[t, u] for t, u in samples]
+    assert load_columns([])["utilization_p50"] is None
+    before = {"server": 10.0, "retriever": 100.0, "client": 1.0}
+    after = {"server": 25.0, "retriever": 340.0, "engine": 30.0, "client": 4.0}
+    assert cpu_columns(before, after, 20.0) == {
+        "cpu_cores": {"client": 0.15, "engine": 1.5, "retriever": 12.0, "server": 0.75}
+    }  # a process that appeared during the cell counts from 0
+    assert cpu_columns(before, after, 0.0) == {"cpu_cores": {}}
+
+
 def test_batch_stats_diffs_histograms() -> None:
     def scrape(count: float, total: float, small: float) -> dict:  # type: ignore[type-arg]
         name = "ralmspec_retriever_batch_queries"
@@ -198,6 +219,11 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["retriever_fallbacks"] == 0 and row["held_steps"] == 0
         assert row["retriever_queries"] >= row["retriever_rpcs"]
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
+        # each process's share of the cell, and the load signal sampled from /metrics
+        assert {"server", "engine", "retriever", "client"} <= set(row["cpu_cores"]), row
+        assert row["cpu_cores"]["server"] > 0 and row["cpu_cores"]["client"] > 0
+        assert row["utilization_timeline"] and row["utilization_timeline"][0][0] < 1.0
+        assert row["utilization_p50"] == 0.0  # the fallback is off: no calibration, cost 0
     by = {(r["concurrency"], r["method"]): r for r in rows}
     assert by[(1, "B")]["verifications"] >= 1 and by[(1, "baseline")]["verifications"] == 0
     assert by[(2, "baseline")]["speedup_vs_baseline"] == 1.0
