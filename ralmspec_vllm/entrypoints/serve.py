@@ -34,7 +34,7 @@ from typing import Any
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.engine.version import load_vllm
 from ralmspec_vllm.load import RELEASE_FRACTION
-from ralmspec_vllm.service import ServiceConfig
+from ralmspec_vllm.service import CACHE_SCORING, ServiceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "all verified next round) or 'pipeline' (each step verified on its own as soon "
               "as it exists; pair with --flat-scan circular; default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
+    _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
+         help="where speculation ranks a request's cached documents: 'local' (this server: "
+              "the retriever's query embedding and the cached documents' vectors), "
+              "'retriever' (its Score RPC over every cached id; what BM25 needs) or 'auto' "
+              "(local for a dense retriever; default: %(default)s)")  # fmt: skip
     _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
          help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
     _own(ralm, "--max-batch-queries", type=int, default=c.max_batch_queries)
@@ -209,6 +214,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_batch_queries=args.max_batch_queries,
         max_speculating=args.max_speculating,
         max_retriever_utilization=args.max_retriever_utilization or None,  # 0: off
+        cache_scoring=args.cache_scoring,
     )
 
 
@@ -259,7 +265,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.server import ServerProcess
-    from ralmspec_vllm.service import RaLMService
+    from ralmspec_vllm.service import RaLMService, cache_embedder
 
     api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
     bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
@@ -288,7 +294,11 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         )
         stack.push_async_callback(client.close)
         await client.wait_ready()
-        service = RaLMService(lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len)
+        embedder = await cache_embedder(client, config.cache_scoring)
+        logger.info("cache scoring: %s", "local" if embedder is not None else "the retriever's")
+        service = RaLMService(
+            lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len, embedder=embedder
+        )
         if config.max_retriever_utilization is not None:
             await service.calibrate_retriever()
         model_name = (args.served_model_name or [args.model or DEFAULT_MODEL])[0]

@@ -3,7 +3,8 @@
 World: the tiny random-weight Llama (real SmolLM2 tokenizer) on vLLM (the session's shared
 engine), a small real index (80 Wikipedia passages from the gensim dump, MiniLM vectors,
 exact flat search) served by the real gRPC retriever service on 127.0.0.1 (OS-chosen port),
-``RaLMService`` over a ``RetrieverClient``, and the FastAPI app on uvicorn on 127.0.0.1
+``RaLMService`` over a ``RetrieverClient`` (cache scored in the server, as ``serve`` does for
+a dense retriever), and the FastAPI app on uvicorn on 127.0.0.1
 (OS-chosen port) with an API key. Everything runs in the session's event loop, so tests are
 async and use ``openai.AsyncOpenAI``. ``offline`` is a ``RaLMEngine`` over the same LM and
 retriever: the reference the server's answers must equal token for token.
@@ -23,8 +24,9 @@ import pytest
 import pytest_asyncio
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.core.encoding import AsyncEmbedder
 from ralmspec_vllm.core.runner import RaLMEngine
-from ralmspec_vllm.service import RaLMService, ServiceConfig
+from ralmspec_vllm.service import RaLMService, ServiceConfig, cache_embedder
 
 API_KEY = "test-key-123"
 MODEL_NAME = "tiny-ralm"
@@ -92,7 +94,18 @@ async def served(small_index: Path, vllm_lm: object) -> AsyncIterator[Served]:
         batch_window_s=0.01,
         max_retriever_utilization=None,
     )
-    service = RaLMService(lm, tokenizer, client, config, max_model_len=max_model_len)  # type: ignore[arg-type]
+    # As `serve` builds it: the dense cache is scored here (the default "auto"), while the
+    # offline reference ranks it with the retriever's Score: both must give the baseline.
+    embedder = await cache_embedder(client, config.cache_scoring)
+    assert isinstance(embedder, AsyncEmbedder)
+    service = RaLMService(
+        lm,  # type: ignore[arg-type]
+        tokenizer,
+        client,
+        config,
+        max_model_len=max_model_len,
+        embedder=embedder,
+    )
     offline = RaLMEngine(lm, tokenizer, client, RALM, SPECULATION)  # type: ignore[arg-type]
     app = build_app(service, MODEL_NAME, [API_KEY])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -1,0 +1,88 @@
+"""Where speculation ranks a request's cache (``ServiceConfig.cache_scoring``): the choice
+``serve`` makes from the retriever it talks to, over real gRPC retriever services (the
+small MiniLM flat index and a BM25 index of a few sentences) on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from ralmspec_vllm.core.cache import DenseCacheScorer, RetrieverCacheScorer, SpeculationCache
+from ralmspec_vllm.core.encoding import AsyncEmbedder
+from ralmspec_vllm.core.trace import TraceRecorder
+from ralmspec_vllm.retrieval.bm25 import BM25Retriever
+from ralmspec_vllm.retrieval.client import RetrieverClient
+from ralmspec_vllm.retrieval.server import start_server
+from ralmspec_vllm.service import ServiceConfig, cache_embedder
+
+TEXTS = [
+    "Achilles was the son of the nymph Thetis and Peleus, king of Phthia.",
+    "Albedo is the fraction of sunlight that is diffusely reflected by a body.",
+    "Montgomery is the capital city of the U.S. state of Alabama.",
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def dense_client(small_index: Path) -> AsyncIterator[RetrieverClient]:
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+
+    retriever = open_retriever(small_index, RetrieverConfig(backend="flat", progress=False))
+    running = await start_server(retriever, "127.0.0.1", 0)
+    async with RetrieverClient(running.target, timeout_s=30.0) as client:
+        yield client
+    await running.stop(grace=0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bm25_client() -> AsyncIterator[RetrieverClient]:
+    running = await start_server(BM25Retriever.from_texts(TEXTS), "127.0.0.1", 0)
+    async with RetrieverClient(running.target, timeout_s=30.0) as client:
+        yield client
+    await running.stop(grace=0)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_dense_retrievers_are_scored_here_bm25_by_the_retriever(
+    dense_client: RetrieverClient, bm25_client: RetrieverClient
+) -> None:
+    assert isinstance(await cache_embedder(dense_client, "auto"), AsyncEmbedder)
+    assert isinstance(await cache_embedder(dense_client, "local"), AsyncEmbedder)
+    assert await cache_embedder(dense_client, "retriever") is None
+    assert await cache_embedder(bm25_client, "auto") is None  # BM25 needs corpus statistics
+    with pytest.raises(ValueError, match=r"'local' needs a dense retriever.*bm25"):
+        await cache_embedder(bm25_client, "local")
+    with pytest.raises(ValueError, match="cache_scoring"):
+        await cache_embedder(dense_client, "nearby")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache_scoring"):
+        ServiceConfig(cache_scoring="nearby")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_local_and_retriever_scoring_pick_the_same_document(
+    dense_client: RetrieverClient,
+) -> None:
+    """The local ranking (retriever's embedding, cached vectors, exact re-scoring) and the
+    retriever's Score give the same top-1 for every query over a cache of the whole index,
+    near-ties included: both are the knowledge base's exact score, ties to the lower id."""
+    info = await dense_client.info()
+    ids = list(range(info.num_docs))
+    cache = SpeculationCache(capacity=len(ids))
+    vectors = await dense_client.vectors(ids)
+    assert vectors is not None
+    cache.insert(ids, dict(zip(ids, vectors, strict=True)))
+    embedder = await cache_embedder(dense_client, "local")
+    assert embedder is not None
+    local, remote = DenseCacheScorer(embedder=embedder), RetrieverCacheScorer(dense_client)
+    queries = [f"{t} {w}" for t in ("Achilles", "albedo of snow", "Alabama capital", "")
+               for w in ("history", "science", "")]  # fmt: skip
+    picked = []
+    for query in [q for q in queries if q.strip()]:
+        recorder = TraceRecorder("ralmspec")
+        here = await local.top1(cache, query, recorder)
+        there = await remote.top1(cache, query, recorder)
+        assert here == there, query
+        picked.append(here)
+    assert len(set(picked)) > 1  # the queries do not all land on one document
