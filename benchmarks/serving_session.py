@@ -56,7 +56,8 @@ def ralm_options(method: str) -> dict[str, Any]:
 
 async def _sample_load(url: str, out: list[tuple[float, float]], every_s: float) -> None:
     """Append ``(seconds since start, ralmspec_retriever_utilization)`` every ``every_s``
-    (reading only that gauge's line of ``/metrics``); a failed scrape is skipped."""
+    (reading only that gauge's line of ``/metrics``); a failed or unreadable scrape is
+    skipped: the sampler must never end a cell."""
     import httpx
 
     start = time.perf_counter()
@@ -64,12 +65,12 @@ async def _sample_load(url: str, out: list[tuple[float, float]], every_s: float)
         while True:
             try:
                 text = (await http.get("/metrics")).text
-            except httpx.HTTPError:
-                text = ""
-            for line in text.splitlines():
-                if line.startswith(UTILIZATION_GAUGE + " "):
-                    out.append((time.perf_counter() - start, float(line.split()[-1])))
-                    break
+                for line in text.splitlines():
+                    if line.startswith(UTILIZATION_GAUGE + " "):
+                        out.append((time.perf_counter() - start, float(line.split()[-1])))
+                        break
+            except (httpx.HTTPError, ValueError) as exc:
+                logger.debug("utilization sample skipped: %r", exc)
             await asyncio.sleep(every_s)
 
 
