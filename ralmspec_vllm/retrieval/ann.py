@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IVF_CODECS = ("flat", "sq8")
+"""IVF vector storage: float32 (IVF-Flat) or FAISS's 8-bit scalar quantizer."""
+
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 _ADD_CHUNK = 1 << 16
@@ -48,7 +51,7 @@ class _FaissANNRetriever(DenseIndexRetriever):
         encoder: TextEncoder | None,
         *,
         index_path: Path | None,
-        build_params: dict[str, int],
+        build_params: dict[str, Any],
         candidate_margin: int,
         progress: bool,
         rebuild: bool,
@@ -169,7 +172,10 @@ class HNSWRetriever(_FaissANNRetriever):
 
 
 class IVFFlatRetriever(_FaissANNRetriever):
-    """``faiss.IndexIVFFlat`` (inner product), k-means trained on a seeded sample."""
+    """``faiss.IndexIVFFlat`` (inner product), k-means trained on a seeded sample; with
+    ``codec="sq8"`` an ``IndexIVFScalarQuantizer`` (8 bits a dimension) instead, a quarter
+    of the memory and disk: at 21M MiniLM vectors 8 GB instead of 32, which a 64 GB disk
+    that already holds the knowledge base's 32 GB of vectors can take."""
 
     backend = "ivf"
 
@@ -181,6 +187,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
         *,
         nlist: int | None = None,
         nprobe: int = 16,
+        codec: str = "flat",
         train_size: int | None = None,
         seed: int = 1234,
         index_path: Path | None = None,
@@ -193,27 +200,33 @@ class IVFFlatRetriever(_FaissANNRetriever):
             raise ValueError(f"nlist: must be in [1, {len(vectors)}], got {nlist}")
         if nprobe < 1:
             raise ValueError(f"nprobe: must be >= 1, got {nprobe}")
-        self.nlist, self.nprobe, self.seed = nlist, nprobe, seed
+        if codec not in IVF_CODECS:
+            raise ValueError(f"codec: must be one of {IVF_CODECS}, got {codec!r}")
+        self.nlist, self.nprobe, self.seed, self.codec = nlist, nprobe, seed, codec
         self.train_size = min(len(vectors), train_size or max(64 * nlist, 10_000))
+        build_params: dict[str, Any] = {"nlist": nlist, "train_size": self.train_size, "seed": seed}
+        if codec != "flat":  # a flat index's parameters stay as saved before codecs existed
+            build_params["codec"] = codec
         super().__init__(
             vectors,
             documents,
             encoder,
             index_path=index_path,
-            build_params={"nlist": nlist, "train_size": self.train_size, "seed": seed},
+            build_params=build_params,
             candidate_margin=candidate_margin,
             progress=progress,
             rebuild=rebuild,
         )
 
     @staticmethod
-    def artifact_name(nlist: int) -> str:
-        return f"ivf-nlist{nlist}"
+    def artifact_name(nlist: int, codec: str = "flat") -> str:
+        return f"ivf-nlist{nlist}" if codec == "flat" else f"ivf-nlist{nlist}-{codec}"
 
     @classmethod
     def from_kb(cls, kb: KnowledgeBase, **params: Any) -> IVFFlatRetriever:
         nlist = params.get("nlist") or default_nlist(len(kb))
-        path = Path(kb.artifact_dir(cls.artifact_name(nlist))) / INDEX_FILE
+        codec = params.get("codec", "flat")
+        path = Path(kb.artifact_dir(cls.artifact_name(nlist, codec))) / INDEX_FILE
         params = {**params, "nlist": nlist}
         return cls(kb.embeddings(), kb.documents, kb.encoder(), index_path=path, **params)
 
@@ -221,13 +234,21 @@ class IVFFlatRetriever(_FaissANNRetriever):
         import faiss
 
         quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        ip = faiss.METRIC_INNER_PRODUCT
+        index: Any
+        if self.codec == "sq8":
+            qt = faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, self.nlist, qt, ip)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, ip)
         index.cp.seed = self.seed
         rng = np.random.default_rng(self.seed)
         sample = np.sort(rng.choice(self.num_docs, size=self.train_size, replace=False))
-        logger.info("training IVF (nlist=%d) on %d vectors", self.nlist, len(sample))
+        logger.info(
+            "training IVF (nlist=%d, %s) on %d vectors", self.nlist, self.codec, len(sample)
+        )
         index.train(np.ascontiguousarray(self._vectors[sample], dtype=np.float32))
-        self._add_all(index, f"ivf nlist={self.nlist}", progress)
+        self._add_all(index, f"ivf nlist={self.nlist} {self.codec}", progress)
         return index
 
     def _search_params(self, count: int) -> Any:
@@ -236,7 +257,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
         return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.nlist))  # type: ignore[call-arg]
 
     def _extra_info(self) -> dict[str, str]:
-        return {**super()._extra_info(), "nprobe": str(self.nprobe)}
+        return {**super()._extra_info(), "nprobe": str(self.nprobe), "codec": self.codec}
 
 
 def default_nlist(num_docs: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
+from ralmspec_vllm.retrieval.ann import IVF_CODECS
 from ralmspec_vllm.retrieval.base import Retriever
 from ralmspec_vllm.retrieval.flat import DEVICES, DTYPES, IMPLS, LAYOUTS, SCANS
 from ralmspec_vllm.types import BM25Params
@@ -65,6 +66,10 @@ class RetrieverConfig:
     """IVF inverted lists; ``None``: about 4 sqrt(N)."""
     nprobe: int = 16
     """IVF lists visited per query."""
+    ivf_codec: str = "flat"
+    """How IVF stores vectors: ``flat`` (float32, IVF-Flat) or ``sq8`` (8-bit scalar
+    quantizer: a quarter of the memory and disk, 8 GB at 21M docs instead of 32; candidates
+    are re-scored exactly either way, so only recall can differ)."""
     bm25_k1: float = 1.5
     """BM25 term-frequency saturation (rank-bm25 default)."""
     bm25_b: float = 0.75
@@ -90,6 +95,7 @@ class RetrieverConfig:
             "dtype": DTYPES,
             "flat_layout": LAYOUTS,
             "flat_scan": SCANS,
+            "ivf_codec": IVF_CODECS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -174,6 +180,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             kb,
             nlist=config.nlist,
             nprobe=config.nprobe,
+            codec=config.ivf_codec,
             candidate_margin=margin,
             progress=config.progress,
             rebuild=config.rebuild,
@@ -248,6 +255,7 @@ _CHOICES = {
     "dtype": DTYPES,
     "flat_layout": LAYOUTS,
     "flat_scan": SCANS,
+    "ivf_codec": IVF_CODECS,
 }
 
 _FIELD_HELP = {
@@ -264,6 +272,7 @@ _FIELD_HELP = {
     "ef_search": "HNSW efSearch",
     "nlist": "IVF lists; auto = about 4 sqrt(N)",
     "nprobe": "IVF lists probed per query",
+    "ivf_codec": "IVF vector storage (sq8: 8-bit, a quarter of the memory)",
     "bm25_k1": "BM25 k1",
     "bm25_b": "BM25 b",
     "bm25_epsilon": "BM25 idf floor epsilon",

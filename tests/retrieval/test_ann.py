@@ -43,7 +43,13 @@ def _ivf(corpus: SyntheticCorpus, path: Path | None = None, **params: object) ->
     )
 
 
-BUILDERS = {"hnsw": _hnsw, "ivf": _ivf}
+def _ivf_sq8(
+    corpus: SyntheticCorpus, path: Path | None = None, **params: object
+) -> IVFFlatRetriever:
+    return _ivf(corpus, path, codec="sq8", **params)
+
+
+BUILDERS = {"hnsw": _hnsw, "ivf": _ivf, "ivf-sq8": _ivf_sq8}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -137,6 +143,8 @@ def test_parameter_validation(corpus: SyntheticCorpus) -> None:
         IVFFlatRetriever(corpus.vectors, nlist=NUM_DOCS + 1)
     with pytest.raises(ValueError, match=r"^nprobe:"):
         IVFFlatRetriever(corpus.vectors, nprobe=0)
+    with pytest.raises(ValueError, match=r"^codec:"):
+        IVFFlatRetriever(corpus.vectors, codec="pq")
     assert default_nlist(1_000_000) == 4000 and default_nlist(3) == 3
 
 
@@ -167,3 +175,20 @@ def test_hnsw_top1_does_not_depend_on_k() -> None:
     top1 = [hits[0] for hits in hnsw.search_vectors(queries, 1)]
     for k in (8, 20, 24):
         assert [hits[0] for hits in hnsw.search_vectors(queries, k)] == top1, k
+
+
+def test_sq8_stores_a_quarter_and_lives_apart_from_flat(
+    corpus: SyntheticCorpus, tmp_path: Path
+) -> None:
+    """8 bits a dimension instead of 32: the saved index shrinks ~4x (what lets a 21M-doc
+    IVF fit a 64 GB disk next to its knowledge base), under its own artefact name, and a
+    flat index's saved parameters are those it had before codecs existed."""
+    flat_path, sq8_path = tmp_path / "flat" / INDEX_FILE, tmp_path / "sq8" / INDEX_FILE
+    flat, sq8 = _ivf(corpus, flat_path), _ivf_sq8(corpus, sq8_path)
+    codes = corpus.vectors.size  # bytes of 8-bit codes; flat holds 4x that
+    assert sq8_path.stat().st_size < flat_path.stat().st_size - 2 * codes
+    assert "codec" not in (flat_path.parent / META_FILE).read_text()
+    assert '"codec": "sq8"' in (sq8_path.parent / META_FILE).read_text()
+    assert IVFFlatRetriever.artifact_name(64) == "ivf-nlist64"
+    assert IVFFlatRetriever.artifact_name(64, "sq8") == "ivf-nlist64-sq8"
+    assert (flat.info.extra["codec"], sq8.info.extra["codec"]) == ("flat", "sq8")
