@@ -80,6 +80,7 @@ from benchmarks.latency_runs import (  # noqa: E402
 )
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
+from ralmspec_vllm.retrieval.ann import IVF_CODECS  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 from ralmspec_vllm.retrieval.flat import SCANS as FLAT_SCANS  # noqa: E402
 
@@ -88,6 +89,11 @@ logger = logging.getLogger("bench_latency")
 METHODS = ("baseline", "oracle", *PRESETS)
 TRANSPORTS = ("inproc", "grpc", "process")
 BACKENDS = ("flat", "hnsw", "ivf", "bm25")
+
+
+HNSW_EF_SEARCH = 128
+IVF_NPROBE = 16
+"""The approximate indexes' default search parameters (``RetrieverConfig``'s)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,14 @@ class LatencyConfig(OutputConfig):
     ``overlap_depth=pipeline``)."""
     flat_chunk_size: int = 1 << 20
     """Documents per chunk of the torch flat scan (``RetrieverConfig.flat_chunk_size``)."""
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = HNSW_EF_SEARCH
+    ivf_nlist: int | None = None
+    """IVF lists (``None``: ~4 sqrt(N), FAISS's rule of thumb; 18,330 at 21M docs, whose
+    k-means alone would take the H200 host's CPU many minutes)."""
+    ivf_nprobe: int = IVF_NPROBE
+    ivf_codec: str = "flat"
+    """IVF vector storage (``RetrieverConfig.ivf_codec``): ``sq8`` at 21M docs, where a
+    float32 IVF (32 GB) would not fit the GPU host's disk next to the knowledge base."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,7 +240,15 @@ class LatencyConfig(OutputConfig):
     def label(self, backend: str) -> str:
         """The backend's name in rows and file names: ``flat-torch`` for the torch path,
         ``flat-torch-cuda`` on the GPU, suffixed with a non-float32 dtype
-        (``flat-torch-cuda-float16``)."""
+        (``flat-torch-cuda-float16``); an approximate index's search parameters where they
+        differ from the defaults (``hnsw-ef512``, ``ivf-nlist4096-nprobe64``)."""
+        if backend == "hnsw" and self.hnsw_ef_search != HNSW_EF_SEARCH:
+            return f"hnsw-ef{self.hnsw_ef_search}"
+        if backend == "ivf":
+            nlist = "" if self.ivf_nlist is None else f"-nlist{self.ivf_nlist}"
+            nprobe = "" if self.ivf_nprobe == IVF_NPROBE else f"-nprobe{self.ivf_nprobe}"
+            codec = "" if self.ivf_codec == "flat" else f"-{self.ivf_codec}"
+            return f"ivf{nlist}{nprobe}{codec}"
         if backend != "flat" or self.flat_impl != "torch":
             return backend
         label = "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
@@ -468,6 +489,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--flat-chunk-size", "flat_chunk_size",
      {"type": int, "help": "documents per chunk of the torch flat scan (default 1048576)"}),
     ("--ef-search", "hnsw_ef_search", {"type": int, "help": "HNSW efSearch"}),
+    ("--nlist", "ivf_nlist", {"type": int, "help": "IVF lists (default: ~4 sqrt(docs))"}),
+    ("--nprobe", "ivf_nprobe", {"type": int, "help": "IVF lists probed per query"}),
+    ("--ivf-codec", "ivf_codec", {"choices": IVF_CODECS, "help": "IVF vector storage"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     *output_flags("latency_<machine>_<model>_<backend>"),
 )  # fmt: skip

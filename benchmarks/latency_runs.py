@@ -238,6 +238,9 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
         flat_scan=cfg.flat_scan if backend == "flat" else "batch",
         flat_chunk_size=cfg.flat_chunk_size,
         ef_search=cfg.hnsw_ef_search,
+        nlist=cfg.ivf_nlist,
+        nprobe=cfg.ivf_nprobe,
+        ivf_codec=cfg.ivf_codec,
         progress=False,
     )
 

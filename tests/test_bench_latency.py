@@ -239,6 +239,24 @@ def test_config_validation_and_quick_flags() -> None:
     assert len(cfg.ordered_methods) == 2
 
 
+def test_approximate_search_flags_reach_the_retriever_and_the_label() -> None:
+    from benchmarks.latency_runs import retriever_config
+
+    cfg = parse_args([])
+    assert (cfg.label("hnsw"), cfg.label("ivf")) == ("hnsw", "ivf")  # defaults: bare names
+    cfg = parse_args(["--ef-search", "512", "--nlist", "4096", "--nprobe", "64"])
+    assert cfg.label("hnsw") == "hnsw-ef512" and cfg.label("ivf") == "ivf-nlist4096-nprobe64"
+    ivf = retriever_config(cfg, "ivf")
+    assert (ivf.nlist, ivf.nprobe, retriever_config(cfg, "hnsw").ef_search) == (4096, 64, 512)
+    cfg = parse_args(["--nprobe", "64", "--ivf-codec", "sq8"])
+    assert (
+        cfg.label("ivf") == "ivf-nprobe64-sq8" and retriever_config(cfg, "ivf").ivf_codec == "sq8"
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--ivf-codec", "pq"])
+    assert retriever_config(parse_args([]), "ivf").nlist is None  # ~4 sqrt(N) at open
+
+
 def test_flat_dtype_flag_validation_and_label() -> None:
     assert parse_args([]).flat_dtype == "float32"
     assert LatencyConfig(flat_impl="torch").label("flat") == "flat-torch"

@@ -101,6 +101,16 @@ def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> 
     assert cfg.time_budget_s == 90  # a later argument wins
 
 
+def test_ivf_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
+    (argv,) = run_with_fake_python(tmp_path, "approx_latency_21m.sh", "out", "--nprobe", "32")
+    assert argv[0] == "benchmarks/bench_latency.py"
+    cfg = parse_args(argv[1:])
+    assert cfg.backends == ("ivf",) and cfg.filler == 21_000_000
+    assert (cfg.ivf_nlist, cfg.ivf_codec, cfg.ivf_nprobe) == (4096, "sq8", 32)  # args win
+    assert cfg.label("ivf") == "ivf-nlist4096-nprobe32-sq8"
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"]
+
+
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""
