@@ -81,6 +81,7 @@ from benchmarks.latency_runs import (  # noqa: E402
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.ann import IVF_CODECS  # noqa: E402
+from ralmspec_vllm.retrieval.factory import RetrieverConfig  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 from ralmspec_vllm.retrieval.flat import SCANS as FLAT_SCANS  # noqa: E402
 
@@ -91,8 +92,8 @@ TRANSPORTS = ("inproc", "grpc", "process")
 BACKENDS = ("flat", "hnsw", "ivf", "bm25")
 
 
-HNSW_EF_SEARCH = 128
-IVF_NPROBE = 16
+HNSW_EF_SEARCH = RetrieverConfig().ef_search
+IVF_NPROBE = RetrieverConfig().nprobe
 """The approximate indexes' default search parameters (``RetrieverConfig``'s)."""
 
 
