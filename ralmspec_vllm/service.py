@@ -115,10 +115,7 @@ class ServiceConfig:
             raise ValueError(f"max_batch_queries must be >= 1, got {self.max_batch_queries}")
         if self.max_speculating is not None and self.max_speculating < 0:
             raise ValueError(f"max_speculating must be >= 0, got {self.max_speculating}")
-        if self.cache_scoring not in CACHE_SCORING:
-            raise ValueError(
-                f"cache_scoring must be one of {CACHE_SCORING}, got {self.cache_scoring!r}"
-            )
+        _check_cache_scoring(self.cache_scoring)
         busy = self.max_retriever_utilization
         if busy is not None and not busy > 0:
             raise ValueError(f"max_retriever_utilization must be > 0 (or None), got {busy}")
@@ -472,8 +469,7 @@ async def cache_embedder(retriever: AsyncRetriever, scoring: CacheScoring) -> Qu
     (``RetrieverClient``: embeddings bit-identical to its searches'); ``ValueError`` if asked
     for without one. Either way the speculated documents are the same: both rank the cache
     by the knowledge base's exact score, ties to the lower doc id."""
-    if scoring not in CACHE_SCORING:
-        raise ValueError(f"cache_scoring must be one of {CACHE_SCORING}, got {scoring!r}")
+    _check_cache_scoring(scoring)
     if scoring == "retriever":
         return None
     info = await retriever.info()
@@ -486,6 +482,11 @@ async def cache_embedder(retriever: AsyncRetriever, scoring: CacheScoring) -> Qu
             f" this one is {info.backend!r} (dim {info.dim})"
         )
     return None
+
+
+def _check_cache_scoring(value: str) -> None:
+    if value not in CACHE_SCORING:
+        raise ValueError(f"cache_scoring must be one of {CACHE_SCORING}, got {value!r}")
 
 
 def _check_range(param: str, value: int, upper: int) -> None:
