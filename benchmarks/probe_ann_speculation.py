@@ -5,7 +5,8 @@ answering from its document copies much of it), and a query is the last ``query_
 tokens every ``retrieval_stride`` tokens (``RaLMConfig``'s defaults). The probe searches the
 backend (top-1 with PSA's prefetch; HNSW keeps it within its efSearch beam) and the exact
 flat index, keeps a cache of every list the backend returned, and speculates the cached
-document with the best exact inner product (what ``DenseCacheScorer`` does). Each step then
+document with the best exact inner product, ties to the lower doc id (``SpeculationCache``
+and ``exact_candidates``, as ``DenseCacheScorer`` does). Each step then
 counts as a hit or as one of two misses:
 
 - ``truth_not_cached``: the backend's top-1 was in none of the earlier lists;
@@ -34,10 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ralmspec_vllm.core.cache import SpeculationCache, exact_candidates
 from ralmspec_vllm.core.config import PSA_PREFETCH_K, RaLMConfig
 from ralmspec_vllm.retrieval.ann import IVF_CODECS
 
@@ -59,29 +59,30 @@ def replay(
         text = question + "\n" + exact.documents([first])[0].text
         ids = tokenizer(text)["input_ids"]
         start = len(tokenizer(question + "\n")["input_ids"])
-        cache: dict[int, np.ndarray] = {}
+        cache = SpeculationCache(capacity=steps * (1 + prefetch))  # never evicts
         for step in range(steps):
             end = start + stride * step
             if end > len(ids):
                 break
-            query = tokenizer.decode(ids[max(0, end - window) : end])
-            hits = ann.search([query], 1, prefetch=prefetch)[0]
+            # One encoding for all three uses: both indexes share the knowledge base's encoder.
+            q = ann.encode([tokenizer.decode(ids[max(0, end - window) : end])])
+            hits = ann.search_vectors(q, 1, prefetch)[0]
             truth = hits[0].doc_id
-            nearest = exact.search([query], 1)[0][0].doc_id
-            if cache:
+            nearest = exact.search_vectors(q, 1)[0][0].doc_id
+            if len(cache):
                 counts["steps"] += 1
                 counts["ann_is_exact"] += truth == nearest
-                cached = list(cache)
-                scores = np.stack([cache[d] for d in cached]) @ ann.encode([query])[0]
-                spec = cached[int(np.argmax(scores))]
+                vectors = cache.vectors
+                assert vectors is not None
+                spec = cache.best_exact(*exact_candidates(q[0], vectors, cache.max_vector_norm))
                 if spec == truth:
                     counts["hit"] += 1
                 else:
                     counts["truth_outranked" if truth in cache else "truth_not_cached"] += 1
                     counts["spec_is_exact"] += spec == nearest
-            new = [h.doc_id for h in hits if h.doc_id not in cache]
+            new = cache.missing([h.doc_id for h in hits])
             if new:
-                cache.update(zip(new, ann.vectors(new), strict=True))
+                cache.insert(new, dict(zip(new, ann.vectors(new), strict=True)))
     return counts
 
 
@@ -106,9 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--filler", type=int, default=200000, help="docs in all (default 200000)")
     p.add_argument("--backend", choices=("hnsw", "ivf"), default="hnsw")
-    p.add_argument("--ef-search", type=int, default=128, help="HNSW efSearch (default 128)")
+    defaults = RetrieverConfig()
+    p.add_argument("--ef-search", type=int, default=defaults.ef_search, help="HNSW efSearch")
     p.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(docs))")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed (default 16)")
+    p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists probed")
     p.add_argument("--ivf-codec", choices=IVF_CODECS, default="flat", help="IVF storage")
     p.add_argument("--questions-per-dataset", type=int, default=10)
     p.add_argument("--out", help="write the counts as JSON here")
