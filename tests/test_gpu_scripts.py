@@ -111,6 +111,14 @@ def test_ivf_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"]
 
 
+def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
+    (argv,) = run_with_fake_python(tmp_path, "bm25_latency_21m.sh", "out", "--time-budget-s", "9")
+    assert argv[0] == "benchmarks/bench_latency.py"
+    cfg = parse_args(argv[1:])
+    assert cfg.backends == ("bm25",) and cfg.filler == 21_000_000 and cfg.time_budget_s == 9
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
+
+
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""

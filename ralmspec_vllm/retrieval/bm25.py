@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.bm25_build import FillerNotCountable, Postings
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
     check_k,
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DISK_HEADROOM_BYTES = 2 << 30
+"""Free disk space ``from_kb`` leaves beyond what a saved index takes."""
 
 
 class BM25Index:
@@ -94,47 +96,64 @@ class BM25Index:
         """Index documents given as batches of texts (doc ids = position in the stream)."""
         params = params or BM25Params()
         analyzer = analyzer or Analyzer()
-        vocab: dict[str, int] = {}
-        docs, terms, tfs, lengths = [], [], [], []
-        start = 0
+        postings = Postings()
         bar = tqdm(total=total, unit="doc", desc="bm25 index", disable=not progress)
         for batch in text_batches:
-            token_ids: list[int] = []
-            batch_len = np.zeros(len(batch), dtype=np.int64)
-            for i, text in enumerate(batch):
-                ids = [vocab.setdefault(t, len(vocab)) for t in analyzer(text)]
-                batch_len[i] = len(ids)
-                token_ids.extend(ids)
-            width = max(len(vocab), 1)
-            local_doc = np.repeat(np.arange(len(batch), dtype=np.int64), batch_len)
-            key = local_doc * width + np.asarray(token_ids, dtype=np.int64)
-            uniq, counts = np.unique(key, return_counts=True)
-            docs.append((uniq // width + start).astype(np.int32))
-            terms.append((uniq % width).astype(np.int32))
-            tfs.append(counts.astype(np.int32))
-            lengths.append(batch_len)
-            start += len(batch)
+            postings.add_texts(batch, analyzer)
             bar.update(len(batch))
         bar.close()
-        if start == 0:
-            raise ValueError("corpus: BM25 needs at least one document")
-        if not vocab:
-            raise ValueError("corpus: no document has any term after analysis")
-        doc = np.concatenate(docs)
-        term = np.concatenate(terms)
-        tf = np.concatenate(tfs).astype(np.float64)
-        doc_len = np.concatenate(lengths)
-        idf = _rank_bm25_idf(np.bincount(term, minlength=len(vocab)), start, params)
-        weights = _bm25_weights(tf, doc_len[doc], idf[term], float(doc_len.sum()) / start, params)
-        matrix = sp.csc_matrix((weights, (doc, term)), shape=(start, len(vocab)))
+        return cls._finish(postings, params, analyzer, None)
+
+    @classmethod
+    def build_kb(
+        cls,
+        kb: KnowledgeBase,
+        params: BM25Params | None = None,
+        analyzer: Analyzer | None = None,
+        *,
+        batch_size: int = 4096,
+        threads: int | None = None,
+        progress: bool = True,
+    ) -> BM25Index:
+        """Index a knowledge base: its real passages as text, its synthetic filler counted
+        straight from the filler's word draws on ``threads`` threads (default: every core
+        this process may use), ~50x faster than making and analysing the text, same index
+        bit for bit (``bm25_build``). Falls back to the text where that cannot be exact."""
+        params = params or BM25Params()
+        analyzer = analyzer or Analyzer()
+        postings = Postings()
+        m = kb.manifest
+        bar = tqdm(total=len(kb), unit="doc", desc="bm25 index", disable=not progress)
+        for batch in kb.iter_texts(batch_size, filler=False):
+            postings.add_texts(batch, analyzer)
+            bar.update(len(batch))
+        if m.num_filler_docs:
+            assert kb.filler is not None
+            try:
+                postings.add_filler(
+                    kb.filler, m.num_docs, analyzer, threads=threads, on_chunk=bar.update
+                )
+            except FillerNotCountable as exc:
+                logger.warning("BM25 index: counting the filler from its text (%s)", exc)
+                for batch in kb.iter_filler_texts(batch_size):
+                    postings.add_texts(batch, analyzer)
+                    bar.update(len(batch))
+        bar.close()
+        return cls._finish(postings, params, analyzer, threads)
+
+    @classmethod
+    def _finish(
+        cls, postings: Postings, params: BM25Params, analyzer: Analyzer, threads: int | None
+    ) -> BM25Index:
+        matrix, idf, doc_len = postings.finish(params, threads)
         logger.info(
             "BM25 index: %d docs, %d terms, %d postings, avgdl %.1f",
-            start,
-            len(vocab),
+            matrix.shape[0],
+            matrix.shape[1],
             matrix.nnz,
-            float(doc_len.sum()) / start,
+            float(doc_len.sum()) / matrix.shape[0],
         )
-        return cls(matrix, vocab, idf, doc_len, params, analyzer)
+        return cls(matrix, postings.vocab, idf, doc_len, params, analyzer)
 
     # ----------------------------------------------------------------- scoring
     def term_ids(self, query: str) -> list[int]:
@@ -173,6 +192,12 @@ class BM25Index:
         return [Hit(int(d), float(scores[d])) for d in chosen]
 
     # ----------------------------------------------------------------- persistence
+    def saved_bytes(self) -> int:
+        """About what ``save`` writes: the CSC arrays, idf, lengths and the vocabulary."""
+        w = self.weights
+        arrays = w.data.nbytes + w.indices.nbytes + w.indptr.nbytes
+        return arrays + self.idf.nbytes + self.doc_len.nbytes + 16 * len(self.vocab)
+
     def save(self, directory: Path) -> None:
         """Write ``bm25.npz`` + ``bm25.json`` atomically (a temp dir renamed into place)."""
         directory = Path(directory)
@@ -225,26 +250,6 @@ class BM25Index:
     @staticmethod
     def artifact_name(params: BM25Params, analyzer: Analyzer) -> str:
         return f"bm25-k1_{params.k1:g}-b_{params.b:g}-eps_{params.epsilon:g}-{analyzer.name}"
-
-
-def _rank_bm25_idf(df: np.ndarray, num_docs: int, params: BM25Params) -> np.ndarray:
-    """rank-bm25's idf, bit for bit: ``math.log``, a sequential sum, then the epsilon floor."""
-    idf = np.array([math.log(num_docs - n + 0.5) - math.log(n + 0.5) for n in df.tolist()])
-    idf_sum = 0.0
-    for value in idf.tolist():  # rank-bm25 sums with += in vocabulary order
-        idf_sum += value
-    average_idf = idf_sum / len(idf)
-    idf[idf < 0] = params.epsilon * average_idf
-    return idf
-
-
-def _bm25_weights(
-    tf: np.ndarray, doc_len: np.ndarray, idf: np.ndarray, avgdl: float, params: BM25Params
-) -> np.ndarray:
-    """Per-posting weights with rank-bm25's expression and operation order."""
-    k1, b = params.k1, params.b
-    norm = (1 - b) + b * doc_len.astype(np.float64) / avgdl
-    return idf * (tf * (k1 + 1) / (tf + k1 * norm))
 
 
 def _top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
@@ -333,10 +338,20 @@ class BM25Retriever:
                 index = None
         if index is None:
             logger.info("building BM25 index over %d docs into %s", len(kb), directory)
-            index = BM25Index.build(
-                kb.iter_texts(batch_size), params, analyzer, total=len(kb), progress=progress
+            index = BM25Index.build_kb(
+                kb, params, analyzer, batch_size=batch_size, progress=progress
             )
-            index.save(directory)
+            needed, free = index.saved_bytes(), shutil.disk_usage(directory).free
+            if needed + DISK_HEADROOM_BYTES <= free:
+                index.save(directory)
+            else:  # e.g. 21M docs (~19 GB) beside a 21M dense knowledge base on a 64 GB disk
+                logger.warning(
+                    "BM25 index not saved: it needs %.1f GB and %s has %.1f GB free;"
+                    " it will be built again next time",
+                    needed / 1e9,
+                    directory,
+                    free / 1e9,
+                )
         return cls(index, kb.documents, index_dir=str(directory))
 
     @property

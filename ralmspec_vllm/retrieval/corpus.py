@@ -227,6 +227,8 @@ def read_jsonl_corpus(path: str | Path) -> Iterator[Passage]:
 
 FILLER_CHUNK = 65536
 FILLER_NOISE = 0.5
+FILLER_TITLE_PREFIX = "synthetic-"
+"""A filler document's title (and external id) is this prefix and its doc id."""
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -276,18 +278,27 @@ class FillerText:
     def from_json(cls, obj: dict[str, object]) -> FillerText:
         return cls(obj["words"], obj["counts"], obj["seed"], obj["num_words"])  # type: ignore[arg-type]
 
-    def texts(self, doc_ids: Sequence[int] | np.ndarray) -> list[str]:
-        """Texts of the filler documents ``doc_ids`` (any ids; same id, same text)."""
+    def word_indices(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Each document's words as indices into ``words``: int64, (len(doc_ids), num_words).
+        ``texts`` joins these words with spaces; a BM25 build counts them without the text."""
         ids = np.asarray(doc_ids, dtype=np.uint64).reshape(-1, 1)
         pos = np.arange(self.num_words, dtype=np.uint64).reshape(1, -1)
         h = _splitmix64(((ids << np.uint64(16)) | pos) ^ self._key)
         u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-        idx = np.searchsorted(self._cdf, u * self._cdf[-1], side="right")
-        return [" ".join(row) for row in self._vocab[idx]]
+        return np.searchsorted(self._cdf, u * self._cdf[-1], side="right")
+
+    def texts(self, doc_ids: Sequence[int] | np.ndarray) -> list[str]:
+        """Texts of the filler documents ``doc_ids`` (any ids; same id, same text)."""
+        return [" ".join(row) for row in self._vocab[self.word_indices(doc_ids)]]
+
+    @staticmethod
+    def title(doc_id: int) -> str:
+        """A filler document's title: ``synthetic-<doc id>``."""
+        return f"{FILLER_TITLE_PREFIX}{int(doc_id)}"
 
     def documents(self, doc_ids: Sequence[int]) -> list[Document]:
         return [
-            Document(int(i), f"synthetic-{int(i)}", text)
+            Document(int(i), self.title(i), text)
             for i, text in zip(doc_ids, self.texts(doc_ids), strict=True)
         ]
 

@@ -210,8 +210,9 @@ class KnowledgeBase:
             self._embeddings = emb
         return self._embeddings
 
-    def iter_texts(self, batch_size: int = 10000) -> Iterator[list[str]]:
-        """``Document.contents`` of every doc in id order, in lists of at most ``batch_size``."""
+    def iter_texts(self, batch_size: int = 10000, filler: bool = True) -> Iterator[list[str]]:
+        """``Document.contents`` of every doc in id order, in lists of at most ``batch_size``
+        (the real passages only if ``filler`` is False)."""
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         batch: list[str] = []
@@ -224,6 +225,13 @@ class KnowledgeBase:
                     batch = []
         if batch:
             yield batch
+        if filler:
+            yield from self.iter_filler_texts(batch_size)
+
+    def iter_filler_texts(self, batch_size: int = 10000) -> Iterator[list[str]]:
+        """``Document.contents`` of the synthetic filler docs in id order (none if no filler)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         m = self.manifest
         for start in range(m.num_real_docs, m.num_docs, batch_size):
             ids = range(start, min(start + batch_size, m.num_docs))
@@ -246,7 +254,7 @@ class KnowledgeBase:
         """The source's own id of a document (``synthetic-<id>`` for filler)."""
         (doc_id,) = self.documents.check([doc_id])
         if doc_id >= self.manifest.num_real_docs:
-            return f"synthetic-{doc_id}"
+            return FillerText.title(doc_id)
         return str(self.documents.record(doc_id)["ext_id"])
 
     def doc_id_of(self, ext_id: str) -> int:
