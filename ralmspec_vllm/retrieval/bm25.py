@@ -117,8 +117,9 @@ class BM25Index:
     ) -> BM25Index:
         """Index a knowledge base: its real passages as text, its synthetic filler counted
         straight from the filler's word draws on ``threads`` threads (default: every core
-        this process may use), ~50x faster than making and analysing the text, same index
-        bit for bit (``bm25_build``). Falls back to the text where that cannot be exact."""
+        this process may use). The same index bit for bit as ``build`` over
+        ``kb.iter_texts()``; at 3M docs on 2 cores 39 s instead of 187 s, and the counting
+        scales with cores (``bm25_build``). Falls back to the text where that cannot be exact."""
         params = params or BM25Params()
         analyzer = analyzer or Analyzer()
         postings = Postings()

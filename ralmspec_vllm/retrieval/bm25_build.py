@@ -7,8 +7,8 @@ the index's statistics and its CSC weight matrix, with rank-bm25's expressions.
 
 Two ways in, with the same result bit for bit (``tests/retrieval/test_bm25_build.py``):
 
-- ``add_texts``: the analyzer over each text, one Python loop per token (~15 s per 200k
-  100-word documents on the dev machine: ~25 minutes at the paper's 21M).
+- ``add_texts``: the analyzer over each text, one Python loop per token (187 s for 3M
+  100-word documents on the dev machine: ~22 minutes at the paper's 21M).
 - ``add_filler``: ``FillerText`` documents without making their text. A filler document is
   ``"synthetic-<id>\\n" + " ".join(words)`` with words drawn from the real passages' own
   whitespace words, so its terms are the title's terms followed by each word's terms
