@@ -267,7 +267,8 @@ def index_stats(before: Samples, after: Samples) -> dict[str, Any]:
     """The retriever service's own view (its counters, fetched by each scrape): index
     searches and the mean seconds its backend spent in one. Next to ``search_latency_mean_s``
     (a search as the server's requests saw it) this tells a slow index from slow RPCs, batch
-    windows or a busy event loop. None where the server's retriever has no counters."""
+    windows or a busy event loop. None where the server's retriever has no counters.
+    Plus ``backend_stats``."""
     if ("ralmspec_retriever_index_searches_total", ()) not in after:
         return {"index_searches": None, "index_search_mean_s": None}
     searches = _delta(before, after, "ralmspec_retriever_index_searches_total")
@@ -275,7 +276,43 @@ def index_stats(before: Samples, after: Samples) -> dict[str, Any]:
     return {
         "index_searches": int(searches),
         "index_search_mean_s": round(seconds / searches, 4) if searches else 0.0,
+        **backend_stats(before, after),
     }
+
+
+def backend_stats(before: Samples, after: Samples) -> dict[str, Any]:
+    """Where the retriever's backend spent the cell (``InfoResponse.backend_counters``):
+    seconds per phase (``backend_seconds``), its counts (``backend_work``) and, for a
+    circular scan, one chunk's average: query rows and cohorts on board, and milliseconds in
+    the product, the threshold ops and the rest of the walk (boarding, bookkeeping, GIL
+    waits). A cell where the scan's searches got slower shows here which part grew."""
+    phases = _by_label(before, after, "ralmspec_retriever_backend_seconds_total", "phase")
+    work = _by_label(before, after, "ralmspec_retriever_backend_work_total", "counter")
+    if not phases and not work:
+        return {}
+    out: dict[str, Any] = {
+        "backend_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "backend_work": {k: int(v) for k, v in work.items()},
+    }
+    chunks = work.get("scan_chunks", 0.0)
+    if chunks:
+        product, threshold = phases.get("scan_product", 0.0), phases.get("scan_threshold", 0.0)
+        out["scan_chunk"] = {
+            "rows": round(work.get("scan_rows", 0.0) / chunks, 2),
+            "cohorts": round(work.get("scan_cohorts", 0.0) / chunks, 2),
+            "product_ms": round(1e3 * product / chunks, 3),
+            "threshold_ms": round(1e3 * threshold / chunks, 3),
+            "other_ms": round(
+                1e3 * (phases.get("scan_busy", 0.0) - product - threshold) / chunks, 3
+            ),
+        }
+    return out
+
+
+def _by_label(before: Samples, after: Samples, name: str, label: str) -> dict[str, float]:
+    """``after - before`` of sample ``name`` per value of ``label``."""
+    values = {dict(pairs).get(label) for sample, pairs in after if sample == name}
+    return {v: _delta(before, after, name, **{label: v}) for v in sorted(values - {None})}
 
 
 def lm_stats(before: Samples, after: Samples) -> dict[str, Any]:

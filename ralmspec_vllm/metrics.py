@@ -237,6 +237,27 @@ class _RetrieverStats(Collector):
              "index's own work: no queueing, batching window or RPC).", s.search_seconds),
         ):  # fmt: skip
             yield CounterMetricFamily(f"ralmspec_retriever_{name}", doc, value=value)
+        if not s.backend:
+            return
+        seconds = CounterMetricFamily(
+            "ralmspec_retriever_backend_seconds",
+            "Seconds the retriever's backend spent per phase (InfoResponse.backend_counters:"
+            " encode, scan, rank, ...; scan_product/threshold/busy: a circular scan's walk).",
+            labels=["phase"],
+        )
+        work = CounterMetricFamily(
+            "ralmspec_retriever_backend_work",
+            "Counts the retriever's backend keeps (searches; a circular scan's chunks walked"
+            " and the query rows and cohorts on board summed over them).",
+            labels=["counter"],
+        )
+        for key, value in sorted(s.backend.items()):
+            if key.endswith("_s"):
+                seconds.add_metric([key[:-2]], value)
+            else:
+                work.add_metric([key], value)
+        yield seconds
+        yield work
 
 
 RETRIEVER_STATS = _RetrieverStats()

@@ -163,6 +163,29 @@ def test_batch_stats_diffs_histograms() -> None:
 
     stats = batch_stats(index(10, 1.0), index(14, 2.2))  # 4 index searches, 1.2 s in them
     assert (stats["index_searches"], stats["index_search_mean_s"]) == (4, 0.3)
+    assert "scan_chunk" not in stats  # a backend without counters
+
+    def walk(chunks: float, rows: float, product: float, threshold: float, busy: float) -> dict:  # type: ignore[type-arg]
+        seconds, work = (
+            "ralmspec_retriever_backend_seconds_total",
+            "ralmspec_retriever_backend_work_total",
+        )
+        return {
+            **index(10, 1.0),
+            (seconds, (("phase", "scan_product"),)): product,
+            (seconds, (("phase", "scan_threshold"),)): threshold,
+            (seconds, (("phase", "scan_busy"),)): busy,
+            (seconds, (("phase", "rank"),)): 0.5,
+            (work, (("counter", "scan_chunks"),)): chunks,
+            (work, (("counter", "scan_rows"),)): rows,
+            (work, (("counter", "scan_cohorts"),)): chunks,
+        }  # fmt: skip
+
+    stats = batch_stats(walk(100, 100, 1.0, 0.5, 2.0), walk(300, 1300, 3.0, 2.5, 7.0))
+    assert stats["scan_chunk"] == {
+        "rows": 6.0, "cohorts": 1.0, "product_ms": 10.0, "threshold_ms": 10.0, "other_ms": 5.0,
+    }  # fmt: skip
+    assert stats["backend_seconds"]["rank"] == 0.0 and stats["backend_work"]["scan_chunks"] == 200
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +238,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
+        assert row["backend_seconds"]["scan"] > 0 and row["backend_work"]["searches"] >= 1
         assert row["load_fallbacks"] == 0  # both fallbacks off: every ralmspec request speculates
         assert row["retriever_fallbacks"] == 0 and row["held_steps"] == 0
         assert row["retriever_queries"] >= row["retriever_rpcs"]

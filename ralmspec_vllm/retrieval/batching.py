@@ -25,9 +25,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ralmspec_vllm.types import Hit
@@ -41,7 +41,9 @@ P = TypeVar("P")  # a batch payload: list[str] or a (n, dim) float32 array
 class BatchStats:
     """Counters since start: Search calls, index searches made for them, merge sizes, and
     the seconds the backend spent in those searches (timed in the worker thread: the index's
-    own work, without queueing, batching windows or RPC overhead)."""
+    own work, without queueing, batching windows or RPC overhead). ``backend``: the
+    backend's own work counters where it keeps them (``InfoResponse.backend_counters``);
+    the service sets them, a lane's counters have none."""
 
     search_calls: int = 0
     index_searches: int = 0
@@ -49,6 +51,7 @@ class BatchStats:
     max_merged_calls: int = 0
     max_merged_queries: int = 0
     search_seconds: float = 0.0
+    backend: Mapping[str, float] = field(default_factory=dict)
 
     def add(self, calls: int, queries: int, seconds: float = 0.0) -> BatchStats:
         return BatchStats(
@@ -68,6 +71,7 @@ class BatchStats:
             max_merged_calls=max(self.max_merged_calls, other.max_merged_calls),
             max_merged_queries=max(self.max_merged_queries, other.max_merged_queries),
             search_seconds=self.search_seconds + other.search_seconds,
+            backend={**self.backend, **other.backend},
         )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -77,6 +78,31 @@ class CircularScan:
         """Chunks walked / num_chunks since start (for tests and benchmarks)."""
         self.max_cohorts = 0
         """Most cohorts that shared one chunk's matmul."""
+        self.chunks = 0
+        """Chunks walked (one product each) since start."""
+        self.rows = 0
+        """Query rows on board, summed over the chunks walked."""
+        self.cohorts = 0
+        """Cohorts on board, summed over the chunks walked."""
+        self.product_s = 0.0
+        """Seconds of the walk in the chunk products."""
+        self.threshold_s = 0.0
+        """Seconds of the walk feeding blocks to the cohorts' scans (the threshold ops)."""
+        self.busy_s = 0.0
+        """Seconds of the walk from taking a chunk's cohorts to done with it, everything
+        included: ``busy_s - product_s - threshold_s`` is boarding, bookkeeping and the waits
+        to re-take the GIL between them."""
+
+    def counters(self) -> dict[str, float]:
+        """The walk's work since start (``scan_*`` keys of a retriever's ``counters``)."""
+        return {
+            "scan_chunks": float(self.chunks),
+            "scan_rows": float(self.rows),
+            "scan_cohorts": float(self.cohorts),
+            "scan_product_s": self.product_s,
+            "scan_threshold_s": self.threshold_s,
+            "scan_busy_s": self.busy_s,
+        }
 
     def submit(self, queries: Any, scan: ChunkScan) -> Future[ChunkScan]:
         """Board ``queries`` (a tensor the product accepts) with their fresh ``scan``."""
@@ -105,6 +131,7 @@ class CircularScan:
 
         on_board: list[_Cohort] = []
         chunk = 0
+        clock = time.perf_counter
         while True:
             with self._cond:
                 while not self._closed and not self._boarding and not on_board:
@@ -121,6 +148,7 @@ class CircularScan:
                 self._boarding.clear()
             if not on_board:
                 continue
+            began = clock()
             try:
                 with torch.inference_mode():
                     queries = (
@@ -128,7 +156,10 @@ class CircularScan:
                         if len(on_board) == 1
                         else torch.cat([c.queries for c in on_board])
                     )
+                    product_at = clock()
                     start, block = self._product(queries, chunk)
+                    threshold_at = clock()
+                    self.product_s += threshold_at - product_at
                     if self._add_all is not None:
                         self._add_all([c.scan for c in on_board], block, start)
                     else:
@@ -137,6 +168,7 @@ class CircularScan:
                             rows = len(cohort.queries)
                             cohort.scan.add(block[row : row + rows], start)
                             row += rows
+                    self.threshold_s += clock() - threshold_at
             except Exception as exc:  # a failed chunk fails everyone on board, not the walk
                 logger.exception("circular scan: chunk %d failed", chunk)
                 for cohort in on_board:
@@ -144,6 +176,9 @@ class CircularScan:
                 on_board = []
                 continue
             self.max_cohorts = max(self.max_cohorts, len(on_board))
+            self.chunks += 1
+            self.rows += len(queries)
+            self.cohorts += len(on_board)
             self.turns += 1.0 / self.num_chunks
             chunk = (chunk + 1) % self.num_chunks
             still: list[_Cohort] = []
@@ -154,3 +189,4 @@ class CircularScan:
                 else:
                     still.append(cohort)
             on_board = still
+            self.busy_s += clock() - began

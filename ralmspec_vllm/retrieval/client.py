@@ -147,9 +147,11 @@ class RetrieverClient:
         return info
 
     async def stats(self) -> BatchStats:
-        """The server's cross-request batching counters."""
-        s = (await self._call("Info", pb.InfoRequest())).stats
+        """The server's cross-request batching counters and its backend's work counters."""
+        msg = await self._call("Info", pb.InfoRequest())
+        s = msg.stats
         return BatchStats(
+            backend=dict(msg.backend_counters),
             search_calls=s.search_calls,
             index_searches=s.index_searches,
             queries=s.queries,

@@ -303,6 +303,11 @@ class DenseIndexRetriever(ABC):
         self._add_times(searches=1)
         return results
 
+    def counters(self) -> dict[str, float]:
+        """This retriever's work since start (``PhaseTimes``), for the service's ``Info``."""
+        with self._times_lock:
+            return self.times.snapshot()
+
     def _add_times(self, **seconds: float) -> None:
         with self._times_lock:
             for name, value in seconds.items():

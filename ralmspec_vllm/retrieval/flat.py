@@ -190,6 +190,13 @@ class FlatRetriever(DenseIndexRetriever):
             info["scan"] = self.scan
         return info
 
+    def counters(self) -> dict[str, float]:
+        """``DenseIndexRetriever.counters`` plus the circular scan's walk, if any."""
+        out = super().counters()
+        if self._circular is not None:
+            out.update(self._circular.counters())
+        return out
+
     def close(self) -> None:
         """Stop the circular scan's thread (if any); searches still on board fail."""
         if self._circular is not None:

@@ -188,6 +188,9 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 search_seconds=s.search_seconds,
             )
         )
+        counters = getattr(self.retriever, "counters", None)
+        if counters is not None:
+            msg.backend_counters.update(counters())
         return msg
 
     # -- implementation ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -145,3 +146,60 @@ def test_threshold_ops_merged_across_cohorts_give_each_cohort_its_own_result(
     for a, m in zip(alone, merged, strict=True):
         for x, y in zip(a.result(), m.result(), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_the_walk_counts_its_chunks_rows_and_seconds() -> None:
+    docs, queries = _docs(n=1000)
+    circular = FlatRetriever(docs, impl="torch", device="cpu", dtype="bfloat16", chunk_size=256)
+    assert "scan_chunks" not in circular.counters()  # a batch scan has no walk
+    circular = FlatRetriever(
+        docs, impl="torch", device="cpu", dtype="bfloat16", chunk_size=256, scan="circular"
+    )
+    circular.search_vectors(queries[:3], 2)  # alone on board: one turn of 4 chunks, 3 rows
+    counters = circular.counters()
+    assert (counters["scan_chunks"], counters["scan_rows"], counters["scan_cohorts"]) == (4, 12, 4)
+    assert counters["searches"] == 1 and counters["scan_s"] > 0
+    busy, product, threshold = (counters[f"scan_{k}_s"] for k in ("busy", "product", "threshold"))
+    assert product > 0 and threshold > 0 and product + threshold <= busy
+    circular.close()
+
+
+async def test_the_service_reports_the_walk_to_clients_and_metrics() -> None:
+    """Over a real gRPC service: ``Info.backend_counters`` -> ``RetrieverClient.stats`` ->
+    ``ralmspec_retriever_backend_*_total`` on the server's ``/metrics``."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ralmspec_vllm import metrics
+    from ralmspec_vllm.retrieval.client import RetrieverClient
+    from ralmspec_vllm.retrieval.server import start_server
+
+    docs, queries = _docs(n=1000)
+    flat = FlatRetriever(
+        docs, impl="torch", device="cpu", dtype="bfloat16", chunk_size=256, scan="circular"
+    )
+    server = await start_server(flat, "127.0.0.1", 0, warm_up=False)
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            await asyncio.gather(*(client.search_vectors(queries[i : i + 2], 3) for i in range(4)))
+            stats = await client.stats()
+    finally:
+        await server.stop(grace=0)
+        flat.close()
+    walked = stats.backend
+    assert walked["scan_chunks"] >= 4 and walked["scan_rows"] >= 8 * 4  # 8 rows x 4 chunks
+    assert walked["searches"] >= 1 and walked["scan_product_s"] > 0
+    metrics.set_retriever_stats(stats)
+    try:
+        text = generate_latest(REGISTRY).decode()
+    finally:
+        metrics.RETRIEVER_STATS.stats = None  # as before: no service has reported
+    scraped = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    seconds = "ralmspec_retriever_backend_seconds_total"
+    assert scraped[(seconds, (("phase", "scan_product"),))] == walked["scan_product_s"]
+    work = "ralmspec_retriever_backend_work_total"
+    assert scraped[(work, (("counter", "scan_chunks"),))] == walked["scan_chunks"]

@@ -379,6 +379,9 @@ async def test_metrics_expose_ralmspec_counters(
         "ralmspec_retriever_index_searches_total"
     )
     assert sample("ralmspec_retriever_search_seconds_total") > 0
+    # ... and where that time went inside the backend (InfoResponse.backend_counters)
+    assert sample("ralmspec_retriever_backend_seconds_total", phase="scan") > 0
+    assert sample("ralmspec_retriever_backend_work_total", counter="searches") >= 1
 
 
 async def test_metrics_answer_while_the_retriever_hangs(

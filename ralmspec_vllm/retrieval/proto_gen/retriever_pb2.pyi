@@ -163,7 +163,7 @@ class BatchStats(_message.Message):
     def __init__(self, search_calls: _Optional[int] = ..., index_searches: _Optional[int] = ..., queries: _Optional[int] = ..., max_merged_calls: _Optional[int] = ..., max_merged_queries: _Optional[int] = ..., search_seconds: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("backend", "num_docs", "dim", "metric", "bm25", "index_dir", "extra", "limits", "stats")
+    __slots__ = ("backend", "num_docs", "dim", "metric", "bm25", "index_dir", "extra", "limits", "stats", "backend_counters")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,13 @@ class InfoResponse(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class BackendCountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     NUM_DOCS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +187,7 @@ class InfoResponse(_message.Message):
     EXTRA_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     num_docs: int
     dim: int
@@ -189,4 +197,5 @@ class InfoResponse(_message.Message):
     extra: _containers.ScalarMap[str, str]
     limits: Limits
     stats: BatchStats
-    def __init__(self, backend: _Optional[str] = ..., num_docs: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., bm25: _Optional[_Union[BM25Params, _Mapping]] = ..., index_dir: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., stats: _Optional[_Union[BatchStats, _Mapping]] = ...) -> None: ...
+    backend_counters: _containers.ScalarMap[str, float]
+    def __init__(self, backend: _Optional[str] = ..., num_docs: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., bm25: _Optional[_Union[BM25Params, _Mapping]] = ..., index_dir: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., stats: _Optional[_Union[BatchStats, _Mapping]] = ..., backend_counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
