@@ -291,7 +291,7 @@ def backend_stats(before: Samples, after: Samples) -> dict[str, Any]:
     if not phases and not work:
         return {}
     out: dict[str, Any] = {
-        "backend_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "backend_seconds": {k: round(v, 4) for k, v in phases.items()},
         "backend_work": {k: int(v) for k, v in work.items()},
     }
     chunks = work.get("scan_chunks", 0.0)

