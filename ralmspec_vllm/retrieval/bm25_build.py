@@ -24,6 +24,7 @@ Two ways in, with the same result bit for bit (``tests/retrieval/test_bm25_build
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -41,8 +42,7 @@ if TYPE_CHECKING:
 
 FILLER_CHUNK = 32768
 """Filler documents counted per task (~60 MB of working arrays each)."""
-_WEIGHT_CHUNK = 1 << 22
-"""Postings weighted per step in ``finish`` (bounds its temporaries)."""
+_EMPTY = np.zeros(0, dtype=np.int32)
 
 
 class FillerNotCountable(ValueError):
@@ -181,41 +181,94 @@ class Postings:
     ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
         """(weights (docs x terms, CSC), idf, doc lengths), rank-bm25's numbers.
 
-        Frees the collected counts as it goes (at 21M documents they are ~18 GB); copies and
-        weights on ``threads`` threads (default: every core this process may use)."""
+        The CSC matrix is filled straight from the collected batches, on ``threads`` threads
+        (default: every core this process may use): the batches are cut into one run of
+        consecutive batches per thread; each thread counts its run's terms, and from all the
+        counts each run gets its own start in every term's column, so the runs fill their
+        parts of the columns at once, each batch's postings stably sorted by term (docs stay
+        ascending within a column). The same matrix as SciPy's COO-to-CSC conversion of the
+        concatenated postings, which runs on one core after a copy of everything. 3M docs on
+        the dev machine: 24.4 s on 1 thread, 13.1 s on 2; SciPy's way took 13.5 s, 8.4 s of
+        it in its one-core conversion, which at 21M is ~1 minute however many cores there
+        are. The batches are freed as they are used."""
         if self.num_docs == 0:
             raise ValueError("corpus: BM25 needs at least one document")
         if not self.vocab:
             raise ValueError("corpus: no document has any term after analysis")
-        n = self.num_docs
-        with ThreadPoolExecutor(_workers(threads), thread_name_prefix="bm25-finish") as pool:
+        n, width = self.num_docs, len(self.vocab)
+        docs, terms, tfs = self._docs, self._terms, self._tfs
+        sizes = np.array([len(t) for t in terms], dtype=np.int64)
+        nnz = int(sizes.sum())
+        index_dtype = np.int32 if max(nnz, n, width) < np.iinfo(np.int32).max else np.int64
+        workers = _workers(threads)
+        runs = _runs(sizes, workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="bm25-finish") as pool:
             doc_len = _take_concat(self._lengths, pool)
-            doc = _take_concat(self._docs, pool)
-            term = _take_concat(self._terms, pool)
-            tf = _take_concat(self._tfs, pool)
-            idf = rank_bm25_idf(np.bincount(term, minlength=len(self.vocab)), n, params)
+
+            def count(run: range) -> np.ndarray:
+                # Not a bincount per batch: its O(width) output is ~170 MB per batch at 21M
+                # docs' vocabulary.
+                out = np.zeros(width, dtype=np.int64)
+                for i in run:
+                    np.add.at(out, terms[i], 1)
+                return out
+
+            counts = list(pool.map(count, runs))
+            df = np.sum(counts, axis=0)
+            idf = rank_bm25_idf(df, n, params)
             avgdl = float(doc_len.sum()) / n
-            weights = np.empty(len(tf), dtype=np.float64)
-            steps = [
-                pool.submit(
-                    _weigh,
-                    weights,
-                    slice(a, a + _WEIGHT_CHUNK),
-                    tf,
-                    doc,
-                    term,
-                    doc_len,
-                    idf,
-                    avgdl,
-                    params,
-                )
-                for a in range(0, len(tf), _WEIGHT_CHUNK)
-            ]
-            for step in steps:
-                step.result()
-        del tf
-        matrix = sp.csc_matrix((weights, (doc, term)), shape=(n, len(self.vocab)))
+            indptr = np.zeros(width + 1, dtype=index_dtype)
+            np.cumsum(df, out=indptr[1:])
+            # Each run's next free slot in every column: the column's start plus the
+            # postings the earlier runs put there (the counts become the starts in place).
+            start = indptr[:-1].astype(np.int64)
+            for run_counts in counts:
+                following = start + run_counts
+                run_counts[:] = start
+                start = following
+            indices = np.empty(nnz, dtype=index_dtype)
+            data = np.empty(nnz, dtype=np.float64)
+
+            def fill(run: range, free: np.ndarray) -> None:
+                for i in run:
+                    term = terms[i]
+                    weights = bm25_weights(
+                        tfs[i].astype(np.float64), doc_len[docs[i]], idf[term], avgdl, params
+                    )
+                    order = np.argsort(term, kind="stable")
+                    by_term = term[order]
+                    ids, per = _term_runs(by_term)
+                    rank = np.arange(len(by_term)) - np.repeat(np.cumsum(per) - per, per)
+                    slots = free[by_term] + rank
+                    indices[slots] = docs[i][order]
+                    data[slots] = weights[order]
+                    free[ids] += per
+                    docs[i] = terms[i] = tfs[i] = _EMPTY  # freed as it goes
+
+            for done in [
+                pool.submit(fill, run, free) for run, free in zip(runs, counts, strict=True)
+            ]:
+                done.result()
+        for parts in (docs, terms, tfs):
+            parts.clear()
+        matrix = sp.csc_matrix((data, indices, indptr), shape=(n, width))
         return matrix, idf, doc_len
+
+
+def _term_runs(sorted_terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct terms, how often each occurs) of a sorted term array."""
+    first = np.ones(len(sorted_terms), dtype=bool)
+    first[1:] = sorted_terms[1:] != sorted_terms[:-1]
+    heads = np.flatnonzero(first)
+    return sorted_terms[heads], np.diff(np.append(heads, len(sorted_terms)))
+
+
+def _runs(sizes: np.ndarray, parts: int) -> list[range]:
+    """Cut batches ``0..len(sizes)-1`` into at most ``parts`` runs of consecutive batches
+    with about equal postings each."""
+    bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), parts + 1)[1:-1])
+    edges = [0, *sorted(set((bounds + 1).tolist()) - {0}), len(sizes)]
+    return [range(a, b) for a, b in itertools.pairwise(edges) if a < b]
 
 
 def _count_rows(
@@ -261,23 +314,6 @@ def _count_rows(
     last[:-1] = run_row[1:] != run_row[:-1]
     ends_at[last] = run_row[last] * width + lengths[run_row[last]]
     return run_row + first_doc, matrix[run_row, run_col], ends_at - pos, lengths
-
-
-def _weigh(
-    out: np.ndarray,
-    part: slice,
-    tf: np.ndarray,
-    doc: np.ndarray,
-    term: np.ndarray,
-    doc_len: np.ndarray,
-    idf: np.ndarray,
-    avgdl: float,
-    params: BM25Params,
-) -> None:
-    """``out[part]``: the weights of postings ``part`` (one thread's share of ``finish``)."""
-    out[part] = bm25_weights(
-        tf[part].astype(np.float64), doc_len[doc[part]], idf[term[part]], avgdl, params
-    )
 
 
 def _take_concat(parts: list[np.ndarray], pool: ThreadPoolExecutor) -> np.ndarray:

@@ -16,11 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from ralmspec_vllm.retrieval import bm25 as bm25_mod
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever
-from ralmspec_vllm.retrieval.bm25_build import FillerNotCountable, Postings, rank_bm25_idf
+from ralmspec_vllm.retrieval.bm25_build import (
+    FillerNotCountable,
+    Postings,
+    _runs,
+    bm25_weights,
+    rank_bm25_idf,
+)
 from ralmspec_vllm.retrieval.corpus import FillerText
 from ralmspec_vllm.retrieval.kb import KnowledgeBase, build_index
 from ralmspec_vllm.types import BM25Params
@@ -185,3 +192,39 @@ def test_from_kb_keeps_the_index_in_memory_when_the_disk_is_short(
     assert not (Path(retriever.info.index_dir) / "bm25.json").exists()
     hits = retriever.search(["volcano glacier passage"], 3)[0]
     assert len(hits) == 3 and hits[0].score >= hits[-1].score
+
+
+@pytest.mark.parametrize("threads", [1, 3, 64])
+def test_finish_equals_scipys_conversion_of_the_concatenated_postings(
+    kb: KnowledgeBase, threads: int
+) -> None:
+    """The CSC matrix filled in parallel runs equals SciPy's COO-to-CSC conversion (what
+    ``finish`` did before), array for array, dtypes included."""
+    params = BM25Params(k1=1.2, b=0.7, epsilon=0.2)
+    postings = Postings()
+    for batch in kb.iter_texts(37):  # 20 batches of uneven postings, more threads than that
+        postings.add_texts(batch, Analyzer())
+    doc, term, tf, lengths = (
+        np.concatenate(parts)
+        for parts in (postings._docs, postings._terms, postings._tfs, postings._lengths)
+    )
+    matrix, idf, doc_len = postings.finish(params, threads)
+    assert postings._docs == [] and postings._terms == [] and postings._tfs == []  # freed
+    expected_idf = rank_bm25_idf(np.bincount(term, minlength=matrix.shape[1]), len(kb), params)
+    weights = bm25_weights(
+        tf.astype(np.float64), lengths[doc], expected_idf[term], lengths.sum() / len(kb), params
+    )
+    expected = sp.csc_matrix((weights, (doc, term)), shape=matrix.shape)
+    for name in ("indptr", "indices", "data"):
+        got, want = getattr(matrix, name), getattr(expected, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert idf.tobytes() == expected_idf.tobytes() and np.array_equal(doc_len, lengths)
+
+
+def test_runs_cut_batches_into_consecutive_runs_of_about_equal_postings() -> None:
+    assert _runs(np.array([5, 5, 5, 5]), 2) == [range(0, 2), range(2, 4)]
+    assert _runs(np.array([100, 1, 1, 1]), 3) == [range(0, 1), range(1, 4)]
+    assert _runs(np.array([3, 0, 3]), 8) == [range(0, 1), range(1, 3)]  # fewer runs than asked
+    assert _runs(np.array([7]), 4) == [range(0, 1)]
+    runs = _runs(np.arange(1, 50), 6)
+    assert [i for r in runs for i in r] == list(range(49)) and len(runs) == 6
