@@ -98,9 +98,7 @@ class BM25Index:
         analyzer = analyzer or Analyzer()
         postings = Postings()
         bar = tqdm(total=total, unit="doc", desc="bm25 index", disable=not progress)
-        for batch in text_batches:
-            postings.add_texts(batch, analyzer)
-            bar.update(len(batch))
+        postings.add_text_batches(text_batches, analyzer, bar.update)
         bar.close()
         return cls._finish(postings, params, analyzer, None)
 
@@ -125,9 +123,7 @@ class BM25Index:
         postings = Postings()
         m = kb.manifest
         bar = tqdm(total=len(kb), unit="doc", desc="bm25 index", disable=not progress)
-        for batch in kb.iter_texts(batch_size, filler=False):
-            postings.add_texts(batch, analyzer)
-            bar.update(len(batch))
+        postings.add_text_batches(kb.iter_texts(batch_size, filler=False), analyzer, bar.update)
         if m.num_filler_docs:
             assert kb.filler is not None
             try:
@@ -136,9 +132,7 @@ class BM25Index:
                 )
             except FillerNotCountable as exc:
                 logger.warning("BM25 index: counting the filler from its text (%s)", exc)
-                for batch in kb.iter_filler_texts(batch_size):
-                    postings.add_texts(batch, analyzer)
-                    bar.update(len(batch))
+                postings.add_text_batches(kb.iter_filler_texts(batch_size), analyzer, bar.update)
         bar.close()
         return cls._finish(postings, params, analyzer, threads)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,18 @@ class Postings:
         key = local_doc * width + np.asarray(token_ids, dtype=np.int64)
         uniq, counts = np.unique(key, return_counts=True)
         self._append(uniq // width + self.num_docs, uniq % width, counts, lengths)
+
+    def add_text_batches(
+        self,
+        batches: Iterable[Sequence[str]],
+        analyzer: Analyzer,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> None:
+        """``add_texts`` for each batch; ``on_batch(len(batch))`` after each (progress)."""
+        for batch in batches:
+            self.add_texts(batch, analyzer)
+            if on_batch is not None:
+                on_batch(len(batch))
 
     def add_filler(
         self,
