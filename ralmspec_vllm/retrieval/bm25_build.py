@@ -102,7 +102,7 @@ class Postings:
         *,
         threads: int | None = None,
         chunk: int = FILLER_CHUNK,
-        on_chunk: Callable[[int], None] | None = None,
+        on_chunk: Callable[[int], object] | None = None,
     ) -> None:
         """Filler documents ``num_docs .. stop-1`` (doc ids), counted without their text.
 
