@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
+from ralmspec_vllm.cpus import CPUS_HELP, pin
 from ralmspec_vllm.engine.version import load_vllm
 from ralmspec_vllm.load import RELEASE_FRACTION
 from ralmspec_vllm.service import CACHE_SCORING, ServiceConfig
@@ -80,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; env RALMSPEC_API_KEY)",
     )
     _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
+    _own(server, "--cpus", default=None, metavar="LIST", help=CPUS_HELP)
     _own(
         server,
         "--timeout-keep-alive",
@@ -348,9 +350,12 @@ def run(args: argparse.Namespace) -> int:
             msg = f"--timeout-keep-alive must be >= 1 s, got {args.timeout_keep_alive}"
             raise ValueError(msg)
         config = service_config_from_args(args)
+        cpus = pin(args.cpus)  # before the engine core starts: it inherits the set
     except ValueError as err:
         print(f"ralmspec-vllm serve: error: {err}", file=sys.stderr)
         return 2
+    if cpus is not None:
+        logger.info("pinned (with the engine core) to %d cores: %s", len(cpus), args.cpus)
     engine_config = engine_config_from_args(args, parser_defaults())
     asyncio.run(_serve(args, engine_config, config))
     return 0

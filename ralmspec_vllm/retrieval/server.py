@@ -30,6 +30,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ralmspec_vllm.cpus import add_cpus_argument, pin
 from ralmspec_vllm.retrieval.base import Retriever
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
 from ralmspec_vllm.retrieval.service import SERVICE_NAME, RetrieverService, ServiceConfig
@@ -282,6 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port; 0 = OS-chosen, printed on stdout (default: %(default)s)",
     )
     defaults = ServiceConfig()
+    add_cpus_argument(net)
     net.add_argument(
         "--exit-with-parent",
         action="store_true",
@@ -389,9 +391,12 @@ async def serve(
 def run(args: argparse.Namespace) -> int:
     try:
         config = service_config_from_args(args)
+        cpus = pin(args.cpus)  # before the search threads exist
     except ValueError as exc:
         logger.error("invalid service option: %s", exc)
         return 2
+    if cpus is not None:
+        logger.info("pinned to %d cores: %s", len(cpus), args.cpus)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the retriever service has no authentication", args.host)
     try:

@@ -9,6 +9,7 @@ CLI. Elapsed-time assertions are loose bounds that catch hangs, not performance 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -271,6 +272,23 @@ async def test_cli_serve_starts_answers_and_stops_gracefully(small_kb: Path) -> 
             docs = await client.documents([hits[0][0].doc_id])
             assert "Montgomery" in docs[0].text
         assert proc.stop() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_cli_serve_pins_itself_to_the_cores_asked(small_kb: Path) -> None:
+    """``--cpus``: the child runs on those cores only (a parent pinned elsewhere included);
+    a list the system refuses is a clear error, exit code 2."""
+    import subprocess
+    import sys
+
+    args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
+    core = max(os.sched_getaffinity(0))
+    with ServerProcess.spawn([*args, "--cpus", str(core)], timeout_s=180) as proc:
+        assert os.sched_getaffinity(proc.process.pid) == {core}
+        assert proc.stop() == 0
+    cmd = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve"]
+    bad = subprocess.run([*cmd, *args, "--cpus", "100000"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--cpus: cannot run on '100000'" in bad.stderr
 
 
 def test_cli_child_exits_when_its_parent_goes_away(small_kb: Path) -> None:

@@ -111,6 +111,10 @@ async def test_serve_subprocess_with_child_retriever(
     argv += ["--max-model-len", "1024", "--served-model-name", "cli-model", "--seed", "0"]
     argv += ["--max-doc-tokens", str(RALM.max_doc_tokens), "--max-new-tokens", "16"]
     argv += ["--lm-path", lm_path]
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = lm_path == "sessions" and len(cores) >= 2  # and --cpus: server apart from child
+    if pinned:
+        argv += ["--cpus", str(cores[0]), f"--retriever-arg=--cpus={cores[-1]}"]
     env = {**os.environ, "RALMSPEC_API_KEY": "cli-key"}
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     descendants: list[psutil.Process] = []
@@ -120,6 +124,11 @@ async def test_serve_subprocess_with_child_retriever(
         descendants = psutil.Process(process.pid).children(recursive=True)
         retrievers = [c for c in descendants if "retriever" in " ".join(c.cmdline())]
         assert len(retrievers) == 1
+        if pinned:  # the engine core inherited the server's core; the child took its own
+            assert os.sched_getaffinity(process.pid) == {cores[0]}
+            others = [c for c in descendants if c not in retrievers]
+            assert others and all(os.sched_getaffinity(c.pid) == {cores[0]} for c in others)
+            assert os.sched_getaffinity(retrievers[0].pid) == {cores[-1]}
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0)
         response = await client.completions.create(
             model="cli-model",
