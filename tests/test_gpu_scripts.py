@@ -92,6 +92,24 @@ def test_fallback_comparison_can_run_one_mode(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "FALLBACK_MODES" in bad.stderr
 
 
+def test_fallback_comparison_can_pin_the_server_and_the_retriever(tmp_path: Path) -> None:
+    from benchmarks.bench_serving import parse_args as parse_serving
+
+    (argv,) = run_with_fake_python(
+        tmp_path, "serving_fallback_21m.sh", "out", FALLBACK_MODES="on", PIN_CPUS="12-15:0-11"
+    )
+    cfg = parse_serving(argv[1:])
+    assert cfg.name == "serving_21m_fallback-on-pinned"
+    assert {"--cpus=12-15", "--retriever-arg=--cpus=0-11"} <= set(cfg.server_args)
+    bad = subprocess.run(
+        ["bash", str(GPU / "serving_fallback_21m.sh"), "out"],
+        env={**os.environ, "PIN_CPUS": "0-11"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "PIN_CPUS" in bad.stderr
+
+
 def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     (argv,) = run_with_fake_python(tmp_path, "approx_latency_1m.sh", "out", "--time-budget-s", "90")
     assert argv[0] == "benchmarks/bench_latency.py"

@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu/run.sh start NAME gpu/serving_fallback_21m.sh [bench_serving args]
 # Writes OUTDIR/serving_21m_fallback-{on,off}.json (+ .server.log). Default cells c=8,64,256;
 # a later --concurrency wins. FALLBACK_MODES="on" (or "off") runs one of the two only.
+# PIN_CPUS="SERVER:RETRIEVER" (e.g. "12-15:0-11") pins the server with its engine core and
+# the retriever child to those cores (--cpus) and adds "-pinned" to the names.
 set -uo pipefail
 out=${1:?usage: serving_fallback_21m.sh OUTDIR [bench_serving args]}; shift
 modes=${FALLBACK_MODES:-on off}
@@ -15,9 +17,14 @@ for mode in $modes; do
 done
 export VLLM_BATCH_INVARIANT=1 PYTHONUNBUFFERED=1
 R=--server-arg=--retriever-arg
+pin=(); suffix=""
+if [ -n "${PIN_CPUS:-}" ]; then
+  case $PIN_CPUS in *?:?*) ;; *) echo "PIN_CPUS: SERVER:RETRIEVER cores, got '$PIN_CPUS'" >&2; exit 2;; esac
+  pin=(--server-arg=--cpus="${PIN_CPUS%%:*}" "$R=--cpus=${PIN_CPUS#*:}"); suffix="-pinned"
+fi
 for mode in $modes; do
-  name="serving_21m_fallback-$mode"
-  extra=(); [ "$mode" = off ] && extra=(--server-arg=--max-retriever-utilization=0)
+  name="serving_21m_fallback-$mode$suffix"
+  extra=("${pin[@]}"); [ "$mode" = off ] && extra+=(--server-arg=--max-retriever-utilization=0)
   echo "[serving_fallback_21m] $name: $(date +%T)"
   python3 benchmarks/bench_serving.py --out-dir "$out" --no-plot --name "$name" \
     --filler 21000000 --concurrency 8,64,256 --methods baseline,ralmspec \
