@@ -267,6 +267,10 @@ def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
 # -- CLI ----------------------------------------------------------------------------------
 
 
+SWITCH_INTERVAL_MS = 5.0
+"""``retriever serve``'s default GIL switch interval (ms): Python's own."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ralmspec_vllm.retrieval.factory import add_retriever_arguments
 
@@ -284,6 +288,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = ServiceConfig()
     add_cpus_argument(net)
+    net.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=SWITCH_INTERVAL_MS,
+        help="Python's GIL switch interval in this process: how long the scan's thread may "
+        "wait to re-take the GIL after each torch call while RPC threads run Python "
+        "(default: %(default)s; Python's own: 5)",
+    )
     net.add_argument(
         "--exit-with-parent",
         action="store_true",
@@ -361,11 +373,12 @@ async def serve(
     """Serve until SIGINT/SIGTERM (or, with ``exit_with_parent``, until stdin closes: the
     parent died), then stop accepting and drain in-flight calls."""
     running = await start_server(retriever, host, port, config)
-    print(f"{LISTENING_PREFIX} {running.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Only now: a parent may send SIGTERM the moment it reads this line.
+    print(f"{LISTENING_PREFIX} {running.host}:{running.port}", flush=True)
     if exit_with_parent:
         stdin = sys.stdin.fileno()
 
@@ -392,6 +405,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = service_config_from_args(args)
         cpus = pin(args.cpus)  # before the search threads exist
+        if args.switch_interval_ms <= 0:
+            raise ValueError(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     except ValueError as exc:
         logger.error("invalid service option: %s", exc)
         return 2

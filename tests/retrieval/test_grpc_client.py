@@ -289,6 +289,8 @@ def test_cli_serve_pins_itself_to_the_cores_asked(small_kb: Path) -> None:
     cmd = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve"]
     bad = subprocess.run([*cmd, *args, "--cpus", "100000"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--cpus: cannot run on '100000'" in bad.stderr
+    bad = subprocess.run([*cmd, *args, "--switch-interval-ms", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--switch-interval-ms must be > 0" in bad.stderr
 
 
 def test_cli_child_exits_when_its_parent_goes_away(small_kb: Path) -> None:
