@@ -11,7 +11,8 @@ for ``--seconds``, and reads the child's own counters (``InfoResponse.backend_co
   vectors, as PSA asks), each preceded by the ``Encode`` of its speculative steps (the
   server's local cache scoring).
 
-Queries are real questions with a counter appended (each text new, so the encoder runs).
+Queries are real questions with a tag and a counter appended: no text repeats, in a load
+or across loads, so the server's encoder runs for every one (its memo never hits).
 
     python benchmarks/probe_service_load.py --index DIR --threads 2 --out probe.json
 """
@@ -41,9 +42,11 @@ async def _load(
     latencies: list[float] = []
     queries = 0
 
+    tag = f"{shape}{time.monotonic_ns()}"  # no text repeats across loads: the encoder runs
+
     def text() -> str:
         n = next(counter)
-        return f"{texts[n % len(texts)]} {n}"
+        return f"{texts[n % len(texts)]} {tag}-{n}"
 
     async with RetrieverClient(target, timeout_s=120) as client:
         await client.wait_ready(120)
