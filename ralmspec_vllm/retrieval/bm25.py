@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -333,9 +334,11 @@ class BM25Retriever:
                 index = None
         if index is None:
             logger.info("building BM25 index over %d docs into %s", len(kb), directory)
+            started = time.perf_counter()
             index = BM25Index.build_kb(
                 kb, params, analyzer, batch_size=batch_size, progress=progress
             )
+            logger.info("BM25 index built in %.1f s", time.perf_counter() - started)
             needed, free = index.saved_bytes(), shutil.disk_usage(directory).free
             if needed + DISK_HEADROOM_BYTES <= free:
                 index.save(directory)
