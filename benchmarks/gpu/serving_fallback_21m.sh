@@ -15,7 +15,7 @@ modes=${FALLBACK_MODES:-on off}
 for mode in $modes; do
   case $mode in on|off) ;; *) echo "FALLBACK_MODES: on and/or off, got '$mode'" >&2; exit 2;; esac
 done
-export VLLM_BATCH_INVARIANT=1 PYTHONUNBUFFERED=1
+export VLLM_BATCH_INVARIANT=${VLLM_BATCH_INVARIANT:-1} PYTHONUNBUFFERED=1  # 0 for a CPU dry run
 R=--server-arg=--retriever-arg
 pin=(); suffix=""
 if [ -n "${PIN_CPUS:-}" ]; then
