@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--intervals-ms", default="5,0.5", help="switch intervals to try")
     parser.add_argument("--shapes", default="baseline,ralmspec")
+    parser.add_argument(
+        "--child-arg",
+        action="append",
+        default=[],
+        help="extra flag for the child 'retriever serve' (repeatable)",
+    )
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args(argv)
     texts = [q.text for ds in ("nq", "triviaqa", "webquestions") for q in load_questions(ds, 40)]
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "--index", args.index, "--backend", "flat", "--flat-impl", "torch",
             "--device", "cpu", "--dtype", "bfloat16", "--flat-scan", "circular",
             "--threads", str(args.threads), "--port", "0", "--no-progress",
-            "--switch-interval-ms", interval,
+            "--switch-interval-ms", interval, *args.child_arg,
         ]  # fmt: skip
         with ServerProcess.spawn(child, timeout_s=600) as proc:
             for shape in args.shapes.split(","):
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
     if args.out:
         meta = {"index": args.index, "threads": args.threads, "callers": args.callers,
-                "seconds": args.seconds}  # fmt: skip
+                "seconds": args.seconds, "child_args": args.child_arg}  # fmt: skip
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
     return 0
 
