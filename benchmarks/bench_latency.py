@@ -180,6 +180,9 @@ class LatencyConfig(OutputConfig):
     ivf_codec: str = "flat"
     """IVF vector storage (``RetrieverConfig.ivf_codec``): ``sq8`` at 21M docs, where a
     float32 IVF (32 GB) would not fit the GPU host's disk next to the knowledge base."""
+    save_index: bool = True
+    """Save a built HNSW, IVF or BM25 index for later runs (``RetrieverConfig.save_index``);
+    the 21M scripts turn it off: a lent GPU machine starts from scratch every session."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -493,6 +496,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--nlist", "ivf_nlist", {"type": int, "help": "IVF lists (default: ~4 sqrt(docs))"}),
     ("--nprobe", "ivf_nprobe", {"type": int, "help": "IVF lists probed per query"}),
     ("--ivf-codec", "ivf_codec", {"choices": IVF_CODECS, "help": "IVF vector storage"}),
+    ("--save-index", "save_index",
+     {"action": argparse.BooleanOptionalAction, "help": "save a built HNSW/IVF/BM25 index"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),
     *output_flags("latency_<machine>_<model>_<backend>"),
 )  # fmt: skip

@@ -241,6 +241,7 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
         nlist=cfg.ivf_nlist,
         nprobe=cfg.ivf_nprobe,
         ivf_codec=cfg.ivf_codec,
+        save_index=cfg.save_index,
         progress=False,
     )
 

@@ -125,7 +125,7 @@ def test_ivf_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     cfg = parse_args(argv[1:])
     assert cfg.backends == ("ivf",) and cfg.filler == 21_000_000
     assert (cfg.ivf_nlist, cfg.ivf_codec, cfg.ivf_nprobe) == (4096, "sq8", 32)  # args win
-    assert cfg.label("ivf") == "ivf-nlist4096-nprobe32-sq8"
+    assert cfg.label("ivf") == "ivf-nlist4096-nprobe32-sq8" and cfg.save_index is False
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"]
 
 
@@ -134,6 +134,7 @@ def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert argv[0] == "benchmarks/bench_latency.py"
     cfg = parse_args(argv[1:])
     assert cfg.backends == ("bm25",) and cfg.filler == 21_000_000 and cfg.time_budget_s == 9
+    assert cfg.save_index is False  # a lent machine never starts again from this disk
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
 
 

@@ -5,13 +5,14 @@
 # 4,096 lists: a float32 IVF (32 GB) would not fit the 64 GB disk next to the knowledge
 # base's own 32 GB of vectors, and FAISS's default ~4 sqrt(N) = 18,330 lists would take its
 # k-means many minutes on 16 cores. The build (train on 262k vectors, add 21M) overlaps the
-# engine start. --nprobe sets the operating point (default 64: ~3% of the docs scanned per
-# query); --time-budget-s (default 400 s) stops starting questions. Used with run.sh:
+# engine start; it is not saved (--no-save-index: a lent machine starts from scratch).
+# --nprobe sets the operating point (default 64: ~3% of the docs scanned per query);
+# --time-budget-s (default 400 s) stops starting questions. Used with run.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/approx_latency_21m.sh [bench_latency args]
 set -uo pipefail
 out=${1:?usage: approx_latency_21m.sh OUTDIR [bench_latency args]}; shift
 exec python3 benchmarks/bench_latency.py --out-dir "$out" --model smollm2-135m \
-  --backends ivf --filler 21000000 --nlist 4096 --nprobe 64 --ivf-codec sq8 \
+  --backends ivf --filler 21000000 --no-save-index --nlist 4096 --nprobe 64 --ivf-codec sq8 \
   --faiss-threads 12 --switch-interval-ms 0.5 \
   --methods baseline,oracle,PSA,PSA:overlap_depth=pipeline \
   --questions-per-dataset 34 --time-budget-s 400 --no-plot "$@"

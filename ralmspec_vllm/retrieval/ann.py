@@ -55,6 +55,7 @@ class _FaissANNRetriever(DenseIndexRetriever):
         candidate_margin: int,
         progress: bool,
         rebuild: bool,
+        save: bool = True,
     ) -> None:
         super().__init__(
             vectors,
@@ -75,6 +76,7 @@ class _FaissANNRetriever(DenseIndexRetriever):
             },
             lambda: self._build(progress),
             rebuild=rebuild,
+            save=save,
         )
 
     def _build(self, progress: bool) -> Any:
@@ -117,6 +119,7 @@ class HNSWRetriever(_FaissANNRetriever):
         candidate_margin: int = 16,
         progress: bool = True,
         rebuild: bool = False,
+        save: bool = True,
     ) -> None:
         for field, value in (("hnsw_m", m), ("ef_construction", ef_construction)):
             if value < 2:
@@ -133,6 +136,7 @@ class HNSWRetriever(_FaissANNRetriever):
             candidate_margin=candidate_margin,
             progress=progress,
             rebuild=rebuild,
+            save=save,
         )
 
     @staticmethod
@@ -194,6 +198,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
         candidate_margin: int = 16,
         progress: bool = True,
         rebuild: bool = False,
+        save: bool = True,
     ) -> None:
         nlist = default_nlist(len(vectors)) if nlist is None else nlist
         if not 1 <= nlist <= len(vectors):
@@ -216,6 +221,7 @@ class IVFFlatRetriever(_FaissANNRetriever):
             candidate_margin=candidate_margin,
             progress=progress,
             rebuild=rebuild,
+            save=save,
         )
 
     @staticmethod
@@ -275,9 +281,14 @@ def _fingerprint(vectors: np.ndarray) -> str:
 
 
 def _load_or_build(
-    path: Path | None, meta: dict[str, Any], build: Callable[[], Any], rebuild: bool = False
+    path: Path | None,
+    meta: dict[str, Any],
+    build: Callable[[], Any],
+    rebuild: bool = False,
+    save: bool = True,
 ) -> Any:
-    """Load ``path`` if its saved metadata matches ``meta``; otherwise build and save it."""
+    """Load ``path`` if its saved metadata matches ``meta``; otherwise build it, and save it
+    there unless ``save`` is off."""
     import faiss
 
     if not rebuild and path is not None and path.exists() and (path.parent / META_FILE).exists():
@@ -287,7 +298,7 @@ def _load_or_build(
             return faiss.read_index(str(path))
         logger.warning("index at %s was built for other vectors or parameters; rebuilding", path)
     index = build()
-    if path is not None:
+    if path is not None and save:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(index, str(tmp))

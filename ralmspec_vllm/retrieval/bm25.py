@@ -321,8 +321,10 @@ class BM25Retriever:
         rebuild: bool = False,
         batch_size: int = 4096,
         progress: bool = True,
+        save: bool = True,
     ) -> BM25Retriever:
-        """Load the knowledge base's BM25 index for these settings, building it once."""
+        """Load the knowledge base's BM25 index for these settings, building it once (and
+        saving it, unless ``save`` is off or the disk lacks the room)."""
         params = params or BM25Params()
         analyzer = analyzer or Analyzer()
         directory = Path(kb.artifact_dir(BM25Index.artifact_name(params, analyzer)))
@@ -340,7 +342,9 @@ class BM25Retriever:
             )
             logger.info("BM25 index built in %.1f s", time.perf_counter() - started)
             needed, free = index.saved_bytes(), shutil.disk_usage(directory).free
-            if needed + DISK_HEADROOM_BYTES <= free:
+            if not save:
+                logger.info("BM25 index not saved (save_index off)")
+            elif needed + DISK_HEADROOM_BYTES <= free:
                 index.save(directory)
             else:  # e.g. 21M docs (~19 GB) beside a 21M dense knowledge base on a 64 GB disk
                 logger.warning(

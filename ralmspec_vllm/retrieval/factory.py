@@ -80,6 +80,10 @@ class RetrieverConfig:
     """Drop English stopwords in the BM25 analyzer (documents and queries)."""
     rebuild: bool = False
     """Rebuild a saved index (HNSW, IVF, BM25) even if one exists."""
+    save_index: bool = True
+    """Save a built index (HNSW, IVF, BM25) into the knowledge base for later starts. Off
+    where nothing will start again from this disk (a lent GPU machine): writing a 21M-doc
+    index costs ~20-60 s and ~8-19 GB."""
     progress: bool = True
     """Show progress bars while building indexes."""
     threads: int | None = None
@@ -172,6 +176,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             candidate_margin=margin,
             progress=config.progress,
             rebuild=config.rebuild,
+            save=config.save_index,
         )
     if config.backend == "ivf":
         from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
@@ -184,6 +189,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             candidate_margin=margin,
             progress=config.progress,
             rebuild=config.rebuild,
+            save=config.save_index,
         )
     from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 
@@ -193,6 +199,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
         analyzer=config.analyzer,
         rebuild=config.rebuild,
         progress=config.progress,
+        save=config.save_index,
     )
 
 
@@ -278,6 +285,7 @@ _FIELD_HELP = {
     "bm25_epsilon": "BM25 idf floor epsilon",
     "bm25_stopwords": "drop English stopwords in BM25",
     "rebuild": "rebuild saved indexes",
+    "save_index": "save a built index (HNSW, IVF, BM25) into the knowledge base",
     "progress": "show build progress bars",
     "threads": "torch/FAISS search threads of the retriever process; auto = every core",
 }

@@ -122,6 +122,21 @@ def test_save_load_round_trip(
     assert path.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_save_off_builds_without_writing(
+    kind: str, corpus: SyntheticCorpus, tmp_path: Path
+) -> None:
+    """``save=False`` (``RetrieverConfig.save_index``): the index is built and used, nothing is
+    written, and a later start with saving on builds and saves it."""
+    path = tmp_path / kind / INDEX_FILE
+    unsaved = BUILDERS[kind](corpus, path, save=False)
+    assert not path.exists() and not (path.parent / META_FILE).exists()
+    saved = BUILDERS[kind](corpus, path)
+    assert path.is_file()
+    queries = corpus.vectors[:5] + 0.01
+    assert unsaved.search_vectors(queries, 5) == saved.search_vectors(queries, 5)
+
+
 def test_stale_index_is_rebuilt(corpus: SyntheticCorpus, tmp_path: Path) -> None:
     path = tmp_path / "hnsw" / INDEX_FILE
     _hnsw(corpus, path)

@@ -228,3 +228,13 @@ def test_runs_cut_batches_into_consecutive_runs_of_about_equal_postings() -> Non
     assert _runs(np.array([7]), 4) == [range(0, 1)]
     runs = _runs(np.arange(1, 50), 6)
     assert [i for r in runs for i in r] == list(range(49)) and len(runs) == 6
+
+
+def test_from_kb_with_saving_off_builds_in_memory(
+    kb: KnowledgeBase, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ralmspec_vllm.retrieval.bm25"):
+        retriever = BM25Retriever.from_kb(kb, rebuild=True, progress=False, save=False)
+    assert "save_index off" in caplog.text
+    assert not (Path(retriever.info.index_dir) / "bm25.json").exists()
+    assert retriever.search(["volcano glacier passage"], 2)[0]
