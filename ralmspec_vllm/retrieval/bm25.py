@@ -208,7 +208,10 @@ class BM25Index:
                 idf=self.idf,
                 doc_len=self.doc_len,
             )
-            terms = sorted(self.vocab, key=self.vocab.__getitem__)
+            terms = list(self.vocab)  # built and loaded vocabularies are in id order
+            ids = np.fromiter(self.vocab.values(), dtype=np.int64, count=len(terms))
+            if not np.array_equal(ids, np.arange(len(terms))):  # 21M terms: sort only if needed
+                terms = sorted(self.vocab, key=self.vocab.__getitem__)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "num_docs": self.num_docs,

@@ -238,3 +238,15 @@ def test_from_kb_with_saving_off_builds_in_memory(
     assert "save_index off" in caplog.text
     assert not (Path(retriever.info.index_dir) / "bm25.json").exists()
     assert retriever.search(["volcano glacier passage"], 2)[0]
+
+
+def test_save_writes_the_vocabulary_in_id_order_whatever_the_dict_order(tmp_path: Path) -> None:
+    """``save`` lists the terms in dict order when that is id order (a 21M vocabulary is
+    too big to sort) and sorts them by id otherwise."""
+    index = BM25Index.build([["alpha beta", "beta gamma", "delta alpha"]], progress=False)
+    for vocab in (dict(index.vocab), dict(reversed(list(index.vocab.items())))):
+        index.vocab = vocab
+        index.save(tmp_path / "index")
+        loaded = BM25Index.load(tmp_path / "index")
+        assert loaded.vocab == vocab and list(loaded.vocab.values()) == [0, 1, 2, 3]
+        assert loaded.top_k(loaded.term_ids("alpha"), 2) == index.top_k(index.term_ids("alpha"), 2)
