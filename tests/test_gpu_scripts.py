@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,13 @@ def run_with_fake_python(
     bin_dir.mkdir()
     record = tmp_path / "argv"
     fake = bin_dir / "python3"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n')
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ -n "$FAKE_PYTHON_AFFINITY" ]; then\n'  # the cores it runs on, e.g. under taskset
+        '  taskset -cp $$ | sed "s/.*: //" > "$FAKE_PYTHON_AFFINITY"\n'
+        "fi\n"
+        f'printf "%s\\n" "$@" "--END--" >> {shlex.quote(str(record))}\n'
+    )
     fake.chmod(0o755)
     env = {**os.environ, **env_vars, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", str(GPU / script), *args], check=True, env=env, cwd=GPU.parent.parent)
@@ -95,12 +102,22 @@ def test_fallback_comparison_can_run_one_mode(tmp_path: Path) -> None:
 def test_fallback_comparison_can_pin_the_server_and_the_retriever(tmp_path: Path) -> None:
     from benchmarks.bench_serving import parse_args as parse_serving
 
+    cores = sorted(os.sched_getaffinity(0))  # taskset needs cores this machine has
+    server, retriever = str(cores[-1]), f"{cores[0]}-{cores[-1]}"
+    record = tmp_path / "affinity"
     (argv,) = run_with_fake_python(
-        tmp_path, "serving_fallback_21m.sh", "out", FALLBACK_MODES="on", PIN_CPUS="12-15:0-11"
+        tmp_path,
+        "serving_fallback_21m.sh",
+        "out",
+        FALLBACK_MODES="on",
+        PIN_CPUS=f"{server}:{retriever}",
+        FAKE_PYTHON_AFFINITY=str(record),
     )
     cfg = parse_serving(argv[1:])
     assert cfg.name == "serving_21m_fallback-on-pinned"
-    assert {"--cpus=12-15", "--retriever-arg=--cpus=0-11"} <= set(cfg.server_args)
+    assert {f"--cpus={server}", f"--retriever-arg=--cpus={retriever}"} <= set(cfg.server_args)
+    if shutil.which("taskset"):  # the load generator ran on the server's cores
+        assert record.read_text().split() == [server]
     bad = subprocess.run(
         ["bash", str(GPU / "serving_fallback_21m.sh"), "out"],
         env={**os.environ, "PIN_CPUS": "0-11"},
