@@ -192,6 +192,14 @@ class Session:
             label, row["utilization_p10"], row["utilization_p50"], row["utilization_p90"],
             ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_cores"].items()) or "n/a",
         )  # fmt: skip
+        if row.get("scan_chunk"):  # where the retriever's scan spent the cell, in the log
+            chunk = row["scan_chunk"]
+            logger.info(
+                "  %s: index search %.3f s; scan chunk: %.1f rows, %.1f cohorts, product %.2f ms,"
+                " threshold %.2f ms, other %.2f ms",
+                label, row["index_search_mean_s"], chunk["rows"], chunk["cohorts"],
+                chunk["product_ms"], chunk["threshold_ms"], chunk["other_ms"],
+            )  # fmt: skip
 
     def _cpu_seconds(self) -> dict[str, float]:
         """The server's CPU seconds by role (``cpu``) plus this process's (``client``)."""
