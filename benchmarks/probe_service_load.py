@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.serving_server import scan_chunk
 from ralmspec_vllm.questions import load_questions
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.server import ServerProcess
@@ -75,9 +76,7 @@ async def _load(
         wall = time.perf_counter() - started
         after = await client.stats()
     work = {k: after.backend.get(k, 0.0) - before.backend.get(k, 0.0) for k in after.backend}
-    chunks = work.get("scan_chunks", 0.0) or 1.0
     searches = after.index_searches - before.index_searches
-    product, threshold = work.get("scan_product_s", 0.0), work.get("scan_threshold_s", 0.0)
     return {
         "queries_per_s": round(queries / wall, 2),
         "calls": len(latencies),
@@ -88,12 +87,7 @@ async def _load(
             (after.search_seconds - before.search_seconds) / max(1, searches), 4
         ),
         "scan_chunk": {
-            "rows": round(work.get("scan_rows", 0.0) / chunks, 2),
-            "product_ms": round(1e3 * product / chunks, 2),
-            "threshold_ms": round(1e3 * threshold / chunks, 2),
-            "other_ms": round(
-                1e3 * (work.get("scan_busy_s", 0.0) - product - threshold) / chunks, 2
-            ),
+            **(scan_chunk(work) or {}),
             "busy_fraction": round(work.get("scan_busy_s", 0.0) / wall, 3),
         },
         "rank_s_per_search": round(work.get("rank_s", 0.0) / max(1, searches), 4),

@@ -294,19 +294,30 @@ def backend_stats(before: Samples, after: Samples) -> dict[str, Any]:
         "backend_seconds": {k: round(v, 4) for k, v in phases.items()},
         "backend_work": {k: int(v) for k, v in work.items()},
     }
-    chunks = work.get("scan_chunks", 0.0)
-    if chunks:
-        product, threshold = phases.get("scan_product", 0.0), phases.get("scan_threshold", 0.0)
-        out["scan_chunk"] = {
-            "rows": round(work.get("scan_rows", 0.0) / chunks, 2),
-            "cohorts": round(work.get("scan_cohorts", 0.0) / chunks, 2),
-            "product_ms": round(1e3 * product / chunks, 3),
-            "threshold_ms": round(1e3 * threshold / chunks, 3),
-            "other_ms": round(
-                1e3 * (phases.get("scan_busy", 0.0) - product - threshold) / chunks, 3
-            ),
-        }
+    chunk = scan_chunk({**{f"{k}_s": v for k, v in phases.items()}, **work})
+    if chunk is not None:
+        out["scan_chunk"] = chunk
     return out
+
+
+def scan_chunk(counters: Mapping[str, float]) -> dict[str, float] | None:
+    """One chunk's average from a difference of ``InfoResponse.backend_counters`` (keys as
+    the retriever names them): query rows and cohorts on board, and milliseconds in the
+    product, the threshold ops and the rest of the walk. None without a circular scan's
+    chunks."""
+    chunks = counters.get("scan_chunks", 0.0)
+    if not chunks:
+        return None
+    product, threshold = counters.get("scan_product_s", 0.0), counters.get("scan_threshold_s", 0.0)
+    return {
+        "rows": round(counters.get("scan_rows", 0.0) / chunks, 2),
+        "cohorts": round(counters.get("scan_cohorts", 0.0) / chunks, 2),
+        "product_ms": round(1e3 * product / chunks, 3),
+        "threshold_ms": round(1e3 * threshold / chunks, 3),
+        "other_ms": round(
+            1e3 * (counters.get("scan_busy_s", 0.0) - product - threshold) / chunks, 3
+        ),
+    }
 
 
 def _by_label(before: Samples, after: Samples, name: str, label: str) -> dict[str, float]:

@@ -39,6 +39,16 @@ def run_with_fake_python(
     return [r.strip("\n").splitlines() for r in record.read_text().split("--END--") if r.strip()]
 
 
+def refusal(script: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``env_vars`` set, expecting it to refuse: its result, for checks."""
+    return subprocess.run(
+        ["bash", str(GPU / script), *args],
+        env={**os.environ, **env_vars},
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in GPU.glob("*.sh")))
 def test_script_parses(script: str) -> None:
     subprocess.run(["bash", "-n", str(GPU / script)], check=True)
@@ -90,12 +100,7 @@ def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Pa
 def test_fallback_comparison_can_run_one_mode(tmp_path: Path) -> None:
     (on,) = run_with_fake_python(tmp_path, "serving_fallback_21m.sh", "out", FALLBACK_MODES="on")
     assert "serving_21m_fallback-on" in on and not any("utilization" in a for a in on)
-    bad = subprocess.run(
-        ["bash", str(GPU / "serving_fallback_21m.sh"), "out"],
-        env={**os.environ, "FALLBACK_MODES": "of"},
-        capture_output=True,
-        text=True,
-    )
+    bad = refusal("serving_fallback_21m.sh", "out", FALLBACK_MODES="of")
     assert bad.returncode == 2 and "FALLBACK_MODES" in bad.stderr
 
 
@@ -118,12 +123,7 @@ def test_fallback_comparison_can_pin_the_server_and_the_retriever(tmp_path: Path
     assert {f"--cpus={server}", f"--retriever-arg=--cpus={retriever}"} <= set(cfg.server_args)
     if shutil.which("taskset"):  # the load generator ran on the server's cores
         assert record.read_text().split() == [server]
-    bad = subprocess.run(
-        ["bash", str(GPU / "serving_fallback_21m.sh"), "out"],
-        env={**os.environ, "PIN_CPUS": "0-11"},
-        capture_output=True,
-        text=True,
-    )
+    bad = refusal("serving_fallback_21m.sh", "out", PIN_CPUS="0-11")
     assert bad.returncode == 2 and "PIN_CPUS" in bad.stderr
 
 
@@ -174,11 +174,7 @@ def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) ->
 
 
 def test_chain_refuses_a_missing_script_before_running_anything(tmp_path: Path) -> None:
-    bad = subprocess.run(
-        ["bash", str(GPU / "chain.sh"), "out", "latency_21m.sh", "X=1 no_such.sh --a"],
-        capture_output=True,
-        text=True,
-    )
+    bad = refusal("chain.sh", "out", "latency_21m.sh", "X=1 no_such.sh --a")
     assert bad.returncode == 2 and "no_such.sh" in bad.stderr
 
 
