@@ -214,8 +214,9 @@ class Postings:
         index_dtype = np.int32 if max(nnz, n, width) < np.iinfo(np.int32).max else np.int64
         workers = _workers(threads)
         runs = _runs(sizes, workers)
+        doc_len = np.concatenate(self._lengths)  # one int64 per document: small
+        self._lengths.clear()
         with ThreadPoolExecutor(workers, thread_name_prefix="bm25-finish") as pool:
-            doc_len = _take_concat(self._lengths, pool)
 
             def count(run: range) -> np.ndarray:
                 # Not a bincount per batch: its O(width) output is ~170 MB per batch at 21M
@@ -326,22 +327,6 @@ def _count_rows(
     last[:-1] = run_row[1:] != run_row[:-1]
     ends_at[last] = run_row[last] * width + lengths[run_row[last]]
     return run_row + first_doc, matrix[run_row, run_col], ends_at - pos, lengths
-
-
-def _take_concat(parts: list[np.ndarray], pool: ThreadPoolExecutor) -> np.ndarray:
-    """Concatenate ``parts`` on the pool's threads, then empty the list (so they can be freed).
-    One thread alone spends most of its time faulting in the new pages."""
-    if not parts:
-        return np.zeros(0, dtype=np.int64)
-    out = np.empty(sum(len(p) for p in parts), dtype=parts[0].dtype)
-    starts = np.cumsum([0] + [len(p) for p in parts])
-
-    def copy(i: int) -> None:
-        out[starts[i] : starts[i + 1]] = parts[i]
-
-    list(pool.map(copy, range(len(parts))))
-    parts.clear()
-    return out
 
 
 def _workers(threads: int | None) -> int:
