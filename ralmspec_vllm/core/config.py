@@ -84,6 +84,15 @@ class SpeculationConfig:
     (or the fixed stride) steps unverified at once; results settle in step order. Meant for
     a retriever whose searches overlap (``FlatRetriever(scan="circular")``), where a step's
     answer comes one scan after the step instead of after the round before it."""
+    early_verification: bool = False
+    """Not in the paper; ``overlap_depth="pipeline"`` only: a step's search is sent when its
+    document is guessed, before the step is generated, instead of after. A hit then costs
+    nothing (the search runs under the step's own LM work), and a miss found while the step
+    is still generating aborts it at once: the wasted LM work runs in the search's shadow,
+    so a miss costs about what a plain retrieval step does (search, then the step with the
+    true document). Speculation therefore never loses to plain steps, and OS3's plain-step
+    rule (``prefers_plain_step``) is skipped. Where a search is cheaper than an LM step
+    (approximate dense, BM25), this is what hides retrieval behind generation."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     eviction: Eviction = "lru"
@@ -113,6 +122,14 @@ class SpeculationConfig:
             raise ValueError(f"async_verification must be a bool, got {self.async_verification!r}")
         if self.overlap_depth not in ("stride", "fill", "pipeline"):
             _positive("overlap_depth", self.overlap_depth)  # type: ignore[arg-type]
+        if not isinstance(self.early_verification, bool):
+            raise ValueError(f"early_verification must be a bool, got {self.early_verification!r}")
+        if self.early_verification and not (
+            self.async_verification and self.overlap_depth == "pipeline"
+        ):
+            raise ValueError(
+                "early_verification needs async_verification and overlap_depth='pipeline'"
+            )
         _positive("cache_capacity", self.cache_capacity)
         if self.eviction not in ("lru", "fifo"):
             raise ValueError(f"eviction must be 'lru' or 'fifo', got {self.eviction!r}")

@@ -52,6 +52,13 @@ later search, aborts the LM step in flight, and rolls back to it as above. A ret
 whose searches overlap (the circular flat scan, ``FlatRetriever(scan="circular")``) answers
 each step one scan after it was generated instead of after the previous round's scan; a
 retriever that runs one batch at a time batches what queued behind the running search.
+
+Early verification (``early_verification``, pipeline only, not in the paper): a step's query
+and document are known before the step is generated, so its search is sent then, and runs
+while the LM generates the step. A hit settles when the step is generated; a miss settles
+the moment the search answers: the step in flight is aborted and regenerated with the true
+document. A miss thus costs about a plain step (search, then LM step) and a hit only the LM
+step, so there are no plain steps (except held ones).
 """
 
 from __future__ import annotations
@@ -97,6 +104,37 @@ class Mismatch:
     true_doc_id: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Guess:
+    """A speculated step before its generation: the cache's document for its query."""
+
+    started: float
+    """``perf_counter`` when the guess began (OS3's a covers the guess and the step)."""
+    step: SpeculativeStep
+    """``end`` equals ``start`` until the step is generated."""
+
+
+@dataclass(slots=True)
+class _Unsettled:
+    """Pipeline: a speculated step whose search has not been settled yet."""
+
+    step: SpeculativeStep
+    search: asyncio.Task[tuple[list[Hit], float]]
+    generating: bool
+    """Early verification: the step's search went out before the step was generated, and
+    the step is still being generated (``step.end`` is not known yet)."""
+
+    def settleable(self) -> bool:
+        """The search answered, and either the step exists or the answer is a miss (a
+        miss settles at once: the step in flight is aborted; a hit waits for the step)."""
+        if not self.search.done():
+            return False
+        if not self.generating or self.search.cancelled() or self.search.exception():
+            return True
+        hits, _ = self.search.result()
+        return _top1(hits) != self.step.doc_id
+
+
 def make_scheduler(
     config: SpeculationConfig, ledger: StrideLedger | None = None
 ) -> StrideScheduler:
@@ -140,6 +178,7 @@ class SpeculativeRequest:
         fixed = config.speculation_stride if isinstance(config.speculation_stride, int) else 1
         self._fill_cap = max(fixed, config.max_speculation_stride)
         self._pipeline = config.async_verification and config.overlap_depth == "pipeline"
+        self._early = self._pipeline and config.early_verification
         self._pipeline_depth = (
             config.speculation_stride
             if isinstance(config.speculation_stride, int)
@@ -209,6 +248,8 @@ class SpeculativeRequest:
         return await self.ctx.search(queries, cfg.search_k, purpose, cfg.search_prefetch)
 
     def _plain_pays(self, stride: int) -> bool:
+        if self._early:  # a miss costs what a plain step does, a hit less
+            return False
         if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
             return False
         return not self.config.async_verification or self.scheduler.prefers_plain_step()
@@ -240,15 +281,25 @@ class SpeculativeRequest:
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
+        return await self._generate_guess(await self._guess(), lm_request_id)
+
+    async def _guess(self) -> _Guess:
+        """The current position's query and the cache's top-1 for it (the document a
+        speculated step will be generated with)."""
         start = time.perf_counter()
         begin = len(self.ctx.generated)
         query = self.ctx.query()
         doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
-        await self.ctx.generate_step(doc_id, "speculate", lm_request_id)
-        self.scheduler.record_speculation(time.perf_counter() - start)
-        return SpeculativeStep(begin, len(self.ctx.generated), query, doc_id)
+        return _Guess(start, SpeculativeStep(begin, begin, query, doc_id))
+
+    async def _generate_guess(self, guess: _Guess, lm_request_id: str) -> SpeculativeStep:
+        """Generate the guessed step; the returned step has its end."""
+        step = guess.step
+        await self.ctx.generate_step(step.doc_id, "speculate", lm_request_id)
+        self.scheduler.record_speculation(time.perf_counter() - guess.started)
+        return SpeculativeStep(step.start, len(self.ctx.generated), step.query, step.doc_id)
 
     async def _verify(
         self, steps: list[SpeculativeStep], stride: int, asynchronous: bool
@@ -338,10 +389,11 @@ class SpeculativeRequest:
             in_flight.clear()
 
     async def _run_pipeline(self) -> None:
-        """Speculate step after step, each verified by its own search as soon as it exists;
-        settle the searches in step order (see the module docstring)."""
+        """Speculate step after step, each verified by its own search as soon as it exists
+        (or, with ``early_verification``, as soon as its document is guessed); settle the
+        searches in step order (see the module docstring)."""
         ctx = self.ctx
-        unsettled: list[tuple[SpeculativeStep, asyncio.Task[tuple[list[Hit], float]]]] = []
+        unsettled: list[_Unsettled] = []
         speculation: asyncio.Task[SpeculativeStep] | None = None
         lm_request_id = ""
         try:
@@ -353,34 +405,53 @@ class SpeculativeRequest:
                         continue
                     if not held and len(unsettled) < self._pipeline_depth:
                         lm_request_id = ctx.new_lm_request_id()
-                        speculation = asyncio.create_task(self._speculate(lm_request_id))
+                        if self._early:
+                            guess = await self._guess()
+                            search = asyncio.create_task(self._timed_search(guess.step.query))
+                            unsettled.append(_Unsettled(guess.step, search, generating=True))
+                            speculation = asyncio.create_task(
+                                self._generate_guess(guess, lm_request_id)
+                            )
+                        else:
+                            speculation = asyncio.create_task(self._speculate(lm_request_id))
                 if speculation is None and not unsettled:
                     return  # done, everything verified
-                head = unsettled[0][1] if unsettled else None
-                waiting = {t for t in (speculation, head) if t is not None}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if head is not None and head in done:
-                    step, _ = unsettled.pop(0)
-                    hits, latency = head.result()
-                    mismatch = await self._settle(step, hits, latency, len(unsettled) + 1)
+                head = unsettled[0] if unsettled else None
+                if head is not None and head.settleable():
+                    unsettled.pop(0)
+                    hits, latency = head.search.result()
+                    mismatch = await self._settle(head.step, hits, latency, len(unsettled) + 1)
                     if mismatch is not None:
                         if speculation is not None:
                             await self._discard(speculation, [lm_request_id])
                             speculation = None
-                        await self._cancel_searches([task for _, task in unsettled])
+                        await self._cancel_searches([u.search for u in unsettled])
                         unsettled = []
-                        await self._correct(step.start, mismatch.true_doc_id)
+                        await self._correct(head.step.start, mismatch.true_doc_id)
                     continue
-                if speculation is not None and speculation in done:
+                if speculation is not None and speculation.done():
                     step = speculation.result()
                     speculation = None
-                    self.recorder.strides.append(len(unsettled) + 1)
-                    search = asyncio.create_task(self._timed_search(step.query))
-                    unsettled.append((step, search))
+                    if self._early:  # its search is already out: the last unsettled step
+                        unsettled[-1].step, unsettled[-1].generating = step, False
+                        self.recorder.strides.append(len(unsettled))
+                    else:
+                        self.recorder.strides.append(len(unsettled) + 1)
+                        search = asyncio.create_task(self._timed_search(step.query))
+                        unsettled.append(_Unsettled(step, search, generating=False))
+                    continue
+                waiting: set[asyncio.Future[Any]] = set()
+                if speculation is not None:
+                    waiting.add(speculation)
+                if head is not None and not head.search.done():
+                    waiting.add(head.search)
+                # empty only if the head matched while still generating: then it is the
+                # speculation, which is waited for
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             if speculation is not None:
                 await self._discard(speculation, [lm_request_id])
-            await self._cancel_searches([task for _, task in unsettled])
+            await self._cancel_searches([u.search for u in unsettled])
             raise
 
     async def _timed_search(self, query: str) -> tuple[list[Hit], float]:

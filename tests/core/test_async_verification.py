@@ -327,3 +327,90 @@ async def test_pipeline_mismatch_aborts_the_step_in_flight() -> None:
     trace = result.trace
     assert trace.rollbacks == 1 and trace.lm_aborts == 1
     assert set(lm.cancelled) == set(lm.aborted) and len(lm.aborted) == 1
+
+
+def early(stride: int | Literal["auto"] = 16) -> SpeculationConfig:
+    return SpeculationConfig(
+        speculation_stride=stride,
+        max_speculation_stride=16,
+        async_verification=True,
+        overlap_depth="pipeline",
+        early_verification=True,
+    )
+
+
+async def test_early_verification_searches_each_step_before_generating_it() -> None:
+    """Every speculated step's search starts before the step's LM call, and a 10 ms search
+    answers within the 20 ms step: the LM never waits for a verification, so an answer
+    takes its LM steps alone (no search ends after the next step started and before the
+    step it verifies ended)."""
+    events: list[str] = []
+    retriever = ScriptedRetriever(lambda step: 0, latency_s=0.01, events=events)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.02, events=events))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early(1))
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == 0 and trace.plain_steps == 0
+    # depth 1: one step at a time, each as search-start, lm-start, search-end, lm-end
+    steps = [e.split()[0] for e in events[4:]]  # after the first (plain) retrieval step
+    assert steps == ["search-start", "lm-start", "search-end", "lm-end"] * (len(steps) // 4)
+    assert len(steps) == 4 * (len(trace.spans) - 1)
+
+
+async def test_early_miss_aborts_the_step_it_verifies() -> None:
+    """A 5 ms search against a 50 ms LM step: step 3's miss is found while step 3 itself is
+    generating, so that very call is cancelled and aborted, nothing it would have produced
+    is appended (no tokens discarded), and step 3 is regenerated with the true document."""
+    lm = FakeLM(latency_s=0.05)
+    retriever = ScriptedRetriever(forced({3}), latency_s=0.005)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    lm.calls.clear()
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early())
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.rollbacks == 1 and trace.speculation_misses == 1
+    assert trace.lm_aborts == 1 and lm.aborted == lm.cancelled
+    assert trace.tokens_discarded == 0
+    assert trace.step_doc_ids == baseline.trace.step_doc_ids
+    # every completed LM call produced a kept step: the aborted one never completed
+    assert len(lm.calls) == len(trace.spans)
+
+
+async def test_early_verification_never_falls_back_to_plain_steps() -> None:
+    """Where OS3 prefers plain steps (every other speculation wrong, a 0.5 ms search behind
+    a 10 ms step; see the test above), early verification keeps speculating: a miss costs
+    no more than a plain step. Same answer either way."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.0005)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    late = SpeculationConfig(
+        speculation_stride="auto", async_verification=True, overlap_depth="pipeline"
+    )
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=late)
+    assert result.token_ids == baseline.token_ids and result.trace.plain_steps > 0
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early("auto"))
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps == 0 and trace.rollbacks > 2
+    assert trace.lm_aborts == trace.rollbacks  # each miss was caught while its step ran
+
+
+@pytest.mark.parametrize("miss_every", [2, 3, 5])
+@pytest.mark.parametrize(("search_s", "lm_s"), [(0.0, 0.0), (0.004, 0.001), (0.001, 0.004)])
+async def test_early_verification_keeps_the_baseline_answer_under_forced_misses(
+    miss_every: int, search_s: float, lm_s: float
+) -> None:
+    """Forced misses at chosen steps, with searches faster, slower and as fast as an LM
+    step (a miss then settles before, after or while its step generates): token for token
+    the baseline's."""
+    retriever = ScriptedRetriever(forced(lambda s: s % miss_every == 1), latency_s=search_s)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=lm_s))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    for stride in (1, 3, "auto"):
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early(stride))
+        assert result.token_ids == baseline.token_ids, stride
+        assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, stride
+        assert result.trace.rollbacks > 0, stride

@@ -37,7 +37,7 @@ HOLDS: dict[str, Callable[[int], bool]] = {
 
 def configs() -> list[SpeculationConfig]:
     out = []
-    for asynchronous, depth in OVERLAPS:
+    for asynchronous, depth, early in OVERLAPS:
         for adaptive in (False, True):
             out.append(
                 SpeculationConfig(
@@ -46,6 +46,7 @@ def configs() -> list[SpeculationConfig]:
                     prefetch_k=20,
                     async_verification=asynchronous,
                     overlap_depth=depth,
+                    early_verification=early,
                 )
             )
     return out
@@ -66,7 +67,7 @@ async def test_held_speculation_keeps_the_baseline_answer(script_name: str, hold
         lm.calls.clear()
         engine.speculation_held = hold_by_lm_calls(lm, HOLDS[hold])
         result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
-        label = f"{hold} {spec.label} depth={spec.overlap_depth}"
+        label = f"{hold} {spec.label} depth={spec.overlap_depth} early={spec.early_verification}"
         assert result.token_ids == want, label
         trace = result.trace
         assert trace.held_steps > 0, label
@@ -113,7 +114,9 @@ async def test_a_held_step_asks_the_retriever_what_the_baseline_asks() -> None:
         assert set(result.trace.call_counts()) == {"search"}
 
 
-async def run_held(stride: int, asynchronous: bool, depth: int | str, hold: str) -> RequestTrace:
+async def run_held(
+    stride: int, asynchronous: bool, depth: int | str, hold: str, early: bool = False
+) -> RequestTrace:
     """One fixed-stride run on the natural script under ``HOLDS[hold]``, checked against
     the baseline token for token; its trace."""
     engine, lm, want = await engine_and_baseline("natural")
@@ -121,6 +124,7 @@ async def run_held(stride: int, asynchronous: bool, depth: int | str, hold: str)
         speculation_stride=stride,
         async_verification=asynchronous,
         overlap_depth=depth,  # type: ignore[arg-type]
+        early_verification=early,
     )
     lm.calls.clear()
     engine.speculation_held = hold_by_lm_calls(lm, HOLDS[hold])
@@ -129,12 +133,12 @@ async def run_held(stride: int, asynchronous: bool, depth: int | str, hold: str)
     return result.trace
 
 
-@pytest.mark.parametrize(("asynchronous", "depth"), OVERLAPS)
+@pytest.mark.parametrize(("asynchronous", "depth", "early"), OVERLAPS)
 async def test_speculation_resumes_when_the_hold_lifts(
-    asynchronous: bool, depth: int | str
+    asynchronous: bool, depth: int | str, early: bool
 ) -> None:
     """Held for LM calls 3..7 only: steps are speculated before it and again after it."""
-    trace = await run_held(3, asynchronous, depth, "calls-3-to-8")
+    trace = await run_held(3, asynchronous, depth, "calls-3-to-8", early)
     assert 0 < trace.held_steps < len(trace.spans) - 1
     # Before the hold at most the steps of LM calls 2-4 were speculated (call 1 is the
     # first retrieval's, and a step in flight finishes); the rest came after it lifted.

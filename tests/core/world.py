@@ -16,12 +16,16 @@ LONG_QUESTION = " ".join(f"word{i}" for i in range(50))  # longer than the 32-to
 STRIDES = (1, 2, 3, 8)
 
 
-OVERLAPS: tuple[tuple[bool, int | Literal["stride", "fill", "pipeline"]], ...] = (
-    (False, 1),
-    (True, 1),  # the paper's A: one step overlaps the verification
-    (True, "stride"),  # ours: speculate ahead for the whole next round
-    (True, "fill"),  # ours: speculate ahead up to the largest stride, verify all of it
-    (True, "pipeline"),  # ours: no rounds, every step verified on its own as it appears
+Overlap = tuple[bool, int | Literal["stride", "fill", "pipeline"], bool]
+"""(async_verification, overlap_depth, early_verification)"""
+
+OVERLAPS: tuple[Overlap, ...] = (
+    (False, 1, False),
+    (True, 1, False),  # the paper's A: one step overlaps the verification
+    (True, "stride", False),  # ours: speculate ahead for the whole next round
+    (True, "fill", False),  # ours: speculate ahead up to the largest stride, verify all of it
+    (True, "pipeline", False),  # ours: no rounds, every step verified on its own as it appears
+    (True, "pipeline", True),  # ours: the same, each search sent before its step is generated
 )
 
 
@@ -31,13 +35,14 @@ def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
     for s in strides:
         for prefetch_k in (1, 20):
             for adaptive in (False, True):
-                for asynchronous, depth in OVERLAPS:
+                for asynchronous, depth, early in OVERLAPS:
                     yield SpeculationConfig(
                         speculation_stride="auto" if adaptive else s,
                         max_speculation_stride=s,
                         prefetch_k=prefetch_k,
                         async_verification=asynchronous,
                         overlap_depth=depth,
+                        early_verification=early,
                     )
 
 
@@ -73,6 +78,7 @@ def describe(config: SpeculationConfig) -> str:
     if config.async_verification and config.overlap_depth != 1:
         names = {"fill": ",fill", "pipeline": ",pipe"}
         deep = names.get(str(config.overlap_depth), ",ahead")
+        deep += ",early" if config.early_verification else ""
     return f"{config.label}(s={s}{deep})"
 
 
