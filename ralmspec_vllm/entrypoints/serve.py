@@ -141,6 +141,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "paper's), 'stride' (the next round), 'fill' (up to --max-speculation-stride, "
               "all verified next round) or 'pipeline' (each step verified on its own as soon "
               "as it exists; pair with --flat-scan circular; default: %(default)s)")  # fmt: skip
+    _own(ralm, "--early-verification", action=argparse.BooleanOptionalAction,
+         default=s.early_verification,
+         help="with --overlap-depth pipeline: send a speculated step's search when its "
+              "document is guessed, before the step is generated; a miss aborts the step "
+              "in flight (default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
@@ -205,6 +210,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             exact_k=args.exact_k,
             async_verification=args.async_verification,
             overlap_depth=depth,  # type: ignore[arg-type]
+            early_verification=args.early_verification,
             cache_capacity=args.cache_capacity,
             max_speculation_stride=args.max_speculation_stride,
         ),

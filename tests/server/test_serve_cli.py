@@ -66,6 +66,12 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "fill"])
     assert service_config_from_args(args).speculation.overlap_depth == "fill"  # type: ignore[arg-type]
+    assert not config.speculation.early_verification
+    args, _ = parse(["serve", "--overlap-depth", "pipeline", "--early-verification"])
+    assert service_config_from_args(args).speculation.early_verification  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--early-verification"])  # needs the pipeline
+    with pytest.raises(ValueError, match="early_verification"):
+        service_config_from_args(args)  # type: ignore[arg-type]
     for flag in ("--speculation-stride", "--overlap-depth"):
         args, _ = parse(["serve", flag, "fast"])
         with pytest.raises(ValueError, match=flag):
