@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_latency import parse_args
+from ralmspec_vllm.core.config import SpeculationConfig
 
 GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
 
@@ -132,7 +133,8 @@ def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> 
     assert argv[0] == "benchmarks/bench_latency.py"
     cfg = parse_args(argv[1:])
     assert cfg.backends == ("hnsw", "ivf", "bm25") and cfg.filler == 1_000_000
-    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 5
+    assert any(SpeculationConfig.parse(m).early_verification for m in cfg.methods[2:])
     assert cfg.time_budget_s == 90  # a later argument wins
 
 
@@ -144,6 +146,7 @@ def test_ivf_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert (cfg.ivf_nlist, cfg.ivf_codec, cfg.ivf_nprobe) == (4096, "sq8", 32)  # args win
     assert cfg.label("ivf") == "ivf-nlist4096-nprobe32-sq8" and cfg.save_index is False
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"]
+    assert any(SpeculationConfig.parse(m).early_verification for m in cfg.methods[2:])
 
 
 def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
@@ -152,7 +155,8 @@ def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     cfg = parse_args(argv[1:])
     assert cfg.backends == ("bm25",) and cfg.filler == 21_000_000 and cfg.time_budget_s == 9
     assert cfg.save_index is False  # a lent machine never starts again from this disk
-    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 5
+    assert any(SpeculationConfig.parse(m).early_verification for m in cfg.methods[2:])
 
 
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
