@@ -38,11 +38,17 @@ from ralmspec_vllm.retrieval.dense import float32_products, float32_relative_err
 class SpeculationCache:
     """Bounded set of doc ids with optional vectors and use ticks (one request's)."""
 
-    def __init__(self, capacity: int, eviction: Eviction = "lru") -> None:
+    def __init__(
+        self, capacity: int, eviction: Eviction = "lru", score_recent: int | None = None
+    ) -> None:
+        """``score_recent``: what ``scored_ids`` returns at most (the most recently used)."""
         if capacity < 1:
             raise ValueError(f"capacity must be positive, got {capacity}")
+        if score_recent is not None and score_recent < 1:
+            raise ValueError(f"score_recent must be positive, got {score_recent}")
         self.capacity = capacity
         self.eviction = eviction
+        self.score_recent = score_recent
         self._ids = np.empty(capacity, dtype=np.int64)
         self._ticks = np.empty(capacity, dtype=np.int64)
         self._norms = np.zeros(capacity, dtype=np.float64)
@@ -63,6 +69,15 @@ class SpeculationCache:
     def doc_ids(self) -> np.ndarray:
         """Cached doc ids in slot order (a copy)."""
         return self._ids[: self._size].copy()
+
+    def scored_ids(self) -> np.ndarray:
+        """The doc ids a retriever-side scoring ranks (a copy, ascending): every cached one,
+        or the ``score_recent`` most recently used (ties of use: any)."""
+        n = self.score_recent
+        if n is None or self._size <= n:
+            return np.sort(self._ids[: self._size])
+        recent = np.argpartition(self._ticks[: self._size], self._size - n)[self._size - n :]
+        return np.sort(self._ids[recent])
 
     @property
     def vectors(self) -> np.ndarray | None:
@@ -227,7 +242,7 @@ class RetrieverCacheScorer:
     async def top1(
         self, cache: SpeculationCache, query: str, recorder: TraceRecorder
     ) -> int | None:
-        doc_ids = cache.doc_ids  # snapshot: verification may insert while we await
+        doc_ids = cache.scored_ids()  # snapshot: verification may insert while we await
         if len(doc_ids) == 0:
             return None
         start = time.perf_counter()

@@ -171,7 +171,7 @@ class SpeculativeRequest:
         self.config = config
         self.scorer = scorer
         self.recorder = ctx.recorder
-        self.cache = SpeculationCache(config.cache_capacity, config.eviction)
+        self.cache = SpeculationCache(config.cache_capacity, config.eviction, config.score_recent)
         self.scheduler = make_scheduler(config, ledger)
         # "fill": speculate ahead up to this many steps and verify all of them next round
         self._fill = config.async_verification and config.overlap_depth == "fill"

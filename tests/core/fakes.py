@@ -209,6 +209,8 @@ class ScriptedRetriever:
         self.prefetches: list[int] = []
         """``prefetch`` of every search, in the same order."""
         self.score_calls = 0
+        self.score_ids: list[list[int]] = []
+        """The doc ids of every ``score`` call."""
         self.document_calls = 0
 
     def freeze(self) -> None:
@@ -257,6 +259,7 @@ class ScriptedRetriever:
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         self.score_calls += 1
+        self.score_ids.append(list(doc_ids))
         truth = self.truth(query)
         return [self._score(query, d, truth) for d in doc_ids]
 

@@ -118,6 +118,31 @@ async def test_retriever_scorer_uses_kb_scores() -> None:
     assert kb.score_calls == 1
 
 
+def test_scored_ids_are_the_most_recently_used() -> None:
+    cache = SpeculationCache(8, score_recent=3)
+    cache.insert([4, 9])
+    assert cache.scored_ids().tolist() == [4, 9]  # fewer than the limit: all
+    cache.insert([7, 2, 5])  # in rank order: 7 gets the newest use, then 2, then 5
+    assert cache.scored_ids().tolist() == [2, 5, 7]
+    cache.touch(4)  # the speculated top-1 counts as a use
+    assert cache.scored_ids().tolist() == [2, 4, 7]  # 5 (inserted last-ranked) drops
+    assert SpeculationCache(8).scored_ids().tolist() == []
+    with pytest.raises(ValueError, match="score_recent"):
+        SpeculationCache(8, score_recent=0)
+
+
+async def test_retriever_scorer_sends_only_the_recent_ids() -> None:
+    kb = ScriptedRetriever(script=lambda step: 3)
+    scorer = RetrieverCacheScorer(kb)
+    recorder = TraceRecorder("t")
+    cache = SpeculationCache(8, score_recent=2)
+    cache.insert([3, 1, 0, 5])  # 3 is used last, 1 before it
+    assert await scorer.top1(cache, "some query", recorder) == 3
+    assert recorder.retrieval_calls[0].k == 2  # two ids scored, not four
+    cache.insert([0, 5])
+    assert await scorer.top1(cache, "some query", recorder) in (0, 5)  # 3 not scored
+
+
 def test_exact_candidates_find_the_exact_best_among_near_ties() -> None:
     from ralmspec_vllm.retrieval.dense import inner_product
 

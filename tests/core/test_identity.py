@@ -220,3 +220,30 @@ async def test_the_engine_pools_a_bounded_number_of_configs(
         result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=spec)
         assert result.token_ids == baseline.token_ids
     assert [s.prefetch_k for s in engine.stride_ledgers] == [1, 2]
+
+
+@pytest.mark.parametrize("score_recent", [1, 2, 5])
+@pytest.mark.parametrize("script_name", ["natural", "miss-every-third"])
+async def test_scoring_only_the_recent_cache_keeps_the_answer(
+    script_name: str, score_recent: int
+) -> None:
+    """``score_recent`` narrows what the retriever's ``Score`` ranks, so it can change the
+    speculated documents, never the answer: token for token the baseline's, late and early
+    pipelines and rounds alike."""
+    retriever = ScriptedRetriever(SCRIPTS[script_name])
+    engine, _ = make_engine(retriever, FakeLM())
+    baseline = await baseline_and_freeze(engine, retriever, LONG_QUESTION)
+    presets = (
+        "PSA",
+        "PSA:overlap_depth=pipeline",
+        "PSA:overlap_depth=pipeline:early_verification=true",
+    )
+    for text in presets:
+        spec = SpeculationConfig.parse(
+            f"{text}:prefetch_k=20:exact_k=0:score_recent={score_recent}"
+        )
+        retriever.score_ids.clear()
+        result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+        assert result.token_ids == baseline.token_ids, text
+        assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, text
+        assert retriever.score_ids and max(map(len, retriever.score_ids)) <= score_recent, text
