@@ -55,6 +55,9 @@ class RunRecord:
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
     searches: tuple[tuple[int, float], ...] = ()
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
+    scores: tuple[tuple[int, float], ...] = ()
+    """(doc ids, seconds) of every retriever ``Score`` of the cache (BM25's speculation
+    waits for it before each speculated step)."""
     loop_lag_ms: tuple[tuple[str, float], ...] = ()
     """How late the event loop woke a sleeper during this run (p50, p99, max in ms;
     ``--loop-lag-ms``): long lags mean long GIL holds that in-process searches wait for."""
@@ -77,6 +80,7 @@ class RunRecord:
         identical: bool,
         same_documents: bool,
         searches: Sequence[tuple[int, float]] = (),
+        scores: Sequence[tuple[int, float]] = (),
         kb_phases: Mapping[str, float] | None = None,
         loop_lag_ms: Mapping[str, float] | None = None,
     ) -> RunRecord:
@@ -104,6 +108,7 @@ class RunRecord:
             identical=identical,
             same_documents=same_documents,
             searches=tuple(searches),
+            scores=tuple(scores),
             kb_phases=tuple((kb_phases or {}).items()),
             loop_lag_ms=tuple((loop_lag_ms or {}).items()),
         )
@@ -115,6 +120,7 @@ class RunRecord:
         del out["backend"], out["method"]
         out["strides"] = list(self.strides)
         out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
+        out["scores"] = [[n, round(seconds, 6)] for n, seconds in self.scores]
         out["kb_phases"] = {name: round(value, 6) for name, value in self.kb_phases}
         out["loop_lag_ms"] = {name: round(value, 3) for name, value in self.loop_lag_ms}
         out["mean_stride"] = _mean(self.strides)
@@ -130,7 +136,8 @@ class RunRecord:
         if "strides" not in fields:
             raise ValueError("per-question record without strides (written before merging)")
         fields["strides"] = tuple(fields["strides"])
-        fields["searches"] = tuple((int(n), float(s)) for n, s in fields.get("searches", ()))
+        for name in ("searches", "scores"):
+            fields[name] = tuple((int(n), float(s)) for n, s in fields.get(name, ()))
         for name in ("kb_phases", "loop_lag_ms"):
             pairs = fields.get(name, {})
             fields[name] = tuple((str(key), float(value)) for key, value in pairs.items())
@@ -209,6 +216,7 @@ def summarize(
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),
+                score_ms=_score_ms(runs),
                 kb_phases_s=_kb_phases(runs),
                 loop_lag_ms=_loop_lag(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
@@ -285,6 +293,20 @@ def _search_ms(runs: Sequence[RunRecord]) -> dict[str, Row]:
             "p50_ms": _round(sorted(ms)[len(ms) // 2], 2),
         }
         for n, ms in sorted(by_size.items())
+    }
+
+
+def _score_ms(runs: Sequence[RunRecord]) -> Row:
+    """The cache's ``Score`` calls: how many, their mean and p50 ms, the mean ids scored."""
+    calls = [(n, seconds * 1000) for run in runs for n, seconds in run.scores]
+    if not calls:
+        return {"calls": 0}
+    ms = sorted(m for _, m in calls)
+    return {
+        "calls": len(calls),
+        "mean_ms": _round(_mean(ms), 2),
+        "p50_ms": _round(ms[len(ms) // 2], 2),
+        "mean_ids": _round(_mean([n for n, _ in calls]), 1),
     }
 
 

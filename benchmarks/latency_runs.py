@@ -150,6 +150,7 @@ class Runner:
             searches=[
                 (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
             ],
+            scores=[(c.k, c.latency_s) for c in trace.retrieval_calls if c.kind == "score"],
             kb_phases=measured.kb_phases,
             loop_lag_ms=measured.loop_lag_ms,
         )

@@ -118,6 +118,23 @@ def test_rows_report_search_latency_by_batch_size() -> None:
     assert RunRecord.from_brief("flat", "PSA", brief) == runs[0]
 
 
+def test_rows_report_the_cache_scoring_calls() -> None:
+    runs = [
+        RunRecord.from_summary(
+            "bm25", "PSA", "q", "nq", record("PSA", 1.0).brief() | {"retrieval_calls": {}},
+            strides=(), num_tokens=8, identical=True, same_documents=True,
+            scores=[(256, 0.002), (512, 0.004), (768, 0.003)],
+        ),
+    ]  # fmt: skip
+    (row,) = summarize(runs, {}, ["PSA"])
+    assert row["score_ms"] == {"calls": 3, "mean_ms": 3.0, "p50_ms": 3.0, "mean_ids": 512.0}
+    brief = row["per_question"][0]
+    assert brief["scores"] == [[256, 0.002], [512, 0.004], [768, 0.003]]
+    assert RunRecord.from_brief("bm25", "PSA", brief) == runs[0]
+    (plain,) = summarize([record("PSA", 1.0)], {}, ["PSA"])
+    assert plain["score_ms"] == {"calls": 0}  # dense caches are scored in the server
+
+
 def test_rows_split_search_time_inside_and_outside_the_retriever() -> None:
     phases = {"searches": 2.0, "encode_s": 0.1, "scan_s": 0.7, "rank_s": 0.2, "vectors_s": 0.05}
     runs = [
