@@ -344,19 +344,10 @@ class BM25Retriever:
                 kb, params, analyzer, batch_size=batch_size, progress=progress
             )
             logger.info("BM25 index built in %.1f s", time.perf_counter() - started)
-            needed, free = index.saved_bytes(), shutil.disk_usage(directory).free
-            if not save:
+            if save:
+                _save_if_room(index, directory)
+            else:
                 logger.info("BM25 index not saved (save_index off)")
-            elif needed + DISK_HEADROOM_BYTES <= free:
-                index.save(directory)
-            else:  # e.g. 21M docs (~19 GB) beside a 21M dense knowledge base on a 64 GB disk
-                logger.warning(
-                    "BM25 index not saved: it needs %.1f GB and %s has %.1f GB free;"
-                    " it will be built again next time",
-                    needed / 1e9,
-                    directory,
-                    free / 1e9,
-                )
         return cls(index, kb.documents, index_dir=str(directory))
 
     @property
@@ -398,3 +389,18 @@ class BM25Retriever:
         if self._documents is None:
             raise RuntimeError("documents: this retriever has no document store")
         return self._documents.get(ids.tolist())
+
+
+def _save_if_room(index: BM25Index, directory: Path) -> None:
+    """Save ``index`` into ``directory`` if the disk keeps its headroom after it."""
+    needed, free = index.saved_bytes(), shutil.disk_usage(directory).free
+    if needed + DISK_HEADROOM_BYTES <= free:
+        index.save(directory)
+    else:  # e.g. 21M docs (~19 GB) beside a 21M dense knowledge base on a 64 GB disk
+        logger.warning(
+            "BM25 index not saved: it needs %.1f GB and %s has %.1f GB free;"
+            " it will be built again next time",
+            needed / 1e9,
+            directory,
+            free / 1e9,
+        )
