@@ -57,8 +57,10 @@ Early verification (``early_verification``, pipeline only, not in the paper): a 
 and document are known before the step is generated, so its search is sent then, and runs
 while the LM generates the step. A hit settles when the step is generated; a miss settles
 the moment the search answers: the step in flight is aborted and regenerated with the true
-document. A miss thus costs about a plain step (search, then LM step) and a hit only the LM
-step, so there are no plain steps (except held ones).
+document. A hit costs only the LM step; a miss costs a plain step (search, then LM step)
+plus whatever the abort costs. That last part is measured per miss (an aborted vLLM step
+cost ~14 ms on the H200): OS3 runs plain steps when, at the measured accuracy, speculating
+costs more (``OptimalStrideScheduler.prefers_plain_step_early``).
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class _Unsettled:
     generating: bool
     """Early verification: the step's search went out before the step was generated, and
     the step is still being generated (``step.end`` is not known yet)."""
+    started: float = 0.0
+    """Early verification: ``perf_counter`` when the step's guess began (a miss's cost)."""
 
     def settleable(self) -> bool:
         """The search answered, and either the step exists or the answer is a miss (a
@@ -248,8 +252,11 @@ class SpeculativeRequest:
         return await self.ctx.search(queries, cfg.search_k, purpose, cfg.search_prefetch)
 
     def _plain_pays(self, stride: int) -> bool:
-        if self._early:  # a miss costs what a plain step does, a hit less
-            return False
+        if self._early:  # a hit costs the step alone, a miss what it was measured to cost
+            return (
+                isinstance(self.scheduler, OptimalStrideScheduler)
+                and self.scheduler.prefers_plain_step_early()
+            )
         if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
             return False
         return not self.config.async_verification or self.scheduler.prefers_plain_step()
@@ -408,7 +415,7 @@ class SpeculativeRequest:
                         if self._early:
                             guess = await self._guess()
                             search = asyncio.create_task(self._timed_search(guess.step.query))
-                            unsettled.append(_Unsettled(guess.step, search, generating=True))
+                            unsettled.append(_Unsettled(guess.step, search, True, guess.started))
                             speculation = asyncio.create_task(
                                 self._generate_guess(guess, lm_request_id)
                             )
@@ -428,6 +435,8 @@ class SpeculativeRequest:
                         await self._cancel_searches([u.search for u in unsettled])
                         unsettled = []
                         await self._correct(head.step.start, mismatch.true_doc_id)
+                        if self._early and isinstance(self.scheduler, OptimalStrideScheduler):
+                            self.scheduler.record_miss(time.perf_counter() - head.started)
                     continue
                 if speculation is not None and speculation.done():
                     step = speculation.result()

@@ -95,9 +95,12 @@ class FakeLM:
         latency_s: float = 0.0,
         block_size: int = 4,
         events: list[str] | None = None,
+        abort_latency_s: float = 0.0,
     ) -> None:
         """``eos_at_length``: EOS is the token at that answer position (answer = the trailing
-        generated-range ids); ``eos_probability``: hash-chosen EOS per token."""
+        generated-range ids); ``eos_probability``: hash-chosen EOS per token;
+        ``abort_latency_s``: what an abort takes to return (an engine that finishes the
+        forward pass it is in before it lets a request go)."""
         self.vocab_size = vocab_size
         self.eos_at_length = eos_at_length
         self.eos_threshold = int(eos_probability * 1_000_000)
@@ -105,6 +108,7 @@ class FakeLM:
         self.block_size = block_size
         self.events = events
         """When given, "lm-start <id>" / "lm-end <id>" are appended (ordering checks)."""
+        self.abort_latency_s = abort_latency_s
         self.calls: list[LMCall] = []
         self.aborted: list[str] = []
         self.cancelled: list[str] = []
@@ -179,6 +183,8 @@ class FakeLM:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+        if self.abort_latency_s:
+            await asyncio.sleep(self.abort_latency_s)
 
 
 def doc_text(doc_id: int, length: int) -> str:

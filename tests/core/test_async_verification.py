@@ -379,10 +379,10 @@ async def test_early_miss_aborts_the_step_it_verifies() -> None:
     assert len(lm.calls) == len(trace.spans)
 
 
-async def test_early_verification_never_falls_back_to_plain_steps() -> None:
+async def test_early_verification_keeps_speculating_where_the_late_pipeline_stops() -> None:
     """Where OS3 prefers plain steps (every other speculation wrong, a 0.5 ms search behind
-    a 10 ms step; see the test above), early verification keeps speculating: a miss costs
-    no more than a plain step. Same answer either way."""
+    a 10 ms step; see the test above), early verification keeps speculating: with a free
+    abort a miss costs no more than a plain step. Same answer either way."""
     retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.0005)
     engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
@@ -396,6 +396,30 @@ async def test_early_verification_never_falls_back_to_plain_steps() -> None:
     trace = result.trace
     assert trace.plain_steps == 0 and trace.rollbacks > 2
     assert trace.lm_aborts == trace.rollbacks  # each miss was caught while its step ran
+
+
+async def test_early_verification_falls_back_to_plain_steps_when_aborts_cost() -> None:
+    """An 8 ms search beside a 10 ms step, and an abort that takes 15 ms to return (an
+    engine that finishes its forward pass first; on the H200 an aborted step cost ~14 ms).
+    A hit saves the 8 ms search, a miss loses the 15 ms abort: at accuracy 0.5 OS3
+    measures that speculating loses and runs plain steps (each still scoring the cache's
+    guess). At 90% accuracy it keeps speculating. Same answer both ways."""
+    lm = FakeLM(latency_s=0.01, abort_latency_s=0.015)
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.008)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early("auto"))
+    assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps > len(trace.spans) // 2
+    assert trace.rollbacks <= 3  # only while OS3 was still measuring
+
+    retriever = ScriptedRetriever(forced(lambda s: s % 10 == 9), latency_s=0.008)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01, abort_latency_s=0.015))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early("auto"))
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.rollbacks > 0 and result.trace.plain_steps <= 2
 
 
 @pytest.mark.parametrize("miss_every", [2, 3, 5])

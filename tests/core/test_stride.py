@@ -123,6 +123,31 @@ def test_plain_step_decision_hand_computed(
     assert sched.prefers_plain_step() is plain
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "miss", "matched", "plain"),
+    [
+        # session 20's HNSW at 1M (a 22 ms step, 2.6 ms search, a miss ~38.6 ms):
+        # 2 of 3 right: 0.67*22 + 0.33*38.6 = 27.5 > 24.6 -> plain
+        (22.0, 2.6, 38.6, 2, True),
+        (22.0, 2.6, 38.6, 9, False),  # 0.9*22 + 0.1*38.6 = 23.66 < 24.6
+        # a free abort: a miss costs a + b, so any accuracy speculates
+        (22.0, 2.6, 24.6, 1, False),
+        # a search slower than the step: a hit costs b, a miss b + a (+ abort 5)
+        (20.0, 300.0, 325.0, 1, False),  # 0.5*300 + 0.5*325 = 312.5 < 320
+        (20.0, 300.0, 345.0, 1, True),  # 0.5*300 + 0.5*345 = 322.5 > 320
+    ],
+)
+def test_early_plain_step_decision_hand_computed(
+    a: float, b: float, miss: float, matched: int, plain: bool
+) -> None:
+    sched = OptimalStrideScheduler(asynchronous=True)
+    sched.record_speculation(a)
+    sched.record_verification(b, matched=matched, mismatched=True)
+    assert not sched.prefers_plain_step_early()  # no miss measured: speculate
+    sched.record_miss(miss)
+    assert sched.prefers_plain_step_early() is plain
+
+
 def test_wilson_lower_bound_against_published_values() -> None:
     # 27 of 30 at 95%: the Wilson interval is 0.744-0.965 (standard tables).
     assert wilson_lower_bound(27, 30, 1.96) == pytest.approx(0.7436, abs=5e-4)
