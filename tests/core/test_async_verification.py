@@ -380,10 +380,12 @@ async def test_early_miss_aborts_the_step_it_verifies() -> None:
 
 
 async def test_early_verification_keeps_speculating_where_the_late_pipeline_stops() -> None:
-    """Where OS3 prefers plain steps (every other speculation wrong, a 0.5 ms search behind
-    a 10 ms step; see the test above), early verification keeps speculating: with a free
-    abort a miss costs no more than a plain step. Same answer either way."""
-    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.0005)
+    """Where the late pipeline's OS3 prefers plain steps (every other speculation wrong, a
+    5 ms search behind a 10 ms step: a late miss costs step, search and step again),
+    early verification keeps speculating: with a free abort a miss costs about a plain
+    step and a hit saves the 5 ms search (the margin keeps a loaded machine's scheduling
+    noise from flipping the choice). Same answer either way."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.005)
     engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     late = SpeculationConfig(
