@@ -149,6 +149,10 @@ class LatencyConfig(OutputConfig):
     """Torch intra-op threads of this process (the torch flat scan, the encoder); ``None``:
     torch's default (every core). Fewer leave cores to vLLM's engine process while a
     memory-bound scan runs."""
+    cache_scoring: str = "local"
+    """How speculation ranks a request's cache: "local" (dense: the query embedding and
+    the cached vectors; BM25: the cached documents' term weights) or "retriever" (its
+    ``score`` over the cached ids, a call per speculated step). Same speculated documents."""
     switch_interval_ms: float | None = None
     """Python's GIL switch interval (``sys.setswitchinterval``) in this process; ``None``:
     Python's 5 ms. In-process, a search thread re-takes the GIL after every torch or numpy
@@ -229,6 +233,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"faiss_threads: must be >= 1, got {self.faiss_threads}")
         if self.loop_lag_ms is not None and not self.loop_lag_ms > 0:
             raise ValueError(f"loop_lag_ms: must be > 0, got {self.loop_lag_ms}")
+        if self.cache_scoring not in ("local", "retriever"):
+            raise ValueError(f"cache_scoring: local or retriever, got {self.cache_scoring!r}")
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -483,6 +489,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
     ("--loop-lag-ms", "loop_lag_ms",
      {"type": float, "help": "watch the event loop's lag every N ms (default: off)"}),
+    ("--cache-scoring", "cache_scoring",
+     {"choices": ("local", "retriever"), "help": "rank the cache here or by retriever score"}),
     ("--switch-interval-ms", "switch_interval_ms",
      {"type": float, "help": "Python GIL switch interval (default: Python's 5 ms)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

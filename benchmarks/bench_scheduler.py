@@ -170,6 +170,9 @@ class ScriptedKB:
     async def vectors(self, doc_ids: Sequence[int]) -> Any:
         return None
 
+    async def term_weights(self, doc_ids: Sequence[int]) -> None:
+        return None
+
 
 def questions(n: int, seed: int) -> list[str]:
     topics = ["river", "castle", "novel", "planet", "bridge", "painter", "war", "island"]

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ralmspec_vllm.core.config import SpeculationConfig
 
@@ -58,6 +58,9 @@ class RunRecord:
     scores: tuple[tuple[int, float], ...] = ()
     """(doc ids, seconds) of every retriever ``Score`` of the cache (BM25's speculation
     waits for it before each speculated step)."""
+    fetches: tuple[tuple[int, float], ...] = ()
+    """(doc ids, seconds) of every fetch of what the cache ranks by for documents new to it
+    (dense: their vectors; BM25 scored here: their term weights), once per verification."""
     loop_lag_ms: tuple[tuple[str, float], ...] = ()
     """How late the event loop woke a sleeper during this run (p50, p99, max in ms;
     ``--loop-lag-ms``): long lags mean long GIL holds that in-process searches wait for."""
@@ -81,6 +84,7 @@ class RunRecord:
         same_documents: bool,
         searches: Sequence[tuple[int, float]] = (),
         scores: Sequence[tuple[int, float]] = (),
+        fetches: Sequence[tuple[int, float]] = (),
         kb_phases: Mapping[str, float] | None = None,
         loop_lag_ms: Mapping[str, float] | None = None,
     ) -> RunRecord:
@@ -109,6 +113,7 @@ class RunRecord:
             same_documents=same_documents,
             searches=tuple(searches),
             scores=tuple(scores),
+            fetches=tuple(fetches),
             kb_phases=tuple((kb_phases or {}).items()),
             loop_lag_ms=tuple((loop_lag_ms or {}).items()),
         )
@@ -121,6 +126,7 @@ class RunRecord:
         out["strides"] = list(self.strides)
         out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
         out["scores"] = [[n, round(seconds, 6)] for n, seconds in self.scores]
+        out["fetches"] = [[n, round(seconds, 6)] for n, seconds in self.fetches]
         out["kb_phases"] = {name: round(value, 6) for name, value in self.kb_phases}
         out["loop_lag_ms"] = {name: round(value, 3) for name, value in self.loop_lag_ms}
         out["mean_stride"] = _mean(self.strides)
@@ -136,7 +142,7 @@ class RunRecord:
         if "strides" not in fields:
             raise ValueError("per-question record without strides (written before merging)")
         fields["strides"] = tuple(fields["strides"])
-        for name in ("searches", "scores"):
+        for name in ("searches", "scores", "fetches"):
             fields[name] = tuple((int(n), float(s)) for n, s in fields.get(name, ()))
         for name in ("kb_phases", "loop_lag_ms"):
             pairs = fields.get(name, {})
@@ -216,7 +222,8 @@ def summarize(
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),
-                score_ms=_score_ms(runs),
+                score_ms=_calls_ms(runs, "scores"),
+                fetch_ms=_calls_ms(runs, "fetches"),
                 kb_phases_s=_kb_phases(runs),
                 loop_lag_ms=_loop_lag(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
@@ -296,9 +303,10 @@ def _search_ms(runs: Sequence[RunRecord]) -> dict[str, Row]:
     }
 
 
-def _score_ms(runs: Sequence[RunRecord]) -> Row:
-    """The cache's ``Score`` calls: how many, their mean and p50 ms, the mean ids scored."""
-    calls = [(n, seconds * 1000) for run in runs for n, seconds in run.scores]
+def _calls_ms(runs: Sequence[RunRecord], name: Literal["scores", "fetches"]) -> Row:
+    """The cache's ``Score`` calls (``scores``) or fetches of new documents' vectors or
+    term weights (``fetches``): how many, their mean and p50 ms, the mean ids per call."""
+    calls = [(n, seconds * 1000) for run in runs for n, seconds in getattr(run, name)]
     if not calls:
         return {"calls": 0}
     ms = sorted(m for _, m in calls)

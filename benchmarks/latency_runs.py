@@ -151,6 +151,11 @@ class Runner:
                 (c.num_queries, c.latency_s) for c in trace.retrieval_calls if c.kind == "search"
             ],
             scores=[(c.k, c.latency_s) for c in trace.retrieval_calls if c.kind == "score"],
+            fetches=[
+                (c.k, c.latency_s)
+                for c in trace.retrieval_calls
+                if c.kind in ("vectors", "term_weights")
+            ],
             kb_phases=measured.kb_phases,
             loop_lag_ms=measured.loop_lag_ms,
         )
@@ -286,8 +291,10 @@ async def bench_backend(
     """Warm up and time every method on every question with one backend; ``on_progress``
     after the warm-up and after every timed question. ``opened``: this backend's in-process
     retriever, already open (the caller closes it)."""
+    from ralmspec_vllm.core.cache import TermWeightCacheScorer
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.retrieval.factory import open_retriever
+    from ralmspec_vllm.service import cache_term_scorer
 
     rcfg = retriever_config(cfg, backend)
     start = time.perf_counter()
@@ -315,6 +322,8 @@ async def bench_backend(
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
         embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
+        if not dense:
+            embed = {"scorer": TermWeightCacheScorer(sync.analyzer)}
     else:
         from ralmspec_vllm.core.encoding import AsyncEmbedder
         from ralmspec_vllm.retrieval.client import RetrieverClient
@@ -325,6 +334,10 @@ async def bench_backend(
         client = RetrieverClient(server.target, timeout_s=120.0)
         retriever = client
         embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}
+        if not dense:
+            embed = {"scorer": await cache_term_scorer(client, "local")}
+    if cfg.cache_scoring == "retriever":
+        embed = {}
     runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []

@@ -124,15 +124,19 @@ def test_rows_report_the_cache_scoring_calls() -> None:
             "bm25", "PSA", "q", "nq", record("PSA", 1.0).brief() | {"retrieval_calls": {}},
             strides=(), num_tokens=8, identical=True, same_documents=True,
             scores=[(256, 0.002), (512, 0.004), (768, 0.003)],
+            fetches=[(256, 0.02), (30, 0.004)],
         ),
     ]  # fmt: skip
     (row,) = summarize(runs, {}, ["PSA"])
     assert row["score_ms"] == {"calls": 3, "mean_ms": 3.0, "p50_ms": 3.0, "mean_ids": 512.0}
+    assert row["fetch_ms"] == {"calls": 2, "mean_ms": 12.0, "p50_ms": 20.0, "mean_ids": 143.0}
     brief = row["per_question"][0]
     assert brief["scores"] == [[256, 0.002], [512, 0.004], [768, 0.003]]
+    assert brief["fetches"] == [[256, 0.02], [30, 0.004]]
     assert RunRecord.from_brief("bm25", "PSA", brief) == runs[0]
     (plain,) = summarize([record("PSA", 1.0)], {}, ["PSA"])
     assert plain["score_ms"] == {"calls": 0}  # dense caches are scored in the server
+    assert plain["fetch_ms"] == {"calls": 0}
 
 
 def test_rows_split_search_time_inside_and_outside_the_retriever() -> None:
@@ -250,6 +254,10 @@ def test_config_validation_and_quick_flags() -> None:
     with pytest.raises(ValueError, match="torch_threads"):
         LatencyConfig(torch_threads=0)
     assert parse_args(["--torch-threads", "12"]).torch_threads == 12
+    assert parse_args([]).cache_scoring == "local"
+    assert parse_args(["--cache-scoring", "retriever"]).cache_scoring == "retriever"
+    with pytest.raises(ValueError, match="cache_scoring"):
+        LatencyConfig(cache_scoring="nearby")
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
     cfg = parse_args(["--quick", "--log-level", "WARNING"])
     assert cfg.model == "tiny-llama" and cfg.questions_per_dataset == 2
@@ -336,6 +344,10 @@ async def test_bench_latency_smoke(
         assert by_method["oracle"]["mean_retrieval_calls"] == 0
         assert by_method["baseline"]["mean_retrieval_calls"] >= 5  # one per 4-token step
         assert by_method["PSA"]["mean_stride"] is not None
+        # both rank the cache here (dense: the encoder; BM25: the cached term weights),
+        # from what they fetched for the documents new to the cache
+        assert by_method["PSA"]["score_ms"]["calls"] == 0
+        assert by_method["PSA"]["fetch_ms"]["calls"] > 0
         for row in data["rows"]:  # the dense retriever's own time, per run
             split = row["kb_phases_s"]
             if row["retriever"] == "bm25" or row["method"] == "oracle":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.retrieval.base import AsyncRetriever, TermWeights
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,9 @@ class BatchingRetriever:
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         return await self.inner.vectors(doc_ids)
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights] | None:
+        return await self.inner.term_weights(doc_ids)
 
 
 def _since(start: float) -> float:

@@ -85,9 +85,12 @@ class RaLMEngine:
         embedder: QueryEmbedder | None = None,
         stride_ledgers: dict[SpeculationConfig, StrideLedger] | None = None,
         speculation_held: SpeculationHold | None = None,
+        scorer: CacheScorer | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
-        speculation ranks the cache with ``retriever.score``). ``prefix_ids``: tokens before
+        speculation ranks the cache with ``retriever.score``). ``scorer``: any
+        ``CacheScorer`` instead (e.g. ``TermWeightCacheScorer`` for BM25); not with
+        ``encoder`` or ``embedder``. ``prefix_ids``: tokens before
         the document (default: the tokenizer's special prefix, e.g. BOS).
         ``encode_batch_window_s``: when set, speculation embeds the queries of concurrent
         requests in shared encoder calls (``BatchingEmbedder``; a lone query waits at most
@@ -110,9 +113,11 @@ class RaLMEngine:
             retriever, tokenizer, self.config.max_doc_tokens, doc_cache_capacity
         )
         self.scorer: CacheScorer = RetrieverCacheScorer(retriever)
-        if encoder is not None and embedder is not None:
-            raise ValueError("give encoder or embedder, not both")
-        if embedder is not None:
+        if sum(x is not None for x in (encoder, embedder, scorer)) > 1:
+            raise ValueError("give one of encoder, embedder and scorer")
+        if scorer is not None:
+            self.scorer = scorer
+        elif embedder is not None:
             self.scorer = DenseCacheScorer(embedder=embedder)
         elif encoder is not None and encode_batch_window_s is not None:
             embedder = BatchingEmbedder(encoder, encode_batch_window_s)

@@ -68,8 +68,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -83,6 +84,7 @@ from ralmspec_vllm.core.stride import (
     StrideScheduler,
 )
 from ralmspec_vllm.core.trace import CallPurpose, VerificationRecord
+from ralmspec_vllm.retrieval.base import TermWeights
 from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
@@ -500,20 +502,33 @@ class SpeculativeRequest:
         self.ctx.finalize(len(self.ctx.generated))
 
     async def _insert(self, results: list[list[Hit]]) -> None:
-        """Insert verified documents; later queries' documents count as more recent."""
+        """Insert verified documents; later queries' documents count as more recent. What
+        the scorer ranks by (vectors, term weights) is fetched for the documents the cache
+        does not hold yet, once each."""
         ranked = [[hit.doc_id for hit in hits] for hits in results]
+        retriever = self.ctx.retriever
         vectors: dict[int, np.ndarray] | None = None
+        terms: dict[int, TermWeights] | None = None
         if self.scorer.needs_vectors:
-            missing = self.cache.missing([d for ids in ranked for d in ids])
-            vectors = {}
-            if missing:
-                start = time.perf_counter()
-                fetched = await self.ctx.retriever.vectors(missing)
-                self.recorder.retrieval(
-                    "vectors", "verify", 1, len(missing), time.perf_counter() - start
-                )
-                if fetched is None:
-                    raise ValueError("dense cache scoring needs a retriever that serves vectors")
-                vectors = dict(zip(missing, fetched, strict=True))
+            vectors = await self._fetch_missing(ranked, "vectors", retriever.vectors)
+        if self.scorer.needs_terms:
+            terms = await self._fetch_missing(ranked, "term_weights", retriever.term_weights)
         for ids in ranked:
-            self.cache.insert(ids, vectors)
+            self.cache.insert(ids, vectors, terms)
+
+    async def _fetch_missing(
+        self,
+        ranked: list[list[int]],
+        kind: Literal["vectors", "term_weights"],
+        fetch: Callable[[list[int]], Awaitable[Any]],
+    ) -> dict[int, Any]:
+        """``fetch`` what the cache needs for the ranked documents it lacks, by doc id."""
+        missing = self.cache.missing([d for ids in ranked for d in ids])
+        if not missing:
+            return {}
+        start = time.perf_counter()
+        fetched = await fetch(missing)
+        self.recorder.retrieval(kind, "verify", 1, len(missing), time.perf_counter() - start)
+        if fetched is None:
+            raise ValueError(f"this cache scoring needs a retriever that serves {kind}")
+        return dict(zip(missing, fetched, strict=True))

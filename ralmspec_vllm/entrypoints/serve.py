@@ -149,9 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
-              "the retriever's query embedding and the cached documents' vectors), "
-              "'retriever' (its Score RPC over every cached id; what BM25 needs) or 'auto' "
-              "(local for a dense retriever; default: %(default)s)")  # fmt: skip
+              "dense: the retriever's query embedding and the cached documents' vectors; "
+              "BM25: the cached documents' term weights), 'retriever' (its Score RPC over "
+              "every cached id) or 'auto' (local where the retriever allows it; default: "
+              "%(default)s)")  # fmt: skip
     _own(ralm, "--batch-window-ms", type=float, default=c.batch_window_s * 1000,
          help="cross-request retrieval batching window (default: %(default)s)")  # fmt: skip
     _own(ralm, "--max-batch-queries", type=int, default=c.max_batch_queries)
@@ -273,7 +274,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.server import ServerProcess
-    from ralmspec_vllm.service import RaLMService, cache_embedder
+    from ralmspec_vllm.service import RaLMService, cache_embedder, cache_term_scorer
 
     api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
     bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
@@ -303,9 +304,23 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         stack.push_async_callback(client.close)
         await client.wait_ready()
         embedder = await cache_embedder(client, config.cache_scoring)
-        logger.info("cache scoring: %s", "local" if embedder is not None else "the retriever's")
+        scorer = await cache_term_scorer(client, config.cache_scoring)
+        logger.info(
+            "cache scoring: %s",
+            "local (dense)"
+            if embedder is not None
+            else "local (BM25 term weights)"
+            if scorer is not None
+            else "the retriever's Score",
+        )
         service = RaLMService(
-            lm, lm.tokenizer, client, config, max_model_len=lm.max_model_len, embedder=embedder
+            lm,
+            lm.tokenizer,
+            client,
+            config,
+            max_model_len=lm.max_model_len,
+            embedder=embedder,
+            scorer=scorer,
         )
         if config.max_retriever_utilization is not None:
             await service.calibrate_retriever()

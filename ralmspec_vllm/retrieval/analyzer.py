@@ -62,3 +62,12 @@ class Analyzer:
     @classmethod
     def from_dict(cls, data: dict[str, bool]) -> Analyzer:
         return cls(lowercase=bool(data["lowercase"]), stopwords=bool(data["stopwords"]))
+
+    @classmethod
+    def from_name(cls, name: str) -> Analyzer:
+        """The analyzer ``name`` describes (``RetrieverInfo.extra["analyzer"]``: how a client
+        of a BM25 retriever analyzes queries exactly as the retriever does)."""
+        for analyzer in (cls(lc, sw) for lc in (True, False) for sw in (True, False)):
+            if analyzer.name == name:
+                return analyzer
+        raise ValueError(f"unknown analyzer {name!r}")

@@ -7,6 +7,10 @@ thread so the event loop keeps generating while an index search runs).
 
 Ranking rule everywhere: score descending, then doc id ascending (``rank_hits``).
 
+``term_weights(doc_ids)`` (BM25 only): each document's distinct index terms and the weight
+each adds to a query's score (``TermWeights``), so a client can rank a speculation cache with
+exactly the knowledge base's scores without a ``score`` call per step.
+
 ``search(queries, k, prefetch)``: each query's exact top-k, then up to ``prefetch`` more
 hits, the best further documents the backend's search came across, ranked by their exact
 scores but not a complete ranking (a document left out may outscore them). A speculation
@@ -23,6 +27,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo, rank_key
+
+TermWeights = tuple[list[str], np.ndarray]
+"""One document's distinct index terms (first appearance order) and their float64 weights:
+a query's score for the document is 0.0 plus, over the query's terms in order (repetitions
+included), the weight of each term the document has."""
 
 
 class DocumentStore(Protocol):
@@ -71,6 +80,13 @@ class DenseRetriever(Retriever, Protocol):
         ...
 
 
+@runtime_checkable
+class TermWeightRetriever(Retriever, Protocol):
+    """A retriever whose score is a sum of per-(document, term) weights (BM25)."""
+
+    def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights]: ...
+
+
 class AsyncRetriever(Protocol):
     """The asynchronous contract used by the core and the server (gRPC client or in-process)."""
 
@@ -86,6 +102,10 @@ class AsyncRetriever(Protocol):
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         """Document vectors for dense backends; ``None`` for sparse ones."""
+        ...
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights] | None:
+        """Per-document term weights for BM25 backends; ``None`` for the others."""
         ...
 
 
@@ -120,6 +140,11 @@ class InProcessAsyncRetriever:
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         if isinstance(self.retriever, DenseRetriever):
             return await asyncio.to_thread(self.retriever.vectors, list(doc_ids))
+        return None
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights] | None:
+        if isinstance(self.retriever, TermWeightRetriever):
+            return await asyncio.to_thread(self.retriever.term_weights, list(doc_ids))
         return None
 
 

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from ralmspec_vllm.retrieval.analyzer import Analyzer
-from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.base import DocumentStore, TermWeights
 from ralmspec_vllm.retrieval.bm25_build import FillerNotCountable, Postings
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
@@ -180,6 +180,39 @@ class BM25Index:
             found = rows[pos] == doc_ids
             scores[found] += self._data[lo + pos[found]]
         return scores
+
+    def term_weights(self, doc_ids: Sequence[int], contents: Sequence[str]) -> list[TermWeights]:
+        """Each document's distinct indexed terms (first appearance in its ``contents``, the
+        text it was indexed from) and their stored weights w[d, t]: exactly what
+        ``scores_for`` adds for each. One vectorised binary search over every (document,
+        term) pair's posting list. ``ValueError`` if a text holds a term the index does not
+        list for its document (not the text it was built from)."""
+        vocab = self.vocab
+        per_doc = [
+            [t for t in dict.fromkeys(self.analyzer(text)) if t in vocab] for text in contents
+        ]
+        counts = np.fromiter((len(terms) for terms in per_doc), dtype=np.int64, count=len(per_doc))
+        columns = np.fromiter(
+            (vocab[t] for terms in per_doc for t in terms), dtype=np.int64, count=int(counts.sum())
+        )
+        docs = np.repeat(np.asarray(doc_ids, dtype=np.int64), counts)
+        lo, hi = self._indptr[columns], self._indptr[columns + 1]
+        end = hi.copy()
+        active = np.flatnonzero(lo < hi)
+        while len(active):  # the first position in [lo, hi) whose row is >= the doc
+            mid = (lo[active] + hi[active]) >> 1
+            right = self._rows[mid] < docs[active]
+            lo[active] = np.where(right, mid + 1, lo[active])
+            hi[active] = np.where(right, hi[active], mid)
+            active = active[lo[active] < hi[active]]
+        found = lo < end
+        found[found] = self._rows[lo[found]] == docs[found]
+        if not found.all():
+            bad = int(np.flatnonzero(~found)[0])
+            term = [t for terms in per_doc for t in terms][bad]
+            raise ValueError(f"doc {int(docs[bad])}: term {term!r} is not indexed for it")
+        weights = np.split(self._data[lo].astype(np.float64, copy=False), np.cumsum(counts)[:-1])
+        return list(zip(per_doc, weights, strict=True))
 
     def top_k(self, term_ids: Sequence[int], k: int) -> list[Hit]:
         """Exact top-k over the whole corpus (score desc, doc id asc)."""
@@ -389,6 +422,15 @@ class BM25Retriever:
         if self._documents is None:
             raise RuntimeError("documents: this retriever has no document store")
         return self._documents.get(ids.tolist())
+
+    def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights]:
+        """Each document's distinct terms and weights (``BM25Index.term_weights``), from
+        the stored text; needs the document store."""
+        ids = check_doc_ids(doc_ids, self.index.num_docs)
+        if self._documents is None:
+            raise RuntimeError("term_weights: this retriever has no document store")
+        docs = self._documents.get(ids.tolist())
+        return self.index.term_weights(ids.tolist(), [doc.contents for doc in docs])
 
 
 def _save_if_room(index: BM25Index, directory: Path) -> None:

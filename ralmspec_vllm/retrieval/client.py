@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ralmspec_vllm.retrieval.base import TermWeights
 from ralmspec_vllm.retrieval.batching import BatchStats
 from ralmspec_vllm.retrieval.errors import (
     RetrieverRequestError,
@@ -277,6 +278,19 @@ class RetrieverClient:
         if not reply.available:
             return None
         return vectors_from_proto(reply.vectors, len(doc_ids))
+
+    async def term_weights(
+        self, doc_ids: Sequence[int], *, timeout_s: float | None = None
+    ) -> list[TermWeights] | None:
+        """Each document's distinct terms and weights for BM25 backends; ``None`` for the
+        others."""
+        if len(doc_ids) == 0:
+            return []
+        request = pb.GetTermWeightsRequest(doc_ids=[int(d) for d in doc_ids])
+        reply = await self._call("GetTermWeights", request, timeout_s)
+        if not reply.available:
+            return None
+        return [(list(d.terms), np.asarray(d.weights, dtype=np.float64)) for d in reply.docs]
 
     # -- transport --------------------------------------------------------------------------
 

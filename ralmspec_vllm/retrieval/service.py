@@ -19,7 +19,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever, TermWeightRetriever
 from ralmspec_vllm.retrieval.batching import BatchStats, SearchLane
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2 as pb
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
@@ -162,6 +162,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
     ) -> pb.EncodeResponse:
         return await self._guard("Encode", self._encode, request, context)
 
+    async def GetTermWeights(
+        self, request: pb.GetTermWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTermWeightsResponse:
+        return await self._guard("GetTermWeights", self._term_weights, request, context)
+
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
@@ -282,6 +287,16 @@ class RetrieverService(pb_grpc.RetrieverServicer):
             raise InvalidField("doc_ids", f"{len(ids)} vectors exceed the message size limit")
         vectors = await asyncio.to_thread(self.dense.vectors, ids)
         return pb.GetVectorsResponse(available=True, vectors=embeddings_to_proto(vectors))
+
+    async def _term_weights(self, request: pb.GetTermWeightsRequest) -> pb.GetTermWeightsResponse:
+        ids = self._check_doc_ids(request.doc_ids)
+        if not isinstance(self.retriever, TermWeightRetriever):
+            return pb.GetTermWeightsResponse(available=False)
+        docs = await asyncio.to_thread(self.retriever.term_weights, ids)
+        return pb.GetTermWeightsResponse(
+            available=True,
+            docs=[pb.DocTermWeights(terms=terms, weights=weights) for terms, weights in docs],
+        )
 
     async def _encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
         if self.dense is None:

@@ -276,6 +276,9 @@ class ScriptedRetriever:
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         return None
 
+    async def term_weights(self, doc_ids: Sequence[int]) -> None:
+        return None
+
 
 class SyntheticDenseRetriever:
     """Exact inner-product search over seeded random vectors (a sync ``DenseRetriever``)."""

@@ -161,3 +161,27 @@ def test_exact_candidates_find_the_exact_best_among_near_ties() -> None:
         want = int(cache.doc_ids[exact == top].min())
         cand, scores = exact_candidates(q, cache.vectors, cache.max_vector_norm)  # type: ignore[arg-type]
         assert cache.best_exact(cand, scores) == want, trial
+
+
+def test_term_weights_drop_evicted_documents_and_stay_bounded() -> None:
+    """Churn through a 4-document cache: an evicted document's weights stop counting at
+    once, and the entry list never holds more than twice the live entries (stale ones are
+    dropped when they are half of it)."""
+    cache = SpeculationCache(4)
+    for doc in range(200):
+        terms = [f"t{doc % 7}", f"u{doc}", "common"]
+        weights = np.array([1.0 + doc, 0.5, 0.25])
+        cache.insert([doc], terms={doc: (terms, weights)})
+        scores = cache.term_scores(["common", f"u{doc}", "common"])
+        cached = cache.doc_ids.tolist()
+        assert sorted(cached) == list(range(max(0, doc - 3), doc + 1))
+        expected = [0.25 + (0.5 if d == doc else 0.0) + 0.25 for d in cached]
+        assert scores.tolist() == expected
+        assert cache.best(cache.term_scores([f"t{doc % 7}"])) == max(
+            d for d in cached if d % 7 == doc % 7
+        )
+        assert cache._terms is not None and len(cache._terms) <= 2 * 3 * len(cached)
+    with pytest.raises(ValueError, match="term scoring needs"):
+        SpeculationCache(4).term_scores(["x"])
+    with pytest.raises(ValueError, match="2 terms but 1 weights"):
+        SpeculationCache(4).insert([1], terms={1: (["a", "b"], np.array([1.0]))})

@@ -77,6 +77,6 @@ async def test_async_embedder_engine_is_identical() -> None:
     result = await engine.generate(QUERIES[0], "ralmspec")
     assert result.token_ids == baseline.token_ids
     assert result.trace.speculation_hits > 0 and result.trace.num_calls("score") == 0
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one of encoder, embedder and scorer"):
         both = ThreadEmbedder(dense.encode)
         RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=dense.encode, embedder=both)

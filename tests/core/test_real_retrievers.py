@@ -17,6 +17,7 @@ from ralmspec_vllm.core.cache import (
     DenseCacheScorer,
     RetrieverCacheScorer,
     SpeculationCache,
+    TermWeightCacheScorer,
 )
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine
@@ -102,7 +103,33 @@ async def test_bm25_cache_uses_corpus_statistics() -> None:
         assert await scorer.top1(cache, query, TraceRecorder("t")) == hits[0].doc_id
 
 
-@pytest.mark.parametrize("backend", ["flat", "bm25"])
+@pytest.mark.parametrize("capacity", [8, 24])
+async def test_bm25_term_weight_scores_are_the_retrievers_bit_for_bit(capacity: int) -> None:
+    """The cache ranked from term weights gives every cached document exactly the float
+    the retriever's ``score`` gives (the same additions in the same order), through
+    evictions (capacity 8: nearly every insert evicts), repeated and unknown query terms;
+    hence the same top-1 as ``RetrieverCacheScorer``."""
+    kb = bm25_retriever()
+    local = TermWeightCacheScorer(kb.analyzer)  # type: ignore[attr-defined]
+    remote = RetrieverCacheScorer(InProcessAsyncRetriever(kb))  # type: ignore[arg-type]
+    cache = SpeculationCache(capacity)
+    index = kb.index  # type: ignore[attr-defined]
+    for i in range(60):
+        query = f"g{i % 64} g{(5 * i) % 64} the g{i % 64} d{i}w1 unknownword{i} g{(i * i) % 64}"
+        (hits,) = kb.search([query], 6, 10)  # type: ignore[attr-defined]
+        ranked = [h.doc_id for h in hits]
+        missing = cache.missing(ranked)
+        cache.insert(ranked, terms=dict(zip(missing, kb.term_weights(missing), strict=True)))  # type: ignore[attr-defined]
+        for q in (query, f"g{i % 7} g{i % 7} g{i % 7}", "nothing indexed here"):
+            here = cache.term_scores(kb.analyzer(q))  # type: ignore[attr-defined]
+            there = index.scores_for(index.term_ids(q), cache.doc_ids)
+            assert here.tobytes() == there.tobytes(), (i, q)
+            recorder = TraceRecorder("t")
+            assert await local.top1(cache, q, recorder) == await remote.top1(cache, q, recorder)
+    assert cache.evictions > 0
+
+
+@pytest.mark.parametrize("backend", ["flat", "bm25", "bm25-term-weights"])
 @pytest.mark.parametrize("config", list(matrix((1, 3))), ids=describe)
 async def test_identical_outputs_over_real_retrievers(
     backend: str, config: SpeculationConfig
@@ -110,7 +137,8 @@ async def test_identical_outputs_over_real_retrievers(
     kb = flat_retriever() if backend == "flat" else bm25_retriever()
     retriever = InProcessAsyncRetriever(kb)  # type: ignore[arg-type]
     encoder = BagOfWords().encode if backend == "flat" else None
-    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=encoder)
+    scorer = TermWeightCacheScorer(kb.analyzer) if backend == "bm25-term-weights" else None  # type: ignore[attr-defined]
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=encoder, scorer=scorer)
     for question in (SHORT_QUESTION, LONG_QUESTION):
         baseline = await engine.generate(question, "baseline")
         assert len(set(baseline.trace.step_doc_ids)) >= 3  # the document really changes
@@ -118,6 +146,21 @@ async def test_identical_outputs_over_real_retrievers(
         assert result.token_ids == baseline.token_ids
         assert result.trace.step_doc_ids == baseline.trace.step_doc_ids
         assert_speculated(result.trace, config)
+
+
+async def test_engine_takes_one_way_of_scoring_the_cache() -> None:
+    """One scorer per engine; term-weight scoring over a retriever without term weights
+    (dense) fails the request with a clear error."""
+    kb = bm25_retriever()
+    scorer = TermWeightCacheScorer(kb.analyzer)  # type: ignore[attr-defined]
+    retriever = InProcessAsyncRetriever(kb)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one of encoder, embedder and scorer"):
+        RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=BagOfWords().encode, scorer=scorer)
+    assert RaLMEngine(FakeLM(), FakeTokenizer(), retriever, scorer=scorer).scorer is scorer
+    dense = InProcessAsyncRetriever(flat_retriever())  # type: ignore[arg-type]
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), dense, scorer=scorer)
+    with pytest.raises(ValueError, match="needs a retriever that serves term_weights"):
+        await engine.generate(SHORT_QUESTION, "ralmspec")
 
 
 def test_core_imports_no_heavy_framework() -> None:

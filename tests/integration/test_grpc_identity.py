@@ -18,13 +18,16 @@ from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever, Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.server import start_server
+from ralmspec_vllm.service import cache_term_scorer
 
 CONFIG = RaLMConfig(max_new_tokens=40)
 QUESTIONS = [f"question {i} about g{i} g{2 * i} and " + "more words " * i for i in range(8)]
 
 
-@pytest.mark.parametrize("name", ["flat", "bm25"])
+@pytest.mark.parametrize("name", ["flat", "bm25", "bm25-term-weights"])
 async def test_grpc_retriever_gives_identical_answers(name: str) -> None:
+    """bm25-term-weights: the cache ranked here from term weights fetched by
+    ``GetTermWeights``, with no ``Score`` call."""
     retriever: Retriever = flat_retriever() if name == "flat" else bm25_retriever()  # type: ignore[assignment]
     local = InProcessAsyncRetriever(retriever)
     encoder = BagOfWords().encode if name == "flat" else None
@@ -35,6 +38,7 @@ async def test_grpc_retriever_gives_identical_answers(name: str) -> None:
     client = RetrieverClient(server.target)
     try:
         embedder = AsyncEmbedder(client.encode) if name == "flat" else None
+        scorer = await cache_term_scorer(client, "auto") if name == "bm25-term-weights" else None
         for remote in (client, BatchingRetriever(client, window_s=0.002)):
             engine = RaLMEngine(
                 FakeLM(latency_s=0.001),
@@ -43,6 +47,7 @@ async def test_grpc_retriever_gives_identical_answers(name: str) -> None:
                 CONFIG,
                 SpeculationConfig.preset("PSA"),
                 embedder=embedder,
+                scorer=scorer,
             )
             for mode in ("baseline", "ralmspec"):
                 results = await engine.generate_many(QUESTIONS, mode)  # type: ignore[arg-type]
@@ -52,6 +57,11 @@ async def test_grpc_retriever_gives_identical_answers(name: str) -> None:
             )
             assert [r.token_ids for r in spec] == [r.token_ids for r in expected]
             assert sum(r.trace.speculation_hits for r in spec) > 0
+            kinds = {c.kind for r in spec for c in r.trace.retrieval_calls}
+            if name == "bm25-term-weights":
+                assert "term_weights" in kinds and "score" not in kinds
+            elif name == "bm25":
+                assert "score" in kinds and "term_weights" not in kinds
     finally:
         await client.close()
         await server.stop(grace=0)

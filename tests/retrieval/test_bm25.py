@@ -150,6 +150,46 @@ def test_info_and_protocol(wiki_texts: list[str]) -> None:
     assert info.extra["analyzer"] == "word-lower-stop-en"
 
 
+def test_term_weights_rebuild_every_score_bit_for_bit(kb: KnowledgeBase) -> None:
+    """Over the real passages: a document's term weights, added for a query's terms in
+    order, give exactly the float ``score`` gives, for real sliding-window queries (and
+    repeated, stopword-only and unknown ones). The text comes from the document store, so
+    these are what ``GetTermWeights`` serves."""
+    retriever = BM25Retriever.from_kb(kb, progress=False)
+    texts = [doc.contents for doc in retriever.documents(list(range(400)))]
+    ids = list(range(0, 400, 3))
+    weights = dict(zip(ids, retriever.term_weights(ids), strict=True))
+    analyzer = retriever.analyzer
+    for query in [*_queries(texts), "aristotle aristotle logic aristotle"]:
+        expected = retriever.score(query, ids)
+        for doc_id, want in zip(ids, expected, strict=True):
+            terms, w = weights[doc_id]
+            lookup = dict(zip(terms, w.tolist(), strict=True))
+            got = 0.0
+            for term in analyzer(query):
+                if term in lookup:
+                    got += lookup[term]
+            assert got.hex() == want.hex(), (query, doc_id)
+    terms, _ = weights[0]
+    assert len(terms) == len(set(terms)) > 5  # distinct, in first appearance order
+    assert terms == list(dict.fromkeys(t for t in analyzer(texts[0]) if t in terms))
+
+
+def test_term_weights_refuse_a_text_that_was_not_indexed(wiki_texts: list[str]) -> None:
+    index = BM25Retriever.from_texts(wiki_texts[:50]).index
+    with pytest.raises(ValueError, match="not indexed for it"):
+        index.term_weights([0, 1], [wiki_texts[0], wiki_texts[2]])
+    with pytest.raises(RuntimeError, match="no document store"):
+        BM25Retriever.from_texts(wiki_texts[:50]).term_weights([0])
+
+
+def test_analyzer_from_its_name() -> None:
+    for analyzer in (Analyzer(), Analyzer(stopwords=False), Analyzer(lowercase=False)):
+        assert Analyzer.from_name(analyzer.name) == analyzer
+    with pytest.raises(ValueError, match="unknown analyzer"):
+        Analyzer.from_name("stemmed")
+
+
 def test_analyzer() -> None:
     assert Analyzer()("The Café's crème-brûlée, 2x_FAST!") == [
         "café",

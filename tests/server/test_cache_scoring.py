@@ -4,19 +4,26 @@ small MiniLM flat index and a BM25 index of a few sentences) on 127.0.0.1."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from ralmspec_vllm.core.cache import DenseCacheScorer, RetrieverCacheScorer, SpeculationCache
+from ralmspec_vllm.core.cache import (
+    DenseCacheScorer,
+    RetrieverCacheScorer,
+    SpeculationCache,
+    TermWeightCacheScorer,
+)
 from ralmspec_vllm.core.encoding import AsyncEmbedder
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
+from ralmspec_vllm.retrieval.errors import RetrieverRequestError
 from ralmspec_vllm.retrieval.server import start_server
-from ralmspec_vllm.service import ServiceConfig, cache_embedder
+from ralmspec_vllm.service import ServiceConfig, cache_embedder, cache_term_scorer
+from ralmspec_vllm.types import Document
 
 TEXTS = [
     "Achilles was the son of the nymph Thetis and Peleus, king of Phthia.",
@@ -36,24 +43,38 @@ async def dense_client(small_index: Path) -> AsyncIterator[RetrieverClient]:
     await running.stop(grace=0)
 
 
+class Passages:
+    """The TEXTS as a document store (what ``GetTermWeights`` analyzes)."""
+
+    def __len__(self) -> int:
+        return len(TEXTS)
+
+    def get(self, doc_ids: Sequence[int]) -> list[Document]:
+        return [Document(d, "", TEXTS[d]) for d in doc_ids]
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def bm25_client() -> AsyncIterator[RetrieverClient]:
-    running = await start_server(BM25Retriever.from_texts(TEXTS), "127.0.0.1", 0)
+    texts = [Document(d, "", t).contents for d, t in enumerate(TEXTS)]
+    running = await start_server(BM25Retriever.from_texts(texts, Passages()), "127.0.0.1", 0)
     async with RetrieverClient(running.target, timeout_s=30.0) as client:
         yield client
     await running.stop(grace=0)
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_dense_retrievers_are_scored_here_bm25_by_the_retriever(
+async def test_dense_and_bm25_retrievers_are_scored_here_unless_told_otherwise(
     dense_client: RetrieverClient, bm25_client: RetrieverClient
 ) -> None:
     assert isinstance(await cache_embedder(dense_client, "auto"), AsyncEmbedder)
     assert isinstance(await cache_embedder(dense_client, "local"), AsyncEmbedder)
     assert await cache_embedder(dense_client, "retriever") is None
-    assert await cache_embedder(bm25_client, "auto") is None  # BM25 needs corpus statistics
-    with pytest.raises(ValueError, match=r"'local' needs a dense retriever.*bm25"):
-        await cache_embedder(bm25_client, "local")
+    assert await cache_embedder(bm25_client, "auto") is None  # BM25: term weights instead
+    assert await cache_embedder(bm25_client, "local") is None
+    for scoring in ("auto", "local"):
+        assert isinstance(await cache_term_scorer(bm25_client, scoring), TermWeightCacheScorer)
+        assert await cache_term_scorer(dense_client, scoring) is None
+    assert await cache_term_scorer(bm25_client, "retriever") is None
     with pytest.raises(ValueError, match="cache_scoring"):
         await cache_embedder(dense_client, "nearby")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_scoring"):
@@ -86,3 +107,33 @@ async def test_local_and_retriever_scoring_pick_the_same_document(
         assert here == there, query
         picked.append(here)
     assert len(set(picked)) > 1  # the queries do not all land on one document
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_bm25_term_weights_over_grpc_rank_like_the_retrievers_score(
+    dense_client: RetrieverClient, bm25_client: RetrieverClient
+) -> None:
+    """``GetTermWeights`` on a real BM25 service: the cache ranked here from them gives
+    every document the same float as the retriever's ``Score``, hence the same top-1; a
+    dense service has none to give (``None``); a bad id is the caller's error."""
+    ids = list(range(len(TEXTS)))
+    weights = await bm25_client.term_weights(ids)
+    assert weights is not None and all(len(t) == len(w) > 3 for t, w in weights)
+    cache = SpeculationCache(capacity=len(ids))
+    cache.insert(ids, terms=dict(zip(ids, weights, strict=True)))
+    scorer = await cache_term_scorer(bm25_client, "auto")
+    assert scorer is not None
+    remote = RetrieverCacheScorer(bm25_client)
+    for query in ("Achilles son of Thetis", "capital of Alabama", "sunlight reflected body",
+                  "Thetis Thetis albedo", "the of and", "unknownword"):  # fmt: skip
+        here = cache.term_scores(scorer.analyzer(query))
+        there = await bm25_client.score(query, cache.doc_ids.tolist())
+        assert here.tolist() == there, query
+        recorder = TraceRecorder("ralmspec")
+        assert await scorer.top1(cache, query, recorder) == await remote.top1(
+            cache, query, recorder
+        )
+    assert await dense_client.term_weights([0, 1]) is None
+    assert await bm25_client.term_weights([]) == []
+    with pytest.raises(RetrieverRequestError, match="doc_ids"):
+        await bm25_client.term_weights([len(TEXTS)])

@@ -164,3 +164,43 @@ async def test_serve_subprocess_with_child_retriever(
         for proc in descendants:
             if proc.is_running():
                 proc.kill()
+
+
+async def test_serve_bm25_ranks_the_cache_from_term_weights(
+    tiny_model_dir: Path, small_index: Path, served: Served, tmp_path: Path
+) -> None:
+    """``serve`` over a BM25 child retriever scores each request's cache itself from the
+    documents' term weights (``--cache-scoring auto``), and a ``ralmspec`` answer is the
+    offline BM25 baseline's, token for token."""
+    from ralmspec_vllm.core.runner import RaLMEngine
+    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+
+    bm25 = open_retriever(small_index, RetrieverConfig(backend="bm25", progress=False))
+    lm = served.lm
+    offline = RaLMEngine(lm, lm.tokenizer, InProcessAsyncRetriever(bm25), RALM)  # type: ignore[attr-defined]
+    question = "Which city is the capital of Alabama and what did Aristotle teach?"
+    want = await offline.generate(question, "baseline")
+    argv = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "serve", "--port", "0"]
+    argv += ["--model", str(tiny_model_dir), "--index", str(small_index)]
+    argv += ["--max-model-len", "1024", "--seed", "0", "--retriever-backend", "bm25"]
+    argv += ["--max-doc-tokens", str(RALM.max_doc_tokens), "--max-new-tokens", "16"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        url = _wait_ready(process, timeout_s=600)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        response = await client.completions.create(
+            model=str(tiny_model_dir),
+            prompt=question,
+            extra_body={"ralm": {"mode": "ralmspec"}, "return_token_ids": True},
+        )
+        assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "cache scoring: local (BM25 term weights)" in log.read_text()

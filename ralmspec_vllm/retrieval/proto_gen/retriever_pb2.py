@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fretriever.proto\x12\x15ralmspec.retriever.v1\"=\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x12\n\nfloat32_le\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\x1c\n\x0bTextQueries\x12\r\n\x05texts\x18\x01 \x03(\t\"\xc6\x01\n\rSearchRequest\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".ralmspec.retriever.v1.TextQueriesH\x00\x12\x37\n\nembeddings\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0ereturn_vectors\x18\x04 \x01(\x08\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x42\t\n\x07queriesJ\x04\x08\x06\x10\n\"`\n\tQueryHits\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x32\n\x07vectors\x18\x03 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"C\n\x0eSearchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ralmspec.retriever.v1.QueryHits\"p\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\tembedding\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\x03\x42\x07\n\x05query\"\x1f\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"&\n\x13GetDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"7\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"J\n\x14GetDocumentsResponse\x12\x32\n\tdocuments\x18\x01 \x03(\x0b\x32\x1f.ralmspec.retriever.v1.Document\"$\n\x11GetVectorsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"[\n\x12GetVectorsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x32\n\x07vectors\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"G\n\x0e\x45ncodeResponse\x12\x35\n\nembeddings\x18\x01 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\r\n\x0bInfoRequest\"4\n\nBM25Params\x12\n\n\x02k1\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\"\x88\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x02 \x01(\x05\x12\x13\n\x0bmax_doc_ids\x18\x03 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x62\x61tch_window_ms\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\"\x99\x01\n\nBatchStats\x12\x14\n\x0csearch_calls\x18\x01 \x01(\x04\x12\x16\n\x0eindex_searches\x18\x02 \x01(\x04\x12\x0f\n\x07queries\x18\x03 \x01(\x04\x12\x18\n\x10max_merged_calls\x18\x04 \x01(\x04\x12\x1a\n\x12max_merged_queries\x18\x05 \x01(\x04\x12\x16\n\x0esearch_seconds\x18\x06 \x01(\x01\"\xec\x03\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08num_docs\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12/\n\x04\x62m25\x18\x05 \x01(\x0b\x32!.ralmspec.retriever.v1.BM25Params\x12\x11\n\tindex_dir\x18\x06 \x01(\t\x12=\n\x05\x65xtra\x18\x07 \x03(\x0b\x32..ralmspec.retriever.v1.InfoResponse.ExtraEntry\x12-\n\x06limits\x18\x08 \x01(\x0b\x32\x1d.ralmspec.retriever.v1.Limits\x12\x30\n\x05stats\x18\t \x01(\x0b\x32!.ralmspec.retriever.v1.BatchStats\x12R\n\x10\x62\x61\x63kend_counters\x18\n \x03(\x0b\x32\x38.ralmspec.retriever.v1.InfoResponse.BackendCountersEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x36\n\x14\x42\x61\x63kendCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xaa\x04\n\tRetriever\x12U\n\x06Search\x12$.ralmspec.retriever.v1.SearchRequest\x1a%.ralmspec.retriever.v1.SearchResponse\x12R\n\x05Score\x12#.ralmspec.retriever.v1.ScoreRequest\x1a$.ralmspec.retriever.v1.ScoreResponse\x12g\n\x0cGetDocuments\x12*.ralmspec.retriever.v1.GetDocumentsRequest\x1a+.ralmspec.retriever.v1.GetDocumentsResponse\x12\x61\n\nGetVectors\x12(.ralmspec.retriever.v1.GetVectorsRequest\x1a).ralmspec.retriever.v1.GetVectorsResponse\x12O\n\x04Info\x12\".ralmspec.retriever.v1.InfoRequest\x1a#.ralmspec.retriever.v1.InfoResponse\x12U\n\x06\x45ncode\x12$.ralmspec.retriever.v1.EncodeRequest\x1a%.ralmspec.retriever.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fretriever.proto\x12\x15ralmspec.retriever.v1\"=\n\nEmbeddings\x12\x0b\n\x03\x64im\x18\x01 \x01(\x05\x12\x12\n\nfloat32_le\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\x1c\n\x0bTextQueries\x12\r\n\x05texts\x18\x01 \x03(\t\"\xc6\x01\n\rSearchRequest\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".ralmspec.retriever.v1.TextQueriesH\x00\x12\x37\n\nembeddings\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0ereturn_vectors\x18\x04 \x01(\x08\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x42\t\n\x07queriesJ\x04\x08\x06\x10\n\"`\n\tQueryHits\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x32\n\x07vectors\x18\x03 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"C\n\x0eSearchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .ralmspec.retriever.v1.QueryHits\"p\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\tembedding\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.EmbeddingsH\x00\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\x03\x42\x07\n\x05query\"\x1f\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"&\n\x13GetDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"7\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\x03\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"J\n\x14GetDocumentsResponse\x12\x32\n\tdocuments\x18\x01 \x03(\x0b\x32\x1f.ralmspec.retriever.v1.Document\"$\n\x11GetVectorsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"[\n\x12GetVectorsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x32\n\x07vectors\x18\x02 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"(\n\x15GetTermWeightsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\x03\"0\n\x0e\x44ocTermWeights\x12\r\n\x05terms\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\"`\n\x16GetTermWeightsResponse\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x33\n\x04\x64ocs\x18\x02 \x03(\x0b\x32%.ralmspec.retriever.v1.DocTermWeights\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"G\n\x0e\x45ncodeResponse\x12\x35\n\nembeddings\x18\x01 \x01(\x0b\x32!.ralmspec.retriever.v1.Embeddings\"\r\n\x0bInfoRequest\"4\n\nBM25Params\x12\n\n\x02k1\x18\x01 \x01(\x01\x12\t\n\x01\x62\x18\x02 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\"\x88\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x13\n\x0bmax_queries\x18\x02 \x01(\x05\x12\x13\n\x0bmax_doc_ids\x18\x03 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x62\x61tch_window_ms\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\"\x99\x01\n\nBatchStats\x12\x14\n\x0csearch_calls\x18\x01 \x01(\x04\x12\x16\n\x0eindex_searches\x18\x02 \x01(\x04\x12\x0f\n\x07queries\x18\x03 \x01(\x04\x12\x18\n\x10max_merged_calls\x18\x04 \x01(\x04\x12\x1a\n\x12max_merged_queries\x18\x05 \x01(\x04\x12\x16\n\x0esearch_seconds\x18\x06 \x01(\x01\"\xec\x03\n\x0cInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08num_docs\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12/\n\x04\x62m25\x18\x05 \x01(\x0b\x32!.ralmspec.retriever.v1.BM25Params\x12\x11\n\tindex_dir\x18\x06 \x01(\t\x12=\n\x05\x65xtra\x18\x07 \x03(\x0b\x32..ralmspec.retriever.v1.InfoResponse.ExtraEntry\x12-\n\x06limits\x18\x08 \x01(\x0b\x32\x1d.ralmspec.retriever.v1.Limits\x12\x30\n\x05stats\x18\t \x01(\x0b\x32!.ralmspec.retriever.v1.BatchStats\x12R\n\x10\x62\x61\x63kend_counters\x18\n \x03(\x0b\x32\x38.ralmspec.retriever.v1.InfoResponse.BackendCountersEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x36\n\x14\x42\x61\x63kendCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x99\x05\n\tRetriever\x12U\n\x06Search\x12$.ralmspec.retriever.v1.SearchRequest\x1a%.ralmspec.retriever.v1.SearchResponse\x12R\n\x05Score\x12#.ralmspec.retriever.v1.ScoreRequest\x1a$.ralmspec.retriever.v1.ScoreResponse\x12g\n\x0cGetDocuments\x12*.ralmspec.retriever.v1.GetDocumentsRequest\x1a+.ralmspec.retriever.v1.GetDocumentsResponse\x12\x61\n\nGetVectors\x12(.ralmspec.retriever.v1.GetVectorsRequest\x1a).ralmspec.retriever.v1.GetVectorsResponse\x12O\n\x04Info\x12\".ralmspec.retriever.v1.InfoRequest\x1a#.ralmspec.retriever.v1.InfoResponse\x12U\n\x06\x45ncode\x12$.ralmspec.retriever.v1.EncodeRequest\x1a%.ralmspec.retriever.v1.EncodeResponse\x12m\n\x0eGetTermWeights\x12,.ralmspec.retriever.v1.GetTermWeightsRequest\x1a-.ralmspec.retriever.v1.GetTermWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,24 +59,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVECTORSREQUEST']._serialized_end=859
   _globals['_GETVECTORSRESPONSE']._serialized_start=861
   _globals['_GETVECTORSRESPONSE']._serialized_end=952
-  _globals['_ENCODEREQUEST']._serialized_start=954
-  _globals['_ENCODEREQUEST']._serialized_end=984
-  _globals['_ENCODERESPONSE']._serialized_start=986
-  _globals['_ENCODERESPONSE']._serialized_end=1057
-  _globals['_INFOREQUEST']._serialized_start=1059
-  _globals['_INFOREQUEST']._serialized_end=1072
-  _globals['_BM25PARAMS']._serialized_start=1074
-  _globals['_BM25PARAMS']._serialized_end=1126
-  _globals['_LIMITS']._serialized_start=1129
-  _globals['_LIMITS']._serialized_end=1265
-  _globals['_BATCHSTATS']._serialized_start=1268
-  _globals['_BATCHSTATS']._serialized_end=1421
-  _globals['_INFORESPONSE']._serialized_start=1424
-  _globals['_INFORESPONSE']._serialized_end=1916
-  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_start=1816
-  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_end=1860
-  _globals['_INFORESPONSE_BACKENDCOUNTERSENTRY']._serialized_start=1862
-  _globals['_INFORESPONSE_BACKENDCOUNTERSENTRY']._serialized_end=1916
-  _globals['_RETRIEVER']._serialized_start=1919
-  _globals['_RETRIEVER']._serialized_end=2473
+  _globals['_GETTERMWEIGHTSREQUEST']._serialized_start=954
+  _globals['_GETTERMWEIGHTSREQUEST']._serialized_end=994
+  _globals['_DOCTERMWEIGHTS']._serialized_start=996
+  _globals['_DOCTERMWEIGHTS']._serialized_end=1044
+  _globals['_GETTERMWEIGHTSRESPONSE']._serialized_start=1046
+  _globals['_GETTERMWEIGHTSRESPONSE']._serialized_end=1142
+  _globals['_ENCODEREQUEST']._serialized_start=1144
+  _globals['_ENCODEREQUEST']._serialized_end=1174
+  _globals['_ENCODERESPONSE']._serialized_start=1176
+  _globals['_ENCODERESPONSE']._serialized_end=1247
+  _globals['_INFOREQUEST']._serialized_start=1249
+  _globals['_INFOREQUEST']._serialized_end=1262
+  _globals['_BM25PARAMS']._serialized_start=1264
+  _globals['_BM25PARAMS']._serialized_end=1316
+  _globals['_LIMITS']._serialized_start=1319
+  _globals['_LIMITS']._serialized_end=1455
+  _globals['_BATCHSTATS']._serialized_start=1458
+  _globals['_BATCHSTATS']._serialized_end=1611
+  _globals['_INFORESPONSE']._serialized_start=1614
+  _globals['_INFORESPONSE']._serialized_end=2106
+  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_start=2006
+  _globals['_INFORESPONSE_EXTRAENTRY']._serialized_end=2050
+  _globals['_INFORESPONSE_BACKENDCOUNTERSENTRY']._serialized_start=2052
+  _globals['_INFORESPONSE_BACKENDCOUNTERSENTRY']._serialized_end=2106
+  _globals['_RETRIEVER']._serialized_start=2109
+  _globals['_RETRIEVER']._serialized_end=2774
 # @@protoc_insertion_point(module_scope)

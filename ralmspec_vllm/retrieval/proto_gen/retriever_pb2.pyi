@@ -104,6 +104,28 @@ class GetVectorsResponse(_message.Message):
     vectors: Embeddings
     def __init__(self, available: bool = ..., vectors: _Optional[_Union[Embeddings, _Mapping]] = ...) -> None: ...
 
+class GetTermWeightsRequest(_message.Message):
+    __slots__ = ("doc_ids",)
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    doc_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, doc_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DocTermWeights(_message.Message):
+    __slots__ = ("terms", "weights")
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    terms: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, terms: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetTermWeightsResponse(_message.Message):
+    __slots__ = ("available", "docs")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DOCS_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    docs: _containers.RepeatedCompositeFieldContainer[DocTermWeights]
+    def __init__(self, available: bool = ..., docs: _Optional[_Iterable[_Union[DocTermWeights, _Mapping]]] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
     __slots__ = ("texts",)
     TEXTS_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class RetrieverStub(object):
                 request_serializer=retriever__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=retriever__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.GetTermWeights = channel.unary_unary(
+                '/ralmspec.retriever.v1.Retriever/GetTermWeights',
+                request_serializer=retriever__pb2.GetTermWeightsRequest.SerializeToString,
+                response_deserializer=retriever__pb2.GetTermWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer(object):
@@ -114,6 +119,14 @@ class RetrieverServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTermWeights(self, request, context):
+        """Each document's distinct index terms and the weight each adds to a query's score (BM25
+        only), so a client ranks its speculation cache itself, bit for bit as Score would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrieverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=retriever__pb2.EncodeRequest.FromString,
                     response_serializer=retriever__pb2.EncodeResponse.SerializeToString,
+            ),
+            'GetTermWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTermWeights,
+                    request_deserializer=retriever__pb2.GetTermWeightsRequest.FromString,
+                    response_serializer=retriever__pb2.GetTermWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class Retriever(object):
             '/ralmspec.retriever.v1.Retriever/Encode',
             retriever__pb2.EncodeRequest.SerializeToString,
             retriever__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTermWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ralmspec.retriever.v1.Retriever/GetTermWeights',
+            retriever__pb2.GetTermWeightsRequest.SerializeToString,
+            retriever__pb2.GetTermWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
