@@ -319,6 +319,23 @@ Writer = Callable[[Path], object]
 """``on_write(path)``: a benchmark's hook, called after every (partial or final) result write."""
 
 
+_SCALAR = r"-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|null|true|false)"
+_FLAT_ARRAY = re.compile(r"\[\s*(?:" + _SCALAR + r"\s*,\s*)*" + _SCALAR + r"\s*\]")
+_ARRAY_OF_ARRAYS = re.compile(r"\[\s*(?:\[[^\[\]\n]*\]\s*,\s*)*\[[^\[\]\n]*\]\s*\]")
+
+
+def dumps_results(payload: Mapping[str, Any]) -> str:
+    """``payload`` as indented JSON with every array of numbers (and every array of such
+    arrays: per-question searches, strides) on one line: the same data, ~25% fewer bytes
+    than one number per line. Results travel in every GPU call's working tree."""
+    text = json.dumps(payload, indent=1, sort_keys=False)
+    text = _FLAT_ARRAY.sub(lambda m: re.sub(r"\s+", "", m.group(0)).replace(",", ", "), text)
+    text = _ARRAY_OF_ARRAYS.sub(
+        lambda m: re.sub(r"\s*\n\s*", "", m.group(0)).replace("],[", "], ["), text
+    )
+    return text + "\n"
+
+
 def write_results(
     name: str,
     rows: Sequence[Mapping[str, Any]],
@@ -331,7 +348,7 @@ def write_results(
     path = out / f"{name}.json"
     payload = {"name": name, "meta": dict(meta), "rows": [dict(row) for row in rows]}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(dumps_results(payload))
     tmp.replace(path)
     logger.info("wrote %d rows to %s", len(rows), path)
     return path

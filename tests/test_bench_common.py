@@ -7,6 +7,7 @@ repetition; it checks the result file's shape, not any timing.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from benchmarks.common import (
     RepeatPolicy,
     Series,
     describe_machine,
+    dumps_results,
     format_table,
     git_state,
     measure,
@@ -256,3 +258,17 @@ def test_bench_retrieval_grpc_server_process(tiny_world: dict[str, Path], tmp_pa
     assert bench_retrieval.main(argv) == 0
     (row,) = read_results(tmp_path / "smoke.json")["rows"]
     assert (row["backend"], row["transport"], row["corpus_size"]) == ("ivf", "grpc", 40)
+
+
+def test_results_json_keeps_number_arrays_on_one_line() -> None:
+    payload = {
+        "name": "x",
+        "meta": {"methods": ["baseline", "PSA"], "flag": True},
+        "rows": [{"strides": [1, 2, 3], "searches": [[1, 0.5], [16, -1e-05]], "none": None,
+                  "mixed": [1, "a"], "empty": [], "nested": {"p": [0.25, 1.5e10, False]}}],
+    }  # fmt: skip
+    text = dumps_results(payload)
+    assert json.loads(text) == payload
+    assert '"strides": [1, 2, 3]' in text and '"searches": [[1, 0.5], [16, -1e-05]]' in text
+    assert '"p": [0.25, 15000000000.0, false]' in text
+    assert '"mixed": [\n' in text  # only arrays of numbers are folded

@@ -155,8 +155,9 @@ def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     cfg = parse_args(argv[1:])
     assert cfg.backends == ("bm25",) and cfg.filler == 21_000_000 and cfg.time_budget_s == 9
     assert cfg.save_index is False  # a lent machine never starts again from this disk
-    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 5
-    assert any(SpeculationConfig.parse(m).early_verification for m in cfg.methods[2:])
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 3
+    assert SpeculationConfig.parse(cfg.methods[2]).early_verification
+    assert cfg.cache_scoring == "local"
 
 
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
