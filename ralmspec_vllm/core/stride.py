@@ -307,7 +307,9 @@ class OptimalStrideScheduler:
         call's lost work and the abort's own latency count). Plain still costs a + b.
         Before a miss has been measured, speculating is taken to pay (with a free abort a
         miss costs about a plain step). On the H200 an aborted vLLM step cost ~14 ms more
-        than that (session 20, HNSW at 1M, accuracy 0.41): speculating lost 14%."""
+        than that (session 20, HNSW at 1M, accuracy 0.41): speculating lost 14%. The rule
+        leans to plain steps: m's regenerated step always starts a new document (a full
+        prefill), while a, taken mostly from hits, often continues the previous one."""
         g, a, b, m = self.accuracy, self.a, self.b, self.miss
         if g is None or a is None or b is None or m is None:
             return False
