@@ -2,8 +2,8 @@
 
 Data flow: a request is validated first (``InvalidField`` -> INVALID_ARGUMENT naming the
 field; the server keeps serving), then Search goes through a ``SearchLane`` (text queries
-and embedding queries batch separately, see ``batching.py``) while Score, GetDocuments and
-GetVectors run directly in a worker thread. Answers are encoded by ``wire.py``.
+and embedding queries batch separately, see ``batching.py``) while Score, GetDocuments,
+GetVectors and GetTermWeights run directly in a worker thread. Answers are encoded by ``wire.py``.
 Unexpected backend failures become INTERNAL and are logged with their traceback.
 """
 
@@ -56,7 +56,7 @@ class ServiceConfig:
     max_queries: int = 1024
     """Most queries in one Search request."""
     max_doc_ids: int = 10_000
-    """Most doc ids in one Score / GetDocuments / GetVectors request."""
+    """Most doc ids in one Score / GetDocuments / GetVectors / GetTermWeights request."""
     max_message_bytes: int = 64 * 1024 * 1024
     """gRPC send/receive message limit; Search with vectors is refused if it would exceed it."""
     max_concurrent_rpcs: int = 0
