@@ -59,7 +59,7 @@ while the LM generates the step. A hit settles when the step is generated; a mis
 the moment the search answers: the step in flight is aborted and regenerated with the true
 document. A hit costs only the LM step; a miss costs a plain step (search, then LM step)
 plus whatever the abort costs. That last part is measured per miss (an aborted vLLM step
-cost ~14 ms on the H200): OS3 runs plain steps when, at the measured accuracy, speculating
+cost ~17 ms on the H200): OS3 runs plain steps when, at the measured accuracy, speculating
 costs more (``OptimalStrideScheduler.prefers_plain_step_early``).
 """
 

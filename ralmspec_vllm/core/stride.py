@@ -306,7 +306,7 @@ class OptimalStrideScheduler:
         (``record_miss``: from the guess to the end of the regenerated step, so the aborted
         call's lost work and the abort's own latency count). Plain still costs a + b.
         Before a miss has been measured, speculating is taken to pay (with a free abort a
-        miss costs about a plain step). On the H200 an aborted vLLM step cost ~14 ms more
+        miss costs about a plain step). On the H200 an aborted vLLM step cost ~17 ms more
         than that (session 20, HNSW at 1M, accuracy 0.41): speculating lost 14%. The rule
         leans to plain steps: m's regenerated step always starts a new document (a full
         prefill), while a, taken mostly from hits, often continues the previous one."""

@@ -402,7 +402,7 @@ async def test_early_verification_keeps_speculating_where_the_late_pipeline_stop
 
 async def test_early_verification_falls_back_to_plain_steps_when_aborts_cost() -> None:
     """An 8 ms search beside a 10 ms step, and an abort that takes 15 ms to return (an
-    engine that finishes its forward pass first; on the H200 an aborted step cost ~14 ms).
+    engine that finishes its forward pass first; on the H200 an aborted step cost ~17 ms).
     A hit saves the 8 ms search, a miss loses the 15 ms abort: at accuracy 0.5 OS3
     measures that speculating loses and runs plain steps (each still scoring the cache's
     guess). At 90% accuracy it keeps speculating. Same answer both ways."""
