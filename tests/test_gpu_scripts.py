@@ -160,6 +160,15 @@ def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert cfg.cache_scoring == "local"
 
 
+def test_abort_probe_command_is_a_valid_probe_run(tmp_path: Path) -> None:
+    from benchmarks.probe_abort import parse_args as parse_probe
+
+    (argv,) = run_with_fake_python(tmp_path, "probe_abort.sh", "out", "--trials", "5")
+    assert argv[0] == "benchmarks/probe_abort.py"
+    args = parse_probe(argv[1:])
+    assert (args.out_dir, args.trials, args.abort_after_ms) == ("out", 5, [1.0, 3.0, 10.0])
+
+
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""
