@@ -53,6 +53,8 @@ class RunRecord:
     """Per-step document ids equal the baseline's."""
     plain_steps: int = 0
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
+    lm_aborts: int = 0
+    """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
     searches: tuple[tuple[int, float], ...] = ()
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
     scores: tuple[tuple[int, float], ...] = ()
@@ -109,6 +111,7 @@ class RunRecord:
             tokens_discarded=summary["tokens_discarded"],
             lm_calls=summary["lm_calls"],
             plain_steps=summary.get("plain_steps", 0),
+            lm_aborts=summary.get("lm_aborts", 0),
             identical=identical,
             same_documents=same_documents,
             searches=tuple(searches),
@@ -220,6 +223,7 @@ def summarize(
                 mean_verifications=_round(_mean([r.verifications for r in runs])),
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
+                mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),
                 score_ms=_calls_ms(runs, "scores"),

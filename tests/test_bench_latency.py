@@ -95,9 +95,11 @@ def test_pipelined_rounds_are_its_restarts() -> None:
     after its start and each miss (2 misses + 1) and for its plain step."""
     method = "PSA:overlap_depth=pipeline"
     runs = [record(method, 1.0, verifications=40, speculation_hits=37, speculation_misses=2,
-                   plain_steps=1)]  # fmt: skip
+                   plain_steps=1, lm_aborts=2)]  # fmt: skip
     (row,) = summarize(runs, {}, [method])
     assert (row["mean_rounds"], row["mean_fewest_rounds"]) == (4.0, 3.0)
+    assert (row["mean_plain_steps"], row["mean_lm_aborts"]) == (1.0, 2.0)
+    assert RunRecord.from_brief("flat", method, row["per_question"][0]) == runs[0]
 
 
 def test_rows_report_search_latency_by_batch_size() -> None:
