@@ -61,7 +61,8 @@ class Runner:
         self.lm = lm
         self.retriever = retriever
         self.embed = embed
-        """``encoder=`` or ``embedder=`` for ``RaLMEngine`` (empty: ``score`` ranking)."""
+        """``encoder=``, ``embedder=`` or ``scorer=`` for ``RaLMEngine`` (empty: ``score``
+        ranking)."""
         self.phase_times = phase_times
         """The dense retriever's ``PhaseTimes`` (None for BM25): methods run one at a time,
         so the difference of two snapshots is one run's time inside the retriever."""
@@ -291,7 +292,6 @@ async def bench_backend(
     """Warm up and time every method on every question with one backend; ``on_progress``
     after the warm-up and after every timed question. ``opened``: this backend's in-process
     retriever, already open (the caller closes it)."""
-    from ralmspec_vllm.core.cache import TermWeightCacheScorer
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.retrieval.factory import open_retriever
     from ralmspec_vllm.service import cache_term_scorer
@@ -319,11 +319,14 @@ async def bench_backend(
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
     if opened is not None:
         info.update(open_s=opened.open_s, opened_during_engine_start=True)
+    # How speculation ranks the cache (``RaLMEngine``'s ``encoder=``, ``embedder=`` or
+    # ``scorer=``; none: the retriever's ``score``). BM25 asks the retriever's info for its
+    # analyzer over either transport, as ``serve`` does.
+    embed: dict[str, Any] = {}
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
-        embed: dict[str, Any] = {"encoder": kb.encoder().encode} if dense else {}
-        if not dense:
-            embed = {"scorer": TermWeightCacheScorer(sync.analyzer)}
+        if dense and cfg.cache_scoring == "local":
+            embed = {"encoder": kb.encoder().encode}
     else:
         from ralmspec_vllm.core.encoding import AsyncEmbedder
         from ralmspec_vllm.retrieval.client import RetrieverClient
@@ -333,11 +336,10 @@ async def bench_backend(
             server = ServerThread(sync).start()
         client = RetrieverClient(server.target, timeout_s=120.0)
         retriever = client
-        embed = {"embedder": AsyncEmbedder(client.encode)} if dense else {}
-        if not dense:
-            embed = {"scorer": await cache_term_scorer(client, "local")}
-    if cfg.cache_scoring == "retriever":
-        embed = {}
+        if dense and cfg.cache_scoring == "local":
+            embed = {"embedder": AsyncEmbedder(client.encode)}
+    if not dense and cfg.cache_scoring == "local":
+        embed = {"scorer": await cache_term_scorer(retriever, "local")}
     runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []

@@ -217,7 +217,8 @@ class CachedTermWeights:
         self._gens = np.empty(0, dtype=np.int32)
         self._weights = np.empty(0, dtype=np.float64)
         self._slot_gen = np.zeros(capacity, dtype=np.int32)
-        self._slot_entries = np.zeros(capacity, dtype=np.int64)  # the current document's
+        # entries added for each slot's current document (how many ``free`` makes stale)
+        self._slot_entries = np.zeros(capacity, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, int, int, np.ndarray]] = []
         self._stale = 0
 
