@@ -149,6 +149,13 @@ class LatencyConfig(OutputConfig):
     """Torch intra-op threads of this process (the torch flat scan, the encoder); ``None``:
     torch's default (every core). Fewer leave cores to vLLM's engine process while a
     memory-bound scan runs."""
+    bm25_threads: int | None = None
+    """BM25 search threads of an in-process retriever (``BM25Index.set_threads``); ``None``:
+    every core. Fewer leave cores to vLLM's engine process."""
+    probe_bm25_threads: tuple[int, ...] = ()
+    """Before the warm-up, time one BM25 search of each question's text at each of these
+    thread counts on the opened in-process index (the serial search is 1) and check the hits
+    agree; the backend's ``bm25_search_probe`` in the JSON. Then ``bm25_threads`` again."""
     cache_scoring: str = "local"
     """How speculation ranks a request's cache: "local" (dense: the query embedding and
     the cached vectors; BM25: the cached documents' term weights) or "retriever" (its
@@ -239,6 +246,10 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
+        if self.bm25_threads is not None and self.bm25_threads < 1:
+            raise ValueError(f"bm25_threads: must be >= 1, got {self.bm25_threads}")
+        if any(t < 1 for t in self.probe_bm25_threads):
+            raise ValueError(f"probe_bm25_threads: must be >= 1, got {self.probe_bm25_threads}")
         if self.flat_chunk_size < 1:
             raise ValueError(f"flat_chunk_size: must be >= 1, got {self.flat_chunk_size}")
 
@@ -434,6 +445,7 @@ def run_meta(
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
             "faiss": faiss_threads,
             "torch": torch_threads(),
+            "bm25": cfg.bm25_threads,
             "switch_interval_ms": sys.getswitchinterval() * 1000,
         },
         questions=[{"id": q.qid, "dataset": q.dataset, "text": q.text} for q in questions],
@@ -489,6 +501,10 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
     ("--loop-lag-ms", "loop_lag_ms",
      {"type": float, "help": "watch the event loop's lag every N ms (default: off)"}),
+    ("--bm25-threads", "bm25_threads", {"type": int, "help": "BM25 search threads (in-process)"}),
+    ("--probe-bm25-threads", "probe_bm25_threads",
+     {"type": lambda t: tuple(int(x) for x in t.split(",") if x),
+      "help": "time BM25 searches at these thread counts first"}),
     ("--cache-scoring", "cache_scoring",
      {"choices": ("local", "retriever"), "help": "rank the cache here or by retriever score"}),
     ("--switch-interval-ms", "switch_interval_ms",

@@ -127,6 +127,10 @@ class BenchConfig(OutputConfig):
     """Cap of the automatic nlist (k-means training time grows with nlist on a CPU)."""
     nprobe: int = 16
     """IVF lists probed per query."""
+    bm25_threads: tuple[int, ...] = (0,)
+    """BM25 search threads, one variant each (0: every core, label ``bm25``; n: label
+    ``bm25-t<n>``). Consecutive BM25 variants share one opened index (``set_threads``): at
+    21M documents it is built in memory once, not once per setting."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -160,6 +164,8 @@ class BenchConfig(OutputConfig):
             raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
+        if not self.bm25_threads or min(self.bm25_threads) < 0:
+            raise ValueError(f"bm25_threads: must be >= 0 (0: every core), got {self.bm25_threads}")
 
     @property
     def policy(self) -> RepeatPolicy:
@@ -179,6 +185,9 @@ class BenchConfig(OutputConfig):
     def variants(self, cuda_available: bool) -> list[Variant]:
         out: list[Variant] = []
         for backend in self.backends:
+            if backend == "bm25":
+                out += [Variant(backend, threads=t or None) for t in self.bm25_threads]
+                continue
             if backend != "flat":
                 out.append(Variant(backend))
                 continue
@@ -206,15 +215,22 @@ def bench_variant(
     queries: Queries,
     machine_tag: str,
     results: Results,
-) -> None:
+    opened_bm25: Any = None,
+) -> Any:
     """Open one (corpus, variant) and time its cells, adding the opening record (how long,
-    what it built) and every cell's row to ``results`` as soon as they exist."""
+    what it built) and every cell's row to ``results`` as soon as they exist. A BM25
+    variant re-threads ``opened_bm25`` (the previous BM25 variant's retriever on this
+    corpus) instead of opening the index again, and returns its retriever for the next."""
     from ralmspec_vllm.retrieval.factory import open_retriever
 
     rcfg = retriever_config(variant, cfg.index_params(corpus.size))
     before = artifact_names(corpus)
     start = time.perf_counter()
-    retriever = open_retriever(corpus.kb, rcfg)
+    if opened_bm25 is not None:
+        retriever = opened_bm25
+        retriever.index.set_threads(variant.threads)
+    else:
+        retriever = open_retriever(corpus.kb, rcfg)
     opened: Row = {
         "what": f"open {variant.label}",
         "corpus_size": corpus.size,
@@ -222,6 +238,8 @@ def bench_variant(
         "built": sorted(artifact_names(corpus) - before),
         "index_params": describe_params(rcfg),
     }
+    if variant.backend == "bm25":
+        opened["reused"] = opened_bm25 is not None
     logger.info("%s on %d docs opened in %.1f s", variant.label, corpus.size, opened["seconds"])
     results.add_build(opened)
     base = {
@@ -233,6 +251,9 @@ def bench_variant(
         "k": cfg.k,
         "index_params": opened["index_params"],
     }
+    if variant.backend == "bm25":  # the threads the in-process cells ran on
+        base["search_threads"] = retriever.index.threads
+        base["shards"] = retriever.index.shards
     if "inproc" in cfg.transports:
         for b in progress(cfg.batch_sizes, desc=f"{variant.label}@{corpus.size} inproc"):
             cell = time_inproc(retriever, queries, b, cfg.k, cfg.policy)
@@ -251,8 +272,11 @@ def bench_variant(
             policy=cfg.policy,
             on_cell=lambda b, cell: results.add_row(cell_row(base, "grpc", b, cell)),
         )
+    if variant.backend == "bm25":
+        return retriever
     del retriever
     gc.collect()
+    return None
 
 
 def load_queries(spec: str, limit: int = 5000) -> Queries:
@@ -281,8 +305,13 @@ def run_benchmark(cfg: BenchConfig, on_write: Writer | None = None) -> tuple[Pat
     results = Results(name, meta, cfg.out_dir, cells, builds, on_write=on_write)
     results.write()
     for corpus in corpora:
+        opened_bm25 = None
         for variant in variants:
-            bench_variant(cfg, corpus, variant, queries, machine.tag, results)
+            opened_bm25 = bench_variant(
+                cfg, corpus, variant, queries, machine.tag, results, opened_bm25
+            )
+        del opened_bm25
+        gc.collect()
     path = results.write(complete=True)
     if cfg.plot:
         plot_rows(results.rows, path.with_suffix(".png"), machine.tag)
@@ -319,6 +348,7 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
     ("--ef-search", "ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--nlist", "nlist", {"type": int, "help": "IVF lists (default: min(4 sqrt N, 1024))"}),
     ("--nprobe", "nprobe", {"type": int, "help": "IVF lists probed per query"}),
+    ("--bm25-threads", "bm25_threads", {"type": _csv(int), "help": "BM25 threads, 0 = all"}),
     *output_flags("retrieval_<machine-tag>"),
 )
 QUICK: dict[str, Any] = {

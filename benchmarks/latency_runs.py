@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -273,11 +274,19 @@ def close_retriever(retriever: Any) -> None:
 
 
 def open_inproc(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
+    start = time.perf_counter()
+    retriever = _open_sync(cfg, backend, kb)
+    return OpenedRetriever(backend, retriever, round(time.perf_counter() - start, 1))
+
+
+def _open_sync(cfg: LatencyConfig, backend: str, kb: Any) -> Any:
+    """The backend's retriever in this process, BM25 on ``cfg.bm25_threads`` threads."""
     from ralmspec_vllm.retrieval.factory import open_retriever
 
-    start = time.perf_counter()
     retriever = open_retriever(kb, retriever_config(cfg, backend))
-    return OpenedRetriever(backend, retriever, round(time.perf_counter() - start, 1))
+    if backend == "bm25" and cfg.bm25_threads is not None:
+        retriever.index.set_threads(cfg.bm25_threads)
+    return retriever
 
 
 async def bench_backend(
@@ -293,7 +302,6 @@ async def bench_backend(
     after the warm-up and after every timed question. ``opened``: this backend's in-process
     retriever, already open (the caller closes it)."""
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
-    from ralmspec_vllm.retrieval.factory import open_retriever
     from ralmspec_vllm.service import cache_term_scorer
 
     rcfg = retriever_config(cfg, backend)
@@ -315,7 +323,7 @@ async def bench_backend(
         child = ["--host", "127.0.0.1", "--port", "0", "--index", str(kb.path)]
         server = ServerProcess.spawn([*child, *config_to_args(child_cfg)], timeout_s=3600.0)
     else:
-        sync = open_retriever(kb, rcfg)
+        sync = _open_sync(cfg, backend, kb)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
     if opened is not None:
         info.update(open_s=opened.open_s, opened_during_engine_start=True)
@@ -340,6 +348,8 @@ async def bench_backend(
             embed = {"embedder": AsyncEmbedder(client.encode)}
     if not dense and cfg.cache_scoring == "local":
         embed = {"scorer": await cache_term_scorer(retriever, "local")}
+    if backend == "bm25" and sync is not None and cfg.probe_bm25_threads:
+        info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
     runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []
@@ -375,6 +385,39 @@ async def bench_backend(
         if opened is None and sync is not None:
             close_retriever(sync)
     return records, info
+
+
+PROBE_QUESTIONS = 20
+"""Questions ``probe_bm25_threads`` searches (at 21M docs ~7 s serially)."""
+
+
+def probe_bm25_threads(
+    cfg: LatencyConfig, index: Any, questions: Sequence[Question]
+) -> list[dict[str, Any]]:
+    """One top-10 search of each of the first ``PROBE_QUESTIONS`` questions' texts at each of
+    ``cfg.probe_bm25_threads`` thread counts (the same queries, in turn), timed;
+    ``identical`` says whether every count gave the first count's hits. Leaves the index on
+    ``cfg.bm25_threads``."""
+    queries = [index.term_ids(q.text) for q in questions[:PROBE_QUESTIONS]]
+    out: list[dict[str, Any]] = []
+    first: list[Any] | None = None
+    try:
+        for threads in cfg.probe_bm25_threads:
+            index.set_threads(threads)
+            times, hits = [], []
+            for term_ids in queries:
+                start = time.perf_counter()
+                hits.append(index.top_k(term_ids, 10))
+                times.append(1000 * (time.perf_counter() - start))
+            first = hits if first is None else first
+            row = {"threads": threads, "shards": index.shards, "queries": len(queries)}
+            row.update(mean_ms=round(statistics.fmean(times), 2))
+            row.update(p50_ms=round(statistics.median(times), 2), identical=hits == first)
+            logger.info("BM25 search probe: %s", row)
+            out.append(row)
+    finally:
+        index.set_threads(cfg.bm25_threads)
+    return out
 
 
 def set_torch_threads(threads: int | None) -> None:

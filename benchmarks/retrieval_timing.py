@@ -33,12 +33,14 @@ CellDone = Callable[[int, Row], object]
 @dataclass(frozen=True, slots=True)
 class Variant:
     """One retriever setup measured: a backend on a device with a flat implementation and
-    (torch flat only) a matrix dtype."""
+    (torch flat only) a matrix dtype; BM25 with a number of search threads (``None``: every
+    core)."""
 
     backend: str
     device: str = "cpu"
     flat_impl: str = "faiss"
     dtype: str = "float32"
+    threads: int | None = None
 
     @property
     def label(self) -> str:
@@ -50,6 +52,8 @@ class Variant:
             label = self.backend
         else:
             label = f"{self.backend}-{self.flat_impl}"
+        if self.threads is not None:
+            label = f"{label}-t{self.threads}"
         return label if self.dtype == "float32" else f"{label}-{self.dtype}"
 
 
@@ -76,6 +80,7 @@ def retriever_config(variant: Variant, params: IndexParams) -> RetrieverConfig:
         nlist=params.nlist,
         nprobe=params.nprobe,
         progress=True,
+        threads=variant.threads,
     )
 
 

@@ -256,6 +256,10 @@ def test_config_validation_and_quick_flags() -> None:
     with pytest.raises(ValueError, match="torch_threads"):
         LatencyConfig(torch_threads=0)
     assert parse_args(["--torch-threads", "12"]).torch_threads == 12
+    cfg = parse_args(["--bm25-threads", "12", "--probe-bm25-threads", "1,12"])
+    assert (cfg.bm25_threads, cfg.probe_bm25_threads) == (12, (1, 12))
+    with pytest.raises(ValueError, match="probe_bm25_threads"):
+        parse_args(["--probe-bm25-threads", "0,4"])
     assert parse_args([]).cache_scoring == "local"
     assert parse_args(["--cache-scoring", "retriever"]).cache_scoring == "retriever"
     with pytest.raises(ValueError, match="cache_scoring"):
@@ -320,7 +324,8 @@ async def test_bench_latency_smoke(
     cfg = LatencyConfig(
         model="tiny-llama", backends=("flat", "bm25"), methods=("baseline", "oracle", "B", "PSA"),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
-        max_new_tokens=20, out_dir=str(tmp_path), name="smoke",
+        max_new_tokens=20, out_dir=str(tmp_path), name="smoke", bm25_threads=2,
+        probe_bm25_threads=(1, 2),
     )  # fmt: skip
     kb, kb_info = open_kb(cfg)
     questions = load_questions_file(tiny_world["questions"])
@@ -359,6 +364,16 @@ async def test_bench_latency_smoke(
             inside = split["encode_s"] + split["scan_s"] + split["rank_s"]
             assert split["awaited_search_s"] >= inside - 1e-3
     assert {row["retriever"] for row in rows} == {"flat", "bm25"}
+    bm25_meta = read_results(paths[1])["meta"]
+    probe = bm25_meta["retriever"]["bm25_search_probe"]
+    assert [(r["threads"], r["queries"], r["identical"]) for r in probe] == [
+        (1, 2, True),
+        (2, 2, True),
+    ]
+    assert (
+        bm25_meta["threads"]["bm25"] == 2
+        and "bm25_search_probe" not in read_results(paths[0])["meta"]["retriever"]
+    )
 
 
 @pytest.mark.vllm

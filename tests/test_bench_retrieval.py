@@ -133,3 +133,29 @@ def test_sigterm_keeps_the_last_partial_file(world: dict[str, Path], tmp_path: P
     assert meta["complete"] is False
     assert 1 <= meta["cells_done"] < meta["cells_total"] == 4
     assert not (tmp_path / "killed.png").exists()
+
+
+def test_bm25_threads_make_one_variant_each_over_one_opened_index(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--bm25-threads 1,2``: two BM25 variants; the second re-threads the index the first
+    opened (at 21M documents a second in-memory build would cost minutes)."""
+    cfg = parse_args([
+        "--index", str(world["kb"]), "--questions", str(world["queries"]),
+        "--sizes", "real", "--backends", "bm25", "--bm25-threads", "1,2",
+        "--transports", "inproc", "--batch-sizes", "1,4", "--reps", "1", "--warmup", "0",
+        "--no-cuda", "--no-plot", "--out-dir", str(tmp_path), "--name", "bm25",
+        "--log-level", "WARNING",
+    ])  # fmt: skip
+    assert [v.label for v in cfg.variants(False)] == ["bm25-t1", "bm25-t2"]
+    assert [v.label for v in BenchConfig(backends=("bm25",)).variants(False)] == ["bm25"]
+    path, rows = run_benchmark(cfg)
+    builds = read_results(path)["meta"]["builds"]
+    assert [(b["what"], b["reused"]) for b in builds] == [
+        ("open bm25-t1", False),
+        ("open bm25-t2", True),
+    ]
+    cells = {(r["backend"], r["batch_size"], r["search_threads"]) for r in rows}
+    assert cells == {("bm25-t1", 1, 1), ("bm25-t1", 4, 1), ("bm25-t2", 1, 2), ("bm25-t2", 4, 2)}
+    with pytest.raises(ValueError, match="bm25_threads"):
+        BenchConfig(bm25_threads=(-1,))

@@ -87,9 +87,9 @@ class RetrieverConfig:
     progress: bool = True
     """Show progress bars while building indexes."""
     threads: int | None = None
-    """Search threads of this process (torch intra-op and FAISS OpenMP), set when the
-    retriever opens; ``None``: their defaults (every core). Fewer leave cores to a vLLM
-    engine on the same machine while a memory-bound flat scan runs."""
+    """Search threads of this process (torch intra-op, FAISS OpenMP, BM25's shard pool), set
+    when the retriever opens; ``None``: their defaults (every core). Fewer leave cores to a
+    vLLM engine on the same machine while a memory-bound flat scan runs."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -200,6 +200,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
         rebuild=config.rebuild,
         progress=config.progress,
         save=config.save_index,
+        threads=config.threads,
     )
 
 
@@ -287,5 +288,5 @@ _FIELD_HELP = {
     "rebuild": "rebuild saved indexes",
     "save_index": "save a built index (HNSW, IVF, BM25) into the knowledge base",
     "progress": "show build progress bars",
-    "threads": "torch/FAISS search threads of the retriever process; auto = every core",
+    "threads": "torch/FAISS/BM25 search threads of the retriever process; auto = every core",
 }

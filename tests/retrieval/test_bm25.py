@@ -105,6 +105,47 @@ def test_ties_break_by_doc_id() -> None:
     assert [h.doc_id for h in sky] == [3, 0, 1] and sky[0].score > 0 == sky[1].score
 
 
+@pytest.mark.parametrize(("threads", "shard_docs"), [(2, 1000), (3, 300), (4, 97)])
+def test_sharded_search_equals_the_serial_search_bit_for_bit(
+    wiki_texts: list[str], threads: int, shard_docs: int
+) -> None:
+    """The parallel path (doc-id shards, per-shard top k, merged) against the one-bincount
+    path: the same hits and the same float scores, for real passage queries, batches, k
+    from 1 to past a shard's size, and duplicated passages tied across shards."""
+    texts = [*wiki_texts, *wiki_texts[:50]]  # docs n..n+49 tie with docs 0..49
+    serial = BM25Retriever.from_texts(texts)
+    serial.index.set_threads(1)
+    sharded = BM25Retriever.from_texts(texts)
+    sharded.index.set_threads(threads, shard_docs=shard_docs, min_docs=1)
+    shards = sharded.index.shards
+    assert shards % threads == 0 and shards >= len(texts) / shard_docs and serial.index.shards == 1
+    queries = [*_queries(wiki_texts), wiki_texts[3], f"{wiki_texts[7]} {wiki_texts[7]}"]
+    for k in (1, 10, shard_docs + 5):
+        expected = [serial.search([q], k)[0] for q in queries]
+        assert sharded.search(queries, k) == expected
+        assert [sharded.search([q], k)[0] for q in queries] == expected
+    tied = sharded.search([wiki_texts[3]], 2)[0]
+    assert [h.doc_id for h in tied] == [3, len(wiki_texts) + 3] and tied[0].score == tied[1].score
+
+
+def test_sharded_search_on_a_tiny_corpus_keeps_the_tie_and_zero_rules() -> None:
+    texts = ["red apple", "green pear", "red apple", "blue sky", "red apple", "red red apple"]
+    retriever = BM25Retriever.from_texts(texts)
+    retriever.index.set_threads(4, shard_docs=1, min_docs=1)
+    assert retriever.index.shards == len(texts)  # never more shards than documents
+    scores = retriever.score("red apple", range(len(texts)))
+    hits = retriever.search(["red apple"], 4)[0]
+    assert [h.doc_id for h in hits] == [5, 0, 2, 4] and scores[0] == scores[2] == scores[4]
+    zero = retriever.search(["unknown words only"], 4)[0]
+    assert [(h.doc_id, h.score) for h in zero] == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0)]
+    sky = retriever.search(["sky"], 3)[0]
+    assert [h.doc_id for h in sky] == [3, 0, 1] and sky[0].score > 0 == sky[1].score
+    with pytest.raises(ValueError, match="threads: must be >= 1"):
+        retriever.index.set_threads(0)
+    with pytest.raises(ValueError, match="shard_docs: must be >= 1"):
+        retriever.index.set_threads(2, shard_docs=0)
+
+
 def test_repeated_query_terms_count_with_repetition() -> None:
     texts = ["alpha beta", "beta gamma", "gamma delta", "delta alpha", "epsilon"]
     retriever = BM25Retriever.from_texts(texts)
