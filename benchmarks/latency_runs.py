@@ -302,7 +302,7 @@ async def bench_backend(
     after the warm-up and after every timed question. ``opened``: this backend's in-process
     retriever, already open (the caller closes it)."""
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
-    from ralmspec_vllm.service import cache_term_scorer
+    from ralmspec_vllm.service import local_cache_scoring
 
     rcfg = retriever_config(cfg, backend)
     start = time.perf_counter()
@@ -347,7 +347,7 @@ async def bench_backend(
         if dense and cfg.cache_scoring == "local":
             embed = {"embedder": AsyncEmbedder(client.encode)}
     if not dense and cfg.cache_scoring == "local":
-        embed = {"scorer": await cache_term_scorer(retriever, "local")}
+        embed = {"scorer": (await local_cache_scoring(retriever, "local")).scorer}
     if backend == "bm25" and sync is not None and cfg.probe_bm25_threads:
         info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
     runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))

@@ -94,13 +94,13 @@ class ServiceConfig:
     flickered around it; session 16). 0.4 lies between, and a held c=64 server stays held.
     ``None``: never fall back or hold on the retriever's account."""
     cache_scoring: CacheScoring = "auto"
-    """Where a speculative step ranks the request's cached documents (``cache_embedder``).
+    """Where a speculative step ranks the request's cached documents (``local_cache_scoring``).
     ``local``: in this server: the query's embedding from the retriever's ``Encode`` (the
     one its searches use), then the knowledge base's exact inner product with the cached
     documents' vectors, fetched once as they enter the cache; for BM25 the cached
     documents' term weights (``GetTermWeights``, once per document, the retriever's own
-    weights with its corpus-wide statistics), added here per query term
-    (``cache_term_scorer``). ``retriever``: the retriever's ``Score`` over every cached doc
+    weights with its corpus-wide statistics), added here per query term.
+    ``retriever``: the retriever's ``Score`` over every cached doc
     id. ``auto``: local where the retriever allows it (dense or BM25), else the retriever.
     At 21M BM25 documents a ``Score`` took 14 ms a speculated step on the H200, on the
     step's critical path (session 20). The retriever is shared by every
@@ -203,9 +203,9 @@ class RaLMService:
         embedder: QueryEmbedder | None = None,
         scorer: CacheScorer | None = None,
     ) -> None:
-        """``encoder`` or ``embedder`` (``cache_embedder``): dense cache scoring in this
-        process; ``scorer`` (``cache_term_scorer``): BM25 cache scoring in this process;
-        none: the retriever's ``Score``."""
+        """``encoder`` or ``embedder`` (``local_cache_scoring``): dense cache scoring in
+        this process; ``scorer`` (``local_cache_scoring``): BM25 cache scoring in this
+        process; none: the retriever's ``Score``."""
         self.config = config or ServiceConfig()
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -471,41 +471,50 @@ class RaLMService:
         return {doc.doc_id: doc.title for doc in docs}
 
 
-async def cache_term_scorer(
+@dataclass(frozen=True, slots=True)
+class LocalCacheScoring:
+    """How this process ranks a request's cache (``local_cache_scoring``): ``embedder``
+    (dense: the retriever's query embeddings against the cached vectors), ``scorer`` (BM25:
+    the cached documents' term weights) or neither (the retriever's ``Score`` per step)."""
+
+    embedder: QueryEmbedder | None = None
+    scorer: TermWeightCacheScorer | None = None
+
+    def describe(self) -> str:
+        if self.embedder is not None:
+            return "local (dense)"
+        if self.scorer is not None:
+            return "local (BM25 term weights)"
+        return "the retriever's Score"
+
+
+async def local_cache_scoring(
     retriever: AsyncRetriever, scoring: CacheScoring
-) -> TermWeightCacheScorer | None:
-    """Local cache scoring for a BM25 retriever (``ServiceConfig.cache_scoring`` "auto" or
-    "local"): the cached documents' term weights, fetched once each, summed here with the
-    retriever's analyzer; ``None`` for any other retriever or "retriever". The same
-    speculated documents as the retriever's ``Score``, without a call per step."""
+) -> LocalCacheScoring:
+    """The cache scoring ``ServiceConfig.cache_scoring`` asks of this retriever (one
+    ``Info`` call). "auto" and "local": a dense retriever with an async ``encode``
+    (``RetrieverClient``: embeddings bit-identical to its searches') is scored with its
+    embeddings, a BM25 one with term weights fetched once per cached document and summed
+    with its analyzer; "local" with neither is a ``ValueError``. "retriever": its ``Score``.
+    Every choice speculates the same documents: each ranks the cache by the knowledge
+    base's exact score, ties to the lower doc id."""
     _check_cache_scoring(scoring)
     if scoring == "retriever":
-        return None
+        return LocalCacheScoring()
     info = await retriever.info()
-    if info.metric != "bm25":
-        return None
-    return TermWeightCacheScorer(Analyzer.from_name(info.extra["analyzer"]))
-
-
-async def cache_embedder(retriever: AsyncRetriever, scoring: CacheScoring) -> QueryEmbedder | None:
-    """The embedder for local cache scoring (``ServiceConfig.cache_scoring``), or ``None``
-    for the retriever's ``Score``. Local needs a dense retriever with an async ``encode``
-    (``RetrieverClient``: embeddings bit-identical to its searches'); ``ValueError`` if asked
-    for without one. Either way the speculated documents are the same: both rank the cache
-    by the knowledge base's exact score, ties to the lower doc id."""
-    _check_cache_scoring(scoring)
-    if scoring == "retriever":
-        return None
-    info = await retriever.info()
+    if info.metric == "bm25":
+        return LocalCacheScoring(
+            scorer=TermWeightCacheScorer(Analyzer.from_name(info.extra["analyzer"]))
+        )
     encode = getattr(retriever, "encode", None)
     if info.dim > 0 and encode is not None and inspect.iscoroutinefunction(encode):
-        return AsyncEmbedder(encode)
-    if scoring == "local" and info.metric != "bm25":
+        return LocalCacheScoring(embedder=AsyncEmbedder(encode))
+    if scoring == "local":
         raise ValueError(
             f"cache_scoring 'local' needs a dense retriever that serves query embeddings"
             f" or a BM25 one; this one is {info.backend!r} (dim {info.dim})"
         )
-    return None
+    return LocalCacheScoring()
 
 
 def _check_cache_scoring(value: str) -> None:

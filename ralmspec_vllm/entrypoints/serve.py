@@ -274,7 +274,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.server import ServerProcess
-    from ralmspec_vllm.service import RaLMService, cache_embedder, cache_term_scorer
+    from ralmspec_vllm.service import RaLMService, local_cache_scoring
 
     api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
     bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
@@ -303,24 +303,16 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         )
         stack.push_async_callback(client.close)
         await client.wait_ready()
-        embedder = await cache_embedder(client, config.cache_scoring)
-        scorer = await cache_term_scorer(client, config.cache_scoring)
-        logger.info(
-            "cache scoring: %s",
-            "local (dense)"
-            if embedder is not None
-            else "local (BM25 term weights)"
-            if scorer is not None
-            else "the retriever's Score",
-        )
+        scoring = await local_cache_scoring(client, config.cache_scoring)
+        logger.info("cache scoring: %s", scoring.describe())
         service = RaLMService(
             lm,
             lm.tokenizer,
             client,
             config,
             max_model_len=lm.max_model_len,
-            embedder=embedder,
-            scorer=scorer,
+            embedder=scoring.embedder,
+            scorer=scoring.scorer,
         )
         if config.max_retriever_utilization is not None:
             await service.calibrate_retriever()

@@ -18,7 +18,7 @@ from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever, Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.server import start_server
-from ralmspec_vllm.service import cache_term_scorer
+from ralmspec_vllm.service import local_cache_scoring
 
 CONFIG = RaLMConfig(max_new_tokens=40)
 QUESTIONS = [f"question {i} about g{i} g{2 * i} and " + "more words " * i for i in range(8)]
@@ -38,7 +38,8 @@ async def test_grpc_retriever_gives_identical_answers(name: str) -> None:
     client = RetrieverClient(server.target)
     try:
         embedder = AsyncEmbedder(client.encode) if name == "flat" else None
-        scorer = await cache_term_scorer(client, "auto") if name == "bm25-term-weights" else None
+        scoring = await local_cache_scoring(client, "auto")
+        scorer = scoring.scorer if name == "bm25-term-weights" else None
         for remote in (client, BatchingRetriever(client, window_s=0.002)):
             engine = RaLMEngine(
                 FakeLM(latency_s=0.001),

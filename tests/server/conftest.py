@@ -26,7 +26,7 @@ import pytest_asyncio
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.encoding import AsyncEmbedder
 from ralmspec_vllm.core.runner import RaLMEngine
-from ralmspec_vllm.service import RaLMService, ServiceConfig, cache_embedder
+from ralmspec_vllm.service import RaLMService, ServiceConfig, local_cache_scoring
 
 API_KEY = "test-key-123"
 MODEL_NAME = "tiny-ralm"
@@ -96,7 +96,7 @@ async def served(small_index: Path, vllm_lm: object) -> AsyncIterator[Served]:
     )
     # As `serve` builds it: the dense cache is scored here (the default "auto"), while the
     # offline reference ranks it with the retriever's Score: both must give the baseline.
-    embedder = await cache_embedder(client, config.cache_scoring)
+    embedder = (await local_cache_scoring(client, config.cache_scoring)).embedder
     assert isinstance(embedder, AsyncEmbedder)
     service = RaLMService(
         lm,  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverRequestError
 from ralmspec_vllm.retrieval.server import start_server
-from ralmspec_vllm.service import ServiceConfig, cache_embedder, cache_term_scorer
+from ralmspec_vllm.service import ServiceConfig, local_cache_scoring
 from ralmspec_vllm.types import Document
 
 TEXTS = [
@@ -66,19 +66,39 @@ async def bm25_client() -> AsyncIterator[RetrieverClient]:
 async def test_dense_and_bm25_retrievers_are_scored_here_unless_told_otherwise(
     dense_client: RetrieverClient, bm25_client: RetrieverClient
 ) -> None:
-    assert isinstance(await cache_embedder(dense_client, "auto"), AsyncEmbedder)
-    assert isinstance(await cache_embedder(dense_client, "local"), AsyncEmbedder)
-    assert await cache_embedder(dense_client, "retriever") is None
-    assert await cache_embedder(bm25_client, "auto") is None  # BM25: term weights instead
-    assert await cache_embedder(bm25_client, "local") is None
     for scoring in ("auto", "local"):
-        assert isinstance(await cache_term_scorer(bm25_client, scoring), TermWeightCacheScorer)
-        assert await cache_term_scorer(dense_client, scoring) is None
-    assert await cache_term_scorer(bm25_client, "retriever") is None
+        dense = await local_cache_scoring(dense_client, scoring)
+        assert isinstance(dense.embedder, AsyncEmbedder) and dense.scorer is None
+        assert dense.describe() == "local (dense)"
+        bm25 = await local_cache_scoring(bm25_client, scoring)  # BM25: term weights
+        assert isinstance(bm25.scorer, TermWeightCacheScorer) and bm25.embedder is None
+        assert bm25.describe() == "local (BM25 term weights)"
+    for client in (dense_client, bm25_client):
+        remote = await local_cache_scoring(client, "retriever")
+        assert remote.embedder is None and remote.scorer is None
+        assert remote.describe() == "the retriever's Score"
     with pytest.raises(ValueError, match="cache_scoring"):
-        await cache_embedder(dense_client, "nearby")  # type: ignore[arg-type]
+        await local_cache_scoring(dense_client, "nearby")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_scoring"):
         ServiceConfig(cache_scoring="nearby")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_dense_retriever_without_query_embeddings_is_scored_by_the_retriever(
+    small_index: Path,
+) -> None:
+    """In-process, a dense retriever serves no ``encode`` coroutine: "auto" falls back to its
+    ``Score``; "local" is refused with the reason."""
+    from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
+    from ralmspec_vllm.retrieval.factory import RetrieverConfig, open_retriever
+
+    dense = InProcessAsyncRetriever(
+        open_retriever(small_index, RetrieverConfig(backend="flat", progress=False))
+    )
+    auto = await local_cache_scoring(dense, "auto")
+    assert auto.embedder is None and auto.scorer is None
+    with pytest.raises(ValueError, match="needs a dense retriever that serves query embeddings"):
+        await local_cache_scoring(dense, "local")
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -94,7 +114,7 @@ async def test_local_and_retriever_scoring_pick_the_same_document(
     vectors = await dense_client.vectors(ids)
     assert vectors is not None
     cache.insert(ids, dict(zip(ids, vectors, strict=True)))
-    embedder = await cache_embedder(dense_client, "local")
+    embedder = (await local_cache_scoring(dense_client, "local")).embedder
     assert embedder is not None
     local, remote = DenseCacheScorer(embedder=embedder), RetrieverCacheScorer(dense_client)
     queries = [f"{t} {w}" for t in ("Achilles", "albedo of snow", "Alabama capital", "")
@@ -121,7 +141,7 @@ async def test_bm25_term_weights_over_grpc_rank_like_the_retrievers_score(
     assert weights is not None and all(len(t) == len(w) > 3 for t, w in weights)
     cache = SpeculationCache(capacity=len(ids))
     cache.insert(ids, terms=dict(zip(ids, weights, strict=True)))
-    scorer = await cache_term_scorer(bm25_client, "auto")
+    scorer = (await local_cache_scoring(bm25_client, "auto")).scorer
     assert scorer is not None
     remote = RetrieverCacheScorer(bm25_client)
     for query in ("Achilles son of Thetis", "capital of Alabama", "sunlight reflected body",
