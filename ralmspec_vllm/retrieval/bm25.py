@@ -114,7 +114,7 @@ class BM25Index:
         """Search on ``threads`` threads (``None``: every core this process may use), the
         documents cut into shards of at most ``shard_docs`` (a multiple of ``threads``
         shards, so the threads finish together). One thread, or fewer than ``min_docs``
-        documents, searches serially."""
+        documents, searches serially. Call it while no search runs (it replaces the pool)."""
         for name, value in (("threads", threads), ("shard_docs", shard_docs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
