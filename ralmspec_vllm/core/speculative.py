@@ -72,8 +72,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 from ralmspec_vllm.core.cache import CacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.request import RequestContext
@@ -84,7 +82,6 @@ from ralmspec_vllm.core.stride import (
     StrideScheduler,
 )
 from ralmspec_vllm.core.trace import CallPurpose, VerificationRecord
-from ralmspec_vllm.retrieval.base import TermWeights
 from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
@@ -190,6 +187,10 @@ class SpeculativeRequest:
             if isinstance(config.speculation_stride, int)
             else config.max_speculation_stride
         )
+        # What the scorer ranks by (vectors, term weights), fetched for documents not yet
+        # cached ahead of their insertion (a pipelined search fetches for its own hits
+        # before it settles), until ``_insert`` moves them into the cache.
+        self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}}
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -242,8 +243,16 @@ class SpeculativeRequest:
         start = time.perf_counter()
         (hits,) = await self._search([query], "retrieve")
         latency = time.perf_counter() - start
-        await self._insert([hits])
-        await self.ctx.generate_step(_top1(hits), "retrieve")
+        # The step needs the top-1 only; the cache (and what it fetches for the new
+        # documents) is needed by the next guess: fill it while the step generates.
+        insert = asyncio.create_task(self._insert([hits]))
+        try:
+            await self.ctx.generate_step(_top1(hits), "retrieve")
+        except BaseException:
+            insert.cancel()
+            await asyncio.gather(insert, return_exceptions=True)
+            raise
+        await insert  # a failed fetch raises here, as itself
         self.ctx.finalize(len(self.ctx.generated))
         return hits, latency
 
@@ -466,9 +475,13 @@ class SpeculativeRequest:
             raise
 
     async def _timed_search(self, query: str) -> tuple[list[Hit], float]:
+        """A pipelined step's search, timed, then the fetch of what the cache will need for
+        its new documents (off the loop: settling it then only inserts)."""
         start = time.perf_counter()
         (hits,) = await self._search([query], "verify")
-        return hits, time.perf_counter() - start
+        latency = time.perf_counter() - start
+        await self._fetch_for([[hit.doc_id for hit in hits]])
+        return hits, latency
 
     async def _settle(
         self, step: SpeculativeStep, hits: list[Hit], latency: float, depth: int
@@ -504,31 +517,49 @@ class SpeculativeRequest:
     async def _insert(self, results: list[list[Hit]]) -> None:
         """Insert verified documents; later queries' documents count as more recent. What
         the scorer ranks by (vectors, term weights) is fetched for the documents the cache
-        does not hold yet, once each."""
+        does not hold yet, once each (unless a search fetched it already)."""
         ranked = [[hit.doc_id for hit in hits] for hits in results]
-        retriever = self.ctx.retriever
-        vectors: dict[int, np.ndarray] | None = None
-        terms: dict[int, TermWeights] | None = None
-        if self.scorer.needs_vectors:
-            vectors = await self._fetch_missing(ranked, "vectors", retriever.vectors)
-        if self.scorer.needs_terms:
-            terms = await self._fetch_missing(ranked, "term_weights", retriever.term_weights)
+        # Until a pass finds nothing to fetch: while one awaited, another insert may have
+        # moved a document into the cache (dropping its fetched entry) and evicted it.
+        while await self._fetch_for(ranked):
+            pass
+        vectors = self._fetched["vectors"] if self.scorer.needs_vectors else None
+        terms = self._fetched["term_weights"] if self.scorer.needs_terms else None
         for ids in ranked:
             self.cache.insert(ids, vectors, terms)
+        for fetched in self._fetched.values():
+            for ids in ranked:
+                for d in ids:
+                    fetched.pop(d, None)
+
+    async def _fetch_for(self, ranked: list[list[int]]) -> bool:
+        """Fetch what the scorer needs for those documents neither cached nor fetched;
+        whether there were any."""
+        retriever = self.ctx.retriever
+        fetched = False
+        if self.scorer.needs_vectors:
+            fetched |= await self._fetch_missing(ranked, "vectors", retriever.vectors)
+        if self.scorer.needs_terms:
+            fetched |= await self._fetch_missing(ranked, "term_weights", retriever.term_weights)
+        return fetched
 
     async def _fetch_missing(
         self,
         ranked: list[list[int]],
         kind: Literal["vectors", "term_weights"],
         fetch: Callable[[list[int]], Awaitable[Any]],
-    ) -> dict[int, Any]:
-        """``fetch`` what the cache needs for the ranked documents it lacks, by doc id."""
-        missing = self.cache.missing([d for ids in ranked for d in ids])
+    ) -> bool:
+        """``fetch`` what the cache needs for the ranked documents it lacks and nothing
+        fetched holds yet, into ``self._fetched[kind]``; whether there were any."""
+        fetched = self._fetched[kind]
+        missing = [d for d in self.cache.missing([d for ids in ranked for d in ids])
+                   if d not in fetched]  # fmt: skip
         if not missing:
-            return {}
+            return False
         start = time.perf_counter()
-        fetched = await fetch(missing)
+        values = await fetch(missing)
         self.recorder.retrieval(kind, "verify", 1, len(missing), time.perf_counter() - start)
-        if fetched is None:
+        if values is None:
             raise ValueError(f"this cache scoring needs a retriever that serves {kind}")
-        return dict(zip(missing, fetched, strict=True))
+        fetched.update(zip(missing, values, strict=True))
+        return True

@@ -6,9 +6,11 @@ Also checks the core's import boundary: no vLLM, torch, FAISS or gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -262,3 +264,69 @@ async def test_in_process_reads_run_off_the_event_loop() -> None:
     loop_thread = threading.get_ident()
     assert seen.keys() == {"documents", "vectors"}
     assert loop_thread not in seen.values()
+
+
+class FetchWatcher(InProcessAsyncRetriever):
+    """Records which coroutine each vectors / term-weights fetch ran in; the first fetch
+    waits until the LM has started a step (it would wait forever if the first step's
+    generation waited for it)."""
+
+    def __init__(self, retriever: object, lm_started: asyncio.Event) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.lm_started = lm_started
+        self.fetchers: list[str] = []
+
+    async def _watch(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.fetchers.append(task.get_coro().__qualname__)  # type: ignore[union-attr]
+        if len(self.fetchers) == 1:
+            await asyncio.wait_for(self.lm_started.wait(), 2.0)
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        await self._watch()
+        return await super().vectors(doc_ids)
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[Any] | None:
+        await self._watch()
+        return await super().term_weights(doc_ids)
+
+
+class StartSignallingLM(FakeLM):
+    def __init__(self, started: asyncio.Event) -> None:
+        super().__init__(latency_s=0.002)
+        self.started = started
+
+    async def generate(self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str):  # type: ignore[no-untyped-def]
+        self.started.set()
+        return await super().generate(prompt_token_ids, max_tokens, request_id)
+
+
+@pytest.mark.parametrize("backend", ["flat", "bm25"])
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
+async def test_cache_fetches_stay_off_the_critical_path(backend: str, early: bool) -> None:
+    """What the local cache scoring needs for new documents (vectors, term weights) is
+    fetched while the first step generates, and, pipelined, by each step's own search task
+    before it settles: never by the loop that launches the next step. Same outputs."""
+    started = asyncio.Event()
+    kb = flat_retriever() if backend == "flat" else bm25_retriever()
+    retriever = FetchWatcher(kb, started)
+    scoring: dict[str, Any] = (
+        {"encoder": BagOfWords().encode}
+        if backend == "flat"
+        else {"scorer": TermWeightCacheScorer(kb.analyzer)}  # type: ignore[attr-defined]
+    )
+    engine = RaLMEngine(StartSignallingLM(started), FakeTokenizer(), retriever, **scoring)
+    name = "PSA:overlap_depth=pipeline:prefetch_k=20"
+    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    started.clear()
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.verifications, "nothing was speculated"
+    assert retriever.fetchers[0] == "SpeculativeRequest._insert"  # beside the first step
+    assert "SpeculativeRequest._timed_search" in retriever.fetchers
+    assert set(retriever.fetchers) <= {
+        "SpeculativeRequest._insert",
+        "SpeculativeRequest._timed_search",
+    }
