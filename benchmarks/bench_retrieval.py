@@ -226,11 +226,16 @@ def bench_variant(
     rcfg = retriever_config(variant, cfg.index_params(corpus.size))
     before = artifact_names(corpus)
     start = time.perf_counter()
-    if opened_bm25 is not None:
-        retriever = opened_bm25
-        retriever.index.set_threads(variant.threads)
+    if opened_bm25 is None:
+        # In this process BM25's threads are set on the index alone: the config's
+        # ``threads`` would also set torch's for every later variant (a child server
+        # started with ``rcfg`` gets them all).
+        in_process = rcfg if variant.backend != "bm25" else dataclasses.replace(rcfg, threads=None)
+        retriever = open_retriever(corpus.kb, in_process)
     else:
-        retriever = open_retriever(corpus.kb, rcfg)
+        retriever = opened_bm25
+    if variant.backend == "bm25":
+        retriever.index.set_threads(variant.threads)
     opened: Row = {
         "what": f"open {variant.label}",
         "corpus_size": corpus.size,

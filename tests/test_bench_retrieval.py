@@ -149,7 +149,11 @@ def test_bm25_threads_make_one_variant_each_over_one_opened_index(
     ])  # fmt: skip
     assert [v.label for v in cfg.variants(False)] == ["bm25-t1", "bm25-t2"]
     assert [v.label for v in BenchConfig(backends=("bm25",)).variants(False)] == ["bm25"]
+    import torch
+
+    before = torch.get_num_threads()
     path, rows = run_benchmark(cfg)
+    assert torch.get_num_threads() == before  # the BM25 setting stays on the index
     builds = read_results(path)["meta"]["builds"]
     assert [(b["what"], b["reused"]) for b in builds] == [
         ("open bm25-t1", False),

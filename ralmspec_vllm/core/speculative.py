@@ -189,7 +189,8 @@ class SpeculativeRequest:
         )
         # What the scorer ranks by (vectors, term weights), fetched for documents not yet
         # cached ahead of their insertion (a pipelined search fetches for its own hits
-        # before it settles), until ``_insert`` moves them into the cache.
+        # before it settles), until ``_insert`` moves them into the cache (those of a
+        # search cancelled by a rollback stay until the request ends: a few hundred).
         self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}}
 
     async def run(self) -> None:
