@@ -64,6 +64,7 @@ from benchmarks.retrieval_timing import (
     time_grpc_server,
     time_inproc,
 )
+from ralmspec_vllm.retrieval.factory import IVF_CODECS
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES
 
 logger = logging.getLogger("bench_retrieval")
@@ -127,6 +128,11 @@ class BenchConfig(OutputConfig):
     """Cap of the automatic nlist (k-means training time grows with nlist on a CPU)."""
     nprobe: int = 16
     """IVF lists probed per query."""
+    ivf_codec: str = "flat"
+    """IVF codes: ``flat`` (float32) or ``sq8`` (8-bit, a quarter of the memory: what fits
+    beside a 21M-document knowledge base)."""
+    save_index: bool = True
+    """Save built HNSW, IVF and BM25 indexes into the knowledge base for later runs."""
     bm25_threads: tuple[int, ...] = (0,)
     """BM25 search threads, one variant each (0: every core, label ``bm25``; n: label
     ``bm25-t<n>``). Consecutive BM25 variants share one opened index (``set_threads``): at
@@ -164,6 +170,8 @@ class BenchConfig(OutputConfig):
             raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
+        if self.ivf_codec not in IVF_CODECS:
+            raise ValueError(f"ivf_codec: must be one of {IVF_CODECS}, got {self.ivf_codec!r}")
         if not self.bm25_threads or min(self.bm25_threads) < 0:
             raise ValueError(f"bm25_threads: must be >= 0 (0: every core), got {self.bm25_threads}")
 
@@ -180,7 +188,15 @@ class BenchConfig(OutputConfig):
         """ANN parameters at a corpus size (the automatic nlist depends on it)."""
         auto = min(round(4 * math.sqrt(num_docs)), self.max_auto_nlist)
         nlist = max(1, min(num_docs, self.nlist if self.nlist is not None else auto))
-        return IndexParams(self.hnsw_m, self.ef_construction, self.ef_search, nlist, self.nprobe)
+        return IndexParams(
+            self.hnsw_m,
+            self.ef_construction,
+            self.ef_search,
+            nlist,
+            self.nprobe,
+            self.ivf_codec,
+            self.save_index,
+        )
 
     def variants(self, cuda_available: bool) -> list[Variant]:
         out: list[Variant] = []
@@ -353,6 +369,12 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
     ("--ef-search", "ef_search", {"type": int, "help": "HNSW efSearch"}),
     ("--nlist", "nlist", {"type": int, "help": "IVF lists (default: min(4 sqrt N, 1024))"}),
     ("--nprobe", "nprobe", {"type": int, "help": "IVF lists probed per query"}),
+    ("--ivf-codec", "ivf_codec", {"choices": IVF_CODECS, "help": "IVF codes (sq8: 8-bit)"}),
+    (
+        "--save-index",
+        "save_index",
+        {"action": argparse.BooleanOptionalAction, "help": "save built indexes into the KB"},
+    ),
     ("--bm25-threads", "bm25_threads", {"type": _csv(int), "help": "BM25 threads, 0 = all"}),
     *output_flags("retrieval_<machine-tag>"),
 )

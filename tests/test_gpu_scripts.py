@@ -158,6 +158,24 @@ def test_bm25_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 3
     assert SpeculationConfig.parse(cfg.methods[2]).early_verification
     assert cfg.cache_scoring == "local"
+    assert (cfg.bm25_threads, cfg.probe_bm25_threads) == (12, (1, 12))
+
+
+def test_retrieval_21m_command_is_a_valid_bench_retrieval_run(tmp_path: Path) -> None:
+    from benchmarks.bench_retrieval import parse_args as parse_retrieval
+
+    (argv,) = run_with_fake_python(
+        tmp_path, "retrieval_21m.sh", "out", "--backends", "flat,ivf,bm25"
+    )
+    assert argv[0] == "benchmarks/bench_retrieval.py"
+    cfg = parse_retrieval(argv[1:])
+    assert (cfg.sizes, cfg.filler_total, cfg.save_index) == (("filler",), 21_000_000, False)
+    labels = [v.label for v in cfg.variants(cuda_available=True)]
+    assert labels == [
+        "flat", "flat-torch-bfloat16", "flat-cuda-bfloat16", "ivf", "bm25-t1", "bm25-t12",
+    ]  # fmt: skip
+    params = cfg.index_params(21_000_000)
+    assert (params.nlist, params.nprobe, params.ivf_codec) == (4096, 64, "sq8")
 
 
 def test_abort_probe_command_is_a_valid_probe_run(tmp_path: Path) -> None:
