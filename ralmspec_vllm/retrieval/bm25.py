@@ -226,6 +226,9 @@ class BM25Index:
     def scores_for(self, term_ids: Sequence[int], doc_ids: np.ndarray) -> np.ndarray:
         """Scores of the given docs, computed exactly as ``scores_all`` computes them."""
         scores = np.zeros(len(doc_ids), dtype=np.float64)
+        # In the posting lists' dtype: searchsorted would copy a whole int32 list to int64
+        # to search it for int64 ids (2.8 ms for 5M postings, per term).
+        doc_ids = np.asarray(doc_ids).astype(self._rows.dtype, copy=False)
         for t in term_ids:
             lo, hi = self._indptr[t], self._indptr[t + 1]
             rows = self._rows[lo:hi]
@@ -283,7 +286,7 @@ class BM25Index:
                 chosen = _top_k_indices(scores, k)
                 hits.append([Hit(int(d), float(scores[d])) for d in chosen])
             return hits
-        bounds = self._bounds
+        bounds = self._bounds.astype(self._rows.dtype)  # see scores_for: no int64 copies
         tasks = []
         for term_ids in queries:
             # Where each shard's slice of each posting list starts: one search per term.
