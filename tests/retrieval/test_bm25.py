@@ -8,6 +8,7 @@ analyzer's tokens: every document's score for every query, and the top-k lists.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,8 +219,15 @@ def test_term_weights_rebuild_every_score_bit_for_bit(kb: KnowledgeBase) -> None
 
 def test_term_weights_refuse_a_text_that_was_not_indexed(wiki_texts: list[str]) -> None:
     index = BM25Retriever.from_texts(wiki_texts[:50]).index
-    with pytest.raises(ValueError, match="not indexed for it"):
+    # the same length (75 terms each) and known terms: the rarest term gives it away
+    with pytest.raises(ValueError, match=r"doc 1: term .* is not indexed for it"):
         index.term_weights([0, 1], [wiki_texts[0], wiki_texts[2]])
+    with pytest.raises(ValueError, match=r"doc 0: this text was not indexed for it \(74 terms"):
+        index.term_weights([0], [wiki_texts[0] + " aristotle"])
+    first = Analyzer()(wiki_texts[0])[0]  # one word swapped for an unknown one
+    swapped = re.sub(rf"\b{re.escape(first)}\b", "qqzxw", wiki_texts[0], count=1, flags=re.I)
+    with pytest.raises(ValueError, match="doc 0: term 'qqzxw' is not indexed for it"):
+        index.term_weights([0], [swapped])
     with pytest.raises(RuntimeError, match="no document store"):
         BM25Retriever.from_texts(wiki_texts[:50]).term_weights([0])
 

@@ -96,6 +96,25 @@ def test_build_kb_equals_the_text_build_bit_for_bit(
     assert fast.num_docs == NUM_REAL + NUM_FILLER
 
 
+@pytest.mark.parametrize("params", [BM25Params(), BM25Params(k1=0.9, b=0.4, epsilon=0.1)])
+def test_term_weights_recomputed_from_the_text_equal_the_stored_weights(
+    kb: KnowledgeBase, params: BM25Params
+) -> None:
+    """``term_weights`` recomputes w[d, t] from a document's text; over real and filler
+    documents (the filler's index counted from its word draws, not its text) every weight
+    is the stored one bit for bit, and a text's terms are exactly the document's postings."""
+    index = BM25Index.build_kb(kb, params, Analyzer(), threads=2, progress=False)
+    ids = [*range(0, NUM_REAL, 7), *range(NUM_REAL, NUM_REAL + NUM_FILLER, 97)]
+    texts = [d.contents for d in kb.documents.get(ids)]
+    stored = index.weights.tocsr()
+    for doc_id, (terms, weights) in zip(ids, index.term_weights(ids, texts), strict=True):
+        row = stored[doc_id]
+        expected = dict(zip(row.indices.tolist(), row.data.tolist(), strict=True))
+        got = {index.vocab[t]: w for t, w in zip(terms, weights.tolist(), strict=True)}
+        assert got.keys() == expected.keys(), doc_id
+        assert all(got[c].hex() == expected[c].hex() for c in got), doc_id
+
+
 @pytest.mark.parametrize(("chunk", "threads"), [(1, 1), (7, 3), (4096, 2)])
 def test_filler_chunks_and_threads_do_not_change_the_counts(
     kb: KnowledgeBase, chunk: int, threads: int
