@@ -17,14 +17,9 @@ vector and selects the top k (score desc, doc id asc) in O(N); ``score`` gathers
 weights for given doc ids in the same order, so both agree bit for bit (and with rank-bm25's
 ``get_scores``). Saved as ``bm25.npz`` + ``bm25.json`` (vocabulary, parameters, analyzer).
 
-Large indexes search in parallel: the doc ids are cut into shards of about a million
-documents, each shard's slice of every posting list (they are sorted by doc id) is added into
-that shard's own score buffer on a thread pool (numpy's fancy-index add releases the GIL; a
-shard's buffer stays in cache, where one scatter over N doubles does not), each shard selects
-its own top k, and the shards' candidates are merged by (score desc, doc id asc). Per
-document the same additions happen in the same order as in the single scatter, so the scores
-and the ranking are the same bit for bit; at 21M documents one search takes a fraction of the
-serial time (``benchmarks/bench_retrieval.py`` measures it).
+The exhaustive top-k (one scatter, or doc-id shards on a thread pool for large indexes) is
+``bm25_search.PostingsSearch``; term weights for a speculation cache are recomputed from a
+document's text (``term_weights``).
 """
 
 from __future__ import annotations
@@ -32,13 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +43,7 @@ from tqdm import tqdm
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import DocumentStore, TermWeights
 from ralmspec_vllm.retrieval.bm25_build import FillerNotCountable, Postings, bm25_weights
+from ralmspec_vllm.retrieval.bm25_search import PARALLEL_MIN_DOCS, SHARD_DOCS, PostingsSearch
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
     check_k,
@@ -67,11 +61,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DISK_HEADROOM_BYTES = 2 << 30
 """Free disk space ``from_kb`` leaves beyond what a saved index takes."""
-SHARD_DOCS = 1 << 20
-"""Documents per shard of a parallel search, at most: 8 MB of float64 scores, which a core's
-share of the last-level cache mostly holds while the posting slices are added into it."""
-PARALLEL_MIN_DOCS = 1 << 19
-"""Below this many documents a search is one ``bincount`` (parallel dispatch costs more)."""
 
 
 class BM25Index:
@@ -101,9 +90,8 @@ class BM25Index:
         self._indptr = weights.indptr.astype(np.int64, copy=False)
         self._rows = weights.indices
         self._data = weights.data
-        self._pool: ThreadPoolExecutor | None = None
-        self._buffers: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
-        self.set_threads(threads)
+        self.searcher = PostingsSearch(self._indptr, self._rows, self._data, self.num_docs)
+        self.searcher.set_threads(threads)
 
     def set_threads(
         self,
@@ -112,32 +100,17 @@ class BM25Index:
         shard_docs: int = SHARD_DOCS,
         min_docs: int = PARALLEL_MIN_DOCS,
     ) -> None:
-        """Search on ``threads`` threads (``None``: every core this process may use), the
-        documents cut into shards of at most ``shard_docs`` (a multiple of ``threads``
-        shards, so the threads finish together). One thread, or fewer than ``min_docs``
-        documents, searches serially. Call it while no search runs (it replaces the pool)."""
-        for name, value in (("threads", threads), ("shard_docs", shard_docs)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
-        threads = threads or len(os.sched_getaffinity(0))
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._buffers = queue.SimpleQueue()
-        self.threads = threads
-        n = self.num_docs
-        if threads == 1 or n < min_docs:
-            self._bounds = np.array([0, n], dtype=np.int64)
-            return
-        shards = -(-n // shard_docs)
-        shards = min(n, threads * -(-shards // threads))
-        self._bounds = np.linspace(0, n, shards + 1).astype(np.int64)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bm25-search")
+        """Search on ``threads`` threads (``PostingsSearch.set_threads``)."""
+        self.searcher.set_threads(threads, shard_docs=shard_docs, min_docs=min_docs)
+
+    @property
+    def threads(self) -> int:
+        return self.searcher.threads
 
     @property
     def shards(self) -> int:
         """How many doc-id shards a search is cut into (1: serial)."""
-        return len(self._bounds) - 1
+        return self.searcher.shards
 
     # ----------------------------------------------------------------- build
     @classmethod
@@ -215,14 +188,7 @@ class BM25Index:
 
     def scores_all(self, term_ids: Sequence[int]) -> np.ndarray:
         """Scores of every document (float64, shape (N,)), terms added in query order."""
-        if not term_ids:
-            return np.zeros(self.num_docs, dtype=np.float64)
-        spans = [(self._indptr[t], self._indptr[t + 1]) for t in term_ids]
-        rows = np.concatenate([self._rows[lo:hi] for lo, hi in spans])
-        weights = np.concatenate([self._data[lo:hi] for lo, hi in spans])
-        # bincount adds weights[i] into out[rows[i]] for i = 0, 1, ... in order, starting
-        # from 0.0: per document, the terms' weights are summed in query order.
-        return np.bincount(rows, weights=weights, minlength=self.num_docs)
+        return self.searcher.scores_all(term_ids)
 
     def scores_for(self, term_ids: Sequence[int], doc_ids: np.ndarray) -> np.ndarray:
         """Scores of the given docs, computed exactly as ``scores_all`` computes them."""
@@ -295,56 +261,14 @@ class BM25Index:
 
     def top_k(self, term_ids: Sequence[int], k: int) -> list[Hit]:
         """Exact top-k over the whole corpus (score desc, doc id asc)."""
-        return self.top_k_many([term_ids], k)[0]
+        return self.searcher.top_k_many([term_ids], k)[0]
 
     def top_k_many(self, queries: Sequence[Sequence[int]], k: int) -> list[list[Hit]]:
-        """``top_k`` for each query (term ids); on a sharded index every (query, shard)
-        pair is one task on the pool, so a batch keeps every thread busy."""
-        if self._pool is None:
-            hits = []
-            for term_ids in queries:
-                scores = self.scores_all(term_ids)
-                chosen = _top_k_indices(scores, k)
-                hits.append([Hit(int(d), float(scores[d])) for d in chosen])
-            return hits
-        bounds = self._bounds.astype(self._rows.dtype)  # see scores_for: no int64 copies
-        tasks = []
-        for term_ids in queries:
-            # Where each shard's slice of each posting list starts: one search per term.
-            spans = [
-                (int(self._indptr[t]), np.searchsorted(self._rows_of(t), bounds).tolist())
-                for t in term_ids
-            ]
-            tasks.append(
-                [self._pool.submit(self._shard_top_k, spans, j, k) for j in range(len(bounds) - 1)]
-            )
-        return [_merge_shards([task.result() for task in shard_tasks], k) for shard_tasks in tasks]
+        """``top_k`` for each query (term ids), on the search's threads."""
+        return self.searcher.top_k_many(queries, k)
 
     def _rows_of(self, term: int) -> np.ndarray:
         return self._rows[self._indptr[term] : self._indptr[term + 1]]
-
-    def _shard_top_k(
-        self, spans: list[tuple[int, list[int]]], shard: int, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One shard's docs: their scores, added term by term in query order (as
-        ``scores_all`` adds them), and their top k as (doc ids, scores). ``spans``: per
-        query term, where its posting list starts and each shard's offset into it."""
-        lo, hi = int(self._bounds[shard]), int(self._bounds[shard + 1])
-        try:
-            buffer = self._buffers.get_nowait()
-        except queue.Empty:
-            buffer = np.empty(int(np.diff(self._bounds).max()), dtype=np.float64)
-        try:
-            scores = buffer[: hi - lo]
-            scores.fill(0.0)
-            for start, cuts in spans:
-                a, b = start + cuts[shard], start + cuts[shard + 1]
-                if a < b:  # a posting list holds each doc once: no index repeats here
-                    scores[self._rows[a:b] - lo] += self._data[a:b]
-            chosen = _top_k_indices(scores, k)
-            return chosen + lo, scores[chosen]  # fancy indexing copies out of the buffer
-        finally:
-            self._buffers.put(buffer)
 
     # ----------------------------------------------------------------- persistence
     def saved_bytes(self) -> int:
@@ -408,44 +332,6 @@ class BM25Index:
     @staticmethod
     def artifact_name(params: BM25Params, analyzer: Analyzer) -> str:
         return f"bm25-k1_{params.k1:g}-b_{params.b:g}-eps_{params.epsilon:g}-{analyzer.name}"
-
-
-def _top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best scores (desc), ties by index asc.
-
-    A strided sample's k-th largest value is a lower bound of the whole array's, so every
-    member of the top k (ties included) scores at least that much: one comparison pass
-    leaves a small candidate set for the exact selection.
-    """
-    n = len(scores)
-    stride = n // (k * 64)
-    if k < n and stride >= 4:
-        sample = scores[::stride]
-        floor = np.partition(sample, len(sample) - k)[len(sample) - k]
-        candidates = np.flatnonzero(scores >= floor)
-        if len(candidates) < n // 2:
-            return candidates[_select_top_k(scores[candidates], k)]
-    return _select_top_k(scores, k)
-
-
-def _merge_shards(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> list[Hit]:
-    """The best k of the shards' own top-k lists (score desc, doc id asc)."""
-    ids = np.concatenate([p[0] for p in parts])
-    scores = np.concatenate([p[1] for p in parts])
-    order = np.lexsort((ids, -scores))[:k]
-    return [Hit(int(ids[i]), float(scores[i])) for i in order]
-
-
-def _select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k selection in O(n) plus O(k log k); ties by index asc."""
-    n = len(scores)
-    if k >= n:
-        return np.lexsort((np.arange(n), -scores))
-    kth = np.partition(scores, n - k)[n - k]
-    above = np.flatnonzero(scores > kth)
-    tied = np.flatnonzero(scores == kth)[: k - len(above)]
-    chosen = np.concatenate([above, tied])
-    return chosen[np.lexsort((chosen, -scores[chosen]))]
 
 
 class BM25Retriever:

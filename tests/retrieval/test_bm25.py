@@ -17,7 +17,8 @@ from rank_bm25 import BM25Okapi
 
 from ralmspec_vllm.retrieval.analyzer import ENGLISH_STOPWORDS, Analyzer
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
-from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever, _top_k_indices
+from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever
+from ralmspec_vllm.retrieval.bm25_search import top_k_indices
 from ralmspec_vllm.retrieval.kb import KnowledgeBase, default_index
 from ralmspec_vllm.types import BM25Params
 
@@ -310,4 +311,4 @@ def test_top_k_selection_equals_full_sort(kind: str) -> None:
         n, k = int(rng.integers(1, 100_000)), int(rng.integers(1, 40))
         scores = _random_scores(rng, kind, n)
         expected = np.lexsort((np.arange(n), -scores))[:k]
-        assert np.array_equal(_top_k_indices(scores, k), expected)
+        assert np.array_equal(top_k_indices(scores, k), expected)
