@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import DocumentStore, TermWeights
 from ralmspec_vllm.retrieval.bm25_build import FillerNotCountable, Postings, bm25_weights
-from ralmspec_vllm.retrieval.bm25_search import PARALLEL_MIN_DOCS, SHARD_DOCS, PostingsSearch
+from ralmspec_vllm.retrieval.bm25_search import PostingsSearch
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
     check_k,
@@ -93,15 +93,10 @@ class BM25Index:
         self.searcher = PostingsSearch(self._indptr, self._rows, self._data, self.num_docs)
         self.searcher.set_threads(threads)
 
-    def set_threads(
-        self,
-        threads: int | None,
-        *,
-        shard_docs: int = SHARD_DOCS,
-        min_docs: int = PARALLEL_MIN_DOCS,
-    ) -> None:
-        """Search on ``threads`` threads (``PostingsSearch.set_threads``)."""
-        self.searcher.set_threads(threads, shard_docs=shard_docs, min_docs=min_docs)
+    def set_threads(self, threads: int | None) -> None:
+        """Search on ``threads`` threads, ``None``: every core (``PostingsSearch.set_threads``
+        also sets the shard size and the smallest corpus searched in parallel)."""
+        self.searcher.set_threads(threads)
 
     @property
     def threads(self) -> int:

@@ -118,7 +118,7 @@ def test_sharded_search_equals_the_serial_search_bit_for_bit(
     serial = BM25Retriever.from_texts(texts)
     serial.index.set_threads(1)
     sharded = BM25Retriever.from_texts(texts)
-    sharded.index.set_threads(threads, shard_docs=shard_docs, min_docs=1)
+    sharded.index.searcher.set_threads(threads, shard_docs=shard_docs, min_docs=1)
     shards = sharded.index.shards
     assert shards % threads == 0 and shards >= len(texts) / shard_docs and serial.index.shards == 1
     queries = [*_queries(wiki_texts), wiki_texts[3], f"{wiki_texts[7]} {wiki_texts[7]}"]
@@ -133,7 +133,7 @@ def test_sharded_search_equals_the_serial_search_bit_for_bit(
 def test_sharded_search_on_a_tiny_corpus_keeps_the_tie_and_zero_rules() -> None:
     texts = ["red apple", "green pear", "red apple", "blue sky", "red apple", "red red apple"]
     retriever = BM25Retriever.from_texts(texts)
-    retriever.index.set_threads(4, shard_docs=1, min_docs=1)
+    retriever.index.searcher.set_threads(4, shard_docs=1, min_docs=1)
     assert retriever.index.shards == len(texts)  # never more shards than documents
     scores = retriever.score("red apple", range(len(texts)))
     hits = retriever.search(["red apple"], 4)[0]
@@ -145,7 +145,7 @@ def test_sharded_search_on_a_tiny_corpus_keeps_the_tie_and_zero_rules() -> None:
     with pytest.raises(ValueError, match="threads: must be >= 1"):
         retriever.index.set_threads(0)
     with pytest.raises(ValueError, match="shard_docs: must be >= 1"):
-        retriever.index.set_threads(2, shard_docs=0)
+        retriever.index.searcher.set_threads(2, shard_docs=0)
 
 
 def test_repeated_query_terms_count_with_repetition() -> None:
