@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.bm25 import BM25Index
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverServerError
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2 as pb
@@ -306,6 +307,40 @@ async def test_lone_request_with_zero_window(retrievers: dict[str, Retriever]) -
             assert await client.search(QUERIES[:1], K) == retrievers["bm25"].search(QUERIES[:1], K)
     finally:
         await server.stop(grace=0)
+
+
+async def test_sharded_bm25_over_grpc_under_concurrent_calls(
+    retrievers: dict[str, Retriever],
+) -> None:
+    """BM25's parallel search behind a real server: concurrent calls (merged or not) share
+    one thread pool and its score buffers; every answer equals the serial search's."""
+    from ralmspec_vllm.retrieval.bm25 import BM25Retriever
+
+    serial = retrievers["bm25"]
+    assert isinstance(serial, BM25Retriever)
+    sharded = BM25Retriever(_copy_index(serial))
+    sharded.index.searcher.set_threads(3, shard_docs=7, min_docs=1)
+    assert sharded.index.shards >= NUM_DOCS // 7
+    queries = [f"{QUERIES[i % len(QUERIES)]} {TOPICS[(3 * i) % len(TOPICS)]}" for i in range(24)]
+    server = await start_server(sharded, "127.0.0.1", 0, ServiceConfig(batch_window_ms=5.0))
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            got = await asyncio.gather(
+                *(client.search(queries[i : i + 1 + i % 3], 1 + i % 9) for i in range(24))
+            )
+    finally:
+        await server.stop(grace=0)
+    expected = [serial.search(queries[i : i + 1 + i % 3], 1 + i % 9) for i in range(24)]
+    assert got == expected
+
+
+def _copy_index(retriever: Retriever) -> BM25Index:
+    """The same BM25 weights behind a search of its own (its threads set apart)."""
+    from ralmspec_vllm.retrieval.bm25 import BM25Retriever
+
+    assert isinstance(retriever, BM25Retriever)
+    i = retriever.index
+    return BM25Index(i.weights, i.vocab, i.idf, i.doc_len, i.params, i.analyzer)
 
 
 # -- bad input ------------------------------------------------------------------------------
