@@ -29,13 +29,15 @@ instead of 70-85 ms single-threaded. The JSON records the thread settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from benchmarks.retrieval_timing import (
     time_grpc_server,
     time_inproc,
 )
+from ralmspec_vllm.retrieval.encoder import MEMO_ENV
 from ralmspec_vllm.retrieval.factory import IVF_CODECS
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES
 
@@ -133,6 +136,9 @@ class BenchConfig(OutputConfig):
     beside a 21M-document knowledge base)."""
     save_index: bool = True
     """Save built HNSW, IVF and BM25 indexes into the knowledge base for later runs."""
+    ivf_probe_groups: tuple[int, ...] = (1,)
+    """IVF variants by probe groups (``RetrieverConfig.ivf_probe_groups``; 1: FAISS's own
+    one-core search of a query, label ``ivf``; n: label ``ivf-g<n>``), over one opened index."""
     bm25_threads: tuple[int, ...] = (0,)
     """BM25 search threads, one variant each (0: every core, label ``bm25``; n: label
     ``bm25-t<n>``). Consecutive BM25 variants share one opened index (``set_threads``): at
@@ -172,6 +178,8 @@ class BenchConfig(OutputConfig):
             raise ValueError(f"nlist: must be >= 1, got {self.nlist}")
         if self.ivf_codec not in IVF_CODECS:
             raise ValueError(f"ivf_codec: must be one of {IVF_CODECS}, got {self.ivf_codec!r}")
+        if not self.ivf_probe_groups or min(self.ivf_probe_groups) < 1:
+            raise ValueError(f"ivf_probe_groups: must be >= 1, got {self.ivf_probe_groups}")
         if not self.bm25_threads or min(self.bm25_threads) < 0:
             raise ValueError(f"bm25_threads: must be >= 0 (0: every core), got {self.bm25_threads}")
 
@@ -204,6 +212,9 @@ class BenchConfig(OutputConfig):
             if backend == "bm25":
                 out += [Variant(backend, threads=t or None) for t in self.bm25_threads]
                 continue
+            if backend == "ivf":
+                out += [Variant(backend, probe_groups=g) for g in self.ivf_probe_groups]
+                continue
             if backend != "flat":
                 out.append(Variant(backend))
                 continue
@@ -224,6 +235,11 @@ def artifact_names(corpus: Corpus) -> set[str]:
     return {p.name for p in root.iterdir()} if root.is_dir() else set()
 
 
+REUSED = ("bm25", "ivf")
+"""Backends whose variants differ only in a search-time setting (BM25's threads, IVF's probe
+groups): consecutive ones share one opened index (at 21M documents each build is minutes)."""
+
+
 def bench_variant(
     cfg: BenchConfig,
     corpus: Corpus,
@@ -231,27 +247,31 @@ def bench_variant(
     queries: Queries,
     machine_tag: str,
     results: Results,
-    opened_bm25: Any = None,
+    previous: Any = None,
 ) -> Any:
     """Open one (corpus, variant) and time its cells, adding the opening record (how long,
-    what it built) and every cell's row to ``results`` as soon as they exist. A BM25
-    variant re-threads ``opened_bm25`` (the previous BM25 variant's retriever on this
-    corpus) instead of opening the index again, and returns its retriever for the next."""
+    what it built) and every cell's row to ``results`` as soon as they exist. A BM25 or IVF
+    variant reuses ``previous`` (the retriever the previous variant of its backend opened
+    on this corpus), changing only its search setting, and returns its retriever for the
+    next variant; others return None."""
     from ralmspec_vllm.retrieval.factory import open_retriever
 
     rcfg = retriever_config(variant, cfg.index_params(corpus.size))
     before = artifact_names(corpus)
     start = time.perf_counter()
-    if opened_bm25 is None:
+    reused = previous is not None and previous.backend == variant.backend
+    if reused:
+        retriever = previous
+    else:
         # In this process BM25's threads are set on the index alone: the config's
         # ``threads`` would also set torch's for every later variant (a child server
         # started with ``rcfg`` gets them all).
         in_process = rcfg if variant.backend != "bm25" else dataclasses.replace(rcfg, threads=None)
         retriever = open_retriever(corpus.kb, in_process)
-    else:
-        retriever = opened_bm25
     if variant.backend == "bm25":
         retriever.index.set_threads(variant.threads)
+    if variant.backend == "ivf":
+        retriever.probe_groups = variant.probe_groups
     opened: Row = {
         "what": f"open {variant.label}",
         "corpus_size": corpus.size,
@@ -259,8 +279,8 @@ def bench_variant(
         "built": sorted(artifact_names(corpus) - before),
         "index_params": describe_params(rcfg),
     }
-    if variant.backend == "bm25":
-        opened["reused"] = opened_bm25 is not None
+    if variant.backend in REUSED:
+        opened["reused"] = reused
     logger.info("%s on %d docs opened in %.1f s", variant.label, corpus.size, opened["seconds"])
     results.add_build(opened)
     base = {
@@ -275,6 +295,8 @@ def bench_variant(
     if variant.backend == "bm25":  # the threads the in-process cells ran on
         base["search_threads"] = retriever.index.threads
         base["shards"] = retriever.index.shards
+    if variant.backend == "ivf":
+        base["probe_groups"] = variant.probe_groups
     if "inproc" in cfg.transports:
         for b in progress(cfg.batch_sizes, desc=f"{variant.label}@{corpus.size} inproc"):
             cell = time_inproc(retriever, queries, b, cfg.k, cfg.policy)
@@ -293,7 +315,7 @@ def bench_variant(
             policy=cfg.policy,
             on_cell=lambda b, cell: results.add_row(cell_row(base, "grpc", b, cell)),
         )
-    if variant.backend == "bm25":
+    if variant.backend in REUSED:
         return retriever
     del retriever
     gc.collect()
@@ -312,7 +334,29 @@ def load_queries(spec: str, limit: int = 5000) -> Queries:
 
 def run_benchmark(cfg: BenchConfig, on_write: Writer | None = None) -> tuple[Path, list[Row]]:
     """Measure everything ``cfg`` asks for, rewriting the JSON as cells finish (``on_write``
-    after each write); draw the PNG at the end; return the JSON's path and the rows."""
+    after each write); draw the PNG at the end; return the JSON's path and the rows.
+
+    The encoder's memo of recent texts is off meanwhile (``MEMO_ENV``, inherited by child
+    servers): cells and variants cycle through the same questions, and a memo hit would
+    time a dictionary lookup instead of an encoder pass."""
+    with _environment(MEMO_ENV, "0"):
+        return _run_benchmark(cfg, on_write)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _run_benchmark(cfg: BenchConfig, on_write: Writer | None) -> tuple[Path, list[Row]]:
     machine = describe_machine()
     queries = load_queries(cfg.questions)
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "name")}
@@ -326,12 +370,13 @@ def run_benchmark(cfg: BenchConfig, on_write: Writer | None = None) -> tuple[Pat
     results = Results(name, meta, cfg.out_dir, cells, builds, on_write=on_write)
     results.write()
     for corpus in corpora:
-        opened_bm25 = None
+        previous = None
         for variant in variants:
-            opened_bm25 = bench_variant(
-                cfg, corpus, variant, queries, machine.tag, results, opened_bm25
-            )
-        del opened_bm25
+            if previous is not None and previous.backend != variant.backend:
+                previous = None  # free its index before the next one is built
+                gc.collect()
+            previous = bench_variant(cfg, corpus, variant, queries, machine.tag, results, previous)
+        del previous
         gc.collect()
     path = results.write(complete=True)
     if cfg.plot:
@@ -374,6 +419,11 @@ _FLAGS: tuple[tuple[str, str, Row], ...] = (
         "--save-index",
         "save_index",
         {"action": argparse.BooleanOptionalAction, "help": "save built indexes into the KB"},
+    ),
+    (
+        "--ivf-probe-groups",
+        "ivf_probe_groups",
+        {"type": _csv(int), "help": "IVF variants: a query's lists in N groups on N threads"},
     ),
     ("--bm25-threads", "bm25_threads", {"type": _csv(int), "help": "BM25 threads, 0 = all"}),
     *output_flags("retrieval_<machine-tag>"),

@@ -34,13 +34,14 @@ CellDone = Callable[[int, Row], object]
 class Variant:
     """One retriever setup measured: a backend on a device with a flat implementation and
     (torch flat only) a matrix dtype; BM25 with a number of search threads (``None``: every
-    core)."""
+    core); IVF with its probed lists searched in ``probe_groups`` groups."""
 
     backend: str
     device: str = "cpu"
     flat_impl: str = "faiss"
     dtype: str = "float32"
     threads: int | None = None
+    probe_groups: int = 1
 
     @property
     def label(self) -> str:
@@ -54,6 +55,8 @@ class Variant:
             label = f"{self.backend}-{self.flat_impl}"
         if self.threads is not None:
             label = f"{label}-t{self.threads}"
+        if self.probe_groups > 1:
+            label = f"{label}-g{self.probe_groups}"
         return label if self.dtype == "float32" else f"{label}-{self.dtype}"
 
 
@@ -84,6 +87,7 @@ def retriever_config(variant: Variant, params: IndexParams) -> RetrieverConfig:
         nlist=params.nlist,
         nprobe=params.nprobe,
         ivf_codec=params.ivf_codec,
+        ivf_probe_groups=variant.probe_groups,
         save_index=params.save_index,
         progress=True,
         threads=variant.threads,

@@ -24,6 +24,7 @@ import pytest
 from benchmarks.bench_retrieval import BenchConfig, parse_args, run_benchmark
 from benchmarks.common import read_results
 from benchmarks.retrieval_timing import Variant
+from ralmspec_vllm.retrieval.encoder import MEMO_ENV
 from ralmspec_vllm.retrieval.flat import DTYPES
 from tests.corpus_fixtures import build_tiny_kb
 
@@ -167,3 +168,32 @@ def test_bm25_threads_make_one_variant_each_over_one_opened_index(
     assert cells == {("bm25-t1", 1, 1), ("bm25-t1", 4, 1), ("bm25-t2", 1, 2), ("bm25-t2", 4, 2)}
     with pytest.raises(ValueError, match="bm25_threads"):
         BenchConfig(bm25_threads=(-1,))
+
+
+def test_ivf_probe_groups_make_one_variant_each_over_one_opened_index(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = parse_args([
+        "--index", str(world["kb"]), "--questions", str(world["queries"]),
+        "--sizes", "real", "--backends", "ivf,bm25", "--ivf-probe-groups", "1,4",
+        "--nlist", "8", "--nprobe", "6", "--transports", "inproc", "--batch-sizes", "1,3",
+        "--reps", "1", "--warmup", "0", "--no-cuda", "--no-plot", "--no-save-index",
+        "--out-dir", str(tmp_path), "--name", "ivf", "--log-level", "WARNING",
+    ])  # fmt: skip
+    assert [v.label for v in cfg.variants(False)] == ["ivf", "ivf-g4", "bm25"]
+    memo: list[str | None] = []  # the encoder memo is off while cells are timed, then back
+    before = os.environ.get(MEMO_ENV)
+    path, rows = run_benchmark(cfg, on_write=lambda _: memo.append(os.environ.get(MEMO_ENV)))
+    assert set(memo) == {"0"} and os.environ.get(MEMO_ENV) == before
+    builds = read_results(path)["meta"]["builds"]
+    assert [(b["what"], b["reused"]) for b in builds] == [
+        ("open ivf", False),
+        ("open ivf-g4", True),
+        ("open bm25", False),  # another backend: its own index
+    ]
+    cells = {(r["backend"], r["batch_size"], r.get("probe_groups")) for r in rows}
+    assert {c for c in cells if c[0] != "bm25"} == {
+        ("ivf", 1, 1), ("ivf", 3, 1), ("ivf-g4", 1, 4), ("ivf-g4", 3, 4),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="ivf_probe_groups"):
+        BenchConfig(ivf_probe_groups=(0,))

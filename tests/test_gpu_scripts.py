@@ -172,7 +172,8 @@ def test_retrieval_21m_command_is_a_valid_bench_retrieval_run(tmp_path: Path) ->
     assert (cfg.sizes, cfg.filler_total, cfg.save_index) == (("filler",), 21_000_000, False)
     labels = [v.label for v in cfg.variants(cuda_available=True)]
     assert labels == [
-        "flat", "flat-torch-bfloat16", "flat-cuda-bfloat16", "ivf", "bm25-t1", "bm25-t12",
+        "flat", "flat-torch-bfloat16", "flat-cuda-bfloat16", "ivf", "ivf-g12", "bm25-t1",
+        "bm25-t12",
     ]  # fmt: skip
     params = cfg.index_params(21_000_000)
     assert (params.nlist, params.nprobe, params.ivf_codec) == (4096, 64, "sq8")

@@ -3,7 +3,9 @@
 # synthetic filler, the headline's knowledge base), one invocation: exact flat on the CPU as
 # the paper ran it (FAISS, float32), the torch bf16 scan on the CPU (the latency headline's)
 # and on the GPU, and IVF-SQ8 with 4,096 lists at nprobe 64 (what approx_latency_21m.sh
-# serves). Batches of 1, 8 and 32 real NQ questions, in-process. HNSW is left out at 21M: its
+# serves), both as FAISS searches one query (one core) and with each query's 64 lists in 12
+# groups on 12 threads (`ivf-g12`, the index reused). Batches of 1, 8 and 32 real NQ
+# questions, in-process. HNSW is left out at 21M: its
 # build takes hours on 16 cores. BM25's 21M search is timed by bm25_latency_21m.sh's probe
 # (serially and on 12 threads); `--backends flat,ivf,bm25` adds its batch cells here (its
 # index is built again, ~110 s, as bm25-t1 and bm25). Nothing is saved (--no-save-index:
@@ -14,5 +16,6 @@ set -uo pipefail
 out=${1:?usage: retrieval_21m.sh OUTDIR [bench_retrieval args]}; shift
 exec python3 benchmarks/bench_retrieval.py --out-dir "$out" --sizes filler --filler 21000000 \
   --backends flat,ivf --flat-impls faiss,torch --flat-dtypes bfloat16 \
-  --nlist 4096 --nprobe 64 --ivf-codec sq8 --no-save-index --bm25-threads 1,12 \
+  --nlist 4096 --nprobe 64 --ivf-codec sq8 --ivf-probe-groups 1,12 --no-save-index \
+  --bm25-threads 1,12 \
   --transports inproc --batch-sizes 1,8,32 --reps 10 --cell-budget-s 8 --no-plot "$@"

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,8 +200,14 @@ class IVFFlatRetriever(_FaissANNRetriever):
         progress: bool = True,
         rebuild: bool = False,
         save: bool = True,
+        probe_groups: int = 1,
     ) -> None:
         nlist = default_nlist(len(vectors)) if nlist is None else nlist
+        if probe_groups < 1:
+            raise ValueError(f"probe_groups: must be >= 1, got {probe_groups}")
+        self.probe_groups = probe_groups
+        self._group_pool: ThreadPoolExecutor | None = None
+        self._group_pool_size = 0
         if not 1 <= nlist <= len(vectors):
             raise ValueError(f"nlist: must be in [1, {len(vectors)}], got {nlist}")
         if nprobe < 1:
@@ -262,8 +269,70 @@ class IVFFlatRetriever(_FaissANNRetriever):
 
         return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.nlist))  # type: ignore[call-arg]
 
+    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search gives each query one core (its OpenMP loop runs over queries), so
+        a batch-1 search scans all ``nprobe`` lists on one. With ``probe_groups`` > 1 each
+        query's probed lists are dealt by centroid rank into that many groups, each group
+        searched on a thread of its own (``search_preassigned``, one core each), and the
+        groups' candidates merged by (index score desc, doc id asc). Every query is searched
+        alone, so its candidates never depend on the batch, the thread count or timing;
+        they can differ from FAISS's own search only where index scores tie at a group's
+        cut-off (the exact re-scoring then ranks whatever came back)."""
+        nprobe = min(self.nprobe, self.nlist)
+        groups = min(self.probe_groups, nprobe)
+        if groups == 1:
+            return super()._candidates(queries, count)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        list_scores, lists = self._index.quantizer.search(queries, nprobe)
+        if self._group_pool is None or self._group_pool_size < groups:  # probe_groups grew
+            self._group_pool = ThreadPoolExecutor(groups, thread_name_prefix="ivf-probe")
+            self._group_pool_size = groups
+        pool = self._group_pool
+        tasks = [
+            [
+                pool.submit(
+                    self._search_lists, q, lists[i, g::groups], list_scores[i, g::groups], count
+                )
+                for g in range(groups)
+            ]
+            for i, q in enumerate(queries)
+        ]
+        ids = np.full((len(queries), count), -1, dtype=np.int64)
+        scores = np.full((len(queries), count), -np.inf, dtype=np.float32)
+        for i, row in enumerate(tasks):
+            parts = [task.result() for task in row]
+            part_scores = np.concatenate([p[0] for p in parts])
+            part_ids = np.concatenate([p[1] for p in parts])
+            found = part_ids >= 0
+            part_scores, part_ids = part_scores[found], part_ids[found]
+            best = np.lexsort((part_ids, -part_scores))[:count]
+            ids[i, : len(best)] = part_ids[best]
+            scores[i, : len(best)] = part_scores[best]
+        return ids, scores
+
+    def _search_lists(
+        self, query: np.ndarray, lists: np.ndarray, list_scores: np.ndarray, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One query's top ``count`` within the given inverted lists (one core)."""
+        import faiss
+
+        keys = np.ascontiguousarray(lists[None], dtype=np.int64)
+        coarse = np.ascontiguousarray(list_scores[None], dtype=np.float32)
+        q = np.ascontiguousarray(query[None], dtype=np.float32)
+        scores = np.empty((1, count), dtype=np.float32)
+        ids = np.empty((1, count), dtype=np.int64)
+        params = faiss.SearchParametersIVF(nprobe=len(lists))  # type: ignore[call-arg]
+        ptr = faiss.swig_ptr
+        self._index.search_preassigned_c(
+            1, ptr(q), count, ptr(keys), ptr(coarse), ptr(scores), ptr(ids), False, params
+        )
+        return scores[0], ids[0]
+
     def _extra_info(self) -> dict[str, str]:
-        return {**super()._extra_info(), "nprobe": str(self.nprobe), "codec": self.codec}
+        extra = {**super()._extra_info(), "nprobe": str(self.nprobe), "codec": self.codec}
+        if self.probe_groups > 1:
+            extra["probe_groups"] = str(self.probe_groups)
+        return extra
 
 
 def default_nlist(num_docs: int) -> int:

@@ -53,6 +53,9 @@ PAD_MULTIPLE = 16
 """Batch-invariant mode pads each text to its token count rounded up to this multiple."""
 MEMO_SIZE = 4096
 """Recently encoded texts whose vectors are kept (batch-invariant mode only)."""
+MEMO_ENV = "RALMSPEC_ENCODER_MEMO"
+"""Set to 0 to encode every text afresh (benchmarks that time the encoder, where query texts
+recur across cells); read when an encoder is created, so a child process inherits it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,7 @@ class QueryEncoder:
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_size = MEMO_SIZE if os.environ.get(MEMO_ENV, "1") != "0" else 0
         self._memo_lock = threading.Lock()
         logger.info(
             "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
@@ -158,7 +162,7 @@ class QueryEncoder:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}]: expected str, got {type(text).__name__}")
-        if not self.batch_invariant or not texts:
+        if not self.batch_invariant or not texts or not self._memo_size:
             return self._encode(texts, show_progress)
         # A text's vector does not depend on its batch here, so repeats are served from a
         # small memo: RaLMSpec encodes each speculated query once to rank the cache and once
@@ -179,7 +183,7 @@ class QueryEncoder:
                 for (text, rows), vector in zip(missing.items(), fresh, strict=True):
                     out[rows] = vector
                     self._memo[text] = vector
-                while len(self._memo) > MEMO_SIZE:
+                while len(self._memo) > self._memo_size:
                     self._memo.popitem(last=False)
         return out
 

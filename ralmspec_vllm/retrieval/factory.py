@@ -70,6 +70,10 @@ class RetrieverConfig:
     """How IVF stores vectors: ``flat`` (float32, IVF-Flat) or ``sq8`` (8-bit scalar
     quantizer: a quarter of the memory and disk, 8 GB at 21M docs instead of 32; candidates
     are re-scored exactly either way, so only recall can differ)."""
+    ivf_probe_groups: int = 1
+    """Search each IVF query's probed lists in this many groups on as many threads and
+    merge them (``IVFFlatRetriever._candidates``): FAISS gives a single query one core.
+    1: FAISS's own search."""
     bm25_k1: float = 1.5
     """BM25 term-frequency saturation (rank-bm25 default)."""
     bm25_b: float = 0.75
@@ -117,7 +121,7 @@ class RetrieverConfig:
         for name in ("hnsw_m", "ef_construction"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name}: must be >= 2, got {getattr(self, name)}")
-        for name in ("ef_search", "nprobe", "flat_chunk_size"):
+        for name in ("ef_search", "nprobe", "flat_chunk_size", "ivf_probe_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
@@ -186,6 +190,7 @@ def open_retriever(kb: KnowledgeBase | str | Path, config: RetrieverConfig) -> R
             nlist=config.nlist,
             nprobe=config.nprobe,
             codec=config.ivf_codec,
+            probe_groups=config.ivf_probe_groups,
             candidate_margin=margin,
             progress=config.progress,
             rebuild=config.rebuild,
@@ -281,6 +286,7 @@ _FIELD_HELP = {
     "nlist": "IVF lists; auto = about 4 sqrt(N)",
     "nprobe": "IVF lists probed per query",
     "ivf_codec": "IVF vector storage (sq8: 8-bit, a quarter of the memory)",
+    "ivf_probe_groups": "search a query's IVF lists in this many groups on as many threads",
     "bm25_k1": "BM25 k1",
     "bm25_b": "BM25 b",
     "bm25_epsilon": "BM25 idf floor epsilon",

@@ -207,3 +207,51 @@ def test_sq8_stores_a_quarter_and_lives_apart_from_flat(
     assert IVFFlatRetriever.artifact_name(64) == "ivf-nlist64"
     assert IVFFlatRetriever.artifact_name(64, "sq8") == "ivf-nlist64-sq8"
     assert (flat.info.extra["codec"], sq8.info.extra["codec"]) == ("flat", "sq8")
+
+
+@pytest.mark.parametrize("codec", ["flat", "sq8"])
+@pytest.mark.parametrize("groups", [2, 3, 50])
+def test_probe_groups_find_the_candidates_faiss_finds(
+    corpus: SyntheticCorpus, codec: str, groups: int
+) -> None:
+    """A query's probed lists searched in groups on threads and merged: the same candidates
+    (ids and index scores) as FAISS's one-core search, singly and in a batch, ordered by
+    (index score desc, doc id asc) where FAISS leaves the duplicated vectors' tie in heap
+    order; the same hits; more groups than probed lists are capped."""
+    serial = _ivf(corpus, nlist=16, nprobe=6, codec=codec)
+    grouped = _ivf(corpus, nlist=16, nprobe=6, codec=codec, probe_groups=groups)
+    queries = np.ascontiguousarray(corpus.query_vectors, dtype=np.float32)
+    for count in (1, 9, 40):
+        want_ids, want_scores = serial._candidates(queries, count)
+        got_ids, got_scores = grouped._candidates(queries, count)
+        for want_row, got_row, got_s in zip(want_ids, got_ids, got_scores, strict=True):
+            assert sorted(got_row.tolist()) == sorted(want_row.tolist())
+            assert (np.lexsort((got_row, -got_s)) == np.arange(count)).all()
+        assert np.array_equal(np.sort(got_scores, axis=1), np.sort(want_scores, axis=1))
+        one_ids, _ = grouped._candidates(queries[3:4], count)
+        assert np.array_equal(one_ids[0], got_ids[3])
+    assert grouped.search(corpus.queries, 10) == serial.search(corpus.queries, 10)
+    assert grouped.info.extra["probe_groups"] == str(groups)
+    assert "probe_groups" not in serial.info.extra
+
+
+def test_probe_groups_do_not_depend_on_the_batch_or_timing_under_ties() -> None:
+    """Exact ties (every vector three times): a query's candidates are the same alone, in
+    a batch, and on every repetition, so baseline and speculative runs see one retriever."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors = np.concatenate([base, base, base])
+    ivf = IVFFlatRetriever(vectors, nlist=8, nprobe=5, probe_groups=3, progress=False)
+    queries = rng.standard_normal((12, 16)).astype(np.float32)
+    batch_ids, batch_scores = ivf._candidates(queries, 25)
+    for _ in range(3):
+        again_ids, again_scores = ivf._candidates(queries, 25)
+        assert np.array_equal(again_ids, batch_ids) and np.array_equal(again_scores, batch_scores)
+    for i in range(len(queries)):
+        alone_ids, _ = ivf._candidates(queries[i : i + 1], 25)
+        assert np.array_equal(alone_ids[0], batch_ids[i])
+    scores = batch_scores[:, :-1] >= batch_scores[:, 1:]  # index score desc, then doc id asc
+    ties = batch_scores[:, :-1] == batch_scores[:, 1:]
+    assert scores.all() and (batch_ids[:, :-1][ties] < batch_ids[:, 1:][ties]).all()
+    with pytest.raises(ValueError, match="probe_groups"):
+        IVFFlatRetriever(vectors, nlist=8, probe_groups=0, progress=False)
