@@ -191,6 +191,9 @@ class LatencyConfig(OutputConfig):
     ivf_codec: str = "flat"
     """IVF vector storage (``RetrieverConfig.ivf_codec``): ``sq8`` at 21M docs, where a
     float32 IVF (32 GB) would not fit the GPU host's disk next to the knowledge base."""
+    ivf_probe_groups: int = 1
+    """Search a query's IVF lists in this many groups on as many threads
+    (``RetrieverConfig.ivf_probe_groups``); 1: FAISS's one-core search of a query."""
     save_index: bool = True
     """Save a built HNSW, IVF or BM25 index for later runs (``RetrieverConfig.save_index``);
     the 21M scripts turn it off: a lent GPU machine starts from scratch every session."""
@@ -246,6 +249,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
+        if self.ivf_probe_groups < 1:
+            raise ValueError(f"ivf_probe_groups: must be >= 1, got {self.ivf_probe_groups}")
         if self.bm25_threads is not None and self.bm25_threads < 1:
             raise ValueError(f"bm25_threads: must be >= 1, got {self.bm25_threads}")
         if any(t < 1 for t in self.probe_bm25_threads):
@@ -269,7 +274,8 @@ class LatencyConfig(OutputConfig):
             nlist = "" if self.ivf_nlist is None else f"-nlist{self.ivf_nlist}"
             nprobe = "" if self.ivf_nprobe == IVF_NPROBE else f"-nprobe{self.ivf_nprobe}"
             codec = "" if self.ivf_codec == "flat" else f"-{self.ivf_codec}"
-            return f"ivf{nlist}{nprobe}{codec}"
+            groups = "" if self.ivf_probe_groups == 1 else f"-g{self.ivf_probe_groups}"
+            return f"ivf{nlist}{nprobe}{codec}{groups}"
         if backend != "flat" or self.flat_impl != "torch":
             return backend
         label = "flat-torch-cuda" if self.flat_device == "cuda" else "flat-torch"
@@ -520,6 +526,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--nlist", "ivf_nlist", {"type": int, "help": "IVF lists (default: ~4 sqrt(docs))"}),
     ("--nprobe", "ivf_nprobe", {"type": int, "help": "IVF lists probed per query"}),
     ("--ivf-codec", "ivf_codec", {"choices": IVF_CODECS, "help": "IVF vector storage"}),
+    ("--ivf-probe-groups", "ivf_probe_groups",
+     {"type": int, "help": "IVF: a query's lists in N groups on N threads"}),
     ("--save-index", "save_index",
      {"action": argparse.BooleanOptionalAction, "help": "save a built HNSW/IVF/BM25 index"}),
     ("--seed", "seed", {"type": int, "help": "engine seed"}),

@@ -249,6 +249,7 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
         nlist=cfg.ivf_nlist,
         nprobe=cfg.ivf_nprobe,
         ivf_codec=cfg.ivf_codec,
+        ivf_probe_groups=cfg.ivf_probe_groups,
         save_index=cfg.save_index,
         progress=False,
     )

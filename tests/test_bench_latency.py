@@ -277,6 +277,11 @@ def test_approximate_search_flags_reach_the_retriever_and_the_label() -> None:
     assert (cfg.label("hnsw"), cfg.label("ivf")) == ("hnsw", "ivf")  # defaults: bare names
     cfg = parse_args(["--ef-search", "512", "--nlist", "4096", "--nprobe", "64"])
     assert cfg.label("hnsw") == "hnsw-ef512" and cfg.label("ivf") == "ivf-nlist4096-nprobe64"
+    grouped = parse_args(["--nprobe", "64", "--ivf-probe-groups", "12"])
+    assert grouped.label("ivf") == "ivf-nprobe64-g12"
+    assert retriever_config(grouped, "ivf").ivf_probe_groups == 12
+    with pytest.raises(ValueError, match="ivf_probe_groups"):
+        parse_args(["--ivf-probe-groups", "0"])
     ivf = retriever_config(cfg, "ivf")
     assert (ivf.nlist, ivf.nprobe, retriever_config(cfg, "hnsw").ef_search) == (4096, 64, 512)
     cfg = parse_args(["--nprobe", "64", "--ivf-codec", "sq8"])
