@@ -74,8 +74,6 @@ class BM25Index:
         doc_len: np.ndarray,
         params: BM25Params,
         analyzer: Analyzer,
-        *,
-        threads: int | None = None,
     ) -> None:
         weights.sort_indices()
         self.weights = weights
@@ -91,7 +89,7 @@ class BM25Index:
         self._rows = weights.indices
         self._data = weights.data
         self.searcher = PostingsSearch(self._indptr, self._rows, self._data, self.num_docs)
-        self.searcher.set_threads(threads)
+        self.searcher.set_threads(None)
 
     def set_threads(self, threads: int | None) -> None:
         """Search on ``threads`` threads, ``None``: every core (``PostingsSearch.set_threads``
@@ -249,7 +247,7 @@ class BM25Index:
             return
         ids = np.asarray(columns, dtype=np.int64)
         rarest = int(np.argmin(self._indptr[ids + 1] - self._indptr[ids]))
-        rows = self._rows_of(columns[rarest])
+        rows = self.searcher.rows_of(columns[rarest])
         at = int(np.searchsorted(rows, rows.dtype.type(doc_id)))
         if at == len(rows) or rows[at] != doc_id:
             raise ValueError(f"doc {doc_id}: term {terms[rarest]!r} is not indexed for it")
@@ -261,9 +259,6 @@ class BM25Index:
     def top_k_many(self, queries: Sequence[Sequence[int]], k: int) -> list[list[Hit]]:
         """``top_k`` for each query (term ids), on the search's threads."""
         return self.searcher.top_k_many(queries, k)
-
-    def _rows_of(self, term: int) -> np.ndarray:
-        return self._rows[self._indptr[term] : self._indptr[term + 1]]
 
     # ----------------------------------------------------------------- persistence
     def saved_bytes(self) -> int:

@@ -111,7 +111,7 @@ class PostingsSearch:
         for term_ids in queries:
             # Where each shard's slice of each posting list starts: one search per term.
             spans = [
-                (int(self._indptr[t]), np.searchsorted(self._rows_of(t), bounds).tolist())
+                (int(self._indptr[t]), np.searchsorted(self.rows_of(t), bounds).tolist())
                 for t in term_ids
             ]
             tasks.append(
@@ -119,7 +119,8 @@ class PostingsSearch:
             )
         return [merge_shards([task.result() for task in shard_tasks], k) for shard_tasks in tasks]
 
-    def _rows_of(self, term: int) -> np.ndarray:
+    def rows_of(self, term: int) -> np.ndarray:
+        """The doc ids of ``term``'s posting list, ascending."""
         return self._rows[self._indptr[term] : self._indptr[term + 1]]
 
     def _shard_top_k(
