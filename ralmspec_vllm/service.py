@@ -38,6 +38,7 @@ from ralmspec_vllm.core.config import Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.encoding import AsyncEmbedder, QueryEmbedder
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.core.stop import StopCondition, StopReason
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
 from ralmspec_vllm.load import CALIBRATION_QUERIES, RetrieverLoad
 from ralmspec_vllm.retrieval.analyzer import Analyzer
@@ -180,12 +181,14 @@ class JobResult:
 
     token_ids: tuple[int, ...]
     finished: bool
-    """The model emitted EOS (otherwise ``max_tokens`` ended the answer)."""
+    """The model emitted EOS or ran into a stop (otherwise ``max_tokens`` ended the answer)."""
     spans: tuple[TokenSpan, ...]
     trace: RequestTrace
     load_fallback: bool = False
     """A ``ralmspec`` request that ran as the baseline because the server was busy
     (``ServiceConfig.max_speculating`` or ``max_retriever_utilization``); the same answer."""
+    stop_reason: StopReason | None = None
+    """The stop string or stop token id that ended the answer."""
 
 
 class RaLMService:
@@ -250,8 +253,10 @@ class RaLMService:
         max_tokens: int | None,
         options: RequestOptions,
         request_id: str | None = None,
+        stop: StopCondition | None = None,
     ) -> RaLMJob:
-        """Apply defaults and limits; ``JobError`` (param = request field) when out of range."""
+        """Apply defaults and limits; ``JobError`` (param = request field) when out of range.
+        ``stop``: the request's stop strings and token ids (none by default)."""
         cfg = self.config
         mode = options.mode or cfg.default_mode
         if mode not in SERVED_MODES:
@@ -294,7 +299,12 @@ class RaLMService:
             request_id=request_id or f"ralm-{next(self._ids)}",
             question_ids=tuple(question_ids),
             mode=mode,  # type: ignore[arg-type]
-            config=replace(cfg.ralm, retrieval_stride=stride, max_new_tokens=max_tokens),
+            config=replace(
+                cfg.ralm,
+                retrieval_stride=stride,
+                max_new_tokens=max_tokens,
+                stop=stop or StopCondition(),
+            ),
             speculation=replace(
                 spec,
                 speculation_stride=sstride,  # type: ignore[arg-type]
@@ -371,7 +381,12 @@ class RaLMService:
             self.speculating -= speculates
         metrics.record_request(result.trace, len(result.token_ids))
         return JobResult(
-            result.token_ids, result.finished, result.trace.spans, result.trace, mode != job.mode
+            result.token_ids,
+            result.finished,
+            result.trace.spans,
+            result.trace,
+            mode != job.mode,
+            result.stop_reason,
         )
 
     def fallback_reason(self) -> str | None:

@@ -5,6 +5,7 @@ One concept per module, top to bottom:
 - ``config``       ``RaLMConfig`` (what is generated) and ``SpeculationConfig`` (how fast:
                    stride or OS3, prefetch, async verification, cache), ablation ``PRESETS``.
 - ``lm``           the ``LanguageModel`` and ``Tokenizer`` protocols the engine adapter meets.
+- ``stop``         stop strings and stop token ids: where an answer ends, what text is shown.
 - ``prompt``       prompt layout ([prefix] doc + separator + question + generated), query
                    window, the shared document-token cache.
 - ``request``      one request's state; ``generate_step``, ``search``, ``truncate``,

@@ -9,8 +9,10 @@ holds the paper's ablation rows (B, P, S, A, PS, SA, PA, PSA).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
+
+from ralmspec_vllm.core.stop import StopCondition
 
 Eviction = Literal["lru", "fifo"]
 Mode = Literal["baseline", "ralmspec", "oracle"]
@@ -36,6 +38,8 @@ class RaLMConfig:
     """Generation stops after this many tokens (or at EOS)."""
     separator: str = "\n\n"
     """Text between the document and the question (tokenized on its own)."""
+    stop: StopCondition = field(default_factory=StopCondition)
+    """Stop strings and stop token ids that end the answer early (per request)."""
 
     def __post_init__(self) -> None:
         _positive("retrieval_stride", self.retrieval_stride)
@@ -44,6 +48,8 @@ class RaLMConfig:
         _positive("max_new_tokens", self.max_new_tokens)
         if not isinstance(self.separator, str):
             raise ValueError(f"separator must be a string, got {self.separator!r}")
+        if not isinstance(self.stop, StopCondition):
+            raise ValueError(f"stop must be a StopCondition, got {self.stop!r}")
 
 
 @dataclass(frozen=True, slots=True)

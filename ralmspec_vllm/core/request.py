@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from ralmspec_vllm.core.config import RaLMConfig
 from ralmspec_vllm.core.lm import Generation, LanguageModel
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
+from ralmspec_vllm.core.stop import StopReason
 from ralmspec_vllm.core.trace import CallPurpose, TokenSpan, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 from ralmspec_vllm.types import Hit
@@ -59,7 +60,9 @@ class RequestContext:
         self.generated: list[int] = []
         self.spans: list[TokenSpan] = []
         self.finished = False
-        """The model emitted EOS (in the last kept step)."""
+        """The model emitted EOS, or the answer ran into a stop (in the last kept step)."""
+        self.stop_reason: StopReason | None = None
+        """The stop string or token id that ended the answer (``config.stop``)."""
         self.final_length = 0
         """Generated tokens that can no longer be rolled back (safe to stream)."""
         self.on_final = on_final
@@ -109,8 +112,13 @@ class RequestContext:
             raise RuntimeError(f"{self.request_id}: the LM returned no tokens and did not stop")
         begin = len(self.generated)
         self.generated += gen.token_ids[:max_tokens]
-        self.spans.append(TokenSpan(begin, len(self.generated), doc_id))
         self.finished = gen.finished
+        if self.config.stop:
+            stop = self.config.stop.find(self.layout.tokenizer, self.generated, begin)
+            if stop is not None:  # the tokens after it were never part of the answer
+                del self.generated[stop[0] :]
+                self.finished, self.stop_reason = True, stop[1]
+        self.spans.append(TokenSpan(begin, len(self.generated), doc_id))
         return gen
 
     def finalize(self, length: int) -> None:
@@ -136,7 +144,7 @@ class RequestContext:
             self.spans.pop()
         if self.spans and self.spans[-1].end != length:
             raise ValueError(f"rollback to {length} is not a step boundary")
-        self.finished = False
+        self.finished, self.stop_reason = False, None
         return dropped
 
     def spans_tuple(self) -> tuple[TokenSpan, ...]:

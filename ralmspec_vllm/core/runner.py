@@ -29,6 +29,7 @@ from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.request import FinalCallback, RequestContext, SpeculationHold
 from ralmspec_vllm.core.speculative import SpeculativeRequest
+from ralmspec_vllm.core.stop import StopReason
 from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.core.trace import RequestTrace, TraceRecorder
 from ralmspec_vllm.retrieval.base import AsyncRetriever
@@ -48,8 +49,10 @@ class RaLMResult:
     token_ids: tuple[int, ...]
     text: str
     finished: bool
-    """The model stopped with EOS (otherwise the length limit ended the answer)."""
+    """The model stopped with EOS or a stop (otherwise the length limit ended the answer)."""
     trace: RequestTrace
+    stop_reason: StopReason | None = None
+    """The stop string or stop token id that ended the answer (``RaLMConfig.stop``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,8 @@ class RaLMEngine:
         ``oracle_doc_ids`` (oracle mode only): the document of each
         step, e.g. ``baseline_result.trace.step_doc_ids``. ``on_final(offset, tokens)`` is
         called whenever answer tokens become final (verified: never rolled back).
-        ``config`` overrides the engine's ``retrieval_stride``/``max_new_tokens`` for this
-        request (query window, document cap and separator are engine-wide)."""
+        ``config`` overrides the engine's ``retrieval_stride``/``max_new_tokens``/``stop`` for
+        this request (query window, document cap and separator are engine-wide)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if (mode == "oracle") != (oracle_doc_ids is not None):
@@ -196,6 +199,7 @@ class RaLMEngine:
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             finished=ctx.finished,
             trace=recorder.freeze(ctx.spans_tuple(), wall),
+            stop_reason=ctx.stop_reason,
         )
 
     async def _run(

@@ -5,7 +5,9 @@ unsupported sampling features are rejected (400: only greedy decoding is served,
 which ``ralmspec`` is guaranteed to return the baseline's tokens); the prompt (or the chat
 messages rendered with the tokenizer's chat template) becomes the RaLM question;
 ``RaLMService.plan`` applies defaults and limits (400 naming the field); then either the
-whole answer is returned, or verified tokens are streamed as server-sent events.
+whole answer is returned, or verified tokens are streamed as server-sent events. ``stop`` and
+``stop_token_ids`` end the answer in the core (``core/stop.py``); here the text shown ends
+before the stop (``StopText``), the same whether streamed or not.
 
 A non-streaming request runs while a watcher waits for the client's ``http.disconnect``; a
 disconnect cancels the job (its in-flight LM and retrieval work is aborted). A streaming one
@@ -18,13 +20,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ralmspec_vllm.core.stop import StopCondition, StopText
 from ralmspec_vllm.entrypoints.openai import protocol as p
 from ralmspec_vllm.entrypoints.openai.errors import APIError, bad_request
 from ralmspec_vllm.entrypoints.openai.sources import build_sources
@@ -45,8 +48,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_logprobs": lambda v: v is not None,
     "echo": bool,
     "suffix": lambda v: v is not None,
-    "stop": lambda v: bool(v),
-    "stop_token_ids": lambda v: bool(v),
     "presence_penalty": lambda v: v not in (None, 0.0),
     "frequency_penalty": lambda v: v not in (None, 0.0),
     "repetition_penalty": lambda v: v not in (None, 1.0),
@@ -59,7 +60,9 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "allowed_token_ids": lambda v: v is not None,
     "bad_words": lambda v: bool(v),
     "prompt_embeds": lambda v: v is not None,
+    "skip_special_tokens": lambda v: v is False,
 }
+MAX_STOP_STRINGS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,20 @@ class _Prepared:
     include_usage: bool
     return_sources: bool
     prompt_tokens: int
+    stop: StopCondition
+    include_stop: bool
+    """``include_stop_str_in_output``: the stop string or token's text stays in the answer."""
+
+    def answer_text(self) -> StopText:
+        """The filter that ends the shown text at the first stop string."""
+        return StopText(self.stop.strings, self.include_stop)
+
+    def shown_ids(self, token_ids: Sequence[int]) -> Sequence[int]:
+        """Tokens whose text is shown: a stop token id's own text is left out (it is always
+        the answer's last token: the answer ends at the first one)."""
+        if self.include_stop or not self.stop.token_ids:
+            return token_ids
+        return [t for t in token_ids if t not in self.stop.token_ids]
 
 
 class OpenAIHandlers:
@@ -97,7 +114,7 @@ class OpenAIHandlers:
         if prep.stream:
             return _sse_response(self._stream_completion(prep))
         result = await _until_disconnect(raw, self.service.run(prep.job))
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        text = self._text(prep, result)
         response = p.RaLMCompletionResponse(
             id=f"cmpl-{prep.job.request_id}",
             model=self.model_name,
@@ -106,11 +123,12 @@ class OpenAIHandlers:
                     index=0,
                     text=text,
                     finish_reason=_finish(result),
+                    stop_reason=result.stop_reason,
                     token_ids=list(result.token_ids) if request.return_token_ids else None,
                 )
             ],
             usage=_usage(prep, result),
-            sources=await self._sources(result) if prep.return_sources else None,
+            sources=await self._sources(prep, result) if prep.return_sources else None,
             ralm=_ralm_usage(prep.job, result),
         )
         return JSONResponse(p.dump(response))
@@ -126,7 +144,7 @@ class OpenAIHandlers:
         if prep.stream:
             return _sse_response(self._stream_chat(prep))
         result = await _until_disconnect(raw, self.service.run(prep.job))
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        text = self._text(prep, result)
         response = p.RaLMChatCompletionResponse(
             id=f"chatcmpl-{prep.job.request_id}",
             model=self.model_name,
@@ -135,11 +153,12 @@ class OpenAIHandlers:
                     index=0,
                     message=p.ChatMessage(role="assistant", content=text),
                     finish_reason=_finish(result),
+                    stop_reason=result.stop_reason,
                     token_ids=list(result.token_ids) if request.return_token_ids else None,
                 )
             ],
             usage=_usage(prep, result),
-            sources=await self._sources(result) if prep.return_sources else None,
+            sources=await self._sources(prep, result) if prep.return_sources else None,
             ralm=_ralm_usage(prep.job, result),
         )
         return JSONResponse(p.dump(response))
@@ -176,6 +195,7 @@ class OpenAIHandlers:
         ):
             raise bad_request(f"max_tokens must be an integer, got {max_tokens!r}", "max_tokens")
         options = request.ralm or p.RaLMOptions()
+        stop = _stop_condition(request.stop, request.stop_token_ids)
         try:
             job = self.service.plan(
                 question_ids,
@@ -188,6 +208,7 @@ class OpenAIHandlers:
                     async_verification=options.async_verification,
                 ),
                 request_id=uuid.uuid4().hex,
+                stop=stop,
             )
         except JobError as err:
             raise bad_request(str(err), err.param) from None
@@ -198,6 +219,8 @@ class OpenAIHandlers:
             include_usage=bool(stream_options and stream_options.include_usage),
             return_sources=options.return_sources,
             prompt_tokens=len(question_ids),
+            stop=stop,
+            include_stop=request.include_stop_str_in_output,
         )
 
     def _render_chat(self, messages: Any, request: p.RaLMChatCompletionRequest) -> str:
@@ -235,8 +258,10 @@ class OpenAIHandlers:
         rid, created = f"cmpl-{prep.job.request_id}", int(time.time())
 
         def chunk(text: str, **extra: Any) -> str:
-            finish = extra.pop("finish_reason", None)
-            choice = p.CompletionResponseStreamChoice(index=0, text=text, finish_reason=finish)
+            finish, reason = extra.pop("finish_reason", None), extra.pop("stop_reason", None)
+            choice = p.CompletionResponseStreamChoice(
+                index=0, text=text, finish_reason=finish, stop_reason=reason
+            )
             body = p.RaLMCompletionStreamResponse(
                 id=rid, created=created, model=self.model_name, choices=[choice], **extra
             )
@@ -262,9 +287,9 @@ class OpenAIHandlers:
         rid, created = f"chatcmpl-{prep.job.request_id}", int(time.time())
 
         def chunk(delta: p.DeltaMessage, **extra: Any) -> str:
-            finish = extra.pop("finish_reason", None)
+            finish, reason = extra.pop("finish_reason", None), extra.pop("stop_reason", None)
             choice = p.ChatCompletionResponseStreamChoice(
-                index=0, delta=delta, finish_reason=finish
+                index=0, delta=delta, finish_reason=finish, stop_reason=reason
             )
             body = p.RaLMChatCompletionStreamResponse(
                 id=rid, created=created, model=self.model_name, choices=[choice], **extra
@@ -292,13 +317,13 @@ class OpenAIHandlers:
     async def _deltas(self, prep: _Prepared) -> AsyncIterator[tuple[str, str, JobResult | None]]:
         """("text", delta, None) per verified chunk, then ("end", tail, result); a failure
         mid-stream becomes ("error", sse frame, None)."""
-        decoder = IncrementalDecoder(self.tokenizer)
+        decoder, shown = IncrementalDecoder(self.tokenizer), prep.answer_text()
         try:
             async for item in self.service.stream(prep.job):
                 if isinstance(item, JobResult):
-                    yield "end", decoder.flush(), item
+                    yield "end", shown.push(decoder.flush()) + shown.flush(), item
                     return
-                if delta := decoder.push(item.token_ids):
+                if delta := shown.push(decoder.push(prep.shown_ids(item.token_ids))):
                     yield "text", delta, None
         except Exception as err:  # headers are sent: report in-band like vLLM does
             logger.exception("request %s failed mid-stream", prep.job.request_id)
@@ -308,16 +333,25 @@ class OpenAIHandlers:
     async def _final_fields(self, prep: _Prepared, result: JobResult) -> dict[str, Any]:
         return {
             "finish_reason": _finish(result),
-            "sources": await self._sources(result) if prep.return_sources else None,
+            "stop_reason": result.stop_reason,
+            "sources": await self._sources(prep, result) if prep.return_sources else None,
             "ralm": _ralm_usage(prep.job, result),
         }
 
     # -- sources ------------------------------------------------------------------------------
 
-    async def _sources(self, result: JobResult) -> list[p.Source]:
+    async def _sources(self, prep: _Prepared, result: JobResult) -> list[p.Source]:
+        """Character spans end where the shown text ends (before a stop string)."""
+        shown = len(self._text(prep, result))
         return await build_sources(
-            result.spans, result.token_ids, self.tokenizer, self.service.titles
+            result.spans, result.token_ids, self.tokenizer, self.service.titles, shown
         )
+
+    def _text(self, prep: _Prepared, result: JobResult) -> str:
+        """The answer text of a non-streamed response (what a stream shows, at once)."""
+        shown = prep.answer_text()
+        ids = list(prep.shown_ids(result.token_ids))
+        return shown.push(self.tokenizer.decode(ids, skip_special_tokens=True)) + shown.flush()
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -358,6 +392,20 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+def _stop_condition(strings: str | list[str] | None, token_ids: list[int] | None) -> StopCondition:
+    """The request's ``stop`` and ``stop_token_ids``, checked (400 naming the field)."""
+    if isinstance(strings, str):
+        strings = [strings]
+    strings = list(strings or [])
+    if len(strings) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
+    if "" in strings:
+        raise bad_request("stop strings must not be empty", "stop")
+    if any(t < 0 for t in token_ids or []):
+        raise bad_request("stop_token_ids must be non-negative", "stop_token_ids")
+    return StopCondition(tuple(dict.fromkeys(strings)), frozenset(token_ids or []))
 
 
 def _finish(result: JobResult) -> str:

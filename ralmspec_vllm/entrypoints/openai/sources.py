@@ -36,11 +36,17 @@ async def build_sources(
     token_ids: Sequence[int],
     tokenizer: Tokenizer,
     titles: TitleLookup,
+    text_length: int | None = None,
 ) -> list[Source]:
+    """``text_length``: the answer text's length when it is shorter than the tokens' decoding
+    (a stop string cut off); character offsets are clipped to it."""
     merged = merge_spans(spans)
     names = await titles([d for d, _, _ in merged if d is not None])
     bounds = sorted({pos for _, start, end in merged for pos in (start, end)})
-    offsets = dict(zip(bounds, char_offsets(tokenizer, token_ids, bounds), strict=True))
+    chars = char_offsets(tokenizer, token_ids, bounds)
+    if text_length is not None:
+        chars = [min(c, text_length) for c in chars]
+    offsets = dict(zip(bounds, chars, strict=True))
     return [
         Source(
             doc_id=doc_id,
