@@ -277,6 +277,40 @@ async def test_chat_equals_offline_baseline(
         assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
 
+async def test_fields_that_do_not_change_a_greedy_answer_are_accepted(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    """Sampling knobs that greedy decoding ignores, OpenAI's bookkeeping fields, defaults
+    sent explicitly and template variables the template does not use."""
+    messages = [{"role": "user", "content": "Who was Aristotle?"}]
+    want = await served.offline.generate(chat_question(served, messages), "baseline")
+    response = await openai_client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,  # type: ignore[arg-type]
+        seed=3,
+        top_p=0.5,
+        user="someone",
+        metadata={"run": "1"},
+        store=False,
+        extra_body={
+            "ralm": {"mode": "ralmspec"},
+            "top_k": 5,
+            "add_special_tokens": False,
+            "chat_template_kwargs": {"unused_flag": True},
+        },
+    )
+    assert response.choices[0].message.content == want.text
+    question = QUESTIONS[0]
+    want = await baseline(served, question)
+    completion = await openai_client.completions.create(
+        model=MODEL_NAME,
+        prompt=question,
+        seed=7,
+        extra_body={"add_special_tokens": True, "min_p": 0.1, "priority": 0},
+    )
+    assert completion.choices[0].text == want.text
+
+
 async def test_concurrent_clients_get_baseline_answers(
     served: Served, openai_client: openai.AsyncOpenAI
 ) -> None:
@@ -308,6 +342,7 @@ def ralm(**options: Any) -> dict[str, Any]:
     return {"prompt": "q", "ralm": options}
 
 
+USER = {"role": "user", "content": "hi"}
 IMAGE = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
 BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (CMPL, ralm(bogus=1), 400, "ralm.bogus"),
@@ -332,6 +367,20 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (CMPL, {"max_tokens": 3}, 400, "prompt"),
     (CMPL, "{not json", 400, None),
     (CMPL, {"prompt": "q", "model": "other-model"}, 404, "model"),
+    (CMPL, {"prompt": "q", "max_tokenz": 5}, 400, "max_tokenz"),  # a typo is not ignored
+    (CMPL, {"prompt": "q", "truncate_prompt_tokens": 5}, 400, "truncate_prompt_tokens"),
+    (CMPL, {"prompt": "q", "add_special_tokens": False}, 400, "add_special_tokens"),
+    (CMPL, {"prompt": "q", "priority": 1}, 400, "priority"),
+    (CMPL, {"prompt": "q", "cache_salt": "tenant-a"}, 400, "cache_salt"),
+    (CHAT, {"messages": [USER], "bogus": 1}, 400, "bogus"),
+    (CHAT, {"messages": [USER], "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+    (CHAT, {"messages": [USER], "documents": [{"text": "x"}]}, 400, "documents"),
+    (
+        CHAT,
+        {"messages": [USER], "chat_template_kwargs": {"tokenize": True}},
+        400,
+        "chat_template_kwargs",
+    ),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {"messages": [IMAGE]}, 400, "messages.0.content"),
 ]

@@ -62,6 +62,35 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": lambda v: v is not None,
     "skip_special_tokens": lambda v: v is False,
 }
+_DEFAULT_ONLY = (
+    "add_special_tokens",  # the prompt layout places the special prefix itself
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "documents",  # the retriever chooses the documents
+    "chat_template",  # vLLM also refuses request templates unless told to trust them
+    "cache_salt",
+    "priority",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "vllm_xargs",
+    "repetition_detection",
+    "reasoning_effort",
+    "thinking_token_budget",
+    "media_io_kwargs",
+    "mm_processor_kwargs",
+    "logprob_token_ids",
+    "return_token_offsets",
+    "return_prompt_text",
+    "return_assistant_tokens_mask",
+)
+"""vLLM extensions this server does not implement: a value other than the default -> 400."""
+_IGNORED = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
+"""OpenAI bookkeeping fields outside vLLM's schema that do not change an answer."""
+_TEMPLATE_RESERVED = frozenset(
+    {"tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
+     "conversation", "tools", "documents", "return_dict", "return_assistant_tokens_mask"}
+)  # fmt: skip
+"""``chat_template_kwargs`` keys the server sets itself."""
 MAX_STOP_STRINGS = 64
 
 
@@ -187,8 +216,17 @@ class OpenAIHandlers:
                 "sampling is not supported)",
                 "temperature",
             )
+        fields = type(request).model_fields
+        for field in body:
+            if field not in fields and field not in _IGNORED:
+                raise bad_request(f"Unrecognized request argument supplied: {field}", field)
         for field, unsupported in _UNSUPPORTED.items():
             if field in body and unsupported(getattr(request, field, body[field])):
+                raise bad_request(f"{field} is not supported by the RaLM server", field)
+        for field in _DEFAULT_ONLY:
+            if field in body and getattr(request, field) != fields[field].get_default(
+                call_default_factory=True
+            ):
                 raise bad_request(f"{field} is not supported by the RaLM server", field)
         if max_tokens is not None and (
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
@@ -238,6 +276,11 @@ class OpenAIHandlers:
             plain.append({"role": str(message.get("role")), "content": content})
         if not plain:
             raise bad_request("messages must not be empty", "messages")
+        extra = dict(request.chat_template_kwargs or {})
+        if reserved := sorted(_TEMPLATE_RESERVED & extra.keys()):
+            raise bad_request(
+                f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
+            )
         apply = getattr(self.tokenizer, "apply_chat_template", None)
         if apply is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
@@ -247,6 +290,7 @@ class OpenAIHandlers:
                 tokenize=False,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
+                **extra,
             )
         except Exception as err:  # template errors (e.g. roles it rejects) are client errors
             raise bad_request(f"chat template failed: {err}", "messages") from None
