@@ -363,7 +363,10 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (CMPL, {"prompt": "q", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     (CMPL, {"prompt": "q", "ignore_eos": True}, 400, "ignore_eos"),
     (CMPL, {"prompt": "q", "skip_special_tokens": False}, 400, "skip_special_tokens"),
-    (CMPL, {"prompt": ["a", "b"]}, 400, "prompt"),
+    (CMPL, {"prompt": ["a", [1, 2]]}, 400, "prompt.0"),  # a batch of one kind of prompt
+    (CMPL, {"prompt": [[1, 2], []]}, 400, "prompt"),
+    (CMPL, {"prompt": ["q"] * 257}, 400, "prompt"),
+    (CMPL, {"prompt": ["q", "word " * 2000]}, 400, "prompt"),  # names the prompt: "prompt 1"
     (CMPL, {"max_tokens": 3}, 400, "prompt"),
     (CMPL, "{not json", 400, None),
     (CMPL, {"prompt": "q", "model": "other-model"}, 404, "model"),
@@ -459,22 +462,24 @@ async def test_metrics_answer_while_the_retriever_hangs(
     assert sample("ralmspec_retriever_search_seconds_total") == before
 
 
-async def _wait_idle(served: Served, aborted_before: float, method: str) -> None:
+async def _wait_idle(served: Served, aborted_before: float, method: str, jobs: int) -> None:
     for _ in range(200):
         aborted = sample("ralmspec_requests_total", method=method, outcome="aborted")
-        if aborted > aborted_before and served.lm.in_flight() == 0:  # type: ignore[attr-defined]
+        idle = served.lm.in_flight() == 0  # type: ignore[attr-defined]
+        if aborted >= aborted_before + jobs and idle:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the disconnected request's work did not stop")
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one-prompt", "three-prompts"])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-async def test_client_disconnect_aborts_work(served: Served, stream: bool) -> None:
+async def test_client_disconnect_aborts_work(served: Served, stream: bool, batch: bool) -> None:
     method = "ralmspec-PSA"
     before = sample("ralmspec_requests_total", method=method, outcome="aborted")
     done_before = sample("ralmspec_requests_total", method=method, outcome="ok")
     body = {
-        "prompt": QUESTIONS[1],
+        "prompt": QUESTIONS[1:4] if batch else QUESTIONS[1],
         "max_tokens": 256,
         "stream": stream,
         "ralm": {"mode": "ralmspec"},
@@ -492,5 +497,5 @@ async def test_client_disconnect_aborts_work(served: Served, stream: bool) -> No
                     break
                 await asyncio.sleep(0.01)
             request.cancel()
-    await _wait_idle(served, before, method)
+    await _wait_idle(served, before, method, jobs=3 if batch else 1)
     assert sample("ralmspec_requests_total", method=method, outcome="ok") == done_before

@@ -1,11 +1,13 @@
 """``/v1/completions`` and ``/v1/chat/completions``: OpenAI request in, RaLM job, OpenAI out.
 
 Flow of one request: the JSON body is validated by the protocol models (400 on failure);
-unsupported sampling features are rejected (400: only greedy decoding is served, the mode in
-which ``ralmspec`` is guaranteed to return the baseline's tokens); the prompt (or the chat
-messages rendered with the tokenizer's chat template) becomes the RaLM question;
-``RaLMService.plan`` applies defaults and limits (400 naming the field); then either the
-whole answer is returned, or verified tokens are streamed as server-sent events. ``stop`` and
+fields the server would not honour are rejected (``checks.py``: only greedy decoding is
+served, the mode in which ``ralmspec`` is guaranteed to return the baseline's tokens); each
+prompt (or the chat messages rendered with the tokenizer's chat template) becomes a RaLM
+question; ``RaLMService.plan`` applies defaults and limits (400 naming the field); then
+either the whole answer is returned, or verified tokens are streamed as server-sent events.
+A completion may batch several prompts: one job each, run concurrently, one choice each (a
+stream interleaves their chunks, told apart by ``index``). ``stop`` and
 ``stop_token_ids`` end the answer in the core (``core/stop.py``); here the text shown ends
 before the stop (``StopText``), the same whether streamed or not.
 
@@ -17,10 +19,11 @@ is cancelled the same way by Starlette's ``StreamingResponse``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ralmspec_vllm.core.stop import StopCondition, StopText
 from ralmspec_vllm.entrypoints.openai import protocol as p
+from ralmspec_vllm.entrypoints.openai.checks import check_fields, stop_condition, template_kwargs
 from ralmspec_vllm.entrypoints.openai.errors import APIError, bad_request
 from ralmspec_vllm.entrypoints.openai.sources import build_sources
 from ralmspec_vllm.entrypoints.openai.streaming import DONE, IncrementalDecoder, sse
@@ -38,72 +42,29 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Request fields that change sampling or output shape; any non-default value -> 400.
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v not in (None, 1),
-    "best_of": lambda v: v not in (None, 1),
-    "use_beam_search": bool,
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: bool(v),
-    "prompt_logprobs": lambda v: v is not None,
-    "echo": bool,
-    "suffix": lambda v: v is not None,
-    "presence_penalty": lambda v: v not in (None, 0.0),
-    "frequency_penalty": lambda v: v not in (None, 0.0),
-    "repetition_penalty": lambda v: v not in (None, 1.0),
-    "logit_bias": lambda v: bool(v),
-    "min_tokens": lambda v: bool(v),
-    "ignore_eos": bool,
-    "tools": lambda v: bool(v),
-    "response_format": lambda v: v is not None and getattr(v, "type", "text") != "text",
-    "structured_outputs": lambda v: v is not None,
-    "allowed_token_ids": lambda v: v is not None,
-    "bad_words": lambda v: bool(v),
-    "prompt_embeds": lambda v: v is not None,
-    "skip_special_tokens": lambda v: v is False,
-}
-_DEFAULT_ONLY = (
-    "add_special_tokens",  # the prompt layout places the special prefix itself
-    "truncate_prompt_tokens",
-    "truncation_side",
-    "documents",  # the retriever chooses the documents
-    "chat_template",  # vLLM also refuses request templates unless told to trust them
-    "cache_salt",
-    "priority",
-    "kv_transfer_params",
-    "ec_transfer_params",
-    "vllm_xargs",
-    "repetition_detection",
-    "reasoning_effort",
-    "thinking_token_budget",
-    "media_io_kwargs",
-    "mm_processor_kwargs",
-    "logprob_token_ids",
-    "return_token_offsets",
-    "return_prompt_text",
-    "return_assistant_tokens_mask",
-)
-"""vLLM extensions this server does not implement: a value other than the default -> 400."""
-_IGNORED = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
-"""OpenAI bookkeeping fields outside vLLM's schema that do not change an answer."""
-_TEMPLATE_RESERVED = frozenset(
-    {"tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
-     "conversation", "tools", "documents", "return_dict", "return_assistant_tokens_mask"}
-)  # fmt: skip
-"""``chat_template_kwargs`` keys the server sets itself."""
-MAX_STOP_STRINGS = 64
+MAX_PROMPTS = 256
+"""Prompts one ``/v1/completions`` request may batch (each is a RaLM job of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    job: RaLMJob
+    """One validated request: a job per prompt (chat: one) and how to answer it."""
+
+    request_id: str
+    jobs: tuple[RaLMJob, ...]
+    prompt_tokens: tuple[int, ...]
     stream: bool
     include_usage: bool
     return_sources: bool
-    prompt_tokens: int
+    return_token_ids: bool
     stop: StopCondition
     include_stop: bool
     """``include_stop_str_in_output``: the stop string or token's text stays in the answer."""
+
+    @property
+    def batched(self) -> bool:
+        """Several prompts: each choice carries its own ``sources`` and ``ralm``."""
+        return len(self.jobs) > 1
 
     def answer_text(self) -> StopText:
         """The filter that ends the shown text at the first stop string."""
@@ -130,35 +91,29 @@ class OpenAIHandlers:
     async def completions(self, raw: Request) -> Response:
         body = await _json_body(raw)
         request = p.RaLMCompletionRequest.model_validate(body)
-        prompt = request.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            question_ids = self.service.question_ids(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            question_ids = list(prompt)  # type: ignore[arg-type]
-        else:
-            raise bad_request("prompt must be one string or one list of token ids", "prompt")
-        prep = self._prepare(request, body, question_ids, body.get("max_tokens"))
+        prompts = self._prompts(request.prompt)
+        prep = self._prepare(request, body, prompts, body.get("max_tokens"))
         if prep.stream:
-            return _sse_response(self._stream_completion(prep))
-        result = await _until_disconnect(raw, self.service.run(prep.job))
-        text = self._text(prep, result)
-        response = p.RaLMCompletionResponse(
-            id=f"cmpl-{prep.job.request_id}",
-            model=self.model_name,
-            choices=[
-                p.CompletionResponseChoice(
-                    index=0,
-                    text=text,
+            return _sse_response(self._stream(prep, chat=False))
+        results = await _until_disconnect(raw, self._run_all(prep))
+        choices = []
+        for i, result in enumerate(results):
+            choices.append(
+                p.RaLMCompletionChoice(
+                    index=i,
+                    text=self._text(prep, result),
                     finish_reason=_finish(result),
                     stop_reason=result.stop_reason,
-                    token_ids=list(result.token_ids) if request.return_token_ids else None,
+                    token_ids=list(result.token_ids) if prep.return_token_ids else None,
+                    **(await self._extension(prep, i, result) if prep.batched else {}),
                 )
-            ],
-            usage=_usage(prep, result),
-            sources=await self._sources(prep, result) if prep.return_sources else None,
-            ralm=_ralm_usage(prep.job, result),
+            )
+        response = p.RaLMCompletionResponse(
+            id=f"cmpl-{prep.request_id}",
+            model=self.model_name,
+            choices=choices,
+            usage=_usage(prep, results),
+            **({} if prep.batched else await self._extension(prep, 0, results[0])),
         )
         return JSONResponse(p.dump(response))
 
@@ -169,36 +124,56 @@ class OpenAIHandlers:
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        prep = self._prepare(request, body, self.service.question_ids(question), max_tokens)
+        prep = self._prepare(request, body, [self.service.question_ids(question)], max_tokens)
         if prep.stream:
-            return _sse_response(self._stream_chat(prep))
-        result = await _until_disconnect(raw, self.service.run(prep.job))
-        text = self._text(prep, result)
+            return _sse_response(self._stream(prep, chat=True))
+        (result,) = await _until_disconnect(raw, self._run_all(prep))
         response = p.RaLMChatCompletionResponse(
-            id=f"chatcmpl-{prep.job.request_id}",
+            id=f"chatcmpl-{prep.request_id}",
             model=self.model_name,
             choices=[
                 p.ChatCompletionResponseChoice(
                     index=0,
-                    message=p.ChatMessage(role="assistant", content=text),
+                    message=p.ChatMessage(role="assistant", content=self._text(prep, result)),
                     finish_reason=_finish(result),
                     stop_reason=result.stop_reason,
-                    token_ids=list(result.token_ids) if request.return_token_ids else None,
+                    token_ids=list(result.token_ids) if prep.return_token_ids else None,
                 )
             ],
-            usage=_usage(prep, result),
-            sources=await self._sources(prep, result) if prep.return_sources else None,
-            ralm=_ralm_usage(prep.job, result),
+            usage=_usage(prep, [result]),
+            **await self._extension(prep, 0, result),
         )
         return JSONResponse(p.dump(response))
 
     # -- request preparation --------------------------------------------------------------
 
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """The question tokens of each prompt: a string, a list of token ids, or a list of
+        either (a batch: one answer per prompt, in order)."""
+        if isinstance(prompt, str):
+            return [self.service.question_ids(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(t, int) for t in prompt):
+                return [list(prompt)]
+            if len(prompt) > MAX_PROMPTS:
+                raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+            if all(isinstance(x, str) for x in prompt):
+                return [self.service.question_ids(x) for x in prompt]
+            if all(
+                isinstance(x, list) and x and all(isinstance(t, int) for t in x) for x in prompt
+            ):
+                return [list(x) for x in prompt]
+        raise bad_request(
+            "prompt must be a string, a list of token ids, or a non-empty list of strings or "
+            "of token-id lists",
+            "prompt",
+        )
+
     def _prepare(
         self,
         request: p.RaLMCompletionRequest | p.RaLMChatCompletionRequest,
         body: dict[str, Any],
-        question_ids: list[int],
+        prompts: list[list[int]],
         max_tokens: Any,
     ) -> _Prepared:
         if request.model is not None and request.model != self.model_name:
@@ -209,54 +184,43 @@ class OpenAIHandlers:
                 param="model",
                 code="model_not_found",
             )
-        if request.temperature is not None and request.temperature > 0:
-            raise bad_request(
-                "temperature must be 0 or unset: the RaLM server decodes greedily, the mode in "
-                "which ralmspec's output is guaranteed identical to the baseline's (seeded "
-                "sampling is not supported)",
-                "temperature",
-            )
-        fields = type(request).model_fields
-        for field in body:
-            if field not in fields and field not in _IGNORED:
-                raise bad_request(f"Unrecognized request argument supplied: {field}", field)
-        for field, unsupported in _UNSUPPORTED.items():
-            if field in body and unsupported(getattr(request, field, body[field])):
-                raise bad_request(f"{field} is not supported by the RaLM server", field)
-        for field in _DEFAULT_ONLY:
-            if field in body and getattr(request, field) != fields[field].get_default(
-                call_default_factory=True
-            ):
-                raise bad_request(f"{field} is not supported by the RaLM server", field)
+        check_fields(request, body)
         if max_tokens is not None and (
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
         ):
             raise bad_request(f"max_tokens must be an integer, got {max_tokens!r}", "max_tokens")
         options = request.ralm or p.RaLMOptions()
-        stop = _stop_condition(request.stop, request.stop_token_ids)
-        try:
-            job = self.service.plan(
-                question_ids,
-                max_tokens,
-                RequestOptions(
-                    mode=options.mode,
-                    retrieval_stride=options.retrieval_stride,
-                    speculation_stride=options.speculation_stride,
-                    prefetch_k=options.prefetch_k,
-                    async_verification=options.async_verification,
-                ),
-                request_id=uuid.uuid4().hex,
-                stop=stop,
-            )
-        except JobError as err:
-            raise bad_request(str(err), err.param) from None
+        stop = stop_condition(request.stop, request.stop_token_ids)
+        request_id = uuid.uuid4().hex
+        jobs = []
+        for i, question_ids in enumerate(prompts):
+            try:
+                job = self.service.plan(
+                    question_ids,
+                    max_tokens,
+                    RequestOptions(
+                        mode=options.mode,
+                        retrieval_stride=options.retrieval_stride,
+                        speculation_stride=options.speculation_stride,
+                        prefetch_k=options.prefetch_k,
+                        async_verification=options.async_verification,
+                    ),
+                    request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                    stop=stop,
+                )
+            except JobError as err:
+                which = f"prompt {i}: " if len(prompts) > 1 else ""
+                raise bad_request(f"{which}{err}", err.param) from None
+            jobs.append(job)
         stream_options = request.stream_options
         return _Prepared(
-            job=job,
+            request_id=request_id,
+            jobs=tuple(jobs),
+            prompt_tokens=tuple(len(q) for q in prompts),
             stream=bool(request.stream),
             include_usage=bool(stream_options and stream_options.include_usage),
             return_sources=options.return_sources,
-            prompt_tokens=len(question_ids),
+            return_token_ids=bool(request.return_token_ids),
             stop=stop,
             include_stop=request.include_stop_str_in_output,
         )
@@ -276,11 +240,7 @@ class OpenAIHandlers:
             plain.append({"role": str(message.get("role")), "content": content})
         if not plain:
             raise bad_request("messages must not be empty", "messages")
-        extra = dict(request.chat_template_kwargs or {})
-        if reserved := sorted(_TEMPLATE_RESERVED & extra.keys()):
-            raise bad_request(
-                f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
-            )
+        extra = template_kwargs(request.chat_template_kwargs)
         apply = getattr(self.tokenizer, "apply_chat_template", None)
         if apply is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
@@ -296,93 +256,130 @@ class OpenAIHandlers:
             raise bad_request(f"chat template failed: {err}", "messages") from None
         return str(text)
 
+    # -- running ----------------------------------------------------------------------------
+
+    async def _run_all(self, prep: _Prepared) -> list[JobResult]:
+        """Every job's whole answer; the first failure cancels the others."""
+        tasks = [asyncio.ensure_future(self.service.run(job)) for job in prep.jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- streaming ------------------------------------------------------------------------
 
-    async def _stream_completion(self, prep: _Prepared) -> AsyncIterator[str]:
-        rid, created = f"cmpl-{prep.job.request_id}", int(time.time())
+    async def _stream(self, prep: _Prepared, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: each choice's verified text as it comes (choices interleave
+        when several prompts stream), its last chunk with ``finish_reason``, then usage."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{prep.request_id}"
+        created = int(time.time())
 
-        def chunk(text: str, **extra: Any) -> str:
+        def frame(index: int, text: str, role: str | None = None, **extra: Any) -> str:
             finish, reason = extra.pop("finish_reason", None), extra.pop("stop_reason", None)
-            choice = p.CompletionResponseStreamChoice(
-                index=0, text=text, finish_reason=finish, stop_reason=reason
-            )
-            body = p.RaLMCompletionStreamResponse(
-                id=rid, created=created, model=self.model_name, choices=[choice], **extra
-            )
+            per_choice = {
+                k: extra.pop(k) for k in ("sources", "ralm") if prep.batched and k in extra
+            }
+            body: p.RaLMCompletionStreamResponse | p.RaLMChatCompletionStreamResponse
+            if chat:
+                delta = (
+                    p.DeltaMessage(role=role, content=text) if text or role else p.DeltaMessage()
+                )
+                chat_choice = p.ChatCompletionResponseStreamChoice(
+                    index=index, delta=delta, finish_reason=finish, stop_reason=reason
+                )
+                body = p.RaLMChatCompletionStreamResponse(
+                    id=rid, created=created, model=self.model_name, choices=[chat_choice], **extra
+                )
+            else:
+                choice = p.RaLMCompletionStreamChoice(
+                    index=index, text=text, finish_reason=finish, stop_reason=reason, **per_choice
+                )
+                body = p.RaLMCompletionStreamResponse(
+                    id=rid, created=created, model=self.model_name, choices=[choice], **extra
+                )
             return sse(p.dump(body))
 
-        async for kind, value, result in self._deltas(prep):
+        if chat:
+            yield frame(0, "", role="assistant")
+        results: dict[int, JobResult] = {}
+        async for index, kind, value, result in self._merged(prep):
             if kind == "text":
-                yield chunk(value)
+                yield frame(index, value)
             elif kind == "end":
                 assert result is not None
-                yield chunk(value, **await self._final_fields(prep, result))
-                if prep.include_usage:
-                    usage = p.RaLMCompletionStreamResponse(
-                        id=rid, created=created, model=self.model_name, choices=[],
-                        usage=_usage(prep, result),
-                    )  # fmt: skip
-                    yield sse(p.dump(usage))
+                results[index] = result
+                extension = await self._extension(prep, index, result)
+                yield frame(
+                    index,
+                    value,
+                    finish_reason=_finish(result),
+                    stop_reason=result.stop_reason,
+                    **extension,
+                )
             else:
                 yield value
+                break
+        if prep.include_usage and len(results) == len(prep.jobs):
+            usage = _usage(prep, [results[i] for i in range(len(prep.jobs))])
+            response = (
+                p.RaLMChatCompletionStreamResponse if chat else p.RaLMCompletionStreamResponse
+            )
+            body = response(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
+            yield sse(p.dump(body))
         yield DONE
 
-    async def _stream_chat(self, prep: _Prepared) -> AsyncIterator[str]:
-        rid, created = f"chatcmpl-{prep.job.request_id}", int(time.time())
+    async def _merged(
+        self, prep: _Prepared
+    ) -> AsyncIterator[tuple[int, str, str, JobResult | None]]:
+        """Every job's ``_deltas`` tagged with its prompt's index, in arrival order. Closing
+        the iterator (a client gone) cancels every job."""
+        queue: asyncio.Queue[tuple[int, str, str, JobResult | None]] = asyncio.Queue()
 
-        def chunk(delta: p.DeltaMessage, **extra: Any) -> str:
-            finish, reason = extra.pop("finish_reason", None), extra.pop("stop_reason", None)
-            choice = p.ChatCompletionResponseStreamChoice(
-                index=0, delta=delta, finish_reason=finish, stop_reason=reason
-            )
-            body = p.RaLMChatCompletionStreamResponse(
-                id=rid, created=created, model=self.model_name, choices=[choice], **extra
-            )
-            return sse(p.dump(body))
+        async def pump(index: int, job: RaLMJob) -> None:
+            async for kind, value, result in self._deltas(prep, job):
+                queue.put_nowait((index, kind, value, result))
 
-        yield chunk(p.DeltaMessage(role="assistant", content=""))
-        async for kind, value, result in self._deltas(prep):
-            if kind == "text":
-                yield chunk(p.DeltaMessage(content=value))
-            elif kind == "end":
-                assert result is not None
-                delta = p.DeltaMessage(content=value) if value else p.DeltaMessage()
-                yield chunk(delta, **await self._final_fields(prep, result))
-                if prep.include_usage:
-                    usage = p.RaLMChatCompletionStreamResponse(
-                        id=rid, created=created, model=self.model_name, choices=[],
-                        usage=_usage(prep, result),
-                    )  # fmt: skip
-                    yield sse(p.dump(usage))
-            else:
-                yield value
-        yield DONE
+        tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(prep.jobs)]
+        ended = 0
+        try:
+            while ended < len(tasks):
+                item = await queue.get()
+                ended += item[1] != "text"
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Under an anyio cancel scope (Starlette's streaming response) every await in
+            # here is cancelled again at once; the tasks are cancelled either way.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _deltas(self, prep: _Prepared) -> AsyncIterator[tuple[str, str, JobResult | None]]:
+    async def _deltas(
+        self, prep: _Prepared, job: RaLMJob
+    ) -> AsyncIterator[tuple[str, str, JobResult | None]]:
         """("text", delta, None) per verified chunk, then ("end", tail, result); a failure
         mid-stream becomes ("error", sse frame, None)."""
         decoder, shown = IncrementalDecoder(self.tokenizer), prep.answer_text()
         try:
-            async for item in self.service.stream(prep.job):
+            async for item in self.service.stream(job):
                 if isinstance(item, JobResult):
                     yield "end", shown.push(decoder.flush()) + shown.flush(), item
                     return
                 if delta := shown.push(decoder.push(prep.shown_ids(item.token_ids))):
                     yield "text", delta, None
         except Exception as err:  # headers are sent: report in-band like vLLM does
-            logger.exception("request %s failed mid-stream", prep.job.request_id)
+            logger.exception("request %s failed mid-stream", job.request_id)
             error = APIError(f"{type(err).__name__}: {err}", status=500, type="server_error")
             yield "error", sse(error.body()), None
 
-    async def _final_fields(self, prep: _Prepared, result: JobResult) -> dict[str, Any]:
-        return {
-            "finish_reason": _finish(result),
-            "stop_reason": result.stop_reason,
-            "sources": await self._sources(prep, result) if prep.return_sources else None,
-            "ralm": _ralm_usage(prep.job, result),
-        }
+    # -- the RaLM fields ----------------------------------------------------------------------
 
-    # -- sources ------------------------------------------------------------------------------
+    async def _extension(self, prep: _Prepared, index: int, result: JobResult) -> dict[str, Any]:
+        """``sources`` (when asked for) and ``ralm`` of one answer."""
+        sources = await self._sources(prep, result) if prep.return_sources else None
+        return {"sources": sources, "ralm": _ralm_usage(prep.jobs[index], result)}
 
     async def _sources(self, prep: _Prepared, result: JobResult) -> list[p.Source]:
         """Character spans end where the shown text ends (before a stop string)."""
@@ -438,30 +435,15 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-def _stop_condition(strings: str | list[str] | None, token_ids: list[int] | None) -> StopCondition:
-    """The request's ``stop`` and ``stop_token_ids``, checked (400 naming the field)."""
-    if isinstance(strings, str):
-        strings = [strings]
-    strings = list(strings or [])
-    if len(strings) > MAX_STOP_STRINGS:
-        raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
-    if "" in strings:
-        raise bad_request("stop strings must not be empty", "stop")
-    if any(t < 0 for t in token_ids or []):
-        raise bad_request("stop_token_ids must be non-negative", "stop_token_ids")
-    return StopCondition(tuple(dict.fromkeys(strings)), frozenset(token_ids or []))
-
-
 def _finish(result: JobResult) -> str:
     return "stop" if result.finished else "length"
 
 
-def _usage(prep: _Prepared, result: JobResult) -> p.UsageInfo:
-    completion = len(result.token_ids)
+def _usage(prep: _Prepared, results: Sequence[JobResult]) -> p.UsageInfo:
+    prompt = sum(prep.prompt_tokens)
+    completion = sum(len(result.token_ids) for result in results)
     return p.UsageInfo(
-        prompt_tokens=prep.prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=prep.prompt_tokens + completion,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
 
 

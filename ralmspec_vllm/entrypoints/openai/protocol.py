@@ -10,7 +10,9 @@ Responses reuse vLLM's response models and add two top-level fields:
   with one document in front (token span and character span in the answer text);
 - ``ralm``: a ``RaLMUsage`` summary of the request (mode, retrievals, speculation outcome).
 
-Streams carry both on their final chunk (the one with ``finish_reason``).
+Streams carry both on their final chunk (the one with ``finish_reason``). A completion of
+several prompts (a batch) has them on each choice instead (``RaLMCompletionChoice``), one
+answer per prompt.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ __all__ = [
     "RaLMChatCompletionRequest",
     "RaLMChatCompletionResponse",
     "RaLMChatCompletionStreamResponse",
+    "RaLMCompletionChoice",
     "RaLMCompletionRequest",
     "RaLMCompletionResponse",
+    "RaLMCompletionStreamChoice",
     "RaLMCompletionStreamResponse",
     "RaLMOptions",
     "RaLMUsage",
@@ -131,12 +135,26 @@ class RaLMUsage(BaseModel):
     busier than ``--max-retriever-utilization`` while it ran (the answer is the same)."""
 
 
+class RaLMCompletionChoice(CompletionResponseChoice):
+    """A choice of a batched completion (several prompts) carries its own RaLM fields."""
+
+    sources: list[Source] | None = None
+    ralm: RaLMUsage | None = None
+
+
+class RaLMCompletionStreamChoice(CompletionResponseStreamChoice):
+    sources: list[Source] | None = None
+    ralm: RaLMUsage | None = None
+
+
 class RaLMCompletionResponse(CompletionResponse):
+    choices: list[RaLMCompletionChoice]  # type: ignore[assignment]
     sources: list[Source] | None = None
     ralm: RaLMUsage | None = None
 
 
 class RaLMCompletionStreamResponse(CompletionStreamResponse):
+    choices: list[RaLMCompletionStreamChoice]  # type: ignore[assignment]
     sources: list[Source] | None = None
     ralm: RaLMUsage | None = None
 
@@ -152,9 +170,10 @@ class RaLMChatCompletionStreamResponse(ChatCompletionStreamResponse):
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
-    """JSON-ready dict without the RaLM fields when they are unset (plain OpenAI shape)."""
+    """JSON-ready dict without the RaLM fields where they are unset (plain OpenAI shape)."""
     data = model.model_dump(mode="json")
-    for key in ("sources", "ralm"):
-        if data.get(key) is None:
-            data.pop(key, None)
+    for part in [data, *data.get("choices", [])]:
+        for key in ("sources", "ralm"):
+            if part.get(key) is None:
+                part.pop(key, None)
     return data
