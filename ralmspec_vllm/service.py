@@ -254,9 +254,11 @@ class RaLMService:
         options: RequestOptions,
         request_id: str | None = None,
         stop: StopCondition | None = None,
+        ignore_eos: bool = False,
     ) -> RaLMJob:
         """Apply defaults and limits; ``JobError`` (param = request field) when out of range.
-        ``stop``: the request's stop strings and token ids (none by default)."""
+        ``stop``: the request's stop strings and token ids (none by default);
+        ``ignore_eos``: generate past EOS."""
         cfg = self.config
         mode = options.mode or cfg.default_mode
         if mode not in SERVED_MODES:
@@ -304,6 +306,7 @@ class RaLMService:
                 retrieval_stride=stride,
                 max_new_tokens=max_tokens,
                 stop=stop or StopCondition(),
+                ignore_eos=ignore_eos,
             ),
             speculation=replace(
                 spec,

@@ -40,6 +40,8 @@ class RaLMConfig:
     """Text between the document and the question (tokenized on its own)."""
     stop: StopCondition = field(default_factory=StopCondition)
     """Stop strings and stop token ids that end the answer early (per request)."""
+    ignore_eos: bool = False
+    """Generate past EOS, to ``max_new_tokens`` or a stop (per request; e.g. benchmarks)."""
 
     def __post_init__(self) -> None:
         _positive("retrieval_stride", self.retrieval_stride)

@@ -21,7 +21,7 @@ class Generation:
     token_ids: tuple[int, ...]
     """New tokens, at most ``max_tokens``; ends with EOS when the model stopped."""
     finished: bool
-    """True when the model emitted EOS (the request is complete)."""
+    """True when the model emitted EOS (the request is complete; never with ``ignore_eos``)."""
     num_prompt_tokens: int
     num_cached_tokens: int
     """Prompt tokens served from the KV/prefix cache instead of recomputed."""
@@ -32,8 +32,16 @@ class LanguageModel(Protocol):
     """Greedy chunked generation. Concurrent calls with distinct ``request_id`` are allowed."""
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str
-    ) -> Generation: ...
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        request_id: str,
+        *,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """``ignore_eos``: EOS (and any token the LM treats like it) does not end the chunk;
+        generation runs on to ``max_tokens``."""
+        ...
 
     async def abort(self, request_id: str) -> None:
         """Cancel an in-flight ``generate`` (speculative work that became useless)."""

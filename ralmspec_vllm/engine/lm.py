@@ -140,19 +140,26 @@ class VllmLanguageModel:
     def cache_stats(self) -> CacheStats:
         return CacheStats(self._requests, self._prompt_tokens, self._cached_tokens)
 
-    def _sampling_params(self, max_tokens: int) -> Any:
+    def _sampling_params(self, max_tokens: int, ignore_eos: bool) -> Any:
         return self._api.SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
-            stop_token_ids=list(self.stop_token_ids) or None,
+            ignore_eos=ignore_eos,
+            stop_token_ids=None if ignore_eos else list(self.stop_token_ids) or None,
             output_kind=self._api.RequestOutputKind.FINAL_ONLY,
             detokenize=False,
         )
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        request_id: str,
+        *,
+        ignore_eos: bool = False,
     ) -> Generation:
-        """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``.
+        """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``
+        (``ignore_eos``: past EOS and the ``stop_token_ids`` treated like it).
 
         ``max_tokens`` is clipped to the room left in ``max_model_len``. An aborted call
         returns the tokens generated so far with ``finished=False``.
@@ -175,7 +182,7 @@ class VllmLanguageModel:
         try:
             async for output in self._engine.generate(
                 self._api.TokensPrompt(prompt_token_ids=prompt),
-                self._sampling_params(min(max_tokens, room)),
+                self._sampling_params(min(max_tokens, room), ignore_eos),
                 vllm_id,
             ):
                 final = output

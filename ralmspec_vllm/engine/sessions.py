@@ -163,9 +163,15 @@ class SessionLanguageModel:
     # -- the LanguageModel protocol --------------------------------------------------------
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        request_id: str,
+        *,
+        ignore_eos: bool = False,
     ) -> Generation:
-        """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``."""
+        """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``
+        (``ignore_eos``: past EOS; set per chunk)."""
         prompt = [int(t) for t in prompt_token_ids]
         limit = self.base.max_model_len
         if max_tokens < 1:
@@ -179,9 +185,9 @@ class SessionLanguageModel:
         start = time.perf_counter()
         session, keep = self._choose(group_of(request_id), prompt)
         if session is None:
-            session = await self._open(group_of(request_id), prompt, max_tokens)
+            session = await self._open(group_of(request_id), prompt, max_tokens, ignore_eos)
         else:
-            self._resume(session, prompt, keep, max_tokens)
+            self._resume(session, prompt, keep, max_tokens, ignore_eos)
         session.busy_with = request_id
         self._inflight[request_id] = session
         try:
@@ -236,45 +242,50 @@ class SessionLanguageModel:
             return None, 0
         return best, best_keep
 
-    def _params(self, max_tokens: int, keep: int | None) -> Any:
+    def _params(self, max_tokens: int, keep: int | None, ignore_eos: bool) -> Any:
         extra: dict[str, Any] = {RALM_SESSION_KEY: True}
         if keep is not None:
             extra[RALM_KEEP_KEY] = keep
-        stop = list(self.base.stop_token_ids) or None
+        stop = None if ignore_eos else list(self.base.stop_token_ids) or None
         return self._api.SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
+            ignore_eos=ignore_eos,
             stop_token_ids=stop,
             output_kind=self._api.RequestOutputKind.DELTA,
             detokenize=False,
             extra_args=extra,
         )
 
-    def _chunk(self, tokens: list[int], max_tokens: int, keep: int | None) -> Any:
+    def _chunk(self, tokens: list[int], max_tokens: int, keep: int | None, ignore_eos: bool) -> Any:
         prompt = self._api.TokensPrompt(prompt_token_ids=tokens)
-        return self._api.StreamingInput(prompt, self._params(max_tokens, keep))
+        return self._api.StreamingInput(prompt, self._params(max_tokens, keep, ignore_eos))
 
-    async def _open(self, group: str, prompt: list[int], max_tokens: int) -> _Session:
+    async def _open(
+        self, group: str, prompt: list[int], max_tokens: int, ignore_eos: bool
+    ) -> _Session:
         await self._make_room(group)
         session = _Session(f"ralm-session-{next(self._ids)}", group)
         self._sessions[session.id] = session
-        session.inputs.put_nowait(self._chunk(prompt, max_tokens, None))
+        session.inputs.put_nowait(self._chunk(prompt, max_tokens, None, ignore_eos))
         stream = self.base.engine.generate(
-            session.input_stream(), self._params(max_tokens, None), session.id
+            session.input_stream(), self._params(max_tokens, None, ignore_eos), session.id
         )
         session.task = asyncio.create_task(self._pump(session, stream))
         self._opened += 1
         metrics.LM_SESSION_EVENTS.labels("opened").inc()
         return session
 
-    def _resume(self, session: _Session, prompt: list[int], keep: int, max_tokens: int) -> None:
+    def _resume(
+        self, session: _Session, prompt: list[int], keep: int, max_tokens: int, ignore_eos: bool
+    ) -> None:
         self._sessions.move_to_end(session.id)
         if keep < len(session.tokens):
             self._rewound += 1
             metrics.LM_SESSION_EVENTS.labels("rewound").inc()
         self._resumed += 1
         metrics.LM_SESSION_EVENTS.labels("resumed").inc()
-        session.inputs.put_nowait(self._chunk(prompt[keep:], max_tokens, keep))
+        session.inputs.put_nowait(self._chunk(prompt[keep:], max_tokens, keep, ignore_eos))
 
     async def _pump(self, session: _Session, stream: AsyncGenerator[Any, None]) -> None:
         """Forward the session's outputs to its queue until the stream ends."""

@@ -124,7 +124,9 @@ class FakeLM:
             n += 1
         return n
 
-    def continuation(self, prompt: Sequence[int], max_tokens: int) -> tuple[list[int], bool]:
+    def continuation(
+        self, prompt: Sequence[int], max_tokens: int, ignore_eos: bool = False
+    ) -> tuple[list[int], bool]:
         h = hash(tuple(prompt))
         answered = self.answer_length(prompt)
         out: list[int] = []
@@ -135,7 +137,7 @@ class FakeLM:
             token = EOS if stop else FIRST_GEN + h % self.vocab_size
             out.append(token)
             h = hash((h, token))
-            if token == EOS:
+            if token == EOS and not ignore_eos:
                 return out, True
         return out, False
 
@@ -156,7 +158,12 @@ class FakeLM:
         return min(cached, max(0, len(prompt) - 1))
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        request_id: str,
+        *,
+        ignore_eos: bool = False,
     ) -> Generation:
         if request_id in self._inflight:
             raise RuntimeError(f"duplicate request id {request_id}")
@@ -172,7 +179,7 @@ class FakeLM:
         finally:
             self._inflight.discard(request_id)
         prompt = tuple(prompt_token_ids)
-        out, finished = self.continuation(prompt, max_tokens)
+        out, finished = self.continuation(prompt, max_tokens, ignore_eos)
         chain = self._chain(prompt + tuple(out))
         cached = self.cached_prefix(prompt, chain)
         self._blocks.update(chain)

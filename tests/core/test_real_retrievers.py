@@ -297,9 +297,11 @@ class StartSignallingLM(FakeLM):
         super().__init__(latency_s=0.002)
         self.started = started
 
-    async def generate(self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str):  # type: ignore[no-untyped-def]
+    async def generate(
+        self, prompt_token_ids: Sequence[int], max_tokens: int, request_id: str, **kw
+    ):  # type: ignore[no-untyped-def]
         self.started.set()
-        return await super().generate(prompt_token_ids, max_tokens, request_id)
+        return await super().generate(prompt_token_ids, max_tokens, request_id, **kw)
 
 
 @pytest.mark.parametrize("backend", ["flat", "bm25"])

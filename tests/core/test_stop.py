@@ -1,5 +1,6 @@
-"""Stop strings and stop token ids: where the check cuts, what text is shown, and that
-RaLMSpec stops exactly where the baseline does, rollbacks included."""
+"""Where an answer ends. Stop strings and stop token ids: where the check cuts, what text is
+shown, and that RaLMSpec stops exactly where the baseline does, rollbacks included; and
+``ignore_eos``: every mode runs past EOS alike."""
 
 from __future__ import annotations
 
@@ -185,3 +186,19 @@ async def test_eos_and_length_leave_no_stop_reason() -> None:
     )
     result = await engine.generate(LONG_QUESTION, "baseline")
     assert result.finished and result.stop_reason is None and result.token_ids[-1] == EOS
+
+
+@pytest.mark.parametrize("lm_args", [{"eos_at_length": 9}, {"eos_probability": 0.05}], ids=str)
+async def test_ignore_eos_runs_every_mode_past_eos_alike(lm_args: dict[str, float]) -> None:
+    retriever = ScriptedRetriever(forced(lambda s: s % 3 == 1))
+    engine, _ = make_engine(retriever, FakeLM(**lm_args), tokenizer=FakeTokenizer())  # type: ignore[arg-type]
+    stopped = await baseline_and_freeze(engine, retriever, LONG_QUESTION)
+    assert stopped.finished and len(stopped.token_ids) < engine.config.max_new_tokens
+    config = dataclasses.replace(engine.config, ignore_eos=True)
+    base = await engine.generate(LONG_QUESTION, "baseline", config=config)
+    assert len(base.token_ids) == engine.config.max_new_tokens and not base.finished
+    assert EOS in base.token_ids  # generated, and generation went on
+    for spec in matrix(strides=(1, 3, 8)):
+        result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec, config=config)
+        assert result.token_ids == base.token_ids, describe(spec)
+        assert not result.finished

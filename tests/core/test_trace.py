@@ -123,8 +123,8 @@ async def test_per_request_config() -> None:
 
 async def test_lm_returning_nothing_is_an_error_not_a_hang() -> None:
     class Stuck(FakeLM):  # fault injection: an LM that silently produces nothing
-        async def generate(self, prompt_token_ids, max_tokens, request_id):  # type: ignore[no-untyped-def]
-            gen = await super().generate(prompt_token_ids, max_tokens, request_id)
+        async def generate(self, prompt_token_ids, max_tokens, request_id, **kw):  # type: ignore[no-untyped-def]
+            gen = await super().generate(prompt_token_ids, max_tokens, request_id, **kw)
             return replace(gen, token_ids=())
 
     engine, _ = make_engine(ScriptedRetriever(), Stuck())

@@ -128,6 +128,8 @@ async def test_stop_token_finishes_and_is_included(vllm_lm: VllmLanguageModel) -
     out = await stopping.generate(prompt, 12, "stops")
     assert out.token_ids == free[: stop_at + 1]
     assert out.finished
+    past = await stopping.generate(prompt, 12, "ignores", ignore_eos=True)
+    assert past.token_ids == free and not past.finished  # the stop token is treated like EOS
     await stopping.shutdown()  # a view: the shared engine keeps running
     assert len((await vllm_lm.generate(prompt, 2, "still-alive")).token_ids) == 2
 

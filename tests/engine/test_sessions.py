@@ -246,6 +246,12 @@ async def test_stop_token_finishes_and_closes_the_session(
     assert list(first.token_ids) + list(out.token_ids) == list(free[: stop_at + 1])
     assert out.finished
     assert stopping.open_sessions == 0  # a chunk that ended with EOS closes its session
+    # ignore_eos is set per chunk: a resumed session runs past the token it stopped at before
+    first = await stopping.generate(prompt, 2, "past#1", ignore_eos=True)
+    out = await stopping.generate(prompt + list(first.token_ids), 10, "past#2", ignore_eos=True)
+    assert list(first.token_ids) + list(out.token_ids) == list(free) and not out.finished
+    assert stopping.open_sessions == 1
+    await stopping.release("past")
     await stopping.shutdown()  # a view: the engine keeps running
     assert len((await hooked.generate(prompt, 2, "alive#1")).token_ids) == 2
     await hooked.release("alive")

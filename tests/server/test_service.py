@@ -261,3 +261,26 @@ async def test_speculating_limit_comes_before_the_retriever() -> None:
     service.retriever_load.calibrate(0.0, 63.0, 64)  # a second a query
     service.retriever_load.observe(100)
     assert service.fallback_reason() is None  # off: a busy retriever changes nothing
+
+
+@pytest.mark.parametrize("mode", ["baseline", "ralmspec"])
+async def test_ignore_eos_reaches_the_lm_through_the_http_api(mode: str) -> None:
+    """The request field is honoured, not just accepted: over the real app (ASGI), the
+    answer that stopped at EOS runs on to max_tokens with ``ignore_eos``."""
+    import httpx
+
+    from ralmspec_vllm.entrypoints.openai.app import build_app
+
+    service, retriever, _ = make_service()
+    await service.run(service.plan(service.question_ids(LONG_QUESTION), None, RequestOptions()))
+    retriever.freeze()  # taught by the baseline: ralmspec sees the same documents
+    transport = httpx.ASGITransport(app=build_app(service, "m"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        body = {"prompt": LONG_QUESTION, "max_tokens": 48, "ralm": {"mode": mode}}
+        stops = (await http.post("/v1/completions", json=body)).json()
+        runs_on = (await http.post("/v1/completions", json={**body, "ignore_eos": True})).json()
+    assert stops["choices"][0]["finish_reason"] == "stop"
+    assert stops["usage"]["completion_tokens"] == 38  # EOS is the 38th token
+    assert runs_on["choices"][0]["finish_reason"] == "length"
+    assert runs_on["usage"]["completion_tokens"] == 48
+    assert runs_on["choices"][0]["text"].startswith(stops["choices"][0]["text"])

@@ -36,7 +36,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "repetition_penalty": lambda v: v not in (None, 1.0),
     "logit_bias": lambda v: bool(v),
     "min_tokens": lambda v: bool(v),
-    "ignore_eos": bool,
     "tools": lambda v: bool(v),
     "response_format": lambda v: v is not None and getattr(v, "type", "text") != "text",
     "structured_outputs": lambda v: v is not None,

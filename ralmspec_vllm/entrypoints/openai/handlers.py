@@ -207,6 +207,7 @@ class OpenAIHandlers:
                     ),
                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
                     stop=stop,
+                    ignore_eos=request.ignore_eos,
                 )
             except JobError as err:
                 which = f"prompt {i}: " if len(prompts) > 1 else ""
