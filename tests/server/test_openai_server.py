@@ -15,6 +15,7 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
+from ralmspec_vllm import metrics
 from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.metrics import METRIC_NAMES
 
@@ -142,6 +143,8 @@ async def test_busy_retriever_runs_ralmspec_requests_as_the_baseline(
     config = dataclasses.replace(service.config, max_retriever_utilization=0.5)
     monkeypatch.setattr(service, "config", config)
     monkeypatch.setattr(service, "retriever_load", RetrieverLoad())
+    # The gauge reads the latest service built in this process (tests build several).
+    metrics.watch_retriever_utilization(lambda: service.retriever_load.utilization())
     cost = await service.calibrate_retriever()
     assert cost >= 0.0
     service.retriever_load.query_cost_s = 0.01  # say, the H200's 21M scan: 10 ms a query
@@ -366,7 +369,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (CMPL, {"prompt": "q", "stop": ["x", ""]}, 400, "stop"),
     (CMPL, {"prompt": "q", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     (CMPL, {"prompt": "q", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    (CMPL, {"prompt": "q", "ignore_eos": True}, 400, "ignore_eos"),
+    (CMPL, {"prompt": "q", "min_tokens": 4}, 400, "min_tokens"),
     (CMPL, {"prompt": "q", "skip_special_tokens": False}, 400, "skip_special_tokens"),
     (CMPL, {"prompt": ["a", [1, 2]]}, 400, "prompt.0"),  # a batch of one kind of prompt
     (CMPL, {"prompt": [[1, 2], []]}, 400, "prompt"),
