@@ -35,8 +35,13 @@ async def test_unreachable_retriever_answers_503(vllm_lm: Any) -> None:
         assert reply.status_code == 503
         error = reply.json()["error"]
         assert error["type"] == "server_error" and "unavailable" in error["message"]
-        reply = await http.post("/v1/completions", json={"prompt": "hello", "stream": True})
-        events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        assert "unavailable" in json.loads(events[-2])["error"]["message"]
+        for prompt in ("hello", ["hello", "world"]):  # one prompt, and a batch
+            body = {"prompt": prompt, "stream": True}
+            reply = await http.post("/v1/completions", json=body)
+            events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            assert "unavailable" in json.loads(events[-2])["error"]["message"]
+        reply = await http.post("/v1/completions", json={"prompt": ["hello", "world"]})
+        assert reply.status_code == 503
+    assert vllm_lm.in_flight() == 0
     await client.close()

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -305,23 +305,24 @@ class OpenAIHandlers:
         if chat:
             yield frame(0, "", role="assistant")
         results: dict[int, JobResult] = {}
-        async for index, kind, value, result in self._merged(prep):
-            if kind == "text":
-                yield frame(index, value)
-            elif kind == "end":
-                assert result is not None
-                results[index] = result
-                extension = await self._extension(prep, index, result)
-                yield frame(
-                    index,
-                    value,
-                    finish_reason=_finish(result),
-                    stop_reason=result.stop_reason,
-                    **extension,
-                )
-            else:
-                yield value
-                break
+        async with contextlib.aclosing(self._merged(prep)) as events:
+            async for index, kind, value, result in events:
+                if kind == "text":
+                    yield frame(index, value)
+                elif kind == "end":
+                    assert result is not None
+                    results[index] = result
+                    extension = await self._extension(prep, index, result)
+                    yield frame(
+                        index,
+                        value,
+                        finish_reason=_finish(result),
+                        stop_reason=result.stop_reason,
+                        **extension,
+                    )
+                else:  # a job failed: the others are cancelled as the events close
+                    yield value
+                    break
         if prep.include_usage and len(results) == len(prep.jobs):
             usage = _usage(prep, [results[i] for i in range(len(prep.jobs))])
             response = (
@@ -333,7 +334,7 @@ class OpenAIHandlers:
 
     async def _merged(
         self, prep: _Prepared
-    ) -> AsyncIterator[tuple[int, str, str, JobResult | None]]:
+    ) -> AsyncGenerator[tuple[int, str, str, JobResult | None], None]:
         """Every job's ``_deltas`` tagged with its prompt's index, in arrival order. Closing
         the iterator (a client gone) cancels every job."""
         queue: asyncio.Queue[tuple[int, str, str, JobResult | None]] = asyncio.Queue()
