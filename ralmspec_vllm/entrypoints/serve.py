@@ -23,7 +23,7 @@ import argparse
 import asyncio
 import functools
 import logging
-import os
+import secrets
 import signal
 import socket
 import sys
@@ -31,6 +31,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from ralmspec_vllm.auth import RETRIEVER_KEY_ENV, keys
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.cpus import CPUS_HELP, pin
 from ralmspec_vllm.engine.version import load_vllm
@@ -118,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="seconds to wait for the child retriever (a first run builds the default "
               "index; default: %(default)s)")  # fmt: skip
     _own(retr, "--retriever-retries", type=int, default=3, help="retries per retriever call")
+    _own(retr, "--retriever-api-key", default=None, metavar="KEY",
+         help=f"the retriever service's API key (default: ${RETRIEVER_KEY_ENV}; a child "
+              "retriever without one gets a random key of its own, so other local users "
+              "cannot query it)")  # fmt: skip
 
     ralm = parser.add_argument_group("RaLM defaults (per-request 'ralm' options override)")
     d, s, c = RaLMConfig(), SpeculationConfig.preset("PSA"), ServiceConfig()
@@ -276,19 +281,25 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     from ralmspec_vllm.retrieval.server import ServerProcess
     from ralmspec_vllm.service import RaLMService, local_cache_scoring
 
-    api_keys = args.api_key or [k for k in [os.environ.get("RALMSPEC_API_KEY")] if k]
+    api_keys = keys(args.api_key, "RALMSPEC_API_KEY")
+    given = keys([args.retriever_api_key] if args.retriever_api_key else None, RETRIEVER_KEY_ENV)
+    retriever_key: str | None = given[0] if given else None
     bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
     async with AsyncExitStack() as stack:
         target = args.retriever
         child_start = None
         if target is None:
+            retriever_key = retriever_key or secrets.token_urlsafe(32)
             child_args = ["--host", "127.0.0.1", "--port", "0", "--backend", args.retriever_backend]
             child_args += ["--index", args.index] if args.index else []
             child_args += args.retriever_arg
             logger.info("starting the retriever service: retriever serve %s", " ".join(child_args))
             # The child exits with this process even if it is SIGKILLed (stdin EOF).
             spawn = functools.partial(
-                ServerProcess.spawn, child_args, timeout_s=args.retriever_start_timeout
+                ServerProcess.spawn,
+                child_args,
+                timeout_s=args.retriever_start_timeout,
+                env={RETRIEVER_KEY_ENV: retriever_key},  # not argv: ps shows that to all
             )
             child_start = asyncio.create_task(asyncio.to_thread(spawn))
         try:
@@ -299,7 +310,10 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
                 stack.callback(child.stop)
                 target = child.target
         client = RetrieverClient(
-            target, timeout_s=args.retriever_timeout, max_retries=args.retriever_retries
+            target,
+            timeout_s=args.retriever_timeout,
+            max_retries=args.retriever_retries,
+            api_key=retriever_key,
         )
         stack.push_async_callback(client.close)
         await client.wait_ready()
@@ -354,7 +368,7 @@ async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.host not in LOCAL_HOSTS and not (args.api_key or os.environ.get("RALMSPEC_API_KEY")):
+    if args.host not in LOCAL_HOSTS and not keys(args.api_key, "RALMSPEC_API_KEY"):
         logger.warning(
             "binding %s without --api-key: anyone who can reach it may use it", args.host
         )
@@ -362,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
         if args.timeout_keep_alive < 1:
             msg = f"--timeout-keep-alive must be >= 1 s, got {args.timeout_keep_alive}"
             raise ValueError(msg)
+        if any(arg.lstrip("-").startswith("api-key") for arg in args.retriever_arg):
+            raise ValueError("give the child retriever's key as --retriever-api-key")
         config = service_config_from_args(args)
         cpus = pin(args.cpus)  # before the engine core starts: it inherits the set
     except ValueError as err:

@@ -72,7 +72,11 @@ class RetrieverClient:
         max_retries: int = 3,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
+        api_key: str | None = None,
     ) -> None:
+        """``api_key``: sent as ``authorization: Bearer <key>`` on every retriever RPC (a
+        service started with API keys refuses calls without one: UNAUTHENTICATED, not
+        retried, ``RetrieverServerError``)."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0:
@@ -91,6 +95,7 @@ class RetrieverClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RetrieverStub | None = None
         self._dim: int | None = None
@@ -301,7 +306,7 @@ class RetrieverClient:
         while True:
             attempt += 1
             try:
-                return await rpc(request, timeout=timeout)
+                return await rpc(request, timeout=timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 code, details = err.code(), err.details() or ""
                 if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -8,6 +8,9 @@ runs one in a background thread with its own loop (for synchronous code);
 prints on stdout (``retriever listening on HOST:PORT``) and ties the child's life to its
 own through a stdin pipe (``--exit-with-parent``). The CLI opens the knowledge base and the
 backend through ``kb`` and ``factory``, serves until SIGINT/SIGTERM, then drains gracefully.
+With API keys (``--api-key``, or ``RALMSPEC_RETRIEVER_API_KEY``), every retriever RPC needs
+``authorization: Bearer <key>`` metadata (``RetrieverClient(api_key=...)``) and is refused
+with UNAUTHENTICATED otherwise; the health service stays open, as probes expect.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ralmspec_vllm.auth import RETRIEVER_KEY_ENV, KeyCheck, keys
 from ralmspec_vllm.cpus import add_cpus_argument, pin
 from ralmspec_vllm.retrieval.base import Retriever
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
@@ -81,19 +85,23 @@ async def start_server(
     config: ServiceConfig | None = None,
     *,
     warm_up: bool = True,
+    api_keys: Sequence[str] = (),
 ) -> RunningServer:
     """Serve ``retriever`` on ``host:port`` (port 0: the OS picks one, see ``.port``).
 
     ``warm_up`` runs one search first, so lazy loads (the query encoder, index pages) happen
-    before the port opens rather than inside the first client's deadline.
+    before the port opens rather than inside the first client's deadline. ``api_keys``: the
+    retriever RPCs need one of them (see the module doc).
     """
     config = config or ServiceConfig()
+    check = KeyCheck(api_keys)
     if warm_up:
         await _warm_up(retriever)
     service = RetrieverService(retriever, config)
     server = grpc.aio.server(
         options=grpc_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        interceptors=[_KeyInterceptor(check)] if check else None,
     )
     pb_grpc.add_RetrieverServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -123,6 +131,29 @@ async def start_server(
         config.max_batch,
     )
     return RunningServer(server, service, health_servicer, host, bound)
+
+
+class _KeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses retriever RPCs without a known key (UNAUTHENTICATED); health stays open."""
+
+    def __init__(self, check: KeyCheck) -> None:
+        self._check = check
+
+        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown API key (authorization: Bearer <key>)",
+            )
+
+        self._denied = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        if self._check.bearer(header if isinstance(header, str) else header.decode()):
+            return await continuation(details)
+        return self._denied
 
 
 async def _warm_up(retriever: Retriever) -> None:
@@ -199,8 +230,11 @@ class ServerProcess:
         *,
         timeout_s: float = 300.0,
         stderr: IO[str] | int | None = None,
+        env: dict[str, str] | None = None,
     ) -> ServerProcess:
-        """Start the CLI with ``args`` (add ``--port 0`` for an OS-chosen port); wait for it."""
+        """Start the CLI with ``args`` (add ``--port 0`` for an OS-chosen port); wait for it.
+        ``env``: variables set for the child on top of this process's (e.g. its API key,
+        which a command line would show to every local user)."""
         cmd = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "retriever", "serve"]
         # stdin is a pipe only this process writes to: if it dies (even by SIGKILL), the
         # child sees EOF and shuts down instead of lingering on its port.
@@ -211,6 +245,7 @@ class ServerProcess:
             stderr=stderr,
             text=True,
             bufsize=1,
+            env={**os.environ, **env} if env else None,
         )
         assert process.stdout is not None
         # A thread drains stdout for the child's whole life (a full pipe would block it);
@@ -280,6 +315,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_retriever_arguments(parser)
     net = parser.add_argument_group("service")
     net.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    net.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"require this key (repeatable) as 'authorization: Bearer <key>' on every "
+        f"retriever RPC (default: ${RETRIEVER_KEY_ENV}, else none)",
+    )
     net.add_argument(
         "--port",
         type=int,
@@ -369,10 +411,11 @@ async def serve(
     port: int,
     config: ServiceConfig,
     exit_with_parent: bool = False,
+    api_keys: Sequence[str] = (),
 ) -> None:
     """Serve until SIGINT/SIGTERM (or, with ``exit_with_parent``, until stdin closes: the
     parent died), then stop accepting and drain in-flight calls."""
-    running = await start_server(retriever, host, port, config)
+    running = await start_server(retriever, host, port, config, api_keys=api_keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -413,15 +456,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if cpus is not None:
         logger.info("pinned to %d cores: %s", len(cpus), args.cpus)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding %s: the retriever service has no authentication", args.host)
+    api_keys = keys(args.api_key, RETRIEVER_KEY_ENV)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
+        logger.warning(
+            "binding %s without --api-key: anyone who can reach it may use it", args.host
+        )
     try:
         retriever = open_from_args(args)
     except (FileNotFoundError, ValueError) as exc:
         logger.error("cannot open the retriever: %s", exc)
         return 1
     try:
-        asyncio.run(serve(retriever, args.host, args.port, config, args.exit_with_parent))
+        asyncio.run(serve(retriever, args.host, args.port, config, args.exit_with_parent, api_keys))
     except OSError as exc:
         logger.error("cannot serve on %s:%d: %s", args.host, args.port, exc)
         return 1

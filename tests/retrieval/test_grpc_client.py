@@ -260,6 +260,42 @@ def small_kb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_index(tmp / "kb", sources=(), corpus=corpus, show_progress=False).path
 
 
+async def test_api_keys_guard_every_retriever_rpc_but_health(bm25: BM25Retriever) -> None:
+    """With keys, a call without one or with another is refused at once (UNAUTHENTICATED,
+    not retried); the health service answers anyone; a known key gets real answers."""
+    running = await start_server(bm25, "127.0.0.1", 0, api_keys=["k1", "k2"])
+    try:
+        for key in (None, "wrong", "k1x"):
+            async with RetrieverClient(running.target, max_retries=3, api_key=key) as client:
+                await client.wait_ready(10)  # health: open
+                start = time.perf_counter()
+                with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
+                    await client.search(["capital of Alabama"], 1)
+                assert time.perf_counter() - start < 1.0  # refused, not retried with backoff
+                with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
+                    await client.score("albedo", [1, 4])
+        assert running.service.stats.search_calls == 0  # nothing reached the service
+        for key in ("k1", "k2"):
+            async with RetrieverClient(running.target, api_key=key) as client:
+                (hits,) = await client.search(["capital of Alabama"], 1)
+                assert hits[0].doc_id == 2  # Montgomery
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_cli_serve_takes_its_key_from_the_environment(small_kb: Path) -> None:
+    args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
+    env = {"RALMSPEC_RETRIEVER_API_KEY": "from-env"}
+    with ServerProcess.spawn(args, timeout_s=180, env=env) as proc:
+        async with RetrieverClient(proc.target, timeout_s=30) as client:
+            await client.wait_ready(30)
+            with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
+                await client.info()
+        async with RetrieverClient(proc.target, timeout_s=30, api_key="from-env") as client:
+            assert (await client.info()).num_docs == len(TEXTS)
+        assert proc.stop() == 0
+
+
 async def test_cli_serve_starts_answers_and_stops_gracefully(small_kb: Path) -> None:
     args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
     with ServerProcess.spawn(args, timeout_s=180) as proc:

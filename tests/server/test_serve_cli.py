@@ -23,6 +23,8 @@ from ralmspec_vllm.entrypoints.serve import (
     parser_defaults,
     service_config_from_args,
 )
+from ralmspec_vllm.retrieval.client import RetrieverClient
+from ralmspec_vllm.retrieval.errors import RetrieverServerError
 
 from .conftest import RALM, Served
 
@@ -149,6 +151,12 @@ async def test_serve_subprocess_with_child_retriever(
         # The child retriever's own counters: it searched, and its backend's time is there.
         searched = re.search(r"^ralmspec_retriever_search_seconds_total (\S+)$", metrics, re.M)
         assert searched is not None and float(searched.group(1)) > 0
+        # The child retriever holds a random key of serve's: other local users cannot query it.
+        (child,) = [c.laddr for c in retrievers[0].net_connections() if c.status == "LISTEN"]
+        async with RetrieverClient(f"127.0.0.1:{child.port}", timeout_s=10) as keyless:
+            with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
+                await keyless.info()
+        assert not any(arg.startswith("--api-key") for arg in retrievers[0].cmdline())
         with pytest.raises(openai.AuthenticationError):
             await openai.AsyncOpenAI(
                 base_url=url + "/v1", api_key="wrong", max_retries=0
