@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ralmspec_vllm.auth import RETRIEVER_KEY_ENV
 from ralmspec_vllm.retrieval.base import TermWeights
 from ralmspec_vllm.retrieval.batching import BatchStats
 from ralmspec_vllm.retrieval.errors import (
@@ -76,7 +78,8 @@ class RetrieverClient:
     ) -> None:
         """``api_key``: sent as ``authorization: Bearer <key>`` on every retriever RPC (a
         service started with API keys refuses calls without one: UNAUTHENTICATED, not
-        retried, ``RetrieverServerError``)."""
+        retried, ``RetrieverServerError``); ``None``: ``$RALMSPEC_RETRIEVER_API_KEY`` if
+        set (the variable ``retriever serve`` takes its key from); ``""``: none."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0:
@@ -95,6 +98,8 @@ class RetrieverClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        if api_key is None:
+            api_key = os.environ.get(RETRIEVER_KEY_ENV)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RetrieverStub | None = None

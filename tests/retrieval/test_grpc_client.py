@@ -283,7 +283,9 @@ async def test_api_keys_guard_every_retriever_rpc_but_health(bm25: BM25Retriever
         await running.stop(grace=0)
 
 
-async def test_cli_serve_takes_its_key_from_the_environment(small_kb: Path) -> None:
+async def test_cli_serve_takes_its_key_from_the_environment(
+    small_kb: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = ["--index", str(small_kb), "--backend", "bm25", "--port", "0", "--no-progress"]
     env = {"RALMSPEC_RETRIEVER_API_KEY": "from-env"}
     with ServerProcess.spawn(args, timeout_s=180, env=env) as proc:
@@ -292,6 +294,9 @@ async def test_cli_serve_takes_its_key_from_the_environment(small_kb: Path) -> N
             with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
                 await client.info()
         async with RetrieverClient(proc.target, timeout_s=30, api_key="from-env") as client:
+            assert (await client.info()).num_docs == len(TEXTS)
+        monkeypatch.setenv("RALMSPEC_RETRIEVER_API_KEY", "from-env")  # a client reads it too
+        async with RetrieverClient(proc.target, timeout_s=30) as client:
             assert (await client.info()).num_docs == len(TEXTS)
         assert proc.stop() == 0
 
