@@ -288,7 +288,13 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     async with AsyncExitStack() as stack:
         target = args.retriever
         child_start = None
-        if target is None:
+        if target is not None:  # an external retriever: check it before the engine's slow start
+            async with RetrieverClient(
+                target, timeout_s=args.retriever_timeout, api_key=retriever_key or ""
+            ) as probe:
+                await probe.wait_ready(args.retriever_timeout)
+                await probe.info()  # the health check is open to all; this needs the key
+        else:
             retriever_key = retriever_key or secrets.token_urlsafe(32)
             child_args = ["--host", "127.0.0.1", "--port", "0", "--backend", args.retriever_backend]
             child_args += ["--index", args.index] if args.index else []
@@ -313,7 +319,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             target,
             timeout_s=args.retriever_timeout,
             max_retries=args.retriever_retries,
-            api_key=retriever_key,
+            api_key=retriever_key or "",
         )
         stack.push_async_callback(client.close)
         await client.wait_ready()
@@ -386,5 +392,14 @@ def run(args: argparse.Namespace) -> int:
     if cpus is not None:
         logger.info("pinned (with the engine core) to %d cores: %s", len(cpus), args.cpus)
     engine_config = engine_config_from_args(args, parser_defaults())
-    asyncio.run(_serve(args, engine_config, config))
+    from ralmspec_vllm.retrieval.errors import RetrieverError
+
+    try:
+        asyncio.run(_serve(args, engine_config, config))
+    except RetrieverError as err:  # at start-up: later ones are answered per request
+        hint = ""
+        if "UNAUTHENTICATED" in str(err):
+            hint = f" (give its key: --retriever-api-key or ${RETRIEVER_KEY_ENV})"
+        print(f"ralmspec-vllm serve: error: the retriever failed: {err}{hint}", file=sys.stderr)
+        return 1
     return 0

@@ -16,6 +16,7 @@ import openai
 import psutil
 import pytest
 
+from ralmspec_vllm.auth import RETRIEVER_KEY_ENV
 from ralmspec_vllm.entrypoints.cli import build_parser
 from ralmspec_vllm.entrypoints.serve import (
     READY_PREFIX,
@@ -25,6 +26,7 @@ from ralmspec_vllm.entrypoints.serve import (
 )
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverServerError
+from ralmspec_vllm.retrieval.server import ServerProcess
 
 from .conftest import RALM, Served
 
@@ -212,3 +214,22 @@ async def test_serve_bm25_ranks_the_cache_from_term_weights(
             process.kill()
             process.wait()
     assert "cache scoring: local (BM25 term weights)" in log.read_text()
+
+
+def test_serve_refuses_to_start_on_an_external_retriever_it_cannot_use(
+    small_index: Path,
+) -> None:
+    """A keyed external retriever without (or with the wrong) ``--retriever-api-key``: a
+    one-line error before the engine's slow start, exit code 1."""
+    args = ["--index", str(small_index), "--backend", "bm25", "--port", "0", "--no-progress"]
+    with ServerProcess.spawn(args, timeout_s=180, env={RETRIEVER_KEY_ENV: "right"}) as child:
+        env = {k: v for k, v in os.environ.items() if k != RETRIEVER_KEY_ENV}
+        argv = [sys.executable, "-m", "ralmspec_vllm.entrypoints.cli", "serve", "--port", "0"]
+        argv += ["--retriever", child.target]
+        for extra in ([], ["--retriever-api-key", "wrong"]):
+            done = subprocess.run([*argv, *extra], capture_output=True, text=True, env=env)
+            assert done.returncode == 1, done.stderr[-2000:]
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("ralmspec-vllm serve: error: the retriever failed")
+            assert "UNAUTHENTICATED" in last and "--retriever-api-key" in last
+            assert "LLM engine" not in done.stderr  # refused before the engine started
