@@ -314,6 +314,7 @@ async def test_fields_that_do_not_change_a_greedy_answer_are_accepted(
         model=MODEL_NAME,
         prompt=question,
         seed=7,
+        best_of=1,  # OpenAI's legacy field, sent by some clients with its default
         extra_body={"add_special_tokens": True, "min_p": 0.1, "priority": 0},
     )
     assert completion.choices[0].text == want.text
@@ -366,6 +367,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (CMPL, {"prompt": "word " * 2000}, 400, "prompt"),
     (CMPL, {"prompt": "q", "temperature": 0.7}, 400, "temperature"),
     (CMPL, {"prompt": "q", "n": 2}, 400, "n"),
+    (CMPL, {"prompt": "q", "best_of": 3}, 400, "best_of"),
     (CMPL, {"prompt": "q", "stop": ["x", ""]}, 400, "stop"),
     (CMPL, {"prompt": "q", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     (CMPL, {"prompt": "q", "stop_token_ids": [-1]}, 400, "stop_token_ids"),

@@ -88,8 +88,8 @@ def check_fields(
             "temperature",
         )
     fields = type(request).model_fields
-    for field in body:
-        if field not in fields and field not in _IGNORED:
+    for field in body:  # OpenAI's fields that vLLM's models lack (best_of) are checked below
+        if field not in fields and field not in _IGNORED and field not in _UNSUPPORTED:
             raise bad_request(f"Unrecognized request argument supplied: {field}", field)
     for field, unsupported in _UNSUPPORTED.items():
         if field in body and unsupported(getattr(request, field, body[field])):
