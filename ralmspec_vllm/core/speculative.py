@@ -238,12 +238,23 @@ class SpeculativeRequest:
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
 
-    async def _retrieve_step(self, query: str) -> tuple[list[Hit], float]:
+    async def _retrieve_step(
+        self, query: str, before_insert: asyncio.Task[Any] | None = None
+    ) -> tuple[list[Hit], float]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
-        Returns the hits and the search latency."""
+        Returns the hits and the search latency. ``before_insert``: a task that reads the
+        cache (ran beside the search), awaited before this step's documents go in."""
         start = time.perf_counter()
-        (hits,) = await self._search([query], "retrieve")
+        try:
+            (hits,) = await self._search([query], "retrieve")
+        except BaseException:
+            if before_insert is not None:
+                before_insert.cancel()
+                await asyncio.gather(before_insert, return_exceptions=True)
+            raise
         latency = time.perf_counter() - start
+        if before_insert is not None:
+            await before_insert
         # The step needs the top-1 only; the cache (and what it fetches for the new
         # documents) is needed by the next guess: fill it while the step generates.
         insert = asyncio.create_task(self._insert([hits]))
@@ -291,11 +302,13 @@ class SpeculativeRequest:
             return
         start = time.perf_counter()
         query = self.ctx.query()
-        guess = await self.scorer.top1(self.cache, query, self.recorder)
-        hits, search_s = await self._retrieve_step(query)
+        # The guess (OS3's evidence only) is scored beside the search, off the step's
+        # critical path, and against the cache as it was: before the search's documents.
+        guessing = asyncio.create_task(self.scorer.top1(self.cache, query, self.recorder))
+        hits, search_s = await self._retrieve_step(query, before_insert=guessing)
         self.recorder.plain_steps += 1
-        hit = guess == _top1(hits)
-        # a: scoring + LM step (everything but the search); b: the search
+        hit = guessing.result() == _top1(hits)
+        # a: the LM step and whatever scoring the search did not hide; b: the search
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
 

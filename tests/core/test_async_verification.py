@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+from typing import Any, Literal
 
+import numpy as np
 import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
 
-from .fakes import FakeLM, ScriptedRetriever
+from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 from .world import SHORT_QUESTION, baseline_and_freeze, forced, make_engine
 
 
@@ -440,3 +442,50 @@ async def test_early_verification_keeps_the_baseline_answer_under_forced_misses(
         assert result.token_ids == baseline.token_ids, stride
         assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, stride
         assert result.trace.rollbacks > 0, stride
+
+
+class LateReadingScorer:
+    """Ranks the cache with the retriever's exact score, but reads the cache only after
+    ``delay_s`` (as the dense scorer does after its query embedding) and logs what it saw."""
+
+    needs_vectors = False
+    needs_terms = False
+
+    def __init__(self, retriever: ScriptedRetriever, delay_s: float, events: list[str]) -> None:
+        self.retriever, self.delay_s, self.events = retriever, delay_s, events
+        self.seen: list[tuple[str, list[int]]] = []
+
+    async def top1(self, cache: Any, query: str, recorder: Any) -> int | None:
+        self.events.append("score-start")
+        await asyncio.sleep(self.delay_s)
+        ids = cache.scored_ids()
+        self.seen.append((query, ids.tolist()))
+        if len(ids) == 0:
+            return None
+        scores = await self.retriever.score(query, ids.tolist())
+        return int(cache.best(np.asarray(scores, dtype=np.float64), ids))
+
+
+async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_before_it() -> None:
+    """A plain step's guess only feeds OS3, so its scoring runs beside the step's search
+    (the step waits for the slower of the two, not their sum), and it ranks the cache as it
+    was: every step's truth is a fresh document, so a guess that read the cache after this
+    step's own search results went in would find it."""
+    events: list[str] = []
+    retriever = ScriptedRetriever(forced(lambda s: s >= 1), latency_s=0.02, events=events)
+    scorer = LateReadingScorer(retriever, delay_s=0.04, events=events)
+    engine = RaLMEngine(FakeLM(latency_s=0.05), FakeTokenizer(), retriever, scorer=scorer)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    events.clear()
+    config = SpeculationConfig(speculation_stride="auto")
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.plain_steps == len(result.trace.spans) - 1
+    starts = [i for i, event in enumerate(events) if event == "score-start"]
+    assert len(starts) == result.trace.plain_steps
+    for i in starts:  # a search is in flight whenever scoring starts
+        searches = [e for e in events[:i] if e.startswith("search-")]
+        assert searches[-1] == "search-start 1", events
+    assert len(scorer.seen) == result.trace.plain_steps
+    for query, ids in scorer.seen:
+        assert retriever.truth(query) not in ids  # the cache before this step's insert
