@@ -205,6 +205,8 @@ class StrideLedger:
         self._outcomes: deque[tuple[int, bool]] = deque(maxlen=capacity)
         self.a: float | None = None
         self.b: float | None = None
+        self.miss: float | None = None
+        """Early verification: the latest miss's cost (``OptimalStrideScheduler.miss``)."""
         self.cost = VerificationCost()
 
     def record(self, matched: int, mismatched: bool) -> None:
@@ -262,7 +264,7 @@ class OptimalStrideScheduler:
             self.cost = ledger.cost if ledger is not None else VerificationCost()
         if self._ledger is not None:
             self._prior = self._ledger.trials()
-            self.a, self.b = self._ledger.a, self._ledger.b
+            self.a, self.b, self.miss = self._ledger.a, self._ledger.b, self._ledger.miss
 
     def _trials(self, last: int) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the last ``last`` verifications."""
@@ -270,8 +272,13 @@ class OptimalStrideScheduler:
 
     @property
     def accuracy(self) -> float | None:
-        """Measured speculation accuracy over the window, uncapped; ``None`` before any."""
+        """Measured speculation accuracy over the window, uncapped; before the request's
+        own first verification, that of the trials pooled in the ledger (extended OS3), so
+        a request does not speculate into misses its predecessors already measured;
+        ``None`` before any."""
         matched, mismatches = self._trials(self._window)
+        if matched + mismatches == 0:
+            matched, mismatches = self._prior
         if matched + mismatches == 0:
             return None
         return matched / (matched + mismatches)
@@ -364,6 +371,8 @@ class OptimalStrideScheduler:
         """Early verification: what the latest miss cost, from its guess to the end of
         the regenerated step (``prefers_plain_step_early``'s m)."""
         self.miss = latency_s
+        if self._ledger is not None:
+            self._ledger.miss = latency_s
 
     def record_speculation(self, latency_s: float) -> None:
         self.a = latency_s
