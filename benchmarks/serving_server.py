@@ -32,6 +32,7 @@ from typing import IO, Any
 import httpx
 
 from ralmspec_vllm.entrypoints.serve import READY_PREFIX
+from ralmspec_vllm.retrieval.encoder import MEMO_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,12 @@ class ServerProcess:
         logger.info("starting the server: %s (log: %s)", " ".join(argv[2:]), log_path)
         start = time.perf_counter()
         log = log_path.open("w")
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ)
-        )
+        # No query memo in the server's retriever: methods answer the same questions one
+        # after another, and nothing clears it between them, so a RaLMSpec cell would find
+        # the baseline cell's query encodings memoised. RaLMSpec then pays its double
+        # encodings (cache scoring and verification), as it would without a memo.
+        env = {**os.environ, MEMO_ENV: "0"}
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         log.close()  # the child holds its own descriptor
         try:
             url = _wait_ready(process, timeout_s, log_path)

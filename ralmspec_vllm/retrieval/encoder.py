@@ -156,6 +156,11 @@ class QueryEncoder:
             "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
         )
 
+    def clear_memo(self) -> None:
+        """Forget the memoised queries (benchmarks: no run may reuse another's encodings)."""
+        with self._memo_lock:
+            self._memo.clear()
+
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Embeddings of ``texts``, float32, L2-normalised, shape (len(texts), dim)."""
         texts = list(texts)
@@ -312,6 +317,14 @@ def encoder_for(model: str = DEFAULT_ENCODER) -> QueryEncoder:
         if model not in _CACHE:
             _CACHE[model] = QueryEncoder(model)
         return _CACHE[model]
+
+
+def clear_memos() -> None:
+    """``clear_memo`` on every shared encoder of this process."""
+    with _CACHE_LOCK:
+        encoders = list(_CACHE.values())
+    for encoder in encoders:
+        encoder.clear_memo()
 
 
 def default_encoder() -> QueryEncoder:

@@ -210,7 +210,8 @@ def test_a_ledger_seeds_new_schedulers_only_with_the_bound_on() -> None:
     seeded = OptimalStrideScheduler(
         max_stride=16, asynchronous=True, confidence_z=1.28, ledger=ledger
     )
-    assert seeded.accuracy == pytest.approx(43 / 45)  # nothing of its own yet: the pool's
+    assert seeded.accuracy is None  # nothing of its own yet
+    assert seeded.plain_step_accuracy == pytest.approx(wilson_lower_bound(43, 45, 1.28))
     assert seeded.gamma == pytest.approx(wilson_lower_bound(43, 45, 1.28))
     assert seeded.next_stride() == choose_stride(seeded.gamma, 0.02, 1.0, 16, asynchronous=True)
     assert seeded.next_stride() > 10
@@ -302,7 +303,8 @@ def test_fill_restart_is_a_third_of_a_one_query_verification_in_lm_steps() -> No
 def test_a_new_request_starts_with_plain_steps_its_predecessors_found_cheaper() -> None:
     """Before its own first verification, a request judges plain steps by the pooled
     accuracy and miss cost (session 22: each request used to speculate first and roll back,
-    1.33 rollbacks an answer on HNSW at 200k, where accuracy 0.6 never pays)."""
+    1.33 rollbacks an answer on HNSW at 200k, where accuracy 0.6 never pays); and a lucky
+    window does not tip it while the evidence says otherwise."""
     ledger = StrideLedger()
     first = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
     assert not first.prefers_plain_step() and not first.prefers_plain_step_early()  # no evidence
@@ -314,5 +316,9 @@ def test_a_new_request_starts_with_plain_steps_its_predecessors_found_cheaper() 
     second = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
     assert second.miss == pytest.approx(0.280)
     assert second.prefers_plain_step() and second.prefers_plain_step_early()  # from the start
+    _feed(second, [(1, False)] * 5)  # five hits in a row: the window says 1.0 ...
+    second.record_speculation(0.130)
+    second.record_verification(0.005, 1, False)
+    assert second.accuracy == 1.0 and second.prefers_plain_step()  # ... the evidence does not
     alone = OptimalStrideScheduler(asynchronous=True)  # the paper's OS3 pools nothing
     assert alone.accuracy is None and alone.miss is None and not alone.prefers_plain_step()

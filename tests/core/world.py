@@ -83,10 +83,11 @@ def describe(config: SpeculationConfig) -> str:
 
 
 def assert_speculated(trace: RequestTrace, config: SpeculationConfig) -> None:
-    """RaLMSpec really used its cache: some speculation was right. Synchronous OS3 may
-    instead run plain retrieval steps (stride 1 without overlap), and so may OS3 under early
-    verification once a measured miss costs more than a hit saves: timing-dependent here."""
-    if config.adaptive and (not config.async_verification or config.early_verification):
+    """RaLMSpec really used its cache: some speculation was right. OS3 may instead run plain
+    retrieval steps wherever its measurements (pooled across an engine's requests) say a
+    speculated step costs more than it saves: timing-dependent here, where the fakes' steps
+    and searches take next to no time."""
+    if config.adaptive:
         assert trace.speculation_hits > 0 or trace.plain_steps > 0
     else:
         assert trace.speculation_hits > 0
