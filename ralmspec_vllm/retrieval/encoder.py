@@ -152,6 +152,8 @@ class QueryEncoder:
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memo_size = MEMO_SIZE if os.environ.get(MEMO_ENV, "1") != "0" else 0
         self._memo_lock = threading.Lock()
+        self._pending: dict[str, threading.Event] = {}
+        """Texts being encoded now: a concurrent call for one waits for its vector."""
         logger.info(
             "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
         )
@@ -171,25 +173,43 @@ class QueryEncoder:
             return self._encode(texts, show_progress)
         # A text's vector does not depend on its batch here, so repeats are served from a
         # small memo: RaLMSpec encodes each speculated query once to rank the cache and once
-        # more when the retriever verifies it.
+        # more when the retriever verifies it. A text another call is encoding right now is
+        # waited for, not encoded twice (a plain step scores its guess beside its search).
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
+        waiting: dict[str, tuple[threading.Event, list[int]]] = {}
         with self._memo_lock:
             for i, text in enumerate(texts):
                 vector = self._memo.get(text)
-                if vector is None:
-                    missing.setdefault(text, []).append(i)
-                else:
+                if vector is not None:
                     self._memo.move_to_end(text)
                     out[i] = vector
-        if missing:
-            fresh = self._encode(list(missing), show_progress)
+                elif text in self._pending and text not in missing:
+                    waiting.setdefault(text, (self._pending[text], []))[1].append(i)
+                else:
+                    missing.setdefault(text, []).append(i)
+            for text in missing:
+                self._pending[text] = threading.Event()
+        try:
+            if missing:
+                fresh = self._encode(list(missing), show_progress)
+                with self._memo_lock:
+                    for (text, rows), vector in zip(missing.items(), fresh, strict=True):
+                        out[rows] = vector
+                        self._memo[text] = vector
+                    while len(self._memo) > self._memo_size:
+                        self._memo.popitem(last=False)
+        finally:
             with self._memo_lock:
-                for (text, rows), vector in zip(missing.items(), fresh, strict=True):
-                    out[rows] = vector
-                    self._memo[text] = vector
-                while len(self._memo) > self._memo_size:
-                    self._memo.popitem(last=False)
+                for text in missing:
+                    self._pending.pop(text).set()
+        for text, (event, rows) in waiting.items():
+            event.wait()
+            with self._memo_lock:
+                vector = self._memo.get(text)
+            if vector is None:  # the other call failed (or the memo already dropped it)
+                vector = self._encode([text], False)[0]
+            out[rows] = vector
         return out
 
     def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:

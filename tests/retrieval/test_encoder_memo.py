@@ -59,3 +59,56 @@ def test_clear_memos_makes_every_shared_encoder_encode_again(
     clear_memos()
     encoder.encode(["who founded rome"])
     assert encoded == [1, 1]  # encoded again
+
+
+def test_a_text_being_encoded_is_waited_for_not_encoded_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two calls for one text at once (a plain step scores its guess beside its search):
+    one forward pass, both get its vector; the other texts of a call are encoded as usual.
+    A failed pass leaves the waiter to encode the text itself."""
+    import threading
+    import time
+
+    monkeypatch.setenv(MEMO_ENV, "1")
+    encoder = QueryEncoder()
+    encoded: list[list[str]] = []
+    inner = encoder._encode
+    fail = threading.Event()
+
+    def slow(texts: list[str], show_progress: bool) -> np.ndarray:
+        encoded.append(list(texts))
+        time.sleep(0.2)
+        if fail.is_set() and len(encoded) == 1:
+            raise RuntimeError("injected")
+        return inner(texts, show_progress)
+
+    monkeypatch.setattr(encoder, "_encode", slow)
+    results: dict[str, np.ndarray] = {}
+
+    def call(name: str, texts: list[str]) -> None:
+        try:
+            results[name] = encoder.encode(texts)
+        except RuntimeError:
+            results[name] = np.empty(0)
+
+    first = threading.Thread(target=call, args=("first", ["capital of peru"]))
+    first.start()
+    time.sleep(0.05)  # the first pass is running
+    call("second", ["capital of peru", "longest river"])
+    first.join()
+    assert encoded == [["capital of peru"], ["longest river"]]
+    assert np.array_equal(results["first"][0], results["second"][0])
+    assert np.array_equal(results["second"][0], inner(["capital of peru"], False)[0])
+
+    encoded.clear()
+    encoder.clear_memo()
+    fail.set()
+    first = threading.Thread(target=call, args=("first", ["capital of chile"]))
+    first.start()
+    time.sleep(0.05)
+    call("second", ["capital of chile"])
+    first.join()
+    assert results["first"].size == 0  # its pass failed ...
+    assert encoded == [["capital of chile"], ["capital of chile"]]  # ... so the waiter encoded
+    assert np.array_equal(results["second"][0], inner(["capital of chile"], False)[0])
