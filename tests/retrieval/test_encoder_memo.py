@@ -8,10 +8,24 @@ import pytest
 from ralmspec_vllm.retrieval.encoder import (
     DEFAULT_ENCODER,
     MEMO_ENV,
+    MEMO_SIZE,
     QueryEncoder,
     clear_memos,
     encoder_for,
 )
+
+
+def count_passes(encoder: QueryEncoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the encoder's forward passes, appended as they run."""
+    encoded: list[int] = []
+    inner = encoder._encode
+
+    def counting(texts: list[str], show_progress: bool) -> np.ndarray:
+        encoded.append(len(texts))
+        return inner(texts, show_progress)
+
+    monkeypatch.setattr(encoder, "_encode", counting)
+    return encoded
 
 
 @pytest.mark.parametrize("memo", ["1", "0"])
@@ -23,14 +37,7 @@ def test_memo_serves_repeats_unless_switched_off(
     call encodes. Same vectors either way."""
     monkeypatch.setenv(MEMO_ENV, memo)
     encoder = QueryEncoder()
-    encoded: list[int] = []
-    inner = encoder._encode
-
-    def counting(texts: list[str], show_progress: bool) -> np.ndarray:
-        encoded.append(len(texts))
-        return inner(texts, show_progress)
-
-    monkeypatch.setattr(encoder, "_encode", counting)
+    encoded = count_passes(encoder, monkeypatch)
     first = encoder.encode(["who wrote the iliad", "capital of france"])
     again = encoder.encode(["capital of france", "who wrote the iliad"])
     assert np.array_equal(first[::-1], again)
@@ -42,16 +49,9 @@ def test_clear_memos_makes_every_shared_encoder_encode_again(
 ) -> None:
     """What ``bench_latency`` does before each run: a method answering the same question
     after another must encode its queries itself, not find the other's encodings."""
-    monkeypatch.setenv(MEMO_ENV, "1")
-    encoder = encoder_for(DEFAULT_ENCODER)
-    encoded: list[int] = []
-    inner = encoder._encode
-
-    def counting(texts: list[str], show_progress: bool) -> np.ndarray:
-        encoded.append(len(texts))
-        return inner(texts, show_progress)
-
-    monkeypatch.setattr(encoder, "_encode", counting)
+    encoder = encoder_for(DEFAULT_ENCODER)  # shared: made by whichever test came first
+    monkeypatch.setattr(encoder, "_memo_size", MEMO_SIZE)
+    encoded = count_passes(encoder, monkeypatch)
     encoder.clear_memo()
     encoder.encode(["who founded rome"])
     encoder.encode(["who founded rome"])
