@@ -61,7 +61,7 @@ from benchmarks.common import (
 )
 from benchmarks.serving_load import Job
 from benchmarks.serving_report import TABLE_COLUMNS, plot_serving, repeat_summary
-from benchmarks.serving_server import ServerProcess
+from benchmarks.serving_server import SERVER_ENV, ServerProcess
 from benchmarks.serving_session import METHODS, Session, ralm_options
 from ralmspec_vllm.paths import cache_dir
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file
@@ -233,6 +233,7 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
     )
     meta["server"] = {
         "argv": server.argv[2:],
+        "env": dict(SERVER_ENV),
         "startup_s": round(server.startup_s, 1),
         "log": str(log_path),
     }

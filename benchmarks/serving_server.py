@@ -36,6 +36,9 @@ from ralmspec_vllm.retrieval.encoder import MEMO_ENV
 
 logger = logging.getLogger(__name__)
 
+SERVER_ENV = {MEMO_ENV: "0"}
+"""Set for the server and its child retriever (see ``ServerProcess.start``)."""
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """One ``/metrics`` scrape: (sample name, sorted label pairs) -> value."""
 
@@ -67,7 +70,7 @@ class ServerProcess:
         # after another, and nothing clears it between them, so a RaLMSpec cell would find
         # the baseline cell's query encodings memoised. RaLMSpec then pays its double
         # encodings (cache scoring and verification), as it would without a memo.
-        env = {**os.environ, MEMO_ENV: "0"}
+        env = {**os.environ, **SERVER_ENV}
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         log.close()  # the child holds its own descriptor
         try:

@@ -437,10 +437,30 @@ async def test_bench_latency_writes_after_every_question(
     ("scan", "psa"), [("batch", "PSA"), ("circular", "PSA:overlap_depth=pipeline")]
 )
 async def test_bench_latency_with_the_retriever_in_a_child_process(
-    vllm_lm: VllmLanguageModel, tiny_world: dict[str, Path], tmp_path: Path, scan: str, psa: str
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    scan: str,
+    psa: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``--transport process``: a real ``retriever serve`` child, as ``serve`` runs it (with
-    the circular scan, the child's lanes overlap the pipeline's one-query searches)."""
+    the circular scan, the child's lanes overlap the pipeline's one-query searches), and
+    without a query memo (nothing here could clear it between runs)."""
+    from ralmspec_vllm.retrieval.encoder import MEMO_ENV
+    from ralmspec_vllm.retrieval.server import ServerProcess
+
+    spawned: list[dict[str, str] | None] = []
+    real_spawn = ServerProcess.spawn.__func__  # type: ignore[attr-defined]
+
+    def spawn(cls: type, args: list[str], **kwargs: object) -> ServerProcess:
+        spawned.append(kwargs.get("env"))  # type: ignore[arg-type]
+        child: ServerProcess = real_spawn(cls, args, **kwargs)
+        environ = Path(f"/proc/{child.process.pid}/environ").read_bytes().split(b"\0")
+        assert f"{MEMO_ENV}=0".encode() in environ  # the child really runs without a memo
+        return child
+
+    monkeypatch.setattr(ServerProcess, "spawn", classmethod(spawn))
     cfg = LatencyConfig(
         model="tiny-llama", backends=("flat",), methods=("baseline", psa),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
@@ -460,6 +480,7 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
     assert rows[0]["mean_retrieval_calls"] >= 4 and rows[1]["mean_verifications"] >= 1
     assert all(row["kb_phases_s"] is None for row in rows)  # timed in the child, not here
     assert all(row["loop_lag_ms"]["max"] >= row["loop_lag_ms"]["p50"] >= 0 for row in rows)
+    assert spawned == [{MEMO_ENV: "0"}]
 
 
 def test_transport_validation() -> None:
