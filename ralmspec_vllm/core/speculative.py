@@ -68,7 +68,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -248,9 +248,7 @@ class SpeculativeRequest:
         try:
             (hits,) = await self._search([query], "retrieve")
         except BaseException:
-            if before_insert is not None:
-                before_insert.cancel()
-                await asyncio.gather(before_insert, return_exceptions=True)
+            await _cancel([] if before_insert is None else [before_insert])
             raise
         latency = time.perf_counter() - start
         if before_insert is not None:
@@ -261,8 +259,7 @@ class SpeculativeRequest:
         try:
             await self.ctx.generate_step(_top1(hits), "retrieve")
         except BaseException:
-            insert.cancel()
-            await asyncio.gather(insert, return_exceptions=True)
+            await _cancel([insert])
             raise
         await insert  # a failed fetch raises here, as itself
         self.ctx.finalize(len(self.ctx.generated))
@@ -457,7 +454,7 @@ class SpeculativeRequest:
                         if speculation is not None:
                             await self._discard(speculation, [lm_request_id])
                             speculation = None
-                        await self._cancel_searches([u.search for u in unsettled])
+                        await _cancel([u.search for u in unsettled])
                         unsettled = []
                         await self._correct(head.step.start, mismatch.true_doc_id)
                         if self._early and isinstance(self.scheduler, OptimalStrideScheduler):
@@ -485,7 +482,7 @@ class SpeculativeRequest:
         except BaseException:
             if speculation is not None:
                 await self._discard(speculation, [lm_request_id])
-            await self._cancel_searches([u.search for u in unsettled])
+            await _cancel([u.search for u in unsettled])
             raise
 
     async def _timed_search(self, query: str) -> tuple[list[Hit], float]:
@@ -503,11 +500,6 @@ class SpeculativeRequest:
         """Pipeline: a step's search came back (every earlier step matched). A match
         finalizes the step; a mismatch is returned for the rollback."""
         return await self._judge([step], [hits], latency, depth, asynchronous=True)
-
-    async def _cancel_searches(self, tasks: list[asyncio.Task[tuple[list[Hit], float]]]) -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _discard(self, task: asyncio.Task[Any], in_flight: list[str]) -> None:
         """Cancel speculating ahead; tokens already appended go with the rollback."""
@@ -577,3 +569,10 @@ class SpeculativeRequest:
             raise ValueError(f"this cache scoring needs a retriever that serves {kind}")
         fetched.update(zip(missing, values, strict=True))
         return True
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks and wait until they are done (their errors are theirs)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
