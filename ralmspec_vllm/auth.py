@@ -13,6 +13,8 @@ import hmac
 import os
 from collections.abc import Sequence
 
+API_KEY_ENV = "RALMSPEC_API_KEY"
+"""The HTTP server's key when ``serve --api-key`` is not given."""
 RETRIEVER_KEY_ENV = "RALMSPEC_RETRIEVER_API_KEY"
 """The retriever service's key: read by ``retriever serve`` and by ``serve`` (its client)."""
 

@@ -7,7 +7,7 @@ baseline's does, and a rollback behind it forgets it.
 
 The answer keeps the token that completes the stop (a stop token id, or the token whose text
 completes a stop string), as vLLM does; the *text* shown to a client ends before the stop
-string or token (``stop_text``), unless the request asks to include it.
+string or token (``StopText``), unless the request asks to include it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from ralmspec_vllm.auth import RETRIEVER_KEY_ENV, keys
+from ralmspec_vllm.auth import API_KEY_ENV, RETRIEVER_KEY_ENV, keys
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.cpus import CPUS_HELP, pin
 from ralmspec_vllm.engine.version import load_vllm
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; env RALMSPEC_API_KEY)",
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (repeatable; env {API_KEY_ENV})",
     )
     _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
     _own(server, "--cpus", default=None, metavar="LIST", help=CPUS_HELP)
@@ -281,7 +281,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
     from ralmspec_vllm.retrieval.server import ServerProcess
     from ralmspec_vllm.service import RaLMService, local_cache_scoring
 
-    api_keys = keys(args.api_key, "RALMSPEC_API_KEY")
+    api_keys = keys(args.api_key, API_KEY_ENV)
     given = keys([args.retriever_api_key] if args.retriever_api_key else None, RETRIEVER_KEY_ENV)
     retriever_key: str | None = given[0] if given else None
     bound = _bind(args.host, args.port)  # fail fast on a taken port, before slow starts
@@ -374,7 +374,7 @@ async def _start_lm(engine_config: Any, stack: AsyncExitStack) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.host not in LOCAL_HOSTS and not keys(args.api_key, "RALMSPEC_API_KEY"):
+    if args.host not in LOCAL_HOSTS and not keys(args.api_key, API_KEY_ENV):
         logger.warning(
             "binding %s without --api-key: anyone who can reach it may use it", args.host
         )
