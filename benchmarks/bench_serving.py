@@ -18,11 +18,12 @@ start ONE ``ralmspec-vllm serve`` subprocess on 127.0.0.1 (OS-chosen port) with 
 3. identity: every answer must equal the baseline's answer to the same question. By default
    (``--shared-questions``) every method of a cell answers the SAME questions, and the
    server's caches are emptied before each (cell, method) with ``POST /reset_prefix_cache``
-   (vLLM's prefix cache and the document-token cache; retried until vLLM confirms, an error
-   if it never does), so no method finds KV blocks another method left and all start
-   equally cold, with prefix caching on. ``--no-shared-questions`` is the older mode: each
-   (cell, method) gets its OWN fresh questions and no reset; baseline answers for questions
-   only other methods timed come from an untimed reference pass at the end. Its per-method
+   (vLLM's prefix cache, the document-token cache and the retriever's query-encoder memo;
+   retried until vLLM confirms, an error if it never does), so no method finds KV blocks or
+   query encodings another method left and all start equally cold, with prefix caching on.
+   ``--no-shared-questions`` is the older mode: each (cell, method) gets its OWN fresh
+   questions and no reset; baseline answers for questions only other methods timed come
+   from an untimed reference pass at the end. Its per-method
    question mix moved results by about +-10% on the 2-core CPU.
 
 ``--repeats N`` runs every cell N times (fresh questions each time, the method order rotating
@@ -61,7 +62,7 @@ from benchmarks.common import (
 )
 from benchmarks.serving_load import Job
 from benchmarks.serving_report import TABLE_COLUMNS, plot_serving, repeat_summary
-from benchmarks.serving_server import SERVER_ENV, ServerProcess
+from benchmarks.serving_server import ServerProcess
 from benchmarks.serving_session import METHODS, Session, ralm_options
 from ralmspec_vllm.paths import cache_dir
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file
@@ -233,7 +234,6 @@ async def run_benchmark(cfg: ServingConfig) -> tuple[Path, list[dict[str, Any]]]
     )
     meta["server"] = {
         "argv": server.argv[2:],
-        "env": dict(SERVER_ENV),
         "startup_s": round(server.startup_s, 1),
         "log": str(log_path),
     }

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.latency_report import RunRecord
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.questions import Question
-from ralmspec_vllm.retrieval.encoder import MEMO_ENV, clear_memos
+from ralmspec_vllm.retrieval.encoder import clear_memos
 
 if TYPE_CHECKING:
     from benchmarks.bench_latency import LatencyConfig
@@ -92,8 +92,11 @@ class Runner:
         # Methods answer the same question one after another with the same queries: a run
         # must not find the previous run's query encodings memoised (a RaLMSpec run after
         # the baseline's timed dictionary lookups instead of encoder passes, 2026-11-27 to
-        # session 22). Within a run the memo stays, as in serving.
+        # session 22). This process's encoders (cache scoring, an in-process retriever) are
+        # cleared here, a child retriever's by its ResetCaches RPC. Within a run the memo
+        # stays, as in serving.
         clear_memos()
+        await self.retriever.reset_caches()
         lag = None if self.cfg.loop_lag_ms is None else LoopLag(self.cfg.loop_lag_ms / 1000)
         before = self._phases()
         async with lag or contextlib.nullcontext():
@@ -328,11 +331,9 @@ async def bench_backend(
 
         child_cfg = replace(rcfg, threads=cfg.torch_threads)
         child = ["--host", "127.0.0.1", "--port", "0", "--index", str(kb.path)]
-        # No query memo in the child: this process cannot clear it between runs (see
-        # Runner.one), so RaLMSpec pays its double encodings there, as it would without one.
-        server = ServerProcess.spawn(
-            [*child, *config_to_args(child_cfg)], timeout_s=3600.0, env={MEMO_ENV: "0"}
-        )
+        # The child keeps its query memo, as shipped; Runner.one empties it before every
+        # run (ResetCaches).
+        server = ServerProcess.spawn([*child, *config_to_args(child_cfg)], timeout_s=3600.0)
     else:
         sync = _open_sync(cfg, backend, kb)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}

@@ -17,7 +17,6 @@ index searches and backend seconds (``index_stats``), plus the LM's work from vL
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import subprocess
@@ -32,12 +31,8 @@ from typing import IO, Any
 import httpx
 
 from ralmspec_vllm.entrypoints.serve import READY_PREFIX
-from ralmspec_vllm.retrieval.encoder import MEMO_ENV
 
 logger = logging.getLogger(__name__)
-
-SERVER_ENV = {MEMO_ENV: "0"}
-"""Set for the server and its child retriever (see ``ServerProcess.start``)."""
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """One ``/metrics`` scrape: (sample name, sorted label pairs) -> value."""
@@ -66,12 +61,10 @@ class ServerProcess:
         logger.info("starting the server: %s (log: %s)", " ".join(argv[2:]), log_path)
         start = time.perf_counter()
         log = log_path.open("w")
-        # No query memo in the server's retriever: methods answer the same questions one
-        # after another, and nothing clears it between them, so a RaLMSpec cell would find
-        # the baseline cell's query encodings memoised. RaLMSpec then pays its double
-        # encodings (cache scoring and verification), as it would without a memo.
-        env = {**os.environ, **SERVER_ENV}
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        # The server runs as shipped, its retriever's query memo included: methods answer
+        # the same questions one after another, and ``POST /reset_prefix_cache`` before
+        # each (cell, method) empties that memo too (the retriever's ResetCaches).
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()  # the child holds its own descriptor
         try:
             url = _wait_ready(process, timeout_s, log_path)

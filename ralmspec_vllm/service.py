@@ -451,12 +451,19 @@ class RaLMService:
         """Forget cached prompt work so that the next requests start cold (benchmarks).
 
         Empties vLLM's KV prefix cache (``AsyncLLM.reset_prefix_cache``; either LM path
-        reaches its engine through ``lm.engine``) and the core's document-token cache.
+        reaches its engine through ``lm.engine``), the core's document-token cache and the
+        retriever's query-encoder memo (``reset_caches``: the ``ResetCaches`` RPC, so a
+        benchmark's RaLMSpec run does not find the baseline's queries already encoded).
         Returns vLLM's answer: False while requests (or paused sessions) still hold KV
-        blocks, or when the LM has no vLLM engine; the document cache is emptied anyway.
+        blocks, or when the LM has no vLLM engine; the other caches are emptied anyway.
+        Raises ``RetrieverError`` when the retriever cannot be reached.
         """
         old = self.engine.doc_tokens
         self.engine.doc_tokens = old.emptied()  # running requests keep the old cache object
+        reset_retriever = getattr(self.retriever, "reset_caches", None)
+        if reset_retriever is not None:
+            dropped = await reset_retriever()
+            logger.info("retriever caches reset: %d memoised query encodings dropped", dropped)
         vllm_engine = getattr(self.engine.lm, "engine", None)
         if vllm_engine is None:
             logger.warning("prefix-cache reset: the LM has no vLLM engine")

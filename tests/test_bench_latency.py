@@ -445,8 +445,9 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``--transport process``: a real ``retriever serve`` child, as ``serve`` runs it (with
-    the circular scan, the child's lanes overlap the pipeline's one-query searches), and
-    without a query memo (nothing here could clear it between runs)."""
+    the circular scan, the child's lanes overlap the pipeline's one-query searches), with
+    its query memo on, as shipped, and emptied before every run (``ResetCaches``)."""
+    from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.encoder import MEMO_ENV
     from ralmspec_vllm.retrieval.server import ServerProcess
 
@@ -457,10 +458,19 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
         spawned.append(kwargs.get("env"))  # type: ignore[arg-type]
         child: ServerProcess = real_spawn(cls, args, **kwargs)
         environ = Path(f"/proc/{child.process.pid}/environ").read_bytes().split(b"\0")
-        assert f"{MEMO_ENV}=0".encode() in environ  # the child really runs without a memo
+        assert f"{MEMO_ENV}=0".encode() not in environ  # the memo is on in the child
         return child
 
+    dropped: list[int] = []
+    real_reset = RetrieverClient.reset_caches
+
+    async def reset(client: RetrieverClient) -> int:
+        dropped.append(await real_reset(client))
+        return dropped[-1]
+
+    monkeypatch.delenv(MEMO_ENV, raising=False)
     monkeypatch.setattr(ServerProcess, "spawn", classmethod(spawn))
+    monkeypatch.setattr(RetrieverClient, "reset_caches", reset)
     cfg = LatencyConfig(
         model="tiny-llama", backends=("flat",), methods=("baseline", psa),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
@@ -480,7 +490,10 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
     assert rows[0]["mean_retrieval_calls"] >= 4 and rows[1]["mean_verifications"] >= 1
     assert all(row["kb_phases_s"] is None for row in rows)  # timed in the child, not here
     assert all(row["loop_lag_ms"]["max"] >= row["loop_lag_ms"]["p50"] >= 0 for row in rows)
-    assert spawned == [{MEMO_ENV: "0"}]
+    assert spawned == [None]
+    # one reset per run (a warm-up and 2 questions, 2 methods each); each finds the queries
+    # its predecessor left in the child's memo (the first: the server's warm-up query)
+    assert len(dropped) == 6 and all(n > 0 for n in dropped)
 
 
 def test_transport_validation() -> None:

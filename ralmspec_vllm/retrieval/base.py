@@ -147,6 +147,17 @@ class InProcessAsyncRetriever:
             return await asyncio.to_thread(self.retriever.term_weights, list(doc_ids))
         return None
 
+    async def reset_caches(self) -> int:
+        """``reset_caches()`` of retrievers that keep caches (dense: the encoder's memo)."""
+        return await asyncio.to_thread(reset_caches, self.retriever)
+
+
+def reset_caches(retriever: Retriever) -> int:
+    """Empty what makes a repeated query cheaper than its first asking (the dense query
+    encoder's memo; BM25 keeps nothing of the kind): the entries dropped."""
+    reset = getattr(retriever, "reset_caches", None)
+    return int(reset()) if reset is not None else 0
+
 
 def rank_hits(hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
     """Sort by score descending, doc id ascending; keep the first ``k``."""

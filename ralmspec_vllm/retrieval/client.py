@@ -171,6 +171,11 @@ class RetrieverClient:
             search_seconds=s.search_seconds,
         )
 
+    async def reset_caches(self) -> int:
+        """Empty the server's query-encoder memo (``ResetCaches``): the encodings dropped."""
+        reply = await self._call("ResetCaches", pb.ResetCachesRequest())
+        return int(reply.encoder_memo_entries)
+
     async def encode(self, queries: Sequence[str], *, timeout_s: float | None = None) -> np.ndarray:
         """Query embeddings (n, dim) from the server's encoder, exactly as Search uses them."""
         if isinstance(queries, str):

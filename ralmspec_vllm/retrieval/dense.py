@@ -252,6 +252,12 @@ class DenseIndexRetriever(ABC):
             extra=extra,
         )
 
+    def reset_caches(self) -> int:
+        """Empty the query encoder's memo (``encoder.QueryEncoder.clear_memo``); the
+        encodings dropped (0 for an encoder without one)."""
+        clear = getattr(self._encoder, "clear_memo", None)
+        return int(clear()) if clear is not None else 0
+
     def encode(self, queries: Sequence[str]) -> np.ndarray:
         texts = check_queries(queries)
         if self._encoder is None:

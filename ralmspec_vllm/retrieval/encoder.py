@@ -158,10 +158,13 @@ class QueryEncoder:
             "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
         )
 
-    def clear_memo(self) -> None:
-        """Forget the memoised queries (benchmarks: no run may reuse another's encodings)."""
+    def clear_memo(self) -> int:
+        """Forget the memoised queries (benchmarks: no run may reuse another's encodings);
+        returns how many there were."""
         with self._memo_lock:
+            dropped = len(self._memo)
             self._memo.clear()
+        return dropped
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """Embeddings of ``texts``, float32, L2-normalised, shape (len(texts), dim)."""
@@ -339,12 +342,11 @@ def encoder_for(model: str = DEFAULT_ENCODER) -> QueryEncoder:
         return _CACHE[model]
 
 
-def clear_memos() -> None:
-    """``clear_memo`` on every shared encoder of this process."""
+def clear_memos() -> int:
+    """``clear_memo`` on every shared encoder of this process; the entries dropped."""
     with _CACHE_LOCK:
         encoders = list(_CACHE.values())
-    for encoder in encoders:
-        encoder.clear_memo()
+    return sum(encoder.clear_memo() for encoder in encoders)
 
 
 def default_encoder() -> QueryEncoder:

@@ -19,7 +19,12 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever, TermWeightRetriever
+from ralmspec_vllm.retrieval.base import (
+    DenseRetriever,
+    Retriever,
+    TermWeightRetriever,
+    reset_caches,
+)
 from ralmspec_vllm.retrieval.batching import BatchStats, SearchLane
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2 as pb
 from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
@@ -167,6 +172,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
     ) -> pb.GetTermWeightsResponse:
         return await self._guard("GetTermWeights", self._term_weights, request, context)
 
+    async def ResetCaches(
+        self, request: pb.ResetCachesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetCachesResponse:
+        return await self._guard("ResetCaches", self._reset_caches, request, context)
+
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
@@ -304,6 +314,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         texts = self._check_texts(request.texts, "texts")
         vectors = await asyncio.to_thread(self.dense.encode, texts)
         return pb.EncodeResponse(embeddings=embeddings_to_proto(vectors))
+
+    async def _reset_caches(self, request: pb.ResetCachesRequest) -> pb.ResetCachesResponse:
+        dropped = await asyncio.to_thread(reset_caches, self.retriever)
+        logger.info("caches reset: %d memoised query encodings dropped", dropped)
+        return pb.ResetCachesResponse(encoder_memo_entries=dropped)
 
     # -- validation -------------------------------------------------------------------------
 

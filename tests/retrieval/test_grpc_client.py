@@ -274,6 +274,8 @@ async def test_api_keys_guard_every_retriever_rpc_but_health(bm25: BM25Retriever
                 assert time.perf_counter() - start < 1.0  # refused, not retried with backoff
                 with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
                     await client.score("albedo", [1, 4])
+                with pytest.raises(RetrieverServerError, match="UNAUTHENTICATED"):
+                    await client.reset_caches()  # an admin call: nobody else empties caches
         assert running.service.stats.search_calls == 0  # nothing reached the service
         for key in ("k1", "k2"):
             async with RetrieverClient(running.target, api_key=key) as client:

@@ -133,6 +133,26 @@ async def clients(served: dict[str, RunningServer]) -> AsyncIterator[dict[str, R
         await client.close()
 
 
+# -- cache reset ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_reset_caches_empties_the_query_encoders_memo(
+    backend: str, clients: dict[str, RetrieverClient]
+) -> None:
+    """``ResetCaches`` (what the HTTP server's ``/reset_prefix_cache`` calls between
+    benchmark runs): a dense backend's search leaves its query encoded in the encoder's
+    memo, which the reset reports and drops; a second reset finds nothing; BM25 has no such
+    cache. The answers are the same before and after."""
+    client = clients[backend]
+    await client.reset_caches()
+    query = f"which {backend} index answers a question asked the first time"
+    before = await client.search([query, query], 3)
+    assert await client.reset_caches() == (0 if backend == "bm25" else 1)
+    assert await client.reset_caches() == 0
+    assert await client.search([query, query], 3) == before
+
+
 # -- equality with the in-process retriever -----------------------------------------------
 
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from benchmarks.serving_server import ServerProcess
+from ralmspec_vllm.retrieval.client import RetrieverClient
 
 from .conftest import API_KEY, RALM, Served
 
@@ -73,6 +74,24 @@ async def test_reset_resubmit_path(served: Served) -> None:
     async with httpx.AsyncClient(base_url=served.base_url) as http:
         model = (await http.get("/v1/models", headers=AUTH)).json()["data"][0]["id"]
         await check_reset_empties_the_cache(http, model)
+
+
+async def test_reset_empties_the_retrievers_query_memo(served: Served) -> None:
+    """The reset also empties the retriever's query-encoder memo (its ``ResetCaches``), so
+    a benchmark's RaLMSpec run after the baseline's encodes its queries itself. Read through
+    the retriever's own RPC, which reports what it dropped."""
+    retriever = served.service.retriever
+    assert isinstance(retriever, RetrieverClient)
+    async with httpx.AsyncClient(base_url=served.base_url) as http:
+        model = (await http.get("/v1/models", headers=AUTH)).json()["data"][0]["id"]
+        await reset(http)
+        assert await retriever.reset_caches() == 0  # the HTTP reset left nothing
+        first, _ = await ask(http, model, QUESTION)
+        await reset(http)
+        assert await retriever.reset_caches() == 0  # ... again, after an answer's queries
+        again, _ = await ask(http, model, QUESTION)
+        assert await retriever.reset_caches() > 0  # without a reset the queries stay
+        assert first == again
 
 
 async def test_reset_scheduler_hook_sessions(

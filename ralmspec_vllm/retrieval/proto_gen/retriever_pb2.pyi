@@ -138,6 +138,16 @@ class EncodeResponse(_message.Message):
     embeddings: Embeddings
     def __init__(self, embeddings: _Optional[_Union[Embeddings, _Mapping]] = ...) -> None: ...
 
+class ResetCachesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetCachesResponse(_message.Message):
+    __slots__ = ("encoder_memo_entries",)
+    ENCODER_MEMO_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    encoder_memo_entries: int
+    def __init__(self, encoder_memo_entries: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class RetrieverStub(object):
                 request_serializer=retriever__pb2.GetTermWeightsRequest.SerializeToString,
                 response_deserializer=retriever__pb2.GetTermWeightsResponse.FromString,
                 _registered_method=True)
+        self.ResetCaches = channel.unary_unary(
+                '/ralmspec.retriever.v1.Retriever/ResetCaches',
+                request_serializer=retriever__pb2.ResetCachesRequest.SerializeToString,
+                response_deserializer=retriever__pb2.ResetCachesResponse.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer(object):
@@ -127,6 +132,15 @@ class RetrieverServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCaches(self, request, context):
+        """Empties what makes a repeated query cheaper than its first asking (the query encoder's
+        memo), so that a benchmark's runs do not time each other's work (POST
+        /reset_prefix_cache on the HTTP server calls it). Answers never change either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrieverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.GetTermWeights,
                     request_deserializer=retriever__pb2.GetTermWeightsRequest.FromString,
                     response_serializer=retriever__pb2.GetTermWeightsResponse.SerializeToString,
+            ),
+            'ResetCaches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCaches,
+                    request_deserializer=retriever__pb2.ResetCachesRequest.FromString,
+                    response_serializer=retriever__pb2.ResetCachesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +374,33 @@ class Retriever(object):
             '/ralmspec.retriever.v1.Retriever/GetTermWeights',
             retriever__pb2.GetTermWeightsRequest.SerializeToString,
             retriever__pb2.GetTermWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCaches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ralmspec.retriever.v1.Retriever/ResetCaches',
+            retriever__pb2.ResetCachesRequest.SerializeToString,
+            retriever__pb2.ResetCachesResponse.FromString,
             options,
             channel_credentials,
             insecure,
