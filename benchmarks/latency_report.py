@@ -53,6 +53,8 @@ class RunRecord:
     """Per-step document ids equal the baseline's."""
     plain_steps: int = 0
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
+    measured_plain_steps: int = 0
+    """Of ``plain_steps``: those the measured costs chose (speculation measured slower)."""
     lm_aborts: int = 0
     """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
     searches: tuple[tuple[int, float], ...] = ()
@@ -111,6 +113,7 @@ class RunRecord:
             tokens_discarded=summary["tokens_discarded"],
             lm_calls=summary["lm_calls"],
             plain_steps=summary.get("plain_steps", 0),
+            measured_plain_steps=summary.get("measured_plain_steps", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             identical=identical,
             same_documents=same_documents,
@@ -223,6 +226,7 @@ def summarize(
                 mean_verifications=_round(_mean([r.verifications for r in runs])),
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
+                mean_measured_plain_steps=_round(_mean([r.measured_plain_steps for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),

@@ -78,6 +78,7 @@ from ralmspec_vllm.core.request import RequestContext
 from ralmspec_vllm.core.stride import (
     FixedStride,
     OptimalStrideScheduler,
+    StepCosts,
     StrideLedger,
     StrideScheduler,
 )
@@ -192,6 +193,8 @@ class SpeculativeRequest:
         # before it settles), until ``_insert`` moves them into the cache (those of a
         # search cancelled by a rollback stay until the request ends: a few hundred).
         self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}}
+        self._segment: tuple[float, int] | None = None
+        """Speculation since the last decision point: (``perf_counter``, final length)."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -200,13 +203,14 @@ class SpeculativeRequest:
         await self._first_step()
         if self._pipeline:
             await self._run_pipeline()
+            self._close_segment()
             return
         pending: list[SpeculativeStep] = []  # speculated, not verified yet, in order
         while pending or not ctx.done:
             stride = self.scheduler.next_stride()
             if not pending:
                 held = ctx.speculation_held()
-                if held or self._plain_pays(stride):
+                if self._decide_plain(held, stride):
                     await self._plain_step(held)
                     continue
             if self._fill:  # the verifier never waits: all that is pending, else restart
@@ -224,6 +228,7 @@ class SpeculativeRequest:
             if mismatch is not None:
                 pending = []  # all after the mismatch: their tokens go with the rollback
                 await self._correct(steps[mismatch.step].start, mismatch.true_doc_id)
+        self._close_segment()
 
     def _restart(self, planned: int) -> int:
         """Fill: the size of a round that starts from nothing (the first, or after a
@@ -234,9 +239,41 @@ class SpeculativeRequest:
         return min(self._fill_cap, planned if restart is None else restart)
 
     async def _first_step(self) -> None:
+        start, before = time.perf_counter(), len(self.ctx.generated)
         _, latency = await self._retrieve_step(self.ctx.query())
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
+            self._record_plain(start, before)  # a plain step: the first figure of its cost
+
+    def _record_plain(self, start: float, before: int) -> None:
+        """A plain step that began at ``start`` with ``before`` tokens, for ``StepCosts``."""
+        steps = self._step_costs()
+        if steps is not None:
+            steps.record("plain", time.perf_counter() - start, len(self.ctx.generated) - before)
+
+    def _step_costs(self) -> StepCosts | None:
+        scheduler = self.scheduler
+        return scheduler.steps if isinstance(scheduler, OptimalStrideScheduler) else None
+
+    def _decide_plain(self, held: bool, stride: int) -> bool:
+        """At a decision point (every speculated step verified): the speculation measured
+        since the last one goes to ``StepCosts``; then plain step or speculation (which
+        opens a new measured segment)."""
+        self._close_segment()
+        if held or self._plain_pays(stride):
+            return True
+        self._segment = (time.perf_counter(), self.ctx.final_length)
+        return False
+
+    def _close_segment(self) -> None:
+        """Record the open speculation segment: its seconds over the tokens it finalized."""
+        if self._segment is None:
+            return
+        (started, final), self._segment = self._segment, None
+        steps = self._step_costs()
+        if steps is not None:
+            seconds = time.perf_counter() - started
+            steps.record("speculation", seconds, self.ctx.final_length - final)
 
     async def _retrieve_step(
         self, query: str, before_insert: asyncio.Task[Any] | None = None
@@ -272,12 +309,14 @@ class SpeculativeRequest:
         return await self.ctx.search(queries, cfg.search_k, purpose, cfg.search_prefetch)
 
     def _plain_pays(self, stride: int) -> bool:
+        if not isinstance(self.scheduler, OptimalStrideScheduler):
+            return False
+        if self.scheduler.measured_plain_pays():  # the clock overrules the models
+            self.recorder.measured_plain_steps += 1
+            return True
         if self._early:  # a hit costs the step alone, a miss what it was measured to cost
-            return (
-                isinstance(self.scheduler, OptimalStrideScheduler)
-                and self.scheduler.prefers_plain_step_early()
-            )
-        if stride != 1 or not isinstance(self.scheduler, OptimalStrideScheduler):
+            return self.scheduler.prefers_plain_step_early()
+        if stride != 1:
             return False
         return not self.config.async_verification or self.scheduler.prefers_plain_step()
 
@@ -297,7 +336,7 @@ class SpeculativeRequest:
             self.recorder.plain_steps += 1
             self.recorder.held_steps += 1
             return
-        start = time.perf_counter()
+        start, before = time.perf_counter(), len(self.ctx.generated)
         query = self.ctx.query()
         # The guess (OS3's evidence only) is scored beside the search, off the step's
         # critical path, and against the cache as it was: before the search's documents.
@@ -308,6 +347,7 @@ class SpeculativeRequest:
         # a: the LM step and whatever scoring the search did not hide; b: the search
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
+        self._record_plain(start, before)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         return await self._generate_guess(await self._guess(), lm_request_id)
@@ -429,7 +469,7 @@ class SpeculativeRequest:
             while True:
                 if speculation is None and not ctx.done:
                     held = self.ctx.speculation_held()
-                    if not unsettled and (held or self._plain_pays(self.scheduler.next_stride())):
+                    if not unsettled and self._decide_plain(held, self.scheduler.next_stride()):
                         await self._plain_step(held)
                         continue
                     if not held and len(unsettled) < self._pipeline_depth:

@@ -43,14 +43,23 @@ probability that one speculation is right:
   retrieval step, counting the regenerated step a miss costs (the paper's objective does
   not). Without overlap plain always wins at stride 1; with overlap it wins when misses
   are frequent and an LM step costs more than a verification (e.g. approximate retrieval).
+- Not in the paper, with ``confidence_z`` set: ``measured_plain_pays`` checks the models
+  against the clock. ``StepCosts`` keeps the seconds per finalized token that plain steps
+  and speculation actually took, pooled over the engine's requests for a minute; where
+  speculation measured slower, plain steps run whatever the model says (and where the two
+  are close but plain steps are barely measured, plain steps run until they are). On the
+  H100 (IVF at 1M, session 23) the model's margin for speculating was ~1 ms a step, less
+  than the work it leaves out (inserts, verifications beside the next step, rollbacks):
+  speculating ran at 0.93x the baseline.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Literal, Protocol
 
 _TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
 
@@ -187,6 +196,55 @@ class VerificationCost:
         return self.latest[lo] + t * (self.latest[hi] - self.latest[lo])
 
 
+Mode = Literal["plain", "speculation"]
+
+MEASURED_MIN_TOKENS = 32
+"""Finalized tokens each mode needs measured before ``measured_plain_pays`` judges by them
+(8 steps at the default retrieval stride)."""
+EXPLORE_MARGIN = 0.2
+"""Speculation measured within this fraction of the plain cost (or above it) is close
+enough for plain steps to be measured until they have ``MEASURED_MIN_TOKENS``."""
+
+
+class StepCosts:
+    """Seconds per finalized token, measured for plain steps and for speculation (wall
+    time from a decision point to the next, over the tokens finalized meanwhile, so that
+    guesses, rollbacks, waits and whatever runs beside a step all count), pooled over the
+    last ``horizon_s`` seconds. Old samples lapse, so the mode not chosen lately stops
+    counting and the models decide again (and measure it again)."""
+
+    def __init__(
+        self,
+        horizon_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        capacity: int = 1024,
+    ) -> None:
+        if horizon_s <= 0:
+            raise ValueError(f"horizon_s must be positive, got {horizon_s}")
+        self.horizon_s = horizon_s
+        self._clock = clock
+        self._samples: dict[Mode, deque[tuple[float, float, int]]] = {
+            "plain": deque(maxlen=capacity),
+            "speculation": deque(maxlen=capacity),
+        }
+
+    def record(self, mode: Mode, seconds: float, tokens: int) -> None:
+        """``tokens`` finalized in ``seconds`` of ``mode`` (nothing for no tokens)."""
+        if tokens > 0:
+            self._samples[mode].append((self._clock(), max(seconds, 0.0), tokens))
+
+    def per_token(self, mode: Mode) -> tuple[float, int] | None:
+        """(seconds per token, tokens measured) within the horizon; ``None`` if none."""
+        samples = self._samples[mode]
+        cutoff = self._clock() - self.horizon_s
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+        tokens = sum(n for _, _, n in samples)
+        if not tokens:
+            return None
+        return sum(s for _, s, _ in samples) / tokens, tokens
+
+
 def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:
     """(matched steps, rounds with a mismatch) of ``(matched, mismatched)`` outcomes."""
     matched = mismatches = 0
@@ -208,6 +266,8 @@ class StrideLedger:
         self.miss: float | None = None
         """Early verification: the latest miss's cost (``OptimalStrideScheduler.miss``)."""
         self.cost = VerificationCost()
+        self.steps = StepCosts()
+        """What plain steps and speculation measured (``measured_plain_pays``)."""
 
     def record(self, matched: int, mismatched: bool) -> None:
         self._outcomes.append((matched, mismatched))
@@ -260,8 +320,10 @@ class OptimalStrideScheduler:
         self._prior = (0, 0)
         # b per batch size (extended OS3 only): shared with the ledger when there is one.
         self.cost: VerificationCost | None = None
+        self.steps: StepCosts | None = None
         if confidence_z is not None:
             self.cost = ledger.cost if ledger is not None else VerificationCost()
+            self.steps = ledger.steps if ledger is not None else StepCosts()
         if self._ledger is not None:
             self._prior = self._ledger.trials()
             self.a, self.b, self.miss = self._ledger.a, self._ledger.b, self._ledger.miss
@@ -317,6 +379,23 @@ class OptimalStrideScheduler:
         if g is None or a is None or b is None or m is None:
             return False
         return g * max(a, b) + (1.0 - g) * m > a + b
+
+    def measured_plain_pays(self) -> bool:
+        """Extended OS3 only: whether the measured costs (``StepCosts``) call for a plain
+        step, whatever the models say: speculation measured slower per finalized token than
+        plain steps, each over at least ``MEASURED_MIN_TOKENS``; or speculation measured and
+        within ``EXPLORE_MARGIN`` of (or above) plain steps that are not measured enough yet
+        (a request's first step is a plain step, so there is always a first figure). A plain
+        step risks little where the two are close; at 21M docs a plain step costs several
+        speculated ones, and this never fires."""
+        if self.steps is None:
+            return False
+        speculation, plain = self.steps.per_token("speculation"), self.steps.per_token("plain")
+        if speculation is None or plain is None or speculation[1] < MEASURED_MIN_TOKENS:
+            return False
+        if plain[1] < MEASURED_MIN_TOKENS:
+            return speculation[0] > plain[0] * (1.0 - EXPLORE_MARGIN)
+        return speculation[0] > plain[0]
 
     @property
     def plain_step_accuracy(self) -> float | None:

@@ -89,6 +89,9 @@ class RequestTrace:
     held_steps: int = 0
     """Of ``plain_steps``: those run plainly because the server held speculation
     (``RequestContext.speculation_held``: its retriever was busy)."""
+    measured_plain_steps: int = 0
+    """Of ``plain_steps``: those run plainly because speculation measured slower (or too
+    close to tell) per finalized token (``OptimalStrideScheduler.measured_plain_pays``)."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -134,6 +137,7 @@ class RequestTrace:
             "mean_stride": self.mean_stride,
             "plain_steps": self.plain_steps,
             "held_steps": self.held_steps,
+            "measured_plain_steps": self.measured_plain_steps,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -168,6 +172,7 @@ class TraceRecorder:
     num_cached_tokens: int = 0
     plain_steps: int = 0
     held_steps: int = 0
+    measured_plain_steps: int = 0
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
@@ -202,4 +207,5 @@ class TraceRecorder:
             num_cached_tokens=self.num_cached_tokens,
             plain_steps=self.plain_steps,
             held_steps=self.held_steps,
+            measured_plain_steps=self.measured_plain_steps,
         )

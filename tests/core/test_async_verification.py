@@ -10,6 +10,7 @@ import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
+from ralmspec_vllm.core.stride import MEASURED_MIN_TOKENS
 
 from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 from .world import SHORT_QUESTION, baseline_and_freeze, forced, make_engine
@@ -386,7 +387,9 @@ async def test_early_verification_keeps_speculating_where_the_late_pipeline_stop
     5 ms search behind a 10 ms step: a late miss costs step, search and step again),
     early verification keeps speculating: with a free abort a miss costs about a plain
     step and a hit saves the 5 ms search (the margin keeps a loaded machine's scheduling
-    noise from flipping the choice). Same answer either way."""
+    noise from flipping the choice). Its measured ~17% advantage is close enough that plain
+    steps are measured too (``measured_plain_pays``), at most until they fill
+    ``MEASURED_MIN_TOKENS``; none comes from the model. Same answer either way."""
     retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.005)
     engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
@@ -398,7 +401,8 @@ async def test_early_verification_keeps_speculating_where_the_late_pipeline_stop
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early("auto"))
     assert result.token_ids == baseline.token_ids
     trace = result.trace
-    assert trace.plain_steps == 0 and trace.rollbacks > 2
+    assert trace.plain_steps == trace.measured_plain_steps <= MEASURED_MIN_TOKENS // 4
+    assert trace.rollbacks > 2
     assert trace.lm_aborts == trace.rollbacks  # each miss was caught while its step ran
 
 
@@ -489,3 +493,57 @@ async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_befo
     assert len(scorer.seen) == result.trace.plain_steps
     for query, ids in scorer.seen:
         assert retriever.truth(query) not in ids  # the cache before this step's insert
+
+
+PIPELINE = SpeculationConfig(
+    speculation_stride="auto", async_verification=True, overlap_depth="pipeline"
+)
+
+
+@pytest.mark.parametrize("abort_s", [0.15, 0.0])
+async def test_measured_costs_overrule_a_model_that_speculates_at_a_loss(abort_s: float) -> None:
+    """The pipelined model prices a miss as a regenerated step (2a + b) and takes the abort
+    of the step in flight as free. Here, an 8 ms search beside a 10 ms step and every tenth
+    speculation wrong: the model speculates (it expects ~12 ms a step against 18 ms for a
+    plain step). With 150 ms aborts speculating really costs ~27 ms a step: the engine's
+    pooled measurements (``StepCosts``) catch it in its first request, and later requests
+    run plain steps. With free aborts speculation is measured cheaper and stays. The same
+    answer every time."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 10 == 9), latency_s=0.008)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01, abort_latency_s=abort_s))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    traces = []
+    for _ in range(3):
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=PIPELINE)
+        assert result.token_ids == baseline.token_ids
+        traces.append(result.trace)
+    assert traces[0].rollbacks > 0  # the first request speculated, as the model says
+    steps = len(traces[-1].spans)
+    if abort_s:
+        assert traces[-1].measured_plain_steps == traces[-1].plain_steps == steps - 1
+        assert traces[-1].rollbacks == 0
+    else:
+        assert all(t.measured_plain_steps == 0 for t in traces)
+        assert traces[-1].rollbacks > 0
+
+
+async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() -> None:
+    """``StepCosts`` gets each answer token once: the first step and plain steps as plain,
+    the rest as speculation segments closed at decision points (rollbacks included), in the
+    pipeline and in rounds."""
+    for config in (
+        PIPELINE,
+        SpeculationConfig(speculation_stride="auto", async_verification=True),
+        SpeculationConfig(speculation_stride="auto"),
+    ):
+        retriever = ScriptedRetriever(forced(lambda s: s % 3 == 2), latency_s=0.002)
+        engine, _ = make_engine(retriever, FakeLM(latency_s=0.001))
+        baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+        assert result.token_ids == baseline.token_ids
+        costs = engine.stride_ledgers[config].steps
+        plain, speculation = costs.per_token("plain"), costs.per_token("speculation")
+        measured = (plain[1] if plain else 0) + (speculation[1] if speculation else 0)
+        assert measured == len(result.token_ids), config
+        assert plain is not None and plain[1] >= 4  # the first step at least
+        assert result.trace.rollbacks > 0 or result.trace.plain_steps > 0

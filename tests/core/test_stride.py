@@ -7,6 +7,7 @@ import pytest
 from ralmspec_vllm.core.stride import (
     FixedStride,
     OptimalStrideScheduler,
+    StepCosts,
     StrideLedger,
     VerificationCost,
     async_objective,
@@ -322,3 +323,59 @@ def test_a_new_request_starts_with_plain_steps_its_predecessors_found_cheaper() 
     assert second.accuracy == 1.0 and second.prefers_plain_step()  # ... the evidence does not
     alone = OptimalStrideScheduler(asynchronous=True)  # the paper's OS3 pools nothing
     assert alone.accuracy is None and alone.miss is None and not alone.prefers_plain_step()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_costs_pool_seconds_per_token_and_let_old_samples_lapse() -> None:
+    clock = FakeClock()
+    costs = StepCosts(horizon_s=60.0, clock=clock)
+    assert costs.per_token("plain") is None and costs.per_token("speculation") is None
+    costs.record("plain", 0.040, 4)
+    costs.record("plain", 0.020, 0)  # nothing finalized: not a sample
+    clock.now += 30
+    costs.record("plain", 0.080, 4)
+    costs.record("speculation", 0.300, 12)
+    assert costs.per_token("plain") == (pytest.approx(0.015), 8)  # 0.12 s over 8 tokens
+    assert costs.per_token("speculation") == (pytest.approx(0.025), 12)
+    clock.now += 31  # the first plain sample is 61 s old now
+    assert costs.per_token("plain") == (pytest.approx(0.020), 4)
+    clock.now += 30
+    assert costs.per_token("plain") is None and costs.per_token("speculation") is None
+    with pytest.raises(ValueError, match="horizon_s"):
+        StepCosts(horizon_s=0)
+
+
+@pytest.mark.parametrize(
+    ("plain", "speculation", "verdict"),
+    [
+        (None, (0.030, 64), False),  # nothing to compare with
+        ((0.010, 64), None, False),
+        ((0.010, 64), (0.030, 16), False),  # speculation barely measured
+        ((0.010, 64), (0.011, 64), True),  # measured slower: plain
+        ((0.010, 64), (0.009, 64), False),  # measured faster: the models decide
+        ((0.010, 4), (0.009, 64), True),  # close, plain barely measured: measure it
+        ((0.010, 4), (0.007, 64), False),  # clearly cheaper (30%): no need
+        ((0.075, 4), (0.021, 64), False),  # the 21M regime: a plain step costs 3.5x
+    ],
+)
+def test_measured_plain_pays_hand_cases(
+    plain: tuple[float, int] | None, speculation: tuple[float, int] | None, verdict: bool
+) -> None:
+    ledger = StrideLedger()
+    for mode, sample in (("plain", plain), ("speculation", speculation)):
+        if sample is not None:
+            per_token, tokens = sample
+            ledger.steps.record(mode, per_token * tokens, tokens)  # type: ignore[arg-type]
+    scheduler = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert scheduler.steps is ledger.steps  # pooled with the engine's other requests
+    assert scheduler.measured_plain_pays() is verdict
+    # the paper's OS3 has no such rule
+    paper = OptimalStrideScheduler(asynchronous=True, ledger=ledger)
+    assert paper.steps is None and not paper.measured_plain_pays()
