@@ -21,7 +21,7 @@ TABLE_COLUMNS = (
     "cell", "method", "num_requests", "requests_per_s", "throughput_tok_s", "speedup_vs_baseline",
     "ttft_p50_s", "tpot_p50_s", "p50_s", "p99_s", "batch_queries_mean", "batch_callers_mean",
     "search_latency_mean_s", "index_search_mean_s", "retriever_queries", "speculation_accuracy",
-    "load_fallbacks", "held_steps", "outputs_identical",
+    "load_fallbacks", "held_steps", "measured_plain_steps", "outputs_identical",
 )  # fmt: skip
 
 

@@ -258,6 +258,7 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
             _delta(before, after, "ralmspec_load_fallbacks_total", reason="retriever")
         ),
         "held_steps": int(_delta(before, after, "ralmspec_held_steps_total")),
+        "measured_plain_steps": int(_delta(before, after, "ralmspec_measured_plain_steps_total")),
         **index_stats(before, after),
         **lm_stats(before, after),
     }

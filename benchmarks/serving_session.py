@@ -182,10 +182,11 @@ class Session:
         finish_rows(self.rows, self.records, self.reference)
         logger.info(
             "  %s: %.2f req/s, %.1f tok/s, p50 %.2f s, %d failed, %d resent, %d fell back,"
-            " %d held steps, identical %s",
+            " %d held steps, %d measured plain steps, identical %s",
             label, row["requests_per_s"], row["throughput_tok_s"], row["p50_s"] or 0.0,
             row["failed"], row["connection_resends"], row.get("load_fallbacks", 0),
-            row.get("held_steps", 0), row["outputs_identical"],
+            row.get("held_steps", 0), row.get("measured_plain_steps", 0),
+            row["outputs_identical"],
         )  # fmt: skip
         logger.info(
             "  %s: retriever utilization p10/p50/p90 %s/%s/%s; CPU cores %s",

@@ -82,6 +82,11 @@ HELD_STEPS = Counter(
     "Steps of speculating requests run as plain retrieval because the retriever was busier"
     " than max_retriever_utilization (speculation held; the same answer).",
 )
+MEASURED_PLAIN_STEPS = Counter(
+    "ralmspec_measured_plain_steps",
+    "Steps of speculating requests run as plain retrieval because speculation measured"
+    " slower per finalized token than plain steps, or too close to tell (the same answer).",
+)
 RETRIEVER_UTILIZATION = Gauge(
     "ralmspec_retriever_utilization",
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
@@ -154,6 +159,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_lm_aborts_total",
     "ralmspec_load_fallbacks_total",
     "ralmspec_held_steps_total",
+    "ralmspec_measured_plain_steps_total",
     "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
@@ -182,6 +188,7 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     TOKENS_DISCARDED.inc(trace.tokens_discarded)
     LM_ABORTS.inc(trace.lm_aborts)
     HELD_STEPS.inc(trace.held_steps)
+    MEASURED_PLAIN_STEPS.inc(trace.measured_plain_steps)
     for verification in trace.verifications:
         VERIFICATION_STEPS.observe(verification.num_steps)
         label = "true" if verification.asynchronous else "false"

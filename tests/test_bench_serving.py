@@ -241,6 +241,7 @@ def test_bench_serving_smoke(tiny_world: dict[str, Path], tmp_path: Path) -> Non
         assert "scan" in row["backend_seconds"] and row["backend_work"]["searches"] >= 1
         assert row["load_fallbacks"] == 0  # both fallbacks off: every ralmspec request speculates
         assert row["retriever_fallbacks"] == 0 and row["held_steps"] == 0
+        assert isinstance(row["measured_plain_steps"], int)  # scraped from /metrics
         assert row["retriever_queries"] >= row["retriever_rpcs"]
         assert row["lm_calls"] >= 3 and row["lm_generated_tokens"] >= 2 * 3  # vLLM's counters
         # each process's share of the cell, and the load signal sampled from /metrics

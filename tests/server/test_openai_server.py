@@ -16,10 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ralmspec_vllm import metrics
+from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.metrics import METRIC_NAMES
 
-from .conftest import API_KEY, MODEL_NAME, Served
+from .conftest import API_KEY, MODEL_NAME, SPECULATION, Served
 
 pytestmark = pytest.mark.vllm
 
@@ -202,6 +203,31 @@ async def test_retriever_turning_busy_mid_answer_holds_speculation(
     assert usage["held_steps"] >= 1
     assert sample("ralmspec_held_steps_total") == before + usage["held_steps"]
     want = await baseline(served, QUESTIONS[3])
+    assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
+
+
+async def test_speculation_measured_slower_runs_plain_steps_and_says_so(
+    served: Served, openai_client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where this server's requests measured speculation slower per token than plain steps
+    (seeded into the engine's pooled ``StepCosts``: fault injection), a ralmspec request
+    runs its steps plainly: the same answer, ``measured_plain_steps`` in the usage block
+    and on ``/metrics``."""
+    ledger = StrideLedger()
+    ledger.steps.record("plain", 0.001 * 64, 64)
+    ledger.steps.record("speculation", 0.1 * 64, 64)
+    monkeypatch.setitem(served.service.engine.stride_ledgers, SPECULATION, ledger)
+    before = sample("ralmspec_measured_plain_steps_total")
+    response = await openai_client.completions.create(
+        model=MODEL_NAME,
+        prompt=QUESTIONS[2],
+        extra_body={"ralm": {"mode": "ralmspec"}, "return_token_ids": True},
+    )
+    usage = (response.model_extra or {})["ralm"]
+    assert usage["mode"].startswith("ralmspec") and not usage["load_fallback"]
+    assert usage["measured_plain_steps"] >= 1 and usage["speculation_hits"] == 0
+    assert sample("ralmspec_measured_plain_steps_total") == before + usage["measured_plain_steps"]
+    want = await baseline(served, QUESTIONS[2])
     assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
 
 

@@ -469,4 +469,5 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         prompt_tokens_sent=trace.num_prompt_tokens,
         load_fallback=result.load_fallback,
         held_steps=trace.held_steps,
+        measured_plain_steps=trace.measured_plain_steps,
     )

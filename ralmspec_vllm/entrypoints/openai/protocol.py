@@ -133,6 +133,9 @@ class RaLMUsage(BaseModel):
     held_steps: int = 0
     """Steps of a speculating request run as plain retrieval because the retriever turned
     busier than ``--max-retriever-utilization`` while it ran (the answer is the same)."""
+    measured_plain_steps: int = 0
+    """Steps run as plain retrieval because speculation measured slower per token than
+    plain steps on this server lately, or too close to tell (the answer is the same)."""
 
 
 class RaLMCompletionChoice(CompletionResponseChoice):
