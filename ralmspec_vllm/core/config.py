@@ -101,14 +101,6 @@ class SpeculationConfig:
     true document). Speculation therefore never loses to plain steps, and OS3's plain-step
     rule (``prefers_plain_step``) is skipped. Where a search is cheaper than an LM step
     (approximate dense, BM25), this is what hides retrieval behind generation."""
-    guess_query: Literal["current", "previous"] = "current"
-    """Not in the paper; ``early_verification`` only: what the cache is ranked with for a
-    step's guess. ``current``: the step's own query (its encoder pass on the guess's
-    critical path, before the step can start); ``previous``: the step before's query,
-    which that step's search has already encoded, so a guess costs only the cache ranking
-    and the step's own query is encoded by its search, beside the step. The guess is
-    verified either way: only the accuracy can change, never the answer. On the H100 at 1M
-    (IVF, session 23) a MiniLM query took 3.9 ms of a 26 ms step."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     score_recent: int | None = None
@@ -152,12 +144,6 @@ class SpeculationConfig:
             raise ValueError(
                 "early_verification needs async_verification and overlap_depth='pipeline'"
             )
-        if self.guess_query not in ("current", "previous"):
-            raise ValueError(
-                f"guess_query must be 'current' or 'previous', got {self.guess_query!r}"
-            )
-        if self.guess_query == "previous" and not self.early_verification:
-            raise ValueError("guess_query='previous' needs early_verification")
         _positive("cache_capacity", self.cache_capacity)
         if self.score_recent is not None:
             _positive("score_recent", self.score_recent)

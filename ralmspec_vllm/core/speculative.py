@@ -195,8 +195,6 @@ class SpeculativeRequest:
         self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}}
         self._segment: tuple[float, int] | None = None
         """Speculation since the last decision point: (``perf_counter``, final length)."""
-        self._last_query: str | None = None
-        """The query of the latest step whose search was sent (``_rank_query``)."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -242,8 +240,7 @@ class SpeculativeRequest:
 
     async def _first_step(self) -> None:
         start, before = time.perf_counter(), len(self.ctx.generated)
-        self._last_query = self.ctx.query()
-        _, latency = await self._retrieve_step(self._last_query)
+        _, latency = await self._retrieve_step(self.ctx.query())
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
             self._record_plain(start, before)  # a plain step: the first figure of its cost
@@ -333,8 +330,7 @@ class SpeculativeRequest:
         it for more than the baseline would; the cache just misses the held steps'
         documents when speculation resumes."""
         if held:
-            self._last_query = self.ctx.query()
-            (hits,) = await self.ctx.search([self._last_query], 1, "retrieve")
+            (hits,) = await self.ctx.search([self.ctx.query()], 1, "retrieve")
             await self.ctx.generate_step(_top1(hits), "retrieve")
             self.ctx.finalize(len(self.ctx.generated))
             self.recorder.plain_steps += 1
@@ -344,9 +340,7 @@ class SpeculativeRequest:
         query = self.ctx.query()
         # The guess (OS3's evidence only) is scored beside the search, off the step's
         # critical path, and against the cache as it was: before the search's documents.
-        rank_query = self._rank_query(query)
-        self._last_query = query
-        guessing = asyncio.create_task(self.scorer.top1(self.cache, rank_query, self.recorder))
+        guessing = asyncio.create_task(self.scorer.top1(self.cache, query, self.recorder))
         hits, search_s = await self._retrieve_step(query, before_insert=guessing)
         self.recorder.plain_steps += 1
         hit = guessing.result() == _top1(hits)
@@ -354,14 +348,6 @@ class SpeculativeRequest:
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
         self._record_plain(start, before)
-
-    def _rank_query(self, query: str) -> str:
-        """What the cache is ranked with for a step whose query is ``query``
-        (``SpeculationConfig.guess_query``): ``query``, or the latest step's before it,
-        whose search has encoded it already."""
-        if self.config.guess_query == "previous" and self._last_query is not None:
-            return self._last_query
-        return query
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:
         return await self._generate_guess(await self._guess(), lm_request_id)
@@ -372,9 +358,7 @@ class SpeculativeRequest:
         start = time.perf_counter()
         begin = len(self.ctx.generated)
         query = self.ctx.query()
-        rank_query = self._rank_query(query)
-        self._last_query = query
-        doc_id = await self.scorer.top1(self.cache, rank_query, self.recorder)
+        doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
         return _Guess(start, SpeculativeStep(begin, begin, query, doc_id))
@@ -568,7 +552,6 @@ class SpeculativeRequest:
 
     async def _correct(self, rollback_to: int, true_doc_id: int | None) -> None:
         dropped = self.ctx.truncate(rollback_to)
-        self._last_query = self.ctx.query()  # the missed step's, searched: it is redone
         self.recorder.rollbacks += 1
         self.recorder.tokens_discarded += dropped
         logger.debug(

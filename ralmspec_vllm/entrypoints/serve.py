@@ -151,11 +151,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="with --overlap-depth pipeline: send a speculated step's search when its "
               "document is guessed, before the step is generated; a miss aborts the step "
               "in flight (default: %(default)s)")  # fmt: skip
-    _own(ralm, "--guess-query", choices=("current", "previous"), default=s.guess_query,
-         help="with --early-verification: rank the cache for a step's guess with the step's "
-              "own query ('current') or the step before's, which its search has already "
-              "encoded, keeping the encoder off the guess's critical path ('previous'; "
-              "default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
@@ -222,7 +217,6 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             async_verification=args.async_verification,
             overlap_depth=depth,  # type: ignore[arg-type]
             early_verification=args.early_verification,
-            guess_query=args.guess_query,
             cache_capacity=args.cache_capacity,
             max_speculation_stride=args.max_speculation_stride,
         ),

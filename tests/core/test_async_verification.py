@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any, Literal
 
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
-from ralmspec_vllm.core.speculative import SpeculativeRequest
 from ralmspec_vllm.core.stride import MEASURED_MIN_TOKENS
 
 from .fakes import FakeLM, FakeTokenizer, ScriptedRetriever
@@ -334,16 +332,13 @@ async def test_pipeline_mismatch_aborts_the_step_in_flight() -> None:
     assert set(lm.cancelled) == set(lm.aborted) and len(lm.aborted) == 1
 
 
-def early(
-    stride: int | Literal["auto"] = 16, guess: Literal["current", "previous"] = "current"
-) -> SpeculationConfig:
+def early(stride: int | Literal["auto"] = 16) -> SpeculationConfig:
     return SpeculationConfig(
         speculation_stride=stride,
         max_speculation_stride=16,
         async_verification=True,
         overlap_depth="pipeline",
         early_verification=True,
-        guess_query=guess,
     )
 
 
@@ -435,21 +430,19 @@ async def test_early_verification_falls_back_to_plain_steps_when_aborts_cost() -
     assert result.trace.rollbacks > 0 and result.trace.plain_steps <= 2
 
 
-@pytest.mark.parametrize("guess", ["current", "previous"])
 @pytest.mark.parametrize("miss_every", [2, 3, 5])
 @pytest.mark.parametrize(("search_s", "lm_s"), [(0.0, 0.0), (0.004, 0.001), (0.001, 0.004)])
 async def test_early_verification_keeps_the_baseline_answer_under_forced_misses(
-    miss_every: int, search_s: float, lm_s: float, guess: Literal["current", "previous"]
+    miss_every: int, search_s: float, lm_s: float
 ) -> None:
     """Forced misses at chosen steps, with searches faster, slower and as fast as an LM
-    step (a miss then settles before, after or while its step generates), the cache ranked
-    with each step's own query or the step before's: token for token the baseline's."""
+    step (a miss then settles before, after or while its step generates): token for token
+    the baseline's."""
     retriever = ScriptedRetriever(forced(lambda s: s % miss_every == 1), latency_s=search_s)
     engine, _ = make_engine(retriever, FakeLM(latency_s=lm_s))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     for stride in (1, 3, "auto"):
-        config = early(stride, guess)
-        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early(stride))
         assert result.token_ids == baseline.token_ids, stride
         assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, stride
         assert result.trace.rollbacks > 0, stride
@@ -554,66 +547,3 @@ async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() 
         assert measured == len(result.token_ids), config
         assert plain is not None and plain[1] >= 4  # the first step at least
         assert result.trace.rollbacks > 0 or result.trace.plain_steps > 0
-
-
-class RankOrderRetriever(ScriptedRetriever):
-    """Records, for every cache ranking (``score``), whether its query had been searched
-    (so, on a real retriever, encoded) before."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.searched: set[str] = set()
-        self.ranked_searched: list[bool] = []
-
-    async def search(self, queries: Any, k: int, prefetch: int = 0) -> Any:
-        self.searched.update(queries)
-        return await super().search(queries, k, prefetch)
-
-    async def score(self, query: str, doc_ids: Any) -> list[float]:
-        self.ranked_searched.append(query in self.searched)
-        return await super().score(query, doc_ids)
-
-
-@pytest.mark.parametrize(("search_s", "lm_s"), [(0.002, 0.004), (0.006, 0.002)])
-@pytest.mark.parametrize("guess", ["current", "previous"])
-async def test_previous_query_guesses_rank_only_queries_already_searched(
-    guess: Literal["current", "previous"],
-    search_s: float,
-    lm_s: float,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``guess_query="previous"``: every guess ranks the cache with a query whose search
-    was already sent (the step before's, or after a rollback the redone step's), so its
-    encoder pass is never on the guess's critical path; with ``current`` the guess ranks
-    the step's own query before its search goes out. With searches slower than steps,
-    steps are guessed past a miss before it settles: after the rollback the ranking takes
-    the redone step's query (one of the baseline's), never one from the discarded steps.
-    Same answer, misses and all."""
-    retriever = RankOrderRetriever(forced(lambda s: s % 4 == 3), latency_s=search_s)
-    engine, _ = make_engine(retriever, FakeLM(latency_s=lm_s))
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
-    retriever.searched.clear()
-    ranked: list[str] = []
-    real_score = retriever.score
-
-    async def score(query: str, doc_ids: Any) -> list[float]:
-        ranked.append(query)
-        return await real_score(query, doc_ids)
-
-    retriever.score = score  # type: ignore[method-assign]
-    real_correct = SpeculativeRequest._correct
-
-    async def correct(self: SpeculativeRequest, rollback_to: int, doc_id: int | None) -> None:
-        ranked.append("<rollback>")
-        await real_correct(self, rollback_to, doc_id)
-
-    monkeypatch.setattr(SpeculativeRequest, "_correct", correct)
-    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early(16, guess))
-    assert result.token_ids == baseline.token_ids
-    assert result.trace.rollbacks > 0 and retriever.ranked_searched
-    if guess == "previous":
-        assert all(retriever.ranked_searched)
-        after_rollbacks = [q for prev, q in itertools.pairwise(ranked) if prev == "<rollback>"]
-        assert after_rollbacks and all(q in retriever.step_of for q in after_rollbacks)
-    else:
-        assert not any(retriever.ranked_searched)

@@ -40,8 +40,6 @@ def test_ralm_config_names_bad_field(kwargs: dict[str, int], field: str) -> None
         ({"exact_k": True}, "exact_k"),
         ({"overlap_depth": 0}, "overlap_depth"),
         ({"overlap_depth": "round"}, "overlap_depth"),
-        ({"guess_query": "next"}, "guess_query"),
-        ({"guess_query": "previous"}, "guess_query"),  # needs early verification
     ],
 )
 def test_speculation_config_names_bad_field(kwargs: dict[str, object], field: str) -> None:
@@ -85,8 +83,6 @@ def test_parse_overrides_a_preset_by_name() -> None:
         "PSA", overlap_depth=1, gamma_confidence_z=None, gamma_max=0.5
     )
     assert SpeculationConfig.parse("A:async_verification=false").label == "B"
-    early = "PSA:overlap_depth=pipeline:early_verification=true:guess_query=previous"
-    assert SpeculationConfig.parse(early).guess_query == "previous"
     for bad, match in (
         ("PSA:depth=1", "FIELD=VALUE"),
         ("PSA:overlap_depth", "FIELD=VALUE"),

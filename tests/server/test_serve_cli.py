@@ -76,13 +76,6 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--early-verification"])  # needs the pipeline
     with pytest.raises(ValueError, match="early_verification"):
         service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.speculation.guess_query == "current"
-    early = ["serve", "--overlap-depth", "pipeline", "--early-verification"]
-    args, _ = parse([*early, "--guess-query", "previous"])
-    assert service_config_from_args(args).speculation.guess_query == "previous"  # type: ignore[arg-type]
-    args, _ = parse(["serve", "--guess-query", "previous"])  # needs early verification
-    with pytest.raises(ValueError, match="guess_query"):
-        service_config_from_args(args)  # type: ignore[arg-type]
     for flag in ("--speculation-stride", "--overlap-depth"):
         args, _ = parse(["serve", flag, "fast"])
         with pytest.raises(ValueError, match=flag):
