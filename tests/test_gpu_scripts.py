@@ -188,6 +188,31 @@ def test_abort_probe_command_is_a_valid_probe_run(tmp_path: Path) -> None:
     assert (args.out_dir, args.trials, args.abort_after_ms) == ("out", 5, [1.0, 3.0, 10.0])
 
 
+def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
+    """``probe_encoder.sh`` runs the probe into OUTDIR; on this machine (no CUDA) the probe
+    times the shipped encoder alone and beside a GIL-holding thread and says so."""
+    import json
+    import sys
+
+    (argv,) = run_with_fake_python(tmp_path, "probe_encoder.sh", "out")
+    assert argv == ["benchmarks/gpu/probe_encoder.py", "--out-dir", "out", "--texts", "300"]
+    out = tmp_path / "probe"
+    subprocess.run(
+        [sys.executable, str(GPU / "probe_encoder.py"), "--texts", "8", "--out-dir", str(out)],
+        check=True,
+        cwd=GPU.parent.parent,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    (written,) = out.glob("probe_encoder_*.json")
+    data = json.loads(written.read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["texts"] == 8
+    assert [(r["variant"], r["load"]) for r in data["results"]] == [
+        ("shipped", "idle"),
+        ("shipped", "duty20"),
+    ]
+    assert all(r["p90_ms"] >= r["p50_ms"] > 0 for r in data["results"])
+
+
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""

@@ -1,0 +1,192 @@
+"""Where a query's encoder pass goes on the GPU box, and what one CUDA graph per length saves.
+
+Session 23 (H100, IVF at 1M docs): the baseline's search spent 3.9 ms in the MiniLM query
+encoder against 1.5 ms in the IVF scan, and every speculated step paid one more pass for its
+guess. A 6-layer BERT on 10-40 tokens is ~100 small kernels: launch-bound. This probe times
+single-text encodes (what every search and every guess does), memo off:
+
+- ``shipped``: ``QueryEncoder`` as it is (batch-invariant: the text padded to a multiple of
+  16 with its attention mask, its own pass);
+- ``graphed``: the same weights, each text at its exact token length (no padding, so no
+  mask for the model's mask code to inspect on the host, which a graph capture forbids),
+  replayed from one CUDA graph per length (captured on first use, one memory pool);
+
+each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
+event loop that drives vLLM). It checks that a graphed text's vector is bit-identical over
+replays (what batch invariance needs: every search and guess of a text get the same vector)
+and its cosine with the shipped vector (padding changes the sums slightly). On a machine
+without CUDA only ``shipped`` runs.
+
+    python3 benchmarks/gpu/probe_encoder.py --texts 300 --out-dir "$OUT/gpu"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def query_texts(count: int) -> list[str]:
+    """Texts shaped like RaLM queries: questions, and question + answer windows of 8-40
+    words taken from real passages."""
+    from ralmspec_vllm.retrieval.corpus import wiki_passages
+
+    texts: list[str] = []
+    for i, passage in enumerate(wiki_passages(count)):
+        words = passage.text.split()
+        texts.append(" ".join(words[: 8 + (i * 7) % 33]))
+        if len(texts) >= count:
+            break
+    return texts
+
+
+class GraphedEncoder:
+    """``QueryEncoder``'s model, mean pooling and normalisation, one CUDA graph per exact
+    token length (batch 1, no padding, no attention mask)."""
+
+    def __init__(self, encoder: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.encoder = encoder
+        self.model = encoder._model
+        self.tokenizer = encoder._tokenizer
+        self.graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self.pool: Any = None
+        self.capture_s = 0.0
+
+    def _forward(self, ids: Any) -> Any:
+        states = self.model(input_ids=ids).last_hidden_state.float()
+        return self.torch.nn.functional.normalize(states.mean(dim=1), p=2.0, dim=-1)
+
+    def encode(self, text: str) -> np.ndarray:
+        torch = self.torch
+        ids = self.tokenizer(
+            text, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
+        )["input_ids"]
+        length = int(ids.shape[1])
+        entry = self.graphs.get(length)
+        with torch.inference_mode():
+            if entry is None:
+                start = time.perf_counter()
+                static = ids.to(self.encoder.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # lazy initialisation (cuBLAS handles) off the capture
+                        self._forward(static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._forward(static)
+                self.pool = graph.pool()
+                entry = self.graphs[length] = (graph, static, out)
+                self.capture_s += time.perf_counter() - start
+            graph, static, out = entry
+            static.copy_(ids)
+            graph.replay()
+            return out.cpu().numpy()[0].copy()
+
+
+def duty20(stop: threading.Event) -> None:
+    """Hold the GIL 1 ms in every 5 until ``stop``."""
+    while not stop.is_set():
+        until = time.perf_counter() + 0.001
+        x = 0
+        while time.perf_counter() < until:
+            for i in range(200):
+                x += i
+        time.sleep(0.004)
+
+
+def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> dict[str, Any]:
+    stop = threading.Event()
+    worker = threading.Thread(target=duty20, args=(stop,), daemon=True) if load != "idle" else None
+    if worker is not None:
+        worker.start()
+    try:
+        for text in texts[:5]:
+            encode(text)  # settle
+        ms = []
+        for text in texts:
+            start = time.perf_counter()
+            encode(text)
+            ms.append(1000 * (time.perf_counter() - start))
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+    ms.sort()
+    return {
+        "load": load,
+        "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--out-dir", default=None, help="writes probe_encoder_<machine>.json")
+    args = parser.parse_args()
+    os.environ["RALMSPEC_ENCODER_MEMO"] = "0"  # every encode is a pass
+
+    import torch
+
+    from benchmarks.common import describe_machine
+    from ralmspec_vllm.retrieval.encoder import QueryEncoder
+
+    texts = query_texts(args.texts)
+    encoder = QueryEncoder()
+    results: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {"device": encoder.device, "dtype": encoder.dtype, "texts": len(texts)}
+
+    def shipped(text: str) -> np.ndarray:
+        return encoder.encode([text])[0]
+
+    variants: list[tuple[str, Callable[[str], np.ndarray]]] = [("shipped", shipped)]
+    if torch.cuda.is_available() and encoder.device.startswith("cuda"):
+        graphed = GraphedEncoder(encoder)
+        try:
+            first = [graphed.encode(t) for t in texts]
+            again = [graphed.encode(t) for t in texts]
+            meta["graphs"] = len(graphed.graphs)
+            meta["capture_s"] = round(graphed.capture_s, 2)
+            meta["graphed_bit_identical_over_replays"] = all(
+                np.array_equal(a, b) for a, b in zip(first, again, strict=True)
+            )
+            cosines = [float(np.dot(shipped(t), v)) for t, v in zip(texts, first, strict=True)]
+            meta["graphed_cosine_with_shipped_min"] = round(min(cosines), 7)
+            variants.append(("graphed", graphed.encode))
+        except Exception as exc:  # a probe: report why the capture failed
+            meta["graph_error"] = f"{type(exc).__name__}: {exc}"
+    for name, encode in variants:
+        for load in ("idle", "duty20"):
+            row = {"variant": name, **timed(encode, texts, load)}
+            results.append(row)
+            print(f"{name:>8} {load:>6}: p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms",
+                  flush=True)  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    if args.out_dir:
+        out = Path(args.out_dir) / f"probe_encoder_{describe_machine().tag}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
