@@ -280,7 +280,8 @@ class SpeculativeRequest:
     ) -> tuple[list[Hit], float]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
         Returns the hits and the search latency. ``before_insert``: a task that reads the
-        cache (ran beside the search), awaited before this step's documents go in."""
+        cache (ran beside the search), awaited before this step's documents go in (not
+        before the step: the step needs only the search)."""
         start = time.perf_counter()
         try:
             (hits,) = await self._search([query], "retrieve")
@@ -288,11 +289,9 @@ class SpeculativeRequest:
             await _cancel([] if before_insert is None else [before_insert])
             raise
         latency = time.perf_counter() - start
-        if before_insert is not None:
-            await before_insert
         # The step needs the top-1 only; the cache (and what it fetches for the new
         # documents) is needed by the next guess: fill it while the step generates.
-        insert = asyncio.create_task(self._insert([hits]))
+        insert = asyncio.create_task(self._insert([hits], after=before_insert))
         try:
             await self.ctx.generate_step(_top1(hits), "retrieve")
         except BaseException:
@@ -560,10 +559,15 @@ class SpeculativeRequest:
         await self.ctx.generate_step(true_doc_id, "verify")
         self.ctx.finalize(len(self.ctx.generated))
 
-    async def _insert(self, results: list[list[Hit]]) -> None:
+    async def _insert(
+        self, results: list[list[Hit]], after: asyncio.Task[Any] | None = None
+    ) -> None:
         """Insert verified documents; later queries' documents count as more recent. What
         the scorer ranks by (vectors, term weights) is fetched for the documents the cache
-        does not hold yet, once each (unless a search fetched it already)."""
+        does not hold yet, once each (unless a search fetched it already). ``after``: a
+        task that reads the cache (a plain step's guess), awaited before anything goes in."""
+        if after is not None:
+            await after
         ranked = [[hit.doc_id for hit in hits] for hits in results]
         # Until a pass finds nothing to fetch: while one awaited, another insert may have
         # moved a document into the cache (dropping its fetched entry) and evicted it.

@@ -463,6 +463,7 @@ class LateReadingScorer:
         self.events.append("score-start")
         await asyncio.sleep(self.delay_s)
         ids = cache.scored_ids()
+        self.events.append("score-read")
         self.seen.append((query, ids.tolist()))
         if len(ids) == 0:
             return None
@@ -472,13 +473,15 @@ class LateReadingScorer:
 
 async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_before_it() -> None:
     """A plain step's guess only feeds OS3, so its scoring runs beside the step's search
-    (the step waits for the slower of the two, not their sum), and it ranks the cache as it
-    was: every step's truth is a fresh document, so a guess that read the cache after this
-    step's own search results went in would find it."""
+    and its LM step (the step waits for its search alone: here the guess reads the cache
+    20 ms after the search answered, and the step has started by then), and it ranks the
+    cache as it was: every step's truth is a fresh document, so a guess that read the cache
+    after this step's own search results went in would find it."""
     events: list[str] = []
     retriever = ScriptedRetriever(forced(lambda s: s >= 1), latency_s=0.02, events=events)
     scorer = LateReadingScorer(retriever, delay_s=0.04, events=events)
-    engine = RaLMEngine(FakeLM(latency_s=0.05), FakeTokenizer(), retriever, scorer=scorer)
+    lm = FakeLM(latency_s=0.05, events=events)
+    engine = RaLMEngine(lm, FakeTokenizer(), retriever, scorer=scorer)
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     events.clear()
     config = SpeculationConfig(speculation_stride="auto")
@@ -490,6 +493,8 @@ async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_befo
     for i in starts:  # a search is in flight whenever scoring starts
         searches = [e for e in events[:i] if e.startswith("search-")]
         assert searches[-1] == "search-start 1", events
+        read = events.index("score-read", i)
+        assert any(e.startswith("lm-start") for e in events[i:read]), events  # not waited for
     assert len(scorer.seen) == result.trace.plain_steps
     for query, ids in scorer.seen:
         assert retriever.truth(query) not in ids  # the cache before this step's insert
