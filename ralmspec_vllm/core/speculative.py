@@ -68,7 +68,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -240,7 +240,7 @@ class SpeculativeRequest:
 
     async def _first_step(self) -> None:
         start, before = time.perf_counter(), len(self.ctx.generated)
-        _, latency = await self._retrieve_step(self.ctx.query())
+        _, latency, _ = await self._retrieve_step(self.ctx.query())
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
             self._record_plain(start, before)  # a plain step: the first figure of its cost
@@ -276,30 +276,29 @@ class SpeculativeRequest:
             steps.record("speculation", seconds, self.ctx.final_length - final)
 
     async def _retrieve_step(
-        self, query: str, before_insert: asyncio.Task[Any] | None = None
-    ) -> tuple[list[Hit], float]:
+        self, query: str, reads_cache: Callable[[], Coroutine[Any, Any, Any]] | None = None
+    ) -> tuple[list[Hit], float, Any]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
-        Returns the hits and the search latency. ``before_insert``: a task that reads the
-        cache (ran beside the search), awaited before this step's documents go in (not
-        before the step: the step needs only the search)."""
+        Returns the hits, the search latency and what ``reads_cache`` returned: a coroutine
+        that reads the cache (a plain step's guess), started when the search answers and
+        run beside the step; this step's documents go in after it, never before."""
         start = time.perf_counter()
-        try:
-            (hits,) = await self._search([query], "retrieve")
-        except BaseException:
-            await _cancel([] if before_insert is None else [before_insert])
-            raise
+        (hits,) = await self._search([query], "retrieve")
         latency = time.perf_counter() - start
+        reading: asyncio.Task[Any] | None = None
+        if reads_cache is not None:
+            reading = asyncio.create_task(reads_cache())
         # The step needs the top-1 only; the cache (and what it fetches for the new
         # documents) is needed by the next guess: fill it while the step generates.
-        insert = asyncio.create_task(self._insert([hits], after=before_insert))
+        insert = asyncio.create_task(self._insert([hits], after=reading))
         try:
             await self.ctx.generate_step(_top1(hits), "retrieve")
         except BaseException:
-            await _cancel([insert])
+            await _cancel([insert] if reading is None else [insert, reading])
             raise
         await insert  # a failed fetch raises here, as itself
         self.ctx.finalize(len(self.ctx.generated))
-        return hits, latency
+        return hits, latency, None if reading is None else reading.result()
 
     async def _search(self, queries: list[str], purpose: CallPurpose) -> list[list[Hit]]:
         """``prefetch_k`` hits per query, the first ``exact_k`` (or all) exact; only the
@@ -337,13 +336,15 @@ class SpeculativeRequest:
             return
         start, before = time.perf_counter(), len(self.ctx.generated)
         query = self.ctx.query()
-        # The guess (OS3's evidence only) is scored beside the search, off the step's
-        # critical path, and against the cache as it was: before the search's documents.
-        guessing = asyncio.create_task(self.scorer.top1(self.cache, query, self.recorder))
-        hits, search_s = await self._retrieve_step(query, before_insert=guessing)
+        # The guess (OS3's evidence only) is scored beside the step's LM work, once the
+        # search has answered (its query is encoded by then, and nothing competes with
+        # the search), and against the cache as it was: before the search's documents.
+        hits, search_s, guessed = await self._retrieve_step(
+            query, reads_cache=lambda: self.scorer.top1(self.cache, query, self.recorder)
+        )
         self.recorder.plain_steps += 1
-        hit = guessing.result() == _top1(hits)
-        # a: the LM step and whatever scoring the search did not hide; b: the search
+        hit = guessed == _top1(hits)
+        # a: the LM step and whatever scoring the step did not hide; b: the search
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
         self._record_plain(start, before)

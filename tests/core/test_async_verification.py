@@ -471,12 +471,13 @@ class LateReadingScorer:
         return int(cache.best(np.asarray(scores, dtype=np.float64), ids))
 
 
-async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_before_it() -> None:
-    """A plain step's guess only feeds OS3, so its scoring runs beside the step's search
-    and its LM step (the step waits for its search alone: here the guess reads the cache
-    20 ms after the search answered, and the step has started by then), and it ranks the
-    cache as it was: every step's truth is a fresh document, so a guess that read the cache
-    after this step's own search results went in would find it."""
+async def test_a_plain_step_scores_its_guess_beside_its_step_on_the_cache_before_it() -> None:
+    """A plain step's guess only feeds OS3, so it is scored once the step's search has
+    answered (nothing competes with the search, and its query is encoded by then), beside
+    the step's LM work, which does not wait for it: here the guess reads the cache 40 ms
+    in, and the step has started by then. It ranks the cache as it was: every step's truth
+    is a fresh document, so a guess that read the cache after this step's own search
+    results went in would find it."""
     events: list[str] = []
     retriever = ScriptedRetriever(forced(lambda s: s >= 1), latency_s=0.02, events=events)
     scorer = LateReadingScorer(retriever, delay_s=0.04, events=events)
@@ -490,11 +491,12 @@ async def test_a_plain_step_scores_its_guess_beside_the_search_on_the_cache_befo
     assert result.trace.plain_steps == len(result.trace.spans) - 1
     starts = [i for i, event in enumerate(events) if event == "score-start"]
     assert len(starts) == result.trace.plain_steps
-    for i in starts:  # a search is in flight whenever scoring starts
-        searches = [e for e in events[:i] if e.startswith("search-")]
-        assert searches[-1] == "search-start 1", events
+    for i in starts:  # the step's search has answered whenever scoring starts
+        searches = [j for j in range(i) if events[j].startswith("search-")]
+        answered = searches[-1]
+        assert events[answered] == "search-end 1", events
         read = events.index("score-read", i)
-        assert any(e.startswith("lm-start") for e in events[i:read]), events  # not waited for
+        assert any(e.startswith("lm-start") for e in events[answered:read]), events  # no wait
     assert len(scorer.seen) == result.trace.plain_steps
     for query, ids in scorer.seen:
         assert retriever.truth(query) not in ids  # the cache before this step's insert
