@@ -243,7 +243,7 @@ class SpeculativeRequest:
         _, latency, _ = await self._retrieve_step(self.ctx.query())
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
-            self._record_plain(start, before)  # a plain step: the first figure of its cost
+        self._record_plain(start, before)  # a plain step: the first figure of its cost
 
     def _record_plain(self, start: float, before: int) -> None:
         """A plain step that began at ``start`` with ``before`` tokens, for ``StepCosts``."""

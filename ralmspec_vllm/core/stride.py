@@ -223,26 +223,41 @@ class StepCosts:
             raise ValueError(f"horizon_s must be positive, got {horizon_s}")
         self.horizon_s = horizon_s
         self._clock = clock
+        self._capacity = capacity
         self._samples: dict[Mode, deque[tuple[float, float, int]]] = {
-            "plain": deque(maxlen=capacity),
-            "speculation": deque(maxlen=capacity),
+            "plain": deque(),
+            "speculation": deque(),
         }
+        # Running sums over each deque (asked at every decision point, between two steps).
+        self._seconds: dict[Mode, float] = {"plain": 0.0, "speculation": 0.0}
+        self._tokens: dict[Mode, int] = {"plain": 0, "speculation": 0}
 
     def record(self, mode: Mode, seconds: float, tokens: int) -> None:
         """``tokens`` finalized in ``seconds`` of ``mode`` (nothing for no tokens)."""
         if tokens > 0:
-            self._samples[mode].append((self._clock(), max(seconds, 0.0), tokens))
+            if len(self._samples[mode]) == self._capacity:
+                self._drop_oldest(mode)
+            seconds = max(seconds, 0.0)
+            self._samples[mode].append((self._clock(), seconds, tokens))
+            self._seconds[mode] += seconds
+            self._tokens[mode] += tokens
 
     def per_token(self, mode: Mode) -> tuple[float, int] | None:
         """(seconds per token, tokens measured) within the horizon; ``None`` if none."""
         samples = self._samples[mode]
         cutoff = self._clock() - self.horizon_s
         while samples and samples[0][0] < cutoff:
-            samples.popleft()
-        tokens = sum(n for _, _, n in samples)
+            self._drop_oldest(mode)
+        tokens = self._tokens[mode]
         if not tokens:
             return None
-        return sum(s for _, s, _ in samples) / tokens, tokens
+        return self._seconds[mode] / tokens, tokens
+
+    def _drop_oldest(self, mode: Mode) -> None:
+        _, seconds, tokens = self._samples[mode].popleft()
+        self._tokens[mode] -= tokens
+        # the float sum restarts at 0 with the deque, so rounding never outlives the samples
+        self._seconds[mode] = self._seconds[mode] - seconds if self._samples[mode] else 0.0
 
 
 def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:

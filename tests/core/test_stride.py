@@ -350,6 +350,10 @@ def test_step_costs_pool_seconds_per_token_and_let_old_samples_lapse() -> None:
     assert costs.per_token("plain") is None and costs.per_token("speculation") is None
     with pytest.raises(ValueError, match="horizon_s"):
         StepCosts(horizon_s=0)
+    full = StepCosts(clock=clock, capacity=2)  # beyond capacity the oldest sample goes
+    for seconds in (0.4, 0.2, 0.1):
+        full.record("speculation", seconds, 10)
+    assert full.per_token("speculation") == (pytest.approx(0.015), 20)
 
 
 @pytest.mark.parametrize(
