@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def query_texts(count: int) -> list[str]:
-    """Texts shaped like RaLM queries: questions, and question + answer windows of 8-40
-    words taken from real passages."""
+    """Texts shaped like RaLM queries: the first 8-40 words of real passages."""
     from ralmspec_vllm.retrieval.corpus import wiki_passages
 
     texts: list[str] = []
@@ -100,20 +99,13 @@ class GraphedEncoder:
             return out.cpu().numpy()[0].copy()
 
 
-def duty20(stop: threading.Event) -> None:
-    """Hold the GIL 1 ms in every 5 until ``stop``."""
-    while not stop.is_set():
-        until = time.perf_counter() + 0.001
-        x = 0
-        while time.perf_counter() < until:
-            for i in range(200):
-                x += i
-        time.sleep(0.004)
-
-
 def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> dict[str, Any]:
+    from benchmarks.gpu.probe_gil import hold_gil
+
     stop = threading.Event()
-    worker = threading.Thread(target=duty20, args=(stop,), daemon=True) if load != "idle" else None
+    worker = None
+    if load != "idle":
+        worker = threading.Thread(target=hold_gil, args=(load, stop), daemon=True)
     if worker is not None:
         worker.start()
     try:

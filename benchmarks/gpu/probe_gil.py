@@ -64,6 +64,18 @@ def random_scan(
     return flat, timed
 
 
+def hold_gil(kind: str, stop: threading.Event) -> None:
+    """Run Python until ``stop``: all the time (``busy``) or 1 ms in every 5 (``duty20``)."""
+    while not stop.is_set():
+        until = time.perf_counter() + (1.0 if kind == "busy" else 0.001)
+        x = 0
+        while time.perf_counter() < until and not stop.is_set():
+            for i in range(200):
+                x += i
+        if kind == "duty20":
+            time.sleep(0.004)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4_000_000)
@@ -77,16 +89,6 @@ def main() -> int:
 
     flat, timed = random_scan(args.docs, args.threads, args.repeats, "probe_gil")
 
-    def load(kind: str, stop: threading.Event) -> None:
-        while not stop.is_set():
-            until = time.perf_counter() + (1.0 if kind == "busy" else 0.001)
-            x = 0
-            while time.perf_counter() < until and not stop.is_set():
-                for i in range(200):
-                    x += i
-            if kind == "duty20":
-                time.sleep(0.004)
-
     results = []
     batches = [int(b) for b in args.batches.split(",")]
     for interval in (0.005, 0.0005):
@@ -95,7 +97,7 @@ def main() -> int:
             stop = threading.Event()
             worker = None
             if kind != "idle":
-                worker = threading.Thread(target=load, args=(kind, stop), daemon=True)
+                worker = threading.Thread(target=hold_gil, args=(kind, stop), daemon=True)
                 worker.start()
             timed(batches[0])  # settle
             for batch in batches:
