@@ -7,10 +7,15 @@ same floats bit for bit:
 - one ``np.bincount`` over the query terms' concatenated posting lists (small indexes);
 - from ``PARALLEL_MIN_DOCS`` documents, doc-id shards of at most ``SHARD_DOCS`` on a thread
   pool: for each query term one ``searchsorted`` over its posting list (sorted by doc id)
-  finds every shard's slice; each shard adds its slices term by term, in query order, into
-  its own reused score buffer (numpy's fancy-index add releases the GIL, and a shard's
-  buffer stays in cache where one scatter over N doubles does not), selects its own top k,
-  and the shards' candidates are merged by (score desc, doc id asc).
+  finds every shard's slice; each shard concatenates its slices in query order and adds
+  them with one ``bincount`` over its own documents (a shard's scores stay in cache where
+  one scatter over N doubles does not), selects its own top k, and the shards' candidates
+  are merged by (score desc, doc id asc). A shard makes a handful of numpy calls, not a few
+  per query term: each call that releases the GIL must take it back, and beside threads
+  that run Python (the event loop driving vLLM, cache fetches) each take can wait a switch
+  interval. Adding term by term into a reused buffer made a 3M search 36 ms instead of 4
+  beside a GIL-holding thread on 2 cores (`benchmarks/probe_bm25_gil.py`), and a 21M
+  search 300 ms instead of 44 while RaLMSpec speculated on the H200 (session 24).
 
 Per document the same additions happen in the same order either way, so the hits are the
 same. At 21M documents the serial scatter cost 359 ms a search on the H200 host (session
@@ -20,7 +25,6 @@ same. At 21M documents the serial scatter cost 359 ms a search on the H200 host 
 from __future__ import annotations
 
 import os
-import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +48,6 @@ class PostingsSearch:
         self._indptr, self._rows, self._data = indptr, rows, data
         self.num_docs = num_docs
         self._pool: ThreadPoolExecutor | None = None
-        self._buffers: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self.threads = 1
         self._bounds = np.array([0, num_docs], dtype=np.int64)
 
@@ -66,7 +69,6 @@ class PostingsSearch:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._buffers = queue.SimpleQueue()
         self.threads = threads
         n = self.num_docs
         if threads == 1 or n < min_docs:
@@ -127,24 +129,17 @@ class PostingsSearch:
         self, spans: list[tuple[int, list[int]]], shard: int, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """One shard's docs: their scores, added term by term in query order (as
-        ``scores_all`` adds them), and their top k as (doc ids, scores). ``spans``: per
-        query term, where its posting list starts and each shard's offset into it."""
+        ``scores_all`` adds them: one ``bincount`` over the terms' slices, concatenated in
+        query order), and their top k as (doc ids, scores). ``spans``: per query term, where
+        its posting list starts and each shard's offset into it."""
         lo, hi = int(self._bounds[shard]), int(self._bounds[shard + 1])
-        try:
-            buffer = self._buffers.get_nowait()
-        except queue.Empty:
-            buffer = np.empty(int(np.diff(self._bounds).max()), dtype=np.float64)
-        try:
-            scores = buffer[: hi - lo]
-            scores.fill(0.0)
-            for start, cuts in spans:
-                a, b = start + cuts[shard], start + cuts[shard + 1]
-                if a < b:  # a posting list holds each doc once: no index repeats here
-                    scores[self._rows[a:b] - lo] += self._data[a:b]
-            chosen = top_k_indices(scores, k)
-            return chosen + lo, scores[chosen]  # fancy indexing copies out of the buffer
-        finally:
-            self._buffers.put(buffer)
+        cuts = [(start + offsets[shard], start + offsets[shard + 1]) for start, offsets in spans]
+        # The empty slices first: a query with no known terms scores every doc 0.0.
+        rows = np.concatenate([self._rows[:0], *(self._rows[a:b] for a, b in cuts)])
+        weights = np.concatenate([self._data[:0], *(self._data[a:b] for a, b in cuts)])
+        scores = np.bincount(rows - lo, weights=weights, minlength=hi - lo)
+        chosen = top_k_indices(scores, k)
+        return chosen + lo, scores[chosen]
 
 
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
