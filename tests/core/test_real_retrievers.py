@@ -308,8 +308,8 @@ class StartSignallingLM(FakeLM):
 @pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
 async def test_cache_fetches_stay_off_the_critical_path(backend: str, early: bool) -> None:
     """What the local cache scoring needs for new documents (vectors, term weights) is
-    fetched while the first step generates, and, pipelined, by each step's own search task
-    before it settles: never by the loop that launches the next step. Same outputs."""
+    fetched while the first step generates, and, pipelined, by a task each step's search
+    starts as it answers: never by the loop that launches the next step. Same outputs."""
     started = asyncio.Event()
     kb = flat_retriever() if backend == "flat" else bm25_retriever()
     retriever = FetchWatcher(kb, started)
@@ -327,8 +327,54 @@ async def test_cache_fetches_stay_off_the_critical_path(backend: str, early: boo
     assert result.token_ids == baseline.token_ids
     assert result.trace.verifications, "nothing was speculated"
     assert retriever.fetchers[0] == "SpeculativeRequest._insert"  # beside the first step
-    assert "SpeculativeRequest._timed_search" in retriever.fetchers
+    assert "SpeculativeRequest._fetch_for" in retriever.fetchers
     assert set(retriever.fetchers) <= {
-        "SpeculativeRequest._insert",
-        "SpeculativeRequest._timed_search",
+        "SpeculativeRequest._insert",  # the first step's and plain steps' inserts
+        "SpeculativeRequest._fetch_for",  # started by a pipelined search
+        "SpeculativeRequest._insert_in_turn",  # a document evicted before its insert
     }
+
+
+class SlowSearchFetches(InProcessAsyncRetriever):
+    """Fetches for a pipelined search's hits take ``delay_s``; each records how many LM
+    steps started meanwhile."""
+
+    def __init__(self, retriever: object, lm: FakeLM, delay_s: float) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.lm, self.delay_s = lm, delay_s
+        self.lm_steps_during: list[int] = []
+
+    async def _slow(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        # not the first step's (or a plain step's) insert: a pipelined search's fetch
+        if task.get_coro().__qualname__ != "SpeculativeRequest._insert":  # type: ignore[union-attr]
+            before = len(self.lm.calls)
+            await asyncio.sleep(self.delay_s)
+            self.lm_steps_during.append(len(self.lm.calls) - before)
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        await self._slow()
+        return await super().vectors(doc_ids)
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[Any] | None:
+        await self._slow()
+        return await super().term_weights(doc_ids)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
+async def test_a_pipelined_step_settles_before_its_fetch_ends(early: bool) -> None:
+    """A step settles on its search's hits; only its cache insert waits for the fetch. With
+    two steps at most unsettled, the LM could start at most two more steps during a fetch
+    if settling waited for it (session 24: a 17-40 ms fetch of term weights at 21M BM25
+    documents delayed every verdict); here it keeps going. Same outputs."""
+    lm = FakeLM(latency_s=0.002)
+    retriever = SlowSearchFetches(flat_retriever(), lm, delay_s=0.1)
+    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
+    name = "PSA:overlap_depth=pipeline:prefetch_k=20:speculation_stride=2"
+    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.verifications, "nothing was speculated"
+    assert retriever.lm_steps_during and max(retriever.lm_steps_during) > 3
