@@ -378,3 +378,37 @@ async def test_a_pipelined_step_settles_before_its_fetch_ends(early: bool) -> No
     assert result.token_ids == baseline.token_ids
     assert result.trace.verifications, "nothing was speculated"
     assert retriever.lm_steps_during and max(retriever.lm_steps_during) > 3
+
+
+class SlowFirstFetch(InProcessAsyncRetriever):
+    """The request's first fetch (the cache's seeding, beside the first step) takes
+    ``delay_s``."""
+
+    def __init__(self, retriever: object, delay_s: float) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.delay_s, self.fetches = delay_s, 0
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        self.fetches += 1
+        if self.fetches == 1:
+            await asyncio.sleep(self.delay_s)
+        return await super().vectors(doc_ids)
+
+
+async def test_the_first_steps_plain_figure_leaves_out_the_cache_seeding() -> None:
+    """The first step is the first figure of a plain step's cost (``StepCosts``), up to the
+    end of its generation: the wait for the cache's seeding, which every request pays
+    whatever mode follows, would price plain steps above what they cost (here 300 ms over
+    4 tokens against ~1 ms a token)."""
+    lm = FakeLM(latency_s=0.001)
+    retriever = SlowFirstFetch(flat_retriever(), delay_s=0.3)
+    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
+    spec = SpeculationConfig.parse("PSA:overlap_depth=pipeline:prefetch_k=20")
+    baseline = await engine.generate(SHORT_QUESTION, "baseline")
+    retriever.fetches = 0
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.wall_time_s > 0.3  # the seeding was waited for, by the request
+    plain = engine.stride_ledgers[spec].steps.per_token("plain")
+    assert plain is not None and plain[1] >= 4
+    assert plain[0] < 0.3 / 4 / 3
