@@ -150,8 +150,8 @@ class LatencyConfig(OutputConfig):
     torch's default (every core). Fewer leave cores to vLLM's engine process while a
     memory-bound scan runs."""
     bm25_threads: int | None = None
-    """BM25 search threads of an in-process retriever (``BM25Index.set_threads``); ``None``:
-    every core. Fewer leave cores to vLLM's engine process."""
+    """BM25 search threads (``BM25Index.set_threads``; with ``--transport process`` the
+    child's ``--threads``); ``None``: every core. Fewer leave cores to vLLM's engine."""
     probe_bm25_threads: tuple[int, ...] = ()
     """Before the warm-up, time one BM25 search of each question's text at each of these
     thread counts on the opened in-process index (the serial search is 1) and check the hits
@@ -507,7 +507,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--torch-threads", "torch_threads", {"type": int, "help": "torch threads (flat scan)"}),
     ("--loop-lag-ms", "loop_lag_ms",
      {"type": float, "help": "watch the event loop's lag every N ms (default: off)"}),
-    ("--bm25-threads", "bm25_threads", {"type": int, "help": "BM25 search threads (in-process)"}),
+    ("--bm25-threads", "bm25_threads", {"type": int, "help": "BM25 search threads"}),
     ("--probe-bm25-threads", "probe_bm25_threads",
      {"type": lambda t: tuple(int(x) for x in t.split(",") if x),
       "help": "time BM25 searches at these thread counts first"}),

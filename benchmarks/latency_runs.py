@@ -27,6 +27,8 @@ from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from benchmarks.bench_latency import LatencyConfig
 
 logger = logging.getLogger("bench_latency")
@@ -264,6 +266,17 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
     )
 
 
+def child_args(cfg: LatencyConfig, backend: str, index: Path) -> list[str]:
+    """``retriever serve`` arguments of ``--transport process``'s child: loopback, an
+    OS-chosen port, the backend as ``cfg`` asks it, searching on ``cfg.bm25_threads``
+    (BM25) or ``cfg.torch_threads`` threads."""
+    from ralmspec_vllm.retrieval.factory import config_to_args
+
+    threads = cfg.bm25_threads if backend == "bm25" else cfg.torch_threads
+    rcfg = replace(retriever_config(cfg, backend), threads=threads)
+    return ["--host", "127.0.0.1", "--port", "0", "--index", str(index), *config_to_args(rcfg)]
+
+
 @dataclass
 class OpenedRetriever:
     """An in-process retriever opened ahead of ``bench_backend`` (while vLLM starts); its
@@ -314,7 +327,6 @@ async def bench_backend(
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.service import local_cache_scoring
 
-    rcfg = retriever_config(cfg, backend)
     start = time.perf_counter()
     dense = backend != "bm25"
     server: Any = None
@@ -326,14 +338,11 @@ async def bench_backend(
     elif cfg.transport == "process":
         # As `serve` runs it: the retriever in its own process, so its search threads never
         # wait for this process's GIL (the event loop that drives vLLM).
-        from ralmspec_vllm.retrieval.factory import config_to_args
         from ralmspec_vllm.retrieval.server import ServerProcess
 
-        child_cfg = replace(rcfg, threads=cfg.torch_threads)
-        child = ["--host", "127.0.0.1", "--port", "0", "--index", str(kb.path)]
         # The child keeps its query memo, as shipped; Runner.one empties it before every
         # run (ResetCaches).
-        server = ServerProcess.spawn([*child, *config_to_args(child_cfg)], timeout_s=3600.0)
+        server = ServerProcess.spawn(child_args(cfg, backend, kb.path), timeout_s=3600.0)
     else:
         sync = _open_sync(cfg, backend, kb)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}

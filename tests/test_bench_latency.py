@@ -618,3 +618,20 @@ async def test_run_benchmark_imports_vllm_before_the_opening_thread_starts(
     with pytest.raises(RuntimeError, match="injected"):
         await bench_latency.run_benchmark(cfg)
     assert events == ["load_vllm", "open_ahead"]
+
+
+def test_the_process_transports_child_searches_on_the_threads_asked() -> None:
+    """``--transport process``: the child ``retriever serve`` gets ``--bm25-threads`` for
+    BM25 (``--torch-threads`` for dense backends), on loopback."""
+    from pathlib import Path
+
+    from benchmarks.latency_runs import child_args
+
+    cfg = LatencyConfig(transport="process", bm25_threads=3, torch_threads=5, save_index=False)
+    bm25 = child_args(cfg, "bm25", Path("/kb"))
+    flat = child_args(cfg, "flat", Path("/kb"))
+    assert bm25[:6] == ["--host", "127.0.0.1", "--port", "0", "--index", "/kb"]
+    assert "--threads=3" in bm25 and "--backend=bm25" in bm25 and "--no-save-index" in bm25
+    assert "--threads=5" in flat and "--threads=3" not in flat
+    default = child_args(LatencyConfig(transport="process"), "bm25", Path("/kb"))
+    assert not any(arg.startswith("--threads") for arg in default)  # every core
