@@ -12,6 +12,11 @@
 # postings, ~45 GB of RAM while it is built) is counted from the filler's word draws on every
 # core (`retrieval/bm25_build.py`), overlapping the engine start; not saved (--no-save-index:
 # a lent machine starts from scratch each session, and ~19 GB would take the disk's room).
+# Session 24 (H200, 102 questions): 1.02x. The parallel search made the baseline 1.89 s a
+# question, and while speculating the in-process searches waited for the GIL (300 ms on
+# average against 44 ms in the baseline). Pass --transport process to run the retriever in
+# its own `retriever serve` child, as `serve` does (its search threads: --bm25-threads; the
+# probe needs the in-process index and is skipped there).
 # --time-budget-s (default 400 s) stops starting questions. Used with run.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/bm25_latency_21m.sh [bench_latency args]
 set -uo pipefail
