@@ -19,14 +19,13 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, git_state
-from benchmarks.gpu.probe_gil import hold_gil
+from benchmarks.gpu.probe_gil import under_loads
 
 QUERIES = (
     "who wrote the song what a wonderful world and when was it released",
@@ -69,24 +68,14 @@ def main() -> int:
 
     results = []
     ks = [int(k) for k in args.ks.split(",")]
-    for interval in (0.0005, 0.005):
-        sys.setswitchinterval(interval)
-        for load in ("idle", "duty20", "busy"):
-            stop = threading.Event()
-            worker = None
-            if load != "idle":
-                worker = threading.Thread(target=hold_gil, args=(load, stop), daemon=True)
-                worker.start()
-            timed(ks[0])  # settle
-            for k in ks:
-                ms = timed(k)
-                results.append({"switch_ms": interval * 1000, "load": load, "k": k,
-                                "p50_ms": round(ms, 3)})  # fmt: skip
-                print(f"switch {interval * 1000:>3} ms  {load:>6}  k {k:>3}: {ms:7.1f} ms",
-                      flush=True)  # fmt: skip
-            stop.set()
-            if worker is not None:
-                worker.join()
+    for interval, load in under_loads((0.0005, 0.005)):
+        timed(ks[0])  # settle
+        for k in ks:
+            ms = timed(k)
+            results.append({"switch_ms": interval * 1000, "load": load, "k": k,
+                            "p50_ms": round(ms, 3)})  # fmt: skip
+            print(f"switch {interval * 1000:>3} ms  {load:>6}  k {k:>3}: {ms:7.1f} ms",
+                  flush=True)  # fmt: skip
     if args.out:
         meta = {"docs": index.num_docs, "threads": index.threads, "shards": index.shards,
                 "query_terms": [len(t) for t in terms], "machine": describe_machine().tag,

@@ -18,7 +18,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,25 @@ def hold_gil(kind: str, stop: threading.Event) -> None:
             time.sleep(0.004)
 
 
+def under_loads(intervals: Sequence[float]) -> Iterator[tuple[float, str]]:
+    """Each switch interval, then each load ("idle", "duty20", "busy"): sets the interval
+    and runs the load's GIL-holding thread while the caller times what it wants."""
+    for interval in intervals:
+        sys.setswitchinterval(interval)
+        for kind in ("idle", "duty20", "busy"):
+            stop = threading.Event()
+            worker = None
+            if kind != "idle":
+                worker = threading.Thread(target=hold_gil, args=(kind, stop), daemon=True)
+                worker.start()
+            try:
+                yield interval, kind
+            finally:
+                stop.set()
+                if worker is not None:
+                    worker.join()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4_000_000)
@@ -91,24 +110,14 @@ def main() -> int:
 
     results = []
     batches = [int(b) for b in args.batches.split(",")]
-    for interval in (0.005, 0.0005):
-        sys.setswitchinterval(interval)
-        for kind in ("idle", "duty20", "busy"):
-            stop = threading.Event()
-            worker = None
-            if kind != "idle":
-                worker = threading.Thread(target=hold_gil, args=(kind, stop), daemon=True)
-                worker.start()
-            timed(batches[0])  # settle
-            for batch in batches:
-                ms = timed(batch)
-                results.append({"switch_ms": interval * 1000, "load": kind, "batch": batch,
-                                "p50_ms": round(ms, 1)})  # fmt: skip
-                print(f"switch {interval * 1000:>3} ms  {kind:>6}  batch {batch:>2}: "
-                      f"{ms:7.1f} ms", flush=True)  # fmt: skip
-            stop.set()
-            if worker is not None:
-                worker.join()
+    for interval, kind in under_loads((0.005, 0.0005)):
+        timed(batches[0])  # settle
+        for batch in batches:
+            ms = timed(batch)
+            results.append({"switch_ms": interval * 1000, "load": kind, "batch": batch,
+                            "p50_ms": round(ms, 1)})  # fmt: skip
+            print(f"switch {interval * 1000:>3} ms  {kind:>6}  batch {batch:>2}: "
+                  f"{ms:7.1f} ms", flush=True)  # fmt: skip
     if args.out:
         meta = {"docs": args.docs, "torch_threads": torch.get_num_threads(),
                 "chunk_size": flat.chunk_size}  # fmt: skip
