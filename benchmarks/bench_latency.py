@@ -76,6 +76,7 @@ from benchmarks.latency_runs import (  # noqa: E402
     open_inproc,
     set_faiss_threads,
     set_torch_threads,
+    spawn_child,
     torch_threads,
 )
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
@@ -367,11 +368,14 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
 
 
 def open_ahead(cfg: LatencyConfig) -> tuple[Any, dict[str, Any], OpenedRetriever | None]:
-    """``open_kb``, plus the first backend's retriever when it runs in this process."""
+    """``open_kb``, plus the first backend's retriever: in this process, or its ``retriever
+    serve`` child with ``--transport process`` (``--transport grpc``: none ahead)."""
     kb, kb_info = open_kb(cfg)
-    if cfg.transport != "inproc":
-        return kb, kb_info, None
-    return kb, kb_info, open_inproc(cfg, cfg.backends[0], kb)
+    if cfg.transport == "inproc":
+        return kb, kb_info, open_inproc(cfg, cfg.backends[0], kb)
+    if cfg.transport == "process":
+        return kb, kb_info, spawn_child(cfg, cfg.backends[0], kb)
+    return kb, kb_info, None
 
 
 async def measure_all(

@@ -279,15 +279,21 @@ def child_args(cfg: LatencyConfig, backend: str, index: Path) -> list[str]:
 
 @dataclass
 class OpenedRetriever:
-    """An in-process retriever opened ahead of ``bench_backend`` (while vLLM starts); its
-    opener closes it, not ``bench_backend``."""
+    """The first backend's retriever, opened ahead of ``bench_backend`` (while vLLM starts):
+    in this process (``retriever``) or, with ``--transport process``, a ``retriever serve``
+    child (``server``; at 21M BM25 documents it builds its index for ~105 s). Its opener
+    closes it, not ``bench_backend``."""
 
     backend: str
     retriever: Any
     open_s: float
+    server: Any = None
 
     def close(self) -> None:
-        close_retriever(self.retriever)
+        if self.server is not None:
+            self.server.stop()
+        else:
+            close_retriever(self.retriever)
 
 
 def close_retriever(retriever: Any) -> None:
@@ -300,6 +306,18 @@ def open_inproc(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
     start = time.perf_counter()
     retriever = _open_sync(cfg, backend, kb)
     return OpenedRetriever(backend, retriever, round(time.perf_counter() - start, 1))
+
+
+def spawn_child(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
+    """``--transport process``: the backend in a ``retriever serve`` child, as ``serve`` runs
+    it, so its search threads never wait for this process's GIL (the event loop that drives
+    vLLM). The child keeps its query memo, as shipped; ``Runner.one`` empties it before every
+    run (``ResetCaches``)."""
+    from ralmspec_vllm.retrieval.server import ServerProcess
+
+    start = time.perf_counter()
+    server = ServerProcess.spawn(child_args(cfg, backend, kb.path), timeout_s=3600.0)
+    return OpenedRetriever(backend, None, round(time.perf_counter() - start, 1), server)
 
 
 def _open_sync(cfg: LatencyConfig, backend: str, kb: Any) -> Any:
@@ -322,27 +340,25 @@ async def bench_backend(
     opened: OpenedRetriever | None = None,
 ) -> tuple[list[RunRecord], dict[str, Any]]:
     """Warm up and time every method on every question with one backend; ``on_progress``
-    after the warm-up and after every timed question. ``opened``: this backend's in-process
-    retriever, already open (the caller closes it)."""
+    after the warm-up and after every timed question. ``opened``: this backend's retriever
+    (in this process or a child), already open (the caller closes it)."""
     from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
     from ralmspec_vllm.service import local_cache_scoring
 
     start = time.perf_counter()
     dense = backend != "bm25"
     server: Any = None
-    client = sync = None
+    client: Any = None
+    sync: Any = None
+    spawned: OpenedRetriever | None = None  # a child this call spawned (and stops)
     if opened is not None:
-        if opened.backend != backend or cfg.transport != "inproc":
+        kind = "process" if opened.server is not None else "inproc"
+        if opened.backend != backend or cfg.transport != kind:
             raise ValueError(f"opened: a {opened.backend} retriever for {backend}/{cfg.transport}")
-        sync = opened.retriever
+        sync, server = opened.retriever, opened.server
     elif cfg.transport == "process":
-        # As `serve` runs it: the retriever in its own process, so its search threads never
-        # wait for this process's GIL (the event loop that drives vLLM).
-        from ralmspec_vllm.retrieval.server import ServerProcess
-
-        # The child keeps its query memo, as shipped; Runner.one empties it before every
-        # run (ResetCaches).
-        server = ServerProcess.spawn(child_args(cfg, backend, kb.path), timeout_s=3600.0)
+        spawned = spawn_child(cfg, backend, kb)
+        server = spawned.server
     else:
         sync = _open_sync(cfg, backend, kb)
     info: dict[str, Any] = {"open_s": round(time.perf_counter() - start, 1)}
@@ -401,7 +417,9 @@ async def bench_backend(
     finally:
         if client is not None:
             await client.close()
-        if server is not None:
+        if spawned is not None:
+            spawned.close()
+        elif opened is None and server is not None:  # the in-process gRPC transport's thread
             server.stop()
         if opened is None and sync is not None:
             close_retriever(sync)

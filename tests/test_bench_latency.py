@@ -555,6 +555,59 @@ async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
     assert all(row["outputs_identical"] for row in rows) and len(rows) == 4
 
 
+@pytest.mark.vllm
+async def test_run_benchmark_spawns_the_retriever_child_while_the_engine_starts(
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--transport process``: the first backend's ``retriever serve`` child starts (at 21M
+    BM25 documents it builds its index for ~105 s) while vLLM starts; the run uses it and
+    stops it once. A later backend spawns its own child, stopped when it is done."""
+    from benchmarks import bench_latency, latency_runs
+
+    ahead: list[latency_runs.OpenedRetriever] = []
+    closes: list[str] = []
+    real_spawn = latency_runs.spawn_child
+    real_close = latency_runs.OpenedRetriever.close
+
+    def spawn_child(*args: Any) -> latency_runs.OpenedRetriever:
+        ahead.append(real_spawn(*args))
+        return ahead[-1]
+
+    def close(self: latency_runs.OpenedRetriever) -> None:
+        closes.append(self.backend)
+        real_close(self)
+
+    async def create(config: Any) -> VllmLanguageModel:
+        return vllm_lm
+
+    async def keep_running() -> None:
+        pass
+
+    monkeypatch.setattr(bench_latency, "spawn_child", spawn_child)
+    monkeypatch.setattr(latency_runs.OpenedRetriever, "close", close)
+    monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
+    monkeypatch.setattr(vllm_lm, "shutdown", keep_running)
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("bm25", "flat"), methods=("baseline", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=12, flat_impl="torch", transport="process", bm25_threads=1,
+        torch_threads=1, out_dir=str(tmp_path), name="child", plot=False,
+    )  # fmt: skip
+    paths, rows = await bench_latency.run_benchmark(cfg)
+    assert [p.name for p in paths] == ["child_bm25.json", "child_flat-torch.json"]
+    assert [o.backend for o in ahead] == ["bm25"] and ahead[0].server is not None
+    assert ahead[0].server.process.poll() is not None  # stopped
+    assert closes == ["flat", "bm25"]  # the later child when its backend is done; then this
+    bm25, flat = (read_results(p)["meta"]["retriever"] for p in paths)
+    assert bm25["opened_during_engine_start"] is True and bm25["open_s"] == ahead[0].open_s
+    assert "opened_during_engine_start" not in flat
+    assert all(row["outputs_identical"] and row["transport"] == "process" for row in rows)
+    assert len(rows) == 4
+
+
 async def test_run_benchmark_closes_its_early_retriever_when_the_engine_fails(
     tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
