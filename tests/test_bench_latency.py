@@ -502,26 +502,22 @@ def test_transport_validation() -> None:
         LatencyConfig(transport="pigeon")
 
 
-@pytest.mark.vllm
-async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
-    vllm_lm: VllmLanguageModel,
-    tiny_world: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``run_benchmark`` opens the knowledge base and the first backend's retriever in a
-    thread while vLLM starts, hands that retriever to the run (not opened twice) and closes
-    it once. The engine start is the session's engine, handed over (a fresh one would cost
-    minutes here) and not shut down, since later tests share it."""
+def record_openings(
+    monkeypatch: pytest.MonkeyPatch, vllm_lm: VllmLanguageModel, opener: str
+) -> tuple[list[Any], list[str]]:
+    """``run_benchmark`` on the session's engine, handed over (a fresh one would cost
+    minutes here) and not shut down (later tests share it), with ``bench_latency.<opener>``
+    (what opens the first retriever ahead) and ``OpenedRetriever.close`` recorded: the
+    retrievers it opened, and the backends of those closed, in order."""
     from benchmarks import bench_latency, latency_runs
 
     opened: list[latency_runs.OpenedRetriever] = []
     closes: list[str] = []
-    real_open_inproc = latency_runs.open_inproc
+    real_open = getattr(bench_latency, opener)
     real_close = latency_runs.OpenedRetriever.close
 
-    def open_inproc(*args: Any) -> latency_runs.OpenedRetriever:
-        opened.append(real_open_inproc(*args))
+    def open_ahead(*args: Any) -> latency_runs.OpenedRetriever:
+        opened.append(real_open(*args))
         return opened[-1]
 
     def close(self: latency_runs.OpenedRetriever) -> None:
@@ -534,10 +530,26 @@ async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
     async def keep_running() -> None:
         pass
 
-    monkeypatch.setattr(bench_latency, "open_inproc", open_inproc)
+    monkeypatch.setattr(bench_latency, opener, open_ahead)
     monkeypatch.setattr(latency_runs.OpenedRetriever, "close", close)
     monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
     monkeypatch.setattr(vllm_lm, "shutdown", keep_running)
+    return opened, closes
+
+
+@pytest.mark.vllm
+async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``run_benchmark`` opens the knowledge base and the first backend's retriever in a
+    thread while vLLM starts, hands that retriever to the run (not opened twice) and closes
+    it once."""
+    from benchmarks import bench_latency
+
+    opened, closes = record_openings(monkeypatch, vllm_lm, "open_inproc")
     cfg = LatencyConfig(
         model="tiny-llama", backends=("flat", "bm25"), methods=("baseline", "PSA"),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
@@ -565,31 +577,9 @@ async def test_run_benchmark_spawns_the_retriever_child_while_the_engine_starts(
     """``--transport process``: the first backend's ``retriever serve`` child starts (at 21M
     BM25 documents it builds its index for ~105 s) while vLLM starts; the run uses it and
     stops it once. A later backend spawns its own child, stopped when it is done."""
-    from benchmarks import bench_latency, latency_runs
+    from benchmarks import bench_latency
 
-    ahead: list[latency_runs.OpenedRetriever] = []
-    closes: list[str] = []
-    real_spawn = latency_runs.spawn_child
-    real_close = latency_runs.OpenedRetriever.close
-
-    def spawn_child(*args: Any) -> latency_runs.OpenedRetriever:
-        ahead.append(real_spawn(*args))
-        return ahead[-1]
-
-    def close(self: latency_runs.OpenedRetriever) -> None:
-        closes.append(self.backend)
-        real_close(self)
-
-    async def create(config: Any) -> VllmLanguageModel:
-        return vllm_lm
-
-    async def keep_running() -> None:
-        pass
-
-    monkeypatch.setattr(bench_latency, "spawn_child", spawn_child)
-    monkeypatch.setattr(latency_runs.OpenedRetriever, "close", close)
-    monkeypatch.setattr(VllmLanguageModel, "create", staticmethod(create))
-    monkeypatch.setattr(vllm_lm, "shutdown", keep_running)
+    ahead, closes = record_openings(monkeypatch, vllm_lm, "spawn_child")
     cfg = LatencyConfig(
         model="tiny-llama", backends=("bm25", "flat"), methods=("baseline", "PSA"),
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
