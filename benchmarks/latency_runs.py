@@ -269,12 +269,17 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
 def child_args(cfg: LatencyConfig, backend: str, index: Path) -> list[str]:
     """``retriever serve`` arguments of ``--transport process``'s child: loopback, an
     OS-chosen port, the backend as ``cfg`` asks it, searching on ``cfg.bm25_threads``
-    (BM25) or ``cfg.torch_threads`` threads."""
+    (BM25) or ``cfg.torch_threads`` threads, at this process's GIL switch interval when
+    ``cfg`` sets one (a BM25 child recomputes term weights in Python beside its searches:
+    at the server's default 5 ms, each of a search's GIL re-takes can wait that long)."""
     from ralmspec_vllm.retrieval.factory import config_to_args
 
     threads = cfg.bm25_threads if backend == "bm25" else cfg.torch_threads
     rcfg = replace(retriever_config(cfg, backend), threads=threads)
-    return ["--host", "127.0.0.1", "--port", "0", "--index", str(index), *config_to_args(rcfg)]
+    args = ["--host", "127.0.0.1", "--port", "0", "--index", str(index), *config_to_args(rcfg)]
+    if cfg.switch_interval_ms is not None:
+        args.append(f"--switch-interval-ms={cfg.switch_interval_ms}")
+    return args
 
 
 @dataclass
@@ -385,8 +390,11 @@ async def bench_backend(
             embed = {"embedder": AsyncEmbedder(client.encode)}
     if not dense and cfg.cache_scoring == "local":
         embed = {"scorer": (await local_cache_scoring(retriever, "local")).scorer}
-    if backend == "bm25" and sync is not None and cfg.probe_bm25_threads:
-        info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
+    if backend == "bm25" and cfg.probe_bm25_threads:
+        if sync is not None:
+            info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
+        else:  # the index lives in the child
+            logger.info("BM25 thread probe skipped: it needs the in-process index")
     runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []

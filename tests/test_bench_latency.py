@@ -12,6 +12,7 @@ the ``--flat-dtype`` flag.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -665,16 +666,27 @@ async def test_run_benchmark_imports_vllm_before_the_opening_thread_starts(
 
 def test_the_process_transports_child_searches_on_the_threads_asked() -> None:
     """``--transport process``: the child ``retriever serve`` gets ``--bm25-threads`` for
-    BM25 (``--torch-threads`` for dense backends), on loopback."""
+    BM25 (``--torch-threads`` for dense backends) and this process's switch interval, on
+    loopback."""
     from pathlib import Path
 
     from benchmarks.latency_runs import child_args
+    from ralmspec_vllm.retrieval import server
 
-    cfg = LatencyConfig(transport="process", bm25_threads=3, torch_threads=5, save_index=False)
+    cfg = LatencyConfig(
+        transport="process", bm25_threads=3, torch_threads=5, save_index=False,
+        switch_interval_ms=0.5,
+    )  # fmt: skip
     bm25 = child_args(cfg, "bm25", Path("/kb"))
     flat = child_args(cfg, "flat", Path("/kb"))
     assert bm25[:6] == ["--host", "127.0.0.1", "--port", "0", "--index", "/kb"]
     assert "--threads=3" in bm25 and "--backend=bm25" in bm25 and "--no-save-index" in bm25
     assert "--threads=5" in flat and "--threads=3" not in flat
+    assert bm25[-1] == flat[-1] == "--switch-interval-ms=0.5"
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)  # what `retriever serve` parses
+    parsed = parser.parse_args(bm25)
+    assert parsed.threads == 3 and parsed.switch_interval_ms == 0.5 and parsed.backend == "bm25"
     default = child_args(LatencyConfig(transport="process"), "bm25", Path("/kb"))
     assert not any(arg.startswith("--threads") for arg in default)  # every core
+    assert not any(arg.startswith("--switch-interval") for arg in default)  # the server's
