@@ -302,8 +302,12 @@ def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
 # -- CLI ----------------------------------------------------------------------------------
 
 
-SWITCH_INTERVAL_MS = 5.0
-"""``retriever serve``'s default GIL switch interval (ms): Python's own."""
+SWITCH_INTERVAL_MS = 0.5
+"""``retriever serve``'s default GIL switch interval (ms). Python's own is 5 ms. A dense
+child under shaped load served the same queries/s at either (session 18,
+``results/probe_service_load_cpu-2c_3m_s18.json``); a BM25 child recomputes term weights in
+Python beside its searches, and a 3M search beside a GIL-holding thread took ~400 ms at 5 ms
+against ~21 ms at 0.5 ms (``benchmarks/probe_bm25_gil.py``, session 24)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,9 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--switch-interval-ms",
         type=float,
         default=SWITCH_INTERVAL_MS,
-        help="Python's GIL switch interval in this process: how long the scan's thread may "
-        "wait to re-take the GIL after each torch call while RPC threads run Python "
-        "(default: %(default)s; Python's own: 5)",
+        help="Python's GIL switch interval in this process: how long a search thread may "
+        "wait to re-take the GIL after each torch or numpy call while other threads run "
+        "Python (default: %(default)s; Python's own: 5)",
     )
     net.add_argument(
         "--exit-with-parent",
