@@ -554,3 +554,37 @@ async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() 
         assert measured == len(result.token_ids), config
         assert plain is not None and plain[1] >= 4  # the first step at least
         assert result.trace.rollbacks > 0 or result.trace.plain_steps > 0
+
+
+@pytest.mark.parametrize(("search_s", "beside"), [(0.001, True), (0.03, False)])
+async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
+    search_s: float, beside: bool
+) -> None:
+    """Every guess misses, so OS3 runs plain steps. Where a search costs at most half an LM
+    step (``PREFETCH_BESIDE_RATIO``), a plain step's search is the baseline's own (the
+    exact top-1, no prefetch) and the cache's prefetch comes from a second search beside
+    the step; where searches are slow, one search with the prefetch. The same answer either
+    way, and a prefetch search for every plain step (what fills the cache)."""
+    retriever = ScriptedRetriever(forced(lambda s: True), latency_s=search_s)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.012))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4)
+    for _ in range(2):  # the second request knows a and b(1) from its first steps on
+        retriever.search_calls.clear()
+        retriever.prefetches.clear()
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+        assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps >= len(trace.spans) - 3  # nearly all plain
+    calls = list(zip(retriever.search_calls, retriever.prefetches, strict=True))
+    purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
+    lean = calls.count(((1, 1), 0))  # the baseline's search: one query, top-1
+    prefetching = [c for c in calls if c != ((1, 1), 0)]
+    if beside:
+        # each plain step: the baseline's search, then the prefetch's beside the step
+        assert lean >= trace.plain_steps - 2 and purposes.count("prefetch") == lean
+        assert len(prefetching) == len(calls) - lean
+    else:
+        assert lean == 0 and "prefetch" not in purposes
+        assert len(prefetching) == len(calls)
+    assert all(c == ((1, 4), 0) for c in prefetching)  # prefetch_k exact hits
