@@ -187,8 +187,11 @@ async def test_prefetch_is_capped_at_the_hnsw_beam(ef_search: int, searched_k: i
     spec = SpeculationConfig.preset("PSA", prefetch_k=20)
     result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
     assert result.token_ids == baseline.token_ids
-    searched = {c.k for c in result.trace.retrieval_calls if c.kind == "search"}
-    assert searched == {searched_k}
+    searches = [c for c in result.trace.retrieval_calls if c.kind == "search"]
+    # k=1: a plain step's own search, the baseline's, where it prefetches beside the step
+    # (``PREFETCH_BESIDE_RATIO``: timing decides it); every other search is capped
+    assert {c.k for c in searches} - {1} == {searched_k}
+    assert sum(c.k == 1 for c in searches) <= result.trace.plain_steps
     flat = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(flat_retriever()))  # type: ignore[arg-type]
     assert await flat.prefetch_limit() is None
 
