@@ -415,3 +415,49 @@ async def test_the_first_steps_plain_figure_leaves_out_the_cache_seeding() -> No
     plain = engine.stride_ledgers[spec].steps.per_token("plain")
     assert plain is not None and plain[1] >= 4
     assert plain[0] < 0.3 / 4 / 3
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
+async def test_a_pipelined_request_leaves_no_task_behind(early: bool) -> None:
+    """Fetches and cache inserts now run as tasks of their own: when a request returns,
+    rollbacks included, none is left running (the fetches of discarded steps are cancelled
+    with their searches; the queued inserts are awaited)."""
+    lm = FakeLM(latency_s=0.002)
+    retriever = SlowSearchFetches(flat_retriever(), lm, delay_s=0.03)
+    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
+    name = "PSA:overlap_depth=pipeline:prefetch_k=3:speculation_stride=3"
+    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.rollbacks > 0, "nothing was rolled back"
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert left == []
+
+
+async def test_a_rollback_cancels_the_fetches_of_the_steps_it_discards() -> None:
+    """The unsettled steps a rollback discards: searches still out are cancelled, and so are
+    the fetches that answered searches started (a fetch would otherwise outlive its step)."""
+    from ralmspec_vllm.core.speculative import SpeculativeStep, _cancel_searches, _Unsettled
+
+    hanging = asyncio.Event()
+
+    async def fetch() -> bool:
+        await hanging.wait()
+        return True
+
+    async def answered() -> tuple[list[Hit], float, asyncio.Task[bool]]:
+        return [Hit(1, 1.0)], 0.01, asyncio.create_task(fetch())
+
+    async def pending() -> tuple[list[Hit], float, asyncio.Task[bool]]:
+        await hanging.wait()
+        raise AssertionError("never answers")
+
+    step = SpeculativeStep(0, 4, "q", 1)
+    done, out = asyncio.create_task(answered()), asyncio.create_task(pending())
+    await asyncio.sleep(0)  # the first search answers, its fetch starts
+    assert done.done()
+    unsettled = [_Unsettled(step, done, generating=False), _Unsettled(step, out, False)]
+    await _cancel_searches(unsettled)
+    assert out.cancelled() and done.result()[2].cancelled()
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
