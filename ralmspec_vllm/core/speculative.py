@@ -20,8 +20,10 @@ costs the same LM step and the same search as a plain retrieval step, plus a sec
 on every miss, so it can only lose. With asynchronous verification it loses when misses are
 frequent and an LM step costs more than a verification (``prefers_plain_step``). Such steps
 run as plain retrieval (retrieve with prefetch, insert into the cache, generate a final
-step). The cache's would-be speculation is still scored against the retrieved document, so
-OS3 keeps estimating gamma (and a, b) and returns to speculation once speculating pays.
+step; where a search costs at most half an LM step, the step's search is the baseline's and
+the prefetch a second search beside the step: ``PREFETCH_BESIDE_RATIO``). The cache's
+would-be speculation is still scored against the retrieved document, so OS3 keeps
+estimating gamma (and a, b) and returns to speculation once speculating pays.
 
 Held speculation (not in the paper): while ``ctx.speculation_held()`` answers True (the
 server's retriever is busier than it allows, ``RaLMService``), no new step is speculated;
