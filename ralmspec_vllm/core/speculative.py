@@ -281,8 +281,7 @@ class SpeculativeRequest:
         scheduler = self.scheduler
         if not isinstance(scheduler, OptimalStrideScheduler) or not self.config.prefetch:
             return False
-        b1 = scheduler.cost(1) if scheduler.cost else scheduler.b
-        a = scheduler.a
+        a, b1 = scheduler.a, scheduler.search_cost
         return a is not None and b1 is not None and b1 <= PREFETCH_BESIDE_RATIO * a
 
     def _step_costs(self) -> StepCosts | None:
@@ -549,7 +548,12 @@ class SpeculativeRequest:
                     unsettled.pop(0)
                     hits, latency, fetching = head.search.result()
                     mismatch = await self._judge(
-                        [head.step], [hits], latency, len(unsettled) + 1, True, fetching
+                        [head.step],
+                        [hits],
+                        latency,
+                        len(unsettled) + 1,
+                        asynchronous=True,
+                        fetching=fetching,
                     )
                     if mismatch is not None:
                         if speculation is not None:
@@ -628,7 +632,8 @@ class SpeculativeRequest:
         """Insert verified documents; later queries' documents count as more recent. What
         the scorer ranks by (vectors, term weights) is fetched for the documents the cache
         does not hold yet, once each (unless a search fetched it already). ``after``: a
-        task that reads the cache (a plain step's guess), awaited before anything goes in.
+        task awaited before anything goes in (a plain step's guess, which must read the
+        cache without these documents; a pipelined step's fetch for them).
         ``found``: a search for the same queries with the prefetch, whose hits go in
         instead of ``results`` (the exact top-k of each, same top-1)."""
         if found is not None:

@@ -459,10 +459,16 @@ class OptimalStrideScheduler:
         b(1) from 0.01 to 1 s, a 20-27 ms, accuracy 0.8-0.92 (restarting with the planned
         stride instead, 10-16 at 21M docs, cost 5-12% there). ``None`` before a and b are
         known."""
-        b1 = self.cost(1) if self.cost else self.b
+        b1 = self.search_cost
         if self.a is None or b1 is None:
             return None
         return max(1, min(max_stride, round(b1 / (3.0 * max(self.a, _TINY)))))
+
+    @property
+    def search_cost(self) -> float | None:
+        """b(1), a one-query search: from the cost per batch size where it is kept (extended
+        OS3), else the latest verification's; ``None`` before any."""
+        return self.cost(1) if self.cost else self.b
 
     def record_search(self, latency_s: float, size: int = 1) -> None:
         """A plain search's latency (e.g. the first retrieval): a point of b(s) only."""
