@@ -22,7 +22,7 @@ from ralmspec_vllm.core.cache import (
     TermWeightCacheScorer,
 )
 from ralmspec_vllm.core.config import SpeculationConfig
-from ralmspec_vllm.core.runner import RaLMEngine
+from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
 from ralmspec_vllm.types import Document, Hit
@@ -365,20 +365,32 @@ class SlowSearchFetches(InProcessAsyncRetriever):
         return await super().term_weights(doc_ids)
 
 
+async def pipelined_with_slow_fetches(
+    delay_s: float, options: str, early: bool
+) -> tuple[SlowSearchFetches, RaLMResult]:
+    """LONG_QUESTION on a flat retriever whose search-started fetches take ``delay_s``, with
+    pipelined PSA (``options`` added; early verification or late), checked token for token
+    against the baseline; the retriever (what it recorded) and the speculative result."""
+    lm = FakeLM(latency_s=0.002)
+    retriever = SlowSearchFetches(flat_retriever(), lm, delay_s)
+    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
+    name = f"PSA:overlap_depth=pipeline:{options}"
+    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    return retriever, result
+
+
 @pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
 async def test_a_pipelined_step_settles_before_its_fetch_ends(early: bool) -> None:
     """A step settles on its search's hits; only its cache insert waits for the fetch. With
     two steps at most unsettled, the LM could start at most two more steps during a fetch
     if settling waited for it (session 24: a 17-40 ms fetch of term weights at 21M BM25
     documents delayed every verdict); here it keeps going. Same outputs."""
-    lm = FakeLM(latency_s=0.002)
-    retriever = SlowSearchFetches(flat_retriever(), lm, delay_s=0.1)
-    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
-    name = "PSA:overlap_depth=pipeline:prefetch_k=20:speculation_stride=2"
-    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
-    baseline = await engine.generate(LONG_QUESTION, "baseline")
-    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
-    assert result.token_ids == baseline.token_ids
+    retriever, result = await pipelined_with_slow_fetches(
+        0.1, "prefetch_k=20:speculation_stride=2", early
+    )
     assert result.trace.verifications, "nothing was speculated"
     assert retriever.lm_steps_during and max(retriever.lm_steps_during) > 3
 
@@ -422,14 +434,7 @@ async def test_a_pipelined_request_leaves_no_task_behind(early: bool) -> None:
     """Fetches and cache inserts now run as tasks of their own: when a request returns,
     rollbacks included, none is left running (the fetches of discarded steps are cancelled
     with their searches; the queued inserts are awaited)."""
-    lm = FakeLM(latency_s=0.002)
-    retriever = SlowSearchFetches(flat_retriever(), lm, delay_s=0.03)
-    engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
-    name = "PSA:overlap_depth=pipeline:prefetch_k=3:speculation_stride=3"
-    spec = SpeculationConfig.parse(name + (":early_verification=true" if early else ""))
-    baseline = await engine.generate(LONG_QUESTION, "baseline")
-    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
-    assert result.token_ids == baseline.token_ids
+    _, result = await pipelined_with_slow_fetches(0.03, "prefetch_k=3:speculation_stride=3", early)
     assert result.trace.rollbacks > 0, "nothing was rolled back"
     left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert left == []
