@@ -44,6 +44,9 @@ SERVICE_NAME = "ralmspec.retriever.v1.Retriever"
 # Backends whose top-k is always a prefix of their top-k' (k < k'): Search calls with
 # different k may share one index search. Others (HNSW, IVF) merge only equal k.
 EXACT_PREFIX_BACKENDS = frozenset({"flat", "bm25"})
+UNMERGED_BACKENDS = frozenset({"bm25"})
+"""Backends whose lanes search one request at a time (``SearchLane(merging=False)``): a BM25
+batch costs the sum of its queries, each already searched on every thread."""
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -105,6 +108,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         )
         window_s = self.config.batch_window_ms / 1000.0
         mixed_k = self.info.backend in EXACT_PREFIX_BACKENDS
+        merging = self.info.backend not in UNMERGED_BACKENDS
         self.text_lane: SearchLane[list[str]] = SearchLane(
             "text",
             retriever.search,
@@ -114,6 +118,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
             executor=self._executor,
             mixed_k=mixed_k,
             overlapping=overlapping,
+            merging=merging,
         )
         self.vector_lane: SearchLane[np.ndarray] | None = None
         if self.dense is not None:

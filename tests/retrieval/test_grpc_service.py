@@ -296,6 +296,27 @@ async def test_concurrent_searches_are_merged(
     assert stats.search_seconds > 0
 
 
+async def test_bm25_searches_are_not_merged(retrievers: dict[str, Retriever]) -> None:
+    """A BM25 batch costs the sum of its queries, so the service answers each call with its
+    own index search (oldest first) instead of merging (``UNMERGED_BACKENDS``)."""
+    local = retrievers["bm25"]
+    counting = CountingRetriever(local)  # type: ignore[arg-type]
+    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
+    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
+    queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(12)]
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            got = await asyncio.gather(
+                *(client.search([q], 1 + i % 3) for i, q in enumerate(queries))
+            )
+            stats = await client.stats()
+    finally:
+        await server.stop(grace=0)
+    assert got == [local.search([q], 1 + i % 3) for i, q in enumerate(queries)]
+    assert counting.text_batches == [1] * 12
+    assert (stats.search_calls, stats.index_searches, stats.max_merged_calls) == (12, 12, 1)
+
+
 async def test_text_and_embedding_queries_batch_separately_within_max_batch(
     retrievers: dict[str, Retriever],
 ) -> None:
