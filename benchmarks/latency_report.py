@@ -68,6 +68,10 @@ class RunRecord:
     loop_lag_ms: tuple[tuple[str, float], ...] = ()
     """How late the event loop woke a sleeper during this run (p50, p99, max in ms;
     ``--loop-lag-ms``): long lags mean long GIL holds that in-process searches wait for."""
+    doc_ids: tuple[int | None, ...] = ()
+    """The baseline's document per step (other methods: empty; theirs equal it where
+    ``same_documents``). How often a step repeats the one before is what a guess that needs
+    no fresh query embedding (the last step's document) would score (``repeat_rate``)."""
     kb_phases: tuple[tuple[str, float], ...] = ()
     """Seconds inside the dense retriever during this run (``PhaseTimes``: searches, scan_s,
     rank_s, vectors_s, documents_s, encode_s); the awaited ``searches`` minus encode, scan and
@@ -91,6 +95,7 @@ class RunRecord:
         fetches: Sequence[tuple[int, float]] = (),
         kb_phases: Mapping[str, float] | None = None,
         loop_lag_ms: Mapping[str, float] | None = None,
+        doc_ids: Sequence[int | None] = (),
     ) -> RunRecord:
         return cls(
             backend=backend,
@@ -120,6 +125,7 @@ class RunRecord:
             searches=tuple(searches),
             scores=tuple(scores),
             fetches=tuple(fetches),
+            doc_ids=tuple(doc_ids),
             kb_phases=tuple((kb_phases or {}).items()),
             loop_lag_ms=tuple((loop_lag_ms or {}).items()),
         )
@@ -130,6 +136,7 @@ class RunRecord:
         out = asdict(self)
         del out["backend"], out["method"]
         out["strides"] = list(self.strides)
+        out["doc_ids"] = list(self.doc_ids)
         out["searches"] = [[n, round(seconds, 6)] for n, seconds in self.searches]
         out["scores"] = [[n, round(seconds, 6)] for n, seconds in self.scores]
         out["fetches"] = [[n, round(seconds, 6)] for n, seconds in self.fetches]
@@ -148,6 +155,7 @@ class RunRecord:
         if "strides" not in fields:
             raise ValueError("per-question record without strides (written before merging)")
         fields["strides"] = tuple(fields["strides"])
+        fields["doc_ids"] = tuple(fields.get("doc_ids", ()))
         for name in ("searches", "scores", "fetches"):
             fields[name] = tuple((int(n), float(s)) for n, s in fields.get(name, ()))
         for name in ("kb_phases", "loop_lag_ms"):
@@ -235,10 +243,19 @@ def summarize(
                 kb_phases_s=_kb_phases(runs),
                 loop_lag_ms=_loop_lag(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
+                repeat_rate=repeat_rate(runs),
                 per_question=[r.brief() for r in runs],
             )
             rows.append(row)
     return rows
+
+
+def repeat_rate(runs: Sequence[RunRecord]) -> float | None:
+    """Of the steps after a question's first (over ``runs`` that recorded their documents:
+    the baseline's), the fraction whose document is the step before's: the accuracy of a
+    guess that takes the last step's document and so needs no query embedding."""
+    pairs = [(a, b) for r in runs for a, b in zip(r.doc_ids, r.doc_ids[1:], strict=False)]
+    return _round(sum(a == b for a, b in pairs) / len(pairs)) if pairs else None
 
 
 def _pipelined(method: str) -> bool:

@@ -171,6 +171,7 @@ class Runner:
             ],
             kb_phases=measured.kb_phases,
             loop_lag_ms=measured.loop_lag_ms,
+            doc_ids=trace.step_doc_ids if method == "baseline" else (),
         )
 
 

@@ -104,6 +104,27 @@ def test_pipelined_rounds_are_its_restarts() -> None:
     assert RunRecord.from_brief("flat", method, row["per_question"][0]) == runs[0]
 
 
+def test_the_baseline_row_reports_how_often_a_step_repeats_the_last_document() -> None:
+    """``doc_ids`` (the baseline's documents per step) survive the JSON round trip, and
+    ``repeat_rate`` counts repeats over consecutive steps within each question only."""
+
+    summary = record("baseline", 1.0).brief() | {"retrieval_calls": {}}
+
+    def with_docs(docs: tuple[int | None, ...]) -> RunRecord:
+        return RunRecord.from_summary(
+            "flat", "baseline", "q", "nq", summary, strides=(), num_tokens=8,
+            identical=True, same_documents=True, doc_ids=docs,
+        )  # fmt: skip
+
+    runs = [with_docs((5, 5, 7, 7, 7)), with_docs((7, 9, None, None))]
+    (row,) = summarize(runs, {}, ["baseline"])
+    # pairs: (5,5) (5,7) (7,7) (7,7) | (7,9) (9,None) (None,None): 4 repeats of 7
+    assert row["repeat_rate"] == round(4 / 7, 4)
+    assert [RunRecord.from_brief("flat", "baseline", b) for b in row["per_question"]] == runs
+    (psa,) = summarize([record("PSA", 1.0)], {}, ["PSA"])
+    assert psa["repeat_rate"] is None  # only the baseline records its documents
+
+
 def test_rows_report_search_latency_by_batch_size() -> None:
     runs = [
         RunRecord.from_summary(
