@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.batching import BatchStats
 from ralmspec_vllm.retrieval.bm25 import BM25Index
 from ralmspec_vllm.retrieval.client import RetrieverClient
 from ralmspec_vllm.retrieval.errors import RetrieverRequestError, RetrieverServerError
@@ -262,6 +263,23 @@ async def test_prefetch_hits_follow_the_exact_top_k_over_grpc(
 # -- cross-request batching ---------------------------------------------------------------
 
 
+async def concurrent_searches(
+    counting: CountingRetriever, queries: list[str], ks: list[int]
+) -> tuple[list[list[list[Hit]]], BatchStats]:
+    """One concurrent one-query Search call per (query, k) against a real server over
+    ``counting`` with a 50 ms batching window; the answers and the server's stats after."""
+    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
+    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            got = await asyncio.gather(
+                *(client.search([q], k) for q, k in zip(queries, ks, strict=True))
+            )
+            return list(got), await client.stats()
+    finally:
+        await server.stop(grace=0)
+
+
 @pytest.mark.parametrize("backend", ["flat", "hnsw"])
 async def test_concurrent_searches_are_merged(
     backend: str, retrievers: dict[str, Retriever]
@@ -269,18 +287,9 @@ async def test_concurrent_searches_are_merged(
     local = retrievers[backend]
     assert isinstance(local, DenseRetriever)
     counting = CountingRetriever(local)
-    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
-    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
     queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(20)]
     ks = [1 + i % 7 for i in range(20)]  # different k per call: each gets its own slice
-    try:
-        async with RetrieverClient(server.target, timeout_s=30) as client:
-            got = await asyncio.gather(
-                *(client.search([q], k) for q, k in zip(queries, ks, strict=False))
-            )
-            stats = await client.stats()
-    finally:
-        await server.stop(grace=0)
+    got, stats = await concurrent_searches(counting, queries, ks)
     # Each answer equals a lone in-process search with the call's own k.
     assert [g[0] for g in got] == [
         local.search([q], k)[0] for q, k in zip(queries, ks, strict=True)
@@ -301,18 +310,10 @@ async def test_bm25_searches_are_not_merged(retrievers: dict[str, Retriever]) ->
     own index search (oldest first) instead of merging (``UNMERGED_BACKENDS``)."""
     local = retrievers["bm25"]
     counting = CountingRetriever(local)  # type: ignore[arg-type]
-    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
-    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
     queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(12)]
-    try:
-        async with RetrieverClient(server.target, timeout_s=30) as client:
-            got = await asyncio.gather(
-                *(client.search([q], 1 + i % 3) for i, q in enumerate(queries))
-            )
-            stats = await client.stats()
-    finally:
-        await server.stop(grace=0)
-    assert got == [local.search([q], 1 + i % 3) for i, q in enumerate(queries)]
+    ks = [1 + i % 3 for i in range(12)]
+    got, stats = await concurrent_searches(counting, queries, ks)
+    assert got == [local.search([q], k) for q, k in zip(queries, ks, strict=True)]
     assert counting.text_batches == [1] * 12
     assert (stats.search_calls, stats.index_searches, stats.max_merged_calls) == (12, 12, 1)
 
