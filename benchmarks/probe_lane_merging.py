@@ -1,13 +1,14 @@
 """Does merging concurrent BM25 searches into one batch help or hurt their latency?
 
 Session 25 (H100, 21M documents, the retriever in its own process as ``serve`` runs it):
-RaLMSpec's pipelined verifications, ~8 in flight, took 880 ms each against 84 ms alone. The
-service's search lane merged the queued ones into one index search, and a BM25 batch costs
-the sum of its queries (each already searched on every thread), so every request waited for
-the whole batch. This probe serves a real BM25 index over gRPC on loopback and sends bursts
-of concurrent one-query searches (the first sent a moment ahead, as the oldest verification
-is), with the lane merging (as before) and not merging (``UNMERGED_BACKENDS``, now), and
-reports each request's latency, the first one's, and the burst's.
+RaLMSpec's pipelined verifications, ~8 in flight, took 880 ms each against the baseline's
+84 ms. The service's search lane merged the queued ones into one index search, and a BM25
+batch costs the sum of its queries (each already searched on every thread), so every
+request waited for the whole batch. This probe serves a real BM25 index over gRPC on
+loopback and sends bursts of concurrent one-query searches (the first sent a moment ahead,
+as the oldest verification is), with the lane merging (as before) and not merging
+(``UNMERGED_BACKENDS``, now), and reports each request's latency, the first one's, and the
+burst's.
 
     python3 benchmarks/probe_lane_merging.py --filler 2995355 --threads 2 \
         --out benchmarks/results/probe_lane_merging_cpu-2c_3m.json
