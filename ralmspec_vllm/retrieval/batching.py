@@ -8,7 +8,9 @@ the event loop keeps accepting calls. Each request gets its own rows, cut to its
 
 While a search runs, new requests keep queuing; when it ends, requests whose window has
 already passed are dispatched at once. So a lone request waits at most the window (plus any
-search already running), and under load batches grow by themselves.
+search already running), and under load batches grow by themselves. A lane with
+``merging=False`` (BM25, whose batch costs the sum of its queries) searches one request at
+a time, oldest first, without the window.
 
 Mixed k: cutting a top-max(k) list to a smaller k equals a top-k search only for backends
 whose answer is exact (flat with exact re-scoring, BM25; ties break by doc id). An ANN
