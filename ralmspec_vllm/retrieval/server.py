@@ -351,7 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms",
         type=float,
         default=defaults.batch_window_ms,
-        help="merge Search calls arriving within this window (default: %(default)s)",
+        help="merge Search calls arriving within this window; BM25 searches each call alone"
+        " (default: %(default)s)",
     )
     net.add_argument(
         "--max-batch",
