@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, git_state
-from benchmarks.gpu.probe_gil import under_loads
+from benchmarks.gpu.probe_gil import sweep
 
 QUERIES = (
     "who wrote the song what a wonderful world and when was it released",
@@ -66,16 +66,8 @@ def main() -> int:
                 runs.append(time.perf_counter() - t0)
         return 1000 * statistics.median(runs)
 
-    results = []
     ks = [int(k) for k in args.ks.split(",")]
-    for interval, load in under_loads((0.0005, 0.005)):
-        timed(ks[0])  # settle
-        for k in ks:
-            ms = timed(k)
-            results.append({"switch_ms": interval * 1000, "load": load, "k": k,
-                            "p50_ms": round(ms, 3)})  # fmt: skip
-            print(f"switch {interval * 1000:>3} ms  {load:>6}  k {k:>3}: {ms:7.1f} ms",
-                  flush=True)  # fmt: skip
+    results = sweep(timed, ks, "k", (0.0005, 0.005), digits=3)
     if args.out:
         meta = {"docs": index.num_docs, "threads": index.threads, "shards": index.shards,
                 "query_terms": [len(t) for t in terms], "machine": describe_machine().tag,

@@ -95,6 +95,28 @@ def under_loads(intervals: Sequence[float]) -> Iterator[tuple[float, str]]:
                     worker.join()
 
 
+def sweep(
+    timed: Callable[[int], float],
+    values: Sequence[int],
+    name: str,
+    intervals: Sequence[float],
+    digits: int,
+) -> list[dict[str, Any]]:
+    """``timed(value)`` (ms) for each of ``values`` under every switch interval and load of
+    ``under_loads``, after one settling call per load: a printed line and a result row
+    (``switch_ms``, ``load``, ``name``: the value, ``p50_ms`` to ``digits``) each."""
+    results = []
+    for interval, load in under_loads(intervals):
+        timed(values[0])  # settle
+        for value in values:
+            ms = timed(value)
+            results.append({"switch_ms": interval * 1000, "load": load, name: value,
+                            "p50_ms": round(ms, digits)})  # fmt: skip
+            print(f"switch {interval * 1000:>3} ms  {load:>6}  {name} {value:>3}: {ms:7.1f} ms",
+                  flush=True)  # fmt: skip
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4_000_000)
@@ -108,16 +130,8 @@ def main() -> int:
 
     flat, timed = random_scan(args.docs, args.threads, args.repeats, "probe_gil")
 
-    results = []
     batches = [int(b) for b in args.batches.split(",")]
-    for interval, kind in under_loads((0.005, 0.0005)):
-        timed(batches[0])  # settle
-        for batch in batches:
-            ms = timed(batch)
-            results.append({"switch_ms": interval * 1000, "load": kind, "batch": batch,
-                            "p50_ms": round(ms, 1)})  # fmt: skip
-            print(f"switch {interval * 1000:>3} ms  {kind:>6}  batch {batch:>2}: "
-                  f"{ms:7.1f} ms", flush=True)  # fmt: skip
+    results = sweep(timed, batches, "batch", (0.005, 0.0005), digits=1)
     if args.out:
         meta = {"docs": args.docs, "torch_threads": torch.get_num_threads(),
                 "chunk_size": flat.chunk_size}  # fmt: skip
