@@ -269,7 +269,28 @@ async def test_in_process_reads_run_off_the_event_loop() -> None:
     assert loop_thread not in seen.values()
 
 
-class FetchWatcher(InProcessAsyncRetriever):
+class FetchHook(InProcessAsyncRetriever):
+    """Runs ``before_fetch(fetcher)`` before each vectors / term-weights fetch, ``fetcher``
+    being the qualified name of the coroutine that fetches."""
+
+    async def before_fetch(self, fetcher: str) -> None:
+        raise NotImplementedError
+
+    async def _hook(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        await self.before_fetch(task.get_coro().__qualname__)  # type: ignore[union-attr]
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        await self._hook()
+        return await super().vectors(doc_ids)
+
+    async def term_weights(self, doc_ids: Sequence[int]) -> list[Any] | None:
+        await self._hook()
+        return await super().term_weights(doc_ids)
+
+
+class FetchWatcher(FetchHook):
     """Records which coroutine each vectors / term-weights fetch ran in; the first fetch
     waits until the LM has started a step (it would wait forever if the first step's
     generation waited for it)."""
@@ -279,20 +300,10 @@ class FetchWatcher(InProcessAsyncRetriever):
         self.lm_started = lm_started
         self.fetchers: list[str] = []
 
-    async def _watch(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.fetchers.append(task.get_coro().__qualname__)  # type: ignore[union-attr]
+    async def before_fetch(self, fetcher: str) -> None:
+        self.fetchers.append(fetcher)
         if len(self.fetchers) == 1:
             await asyncio.wait_for(self.lm_started.wait(), 2.0)
-
-    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
-        await self._watch()
-        return await super().vectors(doc_ids)
-
-    async def term_weights(self, doc_ids: Sequence[int]) -> list[Any] | None:
-        await self._watch()
-        return await super().term_weights(doc_ids)
 
 
 class StartSignallingLM(FakeLM):
@@ -338,7 +349,7 @@ async def test_cache_fetches_stay_off_the_critical_path(backend: str, early: boo
     }
 
 
-class SlowSearchFetches(InProcessAsyncRetriever):
+class SlowSearchFetches(FetchHook):
     """Fetches for a pipelined search's hits take ``delay_s``; each records how many LM
     steps started meanwhile."""
 
@@ -347,22 +358,12 @@ class SlowSearchFetches(InProcessAsyncRetriever):
         self.lm, self.delay_s = lm, delay_s
         self.lm_steps_during: list[int] = []
 
-    async def _slow(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def before_fetch(self, fetcher: str) -> None:
         # not the first step's (or a plain step's) insert: a pipelined search's fetch
-        if task.get_coro().__qualname__ != "SpeculativeRequest._insert":  # type: ignore[union-attr]
+        if fetcher != "SpeculativeRequest._insert":
             before = len(self.lm.calls)
             await asyncio.sleep(self.delay_s)
             self.lm_steps_during.append(len(self.lm.calls) - before)
-
-    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
-        await self._slow()
-        return await super().vectors(doc_ids)
-
-    async def term_weights(self, doc_ids: Sequence[int]) -> list[Any] | None:
-        await self._slow()
-        return await super().term_weights(doc_ids)
 
 
 async def pipelined_with_slow_fetches(
