@@ -9,7 +9,11 @@ walk; ``circular-percohort`` is the circular scan with its threshold ops run coh
 (as before they were merged). ``--busy-duty`` adds a Python thread that holds the GIL that
 fraction of the time, in 2 ms bursts (an event loop driving vLLM in-process), and
 ``--switch-ms`` sets the GIL switch interval; ``--scans`` picks which of the three run and
-``--chunk-size`` sets the scan's chunk. Writes JSON to ``--out`` when given.
+``--chunk-size`` sets the scan's chunk. ``--give-up-every N --give-up-after-ms T``: every
+N-th staggered search's caller leaves T ms after sending it (a pipelined verification
+cancelled by a rollback), freeing its slot; only the kept searches' latencies count. The
+``circular`` scan then drops the search (``retrieval.abandon``); ``circular-ridealong`` lets
+it ride out its turn, as before session 26. Writes JSON to ``--out`` when given.
 
     python benchmarks/probe_scan.py --docs 2000000 --dtype bfloat16 --threads 2
 """
@@ -29,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.flat import FlatRetriever
 
 logger = logging.getLogger("probe_scan")
@@ -41,24 +46,42 @@ def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
 
 
 def staggered(retriever: FlatRetriever, queries: np.ndarray, interval_s: float, depth: int,
-              k: int) -> list[float]:  # fmt: skip
-    """One search per query, started every ``interval_s`` (at most ``depth`` in flight)."""
+              k: int, give_up_every: int = 0, give_up_after_s: float = 0.0,
+              honour_give_up: bool = True) -> list[float]:  # fmt: skip
+    """One search per query, started every ``interval_s`` (at most ``depth`` in flight);
+    every ``give_up_every``-th is given up ``give_up_after_s`` after it started (its slot
+    freed; the search told so if ``honour_give_up``). The kept searches' latencies."""
     latencies: list[float] = []
     slots = threading.Semaphore(depth)
     lock = threading.Lock()
 
-    def one(vector: np.ndarray) -> None:
+    def one(vector: np.ndarray, gives_up: bool) -> None:
+        left = threading.Event()
+        if gives_up:
+
+            def give_up() -> None:
+                if honour_give_up:
+                    left.set()
+                slots.release()
+
+            threading.Timer(give_up_after_s, give_up).start()
         try:
-            seconds = _timed(retriever.search_vectors, vector[None], k)
-            with lock:
-                latencies.append(seconds)
+            search = abandon.in_context(left, retriever.search_vectors)
+            seconds = _timed(search, vector[None], k)
+            if not gives_up:
+                with lock:
+                    latencies.append(seconds)
+        except abandon.SearchAbandoned:
+            pass
         finally:
-            slots.release()
+            if not gives_up:
+                slots.release()
 
     threads = []
-    for vector in queries:
+    for i, vector in enumerate(queries):
         slots.acquire()
-        thread = threading.Thread(target=one, args=(vector,))
+        gives_up = give_up_every > 0 and i % give_up_every == give_up_every - 1
+        thread = threading.Thread(target=one, args=(vector, gives_up))
         thread.start()
         threads.append(thread)
         time.sleep(interval_s)
@@ -93,6 +116,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--busy-duty", type=float, default=0.0)
     parser.add_argument("--switch-ms", type=float, default=None)
+    parser.add_argument("--give-up-every", type=int, default=0)
+    parser.add_argument("--give-up-after-ms", type=float, default=0.0)
     parser.add_argument("--scans", default="batch,circular-percohort,circular")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -126,7 +151,8 @@ def main() -> None:
         b1 = [_timed(search, queries[:1], args.k) for _ in range(args.repeats)]
         bn = [_timed(search, queries[: args.batch], args.k) for _ in range(args.repeats)]
         lat = staggered(retriever, queries[: args.searches], args.interval_ms / 1000, args.depth,
-                        args.k)  # fmt: skip
+                        args.k, args.give_up_every, args.give_up_after_ms / 1000,
+                        honour_give_up=scan != "circular-ridealong")  # fmt: skip
         row = {
             "b1_s": statistics.median(b1),
             f"b{args.batch}_s": statistics.median(bn),

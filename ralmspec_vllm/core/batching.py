@@ -8,7 +8,9 @@ batch goes at once), and each caller gets its own slice back. A lone call waits 
 index may rank the top-1 differently under a different k, and the prefetch hits may depend
 on both). ``score``, ``documents``, ``vectors`` and ``info`` pass through.
 
-``stats`` records every inner search once it returned or failed (a ``BatchRecord``: k,
+Once every caller of an inner search has been cancelled, the inner search is cancelled too
+(a retriever that can stops early: ``retrieval.abandon``). ``stats`` records every inner
+search once it returned, failed or was cancelled (a ``BatchRecord``: k,
 number of queries, number of callers merged, the longest time a caller waited before the batch
 was sent, how long the inner call took, whether it succeeded); ``on_batch``, when given, is
 called with the same record right after each inner search (the server feeds its Prometheus
@@ -44,7 +46,8 @@ class BatchRecord:
     search_s: float = 0.0
     """Duration of the inner ``search`` call (until its answer or error)."""
     ok: bool = True
-    """False when the inner call raised (every caller got the error)."""
+    """False when the inner call raised (every caller got the error) or was cancelled
+    because every caller had left."""
     prefetch: int = 0
     """Hits asked for after the exact top-k."""
 
@@ -136,8 +139,26 @@ class BatchingRetriever:
                 k, len(queries), len(live), max_wait_s, _since(sent), ok=ok, prefetch=prefetch
             )
 
+        inner = asyncio.ensure_future(self.inner.search(queries, k, prefetch))
+
+        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
+            # every caller left (rollbacks, disconnects): cancel the inner search, which
+            # a retriever that can (``retrieval.abandon``) stops early
+            if all(e.future.cancelled() for e in live):
+                inner.cancel()
+
+        for e in live:
+            e.future.add_done_callback(gave_up)
         try:
-            results = await self.inner.search(queries, k, prefetch)
+            await asyncio.wait([inner])
+        except asyncio.CancelledError:  # this sender itself (a caller awaiting it alone)
+            inner.cancel()
+            raise
+        if inner.cancelled():
+            self._record(record(ok=False))
+            return
+        try:
+            results = inner.result()
             if len(results) != len(queries):
                 raise ValueError(f"retriever answered {len(results)} lists for {len(queries)}")
         except Exception as exc:

@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo, rank_key
 
 TermWeights = tuple[list[str], np.ndarray]
@@ -127,7 +128,10 @@ class InProcessAsyncRetriever:
         return self.retriever.info
 
     async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
-        return await asyncio.to_thread(self.retriever.search, list(queries), k, prefetch)
+        # Cancelled (a pipelined verification after a rollback): the index stops early.
+        return await abandon.abandon_on_cancel(
+            lambda: asyncio.to_thread(self.retriever.search, list(queries), k, prefetch)
+        )
 
     async def score(self, query: str, doc_ids: Sequence[int]) -> list[float]:
         return await asyncio.to_thread(self.retriever.score, query, list(doc_ids))

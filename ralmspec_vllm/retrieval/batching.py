@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
@@ -231,13 +233,28 @@ class SearchLane(Generic[P]):
         prefetch = batch[0].prefetch  # all equal where any is set (_mergeable)
         total = sum(r.n for r in batch)
         loop = asyncio.get_running_loop()
+        # Once every caller of the batch gave up (a cancelled RPC: a rollback, a deadline),
+        # the index stops early (``abandon``) instead of searching for nobody.
+        abandoned = threading.Event()
+
+        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
+            if all(r.future.cancelled() for r in batch):
+                abandoned.set()
+
+        for request in batch:
+            request.future.add_done_callback(gave_up)
         try:
             results, seconds = await loop.run_in_executor(
-                self._executor, self._timed_search, payload, k, prefetch
+                self._executor,
+                abandon.in_context(abandoned, self._timed_search),
+                payload,
+                k,
+                prefetch,
             )
             if len(results) != total:
                 raise RuntimeError(f"backend returned {len(results)} result lists for {total}")
         except asyncio.CancelledError:
+            abandoned.set()
             for request in batch:
                 request.future.cancel()
             raise

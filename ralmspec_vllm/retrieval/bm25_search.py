@@ -26,11 +26,13 @@ same. At 21M documents the serial scatter cost 359 ms a search on the H200 host 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.types import Hit
 
 SHARD_DOCS = 1 << 20
@@ -99,7 +101,8 @@ class PostingsSearch:
     def top_k_many(self, queries: Sequence[Sequence[int]], k: int) -> list[list[Hit]]:
         """Exact top-k (score desc, doc id asc) for each query (term ids); on a sharded
         index every (query, shard) pair is one task on the pool, so a batch keeps every
-        thread busy."""
+        thread busy. A search given up (``abandon.current()`` set) skips the shards not yet
+        started and raises ``SearchAbandoned``."""
         if self._pool is None:
             hits = []
             for term_ids in queries:
@@ -110,6 +113,7 @@ class PostingsSearch:
         # Needles of the lists' own dtype: for int64 ones numpy would first cast each whole
         # int32 posting list to int64 (2.8 ms for 5M postings).
         bounds = self._bounds.astype(self._rows.dtype)
+        abandoned = abandon.current()
         tasks = []
         for term_ids in queries:
             # Where each shard's slice of each posting list starts: one search per term.
@@ -118,21 +122,35 @@ class PostingsSearch:
                 for t in term_ids
             ]
             tasks.append(
-                [self._pool.submit(self._shard_top_k, spans, j, k) for j in range(len(bounds) - 1)]
+                [
+                    self._pool.submit(self._shard_top_k, spans, j, k, abandoned)
+                    for j in range(len(bounds) - 1)
+                ]
             )
-        return [merge_shards([task.result() for task in shard_tasks], k) for shard_tasks in tasks]
+        try:
+            return [merge_shards([t.result() for t in shard_tasks], k) for shard_tasks in tasks]
+        except abandon.SearchAbandoned:
+            for shard_tasks in tasks:
+                for task in shard_tasks:
+                    task.cancel()
+            raise
 
     def rows_of(self, term: int) -> np.ndarray:
         """The doc ids of ``term``'s posting list, ascending."""
         return self._rows[self._indptr[term] : self._indptr[term + 1]]
 
     def _shard_top_k(
-        self, spans: list[tuple[int, list[int]]], shard: int, k: int
+        self,
+        spans: list[tuple[int, list[int]]],
+        shard: int,
+        k: int,
+        abandoned: threading.Event | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One shard's docs: their scores, added term by term in query order (as
         ``scores_all`` adds them: one ``bincount`` over the terms' slices, concatenated in
         query order), and their top k as (doc ids, scores). ``spans``: per query term, where
         its posting list starts and each shard's offset into it."""
+        abandon.check(abandoned)
         lo, hi = int(self._bounds[shard]), int(self._bounds[shard + 1])
         cuts = [(start + offsets[shard], start + offsets[shard + 1]) for start, offsets in spans]
         # The empty slices first: a query with no known terms scores every doc 0.0.

@@ -13,7 +13,9 @@ What it buys: a search's latency is one turn, whenever it arrives, and concurren
 share the reads of the matrix. It is meant for the pipelined verification
 (``overlap_depth="pipeline"``) that submits each speculation step's query the moment it
 exists; with a batch scan that query would queue behind the round in flight.
-The walk stops when nobody is on board.
+The walk stops when nobody is on board. A search whose caller gave up (``abandon``: a
+pipelined verification cancelled by a rollback) leaves the walk at the next chunk instead of
+riding out its turn, which at 21M documents made every other search on board slower.
 
 One matmul per chunk covers every cohort on board (and, with ``add_all``, one set of
 threshold ops); chunks of 1M docs (the default) let a
@@ -30,6 +32,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ralmspec_vllm.retrieval import abandon
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,6 +49,10 @@ class _Cohort:
     scan: ChunkScan
     future: Future[ChunkScan]
     left: int  # chunks still to see
+    abandoned: threading.Event | None = None  # set: the caller gave up (``abandon``)
+
+    def given_up(self) -> bool:
+        return self.abandoned is not None and self.abandoned.is_set()
 
 
 class CircularScan:
@@ -84,6 +92,8 @@ class CircularScan:
         """Query rows on board, summed over the chunks walked."""
         self.cohorts = 0
         """Cohorts on board, summed over the chunks walked."""
+        self.abandoned = 0
+        """Cohorts dropped before their turn ended because their caller gave up."""
         self.product_s = 0.0
         """Seconds of the walk in the chunk products."""
         self.threshold_s = 0.0
@@ -99,15 +109,20 @@ class CircularScan:
             "scan_chunks": float(self.chunks),
             "scan_rows": float(self.rows),
             "scan_cohorts": float(self.cohorts),
+            "scan_abandoned": float(self.abandoned),
             "scan_product_s": self.product_s,
             "scan_threshold_s": self.threshold_s,
             "scan_busy_s": self.busy_s,
         }
 
     def submit(self, queries: Any, scan: ChunkScan) -> Future[ChunkScan]:
-        """Board ``queries`` (a tensor the product accepts) with their fresh ``scan``."""
+        """Board ``queries`` (a tensor the product accepts) with their fresh ``scan``; the
+        future fails with ``SearchAbandoned`` if ``abandon.current()`` is set before the
+        cohort has seen every chunk."""
+        abandoned = abandon.current()
+        abandon.check(abandoned)
         future: Future[ChunkScan] = Future()
-        cohort = _Cohort(queries, scan, future, self.num_chunks)
+        cohort = _Cohort(queries, scan, future, self.num_chunks, abandoned)
         with self._cond:
             if self._closed:
                 raise RuntimeError("circular scan is closed")
@@ -146,6 +161,7 @@ class CircularScan:
                     c for c in self._boarding if c.future.set_running_or_notify_cancel()
                 )
                 self._boarding.clear()
+            on_board = self._drop_abandoned(on_board)
             if not on_board:
                 continue
             began = clock()
@@ -190,3 +206,16 @@ class CircularScan:
                     still.append(cohort)
             on_board = still
             self.busy_s += clock() - began
+
+    def _drop_abandoned(self, on_board: list[_Cohort]) -> list[_Cohort]:
+        """The cohorts still wanted; the others' futures fail with ``SearchAbandoned``."""
+        if not any(c.given_up() for c in on_board):
+            return on_board
+        kept = []
+        for cohort in on_board:
+            if cohort.given_up():
+                self.abandoned += 1
+                cohort.future.set_exception(abandon.SearchAbandoned("search given up"))
+            else:
+                kept.append(cohort)
+        return kept

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.base import DocumentStore
 from ralmspec_vllm.retrieval.circular import CircularScan
 from ralmspec_vllm.retrieval.dense import DenseIndexRetriever, TextEncoder, float32_relative_error
@@ -242,7 +243,9 @@ class FlatRetriever(DenseIndexRetriever):
             if self._circular is not None:
                 self._circular.submit(self._matrix.queries(scaled), scan).result()
             else:
+                abandoned = abandon.current()
                 for start, block in self._matrix.products(scaled):
+                    abandon.check(abandoned)  # the caller gave up: stop between chunks
                     scan.add(block, start)
             ids, scores, ceiling = scan.result()
         unscale = 1.0 / (q_scale * self._matrix_scale)  # powers of two: exact

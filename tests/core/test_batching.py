@@ -123,3 +123,47 @@ async def test_on_batch_records_failures_and_its_own_errors_never_break_a_search
         await batching.search(QUERIES[:2], 1)
     (record,) = seen
     assert (record.ok, record.num_queries, record.num_callers) == (False, 2, 1)
+
+
+async def test_an_inner_search_is_cancelled_once_every_caller_left() -> None:
+    """Callers cancelled (pipelined verifications after a rollback, clients gone): while one
+    of a merged batch still waits the inner search runs on; once none does, it is cancelled,
+    so a retriever that can stops early (``retrieval.abandon``)."""
+    release = asyncio.Event()
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    class Slow(ScriptedRetriever):
+        async def search(self, queries, k, prefetch=0):  # type: ignore[no-untyped-def]
+            started.append(len(queries))
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.append(len(queries))
+                raise
+            return await super().search(queries, k, prefetch)
+
+    seen: list[BatchRecord] = []
+    batching = BatchingRetriever(Slow(), window_s=0.01, on_batch=seen.append)
+    stays = asyncio.ensure_future(batching.search(QUERIES[:1], 1))
+    leaves = asyncio.ensure_future(batching.search(QUERIES[1:3], 1))
+    while not started:
+        await asyncio.sleep(0.002)
+    leaves.cancel()
+    await asyncio.sleep(0.01)
+    assert cancelled == []
+    release.set()
+    assert len(await stays) == 1
+    release.clear()
+    gone = [asyncio.ensure_future(batching.search([q], 1)) for q in QUERIES[3:5]]
+    while len(started) < 2:
+        await asyncio.sleep(0.002)
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    for _ in range(100):
+        if cancelled and len(seen) == 2:
+            break
+        await asyncio.sleep(0.002)
+    assert started == [3, 2] and cancelled == [2]
+    assert [r.ok for r in seen] == [True, False]

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.batching import BatchStats, SearchLane
 from ralmspec_vllm.types import Hit
 
@@ -138,6 +139,45 @@ async def test_cancelled_request_is_dropped_before_the_search() -> None:
     finally:
         await lane.close()
     assert [qs for qs, _ in index.calls] == [["first"], ["kept"]]
+
+
+async def test_a_running_search_is_abandoned_only_once_every_merged_caller_left() -> None:
+    """The search's thread sees ``abandon.current()`` set when the last of its callers is
+    cancelled (an RPC the client gave up), not before: a merged caller still waits."""
+    gate = threading.Event()
+    seen: list[threading.Event | None] = []
+
+    def search(queries: list[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        seen.append(abandon.current())
+        gate.wait(10)
+        abandon.check(abandon.current())  # as an index does between chunks
+        return [[Hit(len(q), 0.0)] for q in queries]
+
+    lane = SearchLane("text", search, _concat, window_s=0.05, max_batch=100)
+    try:
+        # two callers merged into one search: one leaves, the other still gets its hits
+        stays = asyncio.ensure_future(lane.submit(["stays"], 1, 1))
+        leaves = asyncio.ensure_future(lane.submit(["leaves"], 1, 1))
+        while not seen:
+            await asyncio.sleep(0.005)
+        leaves.cancel()
+        await asyncio.sleep(0.01)
+        assert seen[0] is not None and not seen[0].is_set()
+        gate.set()
+        assert await stays == [[Hit(5, 0.0)]]
+        # a lone caller leaves: its search is told at once, and the lane goes on
+        gate.clear()
+        gone = asyncio.ensure_future(lane.submit(["gone"], 1, 1))
+        while len(seen) < 2:
+            await asyncio.sleep(0.005)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert seen[1] is not None and seen[1].is_set()
+        gate.set()
+        assert await lane.submit(["after"], 1, 1) == [[Hit(5, 0.0)]]
+    finally:
+        gate.set()
+        await lane.close()
 
 
 async def test_search_failure_reaches_every_merged_caller_and_lane_recovers() -> None:

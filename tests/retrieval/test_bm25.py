@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.analyzer import ENGLISH_STOPWORDS, Analyzer
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.bm25 import BM25Index, BM25Retriever
@@ -146,6 +148,19 @@ def test_sharded_search_on_a_tiny_corpus_keeps_the_tie_and_zero_rules() -> None:
         retriever.index.set_threads(0)
     with pytest.raises(ValueError, match="shard_docs: must be >= 1"):
         retriever.index.searcher.set_threads(2, shard_docs=0)
+
+
+def test_a_sharded_search_given_up_raises_and_the_pool_goes_on(wiki_texts: list[str]) -> None:
+    """A search whose caller left (``abandon``: a cancelled verification) skips its shards;
+    the shared pool then serves the next search as before."""
+    retriever = BM25Retriever.from_texts(wiki_texts)
+    retriever.index.searcher.set_threads(2, shard_docs=97, min_docs=1)
+    expected = retriever.search(["the river"], 5)
+    gave_up = threading.Event()
+    gave_up.set()
+    with pytest.raises(abandon.SearchAbandoned):
+        abandon.in_context(gave_up, retriever.search)(["the river", "a city"], 5)
+    assert retriever.search(["the river"], 5) == expected
 
 
 def test_repeated_query_terms_count_with_repetition() -> None:

@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from ralmspec_vllm.retrieval import abandon
+from ralmspec_vllm.retrieval.base import InProcessAsyncRetriever
 from ralmspec_vllm.retrieval.circular import CircularScan
 from ralmspec_vllm.retrieval.flat import FlatRetriever
+
+from .synthetic import TableEncoder
 
 
 def _docs(n: int = 6000, dim: int = 48, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +107,116 @@ def test_a_failing_chunk_fails_those_on_board_and_the_walk_goes_on() -> None:
     scan.close()
     with pytest.raises(RuntimeError, match="closed"):
         scan.submit(torch.zeros(1, 1), Count())
+
+
+def test_a_given_up_cohort_leaves_the_walk_at_the_next_chunk() -> None:
+    seen: list[list[int]] = [[], []]
+
+    class Record:
+        def __init__(self, slot: int) -> None:
+            self.slot = slot
+
+        def add(self, block: object, start: int) -> None:
+            seen[self.slot].append(start)
+
+    def product(q: torch.Tensor, i: int) -> tuple[int, torch.Tensor]:
+        time.sleep(0.005)
+        return i * 10, q[:, :1]
+
+    scan = CircularScan(40, product)
+    gave_up = threading.Event()
+    leaving = abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), Record(0))
+    staying = scan.submit(torch.zeros(1, 2), Record(1))
+    while scan.chunks < 3:
+        time.sleep(0.001)
+    gave_up.set()
+    with pytest.raises(abandon.SearchAbandoned):
+        leaving.result(5)
+    staying.result(5)
+    assert sorted(seen[1]) == [i * 10 for i in range(40)]  # the other cohort: a full turn
+    assert 3 <= len(seen[0]) < 40
+    assert scan.abandoned == 1 and scan.counters()["scan_abandoned"] == 1
+    with pytest.raises(abandon.SearchAbandoned):  # given up before boarding: refused
+        abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), Record(0))
+    scan.close()
+
+
+def _slow_walk(scan: str) -> FlatRetriever:
+    """200k docs in chunks of 64: a search takes ~3,000 chunks (~0.2 s on the dev machine)."""
+    rng = np.random.default_rng(9)
+    docs = rng.standard_normal((200_000, 48)).astype(np.float32)
+    return FlatRetriever(
+        docs,
+        encoder=TableEncoder({}, 48),
+        impl="torch",
+        device="cpu",
+        dtype="bfloat16",
+        chunk_size=64,
+        scan=scan,
+    )
+
+
+async def _cancel_mid_walk(flat: FlatRetriever, search: asyncio.Task[object]) -> None:
+    """Cancel ``search`` once the walk is under way; wait until the walk has let it go."""
+    walk = flat._circular
+    assert walk is not None
+    while walk.chunks < 5:
+        await asyncio.sleep(0.001)
+    search.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await search
+    for _ in range(500):
+        if walk.abandoned:
+            break
+        await asyncio.sleep(0.01)
+
+
+async def test_a_cancelled_in_process_search_stops_the_walk() -> None:
+    """A pipelined verification cancelled by a rollback (``InProcessAsyncRetriever``): the
+    walk drops it instead of riding out its turn, and the next search is still exact."""
+    flat = _slow_walk("circular")
+    walk = flat._circular
+    assert walk is not None
+    retriever = InProcessAsyncRetriever(flat)
+    try:
+        await _cancel_mid_walk(flat, asyncio.ensure_future(retriever.search(["gone"], 2)))
+        assert walk.abandoned == 1 and walk.chunks < walk.num_chunks
+        walked = walk.chunks
+        hits = await retriever.search(["kept"], 2)
+        assert walk.chunks - walked == walk.num_chunks  # a full turn, as ever
+        assert hits == flat.search(["kept"], 2)
+    finally:
+        flat.close()
+
+
+def test_a_batch_scan_given_up_stops_between_chunks() -> None:
+    flat = _slow_walk("batch")
+    gave_up = threading.Event()
+    gave_up.set()
+    with pytest.raises(abandon.SearchAbandoned):
+        abandon.in_context(gave_up, flat.search)(["gone"], 2)
+    assert len(flat.search(["kept"], 2)) == 1
+
+
+async def test_a_cancelled_grpc_search_stops_the_walk_in_the_server() -> None:
+    """Over a real gRPC service: the client gives up (its task cancelled), the server's
+    handler is cancelled, the lane sees every caller gone and the walk drops the search."""
+    from ralmspec_vllm.retrieval.client import RetrieverClient
+    from ralmspec_vllm.retrieval.server import start_server
+
+    flat = _slow_walk("circular")
+    walk = flat._circular
+    assert walk is not None
+    server = await start_server(flat, "127.0.0.1", 0, warm_up=False)
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            await _cancel_mid_walk(flat, asyncio.ensure_future(client.search(["gone"], 2)))
+            assert walk.abandoned == 1 and walk.chunks < walk.num_chunks
+            assert (await client.stats()).backend["scan_abandoned"] == 1
+            assert _ids(await client.search(["kept"], 2)) == _ids(flat.search(["kept"], 2))
+    finally:
+        await server.stop(grace=0)
+        flat.close()
 
 
 @pytest.mark.parametrize(
