@@ -41,6 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.base import DocumentStore, top_k_from_scores
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
@@ -151,10 +152,13 @@ class PhaseTimes:
     candidate search (``scan_s``: for the torch scan the matmul and threshold), the exact
     re-scoring (``rank_s``), the query encoding of text searches (``encode_s``: ``search``,
     not ``encode``) and ``vectors``/``documents`` reads; ``searches`` counts
-    ``search_vectors`` calls. A benchmark subtracts two ``snapshot``s to split a run's
-    awaited search time into work inside the retriever and waiting outside it."""
+    ``search_vectors`` calls that finished, ``abandoned`` those given up midway (their
+    caller left: ``abandon``; the scan time they took is in ``scan_s``). A benchmark
+    subtracts two ``snapshot``s to split a run's awaited search time into work inside the
+    retriever and waiting outside it."""
 
     searches: int = 0
+    abandoned: int = 0
     encode_s: float = 0.0
     scan_s: float = 0.0
     rank_s: float = 0.0
@@ -284,7 +288,11 @@ class DenseIndexRetriever(ABC):
         rel_err = self._relative_error()
         while len(pending):
             start = time.perf_counter()
-            ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
+            try:
+                ids, _, ceiling = self._bounded_candidates(queries[pending], count, k)
+            except abandon.SearchAbandoned:
+                self._add_times(scan_s=time.perf_counter() - start, abandoned=1)
+                raise
             scanned = time.perf_counter()
             proposed = (ids >= 0).sum(axis=1)
             ranked = self._rank(queries[pending], ids, k + prefetch)

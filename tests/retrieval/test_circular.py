@@ -181,6 +181,11 @@ async def test_a_cancelled_in_process_search_stops_the_walk() -> None:
     try:
         await _cancel_mid_walk(flat, asyncio.ensure_future(retriever.search(["gone"], 2)))
         assert walk.abandoned == 1 and walk.chunks < walk.num_chunks
+        for _ in range(500):  # the search's thread counts it once the walk let it go
+            if flat.times.abandoned:
+                break
+            await asyncio.sleep(0.01)
+        assert (flat.times.abandoned, flat.times.searches) == (1, 0)
         walked = walk.chunks
         hits = await retriever.search(["kept"], 2)
         assert walk.chunks - walked == walk.num_chunks  # a full turn, as ever

@@ -161,8 +161,8 @@ def test_phase_times_count_every_call(corpus: SyntheticCorpus, params: dict) -> 
     call, and reads are timed apart from searches."""
     flat = _flat(corpus, **params)
     assert flat.times.snapshot() == {
-        "searches": 0, "encode_s": 0, "scan_s": 0, "rank_s": 0, "vectors_s": 0,
-        "documents_s": 0,
+        "searches": 0, "abandoned": 0, "encode_s": 0, "scan_s": 0, "rank_s": 0,
+        "vectors_s": 0, "documents_s": 0,
     }  # fmt: skip
     flat.search_vectors(corpus.query_vectors[:3], 5, 7)
     assert flat.times.encode_s == 0  # by vector: nothing to encode
