@@ -467,3 +467,59 @@ async def test_a_rollback_cancels_the_fetches_of_the_steps_it_discards() -> None
     await _cancel_searches(unsettled)
     assert out.cancelled() and done.result()[2].cancelled()
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+class FillerStore(Store):
+    """The corpus's passages, then a plain passage for every filler id up to ``size``."""
+
+    def __init__(self, docs: list[Document], size: int) -> None:
+        super().__init__(docs)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get(self, doc_ids: Sequence[int]) -> list[Document]:
+        return [
+            self.docs[d] if d < len(self.docs) else Document(d, f"t{d}", doc_text(d, 4))
+            for d in doc_ids
+        ]
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
+async def test_pipelined_rollbacks_over_a_slow_circular_scan_abandon_searches(
+    early: bool,
+) -> None:
+    """The 21M headline's setting in miniature: a bf16 torch flat scan on the circular walk,
+    slow enough (~1,500 chunks a turn) that a rollback catches later verifications still on
+    the walk. Those are dropped (``retrieval.abandon``) and every answer stays the
+    baseline's."""
+    real = np.random.default_rng(1).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+    filler = np.random.default_rng(2).standard_normal((48_000, DIM)).astype(np.float32)
+    vectors = np.concatenate([real, 1e-3 * filler])  # filler never outranks a matching doc
+    store = FillerStore(corpus(), len(vectors))
+    kb = flat.FlatRetriever(vectors, store, BagOfWords(), impl="torch", device="cpu",
+                            dtype="bfloat16", chunk_size=32, scan="circular")  # fmt: skip
+    walk = kb._circular
+    assert walk is not None
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb),
+                        encoder=BagOfWords().encode)  # fmt: skip
+    config = SpeculationConfig(
+        speculation_stride="auto",
+        prefetch_k=1,  # the cache knows only documents already used: each new one misses
+        async_verification=True,
+        overlap_depth="pipeline",
+        early_verification=early,
+    )
+    rollbacks = 0
+    try:
+        for question in (SHORT_QUESTION, LONG_QUESTION):
+            baseline = await engine.generate(question, "baseline")
+            result = await engine.generate(question, "ralmspec", speculation=config)
+            assert result.token_ids == baseline.token_ids
+            assert result.trace.step_doc_ids == baseline.trace.step_doc_ids
+            rollbacks += result.trace.rollbacks
+    finally:
+        kb.close()
+    assert rollbacks > 0, "nothing was rolled back"
+    assert walk.abandoned > 0 and kb.times.abandoned > 0
