@@ -259,20 +259,22 @@ class SpeculativeRequest:
         _, latency, _, generated = await self._retrieve_step(self.ctx.query())
         if isinstance(self.scheduler, OptimalStrideScheduler):
             self.scheduler.record_search(latency)  # b(1), before any verification
-        # A plain step: the first figure of its cost, up to the end of its generation. Its
-        # wait for the cache's seeding (prefetch_k documents' vectors or term weights,
-        # which every request pays whichever mode follows) is not a plain step's cost:
-        # counted, it priced plain steps ~20% above a baseline step on the H200 at 1M IVF
-        # (session 24), and speculation that lost 6% there measured as the cheaper mode.
-        self._record_plain(start, before, end=generated)
+        # A plain step: the first figure of its cost, up to the end of its generation, kept
+        # apart from the steady plain steps' (``StepCosts``' "first"). Its wait for the
+        # cache's seeding (prefetch_k documents' vectors or term weights, which every
+        # request pays whichever mode follows) is not a plain step's cost: counted, it
+        # priced plain steps ~20% above a baseline step on the H200 at 1M IVF (session 24).
+        self._record_plain(start, before, end=generated, first=True)
 
-    def _record_plain(self, start: float, before: int, end: float | None = None) -> None:
-        """A plain step that ran from ``start`` (with ``before`` tokens) to ``end`` (by
-        default now), for ``StepCosts``."""
+    def _record_plain(
+        self, start: float, before: int, end: float | None = None, first: bool = False
+    ) -> None:
+        """A plain step (``first``: the request's first) that ran from ``start`` (with
+        ``before`` tokens) to ``end`` (by default now), for ``StepCosts``."""
         steps = self._step_costs()
         if steps is not None:
             seconds = (time.perf_counter() if end is None else end) - start
-            steps.record("plain", seconds, len(self.ctx.generated) - before)
+            steps.record("first" if first else "plain", seconds, len(self.ctx.generated) - before)
 
     def _prefetch_beside(self) -> bool:
         """Whether a plain step's prefetch is a second search beside its LM step

@@ -535,9 +535,9 @@ async def test_measured_costs_overrule_a_model_that_speculates_at_a_loss(abort_s
 
 
 async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() -> None:
-    """``StepCosts`` gets each answer token once: the first step and plain steps as plain,
-    the rest as speculation segments closed at decision points (rollbacks included), in the
-    pipeline and in rounds."""
+    """``StepCosts`` gets each answer token once: the first step as first, plain steps as
+    plain, the rest as speculation segments closed at decision points (rollbacks included),
+    in the pipeline and in rounds."""
     for config in (
         PIPELINE,
         SpeculationConfig(speculation_stride="auto", async_verification=True),
@@ -549,10 +549,10 @@ async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() 
         result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
         assert result.token_ids == baseline.token_ids
         costs = engine.stride_ledgers[config].steps
-        plain, speculation = costs.per_token("plain"), costs.per_token("speculation")
-        measured = (plain[1] if plain else 0) + (speculation[1] if speculation else 0)
-        assert measured == len(result.token_ids), config
-        assert plain is not None and plain[1] >= 4  # the first step at least
+        measured = costs.per_token("first", "plain", "speculation")
+        assert measured is not None and measured[1] == len(result.token_ids), config
+        first = costs.per_token("first")
+        assert first is not None and first[1] == 4  # the first step: one stride
         assert result.trace.rollbacks > 0 or result.trace.plain_steps > 0
 
 

@@ -357,23 +357,32 @@ def test_step_costs_pool_seconds_per_token_and_let_old_samples_lapse() -> None:
 
 
 @pytest.mark.parametrize(
-    ("plain", "speculation", "verdict"),
+    ("first", "plain", "speculation", "verdict"),
     [
-        (None, (0.030, 64), False),  # nothing to compare with
-        ((0.010, 64), None, False),
-        ((0.010, 64), (0.030, 16), False),  # speculation barely measured
-        ((0.010, 64), (0.011, 64), True),  # measured slower: plain
-        ((0.010, 64), (0.009, 64), False),  # measured faster: the models decide
-        ((0.010, 4), (0.009, 64), True),  # close, plain barely measured: measure it
-        ((0.010, 4), (0.007, 64), False),  # clearly cheaper (30%): no need
-        ((0.075, 4), (0.021, 64), False),  # the 21M regime: a plain step costs 3.5x
+        (None, None, (0.030, 64), False),  # nothing to compare with
+        (None, (0.010, 64), None, False),
+        (None, (0.010, 64), (0.030, 16), False),  # speculation barely measured
+        (None, (0.010, 64), (0.011, 64), True),  # measured slower: plain
+        (None, (0.010, 64), (0.009, 64), False),  # measured faster: the models decide
+        (None, (0.010, 4), (0.009, 64), True),  # close, plain barely measured: measure it
+        (None, (0.010, 4), (0.007, 64), False),  # clearly cheaper (30%): no need
+        ((0.075, 4), None, (0.021, 64), False),  # the 21M regime: a first step costs 3.5x
+        # first steps cost more than the steady plain steps: close to them, speculation
+        # gets the steady plain steps measured (8 of them), and is then judged by those
+        ((0.0118, 64), None, (0.0112, 64), True),  # IVF at 1M (s25): explore
+        ((0.0118, 64), (0.0105, 32), (0.0112, 64), True),  # measured: plain is cheaper
+        ((0.0118, 64), (0.0120, 32), (0.0112, 64), False),  # measured: speculation is
+        ((0.0118, 64), (0.0120, 28), (0.0112, 64), True),  # not yet: still exploring
     ],
 )
 def test_measured_plain_pays_hand_cases(
-    plain: tuple[float, int] | None, speculation: tuple[float, int] | None, verdict: bool
+    first: tuple[float, int] | None,
+    plain: tuple[float, int] | None,
+    speculation: tuple[float, int] | None,
+    verdict: bool,
 ) -> None:
     ledger = StrideLedger()
-    for mode, sample in (("plain", plain), ("speculation", speculation)):
+    for mode, sample in (("first", first), ("plain", plain), ("speculation", speculation)):
         if sample is not None:
             per_token, tokens = sample
             ledger.steps.record(mode, per_token * tokens, tokens)  # type: ignore[arg-type]
