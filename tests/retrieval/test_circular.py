@@ -54,16 +54,19 @@ def test_concurrent_staggered_searches_equal_the_batch_scan(dtype: str) -> None:
     circular.close()
 
 
+class StartsSeen:
+    """A cohort's scan state that records where each chunk it was fed starts."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+
+    def add(self, block: object, start: int) -> None:
+        self.starts.append(start)
+
+
 def test_a_cohort_sees_every_chunk_once_starting_wherever_the_walk_is() -> None:
-    seen: list[list[int]] = [[], []]
+    seen = [StartsSeen(), StartsSeen()]
     gate = threading.Event()
-
-    class Record:
-        def __init__(self, slot: int) -> None:
-            self.slot = slot
-
-        def add(self, block: object, start: int) -> None:
-            seen[self.slot].append(start)
 
     def product(q: torch.Tensor, i: int) -> tuple[int, torch.Tensor]:
         gate.wait(5)
@@ -71,15 +74,15 @@ def test_a_cohort_sees_every_chunk_once_starting_wherever_the_walk_is() -> None:
         return i * 10, q[:, :1]
 
     scan = CircularScan(5, product)
-    first = scan.submit(torch.zeros(1, 2), Record(0))
+    first = scan.submit(torch.zeros(1, 2), seen[0])
     time.sleep(0.05)
     gate.set()  # the walk is at chunk 0 with one cohort; the second boards later
     while scan.turns < 0.4:
         time.sleep(0.001)
-    second = scan.submit(torch.zeros(2, 2), Record(1))
+    second = scan.submit(torch.zeros(2, 2), seen[1])
     first.result(5), second.result(5)
-    assert seen[0] == [0, 10, 20, 30, 40]
-    assert sorted(seen[1]) == [0, 10, 20, 30, 40] and seen[1][0] != 0
+    assert seen[0].starts == [0, 10, 20, 30, 40]
+    assert sorted(seen[1].starts) == [0, 10, 20, 30, 40] and seen[1].starts[0] != 0
     scan.close()
 
 
@@ -110,14 +113,7 @@ def test_a_failing_chunk_fails_those_on_board_and_the_walk_goes_on() -> None:
 
 
 def test_a_given_up_cohort_leaves_the_walk_at_the_next_chunk() -> None:
-    seen: list[list[int]] = [[], []]
-
-    class Record:
-        def __init__(self, slot: int) -> None:
-            self.slot = slot
-
-        def add(self, block: object, start: int) -> None:
-            seen[self.slot].append(start)
+    seen = [StartsSeen(), StartsSeen()]
 
     def product(q: torch.Tensor, i: int) -> tuple[int, torch.Tensor]:
         time.sleep(0.005)
@@ -125,19 +121,19 @@ def test_a_given_up_cohort_leaves_the_walk_at_the_next_chunk() -> None:
 
     scan = CircularScan(40, product)
     gave_up = threading.Event()
-    leaving = abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), Record(0))
-    staying = scan.submit(torch.zeros(1, 2), Record(1))
+    leaving = abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), seen[0])
+    staying = scan.submit(torch.zeros(1, 2), seen[1])
     while scan.chunks < 3:
         time.sleep(0.001)
     gave_up.set()
     with pytest.raises(abandon.SearchAbandoned):
         leaving.result(5)
     staying.result(5)
-    assert sorted(seen[1]) == [i * 10 for i in range(40)]  # the other cohort: a full turn
-    assert 3 <= len(seen[0]) < 40
+    assert sorted(seen[1].starts) == [i * 10 for i in range(40)]  # the other: a full turn
+    assert 3 <= len(seen[0].starts) < 40
     assert scan.abandoned == 1 and scan.counters()["scan_abandoned"] == 1
     with pytest.raises(abandon.SearchAbandoned):  # given up before boarding: refused
-        abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), Record(0))
+        abandon.in_context(gave_up, scan.submit)(torch.zeros(1, 2), seen[0])
     scan.close()
 
 
