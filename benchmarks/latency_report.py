@@ -73,9 +73,11 @@ class RunRecord:
     ``same_documents``). How often a step repeats the one before is what a guess that needs
     no fresh query embedding (the last step's document) would score (``repeat_rate``)."""
     kb_phases: tuple[tuple[str, float], ...] = ()
-    """Seconds inside the dense retriever during this run (``PhaseTimes``: searches, scan_s,
-    rank_s, vectors_s, documents_s, encode_s); the awaited ``searches`` minus encode, scan and
-    rank is time spent waiting outside it (thread hand-off, a busy event loop)."""
+    """Seconds inside the dense retriever during this run (``PhaseTimes``: searches,
+    abandoned, scan_s, rank_s, vectors_s, documents_s, encode_s; for a circular scan also its
+    walk's ``scan_*`` counters: chunks, rows, cohorts, abandoned, and seconds busy, in
+    products and in threshold ops); the awaited ``searches`` minus encode, scan and rank is
+    time spent waiting outside it (thread hand-off, a busy event loop)."""
 
     @classmethod
     def from_summary(

@@ -59,7 +59,7 @@ class Runner:
         lm: Any,
         retriever: Any,
         embed: dict[str, Any],
-        phase_times: Any = None,
+        counters: Callable[[], dict[str, float]] | None = None,
     ):
         self.cfg = cfg
         self.lm = lm
@@ -67,9 +67,11 @@ class Runner:
         self.embed = embed
         """``encoder=``, ``embedder=`` or ``scorer=`` for ``RaLMEngine`` (empty: ``score``
         ranking)."""
-        self.phase_times = phase_times
-        """The dense retriever's ``PhaseTimes`` (None for BM25): methods run one at a time,
-        so the difference of two snapshots is one run's time inside the retriever."""
+        self.counters = counters
+        """An in-process dense retriever's ``counters`` (None for BM25 or a child): its
+        ``PhaseTimes`` and, for a circular scan, the walk's (chunks, cohorts, seconds in
+        products and threshold ops, searches abandoned). Methods run one at a time, so the
+        difference of two snapshots is one run's work inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
@@ -136,7 +138,7 @@ class Runner:
         return records
 
     def _phases(self) -> dict[str, float] | None:
-        return None if self.phase_times is None else self.phase_times.snapshot()
+        return None if self.counters is None else self.counters()
 
     def _since(self, before: dict[str, float] | None) -> dict[str, float] | None:
         after = self._phases()
@@ -396,7 +398,8 @@ async def bench_backend(
             info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
         else:  # the index lives in the child
             logger.info("BM25 thread probe skipped: it needs the in-process index")
-    runner = Runner(cfg, lm, retriever, embed, getattr(sync, "times", None))
+    counters = sync.counters if hasattr(sync, "times") else None  # dense, in this process
+    runner = Runner(cfg, lm, retriever, embed, counters)
     methods = cfg.ordered_methods
     records: list[RunRecord] = []
     try:

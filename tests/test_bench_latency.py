@@ -587,6 +587,12 @@ async def test_run_benchmark_opens_the_retriever_while_the_engine_starts(
     assert flat["opened_during_engine_start"] is True and flat["open_s"] == opened[0].open_s
     assert "opened_during_engine_start" not in bm25  # later backends open as before
     assert all(row["outputs_identical"] for row in rows) and len(rows) == 4
+    # per answer, the circular walk's own work beside the retriever's phases
+    walk = next(
+        r["kb_phases_s"] for r in rows if r["method"] == "baseline" and r["retriever"] != "bm25"
+    )
+    assert walk["scan_chunks"] > 0 and walk["scan_cohorts"] >= walk["scan_chunks"]
+    assert walk["scan_product_s"] > 0 and walk["scan_abandoned"] == 0 == walk["abandoned"]
 
 
 @pytest.mark.vllm
