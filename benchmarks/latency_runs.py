@@ -17,7 +17,7 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,7 @@ class Runner:
         lm: Any,
         retriever: Any,
         embed: dict[str, Any],
-        counters: Callable[[], dict[str, float]] | None = None,
+        counters: Callable[[], Awaitable[dict[str, float]]] | None = None,
     ):
         self.cfg = cfg
         self.lm = lm
@@ -68,10 +68,11 @@ class Runner:
         """``encoder=``, ``embedder=`` or ``scorer=`` for ``RaLMEngine`` (empty: ``score``
         ranking)."""
         self.counters = counters
-        """An in-process dense retriever's ``counters`` (None for BM25 or a child): its
-        ``PhaseTimes`` and, for a circular scan, the walk's (chunks, cohorts, seconds in
-        products and threshold ops, searches abandoned). Methods run one at a time, so the
-        difference of two snapshots is one run's work inside the retriever."""
+        """A dense retriever's work counters (None for BM25), in this process or its
+        child's (``Info.backend_counters``): its ``PhaseTimes`` and, for a circular scan,
+        the walk's (chunks, cohorts, seconds in products and threshold ops, searches
+        abandoned). Methods run one at a time, so the difference of two snapshots is one
+        run's work inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
@@ -102,10 +103,11 @@ class Runner:
         clear_memos()
         await self.retriever.reset_caches()
         lag = None if self.cfg.loop_lag_ms is None else LoopLag(self.cfg.loop_lag_ms / 1000)
-        before = self._phases()
+        before = await self._phases()
         async with lag or contextlib.nullcontext():
             result = await self._generate(method, question, oracle_ids)
-        return Measured(result, self._since(before), None if lag is None else lag.summary())
+        phases = await self._since(before)
+        return Measured(result, phases, None if lag is None else lag.summary())
 
     async def _generate(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
         engine = self.engine()
@@ -137,11 +139,11 @@ class Runner:
             records.append(record)
         return records
 
-    def _phases(self) -> dict[str, float] | None:
-        return None if self.counters is None else self.counters()
+    async def _phases(self) -> dict[str, float] | None:
+        return None if self.counters is None else await self.counters()
 
-    def _since(self, before: dict[str, float] | None) -> dict[str, float] | None:
-        after = self._phases()
+    async def _since(self, before: dict[str, float] | None) -> dict[str, float] | None:
+        after = await self._phases()
         if before is None or after is None:
             return None
         return {name: after[name] - before[name] for name in after}
@@ -304,6 +306,24 @@ class OpenedRetriever:
             close_retriever(self.retriever)
 
 
+def _counters(sync: Any, client: Any) -> Callable[[], Awaitable[dict[str, float]]] | None:
+    """The dense retriever's work counters: in this process (``counters``), or from the
+    child over ``Info`` (``--transport process``); None for BM25."""
+    if hasattr(sync, "times"):
+
+        async def here() -> dict[str, float]:
+            return dict(sync.counters())
+
+        return here
+    if sync is None and client is not None:
+
+        async def there() -> dict[str, float]:
+            return dict((await client.stats()).backend)
+
+        return there
+    return None
+
+
 def close_retriever(retriever: Any) -> None:
     """Close an in-process retriever that holds resources (a circular scan's thread)."""
     if callable(getattr(retriever, "close", None)):
@@ -398,8 +418,7 @@ async def bench_backend(
             info["bm25_search_probe"] = probe_bm25_threads(cfg, sync.index, questions)
         else:  # the index lives in the child
             logger.info("BM25 thread probe skipped: it needs the in-process index")
-    counters = sync.counters if hasattr(sync, "times") else None  # dense, in this process
-    runner = Runner(cfg, lm, retriever, embed, counters)
+    runner = Runner(cfg, lm, retriever, embed, _counters(sync, client if dense else None))
     methods = cfg.ordered_methods
     records: list[RunRecord] = []
     try:
