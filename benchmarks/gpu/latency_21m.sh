@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu/run.sh start NAME gpu/latency_21m.sh [more bench_latency args]
 # then `run.sh follow NAME SECONDS` call after call, back to back. The loop stops starting
 # questions after --time-budget-s; the JSON is rewritten after every question.
+# --transport process puts the retriever (the scan's walk, the query encoder) in a
+# `retriever serve` child, as `serve` runs it: out of the GIL of the loop that drives vLLM.
 set -uo pipefail
 out=${1:?usage: latency_21m.sh OUTDIR [bench_latency args]}; shift
 exec python3 benchmarks/bench_latency.py --out-dir "$out" --model smollm2-135m \
