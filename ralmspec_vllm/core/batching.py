@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ralmspec_vllm.retrieval import abandon
 from ralmspec_vllm.retrieval.base import AsyncRetriever, TermWeights
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
@@ -140,15 +141,9 @@ class BatchingRetriever:
             )
 
         inner = asyncio.ensure_future(self.inner.search(queries, k, prefetch))
-
-        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
-            # every caller left (rollbacks, disconnects): cancel the inner search, which
-            # a retriever that can (``retrieval.abandon``) stops early
-            if all(e.future.cancelled() for e in live):
-                inner.cancel()
-
-        for e in live:
-            e.future.add_done_callback(gave_up)
+        # every caller left (rollbacks, disconnects): cancel the inner search, which a
+        # retriever that can stops early
+        abandon.when_all_cancelled([e.future for e in live], inner.cancel)
         try:
             await asyncio.wait([inner])
         except asyncio.CancelledError:  # this sender itself (a caller awaiting it alone)

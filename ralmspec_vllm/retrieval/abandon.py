@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -51,6 +51,18 @@ def in_context(event: threading.Event, fn: Callable[..., T]) -> Callable[..., T]
     context = contextvars.copy_context()
     context.run(_current.set, event)
     return lambda *args: context.run(fn, *args)
+
+
+def when_all_cancelled(futures: Sequence[asyncio.Future[Any]], action: Callable[[], Any]) -> None:
+    """Call ``action`` once every one of ``futures`` (the callers of one search) has been
+    cancelled; never if any of them gets a result or an error."""
+
+    def gave_up(_: asyncio.Future[Any]) -> None:
+        if all(f.cancelled() for f in futures):
+            action()
+
+    for future in futures:
+        future.add_done_callback(gave_up)
 
 
 async def abandon_on_cancel(thread_call: Callable[[], Awaitable[T]]) -> T:

@@ -236,13 +236,7 @@ class SearchLane(Generic[P]):
         # Once every caller of the batch gave up (a cancelled RPC: a rollback, a deadline),
         # the index stops early (``abandon``) instead of searching for nobody.
         abandoned = threading.Event()
-
-        def gave_up(_: asyncio.Future[list[list[Hit]]]) -> None:
-            if all(r.future.cancelled() for r in batch):
-                abandoned.set()
-
-        for request in batch:
-            request.future.add_done_callback(gave_up)
+        abandon.when_all_cancelled([r.future for r in batch], abandoned.set)
         try:
             results, seconds = await loop.run_in_executor(
                 self._executor,
