@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.probes import run_probe
 
 
 def test_the_probe_times_every_load_and_k_and_writes_them(tmp_path: Path) -> None:
-    out = tmp_path / "probe.json"
-    argv = ["--filler", "0", "--threads", "1", "--ks", "1,3", "--repeats", "1", "--out"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "probe_bm25_gil.py"), *argv, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    payload = json.loads(out.read_text())
+    argv = ["--filler", "0", "--threads", "1", "--ks", "1,3", "--repeats", "1"]
+    payload = run_probe("probe_bm25_gil.py", argv, tmp_path)
     cells = {(r["switch_ms"], r["load"], r["k"]) for r in payload["results"]}
     assert cells == {
         (switch, load, k)

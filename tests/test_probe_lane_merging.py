@@ -3,25 +3,15 @@ gRPC server, merged and unmerged bursts."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.probes import run_probe
 
 
 def test_the_probe_times_merged_and_unmerged_bursts(tmp_path: Path) -> None:
-    out = tmp_path / "probe.json"
-    argv = ["--threads", "1", "--burst", "4", "--repeats", "2", "--window-ms", "20", "--out"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "probe_lane_merging.py"), *argv, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    merged, unmerged = json.loads(out.read_text())["results"]
+    argv = ["--threads", "1", "--burst", "4", "--repeats", "2", "--window-ms", "20"]
+    payload = run_probe("probe_lane_merging.py", argv, tmp_path)
+    merged, unmerged = payload["results"]
     assert (merged["merging"], unmerged["merging"]) == (True, False)
     # Merged: the 20 ms window gathers each burst of 4 into fewer searches than calls.
     assert merged["index_searches"] < 8 and merged["max_merged_calls"] > 1
