@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, git_state
+from benchmarks.common import run_metadata
 from benchmarks.gpu.probe_gil import sweep
 
 QUERIES = (
@@ -70,8 +70,8 @@ def main() -> int:
     results = sweep(timed, ks, "k", (0.0005, 0.005), digits=3)
     if args.out:
         meta = {"docs": index.num_docs, "threads": index.threads, "shards": index.shards,
-                "query_terms": [len(t) for t in terms], "machine": describe_machine().tag,
-                "git_sha": git_state().sha, "git_dirty": git_state().dirty}  # fmt: skip
+                "query_terms": [len(t) for t in terms],
+                "run": run_metadata("probe_bm25_gil", vars(args))}  # fmt: skip
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, git_state
+from benchmarks.common import run_metadata
 from benchmarks.probe_bm25_gil import QUERIES
 
 
@@ -117,9 +117,7 @@ def main() -> int:
             "prefetch": args.prefetch,
             "window_ms": args.window_ms,
             "repeats": args.repeats,
-            "machine": describe_machine().tag,
-            "git_sha": git_state().sha,
-            "git_dirty": git_state().dirty,
+            "run": run_metadata("probe_lane_merging", vars(args)),
         }
         Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     return 0
