@@ -59,7 +59,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 _TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
 
@@ -227,7 +227,7 @@ class StepCosts:
         self.horizon_s = horizon_s
         self._clock = clock
         self._capacity = capacity
-        modes: tuple[Mode, ...] = ("plain", "speculation", "first")
+        modes: tuple[Mode, ...] = get_args(Mode)
         self._samples: dict[Mode, deque[tuple[float, float, int]]] = {m: deque() for m in modes}
         # Running sums over each deque (asked at every decision point, between two steps).
         self._seconds: dict[Mode, float] = dict.fromkeys(modes, 0.0)
