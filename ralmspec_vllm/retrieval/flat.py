@@ -9,8 +9,8 @@ provably exact, so both give the same hits and the same (bit-identical) scores:
 - ``impl="torch"``: the matrix lives on ``device`` (``"cuda"`` where faiss-gpu is missing, e.g.
   CUDA 13; ``"cpu"`` works too) in float32, bfloat16 or float16; a query batch is one matmul
   per chunk of documents (on the CPU in bfloat16, against chunks pre-packed for oneDNN).
-  Each chunk's scores are cut into groups of ``_GROUP`` docs; groups
-  whose best score reaches the running threshold ``min(c-th best, k-th best - 2 * bound)``
+  Each chunk's scores are cut into groups of ``_GROUP`` docs (strided: ``_group_maxima``);
+  groups whose best score reaches the running threshold ``min(c-th best, k-th best - 2 * bound)``
   (c = k + margin, bound = the index's error bound for that query) are kept. One scan thus
   proposes every doc that could still be in the exact top-k, and reports the threshold as the
   ceiling on the scores of the docs it left out: no second scan ("widening") is needed even
@@ -271,21 +271,12 @@ class _ThresholdScan:
     def add(self, block: Any, start: int) -> None:
         import torch
 
-        rows, n = block.shape
-        if n % _GROUP:
-            pad = torch.full((rows, _GROUP - n % _GROUP), -torch.inf, dtype=block.dtype)
-            block = torch.cat([block, pad.to(block.device)], dim=1)
-        groups = block.view(rows, -1, _GROUP)
-        maxima = groups.amax(dim=2).float()
+        groups, maxima = _group_maxima(block)
         merged = torch.cat([self.best, maxima], dim=1)
         self.best = torch.topk(merged, self.count, dim=1).values
         threshold = _threshold(self.best, self.k, self.count, self.slack)
-        row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
-        values = groups[row, group].float()  # (hits, _GROUP)
-        keep = values >= threshold[row, None]
-        col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
-        row = row[:, None].expand(-1, _GROUP)
-        self.parts.append((row[keep], col[keep] + start, values[keep]))
+        row, col, values = _reaching(groups, maxima, threshold)
+        self.parts.append((row, col + start, values))
 
     @staticmethod
     def add_all(scans: list[_ThresholdScan], block: Any, start: int) -> None:
@@ -302,12 +293,7 @@ class _ThresholdScan:
         if len(scans) == 1:
             scans[0].add(block, start)
             return
-        rows, n = block.shape
-        if n % _GROUP:
-            pad = torch.full((rows, _GROUP - n % _GROUP), -torch.inf, dtype=block.dtype)
-            block = torch.cat([block, pad.to(block.device)], dim=1)
-        groups = block.view(rows, -1, _GROUP)
-        maxima = groups.amax(dim=2).float()
+        groups, maxima = _group_maxima(block)
         # Each best is -inf padded to its count; pad further to the widest: a row's top-c of
         # the padded merge equals its own top-c, and an index past its real width reads -inf.
         width = max(s.count for s in scans)
@@ -331,14 +317,10 @@ class _ThresholdScan:
             )
             picked = best.gather(1, index)
             threshold = torch.minimum(picked[:, 0] - slack, picked[:, 1])
-        row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
-        values = groups[row, group].float()
-        keep = values >= threshold[row, None]
-        col = group[:, None] * _GROUP + torch.arange(_GROUP, device=block.device)
-        row = row[:, None].expand(-1, _GROUP)
-        hit_rows = row[keep].cpu().numpy()  # sorted by row
-        hit_cols = (col[keep] + start).cpu().numpy()
-        hit_values = values[keep].cpu().numpy()
+        row, col, values = _reaching(groups, maxima, threshold)
+        hit_rows = row.cpu().numpy()  # sorted by row
+        hit_cols = (col + start).cpu().numpy()
+        hit_values = values.cpu().numpy()
         bounds = np.cumsum([0] + [s.best.shape[0] for s in scans])
         cuts = np.searchsorted(hit_rows, bounds)
         for i, s in enumerate(scans):
@@ -372,6 +354,37 @@ class _ThresholdScan:
             out_ids[r, : len(i)] = i
             out_scores[r, : len(v)] = v
         return out_ids, out_scores, ceiling
+
+
+def _group_maxima(block: Any) -> tuple[Any, Any]:
+    """``(groups, maxima)`` of a chunk's ``(rows, n)`` scores: ``groups`` is the block (-inf
+    padded to a multiple of ``_GROUP`` columns) viewed as ``(rows, _GROUP, w)``, so group
+    ``j`` holds columns ``j, j + w, j + 2w, ...``, and ``maxima`` its float32 ``(rows, w)``
+    maxima. Strided rather than consecutive: the maximum is then an elementwise max of
+    ``_GROUP`` contiguous rows, which vectorizes, where a reduction over 64 adjacent
+    bfloat16 scores does not (2-core EPYC, 16 rows x 1M columns: 1.5 against 4.4 ms). Any
+    partition of the docs gives the same hits (the maxima are scores of distinct docs)."""
+    import torch
+
+    rows, n = block.shape
+    if n % _GROUP:
+        pad = torch.full((rows, _GROUP - n % _GROUP), -torch.inf, dtype=block.dtype)
+        block = torch.cat([block, pad.to(block.device)], dim=1)
+    groups = block.view(rows, _GROUP, -1)
+    return groups, groups.amax(dim=1).float()
+
+
+def _reaching(groups: Any, maxima: Any, threshold: Any) -> tuple[Any, Any, Any]:
+    """``(row, column, score)`` of every score in ``groups`` (``_group_maxima``) that
+    reaches its row's ``threshold``, rows ascending: only groups whose maximum does are read."""
+    import torch
+
+    row, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)
+    values = groups[row, :, group].float()  # (hits, _GROUP)
+    keep = values >= threshold[row, None]
+    col = group[:, None] + groups.shape[2] * torch.arange(_GROUP, device=groups.device)
+    row = row[:, None].expand(-1, _GROUP)
+    return row[keep], col[keep], values[keep]
 
 
 def _threshold(best: Any, k: int, count: int, slack: Any) -> Any:
