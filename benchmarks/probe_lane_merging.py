@@ -7,7 +7,8 @@ batch costs the sum of its queries (each already searched on every thread), so e
 request waited for the whole batch. This probe serves a real BM25 index over gRPC on
 loopback and sends bursts of concurrent one-query searches (the first sent a moment ahead,
 as the oldest verification is), with the lane merging (as before) and not merging
-(``UNMERGED_BACKENDS``, now), and reports each request's latency, the first one's, and the
+(BM25's default since, ``UNMERGED_BACKENDS``; ``--merge-searches`` of ``retriever serve``
+picks either), and reports each request's latency, the first one's, and the
 burst's.
 
     python3 benchmarks/probe_lane_merging.py --filler 2995355 --threads 2 \
@@ -47,19 +48,12 @@ async def burst(client, queries: list[str], k: int, prefetch: int) -> tuple[list
 
 
 async def measure(retriever, merging: bool, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
-    from ralmspec_vllm.retrieval import service
     from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.server import start_server
     from ralmspec_vllm.retrieval.service import ServiceConfig
 
-    saved = service.UNMERGED_BACKENDS
-    service.UNMERGED_BACKENDS = frozenset() if merging else frozenset({"bm25"})
-    try:
-        server = await start_server(
-            retriever, "127.0.0.1", 0, ServiceConfig(batch_window_ms=args.window_ms)
-        )
-    finally:
-        service.UNMERGED_BACKENDS = saved
+    config = ServiceConfig(batch_window_ms=args.window_ms, merge_searches=merging)
+    server = await start_server(retriever, "127.0.0.1", 0, config)
     firsts, each, bursts = [], [], []
     try:
         async with RetrieverClient(server.target, timeout_s=120) as client:

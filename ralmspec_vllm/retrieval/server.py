@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 LISTENING_PREFIX = "retriever listening on"
 _LISTENING_RE = re.compile(rf"^{LISTENING_PREFIX} (\S+):(\d+)$")
+MERGE_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""``--merge-searches``: ``ServiceConfig.merge_searches``."""
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
@@ -120,7 +122,7 @@ async def start_server(
     info = service.info
     logger.info(
         "retriever service: backend=%s docs=%d dim=%d metric=%s on %s:%d "
-        "(batch window %.1f ms, max batch %d)",
+        "(batch window %.1f ms, max batch %d, merging %s)",
         info.backend,
         info.num_docs,
         info.dim,
@@ -129,6 +131,7 @@ async def start_server(
         bound,
         config.batch_window_ms,
         config.max_batch,
+        "on" if service.text_lane.merging else "off",
     )
     return RunningServer(server, service, health_servicer, host, bound)
 
@@ -351,8 +354,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms",
         type=float,
         default=defaults.batch_window_ms,
-        help="merge Search calls arriving within this window; BM25 searches each call alone"
-        " (default: %(default)s)",
+        help="merge Search calls arriving within this window (default: %(default)s)",
+    )
+    net.add_argument(
+        "--merge-searches",
+        choices=MERGE_CHOICES,
+        default="auto",
+        help="whether concurrent Search calls may share one index search: auto = every "
+        "backend but BM25 (whose batch costs the sum of its queries), on, or off (each call "
+        "its own search, oldest first) (default: %(default)s)",
     )
     net.add_argument(
         "--max-batch",
@@ -398,6 +408,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_doc_ids=args.max_doc_ids,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        merge_searches=MERGE_CHOICES[args.merge_searches],
     )
 
 

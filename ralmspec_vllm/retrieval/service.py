@@ -69,6 +69,10 @@ class ServiceConfig:
     """gRPC send/receive message limit; Search with vectors is refused if it would exceed it."""
     max_concurrent_rpcs: int = 0
     """RPCs in flight before the server answers RESOURCE_EXHAUSTED (0 = unlimited)."""
+    merge_searches: bool | None = None
+    """Whether concurrent Search calls may share one index search: ``None`` by backend
+    (all but ``UNMERGED_BACKENDS``); ``False`` answers each call with its own search, oldest
+    first (the first caller never waits for the others' queries); ``True`` merges BM25 too."""
 
     def __post_init__(self) -> None:
         if not self.batch_window_ms >= 0:
@@ -108,7 +112,9 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         )
         window_s = self.config.batch_window_ms / 1000.0
         mixed_k = self.info.backend in EXACT_PREFIX_BACKENDS
-        merging = self.info.backend not in UNMERGED_BACKENDS
+        merging = self.config.merge_searches
+        if merging is None:
+            merging = self.info.backend not in UNMERGED_BACKENDS
         self.text_lane: SearchLane[list[str]] = SearchLane(
             "text",
             retriever.search,

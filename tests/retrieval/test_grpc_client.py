@@ -403,3 +403,21 @@ def test_cli_help_lists_service_flags() -> None:
     ).stdout
     for flag in ("--index", "--backend", "--host", "--port", "--batch-window-ms", "--max-batch"):
         assert flag in out
+
+
+def test_cli_merge_searches_maps_to_the_service_config() -> None:
+    """``retriever serve --merge-searches``: auto (the backend decides), on or off."""
+    import argparse
+
+    from ralmspec_vllm.retrieval.server import add_arguments, service_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag, want in (
+        ([], None),
+        (["--merge-searches", "on"], True),
+        (["--merge-searches", "off"], False),
+    ):
+        assert service_config_from_args(parser.parse_args(flag)).merge_searches is want
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--merge-searches", "sometimes"])

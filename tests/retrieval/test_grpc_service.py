@@ -264,11 +264,12 @@ async def test_prefetch_hits_follow_the_exact_top_k_over_grpc(
 
 
 async def concurrent_searches(
-    counting: CountingRetriever, queries: list[str], ks: list[int]
+    counting: CountingRetriever, queries: list[str], ks: list[int], merge: bool | None = None
 ) -> tuple[list[list[list[Hit]]], BatchStats]:
     """One concurrent one-query Search call per (query, k) against a real server over
-    ``counting`` with a 50 ms batching window; the answers and the server's stats after."""
-    config = ServiceConfig(batch_window_ms=50.0, max_batch=256)
+    ``counting`` with a 50 ms batching window (``merge``: ``ServiceConfig.merge_searches``);
+    the answers and the server's stats after."""
+    config = ServiceConfig(batch_window_ms=50.0, max_batch=256, merge_searches=merge)
     server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
     try:
         async with RetrieverClient(server.target, timeout_s=30) as client:
@@ -316,6 +317,27 @@ async def test_bm25_searches_are_not_merged(retrievers: dict[str, Retriever]) ->
     assert got == [local.search([q], k) for q, k in zip(queries, ks, strict=True)]
     assert counting.text_batches == [1] * 12
     assert (stats.search_calls, stats.index_searches, stats.max_merged_calls) == (12, 12, 1)
+
+
+@pytest.mark.parametrize(("backend", "merge"), [("flat", False), ("bm25", True)])
+async def test_merge_searches_overrides_the_backend(
+    backend: str, merge: bool, retrievers: dict[str, Retriever]
+) -> None:
+    """``ServiceConfig.merge_searches`` beats the backend's default both ways: a flat
+    service that must not merge searches each call alone, a BM25 one told to merges."""
+    local = retrievers[backend]
+    counting = CountingRetriever(local)  # type: ignore[arg-type]
+    queries = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(12)]
+    ks = [1 + i % 3 for i in range(12)]
+    got, stats = await concurrent_searches(counting, queries, ks, merge=merge)
+    assert got == [local.search([q], k) for q, k in zip(queries, ks, strict=True)]
+    assert sum(counting.text_batches) == stats.search_calls == 12
+    if merge:
+        assert stats.max_merged_calls == max(counting.text_batches) > 1
+        assert stats.index_searches == len(counting.text_batches) < 12
+    else:
+        assert counting.text_batches == [1] * 12
+        assert (stats.index_searches, stats.max_merged_calls) == (12, 1)
 
 
 async def test_text_and_embedding_queries_batch_separately_within_max_batch(
