@@ -80,6 +80,7 @@ from benchmarks.latency_runs import (  # noqa: E402
     torch_threads,
 )
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
+from ralmspec_vllm.cpus import parse_cpus, pin  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.ann import IVF_CODECS  # noqa: E402
 from ralmspec_vllm.retrieval.factory import RetrieverConfig  # noqa: E402
@@ -130,6 +131,13 @@ class LatencyConfig(OutputConfig):
     """``inproc`` (retriever in this process), ``grpc`` (a server thread in this process and
     the real client) or ``process`` (a ``retriever serve`` child process and the real
     client, as ``serve`` runs it; ``--torch-threads`` then sets the child's threads)."""
+    cpus: str | None = None
+    """Pin this process, and vLLM's engine core that it starts, to these cores (``--cpus``
+    of ``ralmspec_vllm.cpus``, e.g. ``12-15``); ``None``: every core it may use."""
+    retriever_cpus: str | None = None
+    """``--transport process`` only: the child retriever's cores (e.g. ``0-11``). With
+    ``cpus`` disjoint from them, the scan's threads and the LM's processes never take each
+    other's cores, as ``serve --cpus 12-15 --retriever-arg=--cpus=0-11`` runs them."""
     max_new_tokens: int = 128
     retrieval_stride: int = 4
     warmup: int = 1
@@ -229,6 +237,11 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"flat_scan: {self.flat_scan} needs flat_impl='torch'")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport: must be one of {TRANSPORTS}, got {self.transport!r}")
+        for name in ("cpus", "retriever_cpus"):
+            if getattr(self, name) is not None:
+                parse_cpus(getattr(self, name))  # ValueError naming the bad part
+        if self.retriever_cpus is not None and self.transport != "process":
+            raise ValueError("retriever_cpus: needs transport='process' (a child to pin)")
         for name in ("questions_per_dataset", "max_new_tokens", "retrieval_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -498,6 +511,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--filler", "filler", {"type": int, "help": "grow the index to N docs with filler"}),
     ("--transport", "transport",
      {"choices": TRANSPORTS, "help": "retriever transport (process: as serve runs it)"}),
+    ("--cpus", "cpus", {"help": "pin this process and vLLM's engine to these cores (0-3)"}),
+    ("--retriever-cpus", "retriever_cpus",
+     {"help": "with --transport process: the retriever child's cores (e.g. 4-15)"}),
     ("--max-new-tokens", "max_new_tokens", {"type": int, "help": "answer length limit"}),
     ("--retrieval-stride", "retrieval_stride", {"type": int, "help": "tokens per retrieval"}),
     ("--warmup", "warmup", {"type": int, "help": "untimed questions per method"}),
@@ -556,6 +572,11 @@ def parse_args(argv: Sequence[str] | None = None) -> LatencyConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    try:
+        pin(cfg.cpus)  # before any thread or child exists: they inherit the cores
+    except ValueError as exc:
+        print(f"bench_latency: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     paths, rows = asyncio.run(run_benchmark(cfg))
     print(format_table(rows, TABLE_COLUMNS))

@@ -276,7 +276,8 @@ def child_args(cfg: LatencyConfig, backend: str, index: Path) -> list[str]:
     OS-chosen port, the backend as ``cfg`` asks it, searching on ``cfg.bm25_threads``
     (BM25) or ``cfg.torch_threads`` threads, at this process's GIL switch interval when
     ``cfg`` sets one (a BM25 child recomputes term weights in Python beside its searches:
-    at the server's default 5 ms, each of a search's GIL re-takes can wait that long)."""
+    at the server's default 5 ms, each of a search's GIL re-takes can wait that long), on
+    ``cfg.retriever_cpus`` when given."""
     from ralmspec_vllm.retrieval.factory import config_to_args
 
     threads = cfg.bm25_threads if backend == "bm25" else cfg.torch_threads
@@ -284,6 +285,8 @@ def child_args(cfg: LatencyConfig, backend: str, index: Path) -> list[str]:
     args = ["--host", "127.0.0.1", "--port", "0", "--index", str(index), *config_to_args(rcfg)]
     if cfg.switch_interval_ms is not None:
         args.append(f"--switch-interval-ms={cfg.switch_interval_ms}")
+    if cfg.retriever_cpus is not None:
+        args.append(f"--cpus={cfg.retriever_cpus}")
     return args
 
 

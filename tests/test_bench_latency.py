@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -475,12 +476,14 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
 
     spawned: list[dict[str, str] | None] = []
     real_spawn = ServerProcess.spawn.__func__  # type: ignore[attr-defined]
+    core = min(os.sched_getaffinity(0))  # --retriever-cpus: the child runs there alone
 
     def spawn(cls: type, args: list[str], **kwargs: object) -> ServerProcess:
         spawned.append(kwargs.get("env"))  # type: ignore[arg-type]
         child: ServerProcess = real_spawn(cls, args, **kwargs)
         environ = Path(f"/proc/{child.process.pid}/environ").read_bytes().split(b"\0")
         assert f"{MEMO_ENV}=0".encode() not in environ  # the memo is on in the child
+        assert os.sched_getaffinity(child.process.pid) == {core}
         return child
 
     dropped: list[int] = []
@@ -498,7 +501,7 @@ async def test_bench_latency_with_the_retriever_in_a_child_process(
         questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
         max_new_tokens=16, flat_impl="torch", flat_dtype="bfloat16", transport="process",
         flat_scan=scan, torch_threads=1, loop_lag_ms=5.0, out_dir=str(tmp_path), name="child",
-        plot=False,
+        plot=False, retriever_cpus=str(core),
     )  # fmt: skip
     kb, kb_info = open_kb(cfg)
     questions = load_questions_file(tiny_world["questions"])
@@ -525,6 +528,28 @@ def test_transport_validation() -> None:
     assert parse_args(["--transport", "process"]).transport == "process"
     with pytest.raises(ValueError, match="transport"):
         LatencyConfig(transport="pigeon")
+
+
+def test_cpus_flags() -> None:
+    """``--cpus`` pins this process (and vLLM's engine); ``--retriever-cpus`` goes to the
+    process transport's child as its own ``--cpus``; bad lists fail before anything starts."""
+    from pathlib import Path
+
+    from benchmarks.latency_runs import child_args
+    from ralmspec_vllm.retrieval import server
+
+    cfg = parse_args(["--transport", "process", "--cpus", "12-15", "--retriever-cpus", "0-11"])
+    assert (cfg.cpus, cfg.retriever_cpus) == ("12-15", "0-11")
+    args = child_args(cfg, "flat", Path("/kb"))
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    assert parser.parse_args(args).cpus == "0-11"
+    assert not any(a.startswith("--cpus") for a in child_args(LatencyConfig(), "flat", Path("/kb")))
+    with pytest.raises(ValueError, match="needs transport='process'"):
+        LatencyConfig(retriever_cpus="0-3")
+    for bad in ("3-1", "x"):
+        with pytest.raises(ValueError, match="--cpus"):
+            LatencyConfig(cpus=bad)
 
 
 def record_openings(
@@ -720,3 +745,14 @@ def test_the_process_transports_child_searches_on_the_threads_asked() -> None:
     default = child_args(LatencyConfig(transport="process"), "bm25", Path("/kb"))
     assert not any(arg.startswith("--threads") for arg in default)  # every core
     assert not any(arg.startswith("--switch-interval") for arg in default)  # the server's
+
+
+def test_cpus_the_system_refuses_stop_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks.bench_latency import main
+
+    before = os.sched_getaffinity(0)
+    assert main(["--quick", "--cpus", "100000"]) == 2
+    assert "cannot run on '100000'" in capsys.readouterr().err
+    assert os.sched_getaffinity(0) == before
