@@ -188,6 +188,18 @@ def test_abort_probe_command_is_a_valid_probe_run(tmp_path: Path) -> None:
     assert (args.out_dir, args.trials, args.abort_after_ms) == ("out", 5, [1.0, 3.0, 10.0])
 
 
+def test_bm25_concurrency_probe_command_is_a_valid_probe_run(tmp_path: Path) -> None:
+    """``probe_bm25_concurrency.sh``: the 21M index, 12/4/1 threads, 1/3/12 callers, into
+    OUTDIR; the flags are the probe's own (its parser rejects an unknown one)."""
+    from benchmarks.probe_bm25_concurrency import parse_args as parse_probe
+
+    (argv,) = run_with_fake_python(tmp_path, "probe_bm25_concurrency.sh", "out", "--searches", "9")
+    assert argv[0] == "benchmarks/probe_bm25_concurrency.py"
+    args = parse_probe(argv[1:])
+    assert (args.filler, args.threads, args.concurrency) == (21_000_000, "12,4,1", "1,3,12")
+    assert (args.searches, args.out) == (9, "out/probe_bm25_concurrency_21m.json")
+
+
 def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     """``probe_encoder.sh`` runs the probe into OUTDIR; on this machine (no CUDA) the probe
     times the shipped encoder alone and beside a GIL-holding thread and says so."""
