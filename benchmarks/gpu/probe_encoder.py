@@ -7,9 +7,10 @@ single-text encodes (what every search and every guess does), memo off:
 
 - ``shipped``: ``QueryEncoder`` as it is (batch-invariant: the text padded to a multiple of
   16 with its attention mask, its own pass);
-- ``graphed``: the same weights, each text at its exact token length (no padding, so no
-  mask for the model's mask code to inspect on the host, which a graph capture forbids),
-  replayed from one CUDA graph per length (captured on first use, one memory pool);
+- ``graphed``: ``QueryEncoder(cuda_graphs=True)`` (what ``RALMSPEC_ENCODER_CUDA_GRAPHS=1``
+  turns on): each text at its exact token length (no padding, so no mask for the model's
+  mask code to inspect on the host, which a graph capture forbids), replayed from one CUDA
+  graph per length (captured on first use, one memory pool);
 
 each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
 event loop that drives vLLM). It checks that a graphed text's vector is bit-identical over
@@ -49,54 +50,6 @@ def query_texts(count: int) -> list[str]:
         if len(texts) >= count:
             break
     return texts
-
-
-class GraphedEncoder:
-    """``QueryEncoder``'s model, mean pooling and normalisation, one CUDA graph per exact
-    token length (batch 1, no padding, no attention mask)."""
-
-    def __init__(self, encoder: Any) -> None:
-        import torch
-
-        self.torch = torch
-        self.encoder = encoder
-        self.model = encoder._model
-        self.tokenizer = encoder._tokenizer
-        self.graphs: dict[int, tuple[Any, Any, Any]] = {}
-        self.pool: Any = None
-        self.capture_s = 0.0
-
-    def _forward(self, ids: Any) -> Any:
-        states = self.model(input_ids=ids).last_hidden_state.float()
-        return self.torch.nn.functional.normalize(states.mean(dim=1), p=2.0, dim=-1)
-
-    def encode(self, text: str) -> np.ndarray:
-        torch = self.torch
-        ids = self.tokenizer(
-            text, truncation=True, max_length=self.encoder.max_length, return_tensors="pt"
-        )["input_ids"]
-        length = int(ids.shape[1])
-        entry = self.graphs.get(length)
-        with torch.inference_mode():
-            if entry is None:
-                start = time.perf_counter()
-                static = ids.to(self.encoder.device)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):  # lazy initialisation (cuBLAS handles) off the capture
-                        self._forward(static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self._forward(static)
-                self.pool = graph.pool()
-                entry = self.graphs[length] = (graph, static, out)
-                self.capture_s += time.perf_counter() - start
-            graph, static, out = entry
-            static.copy_(ids)
-            graph.replay()
-            return out.cpu().numpy()[0].copy()
 
 
 def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> dict[str, Any]:
@@ -151,18 +104,19 @@ def main() -> int:
 
     variants: list[tuple[str, Callable[[str], np.ndarray]]] = [("shipped", shipped)]
     if torch.cuda.is_available() and encoder.device.startswith("cuda"):
-        graphed = GraphedEncoder(encoder)
         try:
-            first = [graphed.encode(t) for t in texts]
-            again = [graphed.encode(t) for t in texts]
+            graphed = QueryEncoder(cuda_graphs=True)  # what RALMSPEC_ENCODER_CUDA_GRAPHS=1 ships
+            first = [graphed.encode([t])[0] for t in texts]
+            again = [graphed.encode([t])[0] for t in texts]
+            assert graphed.graphs is not None
             meta["graphs"] = len(graphed.graphs)
-            meta["capture_s"] = round(graphed.capture_s, 2)
+            meta["capture_s"] = round(graphed.graphs.capture_s, 2)
             meta["graphed_bit_identical_over_replays"] = all(
                 np.array_equal(a, b) for a, b in zip(first, again, strict=True)
             )
             cosines = [float(np.dot(shipped(t), v)) for t, v in zip(texts, first, strict=True)]
             meta["graphed_cosine_with_shipped_min"] = round(min(cosines), 7)
-            variants.append(("graphed", graphed.encode))
+            variants.append(("graphed", lambda text: graphed.encode([text])[0]))
         except Exception as exc:  # a probe: report why the capture failed
             meta["graph_error"] = f"{type(exc).__name__}: {exc}"
     for name, encode in variants:

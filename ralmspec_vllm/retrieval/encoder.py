@@ -24,6 +24,14 @@ the same vector whether it is encoded alone (baseline) or in a verification batc
 Index building passes ``batch_invariant=False``: passages are encoded once, in length-sorted
 padded batches with every thread, which is several times faster.
 
+CUDA graphs (``cuda_graphs=True``, or ``RALMSPEC_ENCODER_CUDA_GRAPHS=1`` for the shared
+encoders): on CUDA a 6-layer BERT over one short query is ~100 small kernels, launch-bound
+(3.9 ms a query on the H100 beside the process driving vLLM, session 23, against 1.5 ms for a
+1M IVF scan). Then every text runs alone at its exact token length (no padding, so no mask)
+from one graph per length, captured on first use into one memory pool: still batch
+invariant (a text's vector never depends on what else is encoded), slightly different
+floats from the padded pass (``benchmarks/gpu/probe_encoder.py`` measures both).
+
 Speed: ``dtype="bfloat16"`` runs the model under bf16 autocast (pooling and normalisation stay
 in float32); on CPUs with AMX it is ~2.2x faster than float32 and the vectors keep a cosine of
 >= 0.9999 with the float32 ones. ``dtype="auto"`` picks bf16 only where the CPU has AMX (or
@@ -39,7 +47,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,9 @@ MEMO_SIZE = 4096
 MEMO_ENV = "RALMSPEC_ENCODER_MEMO"
 """Set to 0 to encode every text afresh (benchmarks that time the encoder, where query texts
 recur across cells); read when an encoder is created, so a child process inherits it."""
+CUDA_GRAPHS_ENV = "RALMSPEC_ENCODER_CUDA_GRAPHS"
+"""Set to 1 to run the shared query encoders (``encoder_for``) from CUDA graphs where they
+are on CUDA; read when one is created, so a child process inherits it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +127,11 @@ class QueryEncoder:
         batch_invariant: bool = True,
         num_threads: int | None = None,
         dtype: str = "float32",
+        cuda_graphs: bool = False,
     ) -> None:
+        """``cuda_graphs``: every text alone at its exact token length, replayed from one
+        CUDA graph per length (module docstring); needs a CUDA device and
+        ``batch_invariant``."""
         if dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype: must be float32, bfloat16 or auto, got {dtype!r}")
         if batch_size < 1:
@@ -133,6 +148,10 @@ class QueryEncoder:
             torch.set_num_threads(num_threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cuda_graphs and not (device.startswith("cuda") and batch_invariant):
+            raise ValueError(
+                f"cuda_graphs: needs a CUDA device and batch_invariant (device {device!r})"
+            )
         folder = model_dir(model)
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") or _cpu_has_amx() else "float32"
@@ -154,8 +173,21 @@ class QueryEncoder:
         self._memo_lock = threading.Lock()
         self._pending: dict[str, threading.Event] = {}
         """Texts being encoded now: a concurrent call for one waits for its vector."""
+        self.graphs: _LengthGraphs | None = None
+        if cuda_graphs:
+            # Every length up front: a capture fails here, at start-up, not mid-request, and
+            # no timed search pays one (~256 captures, a few seconds).
+            self.graphs = _LengthGraphs(self._exact_forward)
+            with torch.inference_mode():
+                self.graphs.capture(range(1, self.max_length + 1))
         logger.info(
-            "loaded encoder %s (dim %d, %s) on %s from %s", model, self.dim, dtype, device, folder
+            "loaded encoder %s (dim %d, %s%s) on %s from %s",
+            model,
+            self.dim,
+            dtype,
+            ", CUDA graphs" if cuda_graphs else "",
+            device,
+            folder,
         )
 
     def clear_memo(self) -> int:
@@ -218,6 +250,12 @@ class QueryEncoder:
     def _encode(self, texts: list[str], show_progress: bool) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
+            return out
+        if self.graphs is not None:
+            ids = self._tokenizer(texts, truncation=True, max_length=self.max_length)
+            for i, row in enumerate(ids["input_ids"]):
+                with self._lock, self._torch.inference_mode():
+                    out[i] = self.graphs.run(self._torch.tensor([row]))
             return out
         tokens: dict[str, list[list[int]]] | None = None
         lengths: list[int | None] = [None] * len(texts)
@@ -303,6 +341,71 @@ class QueryEncoder:
             normed = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
             return normed.float().cpu().numpy()
 
+    def _exact_forward(self, input_ids: Any) -> Any:
+        """One text's ``(1, length)`` ids on the device, unpadded (so no attention mask):
+        its normalised mean-pooled state, ``(1, dim)`` float32 on the device."""
+        torch = self._torch
+        half = self.dtype == "bfloat16"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
+            states = self._model(input_ids=input_ids).last_hidden_state
+        return torch.nn.functional.normalize(states.float().mean(dim=1), p=2.0, dim=-1)
+
+
+class _LengthGraphs:
+    """``forward`` over ``(1, length)`` token ids, replayed from one CUDA graph per length.
+
+    ``QueryEncoder`` captures every length at start-up (``capture``). A length's first call
+    warms ``forward`` up on a side stream (lazy cuBLAS set-up may not happen inside a
+    capture), captures it into the shared memory pool, and replays; later calls copy the ids
+    into the captured input and replay. Every call of a length thus runs
+    the same kernels on the same shapes: the same vector for the same text, every time.
+    Callers serialise (``QueryEncoder`` holds its lock)."""
+
+    def __init__(self, forward: Any) -> None:
+        self._forward = forward
+        self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._pool: Any = None
+        self.capture_s = 0.0
+        """Seconds spent capturing."""
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def capture(self, lengths: Iterable[int]) -> None:
+        """Capture the graph of every length in ``lengths`` now (dummy ids)."""
+        import torch
+
+        for length in lengths:
+            self.run(torch.zeros((1, length), dtype=torch.long))
+
+    def run(self, input_ids: Any) -> np.ndarray:
+        """The ``(dim,)`` float32 vector for ``input_ids``, ``(1, length)`` on the CPU."""
+        import time
+
+        import torch
+
+        length = int(input_ids.shape[1])
+        entry = self._graphs.get(length)
+        if entry is None:
+            start = time.perf_counter()
+            static = input_ids.to("cuda")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._forward(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(static)
+            self._pool = graph.pool()
+            entry = self._graphs[length] = (graph, static, out)
+            self.capture_s += time.perf_counter() - start
+        graph, static, out = entry
+        static.copy_(input_ids)
+        graph.replay()
+        return np.array(out[0].cpu().numpy(), dtype=np.float32)
+
 
 @contextlib.contextmanager
 def _threads(torch: Any, padded_length: int | None, device_type: str) -> Iterator[None]:
@@ -338,7 +441,8 @@ def encoder_for(model: str = DEFAULT_ENCODER) -> QueryEncoder:
     """One shared batch-invariant encoder per model name per process."""
     with _CACHE_LOCK:
         if model not in _CACHE:
-            _CACHE[model] = QueryEncoder(model)
+            graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
+            _CACHE[model] = QueryEncoder(model, cuda_graphs=graphs)
         return _CACHE[model]
 
 
