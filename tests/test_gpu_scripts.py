@@ -200,6 +200,30 @@ def test_bm25_concurrency_probe_command_is_a_valid_probe_run(tmp_path: Path) -> 
     assert (args.searches, args.out) == (9, "out/probe_bm25_concurrency_21m.json")
 
 
+def test_gpu_tests_step_runs_the_gpu_marked_tests_and_keeps_their_log(tmp_path: Path) -> None:
+    """``gpu_tests.sh OUTDIR [paths]``: pytest -m gpu on the default folders or the paths
+    given; its exit status is pytest's."""
+    out = tmp_path / "out"
+    (argv,) = run_with_fake_python(tmp_path, "gpu_tests.sh", str(out))
+    assert argv == ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                    "tests/engine", "tests/retrieval"]  # fmt: skip
+    assert (out / "gpu_tests.log").exists()
+    (tmp_path / "b").mkdir()
+    (argv,) = run_with_fake_python(tmp_path / "b", "gpu_tests.sh", str(out), "tests/x.py", "-x")
+    assert argv[-2:] == ["tests/x.py", "-x"]
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    (failing / "python3").write_text("#!/bin/sh\necho boom\nexit 3\n")
+    (failing / "python3").chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(GPU / "gpu_tests.sh"), str(out)],
+        env={**os.environ, "PATH": f"{failing}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 3 and "boom" in (out / "gpu_tests.log").read_text()
+
+
 def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     """``probe_encoder.sh`` runs the probe into OUTDIR; on this machine (no CUDA) the probe
     times the shipped encoder alone and beside a GIL-holding thread and says so."""
