@@ -43,10 +43,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ""):  # run as `python benchmarks/bench_latency.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -88,6 +88,7 @@ from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 from ralmspec_vllm.retrieval.flat import SCANS as FLAT_SCANS  # noqa: E402
 
 logger = logging.getLogger("bench_latency")
+T = TypeVar("T")
 
 METHODS = ("baseline", "oracle", *PRESETS)
 TRANSPORTS = ("inproc", "grpc", "process")
@@ -337,8 +338,12 @@ def open_kb(cfg: LatencyConfig) -> tuple[Any, dict[str, Any]]:
     }
 
 
-async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, Any]]]:
-    """Start the engine for ``cfg.model``, measure, write JSON (+ PNG) per backend."""
+async def run_benchmark(
+    cfg: LatencyConfig, open_cores: set[int] | None = None
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Start the engine for ``cfg.model``, measure, write JSON (+ PNG) per backend.
+    ``open_cores``: the cores the opening thread (knowledge base, retriever) may use while
+    this thread is pinned (``--cpus``), e.g. every core the process had."""
     from ralmspec_vllm.engine.lm import VllmLanguageModel
     from ralmspec_vllm.engine.models import resolve_model
     from ralmspec_vllm.engine.settings import EngineConfig
@@ -355,7 +360,9 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
     # retriever (~70 s to load and lay out 21M vectors) open in a thread while the model
     # converts and vLLM starts (~3 min on a fresh GPU machine): they share nothing, and a
     # GPU session's minutes are few.
-    opening = asyncio.get_running_loop().run_in_executor(None, open_ahead, cfg)
+    opening = asyncio.get_running_loop().run_in_executor(
+        None, _on_cores, open_cores, open_ahead, cfg
+    )
     lm: Any = None
     opened: OpenedRetriever | None = None
     try:
@@ -378,6 +385,20 @@ async def run_benchmark(cfg: LatencyConfig) -> tuple[list[Path], list[dict[str, 
             opened.close()
         if lm is not None:
             await lm.shutdown()
+
+
+def _on_cores(cores: set[int] | None, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this thread (and what it starts) on ``cores`` (None: as it is),
+    then back: with ``--cpus`` the filler build may use every core while vLLM starts, and a
+    ``--transport process`` child starts from there before pinning itself."""
+    if cores is None:
+        return fn(*args)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        return fn(*args)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def open_ahead(cfg: LatencyConfig) -> tuple[Any, dict[str, Any], OpenedRetriever | None]:
@@ -572,13 +593,14 @@ def parse_args(argv: Sequence[str] | None = None) -> LatencyConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    everywhere = os.sched_getaffinity(0) if cfg.cpus is not None else None
     try:
         pin(cfg.cpus)  # before any thread or child exists: they inherit the cores
     except ValueError as exc:
         print(f"bench_latency: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    paths, rows = asyncio.run(run_benchmark(cfg))
+    paths, rows = asyncio.run(run_benchmark(cfg, open_cores=everywhere))
     print(format_table(rows, TABLE_COLUMNS))
     for path in paths:
         print(f"wrote {path}")

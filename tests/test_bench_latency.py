@@ -756,3 +756,30 @@ def test_cpus_the_system_refuses_stop_before_anything_starts(
     assert main(["--quick", "--cpus", "100000"]) == 2
     assert "cannot run on '100000'" in capsys.readouterr().err
     assert os.sched_getaffinity(0) == before
+
+
+def test_the_opening_thread_runs_on_the_cores_given_and_returns_to_its_own() -> None:
+    """With ``--cpus`` this process is pinned, but the knowledge base and a process
+    transport's child open on every core it had (``_on_cores``): the opening thread, the
+    threads and children it starts, and then the thread is back on its own cores."""
+    import threading
+
+    from benchmarks.bench_latency import _on_cores
+
+    mine = os.sched_getaffinity(0)
+    one = {min(mine)}
+    seen: dict[str, set[int]] = {}
+
+    def opening(tag: str) -> str:
+        seen["opener"] = os.sched_getaffinity(0)
+        worker = threading.Thread(target=lambda: seen.update(worker=os.sched_getaffinity(0)))
+        worker.start()
+        worker.join()
+        return tag
+
+    assert _on_cores(one, opening, "kb") == "kb"
+    assert seen == {"opener": one, "worker": one} and os.sched_getaffinity(0) == mine
+    assert _on_cores(None, opening, "as is") == "as is" and seen["opener"] == mine
+    with pytest.raises(ZeroDivisionError):
+        _on_cores(one, lambda: 1 / 0)
+    assert os.sched_getaffinity(0) == mine

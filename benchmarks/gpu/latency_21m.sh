@@ -8,8 +8,8 @@
 # --transport process puts the retriever (the scan's walk, the query encoder) in a
 # `retriever serve` child, as `serve` runs it: out of the GIL of the loop that drives vLLM.
 # Add --cpus 12-15 --retriever-cpus 0-11 to keep the child's 12 scan threads and this
-# process with vLLM's engine core on disjoint cores (the filler build then runs on 4 cores,
-# beside vLLM's start).
+# process with vLLM's engine core on disjoint cores (the filler build still uses every core
+# while vLLM starts).
 set -uo pipefail
 out=${1:?usage: latency_21m.sh OUTDIR [bench_latency args]}; shift
 exec python3 benchmarks/bench_latency.py --out-dir "$out" --model smollm2-135m \
