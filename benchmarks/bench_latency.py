@@ -376,7 +376,11 @@ async def run_benchmark(
         lm = await VllmLanguageModel.create(engine_cfg)
         engine_info = {"startup_s": time.perf_counter() - start}
         kb, kb_info, opened = await opening
-        return await measure_all(cfg, lm, kb, kb_info, questions, engine_info, opened=opened)
+        # the host as it is, not the cores --cpus left this thread
+        machine = _on_cores(open_cores, describe_machine)
+        return await measure_all(
+            cfg, lm, kb, kb_info, questions, engine_info, opened=opened, machine=machine
+        )
     finally:
         if opened is None:  # an engine start that failed: let the opening end, then close it
             with contextlib.suppress(Exception):
@@ -421,11 +425,13 @@ async def measure_all(
     engine_info: dict[str, Any] | None = None,
     on_write: Writer | None = None,
     opened: OpenedRetriever | None = None,
+    machine: MachineInfo | None = None,
 ) -> tuple[list[Path], list[dict[str, Any]]]:
     """Measure every backend of ``cfg`` on a started ``VllmLanguageModel``; write results
     after the warm-up and every timed question (partial), and at the end (complete).
-    ``opened``: a backend's in-process retriever opened ahead (the caller closes it)."""
-    machine = describe_machine()
+    ``opened``: a backend's in-process retriever opened ahead (the caller closes it);
+    ``machine``: what to record (default: ``describe_machine()`` now)."""
+    machine = machine or describe_machine()
     model_tag = Path(cfg.model).name
     meta = run_meta(
         cfg, machine, kb_info, questions, {**dataclasses.asdict(lm.config), **(engine_info or {})}
