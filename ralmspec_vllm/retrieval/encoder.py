@@ -28,9 +28,11 @@ CUDA graphs (``cuda_graphs=True``, or ``RALMSPEC_ENCODER_CUDA_GRAPHS=1`` for the
 encoders): on CUDA a 6-layer BERT over one short query is ~100 small kernels, launch-bound
 (3.9 ms a query on the H100 beside the process driving vLLM, session 23, against 1.5 ms for a
 1M IVF scan). Then every text runs alone at its exact token length (no padding, so no mask)
-from one graph per length, captured on first use into one memory pool: still batch
-invariant (a text's vector never depends on what else is encoded), slightly different
-floats from the padded pass (``benchmarks/gpu/probe_encoder.py`` measures both).
+from one graph per length, all captured into one memory pool when the encoder is created:
+still batch invariant (a text's vector never depends on what else is encoded), slightly
+different floats from the padded pass (``benchmarks/gpu/probe_encoder.py`` measures both).
+Each graph keeps its input and output alive and only its own intermediates in the pool, and
+replays run one at a time, each read before the next: so they may share it in any order.
 
 Speed: ``dtype="bfloat16"`` runs the model under bf16 autocast (pooling and normalisation stay
 in float32); on CPUs with AMX it is ~2.2x faster than float32 and the vectors keep a cosine of
@@ -357,9 +359,9 @@ class _LengthGraphs:
     ``QueryEncoder`` captures every length at start-up (``capture``). A length's first call
     warms ``forward`` up on a side stream (lazy cuBLAS set-up may not happen inside a
     capture), captures it into the shared memory pool, and replays; later calls copy the ids
-    into the captured input and replay. Every call of a length thus runs
-    the same kernels on the same shapes: the same vector for the same text, every time.
-    Callers serialise (``QueryEncoder`` holds its lock)."""
+    into the captured input and replay. Every call of a length thus runs the same kernels on
+    the same shapes: the same vector for the same text, every time. Callers serialise
+    (``QueryEncoder`` holds its lock)."""
 
     def __init__(self, forward: Any) -> None:
         self._forward = forward
