@@ -224,6 +224,14 @@ def test_gpu_tests_step_runs_the_gpu_marked_tests_and_keeps_their_log(tmp_path: 
     assert done.returncode == 3 and "boom" in (out / "gpu_tests.log").read_text()
 
 
+def test_matmul_probe_command_keeps_its_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (argv,) = run_with_fake_python(tmp_path, "probe_matmul.sh", str(out), "--repeats", "2")
+    assert argv == ["benchmarks/gpu/probe_matmul.py", "--docs", "4000000", "--batches",
+                    "1,16,64,256", "--dtypes", "bfloat16", "--repeats", "2"]  # fmt: skip
+    assert (out / "probe_matmul.txt").exists()
+
+
 def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     """``probe_encoder.sh`` runs the probe into OUTDIR; on this machine (no CUDA) the probe
     times the shipped encoder alone and beside a GIL-holding thread and says so."""

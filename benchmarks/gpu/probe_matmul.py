@@ -9,9 +9,11 @@ which oneDNN kernel torch picked (``ONEDNN_VERBOSE``) so a slow path is visible:
     python benchmarks/gpu/probe_matmul.py --docs 4000000 --batches 1,4,16,64,128
 
 Layouts: ``q @ M.T`` (the matrix stored N x d, as the scan does now), ``q @ MT`` (stored
-d x N), ``F.linear(q, M)`` and, in bfloat16, the matrix pre-packed by oneDNN for a batch-size
-hint (``pk<hint>``: ``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``). Prints ms
-per call, effective TFLOP/s and GB/s of matrix read.
+d x N), ``F.linear(q, M)``, the documents as the left operand (``M @ q.T`` and
+``F.linear(M, q)``: scores docs x queries, the small query block the reused one) and, in
+bfloat16, the matrix pre-packed by oneDNN for a batch-size hint (``pk<hint>``:
+``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``). Prints ms per call, effective
+TFLOP/s and GB/s of matrix read.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def probe(docs: int, dim: int, batches: list[int], dtypes: list[str], repeats: i
                 "q@M.T": lambda q=q, m=matrix: q @ m.T,
                 "q@MT": lambda q=q, t=transposed: q @ t,
                 "linear": lambda q=q, m=matrix: F.linear(q, m),
+                # the documents as the big left operand, the queries as a small right one
+                # (scores come out docs x queries): AMX tiles then stream the matrix rows
+                "M@q.T": lambda q=q, m=matrix: m @ q.T,
+                "lin(M,q)": lambda q=q, m=matrix: F.linear(m, q),
             }
             if dtype_name == "bfloat16" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
                 # the weight pre-packed in oneDNN's blocked layout (torch.compile's CPU path)
@@ -61,7 +67,7 @@ def probe(docs: int, dim: int, batches: list[int], dtypes: list[str], repeats: i
             for name, fn in layouts.items():
                 seconds = _time(fn, repeats)
                 flops = 2 * b * dim * docs / seconds / 1e12
-                print(f"{dtype_name:9s} b={b:4d} {name:7s} {seconds * 1000:9.1f} ms "
+                print(f"{dtype_name:9s} b={b:4d} {name:8s} {seconds * 1000:9.1f} ms "
                       f"{flops:7.2f} TFLOP/s {gbytes / seconds:7.1f} GB/s")  # fmt: skip
         del matrix, transposed
 
