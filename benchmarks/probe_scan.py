@@ -3,17 +3,19 @@
 Random unit vectors (no knowledge base needed): ``--docs`` rows of ``--dim``. For each scan
 it times one query alone (b(1)), one call of ``--batch`` queries (b(n)), and a pipelined
 verification's load: a new single-query search every ``--interval-ms`` from one thread each,
-at most ``--depth`` in flight, reporting the latencies' median and p90. A batch scan runs the
-staggered searches side by side (each walks the matrix); a circular scan boards them on one
-walk; ``circular-percohort`` is the circular scan with its threshold ops run cohort by cohort
-(as before they were merged). ``--busy-duty`` adds a Python thread that holds the GIL that
-fraction of the time, in 2 ms bursts (an event loop driving vLLM in-process), and
-``--switch-ms`` sets the GIL switch interval; ``--scans`` picks which of the three run and
-``--chunk-size`` sets the scan's chunk. ``--give-up-every N --give-up-after-ms T``: every
-N-th staggered search's caller leaves T ms after sending it (a pipelined verification
-cancelled by a rollback), freeing its slot; only the kept searches' latencies count. The
-``circular`` scan then drops the search (``retrieval.abandon``); ``circular-ridealong`` lets
-it ride out its turn, as before session 26. Writes JSON to ``--out`` when given.
+at most ``--depth`` in flight, reporting the latencies' median and p90. A batch scan runs
+the staggered searches side by side (each walks the matrix); a circular scan boards them on
+one walk; ``circular-percohort`` is the circular scan with its threshold ops run cohort by
+cohort (as before they were merged). ``--busy-duty`` adds a Python thread that holds the GIL
+that fraction of the time, in 2 ms bursts (an event loop driving vLLM in-process), and
+``--switch-ms`` sets the GIL switch interval; ``--scans`` picks which of the three run (a
+row also holds the walk's ``scan_*`` counters over the staggered searches: chunks, cohorts,
+seconds in products and threshold ops) and ``--chunk-size`` sets the scan's chunk.
+``--give-up-every N --give-up-after-ms T``: every N-th staggered search's caller leaves T ms
+after sending it (a pipelined verification cancelled by a rollback), freeing its slot; only
+the kept searches' latencies count. The ``circular`` scan then drops the search
+(``retrieval.abandon``); ``circular-ridealong`` lets it ride out its turn, as before session
+26. Writes JSON to ``--out`` when given.
 
     python benchmarks/probe_scan.py --docs 2000000 --dtype bfloat16 --threads 2
 """
@@ -150,14 +152,18 @@ def main() -> None:
         search(queries[:1], args.k)  # warm
         b1 = [_timed(search, queries[:1], args.k) for _ in range(args.repeats)]
         bn = [_timed(search, queries[: args.batch], args.k) for _ in range(args.repeats)]
+        before = retriever.counters()
         lat = staggered(retriever, queries[: args.searches], args.interval_ms / 1000, args.depth,
                         args.k, args.give_up_every, args.give_up_after_ms / 1000,
                         honour_give_up=scan != "circular-ridealong")  # fmt: skip
+        after = retriever.counters()
         row = {
             "b1_s": statistics.median(b1),
             f"b{args.batch}_s": statistics.median(bn),
             "staggered_median_s": statistics.median(lat),
             "staggered_p90_s": float(np.percentile(lat, 90)),
+            # the circular walk's work over the staggered searches (products, threshold ops)
+            **{k: round(after[k] - before.get(k, 0.0), 4) for k in after if k.startswith("scan_")},
         }
         out[scan] = row
         logger.info("%s: %s", scan, {k: round(v, 4) for k, v in row.items()})

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from benchmarks.probe_scan import staggered
 from ralmspec_vllm.retrieval.flat import FlatRetriever
+from tests.probes import run_probe
 
 
 @pytest.mark.parametrize("honour", [True, False])
@@ -27,3 +30,16 @@ def test_given_up_searches_leave_the_walk_only_when_honoured(honour: bool) -> No
     # given up on the walk or before boarding it (a thread that started late)
     assert flat.times.abandoned == (4 if honour else 0)
     assert walk.abandoned <= flat.times.abandoned
+
+
+def test_the_probe_reports_the_walks_work_for_circular_scans(tmp_path: Path) -> None:
+    """End to end: a circular row holds the walk's counters over its staggered searches."""
+    argv = ["--docs", "20000", "--dim", "16", "--threads", "1", "--chunk-size", "4096",
+            "--scans", "batch,circular", "--searches", "6", "--batch", "2", "--depth", "3",
+            "--interval-ms", "1", "--k", "2", "--repeats", "1"]  # fmt: skip
+    payload = run_probe("probe_scan.py", argv, tmp_path)
+    circular, batch = payload["circular"], payload["batch"]
+    assert circular["staggered_median_s"] > 0 and batch["staggered_median_s"] > 0
+    assert circular["scan_chunks"] >= 6 * 5  # each search a full turn of 5 chunks
+    assert circular["scan_cohorts"] >= 6 and circular["scan_product_s"] > 0
+    assert not any(key.startswith("scan_chunks") for key in batch)
