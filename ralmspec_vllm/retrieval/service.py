@@ -137,6 +137,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 executor=self._executor,
                 mixed_k=mixed_k,
                 overlapping=overlapping,
+                merging=merging,
             )
 
     @property

@@ -340,6 +340,26 @@ async def test_merge_searches_overrides_the_backend(
         assert (stats.index_searches, stats.max_merged_calls) == (12, 1)
 
 
+async def test_merge_searches_off_reaches_searches_by_embedding(
+    retrievers: dict[str, Retriever],
+) -> None:
+    """A dense service told not to merge answers each Search by vectors with its own
+    index search too, not only the text ones."""
+    flat = retrievers["flat"]
+    assert isinstance(flat, DenseRetriever)
+    counting = CountingRetriever(flat)
+    config = ServiceConfig(batch_window_ms=50.0, max_batch=256, merge_searches=False)
+    server = await start_server(counting, "127.0.0.1", 0, config, warm_up=False)
+    embeddings = flat.encode([f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(8)])
+    try:
+        async with RetrieverClient(server.target, timeout_s=30) as client:
+            got = await asyncio.gather(*(client.search_vectors(e, K) for e in embeddings))
+    finally:
+        await server.stop(grace=0)
+    assert got == [flat.search_vectors(e, K) for e in embeddings]
+    assert counting.vector_batches == [1] * 8
+
+
 async def test_text_and_embedding_queries_batch_separately_within_max_batch(
     retrievers: dict[str, Retriever],
 ) -> None:
