@@ -599,7 +599,10 @@ def parse_args(argv: Sequence[str] | None = None) -> LatencyConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    everywhere = os.sched_getaffinity(0) if cfg.cpus is not None else None
+    # the cores the knowledge base may open on (``_on_cores``); without affinity calls
+    # (not Linux) ``pin`` refuses --cpus with a clear error instead
+    pinnable = cfg.cpus is not None and hasattr(os, "sched_getaffinity")
+    everywhere = os.sched_getaffinity(0) if pinnable else None
     try:
         pin(cfg.cpus)  # before any thread or child exists: they inherit the cores
     except ValueError as exc:
