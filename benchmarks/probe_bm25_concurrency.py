@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,23 +58,15 @@ def run_cell(retriever: Any, queries: list[str], k: int, prefetch: int, callers:
     next query when free): throughput, latencies and the hits in query order."""
     latencies = [0.0] * len(queries)
     hits: list[Any] = [None] * len(queries)
-    lock = threading.Lock()
-    following = iter(range(len(queries)))
 
-    def caller() -> None:
-        while True:
-            with lock:
-                i = next(following, None)
-            if i is None:
-                return
-            start = time.perf_counter()
-            (hits[i],) = retriever.search([queries[i]], k, prefetch)
-            latencies[i] = time.perf_counter() - start
+    def one(i: int) -> None:
+        start = time.perf_counter()
+        (hits[i],) = retriever.search([queries[i]], k, prefetch)
+        latencies[i] = time.perf_counter() - start
 
     start = time.perf_counter()
     with ThreadPoolExecutor(callers, thread_name_prefix="probe-caller") as pool:
-        for future in [pool.submit(caller) for _ in range(callers)]:
-            future.result()
+        list(pool.map(one, range(len(queries))))  # a pool thread takes the next when free
     elapsed = time.perf_counter() - start
     return {
         "per_s": round(len(queries) / elapsed, 2),
