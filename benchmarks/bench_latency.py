@@ -82,7 +82,7 @@ from benchmarks.latency_runs import (  # noqa: E402
 from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
 from ralmspec_vllm.cpus import parse_cpus, pin  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
-from ralmspec_vllm.retrieval.ann import IVF_CODECS  # noqa: E402
+from ralmspec_vllm.retrieval.ann import IVF_BUILDS, IVF_CODECS  # noqa: E402
 from ralmspec_vllm.retrieval.factory import RetrieverConfig  # noqa: E402
 from ralmspec_vllm.retrieval.flat import DTYPES as FLAT_DTYPES  # noqa: E402
 from ralmspec_vllm.retrieval.flat import SCANS as FLAT_SCANS  # noqa: E402
@@ -204,6 +204,10 @@ class LatencyConfig(OutputConfig):
     ivf_probe_groups: int = 1
     """Search a query's IVF lists in this many groups on as many threads
     (``RetrieverConfig.ivf_probe_groups``); 1: FAISS's one-core search of a query."""
+    ivf_build: str = "auto"
+    """Where an IVF build's k-means and list assignment run (``RetrieverConfig.ivf_build``):
+    ``auto`` is torch on the GPU where there is one (seconds at 21M docs; FAISS on the CPU
+    had not finished its k-means after 4.5 minutes in session 28)."""
     save_index: bool = True
     """Save a built HNSW, IVF or BM25 index for later runs (``RetrieverConfig.save_index``);
     the 21M scripts turn it off: a lent GPU machine starts from scratch every session."""
@@ -573,6 +577,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--nlist", "ivf_nlist", {"type": int, "help": "IVF lists (default: ~4 sqrt(docs))"}),
     ("--nprobe", "ivf_nprobe", {"type": int, "help": "IVF lists probed per query"}),
     ("--ivf-codec", "ivf_codec", {"choices": IVF_CODECS, "help": "IVF vector storage"}),
+    ("--ivf-build", "ivf_build",
+     {"choices": IVF_BUILDS, "help": "where an IVF build's k-means runs (auto: the GPU if any)"}),
     ("--ivf-probe-groups", "ivf_probe_groups",
      {"type": int, "help": "IVF: a query's lists in N groups on N threads"}),
     ("--save-index", "save_index",

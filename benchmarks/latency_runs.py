@@ -266,6 +266,7 @@ def retriever_config(cfg: LatencyConfig, backend: str) -> Any:
         nprobe=cfg.ivf_nprobe,
         ivf_codec=cfg.ivf_codec,
         ivf_probe_groups=cfg.ivf_probe_groups,
+        ivf_build=cfg.ivf_build,
         save_index=cfg.save_index,
         progress=False,
     )

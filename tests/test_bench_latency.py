@@ -315,6 +315,10 @@ def test_approximate_search_flags_reach_the_retriever_and_the_label() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--ivf-codec", "pq"])
     assert retriever_config(parse_args([]), "ivf").nlist is None  # ~4 sqrt(N) at open
+    assert retriever_config(parse_args([]), "ivf").ivf_build == "auto"
+    assert retriever_config(parse_args(["--ivf-build", "faiss"]), "ivf").ivf_build == "faiss"
+    with pytest.raises(SystemExit):
+        parse_args(["--ivf-build", "gpu"])
 
 
 def test_flat_dtype_flag_validation_and_label() -> None:

@@ -6,7 +6,9 @@
 # 4,096 lists: a float32 IVF (32 GB) would not fit the 64 GB disk next to the knowledge
 # base's own 32 GB of vectors, and FAISS's default ~4 sqrt(N) = 18,330 lists would take its
 # k-means many minutes on 16 cores. The build (train on 262k vectors, add 21M) overlaps the
-# engine start; it is not saved (--no-save-index: a lent machine starts from scratch).
+# engine start; it is not saved (--no-save-index: a lent machine starts from scratch). Its
+# k-means and list assignment run in torch on the GPU (--ivf-build auto): FAISS's k-means
+# on the host's CPU had not finished after 4.5 minutes in session 28.
 # --nprobe sets the operating point (default 64: ~3% of the docs scanned per query);
 # --time-budget-s (default 400 s) stops starting questions. Used with run.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/approx_latency_21m.sh [bench_latency args]

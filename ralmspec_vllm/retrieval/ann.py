@@ -36,6 +36,21 @@ logger = logging.getLogger(__name__)
 
 IVF_CODECS = ("flat", "sq8")
 """IVF vector storage: float32 (IVF-Flat) or FAISS's 8-bit scalar quantizer."""
+IVF_BUILDS = ("auto", "faiss", "cuda")
+"""Where an IVF index's k-means and list assignment run: FAISS on the CPU, torch on the GPU
+(``retrieval/kmeans.py``), or ``auto``: the GPU where torch sees one."""
+
+
+def ivf_build_device(build: str) -> str | None:
+    """The torch device an ``IVF_BUILDS`` choice builds on; ``None``: FAISS on the CPU."""
+    if build not in IVF_BUILDS:
+        raise ValueError(f"ivf_build: must be one of {IVF_BUILDS}, got {build!r}")
+    if build == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    return None if build == "faiss" else build
+
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
@@ -201,7 +216,11 @@ class IVFFlatRetriever(_FaissANNRetriever):
         rebuild: bool = False,
         save: bool = True,
         probe_groups: int = 1,
+        build_device: str | None = None,
     ) -> None:
+        """``build_device``: a torch device (``"cuda"``) that trains the lists' centroids and
+        assigns the vectors to them (``retrieval/kmeans.py``), instead of FAISS on the CPU;
+        the index and its search are FAISS's either way."""
         nlist = default_nlist(len(vectors)) if nlist is None else nlist
         if probe_groups < 1:
             raise ValueError(f"probe_groups: must be >= 1, got {probe_groups}")
@@ -215,10 +234,13 @@ class IVFFlatRetriever(_FaissANNRetriever):
         if codec not in IVF_CODECS:
             raise ValueError(f"codec: must be one of {IVF_CODECS}, got {codec!r}")
         self.nlist, self.nprobe, self.seed, self.codec = nlist, nprobe, seed, codec
+        self.build_device = build_device
         self.train_size = min(len(vectors), train_size or max(64 * nlist, 10_000))
         build_params: dict[str, Any] = {"nlist": nlist, "train_size": self.train_size, "seed": seed}
         if codec != "flat":  # a flat index's parameters stay as saved before codecs existed
             build_params["codec"] = codec
+        if build_device is not None:  # other centroids: not the index FAISS's k-means makes
+            build_params["trainer"] = "torch"
         super().__init__(
             vectors,
             documents,
@@ -257,12 +279,48 @@ class IVFFlatRetriever(_FaissANNRetriever):
         index.cp.seed = self.seed
         rng = np.random.default_rng(self.seed)
         sample = np.sort(rng.choice(self.num_docs, size=self.train_size, replace=False))
+        where = "FAISS" if self.build_device is None else f"torch on {self.build_device}"
         logger.info(
-            "training IVF (nlist=%d, %s) on %d vectors", self.nlist, self.codec, len(sample)
+            "training IVF (nlist=%d, %s) on %d vectors, %s",
+            self.nlist,
+            self.codec,
+            len(sample),
+            where,
         )
-        index.train(np.ascontiguousarray(self._vectors[sample], dtype=np.float32))
-        self._add_all(index, f"ivf nlist={self.nlist} {self.codec}", progress)
+        train = np.ascontiguousarray(self._vectors[sample], dtype=np.float32)
+        desc = f"ivf nlist={self.nlist} {self.codec}"
+        if self.build_device is None:
+            index.train(train)
+            self._add_all(index, desc, progress)
+        else:
+            self._build_torch(index, train, desc, progress)
         return index
+
+    def _build_torch(self, index: Any, train: np.ndarray, desc: str, progress: bool) -> None:
+        """Train ``index`` and add every vector with centroids and list assignments computed
+        in torch on ``build_device``, then hand them to FAISS: the quantizer gets the
+        centroids, ``train_encoder`` fits the codec (SQ8's ranges, on residuals) to the
+        sample's lists, and ``add_core`` adds each block with its precomputed lists. The
+        device's cached memory is released after (a vLLM engine may share the card)."""
+        import faiss
+
+        from ralmspec_vllm.retrieval import kmeans
+
+        device = str(self.build_device)
+        centroids = kmeans.kmeans(train, self.nlist, device, seed=self.seed)
+        index.quantizer.add(centroids)
+        ((_, _, lists),) = kmeans.assign_blocks(train, centroids, device, block=len(train))
+        ptr = faiss.swig_ptr
+        index.train_encoder(len(train), ptr(train), ptr(np.ascontiguousarray(lists)))
+        index.is_trained = True
+        with tqdm(total=self.num_docs, unit="vec", desc=desc, disable=not progress) as bar:
+            for _, rows, lists in kmeans.assign_blocks(self._vectors, centroids, device):
+                index.add_core(len(rows), ptr(rows), None, ptr(np.ascontiguousarray(lists)))
+                bar.update(len(rows))
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def _search_params(self, count: int) -> Any:
         import faiss

@@ -49,7 +49,27 @@ def _ivf_sq8(
     return _ivf(corpus, path, codec="sq8", **params)
 
 
-BUILDERS = {"hnsw": _hnsw, "ivf": _ivf, "ivf-sq8": _ivf_sq8}
+def _ivf_torch(
+    corpus: SyntheticCorpus, path: Path | None = None, **params: object
+) -> IVFFlatRetriever:
+    """Centroids and list assignments from ``retrieval/kmeans.py`` (torch on the CPU here;
+    ``ivf_build="cuda"`` on a GPU)."""
+    return _ivf(corpus, path, build_device="cpu", **params)
+
+
+def _ivf_sq8_torch(
+    corpus: SyntheticCorpus, path: Path | None = None, **params: object
+) -> IVFFlatRetriever:
+    return _ivf(corpus, path, codec="sq8", build_device="cpu", **params)
+
+
+BUILDERS = {
+    "hnsw": _hnsw,
+    "ivf": _ivf,
+    "ivf-sq8": _ivf_sq8,
+    "ivf-torch": _ivf_torch,
+    "ivf-sq8-torch": _ivf_sq8_torch,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
