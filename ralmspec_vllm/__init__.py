@@ -12,3 +12,7 @@ Layout (the architecture, top to bottom):
 """
 
 __version__ = "0.1.0"
+
+from ralmspec_vllm.openblas import prefer_native_kernels
+
+prefer_native_kernels()  # before faiss loads its bundled OpenBLAS 0.3.15: see openblas.py
