@@ -257,6 +257,39 @@ def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     assert all(r["p90_ms"] >= r["p50_ms"] > 0 for r in data["results"])
 
 
+def test_ivf_build_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
+    """``probe_ivf_build.sh`` runs the probe into OUTDIR; without CUDA the probe times
+    FAISS's k-means under each OpenBLAS kernel set (each child names the core it ran),
+    torch's on the CPU, and a whole FAISS build, and records the kernels as shipped."""
+    import json
+    import sys
+
+    (argv,) = run_with_fake_python(tmp_path, "probe_ivf_build.sh", "out")
+    assert argv == ["benchmarks/gpu/probe_ivf_build.py", "--out-dir", "out", "--docs", "2000000"]
+    out = tmp_path / "probe"
+    small = ["--docs", "20000", "--nlist", "32", "--sample", "4096", "--threads", "1"]
+    subprocess.run(
+        [sys.executable, str(GPU / "probe_ivf_build.py"), *small, "--out-dir", str(out)],
+        check=True,
+        cwd=GPU.parent.parent,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+    )
+    (written,) = out.glob("probe_ivf_build_*.json")
+    data = json.loads(written.read_text())
+    rows = data["rows"]
+    assert [r["what"] for r in rows] == ["faiss_kmeans"] * 3 + ["torch_kmeans", "ivf_build"]
+    assert [r["coretype"] for r in rows[:3]] == ["", "SkylakeX", "Haswell"]
+    for row in rows[1:3]:  # an override names the kernels OpenBLAS then ran
+        assert row["openblas"].startswith(row["coretype"]), row
+    assert all(r["seconds"] > 0 for r in rows) and rows[-1]["hits_per_query"] == 10
+    from ralmspec_vllm import openblas
+
+    expected = os.environ.get(openblas.ENV) or openblas.coretype_for(openblas.cpu_flags())
+    if expected is not None:  # what importing ralmspec_vllm first leaves faiss running
+        assert data["meta"]["openblas_as_shipped"].split()[0] == expected
+
+
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""
