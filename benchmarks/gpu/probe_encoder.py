@@ -10,7 +10,7 @@ single-text encodes (what every search and every guess does), memo off:
 - ``graphed``: ``QueryEncoder(cuda_graphs=True)`` (what ``RALMSPEC_ENCODER_CUDA_GRAPHS=1``
   turns on): each text at its exact token length (no padding, so no mask for the model's
   mask code to inspect on the host, which a graph capture forbids), replayed from one CUDA
-  graph per length (captured on first use, one memory pool);
+  graph per length (all captured when the encoder is created, one memory pool);
 
 each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
 event loop that drives vLLM). It checks that a graphed text's vector is bit-identical over
