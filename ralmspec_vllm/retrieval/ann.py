@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -307,7 +308,9 @@ class IVFFlatRetriever(_FaissANNRetriever):
         from ralmspec_vllm.retrieval import kmeans
 
         device = str(self.build_device)
+        start = time.perf_counter()
         centroids = kmeans.kmeans(train, self.nlist, device, seed=self.seed)
+        trained = time.perf_counter()
         index.quantizer.add(centroids)
         ((_, _, lists),) = kmeans.assign_blocks(train, centroids, device, block=len(train))
         ptr = faiss.swig_ptr
@@ -321,6 +324,13 @@ class IVFFlatRetriever(_FaissANNRetriever):
             import torch
 
             torch.cuda.empty_cache()
+        logger.info(
+            "IVF built on %s: k-means %.1f s, codec and %d vectors added %.1f s",
+            device,
+            trained - start,
+            self.num_docs,
+            time.perf_counter() - trained,
+        )
 
     def _search_params(self, count: int) -> Any:
         import faiss

@@ -128,7 +128,7 @@ def test_torch_built_index_holds_each_vector_in_its_nearest_list(
         ivf = IVFFlatRetriever(
             vectors, nlist=20, nprobe=20, codec=codec, build_device="cpu", progress=False
         )
-    assert "torch on cpu" in caplog.text
+    assert "torch on cpu" in caplog.text and "IVF built on cpu: k-means" in caplog.text
     index = ivf._index
     assert index.is_trained and index.ntotal == len(vectors) and index.quantizer.ntotal == 20
     centroids = index.quantizer.reconstruct_n(0, 20)
