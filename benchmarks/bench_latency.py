@@ -207,7 +207,7 @@ class LatencyConfig(OutputConfig):
     ivf_build: str = "auto"
     """Where an IVF build's k-means and list assignment run (``RetrieverConfig.ivf_build``):
     ``auto`` is torch on the GPU where there is one (seconds at 21M docs; FAISS on the CPU
-    had not finished its k-means after 4.5 minutes in session 28)."""
+    had not finished its k-means and add after 4.5 minutes in session 28)."""
     save_index: bool = True
     """Save a built HNSW, IVF or BM25 index for later runs (``RetrieverConfig.save_index``);
     the 21M scripts turn it off: a lent GPU machine starts from scratch every session."""

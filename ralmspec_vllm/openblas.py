@@ -3,7 +3,7 @@
 The faiss-cpu wheels (1.15.1 here) bundle OpenBLAS 0.3.15, which picks its kernels from the
 CPU model number and does not know CPUs newer than about 2020: on the dev machine's AMD EPYC
 it runs its "Barcelona" kernels (2007, SSE), and FAISS's k-means there ran at 38 GFLOP/s
-instead of 124 with the "SkylakeX" ones (``benchmarks/gpu/probe_ivf_build.py``). FAISS uses
+instead of 116-124 with the "SkylakeX" ones (``benchmarks/gpu/probe_ivf_build.py``). FAISS uses
 BLAS for k-means (IVF training), IVF list assignment and batched flat searches of 20 or more
 queries. OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when it loads; ``prefer_native_kernels``
 sets it from the CPU's flags (AVX-512 -> ``SkylakeX``, AVX2 + FMA -> ``Haswell``) unless it is

@@ -1,12 +1,13 @@
 """How long an IVF build takes on the GPU box: FAISS's k-means and add on the CPU against the
 torch build on the GPU (``--ivf-build cuda``, ``retrieval/kmeans.py``), and why FAISS is slow.
 
-Session 28 (H100 host): FAISS's k-means for IVF-SQ8 at 21M docs (4,096 lists, 262k sample
-vectors, 10 iterations, ~8e12 flops) had not finished after 4.5 minutes, where the 2-core
-dev machine runs FAISS's k-means at ~200 GFLOP/s (that sample would take ~40 s there). The
-product runs on the OpenBLAS 0.3.15 that the faiss-cpu wheel bundles; the host reports a
-generic "Intel(R) Xeon(R) Processor" and OpenBLAS picks its kernels from the CPU model, so
-this probe prints the core OpenBLAS chose and times FAISS's k-means in child processes under
+Session 28 (H100 host): FAISS's build of IVF-SQ8 at 21M docs (k-means for 4,096 lists on
+262k sample vectors, 10 iterations, ~8e12 flops, then the add of 21M) had not finished after
+4.5 minutes. The 2-core dev machine runs that k-means at 75-116 GFLOP/s with kernels that
+suit its CPU (70-110 s on 2 cores; the host has 16), and at 38 GFLOP/s with those the
+faiss-cpu wheel's OpenBLAS 0.3.15 picks for it. OpenBLAS picks its kernels from the CPU
+model, and the host reports a generic "Intel(R) Xeon(R) Processor", so this probe prints
+the core OpenBLAS chose and times FAISS's k-means in child processes under
 ``OPENBLAS_CORETYPE`` overrides, then times whole builds (train + add) both ways:
 
     python3 benchmarks/gpu/probe_ivf_build.py --docs 2000000 --out-dir "$OUT/gpu"

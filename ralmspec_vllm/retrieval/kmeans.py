@@ -2,8 +2,9 @@
 on a GPU (``IVFFlatRetriever(build_device="cuda")``).
 
 FAISS's own k-means and ``add`` run on the CPU (faiss-cpu): at 21M MiniLM vectors and 4,096
-lists its training on 262k sample vectors alone ran past 4.5 minutes on a 16-core GPU host
-(session 28), and the add assigns 21M vectors to their lists with another 6.6e13 flops. On
+lists its build (training on 262k sample vectors, ~8e12 flops, then the add, which assigns
+21M vectors to their lists with another 6.6e13) had not finished after 4.5 minutes on a
+16-core GPU host (session 28). On
 the GPU both are seconds. The index built from these centroids is an ordinary FAISS index:
 searches run in FAISS on the CPU as before, and candidates are re-scored exactly as before,
 so only which lists hold which vectors (recall) can differ from FAISS's k-means.
