@@ -17,6 +17,7 @@ atomics), so the same inputs give the same centroids run after run on one card.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -119,5 +120,8 @@ def assign_blocks(
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     for start in range(0, len(vectors), block):
         rows = np.ascontiguousarray(vectors[start : start + block], dtype=np.float32)
-        lists = _assign(torch.from_numpy(rows).to(device), c).cpu().numpy()
+        with warnings.catch_warnings():  # a knowledge base's read-only memory map: only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            tensor = torch.from_numpy(rows)
+        lists = _assign(tensor.to(device), c).cpu().numpy()
         yield start, rows, lists

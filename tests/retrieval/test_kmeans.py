@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +109,19 @@ def test_assign_blocks_cover_every_row_in_order() -> None:
     assert np.array_equal(lists[clear], np.argmax(scores, axis=1)[clear])
 
 
+def test_assign_blocks_read_a_read_only_memory_map_quietly(tmp_path: Path) -> None:
+    """A knowledge base's vectors are a read-only memory map: assigned without a copy and
+    without torch's warning about non-writable arrays."""
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "v.npy", rng.standard_normal((500, 8)).astype(np.float32))
+    vectors = np.load(tmp_path / "v.npy", mmap_mode="r")
+    c = rng.standard_normal((4, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ((_, rows, lists),) = kmeans.assign_blocks(vectors, c, "cpu", block=500)
+    assert np.shares_memory(rows, vectors) and len(lists) == 500
+
+
 def test_kmeans_validation() -> None:
     x = np.zeros((10, 4), dtype=np.float32)
     with pytest.raises(ValueError, match=r"^k:"):
@@ -145,12 +160,10 @@ def test_torch_built_index_holds_each_vector_in_its_nearest_list(
     assert [[h.doc_id for h in row] for row in hits] == exact[:, :5].tolist()
 
 
-def test_torch_and_faiss_builds_are_saved_apart(tmp_path: object) -> None:
+def test_torch_and_faiss_builds_are_saved_apart(tmp_path: Path) -> None:
     """A saved index records how its lists were made: asking for the other build rebuilds
     instead of loading lists it did not ask for."""
-    from pathlib import Path
-
-    path = Path(str(tmp_path)) / "ivf" / INDEX_FILE
+    path = tmp_path / "ivf" / INDEX_FILE
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((2000, 8)).astype(np.float32)
     IVFFlatRetriever(vectors, nlist=10, build_device="cpu", index_path=path, progress=False)
