@@ -155,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             emit({"what": "faiss_kmeans", "coretype": coretype, "error": done.stderr[-500:]})
         else:
             emit(json.loads(done.stdout.strip().splitlines()[-1]))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    cuda = ["cuda"] if torch.cuda.is_available() else []
+    for device in ["cpu", *cuda]:
         emit(torch_kmeans_cell(args.sample, args.dim, args.nlist, device))
-    for build in ["faiss"] + (["cuda"] if torch.cuda.is_available() else []):
+    for build in ["faiss", *cuda]:
         emit(build_cell(args.docs, args.dim, args.nlist, args.codec, build))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()

@@ -4,10 +4,10 @@ on a GPU (``IVFFlatRetriever(build_device="cuda")``).
 FAISS's own k-means and ``add`` run on the CPU (faiss-cpu): at 21M MiniLM vectors and 4,096
 lists its build (training on 262k sample vectors, ~8e12 flops, then the add, which assigns
 21M vectors to their lists with another 6.6e13) had not finished after 4.5 minutes on a
-16-core GPU host (session 28). On
-the GPU both are seconds. The index built from these centroids is an ordinary FAISS index:
-searches run in FAISS on the CPU as before, and candidates are re-scored exactly as before,
-so only which lists hold which vectors (recall) can differ from FAISS's k-means.
+16-core GPU host (session 28). On the GPU both are seconds. The index built from these
+centroids is an ordinary FAISS index: searches run in FAISS on the CPU as before, and
+candidates are re-scored exactly as before, so only which lists hold which vectors (recall)
+can differ from FAISS's k-means.
 
 Deterministic for a given device: the initial centroids are a seeded sample, ties go to the
 lowest centroid (``argmax``), and each iteration's centroid sums are matrix products (no
@@ -96,7 +96,7 @@ def _split_largest(centroids: torch.Tensor, counts: torch.Tensor, empty: list[in
     change of direction, which the normalization keeps)."""
     import torch
 
-    sizes = counts.to("cpu", copy=True).tolist()
+    sizes = counts.tolist()  # a copy: the splits below count in it
     up = torch.ones(centroids.shape[1], dtype=centroids.dtype, device=centroids.device)
     up[0::2] += _SPLIT_EPS
     up[1::2] -= _SPLIT_EPS
