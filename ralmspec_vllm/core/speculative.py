@@ -315,6 +315,7 @@ class SpeculativeRequest:
         query: str,
         reads_cache: Callable[[], Coroutine[Any, Any, Any]] | None = None,
         prefetch_beside: bool = False,
+        prefetch: bool = True,
     ) -> tuple[list[Hit], float, Any, float]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
         Returns the hits, the search latency, what ``reads_cache`` returned (a coroutine
@@ -323,9 +324,10 @@ class SpeculativeRequest:
         ``perf_counter`` when the step's generation ended (the insert may end later).
         ``prefetch_beside``: the step's search is the baseline's (the exact top-1), and the
         prefetch for the cache is a second search beside the step (``PREFETCH_BESIDE_RATIO``);
-        the hits returned are then the top-1's."""
+        the hits returned are then the top-1's. ``prefetch=False``: the baseline's search
+        only, and only its top-1 goes into the cache (``SpeculationConfig.plain_prefetch``)."""
         start = time.perf_counter()
-        if prefetch_beside:
+        if prefetch_beside or not prefetch:
             (hits,) = await self.ctx.search([query], 1, "retrieve")
         else:
             (hits,) = await self._search([query], "retrieve")
@@ -388,10 +390,12 @@ class SpeculativeRequest:
         # The guess (OS3's evidence only) is scored beside the step's LM work, once the
         # search has answered (its query is encoded by then, and nothing competes with
         # the search), and against the cache as it was: before the search's documents.
+        prefetch = self.config.plain_prefetch
         hits, search_s, guessed, _ = await self._retrieve_step(
             query,
             reads_cache=lambda: self.scorer.top1(self.cache, query, self.recorder),
-            prefetch_beside=self._prefetch_beside(),
+            prefetch_beside=prefetch and self._prefetch_beside(),
+            prefetch=prefetch,
         )
         self.recorder.plain_steps += 1
         hit = guessed == _top1(hits)

@@ -588,3 +588,26 @@ async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
         assert lean == 0 and "prefetch" not in purposes
         assert len(prefetching) == len(calls)
     assert all(c == ((1, 4), 0) for c in prefetching)  # prefetch_k exact hits
+
+
+@pytest.mark.parametrize("search_s", [0.001, 0.03])
+async def test_plain_steps_without_prefetch_search_as_the_baseline_does(search_s: float) -> None:
+    """``plain_prefetch=False``: every plain step is the baseline's search (one query, the
+    exact top-1) and nothing more, whether searches are cheap or slow; only the first step
+    (which fills the cache) and verifications ask for the prefetch. The same answer."""
+    retriever = ScriptedRetriever(forced(lambda s: True), latency_s=search_s)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.012))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4, plain_prefetch=False)
+    for _ in range(2):
+        retriever.search_calls.clear()
+        retriever.prefetches.clear()
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+        assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps >= len(trace.spans) - 3  # nearly all plain
+    purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
+    assert "prefetch" not in purposes
+    calls = list(zip(retriever.search_calls, retriever.prefetches, strict=True))
+    assert calls.count(((1, 1), 0)) >= trace.plain_steps  # the baseline's search
+    assert len(calls) - calls.count(((1, 1), 0)) <= len(calls) - trace.plain_steps
