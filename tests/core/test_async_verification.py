@@ -556,6 +556,25 @@ async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() 
         assert result.trace.rollbacks > 0 or result.trace.plain_steps > 0
 
 
+async def _plain_run(
+    search_s: float, config: SpeculationConfig
+) -> tuple[Any, list[tuple[tuple[int, int], int]]]:
+    """Every guess misses, so OS3 runs (nearly) every step plain: the second request's trace
+    (it knows a and b(1) from its first steps on) and its searches as (shape, prefetch),
+    each request's answer checked against the baseline's."""
+    retriever = ScriptedRetriever(forced(lambda s: True), latency_s=search_s)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.012))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    for _ in range(2):
+        retriever.search_calls.clear()
+        retriever.prefetches.clear()
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+        assert result.token_ids == baseline.token_ids
+    trace = result.trace
+    assert trace.plain_steps >= len(trace.spans) - 3  # nearly all plain
+    return trace, list(zip(retriever.search_calls, retriever.prefetches, strict=True))
+
+
 @pytest.mark.parametrize(("search_s", "beside"), [(0.001, True), (0.03, False)])
 async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
     search_s: float, beside: bool
@@ -565,18 +584,8 @@ async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
     exact top-1, no prefetch) and the cache's prefetch comes from a second search beside
     the step; where searches are slow, one search with the prefetch. The same answer either
     way, and a prefetch search for every plain step (what fills the cache)."""
-    retriever = ScriptedRetriever(forced(lambda s: True), latency_s=search_s)
-    engine, _ = make_engine(retriever, FakeLM(latency_s=0.012))
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     config = SpeculationConfig(speculation_stride="auto", prefetch_k=4)
-    for _ in range(2):  # the second request knows a and b(1) from its first steps on
-        retriever.search_calls.clear()
-        retriever.prefetches.clear()
-        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
-        assert result.token_ids == baseline.token_ids
-    trace = result.trace
-    assert trace.plain_steps >= len(trace.spans) - 3  # nearly all plain
-    calls = list(zip(retriever.search_calls, retriever.prefetches, strict=True))
+    trace, calls = await _plain_run(search_s, config)
     purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
     lean = calls.count(((1, 1), 0))  # the baseline's search: one query, top-1
     prefetching = [c for c in calls if c != ((1, 1), 0)]
@@ -593,21 +602,11 @@ async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
 @pytest.mark.parametrize("search_s", [0.001, 0.03])
 async def test_plain_steps_without_prefetch_search_as_the_baseline_does(search_s: float) -> None:
     """``plain_prefetch=False``: every plain step is the baseline's search (one query, the
-    exact top-1) and nothing more, whether searches are cheap or slow; only the first step
-    (which fills the cache) and verifications ask for the prefetch. The same answer."""
-    retriever = ScriptedRetriever(forced(lambda s: True), latency_s=search_s)
-    engine, _ = make_engine(retriever, FakeLM(latency_s=0.012))
-    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    exact top-1) and nothing more, whether searches are cheap or slow; the first step still
+    fills the cache with the prefetch. The same answer."""
     config = SpeculationConfig(speculation_stride="auto", prefetch_k=4, plain_prefetch=False)
-    for _ in range(2):
-        retriever.search_calls.clear()
-        retriever.prefetches.clear()
-        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
-        assert result.token_ids == baseline.token_ids
-    trace = result.trace
-    assert trace.plain_steps >= len(trace.spans) - 3  # nearly all plain
+    trace, calls = await _plain_run(search_s, config)
     purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
     assert "prefetch" not in purposes
-    calls = list(zip(retriever.search_calls, retriever.prefetches, strict=True))
     assert calls.count(((1, 1), 0)) >= trace.plain_steps  # the baseline's search
-    assert len(calls) - calls.count(((1, 1), 0)) <= len(calls) - trace.plain_steps
+    assert calls[0] == ((1, 4), 0)  # the first step's prefetch
