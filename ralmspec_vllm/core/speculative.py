@@ -89,6 +89,9 @@ from ralmspec_vllm.types import Hit
 
 logger = logging.getLogger(__name__)
 
+PrefetchMode = Literal["with", "beside", "none"]
+"""How a retrieval step fills the cache (``SpeculativeRequest._retrieve_step``)."""
+
 PREFETCH_BESIDE_RATIO = 0.5
 """A plain step searches as the baseline does (the exact top-1, no prefetch) and fetches the
 cache's prefetch with a second search beside its LM step where a search costs at most this
@@ -276,15 +279,18 @@ class SpeculativeRequest:
             seconds = (time.perf_counter() if end is None else end) - start
             steps.record("first" if first else "plain", seconds, len(self.ctx.generated) - before)
 
-    def _prefetch_beside(self) -> bool:
-        """Whether a plain step's prefetch is a second search beside its LM step
-        (``PREFETCH_BESIDE_RATIO``): with OS3 and a prefetch, once b(1) and a
-        are known."""
+    def _plain_prefetch(self) -> PrefetchMode:
+        """How a plain step fills the cache: not at all where ``plain_prefetch`` is off;
+        with a second search beside its LM step (``PREFETCH_BESIDE_RATIO``) with OS3 and a
+        prefetch, once b(1) and a are known and a search is cheap; else with its search."""
+        if not self.config.plain_prefetch:
+            return "none"
         scheduler = self.scheduler
         if not isinstance(scheduler, OptimalStrideScheduler) or not self.config.prefetch:
-            return False
+            return "with"
         a, b1 = scheduler.a, scheduler.search_cost
-        return a is not None and b1 is not None and b1 <= PREFETCH_BESIDE_RATIO * a
+        cheap = a is not None and b1 is not None and b1 <= PREFETCH_BESIDE_RATIO * a
+        return "beside" if cheap else "with"
 
     def _step_costs(self) -> StepCosts | None:
         scheduler = self.scheduler
@@ -314,20 +320,21 @@ class SpeculativeRequest:
         self,
         query: str,
         reads_cache: Callable[[], Coroutine[Any, Any, Any]] | None = None,
-        prefetch_beside: bool = False,
-        prefetch: bool = True,
+        prefetch: PrefetchMode = "with",
     ) -> tuple[list[Hit], float, Any, float]:
         """Search (with prefetch), seed the cache, generate a final step with the top-1.
         Returns the hits, the search latency, what ``reads_cache`` returned (a coroutine
         that reads the cache, a plain step's guess, started when the search answers and run
         beside the step; this step's documents go in after it, never before) and the
         ``perf_counter`` when the step's generation ended (the insert may end later).
-        ``prefetch_beside``: the step's search is the baseline's (the exact top-1), and the
-        prefetch for the cache is a second search beside the step (``PREFETCH_BESIDE_RATIO``);
-        the hits returned are then the top-1's. ``prefetch=False``: the baseline's search
-        only, and only its top-1 goes into the cache (``SpeculationConfig.plain_prefetch``)."""
+        ``prefetch``: ``"with"`` the step's search (the default); ``"beside"``: the step's
+        search is the baseline's (the exact top-1), and the prefetch for the cache is a
+        second search beside the step (``PREFETCH_BESIDE_RATIO``); ``"none"``: the
+        baseline's search only, and only its top-1 goes into the cache
+        (``SpeculationConfig.plain_prefetch``). With either, the hits returned are the
+        top-1's."""
         start = time.perf_counter()
-        if prefetch_beside or not prefetch:
+        if prefetch != "with":
             (hits,) = await self.ctx.search([query], 1, "retrieve")
         else:
             (hits,) = await self._search([query], "retrieve")
@@ -338,7 +345,7 @@ class SpeculativeRequest:
         # The step needs the top-1 only; the cache (and what it fetches for the new
         # documents) is needed by the next guess: fill it while the step generates.
         found: asyncio.Task[list[list[Hit]]] | None = None
-        if prefetch_beside:
+        if prefetch == "beside":
             found = asyncio.create_task(self._search([query], "prefetch"))
         insert = asyncio.create_task(self._insert([hits], after=reading, found=found))
         try:
@@ -390,12 +397,10 @@ class SpeculativeRequest:
         # The guess (OS3's evidence only) is scored beside the step's LM work, once the
         # search has answered (its query is encoded by then, and nothing competes with
         # the search), and against the cache as it was: before the search's documents.
-        prefetch = self.config.plain_prefetch
         hits, search_s, guessed, _ = await self._retrieve_step(
             query,
             reads_cache=lambda: self.scorer.top1(self.cache, query, self.recorder),
-            prefetch_beside=prefetch and self._prefetch_beside(),
-            prefetch=prefetch,
+            prefetch=self._plain_prefetch(),
         )
         self.recorder.plain_steps += 1
         hit = guessed == _top1(hits)
