@@ -36,6 +36,10 @@ from ralmspec_vllm.retrieval.base import AsyncRetriever
 
 logger = logging.getLogger(__name__)
 
+_CAPPED_LOGGED: set[tuple[int, int]] = set()
+"""(prefetch_k, limit) pairs already logged: a benchmark makes a runner per question, and
+one line per process says all there is to say."""
+
 
 @dataclass(frozen=True, slots=True)
 class RaLMResult:
@@ -130,7 +134,6 @@ class RaLMEngine:
         self.stride_ledgers = {} if stride_ledgers is None else stride_ledgers
         self.speculation_held = speculation_held
         self._ids = itertools.count()
-        self._capped_k: set[int] = set()
         self._prefetch_limit: int | None = None
         self._prefetch_limit_known = False
 
@@ -240,13 +243,13 @@ class RaLMEngine:
         return self._prefetch_limit
 
     async def _fit_to_retriever(self, spec: SpeculationConfig) -> SpeculationConfig:
-        """``spec`` with ``prefetch_k`` capped at ``prefetch_limit`` (logged once per k):
+        """``spec`` with ``prefetch_k`` capped at ``prefetch_limit`` (logged once a process):
         prefetching only speeds speculation up, the top-1 must stay the baseline's."""
         limit = await self.prefetch_limit()
         if limit is None or spec.prefetch_k <= limit:
             return spec
-        if spec.prefetch_k not in self._capped_k:
-            self._capped_k.add(spec.prefetch_k)
+        if (spec.prefetch_k, limit) not in _CAPPED_LOGGED:
+            _CAPPED_LOGGED.add((spec.prefetch_k, limit))
             logger.info(
                 "prefetch_k=%d capped at HNSW's ef_search (%d): a wider search beam could "
                 "change the top-1 the baseline sees",

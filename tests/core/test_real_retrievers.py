@@ -7,6 +7,7 @@ Also checks the core's import boundary: no vLLM, torch, FAISS or gRPC.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -194,6 +195,27 @@ async def test_prefetch_is_capped_at_the_hnsw_beam(ef_search: int, searched_k: i
     assert sum(c.k == 1 for c in searches) <= result.trace.plain_steps
     flat = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(flat_retriever()))  # type: ignore[arg-type]
     assert await flat.prefetch_limit() is None
+
+
+async def test_the_prefetch_cap_is_logged_once_a_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A benchmark makes an engine per question and method: the cap is one line, not one a
+    question (session 30's log had it ~30 times a question)."""
+    import ralmspec_vllm.core.runner as runner_module
+
+    ann = pytest.importorskip("ralmspec_vllm.retrieval.ann")
+    monkeypatch.setattr(runner_module, "_CAPPED_LOGGED", set())
+    vectors = np.random.default_rng(2).standard_normal((NUM_DOCS, DIM)).astype(np.float32)
+    kb = ann.HNSWRetriever(vectors, Store(corpus()), BagOfWords(), m=8, ef_search=16)
+    spec = SpeculationConfig.preset("PSA", prefetch_k=20)
+    with caplog.at_level(logging.INFO, logger="ralmspec_vllm.core.runner"):
+        for _ in range(3):
+            engine = RaLMEngine(FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb))
+            await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    capped = [r for r in caplog.records if "capped at HNSW" in r.getMessage()]
+    assert len(capped) == 1
+    assert "prefetch_k=20 capped at HNSW's ef_search (16)" in capped[0].getMessage()
 
 
 class RecordingRetriever(InProcessAsyncRetriever):
