@@ -24,15 +24,16 @@ the same vector whether it is encoded alone (baseline) or in a verification batc
 Index building passes ``batch_invariant=False``: passages are encoded once, in length-sorted
 padded batches with every thread, which is several times faster.
 
-CUDA graphs (``cuda_graphs=True``, or ``RALMSPEC_ENCODER_CUDA_GRAPHS=1`` for the shared
-encoders): on CUDA a 6-layer BERT over one short query is ~100 small kernels, launch-bound
-(3.9 ms a query on the H100 beside the process driving vLLM, session 23, against 1.5 ms for a
-1M IVF scan). Then every text runs alone at its exact token length (no padding, so no mask)
-from one graph per length, all captured into one memory pool when the encoder is created:
-still batch invariant (a text's vector never depends on what else is encoded), slightly
-different floats from the padded pass (``benchmarks/gpu/probe_encoder.py`` measures both).
-Each graph keeps its input and output alive and only its own intermediates in the pool, and
-replays run one at a time, each read before the next: so they may share it in any order.
+CUDA graphs (``cuda_graphs=True``; the shared encoders use them wherever they are on CUDA
+unless ``RALMSPEC_ENCODER_CUDA_GRAPHS=0``): on CUDA a 6-layer BERT over one short query is
+~100 small kernels, launch-bound (3.9 ms a query on the H100 beside the process driving
+vLLM, session 23, against 1.5 ms for a 1M IVF scan). Then every text runs alone at its exact
+token length (no padding, so no mask) from one graph per length, all captured into one
+memory pool when the encoder is created: still batch invariant (a text's vector never
+depends on what else is encoded), slightly different floats from the padded pass
+(``benchmarks/gpu/probe_encoder.py`` measures both). Each graph keeps its input and output
+alive and only its own intermediates in the pool, and replays run one at a time, each read
+before the next: so they may share it in any order.
 
 Speed: ``dtype="bfloat16"`` runs the model under bf16 autocast (pooling and normalisation stay
 in float32); on CPUs with AMX it is ~2.2x faster than float32 and the vectors keep a cosine of
@@ -67,8 +68,11 @@ MEMO_ENV = "RALMSPEC_ENCODER_MEMO"
 """Set to 0 to encode every text afresh (benchmarks that time the encoder, where query texts
 recur across cells); read when an encoder is created, so a child process inherits it."""
 CUDA_GRAPHS_ENV = "RALMSPEC_ENCODER_CUDA_GRAPHS"
-"""Set to 1 to run the shared query encoders (``encoder_for``) from CUDA graphs where they
-are on CUDA; read when one is created, so a child process inherits it."""
+"""Whether the shared query encoders (``encoder_for``) run from CUDA graphs: ``auto`` (the
+default) wherever they are on CUDA, ``0`` never, ``1`` always (an error without CUDA). Read
+when one is created, so a child process inherits it. Session 30 (H100): 1.1 ms a query
+against 3.7 ms for the padded pass (6.9 ms beside a busy GPU), which took IVF-SQ8 21M from
+1.84x to 1.93x."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,12 +443,24 @@ _CACHE: dict[str, QueryEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _graphs_wanted() -> bool:
+    """``CUDA_GRAPHS_ENV`` read: ``auto`` means graphs exactly where ``device="auto"`` picks
+    CUDA."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "auto").strip().lower()
+    if value == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if value not in ("0", "1"):
+        raise ValueError(f"{CUDA_GRAPHS_ENV}: must be auto, 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def encoder_for(model: str = DEFAULT_ENCODER) -> QueryEncoder:
     """One shared batch-invariant encoder per model name per process."""
     with _CACHE_LOCK:
         if model not in _CACHE:
-            graphs = os.environ.get(CUDA_GRAPHS_ENV, "0") == "1"
-            _CACHE[model] = QueryEncoder(model, cuda_graphs=graphs)
+            _CACHE[model] = QueryEncoder(model, cuda_graphs=_graphs_wanted())
         return _CACHE[model]
 
 

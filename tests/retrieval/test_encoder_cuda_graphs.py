@@ -32,8 +32,9 @@ def test_cuda_graphs_need_a_cuda_device_and_batch_invariance() -> None:
 def test_the_environment_switch_reaches_the_shared_encoders(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``RALMSPEC_ENCODER_CUDA_GRAPHS=1``: a shared encoder created now asks for graphs (here,
-    without CUDA, that is the clear refusal); unset, the shared one has none."""
+    """``RALMSPEC_ENCODER_CUDA_GRAPHS``: ``1`` asks for graphs (without CUDA, the clear
+    refusal), ``0`` never, unset (``auto``) exactly where the encoder lands on CUDA; anything
+    else is refused by name."""
     monkeypatch.setattr(encoder_module, "_CACHE", {})
     monkeypatch.setenv(CUDA_GRAPHS_ENV, "1")
     if not _cuda():
@@ -42,8 +43,17 @@ def test_the_environment_switch_reaches_the_shared_encoders(
     else:
         assert encoder_for().graphs is not None
     monkeypatch.setattr(encoder_module, "_CACHE", {})
-    monkeypatch.delenv(CUDA_GRAPHS_ENV)
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
     assert encoder_for().graphs is None
+    monkeypatch.setattr(encoder_module, "_CACHE", {})
+    monkeypatch.delenv(CUDA_GRAPHS_ENV)
+    shared = encoder_for()
+    assert shared.device.startswith("cuda") == _cuda()
+    assert (shared.graphs is not None) == _cuda()
+    monkeypatch.setattr(encoder_module, "_CACHE", {})
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "yes")
+    with pytest.raises(ValueError, match="RALMSPEC_ENCODER_CUDA_GRAPHS: must be auto, 0 or 1"):
+        encoder_for()
 
 
 def test_the_exact_length_pass_is_the_masked_pass_of_the_text_alone() -> None:
