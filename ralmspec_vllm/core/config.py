@@ -101,15 +101,17 @@ class SpeculationConfig:
     true document). Speculation therefore never loses to plain steps, and OS3's plain-step
     rule (``prefers_plain_step``) is skipped. Where a search is cheaper than an LM step
     (approximate dense, BM25), this is what hides retrieval behind generation."""
-    plain_prefetch: bool = True
+    plain_prefetch: bool = False
     """Not in the paper: whether OS3's plain steps still fill the cache with the prefetch
     (``prefetch_k`` hits: a second search beside the step where searches are cheap, see
-    ``PREFETCH_BESIDE_RATIO``). ``False``: a plain step searches and inserts as the
-    baseline does (the exact top-1 only), so the steps the rule runs plain cost what the
-    baseline's do, but the cache then only learns the top-1 of plain steps, and the
-    accuracy the rule measures (and a later speculation's) may drop. An experiment for
-    IVF at 1M, where 20-22 of ~26 steps ran plain at 0.90-0.94x with 42-44 searches an
-    answer against the baseline's 26 (session 29). Never changes an answer."""
+    ``PREFETCH_BESIDE_RATIO``). ``False`` (the default since session 30): a plain step
+    searches and inserts as the baseline does (the exact top-1 only), so the steps the rule
+    runs plain cost what the baseline's do; the request's first step still prefetches, and
+    so does every verification. ``True`` fills the cache faster while the rule runs plain,
+    at a second search a step. Measured on an H100 (session 30, one run each, the same
+    questions): IVF-Flat 1M 0.983x against 0.958x with the prefetch (LM 0.453 vs 0.468 s,
+    the searches beside it slowing it); HNSW 1M 0.995x against 0.994x with half the
+    searches (28 vs 55 an answer), which a shared retriever feels. Never changes an answer."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     score_recent: int | None = None

@@ -19,11 +19,12 @@ Plain steps (S): when OS3 picks stride 1 for synchronous verification, a specula
 costs the same LM step and the same search as a plain retrieval step, plus a second LM step
 on every miss, so it can only lose. With asynchronous verification it loses when misses are
 frequent and an LM step costs more than a verification (``prefers_plain_step``). Such steps
-run as plain retrieval (retrieve with prefetch, insert into the cache, generate a final
-step; where a search costs at most half an LM step, the step's search is the baseline's and
-the prefetch a second search beside the step: ``PREFETCH_BESIDE_RATIO``). The cache's
-would-be speculation is still scored against the retrieved document, so OS3 keeps
-estimating gamma (and a, b) and returns to speculation once speculating pays.
+run as plain retrieval: the baseline's search (the exact top-1), its document inserted into
+the cache, a final step generated with it (``SpeculationConfig.plain_prefetch=True`` adds the
+prefetch: with the step's search, or where a search costs at most half an LM step as a
+second search beside the step, ``PREFETCH_BESIDE_RATIO``). The cache's would-be speculation
+is still scored against the retrieved document, so OS3 keeps estimating gamma (and a, b)
+and returns to speculation once speculating pays.
 
 Held speculation (not in the paper): while ``ctx.speculation_held()`` answers True (the
 server's retriever is busier than it allows, ``RaLMService``), no new step is speculated;
@@ -93,13 +94,14 @@ PrefetchMode = Literal["with", "beside", "none"]
 """How a retrieval step fills the cache (``SpeculativeRequest._retrieve_step``)."""
 
 PREFETCH_BESIDE_RATIO = 0.5
-"""A plain step searches as the baseline does (the exact top-1, no prefetch) and fetches the
-cache's prefetch with a second search beside its LM step where a search costs at most this
-fraction of an LM step (OS3's b(1) against a). There the second search is cheap (its query
-is encoded already) and hides behind the step, and the prefetch's exact ranking of
-``prefetch_k`` hits leaves the step's path: ~0.5 ms a step on the H200 at 1M HNSW, where
-plain steps ran 1-3% behind the baseline for it (session 24). Where searches are slow (a
-21M scan, BM25 at 21M) one search with prefetch stays: a second would cost a whole search."""
+"""With ``SpeculationConfig.plain_prefetch``: a plain step searches as the baseline does (the
+exact top-1, no prefetch) and fetches the cache's prefetch with a second search beside its
+LM step where a search costs at most this fraction of an LM step (OS3's b(1) against a).
+There the second search is cheap (its query is encoded already) and hides behind the step,
+and the prefetch's exact ranking of ``prefetch_k`` hits leaves the step's path: ~0.5 ms a
+step on the H200 at 1M HNSW, where plain steps ran 1-3% behind the baseline for it (session
+24). Where searches are slow (a 21M scan, BM25 at 21M) one search with prefetch stays: a
+second would cost a whole search."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +282,10 @@ class SpeculativeRequest:
             steps.record("first" if first else "plain", seconds, len(self.ctx.generated) - before)
 
     def _plain_prefetch(self) -> PrefetchMode:
-        """How a plain step fills the cache: not at all where ``plain_prefetch`` is off;
-        with a second search beside its LM step (``PREFETCH_BESIDE_RATIO``) with OS3 and a
-        prefetch, once b(1) and a are known and a search is cheap; else with its search."""
+        """How a plain step fills the cache: not at all where ``plain_prefetch`` is off (the
+        default); with a second search beside its LM step (``PREFETCH_BESIDE_RATIO``) with
+        OS3 and a prefetch, once b(1) and a are known and a search is cheap; else with its
+        search."""
         if not self.config.plain_prefetch:
             return "none"
         scheduler = self.scheduler

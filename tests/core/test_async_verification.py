@@ -583,8 +583,9 @@ async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
     step (``PREFETCH_BESIDE_RATIO``), a plain step's search is the baseline's own (the
     exact top-1, no prefetch) and the cache's prefetch comes from a second search beside
     the step; where searches are slow, one search with the prefetch. The same answer either
-    way, and a prefetch search for every plain step (what fills the cache)."""
-    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4)
+    way, and a prefetch search for every plain step (what fills the cache). Opt-in
+    (``plain_prefetch=True``) since session 30."""
+    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4, plain_prefetch=True)
     trace, calls = await _plain_run(search_s, config)
     purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
     lean = calls.count(((1, 1), 0))  # the baseline's search: one query, top-1
@@ -601,10 +602,11 @@ async def test_a_plain_step_prefetches_beside_its_step_where_searches_are_cheap(
 
 @pytest.mark.parametrize("search_s", [0.001, 0.03])
 async def test_plain_steps_without_prefetch_search_as_the_baseline_does(search_s: float) -> None:
-    """``plain_prefetch=False``: every plain step is the baseline's search (one query, the
-    exact top-1) and nothing more, whether searches are cheap or slow; the first step still
-    fills the cache with the prefetch. The same answer."""
-    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4, plain_prefetch=False)
+    """``plain_prefetch=False`` (the default): every plain step is the baseline's search (one
+    query, the exact top-1) and nothing more, whether searches are cheap or slow; the first
+    step still fills the cache with the prefetch. The same answer."""
+    config = SpeculationConfig(speculation_stride="auto", prefetch_k=4)
+    assert not config.plain_prefetch
     trace, calls = await _plain_run(search_s, config)
     purposes = [c.purpose for c in trace.retrieval_calls if c.kind == "search"]
     assert "prefetch" not in purposes
