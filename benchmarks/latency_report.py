@@ -55,6 +55,8 @@ class RunRecord:
     """Steps OS3 ran as plain retrieval (sync, stride 1)."""
     measured_plain_steps: int = 0
     """Of ``plain_steps``: those the measured costs chose (speculation measured slower)."""
+    quiet_steps: int = 0
+    """Of ``plain_steps``: the baseline's steps between two probes of a plain run."""
     lm_aborts: int = 0
     """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
     searches: tuple[tuple[int, float], ...] = ()
@@ -121,6 +123,7 @@ class RunRecord:
             lm_calls=summary["lm_calls"],
             plain_steps=summary.get("plain_steps", 0),
             measured_plain_steps=summary.get("measured_plain_steps", 0),
+            quiet_steps=summary.get("quiet_steps", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             identical=identical,
             same_documents=same_documents,
@@ -237,6 +240,7 @@ def summarize(
                 mean_lm_calls=_round(_mean([r.lm_calls for r in runs])),
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 mean_measured_plain_steps=_round(_mean([r.measured_plain_steps for r in runs])),
+                mean_quiet_steps=_round(_mean([r.quiet_steps for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),

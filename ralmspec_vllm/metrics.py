@@ -87,6 +87,11 @@ MEASURED_PLAIN_STEPS = Counter(
     "Steps of speculating requests run as plain retrieval because speculation measured"
     " slower per finalized token than plain steps, or too close to tell (the same answer).",
 )
+QUIET_STEPS = Counter(
+    "ralmspec_quiet_steps",
+    "Plain steps run as the baseline's, between two probes of a plain run"
+    " (--plain-probe-every; the same answer).",
+)
 RETRIEVER_UTILIZATION = Gauge(
     "ralmspec_retriever_utilization",
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
@@ -160,6 +165,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_load_fallbacks_total",
     "ralmspec_held_steps_total",
     "ralmspec_measured_plain_steps_total",
+    "ralmspec_quiet_steps_total",
     "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
@@ -189,6 +195,7 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     LM_ABORTS.inc(trace.lm_aborts)
     HELD_STEPS.inc(trace.held_steps)
     MEASURED_PLAIN_STEPS.inc(trace.measured_plain_steps)
+    QUIET_STEPS.inc(trace.quiet_steps)
     for verification in trace.verifications:
         VERIFICATION_STEPS.observe(verification.num_steps)
         label = "true" if verification.asynchronous else "false"

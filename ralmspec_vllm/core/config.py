@@ -112,6 +112,16 @@ class SpeculationConfig:
     questions): IVF-Flat 1M 0.983x against 0.958x with the prefetch (LM 0.453 vs 0.468 s,
     the searches beside it slowing it); HNSW 1M 0.995x against 0.994x with half the
     searches (28 vs 55 an answer), which a shared retriever feels. Never changes an answer."""
+    plain_probe_every: int = 1
+    """Not in the paper: in a run of plain steps chosen by OS3 (not a hold), only every this
+    many-th step, the run's first included, probes: it scores the cache's guess (OS3's
+    evidence of the accuracy) and inserts its document into the cache. The steps between
+    are the baseline's steps exactly (its search, then the step, nothing beside it); their
+    search and LM times still feed OS3 and the measured costs. 1: every plain step probes.
+    Larger values make a long plain run cost what the baseline's steps do (session 30: a
+    plain step at 1M IVF cost ~0.4 ms more than a baseline step, 0.978x over 98 questions),
+    at the price of slower evidence and a cache without the quiet steps' documents when
+    speculation resumes. Never changes an answer."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     score_recent: int | None = None
@@ -155,6 +165,7 @@ class SpeculationConfig:
             raise ValueError(
                 "early_verification needs async_verification and overlap_depth='pipeline'"
             )
+        _positive("plain_probe_every", self.plain_probe_every)
         _positive("cache_capacity", self.cache_capacity)
         if self.score_recent is not None:
             _positive("score_recent", self.score_recent)

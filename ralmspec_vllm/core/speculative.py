@@ -24,7 +24,8 @@ the cache, a final step generated with it (``SpeculationConfig.plain_prefetch=Tr
 prefetch: with the step's search, or where a search costs at most half an LM step as a
 second search beside the step, ``PREFETCH_BESIDE_RATIO``). The cache's would-be speculation
 is still scored against the retrieved document, so OS3 keeps estimating gamma (and a, b)
-and returns to speculation once speculating pays.
+and returns to speculation once speculating pays; with ``plain_probe_every`` > 1 only every
+so many steps of a plain run do that, and the others are the baseline's steps.
 
 Held speculation (not in the paper): while ``ctx.speculation_held()`` answers True (the
 server's retriever is busier than it allows, ``RaLMService``), no new step is speculated;
@@ -214,6 +215,8 @@ class SpeculativeRequest:
         self._inserting: asyncio.Task[None] | None = None
         """Pipeline: the last settled step's cache insert, which waits for its fetch and
         for the insert before it (so documents go in in step order) off the settle path."""
+        self._plain_run = 0
+        """Plain steps OS3 chose since the last speculation (``plain_probe_every``)."""
         self._segment: tuple[float, int] | None = None
         """Speculation since the last decision point: (``perf_counter``, final length)."""
 
@@ -306,6 +309,7 @@ class SpeculativeRequest:
         self._close_segment()
         if held or self._plain_pays(stride):
             return True
+        self._plain_run = 0
         self._segment = (time.perf_counter(), self.ctx.final_length)
         return False
 
@@ -381,19 +385,21 @@ class SpeculativeRequest:
 
     async def _plain_step(self, held: bool = False) -> None:
         """Retrieve, then generate a final step; score the cache's guess for OS3's gamma.
-        ``held``: run because the server holds speculation (counted in ``held_steps``); then
-        the step is the baseline's step: the baseline's search (the exact top-1, no
-        prefetch), no scoring of the cache (an encoder call, possibly on the retriever's
-        host), no cache insert (whose vectors would be another call) and nothing for OS3.
-        The hold exists because the retriever has no room, so a held request must not ask
-        it for more than the baseline would; the cache just misses the held steps'
-        documents when speculation resumes."""
+        Between two probes of a plain run (``SpeculationConfig.plain_probe_every``) the step
+        is the baseline's instead (``_quiet_step``). ``held``: run because the server holds
+        speculation (counted in ``held_steps``); then the step is the baseline's step: the
+        baseline's search (the exact top-1, no prefetch), no scoring of the cache (an
+        encoder call, possibly on the retriever's host), no cache insert (whose vectors
+        would be another call) and nothing for OS3. The hold exists because the retriever
+        has no room, so a held request must not ask it for more than the baseline would; the
+        cache just misses the held steps' documents when speculation resumes."""
         if held:
-            (hits,) = await self.ctx.search([self.ctx.query()], 1, "retrieve")
-            await self.ctx.generate_step(_top1(hits), "retrieve")
-            self.ctx.finalize(len(self.ctx.generated))
-            self.recorder.plain_steps += 1
+            await self._baseline_step()
             self.recorder.held_steps += 1
+            return
+        run, self._plain_run = self._plain_run, self._plain_run + 1
+        if run % self.config.plain_probe_every:
+            await self._quiet_step()
             return
         start, before = time.perf_counter(), len(self.ctx.generated)
         query = self.ctx.query()
@@ -410,6 +416,28 @@ class SpeculativeRequest:
         # a: the LM step and whatever scoring the step did not hide; b: the search
         self.scheduler.record_speculation(time.perf_counter() - start - search_s)
         self.scheduler.record_verification(search_s, int(hit), not hit, size=1)
+        self._record_plain(start, before)
+
+    async def _baseline_step(self) -> float:
+        """The baseline's step: its search (the exact top-1, no prefetch), then a final step
+        with its document; nothing else. Returns the search's seconds."""
+        start = time.perf_counter()
+        (hits,) = await self.ctx.search([self.ctx.query()], 1, "retrieve")
+        search_s = time.perf_counter() - start
+        await self.ctx.generate_step(_top1(hits), "retrieve")
+        self.ctx.finalize(len(self.ctx.generated))
+        self.recorder.plain_steps += 1
+        return search_s
+
+    async def _quiet_step(self) -> None:
+        """A plain step between two probes (``plain_probe_every``): the baseline's step,
+        whose times still feed OS3 (a: the LM step, b(1): the search) and ``StepCosts``."""
+        start, before = time.perf_counter(), len(self.ctx.generated)
+        search_s = await self._baseline_step()
+        self.recorder.quiet_steps += 1
+        self.scheduler.record_speculation(time.perf_counter() - start - search_s)
+        if isinstance(self.scheduler, OptimalStrideScheduler):
+            self.scheduler.record_search(search_s)
         self._record_plain(start, before)
 
     async def _speculate(self, lm_request_id: str) -> SpeculativeStep:

@@ -92,6 +92,9 @@ class RequestTrace:
     measured_plain_steps: int = 0
     """Of ``plain_steps``: those run plainly because speculation measured slower (or too
     close to tell) per finalized token (``OptimalStrideScheduler.measured_plain_pays``)."""
+    quiet_steps: int = 0
+    """Of ``plain_steps``: those run as the baseline's steps between two probes of a plain
+    run (``SpeculationConfig.plain_probe_every``): no cache scoring, no cache insert."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -138,6 +141,7 @@ class RequestTrace:
             "plain_steps": self.plain_steps,
             "held_steps": self.held_steps,
             "measured_plain_steps": self.measured_plain_steps,
+            "quiet_steps": self.quiet_steps,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -173,6 +177,7 @@ class TraceRecorder:
     plain_steps: int = 0
     held_steps: int = 0
     measured_plain_steps: int = 0
+    quiet_steps: int = 0
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
@@ -208,4 +213,5 @@ class TraceRecorder:
             plain_steps=self.plain_steps,
             held_steps=self.held_steps,
             measured_plain_steps=self.measured_plain_steps,
+            quiet_steps=self.quiet_steps,
         )

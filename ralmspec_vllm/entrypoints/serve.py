@@ -151,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="with --overlap-depth pipeline: send a speculated step's search when its "
               "document is guessed, before the step is generated; a miss aborts the step "
               "in flight (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--plain-probe-every", type=int, default=s.plain_probe_every,
+         help="in a run of plain steps (speculation measured or modelled slower), score "
+              "the cache's guess and insert the step's document only every this many steps; "
+              "the others run as the baseline's steps (default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
@@ -218,6 +222,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             overlap_depth=depth,  # type: ignore[arg-type]
             early_verification=args.early_verification,
             cache_capacity=args.cache_capacity,
+            plain_probe_every=args.plain_probe_every,
             max_speculation_stride=args.max_speculation_stride,
         ),
         default_mode=args.mode,

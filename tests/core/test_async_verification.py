@@ -612,3 +612,30 @@ async def test_plain_steps_without_prefetch_search_as_the_baseline_does(search_s
     assert "prefetch" not in purposes
     assert calls.count(((1, 1), 0)) >= trace.plain_steps  # the baseline's search
     assert calls[0] == ((1, 4), 0)  # the first step's prefetch
+
+
+async def test_a_plain_run_probes_only_every_so_many_steps() -> None:
+    """``plain_probe_every=3``: of a run of plain steps only every third (the run's first
+    included) scores the cache's guess (a ``score`` call here) for OS3's evidence; the two
+    between are the baseline's steps (its search and nothing else: ``quiet_steps``). The
+    same answer either way. With every step probing (the default), no quiet steps and a
+    scoring at every plain step."""
+    runs = {}
+    for every in (1, 3):
+        config = SpeculationConfig(speculation_stride="auto", prefetch_k=4, plain_probe_every=every)
+        trace, calls = await _plain_run(0.001, config)
+        scores = [c for c in trace.retrieval_calls if c.kind == "score"]
+        runs[every] = trace, scores, calls
+    trace, scores, _ = runs[1]
+    assert trace.quiet_steps == 0 and len(scores) >= trace.plain_steps
+    trace, scores, calls = runs[3]
+    probes = trace.plain_steps - trace.quiet_steps
+    assert probes >= 1 and trace.quiet_steps >= 2 * (probes - 1)
+    speculated = len(trace.spans) - 1 - trace.plain_steps  # the first step scores nothing
+    assert len(scores) <= probes + speculated < trace.plain_steps
+    assert calls.count(((1, 1), 0)) >= trace.plain_steps  # each the baseline's search
+
+
+def test_plain_probe_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="plain_probe_every"):
+        SpeculationConfig(plain_probe_every=0)

@@ -470,4 +470,5 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         load_fallback=result.load_fallback,
         held_steps=trace.held_steps,
         measured_plain_steps=trace.measured_plain_steps,
+        quiet_steps=trace.quiet_steps,
     )

@@ -136,6 +136,9 @@ class RaLMUsage(BaseModel):
     measured_plain_steps: int = 0
     """Steps run as plain retrieval because speculation measured slower per token than
     plain steps on this server lately, or too close to tell (the answer is the same)."""
+    quiet_steps: int = 0
+    """Plain steps run as the baseline's, between two probes of a plain run
+    (``--plain-probe-every``; the answer is the same)."""
 
 
 class RaLMCompletionChoice(CompletionResponseChoice):
