@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from ralmspec_vllm.core.config import SpeculationConfig
 
 Row = dict[str, Any]
@@ -199,6 +201,31 @@ def fewest_rounds(record: RunRecord, stride: int) -> int:
     return max(misses, -(-steps // stride))
 
 
+def speedup_interval(
+    records: Sequence[RunRecord], method: str, resamples: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """95% bootstrap interval of ``method``'s speed-up over the baseline (total baseline time
+    over total method time), resampling the questions both ran with their pairing kept:
+    how far the question sample alone could move the ratio. It does not cover drift within
+    a run (an LM that slows for a while), so a row whose interval holds 1.0 is not shown
+    different from the baseline, and one whose interval excludes it is. ``None`` below 5
+    paired questions."""
+    base = {r.question_id: r.wall_time_s for r in records if r.method == "baseline"}
+    pairs = [
+        (base[r.question_id], r.wall_time_s)
+        for r in records
+        if r.method == method and r.question_id in base
+    ]
+    if len(pairs) < 5:
+        return None
+    times = np.asarray(pairs, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(times), (resamples, len(times)))
+    sums = times[picks].sum(axis=1)  # (resamples, 2): baseline, method
+    ratios = np.sort(sums[:, 0] / np.maximum(sums[:, 1], 1e-12))
+    low, high = ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+    return [round(float(low), 3), round(float(high), 3)]
+
+
 def summarize(
     records: Sequence[RunRecord], base: Mapping[str, Any], methods: Sequence[str]
 ) -> list[Row]:
@@ -222,6 +249,7 @@ def summarize(
                 "num_questions": len(runs),
                 "mean_latency_s": _round(mean),
                 "speedup_vs_baseline": _round(_ratio(means.get("baseline"), mean)),
+                "speedup_ci95": speedup_interval(mine, method),
                 "oracle_speedup": _round(_ratio(means.get("baseline"), means.get("oracle"))),
                 "oracle_fraction": _round(_ratio(means.get("oracle"), mean)),
                 "outputs_identical": all(r.identical for r in runs),

@@ -13,6 +13,7 @@ the ``--flat-dtype`` flag.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from benchmarks.bench_latency import (
     parse_args,
 )
 from benchmarks.common import read_results
-from benchmarks.latency_report import RunRecord, fewest_rounds, summarize
+from benchmarks.latency_report import RunRecord, fewest_rounds, speedup_interval, summarize
 from benchmarks.merge_latency import BASE_FIELDS, merge
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
@@ -72,6 +73,32 @@ def test_summarize_ratios_and_a_loud_mismatch() -> None:
     assert rows["PSA"]["mismatched_questions"] == ["q"]
     assert rows["oracle"]["outputs_identical"] is True
     assert rows["PSA"]["machine"] == "m" and len(rows["PSA"]["per_question"]) == 2
+
+
+def paired(method: str, walls: list[float]) -> list[RunRecord]:
+    """One record per question q0, q1, ... with these wall times."""
+    out = []
+    for i, wall in enumerate(walls):
+        rec = record(method, wall, quiet_steps=2)
+        out.append(dataclasses.replace(rec, question_id=f"q{i}"))
+    return out
+
+
+def test_the_speed_up_interval_comes_from_resampling_paired_questions() -> None:
+    """A method 10% faster on every question: the interval is that ratio exactly. One that
+    wins big on one question and loses on the rest: the interval holds 1.0 (the sample
+    cannot tell). Too few questions: none. The row carries it, and the quiet steps."""
+    base = paired("baseline", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    steady = paired("PSA", [w / 1.1 for w in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)])
+    assert speedup_interval(base + steady, "PSA") == [1.1, 1.1]
+    lumpy = paired("PSA", [0.2, 2.2, 3.3, 4.4, 5.5, 6.6])
+    low, high = speedup_interval(base + lumpy, "PSA")
+    assert low < 1.0 < high
+    assert speedup_interval(base[:4] + steady[:4], "PSA") is None
+    rows = {r["method"]: r for r in summarize(base + steady, {}, ["baseline", "PSA"])}
+    assert rows["PSA"]["speedup_ci95"] == [1.1, 1.1]
+    assert rows["baseline"]["speedup_ci95"] == [1.0, 1.0]
+    assert rows["PSA"]["mean_quiet_steps"] == 2
 
 
 def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
