@@ -59,6 +59,8 @@ class RunRecord:
     """Of ``plain_steps``: those the measured costs chose (speculation measured slower)."""
     quiet_steps: int = 0
     """Of ``plain_steps``: the baseline's steps between two probes of a plain run."""
+    cache_peak: int = 0
+    """The most documents the speculation cache held (a guess's scoring grows with it)."""
     lm_aborts: int = 0
     """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
     searches: tuple[tuple[int, float], ...] = ()
@@ -126,6 +128,7 @@ class RunRecord:
             plain_steps=summary.get("plain_steps", 0),
             measured_plain_steps=summary.get("measured_plain_steps", 0),
             quiet_steps=summary.get("quiet_steps", 0),
+            cache_peak=summary.get("cache_peak", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             identical=identical,
             same_documents=same_documents,
@@ -269,6 +272,7 @@ def summarize(
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 mean_measured_plain_steps=_round(_mean([r.measured_plain_steps for r in runs])),
                 mean_quiet_steps=_round(_mean([r.quiet_steps for r in runs])),
+                mean_cache_peak=_round(_mean([r.cache_peak for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),

@@ -79,7 +79,7 @@ def paired(method: str, walls: list[float]) -> list[RunRecord]:
     """One record per question q0, q1, ... with these wall times."""
     out = []
     for i, wall in enumerate(walls):
-        rec = record(method, wall, quiet_steps=2)
+        rec = record(method, wall, quiet_steps=2, cache_peak=7)
         out.append(dataclasses.replace(rec, question_id=f"q{i}"))
     return out
 
@@ -87,7 +87,8 @@ def paired(method: str, walls: list[float]) -> list[RunRecord]:
 def test_the_speed_up_interval_comes_from_resampling_paired_questions() -> None:
     """A method 10% faster on every question: the interval is that ratio exactly. One that
     wins big on one question and loses on the rest: the interval holds 1.0 (the sample
-    cannot tell). Too few questions: none. The row carries it, and the quiet steps."""
+    cannot tell). Too few questions: none. The row carries it, the quiet steps and the
+    cache's peak."""
     base = paired("baseline", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     steady = paired("PSA", [w / 1.1 for w in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)])
     assert speedup_interval(base + steady, "PSA") == [1.1, 1.1]
@@ -98,7 +99,7 @@ def test_the_speed_up_interval_comes_from_resampling_paired_questions() -> None:
     rows = {r["method"]: r for r in summarize(base + steady, {}, ["baseline", "PSA"])}
     assert rows["PSA"]["speedup_ci95"] == [1.1, 1.1]
     assert rows["baseline"]["speedup_ci95"] == [1.0, 1.0]
-    assert rows["PSA"]["mean_quiet_steps"] == 2
+    assert rows["PSA"]["mean_quiet_steps"] == 2 and rows["PSA"]["mean_cache_peak"] == 7
 
 
 def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:

@@ -691,6 +691,7 @@ class SpeculativeRequest:
         terms = self._fetched["term_weights"] if self.scorer.needs_terms else None
         for ids in ranked:
             self.cache.insert(ids, vectors, terms)
+        self.recorder.cache_peak = max(self.recorder.cache_peak, len(self.cache))
         for fetched in self._fetched.values():
             for ids in ranked:
                 for d in ids:

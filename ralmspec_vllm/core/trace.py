@@ -95,6 +95,9 @@ class RequestTrace:
     quiet_steps: int = 0
     """Of ``plain_steps``: those run as the baseline's steps between two probes of a plain
     run (``SpeculationConfig.plain_probe_every``): no cache scoring, no cache insert."""
+    cache_peak: int = 0
+    """The most documents the request's speculation cache held (what a guess ranks: its
+    scoring cost grows with it)."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -142,6 +145,7 @@ class RequestTrace:
             "held_steps": self.held_steps,
             "measured_plain_steps": self.measured_plain_steps,
             "quiet_steps": self.quiet_steps,
+            "cache_peak": self.cache_peak,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -178,6 +182,7 @@ class TraceRecorder:
     held_steps: int = 0
     measured_plain_steps: int = 0
     quiet_steps: int = 0
+    cache_peak: int = 0
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
@@ -214,4 +219,5 @@ class TraceRecorder:
             held_steps=self.held_steps,
             measured_plain_steps=self.measured_plain_steps,
             quiet_steps=self.quiet_steps,
+            cache_peak=self.cache_peak,
         )

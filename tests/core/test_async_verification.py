@@ -639,3 +639,21 @@ async def test_a_plain_run_probes_only_every_so_many_steps() -> None:
 def test_plain_probe_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="plain_probe_every"):
         SpeculationConfig(plain_probe_every=0)
+
+
+@pytest.mark.parametrize("capacity", [5, 64])
+async def test_the_trace_reports_the_most_documents_the_cache_held(capacity: int) -> None:
+    """``cache_peak``: every step's true document is fresh, so the cache grows by one or more
+    documents a verification until its capacity stops it (5), or holds every document
+    inserted (64: more than 5, fewer than 64); the baseline has no cache."""
+    retriever = ScriptedRetriever(forced(lambda s: True))
+    engine, _ = make_engine(retriever, FakeLM())
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    assert baseline.trace.cache_peak == 0
+    config = SpeculationConfig(speculation_stride=2, prefetch_k=4, cache_capacity=capacity)
+    result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
+    assert result.token_ids == baseline.token_ids
+    if capacity == 5:
+        assert result.trace.cache_peak == 5
+    else:
+        assert 5 < result.trace.cache_peak < 64
