@@ -53,7 +53,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -133,11 +133,11 @@ class QueryEncoder:
         batch_invariant: bool = True,
         num_threads: int | None = None,
         dtype: str = "float32",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | Literal["auto"] = False,
     ) -> None:
         """``cuda_graphs``: every text alone at its exact token length, replayed from one
         CUDA graph per length (module docstring); needs a CUDA device and
-        ``batch_invariant``."""
+        ``batch_invariant``. ``"auto"``: exactly where those hold."""
         if dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"dtype: must be float32, bfloat16 or auto, got {dtype!r}")
         if batch_size < 1:
@@ -154,6 +154,8 @@ class QueryEncoder:
             torch.set_num_threads(num_threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cuda_graphs == "auto":
+            cuda_graphs = device.startswith("cuda") and batch_invariant
         if cuda_graphs and not (device.startswith("cuda") and batch_invariant):
             raise ValueError(
                 f"cuda_graphs: needs a CUDA device and batch_invariant (device {device!r})"
@@ -443,14 +445,11 @@ _CACHE: dict[str, QueryEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _graphs_wanted() -> bool:
-    """``CUDA_GRAPHS_ENV`` read: ``auto`` means graphs exactly where ``device="auto"`` picks
-    CUDA."""
+def _graphs_wanted() -> bool | Literal["auto"]:
+    """``CUDA_GRAPHS_ENV`` read, as ``QueryEncoder``'s ``cuda_graphs``."""
     value = os.environ.get(CUDA_GRAPHS_ENV, "auto").strip().lower()
     if value == "auto":
-        import torch
-
-        return bool(torch.cuda.is_available())
+        return "auto"
     if value not in ("0", "1"):
         raise ValueError(f"{CUDA_GRAPHS_ENV}: must be auto, 0 or 1, got {value!r}")
     return value == "1"
