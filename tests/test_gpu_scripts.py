@@ -5,6 +5,7 @@ make valid ``bench_latency`` / ``bench_serving`` configurations."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -293,10 +294,11 @@ def test_ivf_build_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
 def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) -> None:
     """``chain.sh``: the next session's plan as one driver; leading VAR=value words set a
     step's environment (here FALLBACK_MODES=on: one serving run, not two)."""
+    out = tmp_path / "out"
     runs = run_with_fake_python(
         tmp_path,
         "chain.sh",
-        "out",
+        str(out),
         "FALLBACK_MODES=on serving_fallback_21m.sh --concurrency 1,8",
         "approx_latency_1m.sh --time-budget-s 60",
     )
@@ -306,6 +308,16 @@ def test_chain_runs_its_steps_in_order_with_their_environment(tmp_path: Path) ->
     ]
     assert "serving_21m_fallback-on" in runs[0] and "1,8" in runs[0]
     assert parse_args(runs[1][1:]).time_budget_s == 60
+    # what the machine had before each step (memory, disk, the largest process), for a
+    # machine lost mid-chain
+    samples = (out / "resources.log").read_text().splitlines()
+    befores = [line for line in samples if "before:" in line]
+    assert [line.split("before: ")[1] for line in befores] == [
+        "FALLBACK_MODES=on serving_fallback_21m.sh --concurrency 1,8",
+        "approx_latency_1m.sh --time-budget-s 60",
+    ]
+    for line in befores:
+        assert re.search(r"mem used \d+ avail \d+ MiB disk used \d+ avail \d+ MiB top \S+", line)
 
 
 def test_chain_refuses_a_missing_script_before_running_anything(tmp_path: Path) -> None:
@@ -316,8 +328,8 @@ def test_chain_refuses_a_missing_script_before_running_anything(tmp_path: Path) 
 def test_chain_runs_the_next_step_after_a_failure_and_reports_it(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as failed:
         run_with_fake_python(
-            tmp_path, "chain.sh", "out", "FALLBACK_MODES=of serving_fallback_21m.sh",
-            "approx_latency_1m.sh",
+            tmp_path, "chain.sh", str(tmp_path / "out"),
+            "FALLBACK_MODES=of serving_fallback_21m.sh", "approx_latency_1m.sh",
         )  # fmt: skip
     assert failed.value.returncode == 2  # the first step's
     record = (tmp_path / "argv").read_text()

@@ -17,12 +17,27 @@ for step in "$@"; do  # check every step before running any
   i=0; while [[ ${words[$i]:-} == [A-Z_]*=* ]]; do i=$((i + 1)); done
   [ -f "$here/${words[$i]:-}" ] || { echo "chain.sh: no script in step '$step'" >&2; exit 2; }
 done
+# Memory, disk and the largest process into OUTDIR/resources.log before each step and every
+# CHAIN_SAMPLE_S (10) seconds, which `run.sh follow` copies back every minute: two machines
+# were lost mid-chain (sessions 30 and 31, each in a 21M step some 20 minutes in) with
+# nothing that said why.
+mkdir -p "$out"
+sample() {
+  echo "$(date +%T) $(free -m | awk '/^Mem:/{print "mem used " $3 " avail " $7 " MiB"}')" \
+    "$(df -m "$HOME" | awk 'NR==2{print "disk used " $3 " avail " $4 " MiB"}')" \
+    "top $(ps -eo rss=,comm= --sort=-rss | head -1 | awk '{print $2 " " int($1 / 1024) " MiB"}')" \
+    "${1:-}" >>"$out/resources.log" 2>&1
+}
+while sleep "${CHAIN_SAMPLE_S:-10}"; do sample; done &
+sampler=$!
+trap 'kill $sampler 2>/dev/null' EXIT
 status=0
 for step in "$@"; do
   read -ra words <<<"$step"
   env_vars=(); i=0
   while [[ ${words[$i]} == [A-Z_]*=* ]]; do env_vars+=("${words[$i]}"); i=$((i + 1)); done
   echo "[chain] $step: $(date +%T)"
+  sample "before: $step"
   env "${env_vars[@]}" bash "$here/${words[$i]}" "$out" "${words[@]:$((i + 1))}"
   rc=$?
   echo "[chain] $step: rc=$rc $(date +%T)"
