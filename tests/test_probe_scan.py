@@ -40,6 +40,9 @@ def test_the_probe_reports_the_walks_work_for_circular_scans(tmp_path: Path) -> 
     payload = run_probe("probe_scan.py", argv, tmp_path)
     circular, batch = payload["circular"], payload["batch"]
     assert circular["staggered_median_s"] > 0 and batch["staggered_median_s"] > 0
-    assert circular["scan_chunks"] >= 6 * 5  # each search a full turn of 5 chunks
-    assert circular["scan_cohorts"] >= 6 and circular["scan_product_s"] > 0
+    # Each search rides one full turn of 5 chunks: 30 (cohort, chunk) pairs. Searches in
+    # flight together share a chunk's pass, so the passes are between one turn and 30 (it
+    # was ">= 30" until session 31, when a faster run shared passes: 19-24).
+    assert circular["scan_cohorts"] == 6 * 5
+    assert 5 <= circular["scan_chunks"] <= 6 * 5 and circular["scan_product_s"] > 0
     assert not any(key.startswith("scan_chunks") for key in batch)
