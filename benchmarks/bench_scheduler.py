@@ -173,6 +173,12 @@ class ScriptedKB:
     async def term_weights(self, doc_ids: Sequence[int]) -> None:
         return None
 
+    async def routing(self) -> None:
+        return None
+
+    async def lists(self, doc_ids: Sequence[int]) -> None:
+        return None
+
 
 def questions(n: int, seed: int) -> list[str]:
     topics = ["river", "castle", "novel", "planet", "bridge", "painter", "war", "island"]

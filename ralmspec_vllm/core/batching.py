@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ralmspec_vllm.retrieval import abandon
-from ralmspec_vllm.retrieval.base import AsyncRetriever, TermWeights
+from ralmspec_vllm.retrieval.base import AsyncRetriever, IVFRouting, TermWeights
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,12 @@ class BatchingRetriever:
 
     async def term_weights(self, doc_ids: Sequence[int]) -> list[TermWeights] | None:
         return await self.inner.term_weights(doc_ids)
+
+    async def routing(self) -> IVFRouting | None:
+        return await self.inner.routing()
+
+    async def lists(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        return await self.inner.lists(doc_ids)
 
 
 def _since(start: float) -> float:

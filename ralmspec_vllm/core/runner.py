@@ -136,6 +136,7 @@ class RaLMEngine:
         self._ids = itertools.count()
         self._prefetch_limit: int | None = None
         self._prefetch_limit_known = False
+        self._routing_known = False
 
     async def generate(
         self,
@@ -162,6 +163,7 @@ class RaLMEngine:
         spec = speculation or self.speculation
         if mode == "ralmspec":
             spec = await self._fit_to_retriever(spec)
+            await self._route_scorer()
         method = f"ralmspec-{spec.label}" if mode == "ralmspec" else mode
         request_id = request_id or f"ralm-{next(self._ids)}"
         if oracle_doc_ids is not None:  # documents are free for the oracle: load untimed
@@ -241,6 +243,15 @@ class RaLMEngine:
             self._prefetch_limit = int(ef_search) if ef_search is not None else None
             self._prefetch_limit_known = True
         return self._prefetch_limit
+
+    async def _route_scorer(self) -> None:
+        """Give a dense cache scorer the retriever's IVF routing, once (``None`` for other
+        backends): requests with ``route_guesses`` then rank only reachable documents."""
+        if self._routing_known:
+            return
+        if isinstance(self.scorer, DenseCacheScorer):
+            self.scorer.routing = await self.retriever.routing()
+        self._routing_known = True
 
     async def _fit_to_retriever(self, spec: SpeculationConfig) -> SpeculationConfig:
         """``spec`` with ``prefetch_k`` capped at ``prefetch_limit`` (logged once a process):

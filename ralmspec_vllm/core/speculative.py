@@ -76,7 +76,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ralmspec_vllm.core.cache import CacheScorer, SpeculationCache
+from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.request import RequestContext
 from ralmspec_vllm.core.stride import (
@@ -211,7 +211,11 @@ class SpeculativeRequest:
         # cached ahead of their insertion (a pipelined search starts the fetch for its own
         # hits as it answers), until ``_insert`` moves them into the cache (those of a
         # search cancelled by a rollback stay until the request ends: a few hundred).
-        self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}}
+        self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}, "lists": {}}
+        routing = scorer.routing if isinstance(scorer, DenseCacheScorer) else None
+        self._routed = config.route_guesses and routing is not None
+        """Whether the cache holds its documents' IVF lists, so guesses rank only what the
+        query's search can find (``SpeculationConfig.route_guesses``)."""
         self._inserting: asyncio.Task[None] | None = None
         """Pipeline: the last settled step's cache insert, which waits for its fetch and
         for the insert before it (so documents go in in step order) off the settle path."""
@@ -689,8 +693,9 @@ class SpeculativeRequest:
             pass
         vectors = self._fetched["vectors"] if self.scorer.needs_vectors else None
         terms = self._fetched["term_weights"] if self.scorer.needs_terms else None
+        lists = self._fetched["lists"] if self._routed else None
         for ids in ranked:
-            self.cache.insert(ids, vectors, terms)
+            self.cache.insert(ids, vectors, terms, lists)
         self.recorder.cache_peak = max(self.recorder.cache_peak, len(self.cache))
         for fetched in self._fetched.values():
             for ids in ranked:
@@ -723,12 +728,14 @@ class SpeculativeRequest:
             fetched |= await self._fetch_missing(ranked, "vectors", retriever.vectors)
         if self.scorer.needs_terms:
             fetched |= await self._fetch_missing(ranked, "term_weights", retriever.term_weights)
+        if self._routed:
+            fetched |= await self._fetch_missing(ranked, "lists", retriever.lists)
         return fetched
 
     async def _fetch_missing(
         self,
         ranked: list[list[int]],
-        kind: Literal["vectors", "term_weights"],
+        kind: Literal["vectors", "term_weights", "lists"],
         fetch: Callable[[list[int]], Awaitable[Any]],
     ) -> bool:
         """``fetch`` what the cache needs for the ranked documents it lacks and nothing

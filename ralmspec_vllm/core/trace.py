@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-CallKind = Literal["search", "score", "documents", "vectors", "term_weights"]
+CallKind = Literal["search", "score", "documents", "vectors", "term_weights", "lists"]
 CallPurpose = Literal["retrieve", "verify", "speculate", "prefetch"]
 
 

@@ -18,8 +18,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from ralmspec_vllm.retrieval.base import DocumentStore
+from ralmspec_vllm.retrieval.base import DocumentStore, IVFRouting
 from ralmspec_vllm.retrieval.dense import DenseIndexRetriever, TextEncoder
+from ralmspec_vllm.retrieval.validation import check_doc_ids
 
 if TYPE_CHECKING:
     from ralmspec_vllm.retrieval.kb import KnowledgeBase
@@ -235,6 +237,9 @@ class IVFFlatRetriever(_FaissANNRetriever):
         if codec not in IVF_CODECS:
             raise ValueError(f"codec: must be one of {IVF_CODECS}, got {codec!r}")
         self.nlist, self.nprobe, self.seed, self.codec = nlist, nprobe, seed, codec
+        self._routing: IVFRouting | None = None
+        self._doc_lists: np.ndarray | None = None
+        self._routing_lock = threading.Lock()
         self.build_device = build_device
         self.train_size = min(len(vectors), train_size or max(64 * nlist, 10_000))
         build_params: dict[str, Any] = {"nlist": nlist, "train_size": self.train_size, "seed": seed}
@@ -397,11 +402,53 @@ class IVFFlatRetriever(_FaissANNRetriever):
         )
         return scores[0], ids[0]
 
+    def routing(self) -> IVFRouting:
+        """The lists' centroids and ``nprobe`` (``base.IVFRouting``), read from the index
+        once, with the map ``lists`` reads (a client that routes asks for lists next)."""
+        with self._routing_lock:
+            if self._routing is None:
+                centroids = self._index.quantizer.reconstruct_n(0, self.nlist)
+                self._routing = IVFRouting(
+                    np.ascontiguousarray(centroids, dtype=np.float32), min(self.nprobe, self.nlist)
+                )
+            self._map_lists()
+            return self._routing
+
+    def lists(self, doc_ids: Sequence[int]) -> np.ndarray:
+        """The inverted list that holds each document, as the index stored it."""
+        ids = check_doc_ids(doc_ids, self.num_docs)
+        with self._routing_lock:
+            doc_lists = self._map_lists()
+        return doc_lists[ids].astype(np.int64)
+
+    def _map_lists(self) -> np.ndarray:
+        """Every document's list, read from the index once (21M documents: 84 MB, ~1 s).
+        Call with ``_routing_lock`` held."""
+        if self._doc_lists is None:
+            self._doc_lists = _doc_lists(self._index, self.num_docs)
+        return self._doc_lists
+
     def _extra_info(self) -> dict[str, str]:
         extra = {**super()._extra_info(), "nprobe": str(self.nprobe), "codec": self.codec}
         if self.probe_groups > 1:
             extra["probe_groups"] = str(self.probe_groups)
         return extra
+
+
+def _doc_lists(index: Any, num_docs: int) -> np.ndarray:
+    """Each document's inverted list in a FAISS IVF ``index`` (ids are doc ids), int32."""
+    import faiss
+
+    out = np.full(num_docs, -1, dtype=np.int32)
+    invlists = index.invlists
+    for lst in range(index.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+            out[np.asarray(ids, dtype=np.int64)] = lst
+    if (out < 0).any():
+        raise RuntimeError(f"IVF index holds {int((out >= 0).sum())} of {num_docs} documents")
+    return out
 
 
 def default_nlist(num_docs: int) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ralmspec_vllm.auth import RETRIEVER_KEY_ENV
-from ralmspec_vllm.retrieval.base import TermWeights
+from ralmspec_vllm.retrieval.base import IVFRouting, TermWeights
 from ralmspec_vllm.retrieval.batching import BatchStats
 from ralmspec_vllm.retrieval.errors import (
     RetrieverRequestError,
@@ -36,6 +36,7 @@ from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
 from ralmspec_vllm.retrieval.service import SERVICE_NAME
 from ralmspec_vllm.retrieval.wire import (
     document_from_proto,
+    embeddings_from_proto,
     embeddings_to_proto,
     hits_from_proto,
     info_from_proto,
@@ -306,6 +307,26 @@ class RetrieverClient:
         if not reply.available:
             return None
         return [(list(d.terms), np.asarray(d.weights, dtype=np.float64)) for d in reply.docs]
+
+    async def routing(self, *, timeout_s: float | None = None) -> IVFRouting | None:
+        """How an IVF backend routes a query (``base.IVFRouting``); ``None`` for the others."""
+        reply = await self._call("GetRouting", pb.GetRoutingRequest(), timeout_s)
+        if not reply.available:
+            return None
+        centroids = embeddings_from_proto(reply.centroids, "centroids")
+        return IVFRouting(np.ascontiguousarray(centroids, dtype=np.float32), reply.nprobe)
+
+    async def lists(
+        self, doc_ids: Sequence[int], *, timeout_s: float | None = None
+    ) -> np.ndarray | None:
+        """Each document's inverted list for IVF backends; ``None`` for the others."""
+        if len(doc_ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        request = pb.GetListsRequest(doc_ids=[int(d) for d in doc_ids])
+        reply = await self._call("GetLists", request, timeout_s)
+        if not reply.available:
+            return None
+        return np.asarray(reply.lists, dtype=np.int64)
 
     # -- transport --------------------------------------------------------------------------
 

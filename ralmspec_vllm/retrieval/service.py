@@ -3,7 +3,8 @@
 Data flow: a request is validated first (``InvalidField`` -> INVALID_ARGUMENT naming the
 field; the server keeps serving), then Search goes through a ``SearchLane`` (text queries
 and embedding queries batch separately, see ``batching.py``) while Score, GetDocuments,
-GetVectors and GetTermWeights run directly in a worker thread. Answers are encoded by ``wire.py``.
+GetVectors, GetTermWeights, GetRouting and GetLists run directly in a worker thread. Answers
+are encoded by ``wire.py``.
 Unexpected backend failures become INTERNAL and are logged with their traceback.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from ralmspec_vllm.retrieval.base import (
     DenseRetriever,
     Retriever,
+    RoutedRetriever,
     TermWeightRetriever,
     reset_caches,
 )
@@ -64,7 +66,8 @@ class ServiceConfig:
     max_queries: int = 1024
     """Most queries in one Search request."""
     max_doc_ids: int = 10_000
-    """Most doc ids in one Score / GetDocuments / GetVectors / GetTermWeights request."""
+    """Most doc ids in one Score / GetDocuments / GetVectors / GetTermWeights / GetLists
+    request."""
     max_message_bytes: int = 64 * 1024 * 1024
     """gRPC send/receive message limit; Search with vectors is refused if it would exceed it."""
     max_concurrent_rpcs: int = 0
@@ -183,6 +186,16 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         self, request: pb.GetTermWeightsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTermWeightsResponse:
         return await self._guard("GetTermWeights", self._term_weights, request, context)
+
+    async def GetRouting(
+        self, request: pb.GetRoutingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRoutingResponse:
+        return await self._guard("GetRouting", self._routing, request, context)
+
+    async def GetLists(
+        self, request: pb.GetListsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetListsResponse:
+        return await self._guard("GetLists", self._lists, request, context)
 
     async def ResetCaches(
         self, request: pb.ResetCachesRequest, context: grpc.aio.ServicerContext
@@ -319,6 +332,23 @@ class RetrieverService(pb_grpc.RetrieverServicer):
             available=True,
             docs=[pb.DocTermWeights(terms=terms, weights=weights) for terms, weights in docs],
         )
+
+    async def _routing(self, request: pb.GetRoutingRequest) -> pb.GetRoutingResponse:
+        if not isinstance(self.retriever, RoutedRetriever):
+            return pb.GetRoutingResponse(available=False)
+        routing = await asyncio.to_thread(self.retriever.routing)
+        return pb.GetRoutingResponse(
+            available=True,
+            centroids=embeddings_to_proto(routing.centroids),
+            nprobe=routing.nprobe,
+        )
+
+    async def _lists(self, request: pb.GetListsRequest) -> pb.GetListsResponse:
+        ids = self._check_doc_ids(request.doc_ids)
+        if not isinstance(self.retriever, RoutedRetriever):
+            return pb.GetListsResponse(available=False)
+        lists = await asyncio.to_thread(self.retriever.lists, ids)
+        return pb.GetListsResponse(available=True, lists=lists.tolist())
 
     async def _encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
         if self.dense is None:

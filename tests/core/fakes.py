@@ -286,6 +286,12 @@ class ScriptedRetriever:
     async def term_weights(self, doc_ids: Sequence[int]) -> None:
         return None
 
+    async def routing(self) -> None:
+        return None
+
+    async def lists(self, doc_ids: Sequence[int]) -> None:
+        return None
+
 
 class SyntheticDenseRetriever:
     """Exact inner-product search over seeded random vectors (a sync ``DenseRetriever``)."""

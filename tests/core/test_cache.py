@@ -185,3 +185,25 @@ def test_term_weights_drop_evicted_documents_and_stay_bounded() -> None:
         SpeculationCache(4).term_scores(["x"])
     with pytest.raises(ValueError, match="2 terms but 1 weights"):
         SpeculationCache(4).insert([1], terms={1: (["a", "b"], np.array([1.0]))})
+
+
+def test_lists_follow_their_documents_and_a_cache_takes_all_or_none() -> None:
+    """IVF lists (routed guesses) live per slot like vectors, through evictions; a cache
+    holds every document with its list or none with one."""
+    cache = SpeculationCache(3)
+    vec = {d: np.full(4, d, dtype=np.float32) for d in range(10)}
+    cache.insert([1, 2, 3], vec, lists={1: 10, 2: 20, 3: 30})
+    cache.insert([4], vec, lists={4: 40})  # evicts the least recently used: 3
+    assert cache.lists is not None
+    assert dict(zip(cache.doc_ids.tolist(), cache.lists.tolist(), strict=True)) == {
+        1: 10,
+        2: 20,
+        4: 40,
+    }
+    with pytest.raises(ValueError, match="all with lists or all without"):
+        cache.insert([5], vec)
+    unlisted = SpeculationCache(3)
+    unlisted.insert([1], vec)
+    assert unlisted.lists is None
+    with pytest.raises(ValueError, match="all with lists or all without"):
+        unlisted.insert([2], vec, lists={2: 20})

@@ -228,6 +228,35 @@ async def test_vector_only_dense_retriever_is_served() -> None:
         await running.stop(grace=0)
 
 
+async def test_ivf_routing_and_lists_are_served(server: RunningServer) -> None:
+    """An IVF server hands a client its routing (centroids and nprobe, bit for bit) and each
+    document's list, as the in-process retriever gives them; unknown doc ids are a clear
+    INVALID_ARGUMENT; a backend without lists (BM25) answers that it has none."""
+    import numpy as np
+
+    from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
+
+    vectors = np.random.default_rng(4).standard_normal((800, 8)).astype(np.float32)
+    ivf = IVFFlatRetriever(vectors, nlist=12, nprobe=3, progress=False, save=False)
+    running = await start_server(ivf, "127.0.0.1", 0)
+    try:
+        async with RetrieverClient(running.target) as client:
+            routing = await client.routing()
+            assert routing is not None and routing.nprobe == 3
+            assert routing.centroids.tobytes() == ivf.routing().centroids.tobytes()
+            ids = [5, 799, 0, 5]
+            lists = await client.lists(ids)
+            assert lists is not None and lists.tolist() == ivf.lists(ids).tolist()
+            assert (await client.lists([])).tolist() == []  # type: ignore[union-attr]
+            with pytest.raises(RetrieverRequestError, match="doc_ids"):
+                await client.lists([800])
+    finally:
+        await running.stop(grace=0)
+    async with RetrieverClient(server.target) as client:  # BM25
+        assert await client.routing() is None
+        assert await client.lists([1, 2]) is None
+
+
 def test_client_config_validation() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         RetrieverClient("127.0.0.1:1", timeout_s=0)

@@ -231,3 +231,31 @@ class InfoResponse(_message.Message):
     stats: BatchStats
     backend_counters: _containers.ScalarMap[str, float]
     def __init__(self, backend: _Optional[str] = ..., num_docs: _Optional[int] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., bm25: _Optional[_Union[BM25Params, _Mapping]] = ..., index_dir: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., stats: _Optional[_Union[BatchStats, _Mapping]] = ..., backend_counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class GetRoutingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRoutingResponse(_message.Message):
+    __slots__ = ("available", "centroids", "nprobe")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    centroids: Embeddings
+    nprobe: int
+    def __init__(self, available: bool = ..., centroids: _Optional[_Union[Embeddings, _Mapping]] = ..., nprobe: _Optional[int] = ...) -> None: ...
+
+class GetListsRequest(_message.Message):
+    __slots__ = ("doc_ids",)
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    doc_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, doc_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetListsResponse(_message.Message):
+    __slots__ = ("available", "lists")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    LISTS_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    lists: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, available: bool = ..., lists: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class RetrieverStub(object):
                 request_serializer=retriever__pb2.ResetCachesRequest.SerializeToString,
                 response_deserializer=retriever__pb2.ResetCachesResponse.FromString,
                 _registered_method=True)
+        self.GetRouting = channel.unary_unary(
+                '/ralmspec.retriever.v1.Retriever/GetRouting',
+                request_serializer=retriever__pb2.GetRoutingRequest.SerializeToString,
+                response_deserializer=retriever__pb2.GetRoutingResponse.FromString,
+                _registered_method=True)
+        self.GetLists = channel.unary_unary(
+                '/ralmspec.retriever.v1.Retriever/GetLists',
+                request_serializer=retriever__pb2.GetListsRequest.SerializeToString,
+                response_deserializer=retriever__pb2.GetListsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer(object):
@@ -141,6 +151,21 @@ class RetrieverServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRouting(self, request, context):
+        """How an IVF index routes a query (its lists' centroids and nprobe), so a client's
+        speculation cache ranks only the documents the query's search can reach.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLists(self, request, context):
+        """The inverted list each document is stored in (IVF only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrieverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +208,16 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.ResetCaches,
                     request_deserializer=retriever__pb2.ResetCachesRequest.FromString,
                     response_serializer=retriever__pb2.ResetCachesResponse.SerializeToString,
+            ),
+            'GetRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRouting,
+                    request_deserializer=retriever__pb2.GetRoutingRequest.FromString,
+                    response_serializer=retriever__pb2.GetRoutingResponse.SerializeToString,
+            ),
+            'GetLists': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLists,
+                    request_deserializer=retriever__pb2.GetListsRequest.FromString,
+                    response_serializer=retriever__pb2.GetListsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +436,60 @@ class Retriever(object):
             '/ralmspec.retriever.v1.Retriever/ResetCaches',
             retriever__pb2.ResetCachesRequest.SerializeToString,
             retriever__pb2.ResetCachesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ralmspec.retriever.v1.Retriever/GetRouting',
+            retriever__pb2.GetRoutingRequest.SerializeToString,
+            retriever__pb2.GetRoutingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ralmspec.retriever.v1.Retriever/GetLists',
+            retriever__pb2.GetListsRequest.SerializeToString,
+            retriever__pb2.GetListsResponse.FromString,
             options,
             channel_credentials,
             insecure,
