@@ -1,0 +1,147 @@
+"""Offline probe: how often is the speculation cache's guess right over an IVF index, ranked
+over every cached document (the exact best), within the lists the query's search reads
+(``route_guesses``), or with the query one token early (its step's last token not decoded
+yet, which would take the guess off the step's critical path; ranked either way)?
+
+Real parts, no vLLM: SmolLM2-135M through Hugging Face transformers (greedy) answers real
+questions the iterative-RaLM way (the index's top-1 in front of the question, a new
+retrieval every 4 tokens, 128 tokens at most), over the default knowledge base grown with
+synthetic filler and a FAISS IVF-Flat index (``IVFFlatRetriever``). The cache holds every
+earlier step's search with a 256-document prefetch, as PSA's verifications fill it. Answers
+need not match vLLM's token for token: the probe measures how guesses behave on real text,
+not speed.
+
+    .venv/bin/python benchmarks/probe_routing.py --filler 1000000 --nlist 1024 --nprobe 16 \\
+        --questions-per-dataset 6
+
+Writes ``benchmarks/results/probe_routing_<machine>_<size>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import describe_machine, run_metadata
+
+logger = logging.getLogger("probe_routing")
+
+STRIDE, WINDOW, MAX_NEW, PREFETCH = 4, 32, 128, 256
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--filler", type=int, default=1_000_000, help="total documents")
+    parser.add_argument("--nlist", type=int, default=1024)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--questions-per-dataset", type=int, default=6)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ralmspec_vllm.engine.models import resolve_model
+    from ralmspec_vllm.questions import load_questions
+    from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
+    from ralmspec_vllm.retrieval.kb import default_index, scale_index
+
+    base = default_index()
+    kb = scale_index(args.filler - len(base)) if args.filler > len(base) else base
+    ivf = IVFFlatRetriever.from_kb(kb, nlist=args.nlist, nprobe=args.nprobe)
+    routing = ivf.routing()
+    embeddings = np.asarray(kb.embeddings())
+    path = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    separator = tok.encode("\n\n", add_special_tokens=False)
+
+    def query(question_ids: list[int], generated: list[int]) -> str:
+        if len(generated) >= WINDOW:
+            tail = generated[-WINDOW:]
+        else:
+            tail = question_ids[max(0, len(question_ids) - WINDOW + len(generated)) :]
+            tail = tail + generated
+        return str(tok.decode(tail, skip_special_tokens=True))
+
+    def guess(cache: np.ndarray, q: np.ndarray, routed: bool) -> int:
+        scores = embeddings[cache] @ q
+        if routed:
+            reachable = np.isin(ivf.lists(cache.tolist()), routing.probed(q))
+            if reachable.any():
+                cache, scores = cache[reachable], scores[reachable]
+        return int(cache[np.argmax(scores)])
+
+    counts = dict.fromkeys(
+        ("guesses", "exact", "routed", "cached", "unreachable", "early", "early_routed"), 0
+    )
+    questions = [
+        q
+        for name in ("nq", "triviaqa", "webquestions")
+        for q in load_questions(name, args.questions_per_dataset)
+    ]
+    start = time.perf_counter()
+    for i, question in enumerate(questions):
+        question_ids = tok.encode(question.text, add_special_tokens=False)
+        generated: list[int] = []
+        cached: dict[int, None] = {}
+        while len(generated) < MAX_NEW:
+            (q,) = ivf.encode([query(question_ids, generated)])
+            (hits,) = ivf.search_vectors(q[None], 1, PREFETCH - 1)
+            truth = hits[0].doc_id
+            if cached:
+                cache = np.fromiter(cached, dtype=np.int64)
+                exact = guess(cache, q, routed=False)
+                (early_q,) = ivf.encode([query(question_ids, generated[:-1])])
+                counts["guesses"] += 1
+                counts["exact"] += exact == truth
+                counts["routed"] += guess(cache, q, routed=True) == truth
+                counts["cached"] += truth in cached
+                counts["unreachable"] += bool(
+                    exact != truth and not np.isin(ivf.lists([exact]), routing.probed(q))[0]
+                )
+                counts["early"] += guess(cache, early_q, routed=False) == truth
+                counts["early_routed"] += guess(cache, early_q, routed=True) == truth
+            cached.update(dict.fromkeys(h.doc_id for h in hits))
+            doc = tok.encode(kb.documents.get([truth])[0].contents, add_special_tokens=False)
+            prompt = doc[:128] + separator + question_ids + generated
+            with torch.no_grad():
+                out = model.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=STRIDE,
+                    do_sample=False,
+                    pad_token_id=tok.eos_token_id,
+                )
+            new = out[0, len(prompt) :].tolist()
+            stop = tok.eos_token_id in new
+            generated += new[: new.index(tok.eos_token_id)] if stop else new
+            if stop or not new:
+                break
+        logger.info("%d/%d %s: %s", i + 1, len(questions), question.qid, counts)
+    n = max(1, counts["guesses"])
+    result: dict[str, Any] = {
+        "meta": run_metadata("probe_routing", vars(args), describe_machine()),
+        "counts": counts,
+        "accuracy": {k: round(counts[k] / n, 4) for k in list(counts)[1:] if k != "unreachable"},
+        "wrong_exact_guesses_unreachable": counts["unreachable"],
+        "wrong_exact_guesses": counts["guesses"] - counts["exact"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.filler // 1000}k" if args.filler < 1_000_000 else f"{args.filler // 10**6}m"
+    out = out_dir / f"probe_routing_{describe_machine().tag}_{tag}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    logger.info("accuracy %s -> %s", result["accuracy"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
