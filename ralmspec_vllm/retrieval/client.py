@@ -309,8 +309,15 @@ class RetrieverClient:
         return [(list(d.terms), np.asarray(d.weights, dtype=np.float64)) for d in reply.docs]
 
     async def routing(self, *, timeout_s: float | None = None) -> IVFRouting | None:
-        """How an IVF backend routes a query (``base.IVFRouting``); ``None`` for the others."""
-        reply = await self._call("GetRouting", pb.GetRoutingRequest(), timeout_s)
+        """How an IVF backend routes a query (``base.IVFRouting``); ``None`` for the others,
+        and for a server older than the RPC (then guesses rank every cached document)."""
+        try:
+            reply = await self._call("GetRouting", pb.GetRoutingRequest(), timeout_s)
+        except RetrieverServerError as err:
+            if err.status != grpc.StatusCode.UNIMPLEMENTED.name:
+                raise
+            logger.info("%s serves no GetRouting: guesses rank every cached document", self.target)
+            return None
         if not reply.available:
             return None
         centroids = embeddings_from_proto(reply.centroids, "centroids")

@@ -257,6 +257,26 @@ async def test_ivf_routing_and_lists_are_served(server: RunningServer) -> None:
         assert await client.lists([1, 2]) is None
 
 
+async def test_a_server_without_routing_leaves_guesses_unrouted(
+    bm25: BM25Retriever, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retriever server from before GetRouting answers UNIMPLEMENTED: the client reports
+    no routing (guesses then rank every cached document) instead of failing requests."""
+    from ralmspec_vllm.retrieval.proto_gen import retriever_pb2 as pb
+    from ralmspec_vllm.retrieval.proto_gen import retriever_pb2_grpc as pb_grpc
+    from ralmspec_vllm.retrieval.service import RetrieverService
+
+    monkeypatch.setattr(RetrieverService, "GetRouting", pb_grpc.RetrieverServicer.GetRouting)
+    running = await start_server(bm25, "127.0.0.1", 0)
+    try:
+        async with RetrieverClient(running.target) as client:
+            with pytest.raises(RetrieverServerError, match="UNIMPLEMENTED"):  # the old server
+                await client._call("GetRouting", pb.GetRoutingRequest())
+            assert await client.routing() is None
+    finally:
+        await running.stop(grace=0)
+
+
 def test_client_config_validation() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         RetrieverClient("127.0.0.1:1", timeout_s=0)
