@@ -337,6 +337,14 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         if not isinstance(self.retriever, RoutedRetriever):
             return pb.GetRoutingResponse(available=False)
         routing = await asyncio.to_thread(self.retriever.routing)
+        if routing.centroids.nbytes > self.config.max_message_bytes - 1024:
+            logger.warning(
+                "GetRouting: %d centroids exceed the %d-byte message limit; clients' guesses "
+                "rank every cached document",
+                len(routing.centroids),
+                self.config.max_message_bytes,
+            )
+            return pb.GetRoutingResponse(available=False)
         return pb.GetRoutingResponse(
             available=True,
             centroids=embeddings_to_proto(routing.centroids),

@@ -252,6 +252,14 @@ async def test_ivf_routing_and_lists_are_served(server: RunningServer) -> None:
                 await client.lists([800])
     finally:
         await running.stop(grace=0)
+    # centroids over the message limit: no routing (and a warning), not a failed call
+    tight = ServiceConfig(max_message_bytes=12 * 8 * 4 + 1000)
+    running = await start_server(ivf, "127.0.0.1", 0, config=tight)
+    try:
+        async with RetrieverClient(running.target) as client:
+            assert await client.routing() is None
+    finally:
+        await running.stop(grace=0)
     async with RetrieverClient(server.target) as client:  # BM25
         assert await client.routing() is None
         assert await client.lists([1, 2]) is None
