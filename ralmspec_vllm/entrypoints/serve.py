@@ -155,6 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="in a run of plain steps (speculation measured or modelled slower), score "
               "the cache's guess and insert the step's document only every this many steps; "
               "the others run as the baseline's steps (default: %(default)s)")  # fmt: skip
+    _own(ralm, "--route-guesses", action=argparse.BooleanOptionalAction,
+         default=s.route_guesses,
+         help="over an IVF retriever, rank a guess only among the cached documents in the "
+              "lists the query's search reads (default: %(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
@@ -223,6 +227,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             early_verification=args.early_verification,
             cache_capacity=args.cache_capacity,
             plain_probe_every=args.plain_probe_every,
+            route_guesses=args.route_guesses,
             max_speculation_stride=args.max_speculation_stride,
         ),
         default_mode=args.mode,
