@@ -42,8 +42,13 @@ from ralmspec_vllm.core.config import Eviction
 from ralmspec_vllm.core.encoding import QueryEmbedder, QueryEncoder, ThreadEmbedder
 from ralmspec_vllm.core.trace import TraceRecorder
 from ralmspec_vllm.retrieval.analyzer import Analyzer
-from ralmspec_vllm.retrieval.base import AsyncRetriever, IVFRouting, TermWeights
-from ralmspec_vllm.retrieval.dense import float32_products, float32_relative_error, inner_product
+from ralmspec_vllm.retrieval.base import (
+    AsyncRetriever,
+    IVFRouting,
+    TermWeights,
+    float32_products,
+)
+from ralmspec_vllm.retrieval.dense import float32_relative_error, inner_product
 
 
 class SpeculationCache:

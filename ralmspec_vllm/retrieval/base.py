@@ -103,7 +103,7 @@ class IVFRouting:
         """The ids of the lists a search for ``query`` reads (unordered). In float32 on the
         calling thread, like FAISS's own coarse search up to rounding: a list at the
         ``nprobe``-th place in a near tie may differ, which only costs a guess."""
-        scores = np.einsum("ij,j->i", self.centroids, query.astype(np.float32, copy=False))
+        scores = float32_products(self.centroids, query)
         n = min(self.nprobe, len(scores))
         if n >= len(scores):
             return np.arange(len(scores))
@@ -225,6 +225,19 @@ def rank_hits(hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
     """Sort by score descending, doc id ascending; keep the first ``k``."""
     ranked = sorted(hits, key=rank_key)
     return ranked if k is None else ranked[:k]
+
+
+def float32_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``vectors @ query`` in float32, computed on the calling thread (numpy's einsum loop,
+    not BLAS; as fast for one query: the product is memory-bound).
+
+    OpenBLAS runs a matrix-vector product of this size on every core, and its worker threads
+    then spin-wait for their next job. A product every ~30 ms (the speculation cache's
+    scoring at each LM step) kept them spinning against the retriever's scan threads: on the
+    H200 host's 16 cores, beside a 16,384 x 384 product every 30 ms, a 4M-doc bf16 scan took
+    208 ms instead of 61 (one query) and 744 instead of 97 (eight), in another process as
+    in this one; with one BLAS thread, 64 and 98 (``benchmarks/gpu/probe_contention.py``)."""
+    return np.einsum("ij,j->i", vectors, query.astype(np.float32, copy=False))
 
 
 def top_k_from_scores(doc_ids: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:

@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from ralmspec_vllm.retrieval import abandon
-from ralmspec_vllm.retrieval.base import DocumentStore, top_k_from_scores
+from ralmspec_vllm.retrieval.base import DocumentStore, float32_products, top_k_from_scores
 from ralmspec_vllm.retrieval.validation import (
     check_doc_ids,
     check_k,
@@ -108,19 +108,6 @@ def inner_product(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
         np.add.accumulate(products, axis=0, out=products)
         out[:, start : start + step] = products[-1]
     return out
-
-
-def float32_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """``vectors @ query`` in float32, computed on the calling thread (numpy's einsum loop,
-    not BLAS; as fast for one query: the product is memory-bound).
-
-    OpenBLAS runs a matrix-vector product of this size on every core, and its worker threads
-    then spin-wait for their next job. A product every ~30 ms (the speculation cache's
-    scoring at each LM step) kept them spinning against the retriever's scan threads: on the
-    H200 host's 16 cores, beside a 16,384 x 384 product every 30 ms, a 4M-doc bf16 scan took
-    208 ms instead of 61 (one query) and 744 instead of 97 (eight), in another process as
-    in this one; with one BLAS thread, 64 and 98 (``benchmarks/gpu/probe_contention.py``)."""
-    return np.einsum("ij,j->i", vectors, query.astype(np.float32, copy=False))
 
 
 def screen_candidates(

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
+from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever, float32_products
 from ralmspec_vllm.retrieval.dense import (
-    float32_products,
     float32_relative_error,
     inner_product,
     screen_candidates,
