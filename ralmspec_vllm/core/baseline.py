@@ -9,6 +9,7 @@ ceiling for any speed-up from faster retrieval.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from ralmspec_vllm.core.request import RequestContext
@@ -17,9 +18,19 @@ from ralmspec_vllm.core.request import RequestContext
 async def run_baseline(ctx: RequestContext) -> None:
     """Generate the whole answer the iterative-RaLM way into ``ctx``."""
     while not ctx.done:
-        (hits,) = await ctx.search([ctx.query()], 1, "retrieve")
-        await ctx.generate_step(hits[0].doc_id if hits else None, "retrieve")
-        ctx.finalize(len(ctx.generated))
+        await baseline_step(ctx)
+
+
+async def baseline_step(ctx: RequestContext) -> float:
+    """One step of the baseline: retrieve the current query's top-1, generate a final step
+    with it in front. Speculation's plain steps that must cost what the baseline's do (held
+    and quiet steps) run this too. Returns the search's seconds."""
+    start = time.perf_counter()
+    (hits,) = await ctx.search([ctx.query()], 1, "retrieve")
+    search_s = time.perf_counter() - start
+    await ctx.generate_step(hits[0].doc_id if hits else None, "retrieve")
+    ctx.finalize(len(ctx.generated))
+    return search_s
 
 
 async def run_oracle(ctx: RequestContext, step_doc_ids: Sequence[int | None]) -> None:

@@ -76,6 +76,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ralmspec_vllm.core.baseline import baseline_step
 from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.request import RequestContext
@@ -423,13 +424,9 @@ class SpeculativeRequest:
         self._record_plain(start, before)
 
     async def _baseline_step(self) -> float:
-        """The baseline's step: its search (the exact top-1, no prefetch), then a final step
-        with its document; nothing else. Returns the search's seconds."""
-        start = time.perf_counter()
-        (hits,) = await self.ctx.search([self.ctx.query()], 1, "retrieve")
-        search_s = time.perf_counter() - start
-        await self.ctx.generate_step(_top1(hits), "retrieve")
-        self.ctx.finalize(len(self.ctx.generated))
+        """The baseline's own step (``baseline.baseline_step``: the exact top-1, no
+        prefetch, nothing else), counted as a plain step. Returns the search's seconds."""
+        search_s = await baseline_step(self.ctx)
         self.recorder.plain_steps += 1
         return search_s
 
