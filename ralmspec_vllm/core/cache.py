@@ -20,7 +20,10 @@ through one of two ``CacheScorer``s:
 Over an IVF index a dense guess ranks only the cached documents in the lists the query's
 search reads (``SpeculationConfig.route_guesses``, ``retrieval.base.IVFRouting``): each
 document's list is fetched with its vector, and the query's lists are computed from the
-centroids beside its embedding. A document the search cannot reach is no guess.
+centroids beside its embedding. A document the search cannot reach is no guess. That
+product with every centroid is on the guess's path, so by default (``"auto"``) a
+``RoutingGate`` shared by the engine's requests routes only while the guesses it changes are
+worth it.
 
 Ties break like the knowledge base: score descending, then doc id ascending.
 
@@ -32,9 +35,11 @@ Correctness never depends on the cache: it only decides how often speculation is
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -49,6 +54,8 @@ from ralmspec_vllm.retrieval.base import (
     float32_products,
 )
 from ralmspec_vllm.retrieval.dense import float32_relative_error, inner_product
+
+logger = logging.getLogger(__name__)
 
 
 class SpeculationCache:
@@ -76,6 +83,9 @@ class SpeculationCache:
         self._size = 0
         self._clock = 0
         self.evictions = 0
+        self.route: Literal["always", "auto"] = "always"
+        """With lists inserted, whether a dense guess always ranks within the query's probed
+        lists, or as ``RoutingGate`` decides (``SpeculationConfig.route_guesses``)."""
 
     def __len__(self) -> int:
         return self._size
@@ -168,6 +178,10 @@ class SpeculationCache:
     def best_exact(self, rows: np.ndarray, scores: np.ndarray) -> int | None:
         """Top-1 among slot ``rows`` with ``scores`` (score desc, doc id asc)."""
         return self.best(scores, self._ids[rows]) if len(rows) else None
+
+    def slot(self, doc_id: int) -> int:
+        """The row of a cached document in ``doc_ids``, ``vectors`` and ``lists``."""
+        return self._slot[doc_id]
 
     def _insert_one(
         self,
@@ -357,6 +371,8 @@ class DenseCacheScorer:
         self.routing: IVFRouting | None = None
         """The knowledge base's IVF routing (``RaLMEngine`` sets it): a cache holding its
         documents' lists is ranked within the query's probed lists only."""
+        self.gate = RoutingGate()
+        """Whether routing pays, for caches whose ``route`` is ``"auto"`` (all requests')."""
 
     async def top1(
         self, cache: SpeculationCache, query: str, recorder: TraceRecorder
@@ -368,17 +384,106 @@ class DenseCacheScorer:
         vectors = cache.vectors  # read after the await: consistent with doc ids right now
         if vectors is None:
             raise ValueError("dense cache scoring needs documents inserted with vectors")
-        lists = cache.lists
-        if self.routing is not None and lists is not None:
-            reachable = np.flatnonzero(np.isin(lists, self.routing.probed(q)))
-            if len(reachable):  # else nothing cached is reachable: the exact best, a miss
-                rows, scores = exact_candidates(q, vectors[reachable], cache.max_vector_norm)
-                best = cache.best_exact(reachable[rows], scores)
-                recorder.speculation_time_s += time.perf_counter() - start
-                return best
-        best = cache.best_exact(*exact_candidates(q, vectors, cache.max_vector_norm))
+        approx = float32_products(vectors, q)  # not BLAS: its threads spin against the scan
+        bound = _candidate_bound(q, cache.max_vector_norm)
+        best = cache.best_exact(*_exact(q, vectors, approx, bound))
+        lists, routing = cache.lists, self.routing
+        if best is not None and lists is not None and routing is not None:
+            step_s = recorder.lm_time_s / recorder.lm_calls if recorder.lm_calls else None
+            if cache.route == "always" or self.gate.wants_probe():
+                probe_start = time.perf_counter()
+                reachable = np.isin(lists, routing.probed(q))
+                reached = bool(reachable[cache.slot(best)])
+                self.gate.record(not reached, time.perf_counter() - probe_start, step_s)
+                rows = np.flatnonzero(reachable)
+                if not reached and len(rows):  # else nothing cached is reachable: a miss
+                    found = _exact(q, vectors[rows], approx[rows], bound)
+                    best = cache.best_exact(rows[found[0]], found[1])
         recorder.speculation_time_s += time.perf_counter() - start
         return best
+
+
+class RoutingGate:
+    """``route_guesses="auto"``: route a guess only while routing is measured to pay.
+
+    Routing changes a guess only where the exact best cached document lies in a list the
+    query's search skips (a sure miss), and costs a product with every centroid on the
+    guess's path. The gate keeps the share of such guesses over the last ``window`` probed
+    ones and the probe's time, and routes while share x an LM step (what a miss costs at
+    least: the step generated again) exceeds the probe's time, with hysteresis. The first
+    ``warmup`` guesses are all probed; while routing does not pay, 1 in ``sample_every``
+    still is, so a change of knowledge base or load is seen. One gate serves every request
+    of an engine: at 1 guess in 16 a single answer holds only a couple of samples."""
+
+    def __init__(self, warmup: int = 32, sample_every: int = 16, window: int = 256) -> None:
+        self.warmup = warmup
+        self.sample_every = sample_every
+        self._unreachable: deque[bool] = deque(maxlen=window)
+        self.probe_s: float | None = None
+        """Moving average of one probe's seconds (the centroid product and the lookup)."""
+        self.step_s: float | None = None
+        """Moving average of the LM step's seconds, as the probing requests saw it."""
+        self.routing = True
+        self._skipped = 0
+
+    @property
+    def unreachable_share(self) -> float | None:
+        """Share of the probed guesses whose exact best was unreachable."""
+        n = len(self._unreachable)
+        return sum(self._unreachable) / n if n else None
+
+    def wants_probe(self) -> bool:
+        """Whether this guess is routed (probed)."""
+        if self.routing or len(self._unreachable) < self.warmup:
+            return True
+        self._skipped += 1
+        if self._skipped >= self.sample_every:
+            self._skipped = 0
+            return True
+        return False
+
+    def record(self, unreachable: bool, probe_s: float, step_s: float | None) -> None:
+        """One probed guess: whether its exact best was unreachable, the probe's seconds,
+        and its request's mean LM step so far (``None`` before its first)."""
+        self._unreachable.append(unreachable)
+        self.probe_s = _moving(self.probe_s, probe_s)
+        if step_s is not None:
+            self.step_s = _moving(self.step_s, step_s)
+        share = self.unreachable_share
+        if len(self._unreachable) < self.warmup or share is None or self.step_s is None:
+            return
+        gain = share * self.step_s
+        pays = gain > (0.8 if self.routing else 1.25) * self.probe_s  # hysteresis
+        if pays != self.routing:
+            self.routing = pays
+            logger.info(
+                "guesses %s: %.1f%% of the exact best guesses unreachable x %.1f ms a step "
+                "%s a %.2f ms probe",
+                "routed" if pays else f"unrouted (sampled 1 in {self.sample_every})",
+                100 * share,
+                1000 * self.step_s,
+                ">" if pays else "<",
+                1000 * self.probe_s,
+            )
+
+
+def _moving(average: float | None, value: float, weight: float = 0.1) -> float:
+    return value if average is None else (1 - weight) * average + weight * value
+
+
+def _candidate_bound(q: np.ndarray, max_norm: float) -> float:
+    """How far any float32 product of ``q`` with a row of norm <= ``max_norm`` may be from
+    the exact one."""
+    q_norm = float(np.linalg.norm(q.astype(np.float64)))
+    return float32_relative_error(len(q)) * q_norm * max_norm
+
+
+def _exact(
+    q: np.ndarray, vectors: np.ndarray, approx: np.ndarray, bound: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``exact_candidates`` given the rows' float32 products ``approx`` and their ``bound``."""
+    rows = np.flatnonzero(approx >= approx.max() - 2.0 * bound - 1e-30)
+    return rows, inner_product(q[None, :], vectors[rows])[0]
 
 
 def exact_candidates(
@@ -389,10 +494,7 @@ def exact_candidates(
     exact best (and any exact tie) lies within ``2 * bound`` of the float32 maximum.
     ``max_norm`` must bound every row's norm (a slight overestimate only widens the set)."""
     approx = float32_products(vectors, q)  # not BLAS: its idle threads spin against the scan
-    q_norm = float(np.linalg.norm(q.astype(np.float64)))
-    bound = float32_relative_error(len(q)) * q_norm * max_norm
-    rows = np.flatnonzero(approx >= approx.max() - 2.0 * bound - 1e-30)
-    return rows, inner_product(q[None, :], vectors[rows])[0]
+    return _exact(q, vectors, approx, _candidate_bound(q, max_norm))
 
 
 class RetrieverCacheScorer:

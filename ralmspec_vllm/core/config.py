@@ -122,7 +122,7 @@ class SpeculationConfig:
     plain step at 1M IVF cost ~0.4 ms more than a baseline step, 0.978x over 98 questions),
     at the price of slower evidence and a cache without the quiet steps' documents when
     speculation resumes. Never changes an answer."""
-    route_guesses: bool = True
+    route_guesses: bool | Literal["auto"] = "auto"
     """Not in the paper: over an IVF index (``AsyncRetriever.routing``), a guess ranks only
     the cached documents in the lists the query's search will read, so it names a document
     the search can return. The best cached document by the exact score often sits in a list
@@ -130,8 +130,16 @@ class SpeculationConfig:
     was 22 of the 33 wrong guesses, and ranking within the probed lists made every guess
     right whose answer was cached (accuracy 0.966 against 0.930; session 31,
     ``benchmarks/probe_routing.py``). The filler's near-duplicates make that common; over
-    the 4,645 real passages alone (64 lists, 4 probed) 0.986 against 0.981. Other
-    backends: no effect. Never changes an answer."""
+    the 4,645 real passages alone (64 lists, 4 probed) 0.986 against 0.981.
+
+    Finding the query's lists costs a product with every centroid on the step's critical
+    path. At 21M documents (4,096 lists, 64 probed, H100, session 32, 68 questions) no
+    guess changed (accuracy 0.930 either way) and that product made guesses 39 ms an answer
+    dearer: 1.095x against 1.130x unrouted. ``"auto"`` (the default) routes while the
+    guesses it would change are worth its cost (``cache.RoutingGate``: the share of
+    guesses whose exact best is unreachable, times an LM step, against the product's
+    measured time; sampled on 1 guess in 16 while off). ``True``: every guess; ``False``:
+    none, and no lists are fetched. Other backends: no effect. Never changes an answer."""
     cache_capacity: int = 512
     """Documents held in one request's speculation cache."""
     score_recent: int | None = None
@@ -176,8 +184,8 @@ class SpeculationConfig:
                 "early_verification needs async_verification and overlap_depth='pipeline'"
             )
         _positive("plain_probe_every", self.plain_probe_every)
-        if not isinstance(self.route_guesses, bool):
-            raise ValueError(f"route_guesses must be a bool, got {self.route_guesses!r}")
+        if not isinstance(self.route_guesses, bool) and self.route_guesses != "auto":
+            raise ValueError(f"route_guesses must be a bool or 'auto', got {self.route_guesses!r}")
         _positive("cache_capacity", self.cache_capacity)
         if self.score_recent is not None:
             _positive("score_recent", self.score_recent)

@@ -214,9 +214,10 @@ class SpeculativeRequest:
         # search cancelled by a rollback stay until the request ends: a few hundred).
         self._fetched: dict[str, dict[int, Any]] = {"vectors": {}, "term_weights": {}, "lists": {}}
         routing = scorer.routing if isinstance(scorer, DenseCacheScorer) else None
-        self._routed = config.route_guesses and routing is not None
-        """Whether the cache holds its documents' IVF lists, so guesses rank only what the
-        query's search can find (``SpeculationConfig.route_guesses``)."""
+        self._routed = config.route_guesses is not False and routing is not None
+        """Whether the cache holds its documents' IVF lists, so guesses can rank only what
+        the query's search can find (``SpeculationConfig.route_guesses``)."""
+        self.cache.route = "auto" if config.route_guesses == "auto" else "always"
         self._inserting: asyncio.Task[None] | None = None
         """Pipeline: the last settled step's cache insert, which waits for its fetch and
         for the insert before it (so documents go in in step order) off the settle path."""

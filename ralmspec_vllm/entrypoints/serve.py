@@ -29,7 +29,7 @@ import socket
 import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ralmspec_vllm.auth import API_KEY_ENV, RETRIEVER_KEY_ENV, keys
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
@@ -54,6 +54,14 @@ _OWN: set[str] = set()
 def _own(group: Any, *flags: str, **kwargs: Any) -> None:
     action = group.add_argument(*flags, **kwargs)
     _OWN.add(action.dest)
+
+
+ROUTE_GUESSES: dict[str, bool | Literal["auto"]] = {"auto": "auto", "on": True, "off": False}
+"""``--route-guesses`` words and their ``SpeculationConfig.route_guesses`` values."""
+
+
+def _route_word(value: bool | Literal["auto"]) -> str:
+    return next(word for word, v in ROUTE_GUESSES.items() if v == value)
 
 
 EPILOG = """\
@@ -155,10 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="in a run of plain steps (speculation measured or modelled slower), score "
               "the cache's guess and insert the step's document only every this many steps; "
               "the others run as the baseline's steps (default: %(default)s)")  # fmt: skip
-    _own(ralm, "--route-guesses", action=argparse.BooleanOptionalAction,
-         default=s.route_guesses,
+    _own(ralm, "--route-guesses", choices=ROUTE_GUESSES, default=_route_word(s.route_guesses),
          help="over an IVF retriever, rank a guess only among the cached documents in the "
-              "lists the query's search reads (default: %(default)s)")  # fmt: skip
+              "lists the query's search reads: 'on', 'off' or 'auto' (while the guesses "
+              "it changes are worth the centroid product it costs; default: "
+              "%(default)s)")  # fmt: skip
     _own(ralm, "--cache-capacity", type=int, default=s.cache_capacity)
     _own(ralm, "--cache-scoring", choices=CACHE_SCORING, default=c.cache_scoring,
          help="where speculation ranks a request's cached documents: 'local' (this server: "
@@ -227,7 +236,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             early_verification=args.early_verification,
             cache_capacity=args.cache_capacity,
             plain_probe_every=args.plain_probe_every,
-            route_guesses=args.route_guesses,
+            route_guesses=ROUTE_GUESSES[args.route_guesses],
             max_speculation_stride=args.max_speculation_stride,
         ),
         default_mode=args.mode,

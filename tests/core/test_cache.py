@@ -8,6 +8,7 @@ import pytest
 from ralmspec_vllm.core.cache import (
     DenseCacheScorer,
     RetrieverCacheScorer,
+    RoutingGate,
     SpeculationCache,
     exact_candidates,
 )
@@ -207,3 +208,27 @@ def test_lists_follow_their_documents_and_a_cache_takes_all_or_none() -> None:
     assert unlisted.lists is None
     with pytest.raises(ValueError, match="all with lists or all without"):
         unlisted.insert([2], vec, lists={2: 20})
+
+
+def test_routing_gate_routes_while_unreachable_guesses_outweigh_the_probe() -> None:
+    """``route_guesses="auto"``: every guess is probed through the warm-up; then routing
+    stays on while (unreachable share) x (LM step) beats the probe's time, and off it
+    probes only 1 guess in ``sample_every``, which is enough to turn it back on."""
+    gate = RoutingGate(warmup=8, sample_every=4, window=16)
+    step_s, probe_s = 0.020, 0.001  # routing pays above a 5% unreachable share
+    for _ in range(8):
+        assert gate.wants_probe()
+        gate.record(False, probe_s, step_s)  # nothing unreachable: routing cannot help
+    assert not gate.routing and gate.unreachable_share == 0.0
+    probed = [gate.wants_probe() for _ in range(12)]
+    assert probed == [False, False, False, True] * 3  # sampled, 1 in 4
+    for _ in range(16):  # the knowledge base changes: half the exact bests unreachable
+        gate.record(True, probe_s, step_s)
+    assert gate.routing and all(gate.wants_probe() for _ in range(10))
+    for _ in range(15):  # 1 of 16 unreachable: 6.25% x 20 ms = 1.25 ms, within hysteresis
+        gate.record(False, probe_s, step_s)
+    assert gate.routing and gate.unreachable_share == 1 / 16
+    for i in range(16):  # the same share, a slower probe (4 ms): 1.25 ms < 0.8 x ~3.4 ms
+        gate.record(i == 0, 0.004, step_s)
+        assert gate.unreachable_share == 1 / 16
+    assert not gate.routing and gate.probe_s is not None and gate.probe_s > 0.003

@@ -79,9 +79,10 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--plain-probe-every", "0"])
     with pytest.raises(ValueError, match="plain_probe_every"):
         service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.speculation.route_guesses  # routed over IVF by default
-    args, _ = parse(["serve", "--no-route-guesses"])
-    assert not service_config_from_args(args).speculation.route_guesses  # type: ignore[arg-type]
+    assert config.speculation.route_guesses == "auto"  # routed over IVF where it pays
+    for word, value in (("on", True), ("off", False), ("auto", "auto")):
+        args, _ = parse(["serve", "--route-guesses", word])
+        assert service_config_from_args(args).speculation.route_guesses == value  # type: ignore[arg-type]
     args, _ = parse(["serve", "--early-verification"])  # needs the pipeline
     with pytest.raises(ValueError, match="early_verification"):
         service_config_from_args(args)  # type: ignore[arg-type]
