@@ -59,6 +59,10 @@ class RunRecord:
     """Of ``plain_steps``: those the measured costs chose (speculation measured slower)."""
     quiet_steps: int = 0
     """Of ``plain_steps``: the baseline's steps between two probes of a plain run."""
+    routed_guesses: int = 0
+    """Guesses ranked within the query's probed IVF lists (``route_guesses``)."""
+    rerouted_guesses: int = 0
+    """Of ``routed_guesses``: those routing changed (the exact best was unreachable)."""
     cache_peak: int = 0
     """The most documents the speculation cache held (a guess's scoring grows with it)."""
     lm_aborts: int = 0
@@ -128,6 +132,8 @@ class RunRecord:
             plain_steps=summary.get("plain_steps", 0),
             measured_plain_steps=summary.get("measured_plain_steps", 0),
             quiet_steps=summary.get("quiet_steps", 0),
+            routed_guesses=summary.get("routed_guesses", 0),
+            rerouted_guesses=summary.get("rerouted_guesses", 0),
             cache_peak=summary.get("cache_peak", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             identical=identical,
@@ -272,6 +278,8 @@ def summarize(
                 mean_plain_steps=_round(_mean([r.plain_steps for r in runs])),
                 mean_measured_plain_steps=_round(_mean([r.measured_plain_steps for r in runs])),
                 mean_quiet_steps=_round(_mean([r.quiet_steps for r in runs])),
+                mean_routed_guesses=_round(_mean([r.routed_guesses for r in runs])),
+                mean_rerouted_guesses=_round(_mean([r.rerouted_guesses for r in runs])),
                 mean_cache_peak=_round(_mean([r.cache_peak for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),

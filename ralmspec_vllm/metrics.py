@@ -92,6 +92,12 @@ QUIET_STEPS = Counter(
     "Plain steps run as the baseline's, between two probes of a plain run"
     " (--plain-probe-every; the same answer).",
 )
+ROUTED_GUESSES = Counter(
+    "ralmspec_routed_guesses",
+    "Guesses ranked only among the cached documents the query's IVF search can reach"
+    " (--route-guesses); changed: the exact best was unreachable (the same answer).",
+    ["changed"],
+)
 RETRIEVER_UTILIZATION = Gauge(
     "ralmspec_retriever_utilization",
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
@@ -166,6 +172,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_held_steps_total",
     "ralmspec_measured_plain_steps_total",
     "ralmspec_quiet_steps_total",
+    "ralmspec_routed_guesses_total",
     "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
@@ -196,6 +203,8 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     HELD_STEPS.inc(trace.held_steps)
     MEASURED_PLAIN_STEPS.inc(trace.measured_plain_steps)
     QUIET_STEPS.inc(trace.quiet_steps)
+    ROUTED_GUESSES.labels("no").inc(trace.routed_guesses - trace.rerouted_guesses)
+    ROUTED_GUESSES.labels("yes").inc(trace.rerouted_guesses)
     for verification in trace.verifications:
         VERIFICATION_STEPS.observe(verification.num_steps)
         label = "true" if verification.asynchronous else "false"

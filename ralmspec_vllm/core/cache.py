@@ -395,6 +395,8 @@ class DenseCacheScorer:
                 reachable = np.isin(lists, routing.probed(q))
                 reached = bool(reachable[cache.slot(best)])
                 self.gate.record(not reached, time.perf_counter() - probe_start, step_s)
+                recorder.routed_guesses += 1
+                recorder.rerouted_guesses += not reached
                 rows = np.flatnonzero(reachable)
                 if not reached and len(rows):  # else nothing cached is reachable: a miss
                     found = _exact(q, vectors[rows], approx[rows], bound)

@@ -95,6 +95,13 @@ class RequestTrace:
     quiet_steps: int = 0
     """Of ``plain_steps``: those run as the baseline's steps between two probes of a plain
     run (``SpeculationConfig.plain_probe_every``): no cache scoring, no cache insert."""
+    routed_guesses: int = 0
+    """Guesses ranked only among the cached documents the query's IVF search can reach
+    (``SpeculationConfig.route_guesses``: every guess with ``True``, those the engine's
+    ``RoutingGate`` picks with ``"auto"``)."""
+    rerouted_guesses: int = 0
+    """Of ``routed_guesses``: those whose exact best cached document was unreachable, so
+    routing named another (or, with nothing reachable cached, kept a sure miss)."""
     cache_peak: int = 0
     """The most documents the request's speculation cache held (what a guess ranks: its
     scoring cost grows with it)."""
@@ -145,6 +152,8 @@ class RequestTrace:
             "held_steps": self.held_steps,
             "measured_plain_steps": self.measured_plain_steps,
             "quiet_steps": self.quiet_steps,
+            "routed_guesses": self.routed_guesses,
+            "rerouted_guesses": self.rerouted_guesses,
             "cache_peak": self.cache_peak,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
@@ -182,6 +191,8 @@ class TraceRecorder:
     held_steps: int = 0
     measured_plain_steps: int = 0
     quiet_steps: int = 0
+    routed_guesses: int = 0
+    rerouted_guesses: int = 0
     cache_peak: int = 0
 
     def retrieval(
@@ -219,5 +230,7 @@ class TraceRecorder:
             held_steps=self.held_steps,
             measured_plain_steps=self.measured_plain_steps,
             quiet_steps=self.quiet_steps,
+            routed_guesses=self.routed_guesses,
+            rerouted_guesses=self.rerouted_guesses,
             cache_peak=self.cache_peak,
         )

@@ -153,8 +153,12 @@ async def test_routed_guesses_miss_less_over_ivf_with_identical_answers() -> Non
             spec = SpeculationConfig(speculation_stride=3, prefetch_k=20, route_guesses=route)
             result = await engine.generate(question, "ralmspec", speculation=spec)
             assert result.token_ids == baseline.token_ids
-            assert (result.trace.num_calls("lists") > 0) == (route is not False)
-            misses[route] += result.trace.speculation_misses
+            trace = result.trace
+            assert (trace.num_calls("lists") > 0) == (route is not False)
+            assert (trace.routed_guesses > 0) == (route is not False)
+            if route is True:  # every guess routed, some changed by it
+                assert trace.rerouted_guesses > 0
+            misses[route] += trace.speculation_misses
     assert misses[True] * 3 <= misses[False], misses
     gate = engine.scorer.gate  # type: ignore[union-attr]
     assert gate.unreachable_share is not None and gate.unreachable_share > 0.1

@@ -227,6 +227,7 @@ async def test_speculation_measured_slower_runs_plain_steps_and_says_so(
     assert usage["mode"].startswith("ralmspec") and not usage["load_fallback"]
     assert usage["measured_plain_steps"] >= 1 and usage["speculation_hits"] == 0
     assert usage["quiet_steps"] == 0  # every plain step probes unless --plain-probe-every
+    assert usage["routed_guesses"] == usage["rerouted_guesses"] == 0  # flat: nothing to route
     assert sample("ralmspec_measured_plain_steps_total") == before + usage["measured_plain_steps"]
     want = await baseline(served, QUESTIONS[2])
     assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]

@@ -471,4 +471,6 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         held_steps=trace.held_steps,
         measured_plain_steps=trace.measured_plain_steps,
         quiet_steps=trace.quiet_steps,
+        routed_guesses=trace.routed_guesses,
+        rerouted_guesses=trace.rerouted_guesses,
     )

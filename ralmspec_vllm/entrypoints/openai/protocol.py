@@ -139,6 +139,10 @@ class RaLMUsage(BaseModel):
     quiet_steps: int = 0
     """Plain steps run as the baseline's, between two probes of a plain run
     (``--plain-probe-every``; the answer is the same)."""
+    routed_guesses: int = 0
+    """Guesses ranked only among the cached documents the IVF search can reach
+    (``--route-guesses``); ``rerouted_guesses`` of them changed by it."""
+    rerouted_guesses: int = 0
 
 
 class RaLMCompletionChoice(CompletionResponseChoice):
