@@ -7,9 +7,10 @@ Real parts, no vLLM: SmolLM2-135M through Hugging Face transformers (greedy) ans
 questions the iterative-RaLM way (the index's top-1 in front of the question, a new
 retrieval every 4 tokens, 128 tokens at most), over the default knowledge base grown with
 synthetic filler and a FAISS IVF-Flat index (``IVFFlatRetriever``). The cache holds every
-earlier step's search with a 256-document prefetch, as PSA's verifications fill it. Answers
-need not match vLLM's token for token: the probe measures how guesses behave on real text,
-not speed.
+earlier step's search with a 256-document prefetch, as PSA's verifications fill it, and is
+ranked by the engine's own ``DenseCacheScorer`` (exact scores, ties to the lower doc id;
+routed: with the index's ``routing``). Answers need not match vLLM's token for token: the
+probe measures how guesses behave on real text, not speed.
 
     .venv/bin/python benchmarks/probe_routing.py --filler 1000000 --nlist 1024 --nprobe 16 \\
         --questions-per-dataset 6
@@ -20,13 +21,17 @@ Writes ``benchmarks/results/probe_routing_<machine>_<size>.json``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, run_metadata
 
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ralmspec_vllm.core.cache import DenseCacheScorer, SpeculationCache
+    from ralmspec_vllm.core.trace import TraceRecorder
     from ralmspec_vllm.engine.models import resolve_model
     from ralmspec_vllm.questions import load_questions
     from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
@@ -71,13 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             tail = tail + generated
         return str(tok.decode(tail, skip_special_tokens=True))
 
-    def guess(cache: np.ndarray, q: np.ndarray, routed: bool) -> int:
-        scores = embeddings[cache] @ q
-        if routed:
-            reachable = np.isin(ivf.lists(cache.tolist()), routing.probed(q))
-            if reachable.any():
-                cache, scores = cache[reachable], scores[reachable]
-        return int(cache[np.argmax(scores)])
+    scorers = {routed: DenseCacheScorer(ivf.encode, in_thread=False) for routed in (False, True)}
+    scorers[True].routing = routing  # a cache holding lists is then ranked within the probed
+    recorder, loop = TraceRecorder("probe"), asyncio.new_event_loop()
+
+    def guess(cache: SpeculationCache, text: str, routed: bool) -> int | None:
+        return loop.run_until_complete(scorers[routed].top1(cache, text, recorder))
 
     counts = dict.fromkeys(
         ("guesses", "exact", "routed", "cached", "unreachable", "early", "early_routed"), 0
@@ -91,25 +97,28 @@ def main(argv: list[str] | None = None) -> int:
     for i, question in enumerate(questions):
         question_ids = tok.encode(question.text, add_special_tokens=False)
         generated: list[int] = []
-        cached: dict[int, None] = {}
+        cache = SpeculationCache(MAX_NEW // STRIDE * PREFETCH + 1)  # never evicts
         while len(generated) < MAX_NEW:
-            (q,) = ivf.encode([query(question_ids, generated)])
+            text = query(question_ids, generated)
+            (q,) = ivf.encode([text])
             (hits,) = ivf.search_vectors(q[None], 1, PREFETCH - 1)
             truth = hits[0].doc_id
-            if cached:
-                cache = np.fromiter(cached, dtype=np.int64)
-                exact = guess(cache, q, routed=False)
-                (early_q,) = ivf.encode([query(question_ids, generated[:-1])])
+            if len(cache):
+                exact = guess(cache, text, routed=False)
+                assert exact is not None  # the cache holds documents
+                early = query(question_ids, generated[:-1])
                 counts["guesses"] += 1
                 counts["exact"] += exact == truth
-                counts["routed"] += guess(cache, q, routed=True) == truth
-                counts["cached"] += truth in cached
+                counts["routed"] += guess(cache, text, routed=True) == truth
+                counts["cached"] += truth in cache
                 counts["unreachable"] += bool(
                     exact != truth and not np.isin(ivf.lists([exact]), routing.probed(q))[0]
                 )
-                counts["early"] += guess(cache, early_q, routed=False) == truth
-                counts["early_routed"] += guess(cache, early_q, routed=True) == truth
-            cached.update(dict.fromkeys(h.doc_id for h in hits))
+                counts["early"] += guess(cache, early, routed=False) == truth
+                counts["early_routed"] += guess(cache, early, routed=True) == truth
+            ids = [h.doc_id for h in hits]
+            vectors = dict(zip(ids, embeddings[ids], strict=True))
+            cache.insert(ids, vectors, lists=dict(zip(ids, ivf.lists(ids).tolist(), strict=True)))
             doc = tok.encode(kb.documents.get([truth])[0].contents, add_special_tokens=False)
             prompt = doc[:128] + separator + question_ids + generated
             with torch.no_grad():
