@@ -434,9 +434,14 @@ class RoutingGate:
         n = len(self._unreachable)
         return sum(self._unreachable) / n if n else None
 
+    @property
+    def warm(self) -> bool:
+        """Whether the warm-up is over (the gate decides from here on)."""
+        return len(self._unreachable) >= self.warmup
+
     def wants_probe(self) -> bool:
         """Whether this guess is routed (probed)."""
-        if self.routing or len(self._unreachable) < self.warmup:
+        if self.routing or not self.warm:
             return True
         self._skipped += 1
         if self._skipped >= self.sample_every:
@@ -452,7 +457,7 @@ class RoutingGate:
         if step_s is not None:
             self.step_s = _moving(self.step_s, step_s)
         share = self.unreachable_share
-        if len(self._unreachable) < self.warmup or share is None or self.step_s is None:
+        if not self.warm or share is None or self.step_s is None:
             return
         gain = share * self.step_s
         pays = gain > (0.8 if self.routing else 1.25) * self.probe_s  # hysteresis

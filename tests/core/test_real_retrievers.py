@@ -165,6 +165,32 @@ async def test_routed_guesses_miss_less_over_ivf_with_identical_answers() -> Non
     assert gate.probe_s is not None and gate.step_s is not None
 
 
+async def test_auto_routing_switches_off_where_every_list_is_probed() -> None:
+    """``route_guesses="auto"`` over IVF with every list probed: no exact best is ever
+    unreachable, so after its 32 warm-up probes the engine's gate stops routing and probes
+    only 1 guess in 16; every answer stays the baseline's."""
+    kb = ivf_retriever(nlist=8, nprobe=8)
+    engine = RaLMEngine(
+        FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb), encoder=BagOfWords().encode
+    )
+    spec = SpeculationConfig(speculation_stride=3, prefetch_k=20, route_guesses="auto")
+    questions = [SHORT_QUESTION, LONG_QUESTION, "what is g3 and g17", "tell me about g40"]
+    gate = engine.scorer.gate  # type: ignore[union-attr]
+    guesses = routed = 0
+    for question in questions * 3:
+        baseline = await engine.generate(question, "baseline")
+        warm = gate.warm
+        result = await engine.generate(question, "ralmspec", speculation=spec)
+        assert result.token_ids == baseline.token_ids
+        assert result.trace.rerouted_guesses == 0
+        if warm:  # the gate had decided before this request started
+            guesses += result.trace.speculation_hits + result.trace.speculation_misses
+            routed += result.trace.routed_guesses
+    assert not gate.routing and gate.unreachable_share == 0.0
+    # 1 in 16 of all guesses (those a rollback discarded included: not in ``guesses``)
+    assert guesses >= 32 and 1 <= routed <= guesses // 10, (guesses, routed)
+
+
 def test_ivf_lists_and_routing_are_the_index_own() -> None:
     """``lists`` names the list FAISS stored each document in (its quantizer's nearest
     centroid); ``routing().probed`` the lists FAISS's coarse search picks."""
