@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.latency_report import RunRecord
+from ralmspec_vllm.core.cache import RoutingGate
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
@@ -76,6 +77,9 @@ class Runner:
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included)."""
+        self.routing_gate = RoutingGate()
+        """Likewise ``route_guesses="auto"``'s gate: with one per run it would re-learn
+        for every answer, and an answer's guesses barely outnumber its warm-up."""
 
     def engine(self) -> Any:
         from ralmspec_vllm.core.runner import RaLMEngine
@@ -86,6 +90,7 @@ class Runner:
             self.retriever,
             self.cfg.ralm,
             stride_ledgers=self.stride_ledgers,
+            routing_gate=self.routing_gate,
             **self.embed,
         )
 

@@ -22,7 +22,12 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
 from ralmspec_vllm.core.baseline import run_baseline, run_oracle
-from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, RetrieverCacheScorer
+from ralmspec_vllm.core.cache import (
+    CacheScorer,
+    DenseCacheScorer,
+    RetrieverCacheScorer,
+    RoutingGate,
+)
 from ralmspec_vllm.core.config import MODES, Mode, RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.encoding import BatchingEmbedder, QueryEmbedder, QueryEncoder
 from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
@@ -93,6 +98,7 @@ class RaLMEngine:
         stride_ledgers: dict[SpeculationConfig, StrideLedger] | None = None,
         speculation_held: SpeculationHold | None = None,
         scorer: CacheScorer | None = None,
+        routing_gate: RoutingGate | None = None,
     ) -> None:
         """``encoder``: the knowledge base's query encoder for dense cache scoring (``None``:
         speculation ranks the cache with ``retriever.score``). ``scorer``: any
@@ -107,6 +113,8 @@ class RaLMEngine:
         ``stride_ledgers``: OS3's outcomes pooled per speculation config across this
         engine's requests (``stride.StrideLedger``); pass one dict to several engines to
         pool across them (a benchmark that makes a fresh engine per run).
+        ``routing_gate``: the dense scorer's ``RoutingGate`` (``route_guesses="auto"``),
+        likewise shared by several engines (default: this engine's own).
         ``speculation_held``: asked by every speculative request before each speculated
         step; while it answers True the request runs plain retrieval steps (the server's
         retriever-load hold, ``RaLMService``). Settable after construction."""
@@ -131,6 +139,8 @@ class RaLMEngine:
             self.scorer = DenseCacheScorer(embedder=embedder)
         elif encoder is not None:
             self.scorer = DenseCacheScorer(encoder, in_thread=encode_in_thread)
+        if routing_gate is not None and isinstance(self.scorer, DenseCacheScorer):
+            self.scorer.gate = routing_gate
         self.stride_ledgers = {} if stride_ledgers is None else stride_ledgers
         self.speculation_held = speculation_held
         self._ids = itertools.count()

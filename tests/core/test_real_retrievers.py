@@ -19,6 +19,7 @@ import pytest
 from ralmspec_vllm.core.cache import (
     DenseCacheScorer,
     RetrieverCacheScorer,
+    RoutingGate,
     SpeculationCache,
     TermWeightCacheScorer,
 )
@@ -167,20 +168,25 @@ async def test_routed_guesses_miss_less_over_ivf_with_identical_answers() -> Non
 
 async def test_auto_routing_switches_off_where_every_list_is_probed() -> None:
     """``route_guesses="auto"`` over IVF with every list probed: no exact best is ever
-    unreachable, so after its 32 warm-up probes the engine's gate stops routing and probes
-    only 1 guess in 16; every answer stays the baseline's."""
+    unreachable, so after its 32 warm-up probes the gate stops routing and probes only 1
+    guess in 16; every answer stays the baseline's. A fresh engine per answer shares one
+    gate (``routing_gate``), as ``bench_latency``'s per-run engines do."""
     kb = ivf_retriever(nlist=8, nprobe=8)
-    engine = RaLMEngine(
-        FakeLM(), FakeTokenizer(), InProcessAsyncRetriever(kb), encoder=BagOfWords().encode
-    )
+    gate = RoutingGate()
+
+    def engine() -> RaLMEngine:
+        retriever = InProcessAsyncRetriever(kb)
+        encoder = BagOfWords().encode
+        return RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=encoder, routing_gate=gate)
+
     spec = SpeculationConfig(speculation_stride=3, prefetch_k=20, route_guesses="auto")
     questions = [SHORT_QUESTION, LONG_QUESTION, "what is g3 and g17", "tell me about g40"]
-    gate = engine.scorer.gate  # type: ignore[union-attr]
+    assert engine().scorer.gate is gate  # type: ignore[attr-defined]
     guesses = routed = 0
     for question in questions * 3:
-        baseline = await engine.generate(question, "baseline")
+        baseline = await engine().generate(question, "baseline")
         warm = gate.warm
-        result = await engine.generate(question, "ralmspec", speculation=spec)
+        result = await engine().generate(question, "ralmspec", speculation=spec)
         assert result.token_ids == baseline.token_ids
         assert result.trace.rerouted_guesses == 0
         if warm:  # the gate had decided before this request started
