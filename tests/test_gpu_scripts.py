@@ -139,6 +139,16 @@ def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> 
     assert cfg.time_budget_s == 90  # a later argument wins
 
 
+def test_qwen_1m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
+    (argv,) = run_with_fake_python(tmp_path, "qwen_latency_1m.sh", "out", "--time-budget-s", "9")
+    assert argv[0] == "benchmarks/bench_latency.py"
+    cfg = parse_args(argv[1:])
+    assert cfg.model == "qwen2.5-0.5b" and cfg.dtype == "float32"
+    assert cfg.backends == ("flat",) and cfg.filler == 1_000_000 and cfg.time_budget_s == 9
+    assert cfg.ordered_methods[:2] == ["baseline", "oracle"] and len(cfg.methods) == 4
+    assert SpeculationConfig.parse(cfg.methods[3]).early_verification
+
+
 def test_ivf_21m_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     (argv,) = run_with_fake_python(tmp_path, "approx_latency_21m.sh", "out", "--nprobe", "32")
     assert argv[0] == "benchmarks/bench_latency.py"
