@@ -98,6 +98,14 @@ ROUTED_GUESSES = Counter(
     " (--route-guesses); changed: the exact best was unreachable (the same answer).",
     ["changed"],
 )
+LM_WAIT = Counter(
+    "ralmspec_lm_wait_seconds",
+    "Seconds a request had no LM call in flight (the critical path beside the LM), by what"
+    " ran meanwhile: a guess, else a retriever call, else neither (bookkeeping).",
+    ["cause"],
+)
+for _cause in ("guess", "retrieval", "other"):
+    LM_WAIT.labels(_cause)  # exposed at 0 from the start
 RETRIEVER_UTILIZATION = Gauge(
     "ralmspec_retriever_utilization",
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
@@ -173,6 +181,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ralmspec_measured_plain_steps_total",
     "ralmspec_quiet_steps_total",
     "ralmspec_routed_guesses_total",
+    "ralmspec_lm_wait_seconds_total",
     "ralmspec_retriever_utilization",
     "ralmspec_verification_steps",
     "ralmspec_verification_latency_seconds",
@@ -205,6 +214,9 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
     QUIET_STEPS.inc(trace.quiet_steps)
     ROUTED_GUESSES.labels("no").inc(trace.routed_guesses - trace.rerouted_guesses)
     ROUTED_GUESSES.labels("yes").inc(trace.rerouted_guesses)
+    LM_WAIT.labels("guess").inc(trace.lm_wait_guess_s)
+    LM_WAIT.labels("retrieval").inc(trace.lm_wait_retrieval_s)
+    LM_WAIT.labels("other").inc(trace.lm_wait_other_s)
     for verification in trace.verifications:
         VERIFICATION_STEPS.observe(verification.num_steps)
         label = "true" if verification.asynchronous else "false"

@@ -126,10 +126,12 @@ def test_pipelined_rounds_are_its_restarts() -> None:
     after its start and each miss (2 misses + 1) and for its plain step."""
     method = "PSA:overlap_depth=pipeline"
     runs = [record(method, 1.0, verifications=40, speculation_hits=37, speculation_misses=2,
-                   plain_steps=1, lm_aborts=2)]  # fmt: skip
+                   plain_steps=1, lm_aborts=2, lm_wait_guess_s=0.05, lm_wait_retrieval_s=0.02,
+                   lm_wait_other_s=0.03)]  # fmt: skip
     (row,) = summarize(runs, {}, [method])
     assert (row["mean_rounds"], row["mean_fewest_rounds"]) == (4.0, 3.0)
     assert (row["mean_plain_steps"], row["mean_lm_aborts"]) == (1.0, 2.0)
+    assert row["lm_wait_s"] == {"guess": 0.05, "retrieval": 0.02, "other": 0.03}
     assert RunRecord.from_brief("flat", method, row["per_question"][0]) == runs[0]
 
 

@@ -401,7 +401,7 @@ class DenseCacheScorer:
                 if not reached and len(rows):  # else nothing cached is reachable: a miss
                     found = _exact(q, vectors[rows], approx[rows], bound)
                     best = cache.best_exact(rows[found[0]], found[1])
-        recorder.speculation_time_s += time.perf_counter() - start
+        recorder.guessed(start)
         return best
 
 
@@ -542,5 +542,5 @@ class TermWeightCacheScorer:
             return None
         start = time.perf_counter()
         best = cache.best(cache.term_scores(self.analyzer(query)))
-        recorder.speculation_time_s += time.perf_counter() - start
+        recorder.guessed(start)
         return best

@@ -106,12 +106,15 @@ class RequestContext:
             self.config.retrieval_stride, self.config.max_new_tokens - len(self.generated)
         )
         start = time.perf_counter()
-        gen = await self.lm.generate(
-            prompt,
-            max_tokens,
-            lm_request_id or self.new_lm_request_id(),
-            ignore_eos=self.config.ignore_eos,
-        )
+        try:
+            gen = await self.lm.generate(
+                prompt,
+                max_tokens,
+                lm_request_id or self.new_lm_request_id(),
+                ignore_eos=self.config.ignore_eos,
+            )
+        finally:  # an aborted call kept the LM busy too
+            self.recorder.lm_spans.append((start, time.perf_counter()))
         self.recorder.lm(gen.num_prompt_tokens, gen.num_cached_tokens, time.perf_counter() - start)
         if not gen.token_ids and not gen.finished:  # would retry the same step forever
             raise RuntimeError(f"{self.request_id}: the LM returned no tokens and did not stop")

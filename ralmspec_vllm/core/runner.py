@@ -213,7 +213,7 @@ class RaLMEngine:
             token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             finished=ctx.finished,
-            trace=recorder.freeze(ctx.spans_tuple(), wall),
+            trace=recorder.freeze(ctx.spans_tuple(), wall, started=start),
             stop_reason=ctx.stop_reason,
         )
 

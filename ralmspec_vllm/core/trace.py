@@ -9,11 +9,19 @@ Time accounting: ``lm_time_s`` sums the wall time of LM calls, ``retrieval_time_
 retriever calls (search, score, documents, vectors), ``speculation_time_s`` the local cache
 ranking (query encoding + scoring). With asynchronous verification these overlap, so they can
 add up to more than ``wall_time_s``; ``other_time_s`` is what none of them covers.
+
+The critical path: ``lm_wait_*_s`` split the wall time during which the request had no LM
+call in flight (the LM waited on it) by what was running meanwhile: a guess (query encoding
+and cache ranking, or the retriever's ``score`` of the cache), else a retriever call, else
+neither (bookkeeping, the event loop, preparing a rollback). The oracle's are ~0; the
+baseline's are its searches; RaLMSpec's say what its speculation left exposed.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -105,6 +113,12 @@ class RequestTrace:
     cache_peak: int = 0
     """The most documents the request's speculation cache held (what a guess ranks: its
     scoring cost grows with it)."""
+    lm_wait_guess_s: float = 0.0
+    """Wall time with no LM call in flight while a guess ran (module docstring)."""
+    lm_wait_retrieval_s: float = 0.0
+    """Wall time with no LM call in flight while a retriever call ran (and no guess)."""
+    lm_wait_other_s: float = 0.0
+    """Wall time with no LM call in flight, no guess and no retriever call."""
 
     @property
     def step_doc_ids(self) -> tuple[int | None, ...]:
@@ -155,6 +169,9 @@ class RequestTrace:
             "routed_guesses": self.routed_guesses,
             "rerouted_guesses": self.rerouted_guesses,
             "cache_peak": self.cache_peak,
+            "lm_wait_guess_s": self.lm_wait_guess_s,
+            "lm_wait_retrieval_s": self.lm_wait_retrieval_s,
+            "lm_wait_other_s": self.lm_wait_other_s,
             "rollbacks": self.rollbacks,
             "tokens_discarded": self.tokens_discarded,
             "lm_calls": self.lm_calls,
@@ -194,12 +211,21 @@ class TraceRecorder:
     routed_guesses: int = 0
     rerouted_guesses: int = 0
     cache_peak: int = 0
+    lm_spans: list[tuple[float, float]] = field(default_factory=list)
+    """``time.perf_counter()`` (start, end) of every LM call, aborted ones included."""
+    guess_spans: list[tuple[float, float]] = field(default_factory=list)
+    call_spans: list[tuple[float, float]] = field(default_factory=list)
+    """Retriever calls other than a guess's (whose go to ``guess_spans``)."""
 
     def retrieval(
         self, kind: CallKind, purpose: CallPurpose, num_queries: int, k: int, latency_s: float
     ) -> None:
+        """A retriever call of ``latency_s`` that ended just now."""
         self.retrieval_calls.append(RetrievalCall(kind, purpose, num_queries, k, latency_s))
         self.retrieval_time_s += latency_s
+        now = time.perf_counter()
+        spans = self.guess_spans if purpose == "speculate" else self.call_spans
+        spans.append((now - latency_s, now))
 
     def lm(self, num_prompt_tokens: int, num_cached_tokens: int, latency_s: float) -> None:
         self.lm_calls += 1
@@ -207,7 +233,29 @@ class TraceRecorder:
         self.num_prompt_tokens += num_prompt_tokens
         self.num_cached_tokens += num_cached_tokens
 
-    def freeze(self, spans: tuple[TokenSpan, ...], wall_time_s: float) -> RequestTrace:
+    def guessed(self, start: float) -> None:
+        """A guess that began at ``start`` (``time.perf_counter()``) ended just now."""
+        now = time.perf_counter()
+        self.speculation_time_s += now - start
+        self.guess_spans.append((start, now))
+
+    def lm_waits(self, started: float, wall_time_s: float) -> tuple[float, float, float]:
+        """(guess, retrieval, other) seconds of ``[started, started + wall_time_s]`` with no
+        LM call in flight (``RequestTrace.lm_wait_guess_s`` and the two after it)."""
+        lo, hi = started, started + wall_time_s
+        idle = _complement(_union(self.lm_spans, lo, hi), lo, hi)
+        guessing = _intersect(idle, _union(self.guess_spans, lo, hi))
+        calling = _intersect(idle, _union(self.call_spans, lo, hi))
+        guess = _length(guessing)
+        retrieval = _length(calling) - _length(_intersect(calling, guessing))
+        return guess, retrieval, max(0.0, _length(idle) - guess - retrieval)
+
+    def freeze(
+        self, spans: tuple[TokenSpan, ...], wall_time_s: float, started: float | None = None
+    ) -> RequestTrace:
+        """The immutable trace; with ``started`` (the request's ``time.perf_counter()``
+        start) also the LM's waits (``lm_waits``)."""
+        waits = (0.0, 0.0, 0.0) if started is None else self.lm_waits(started, wall_time_s)
         return RequestTrace(
             mode=self.mode,
             spans=spans,
@@ -233,4 +281,56 @@ class TraceRecorder:
             routed_guesses=self.routed_guesses,
             rerouted_guesses=self.rerouted_guesses,
             cache_peak=self.cache_peak,
+            lm_wait_guess_s=waits[0],
+            lm_wait_retrieval_s=waits[1],
+            lm_wait_other_s=waits[2],
         )
+
+
+Intervals = list[tuple[float, float]]
+
+
+def _union(spans: Iterable[tuple[float, float]], lo: float, hi: float) -> Intervals:
+    """``spans`` clipped to ``[lo, hi]``, sorted and merged where they overlap."""
+    merged: Intervals = []
+    for start, end in sorted(spans):
+        start, end = max(start, lo), min(end, hi)
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _complement(merged: Intervals, lo: float, hi: float) -> Intervals:
+    """``[lo, hi]`` minus the sorted, disjoint ``merged``."""
+    gaps: Intervals = []
+    at = lo
+    for start, end in merged:
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, end)
+    if hi > at:
+        gaps.append((at, hi))
+    return gaps
+
+
+def _intersect(a: Intervals, b: Intervals) -> Intervals:
+    """The intersection of two sorted, disjoint interval lists."""
+    out: Intervals = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _length(intervals: Intervals) -> float:
+    return sum(end - start for start, end in intervals)

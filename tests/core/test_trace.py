@@ -10,6 +10,7 @@ import pytest
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMResult
+from ralmspec_vllm.core.trace import TraceRecorder
 
 from .fakes import FakeLM, ScriptedRetriever
 from .world import LONG_QUESTION, SHORT_QUESTION, baseline_and_freeze, forced, make_engine
@@ -131,3 +132,47 @@ async def test_lm_returning_nothing_is_an_error_not_a_hang() -> None:
     for mode in ("baseline", "ralmspec"):
         with pytest.raises(RuntimeError, match="no tokens"):
             await engine.generate(SHORT_QUESTION, mode)  # type: ignore[arg-type]
+
+
+def test_lm_waits_split_the_time_no_lm_call_was_in_flight() -> None:
+    recorder = TraceRecorder("x")
+    recorder.lm_spans += [(10.0, 11.0), (12.0, 13.0), (10.5, 10.8)]  # nested: one busy span
+    recorder.guess_spans += [(11.0, 11.5)]
+    recorder.call_spans += [(11.2, 12.5), (14.5, 15.0)]  # the last ends past the window
+    guess, retrieval, other = recorder.lm_waits(10.0, 4.7)  # [10, 14.7]
+    # idle: [11, 12] and [13, 14.7]; [11, 11.5] guessing, [11.5, 12] and [14.5, 14.7] calling
+    assert guess == pytest.approx(0.5)
+    assert retrieval == pytest.approx(0.7)
+    assert other == pytest.approx(1.5)
+    trace = recorder.freeze((), 4.7, started=10.0)
+    assert (trace.lm_wait_guess_s, trace.lm_wait_retrieval_s) == (guess, retrieval)
+    assert trace.summary()["lm_wait_other_s"] == other
+    assert recorder.freeze((), 4.7).lm_wait_other_s == 0.0  # no start: not computed
+
+
+async def test_lm_waits_say_what_the_lm_waited_for() -> None:
+    """The baseline waits on its searches, the oracle on nothing, RaLMSpec on its guesses
+    (a scripted retriever's ``score``) and on what a miss leaves exposed; with one LM call at
+    a time, the waits and the LM's time add up to the wall time."""
+    retriever = ScriptedRetriever(forced({3}), latency_s=0.02)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01), RaLMConfig(max_new_tokens=24))
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+    oracle = await engine.generate(
+        SHORT_QUESTION, "oracle", oracle_doc_ids=baseline.trace.step_doc_ids
+    )
+    spec = await engine.generate(
+        SHORT_QUESTION, "ralmspec", speculation=SpeculationConfig(speculation_stride=2)
+    )
+    assert spec.token_ids == baseline.token_ids == oracle.token_ids
+    steps = len(baseline.trace.spans)
+    base = baseline.trace
+    assert base.lm_wait_guess_s == 0.0
+    assert base.lm_wait_retrieval_s >= 0.9 * steps * 0.02  # every search before its step
+    assert oracle.trace.lm_wait_guess_s == oracle.trace.lm_wait_retrieval_s == 0.0
+    assert oracle.trace.lm_wait_other_s < 0.5 * steps * 0.01
+    assert spec.trace.lm_wait_guess_s > 0.0  # each guess scores the cache first
+    for trace in (base, oracle.trace, spec.trace):
+        waited = trace.lm_wait_guess_s + trace.lm_wait_retrieval_s + trace.lm_wait_other_s
+        if trace is not spec.trace:  # one LM call at a time: LM time + waits = wall
+            assert waited + trace.lm_time_s == pytest.approx(trace.wall_time_s, abs=2e-3)
+        assert waited <= trace.wall_time_s

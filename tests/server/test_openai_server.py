@@ -218,6 +218,7 @@ async def test_speculation_measured_slower_runs_plain_steps_and_says_so(
     ledger.steps.record("speculation", 0.1 * 64, 64)
     monkeypatch.setitem(served.service.engine.stride_ledgers, SPECULATION, ledger)
     before = sample("ralmspec_measured_plain_steps_total")
+    waited = sample("ralmspec_lm_wait_seconds_total", cause="retrieval")
     response = await openai_client.completions.create(
         model=MODEL_NAME,
         prompt=QUESTIONS[2],
@@ -229,6 +230,12 @@ async def test_speculation_measured_slower_runs_plain_steps_and_says_so(
     assert usage["quiet_steps"] == 0  # every plain step probes unless --plain-probe-every
     assert usage["routed_guesses"] == usage["rerouted_guesses"] == 0  # flat: nothing to route
     assert sample("ralmspec_measured_plain_steps_total") == before + usage["measured_plain_steps"]
+    # plain steps: the LM waits on their searches, which the critical path shows
+    waits = usage["lm_wait_s"]
+    assert set(waits) == {"guess", "retrieval", "other"} and min(waits.values()) >= 0
+    assert waits["retrieval"] > 0 and sum(waits.values()) <= usage["wall_time_s"]
+    added = sample("ralmspec_lm_wait_seconds_total", cause="retrieval") - waited
+    assert added == pytest.approx(waits["retrieval"], abs=1e-5)
     want = await baseline(served, QUESTIONS[2])
     assert tuple(response.choices[0].token_ids) == want.token_ids  # type: ignore[attr-defined]
 

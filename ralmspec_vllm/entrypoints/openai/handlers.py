@@ -473,4 +473,9 @@ def _ralm_usage(job: RaLMJob, result: JobResult) -> p.RaLMUsage:
         quiet_steps=trace.quiet_steps,
         routed_guesses=trace.routed_guesses,
         rerouted_guesses=trace.rerouted_guesses,
+        lm_wait_s={
+            "guess": round(trace.lm_wait_guess_s, 6),
+            "retrieval": round(trace.lm_wait_retrieval_s, 6),
+            "other": round(trace.lm_wait_other_s, 6),
+        },
     )

@@ -143,6 +143,10 @@ class RaLMUsage(BaseModel):
     """Guesses ranked only among the cached documents the IVF search can reach
     (``--route-guesses``); ``rerouted_guesses`` of them changed by it."""
     rerouted_guesses: int = 0
+    lm_wait_s: dict[str, float] | None = None
+    """Seconds the request had no LM call in flight, by what ran meanwhile: ``guess``
+    (ranking the speculation cache), else ``retrieval`` (a retriever call), else ``other``:
+    where the answer's time went beside the LM."""
 
 
 class RaLMCompletionChoice(CompletionResponseChoice):
