@@ -258,6 +258,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "lm_time_s": mean_of("lm_time_s"),
         "retrieval_time_s": mean_of("retrieval_time_s"),
         "server_wall_time_s": mean_of("wall_time_s"),
+        "lm_wait_s": _lm_waits(usage),
         "retrieval_calls": mean_of("retrieval_calls"),
         "verifications_per_request": mean_of("verifications"),
         "speculation_accuracy": round(hits / (hits + misses), 4) if hits + misses else None,
@@ -266,6 +267,14 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "mean_stride": mean_of("mean_stride"),
         "prefix_cached_fraction": _ratio(usage, "prefix_cached_tokens", "prompt_tokens_sent"),
     }
+
+
+def _lm_waits(usage: Sequence[Mapping[str, Any]]) -> dict[str, float | None] | None:
+    """Mean seconds a request had no LM call in flight, by cause (``ralm.lm_wait_s``)."""
+    waits = [u["lm_wait_s"] for u in usage if u.get("lm_wait_s")]
+    if not waits:
+        return None
+    return {cause: _mean([float(w[cause]) for w in waits]) for cause in waits[0]}
 
 
 def _ratio(usage: Sequence[Mapping[str, Any]], num: str, den: str) -> float | None:

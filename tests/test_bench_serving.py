@@ -15,6 +15,7 @@ the identity check and the metric diff on hand-made inputs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,15 @@ def test_resends_only_for_connections_that_failed_unanswered() -> None:
     resent = RequestRecord(Job("a", "q", "baseline", {}), 0.0, 1.0, 0.1, "x", 5, resends=2)
     summary = summarize([resent, record("b", "y"), record("c", "", error="boom")], 2.0)
     assert (summary["connection_resends"], summary["failed"]) == (2, 1)
+    assert summary["lm_wait_s"] is None  # no usage block said
+
+
+def test_lm_waits_are_averaged_per_cause() -> None:
+    waits = [{"guess": 0.1, "retrieval": 0.4, "other": 0.0}, {"guess": 0.3, "retrieval": 0.0,
+             "other": 0.2}]  # fmt: skip
+    records = [replace(record(str(i), "x"), ralm={"lm_wait_s": w}) for i, w in enumerate(waits)]
+    summary = summarize([*records, record("2", "x")], 1.0)  # the last: no usage block
+    assert summary["lm_wait_s"] == {"guess": 0.2, "retrieval": 0.2, "other": 0.1}
 
 
 def test_load_and_cpu_columns() -> None:
