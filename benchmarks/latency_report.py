@@ -67,11 +67,12 @@ class RunRecord:
     """The most documents the speculation cache held (a guess's scoring grows with it)."""
     lm_aborts: int = 0
     """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
-    lm_wait_guess_s: float = 0.0
+    lm_wait_guess_s: float | None = None
     """The critical path (``RequestTrace.lm_wait_guess_s``): seconds with no LM call in
-    flight while a guess ran; the next two split the rest of those seconds."""
-    lm_wait_retrieval_s: float = 0.0
-    lm_wait_other_s: float = 0.0
+    flight while a guess ran; the next two split the rest of those seconds. ``None`` in
+    records written before session 33 (a merged row averages the records that have it)."""
+    lm_wait_retrieval_s: float | None = None
+    lm_wait_other_s: float | None = None
     searches: tuple[tuple[int, float], ...] = ()
     """(queries, seconds) of every knowledge-base search: the verification cost b(s)."""
     scores: tuple[tuple[int, float], ...] = ()
@@ -141,9 +142,9 @@ class RunRecord:
             rerouted_guesses=summary.get("rerouted_guesses", 0),
             cache_peak=summary.get("cache_peak", 0),
             lm_aborts=summary.get("lm_aborts", 0),
-            lm_wait_guess_s=summary.get("lm_wait_guess_s", 0.0),
-            lm_wait_retrieval_s=summary.get("lm_wait_retrieval_s", 0.0),
-            lm_wait_other_s=summary.get("lm_wait_other_s", 0.0),
+            lm_wait_guess_s=summary.get("lm_wait_guess_s"),
+            lm_wait_retrieval_s=summary.get("lm_wait_retrieval_s"),
+            lm_wait_other_s=summary.get("lm_wait_other_s"),
             identical=identical,
             same_documents=same_documents,
             searches=tuple(searches),
@@ -276,8 +277,9 @@ def summarize(
             for part in ("lm", "retrieval", "speculation", "other"):
                 row[f"{part}_time_s"] = _round(_mean([getattr(r, f"{part}_time_s") for r in runs]))
             # the critical path: seconds an answer the LM waited, by what ran meanwhile
+            waited = [r for r in runs if r.lm_wait_guess_s is not None]
             row["lm_wait_s"] = {
-                part: _round(_mean([getattr(r, f"lm_wait_{part}_s") for r in runs]))
+                part: _round(_mean([getattr(r, f"lm_wait_{part}_s") for r in waited]))
                 for part in ("guess", "retrieval", "other")
             }
             row.update(

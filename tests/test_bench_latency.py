@@ -132,6 +132,11 @@ def test_pipelined_rounds_are_its_restarts() -> None:
     assert (row["mean_rounds"], row["mean_fewest_rounds"]) == (4.0, 3.0)
     assert (row["mean_plain_steps"], row["mean_lm_aborts"]) == (1.0, 2.0)
     assert row["lm_wait_s"] == {"guess": 0.05, "retrieval": 0.02, "other": 0.03}
+    older = record(method, 1.0, verifications=40)  # written before lm_wait existed
+    (merged,) = summarize([runs[0], older], {}, [method])
+    assert merged["lm_wait_s"] == row["lm_wait_s"]  # averaged over the records that have it
+    (alone,) = summarize([older], {}, [method])
+    assert alone["lm_wait_s"] == dict.fromkeys(("guess", "retrieval", "other"))
     assert RunRecord.from_brief("flat", method, row["per_question"][0]) == runs[0]
 
 
