@@ -114,8 +114,9 @@ class RequestContext:
                 ignore_eos=self.config.ignore_eos,
             )
         finally:  # an aborted call kept the LM busy too
-            self.recorder.lm_spans.append((start, time.perf_counter()))
-        self.recorder.lm(gen.num_prompt_tokens, gen.num_cached_tokens, time.perf_counter() - start)
+            end = time.perf_counter()
+            self.recorder.lm_spans.append((start, end))
+        self.recorder.lm(gen.num_prompt_tokens, gen.num_cached_tokens, end - start)
         if not gen.token_ids and not gen.finished:  # would retry the same step forever
             raise RuntimeError(f"{self.request_id}: the LM returned no tokens and did not stop")
         begin = len(self.generated)
