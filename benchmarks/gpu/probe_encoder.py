@@ -11,12 +11,17 @@ single-text encodes (what every search and every guess does), memo off:
   turns on): each text at its exact token length (no padding, so no mask for the model's
   mask code to inspect on the host, which a graph capture forbids), replayed from one CUDA
   graph per length (all captured when the encoder is created, one memory pool);
+- ``graphed-bf16``: the same graphs under bf16 autocast (session 34: the guess, one graphed
+  pass plus ranking the cache, is half of RaLMSpec's gap to the oracle at 21M; is a bf16
+  pass for the guess alone worth having?);
 
 each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
-event loop that drives vLLM). It checks that a graphed text's vector is bit-identical over
-replays (what batch invariance needs: every search and guess of a text get the same vector)
-and its cosine with the shipped vector (padding changes the sums slightly). On a machine
-without CUDA only ``shipped`` runs.
+event loop that drives vLLM). For both graphed variants ``graphed_phases`` splits a pass
+(the p50 of tokenizing, launching, the device's own time, waiting for it, copying back).
+It checks that a graphed text's vector is bit-identical over replays (what batch invariance
+needs: every search and guess of a text get the same vector) and its cosine with the
+shipped vector (padding changes the sums slightly). On a machine without CUDA only
+``shipped`` runs.
 
     python3 benchmarks/gpu/probe_encoder.py --texts 300 --out-dir "$OUT/gpu"
 """
@@ -82,6 +87,43 @@ def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> d
     }
 
 
+def graphed_phases(encoder: Any, texts: list[str]) -> dict[str, float]:
+    """Where one graphed pass goes (the p50 of each phase, ms): ``tokenize`` (the fast
+    tokenizer on one text), ``launch`` (ids to the device and the replay queued, host
+    side), ``gpu`` (the replay on the device, between CUDA events), ``sync`` (the host
+    waiting for it past the launch) and ``copy_back`` (the pooled vector to the host)."""
+    import torch
+
+    graphs = encoder.graphs
+    phases: dict[str, list[float]] = {
+        k: [] for k in ("tokenize", "launch", "gpu", "sync", "copy_back", "total")
+    }
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.inference_mode():
+        for text in texts:
+            t0 = time.perf_counter()
+            row = encoder._tokenizer([text], truncation=True, max_length=encoder.max_length)
+            ids = torch.tensor([row["input_ids"][0]])
+            t1 = time.perf_counter()
+            graph, static, out = graphs._graphs[int(ids.shape[1])]
+            static.copy_(ids)
+            begin.record()
+            graph.replay()
+            end.record()
+            t2 = time.perf_counter()
+            end.synchronize()
+            t3 = time.perf_counter()
+            np.array(out[0].cpu().numpy(), dtype=np.float32)
+            t4 = time.perf_counter()
+            for name, seconds in (
+                ("tokenize", t1 - t0), ("launch", t2 - t1), ("sync", t3 - t2),
+                ("copy_back", t4 - t3), ("total", t4 - t0),
+            ):  # fmt: skip
+                phases[name].append(1000 * seconds)
+            phases["gpu"].append(begin.elapsed_time(end))
+    return {name: round(statistics.median(ms), 3) for name, ms in phases.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=300)
@@ -117,13 +159,24 @@ def main() -> int:
             cosines = [float(np.dot(shipped(t), v)) for t, v in zip(texts, first, strict=True)]
             meta["graphed_cosine_with_shipped_min"] = round(min(cosines), 7)
             variants.append(("graphed", lambda text: graphed.encode([text])[0]))
+            meta["graphed_phases_p50_ms"] = graphed_phases(graphed, texts)
         except Exception as exc:  # a probe: report why the capture failed
             meta["graph_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            # A cheaper guess? The same graphs under bf16 autocast: what it saves, and how
+            # far its vectors are from float32's (a guess need not be exact; a search must).
+            half = QueryEncoder(cuda_graphs=True, dtype="bfloat16")
+            cosines = [float(np.dot(shipped(t), half.encode([t])[0])) for t in texts]
+            meta["graphed_bf16_cosine_with_shipped_min"] = round(min(cosines), 7)
+            variants.append(("graphed-bf16", lambda text: half.encode([text])[0]))
+            meta["graphed_bf16_phases_p50_ms"] = graphed_phases(half, texts)
+        except Exception as exc:
+            meta["graph_bf16_error"] = f"{type(exc).__name__}: {exc}"
     for name, encode in variants:
         for load in ("idle", "duty20"):
             row = {"variant": name, **timed(encode, texts, load)}
             results.append(row)
-            print(f"{name:>8} {load:>6}: p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms",
+            print(f"{name:>12} {load:>6}: p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms",
                   flush=True)  # fmt: skip
     print(json.dumps(meta), flush=True)
     if args.out_dir:
