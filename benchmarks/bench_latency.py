@@ -67,6 +67,7 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.latency_report import (  # noqa: E402
     TABLE_COLUMNS,
     RunRecord,
+    host_drift,
     plot_latency,
     summarize,
 )
@@ -466,6 +467,9 @@ async def measure_all(
         ahead = opened if opened is not None and opened.backend == backend else None
         records, info = await bench_backend(cfg, backend, kb, lm, questions, save, ahead)
         path, rows = save(records, info, complete=True)
+        drift = host_drift(rows)
+        if drift is not None:
+            logger.warning("%s", drift)
         if cfg.plot:
             title = (
                 f"Batch-1 RaLM latency, {model_tag}, {label} over "

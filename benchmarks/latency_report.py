@@ -303,12 +303,47 @@ def summarize(
                 fetch_ms=_calls_ms(runs, "fetches"),
                 kb_phases_s=_kb_phases(runs),
                 loop_lag_ms=_loop_lag(runs),
+                lm_step_ms=lm_step_ms(runs),
                 mean_tokens=_round(_mean([r.num_tokens for r in runs])),
                 repeat_rate=repeat_rate(runs),
                 per_question=[r.brief() for r in runs],
             )
             rows.append(row)
     return rows
+
+
+def lm_step_ms(runs: Sequence[RunRecord]) -> Row | None:
+    """The spread of a question's mean LM call (``lm_time_s / lm_calls``, ms) over the
+    row's questions: p10, p50, p90. A batch-1 step of a small model is CPU-bound in vLLM's
+    scheduling, so it follows the host: session 34 saw one H100 host hold 14.6 ms through a
+    run and another drift from 15 to ~26 ms mid-run. A wide spread says absolute times (and
+    ratios between runs) moved with the host; the methods, interleaved per question, still
+    compare."""
+    ms = sorted(1000 * r.lm_time_s / r.lm_calls for r in runs if r.lm_calls > 0)
+    if not ms:
+        return None
+
+    def at(q: float) -> float | None:
+        return _round(ms[round(q * (len(ms) - 1))], 2)
+
+    return {"p10": at(0.1), "p50": at(0.5), "p90": at(0.9)}
+
+
+def host_drift(rows: Sequence[Row], limit: float = 1.3) -> str | None:
+    """A warning where the oracle's LM step (else the baseline's) spread over the questions
+    by more than ``limit`` (p90 / p10); None otherwise, or where neither ran."""
+    for method in ("oracle", "baseline"):
+        for row in rows:
+            spread = row.get("lm_step_ms") if row.get("method") == method else None
+            if spread and spread["p10"] and spread["p90"] / spread["p10"] > limit:
+                return (
+                    f"{row['retriever']}: the {method}'s LM step ranged {spread['p10']:.1f}-"
+                    f"{spread['p90']:.1f} ms over the questions (p10-p90): the host's speed "
+                    "moved during the run, so compare methods within this run only"
+                )
+            if spread:
+                return None
+    return None
 
 
 def repeat_rate(runs: Sequence[RunRecord]) -> float | None:

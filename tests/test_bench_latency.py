@@ -32,7 +32,13 @@ from benchmarks.bench_latency import (
     parse_args,
 )
 from benchmarks.common import read_results
-from benchmarks.latency_report import RunRecord, fewest_rounds, speedup_interval, summarize
+from benchmarks.latency_report import (
+    RunRecord,
+    fewest_rounds,
+    host_drift,
+    speedup_interval,
+    summarize,
+)
 from benchmarks.merge_latency import BASE_FIELDS, merge
 from ralmspec_vllm.engine.lm import VllmLanguageModel
 from ralmspec_vllm.questions import load_questions_file
@@ -822,3 +828,28 @@ def test_the_opening_thread_runs_on_the_cores_given_and_returns_to_its_own() -> 
     with pytest.raises(ZeroDivisionError):
         _on_cores(one, lambda: 1 / 0)
     assert os.sched_getaffinity(0) == mine
+
+
+def test_rows_report_the_lm_step_spread_and_warn_when_the_host_drifts() -> None:
+    """``lm_step_ms`` is the p10/p50/p90 of a question's mean LM call; ``host_drift`` warns
+    where the oracle's spread (else the baseline's) passes 1.3x, as session 34's host did
+    (15 ms, then ~26 ms mid-run), and stays quiet for a steady host or no LM calls."""
+    steady = [record("oracle", 1.0, lm_time_s=0.015 * 30, lm_calls=30) for _ in range(10)]
+    (row,) = summarize(steady, {}, ["oracle"])
+    assert row["lm_step_ms"] == {"p10": 15.0, "p50": 15.0, "p90": 15.0}
+    assert host_drift([row]) is None
+    drifting = steady[:5] + [
+        record("oracle", 1.0, lm_time_s=0.026 * 30, lm_calls=30) for _ in range(6)
+    ]
+    (row,) = summarize(drifting, {}, ["oracle"])
+    assert row["lm_step_ms"] == {"p10": 15.0, "p50": 26.0, "p90": 26.0}
+    warning = host_drift([row])
+    assert warning is not None and "15.0-26.0 ms" in warning and "oracle" in warning
+    # the oracle speaks for the run: a drifting baseline beside a steady oracle is not flagged
+    as_baseline = [dataclasses.replace(r, method="baseline") for r in drifting]
+    base = summarize(as_baseline, {}, ["baseline"])
+    (oracle,) = summarize(steady, {}, ["oracle"])
+    assert host_drift([*base, oracle]) is None
+    assert host_drift(base) is not None  # no oracle: the baseline's spread is used
+    (idle,) = summarize([record("oracle", 1.0, lm_calls=0)], {}, ["oracle"])
+    assert idle["lm_step_ms"] is None and host_drift([idle]) is None
