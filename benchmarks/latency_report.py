@@ -312,14 +312,19 @@ def summarize(
     return rows
 
 
+STEADY_CALLS = 8
+"""Answers of fewer LM calls are left out of ``lm_step_ms``."""
+
+
 def lm_step_ms(runs: Sequence[RunRecord]) -> Row | None:
     """The spread of a question's mean LM call (``lm_time_s / lm_calls``, ms) over the
-    row's questions: p10, p50, p90. A batch-1 step of a small model is CPU-bound in vLLM's
-    scheduling, so it follows the host: session 34 saw one H100 host hold 14.6 ms through a
-    run and another drift from 15 to ~26 ms mid-run. A wide spread says absolute times (and
-    ratios between runs) moved with the host; the methods, interleaved per question, still
-    compare."""
-    ms = sorted(1000 * r.lm_time_s / r.lm_calls for r in runs if r.lm_calls > 0)
+    row's questions of at least ``STEADY_CALLS`` calls (a shorter answer's mean is mostly
+    its prompt's prefill): p10, p50, p90. A batch-1 step of a small model is CPU-bound in
+    vLLM's scheduling, so it follows the host: session 34 saw one H100 host hold 14.6 ms
+    through a run and another drift from 15 to ~26 ms mid-run. A wide spread says absolute
+    times (and ratios between runs) moved with the host; the methods, interleaved per
+    question, still compare."""
+    ms = sorted(1000 * r.lm_time_s / r.lm_calls for r in runs if r.lm_calls >= STEADY_CALLS)
     if not ms:
         return None
 

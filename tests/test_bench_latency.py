@@ -833,7 +833,8 @@ def test_the_opening_thread_runs_on_the_cores_given_and_returns_to_its_own() -> 
 def test_rows_report_the_lm_step_spread_and_warn_when_the_host_drifts() -> None:
     """``lm_step_ms`` is the p10/p50/p90 of a question's mean LM call; ``host_drift`` warns
     where the oracle's spread (else the baseline's) passes 1.3x, as session 34's host did
-    (15 ms, then ~26 ms mid-run), and stays quiet for a steady host or no LM calls."""
+    (15 ms, then ~26 ms mid-run), and stays quiet for a steady host, for short answers
+    (their prefill) and where no answer made enough LM calls."""
     steady = [record("oracle", 1.0, lm_time_s=0.015 * 30, lm_calls=30) for _ in range(10)]
     (row,) = summarize(steady, {}, ["oracle"])
     assert row["lm_step_ms"] == {"p10": 15.0, "p50": 15.0, "p90": 15.0}
@@ -851,5 +852,8 @@ def test_rows_report_the_lm_step_spread_and_warn_when_the_host_drifts() -> None:
     (oracle,) = summarize(steady, {}, ["oracle"])
     assert host_drift([*base, oracle]) is None
     assert host_drift(base) is not None  # no oracle: the baseline's spread is used
-    (idle,) = summarize([record("oracle", 1.0, lm_calls=0)], {}, ["oracle"])
+    short = record("oracle", 1.0, lm_time_s=0.2, lm_calls=2)  # mostly its prompt's prefill
+    (row,) = summarize([*steady, short], {}, ["oracle"])
+    assert row["lm_step_ms"] == {"p10": 15.0, "p50": 15.0, "p90": 15.0}
+    (idle,) = summarize([short, record("oracle", 1.0, lm_calls=0)], {}, ["oracle"])
     assert idle["lm_step_ms"] is None and host_drift([idle]) is None
