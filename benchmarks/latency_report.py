@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from benchmarks.common import percentile
 from ralmspec_vllm.core.config import SpeculationConfig
 
 Row = dict[str, Any]
@@ -324,31 +325,27 @@ def lm_step_ms(runs: Sequence[RunRecord]) -> Row | None:
     through a run and another drift from 15 to ~26 ms mid-run. A wide spread says absolute
     times (and ratios between runs) moved with the host; the methods, interleaved per
     question, still compare."""
-    ms = sorted(1000 * r.lm_time_s / r.lm_calls for r in runs if r.lm_calls >= STEADY_CALLS)
+    ms = [1000 * r.lm_time_s / r.lm_calls for r in runs if r.lm_calls >= STEADY_CALLS]
     if not ms:
         return None
-
-    def at(q: float) -> float | None:
-        return _round(ms[round(q * (len(ms) - 1))], 2)
-
-    return {"p10": at(0.1), "p50": at(0.5), "p90": at(0.9)}
+    return {f"p{q}": _round(percentile(ms, q), 2) for q in (10, 50, 90)}
 
 
 def host_drift(rows: Sequence[Row], limit: float = 1.3) -> str | None:
     """A warning where the oracle's LM step (else the baseline's) spread over the questions
     by more than ``limit`` (p90 / p10); None otherwise, or where neither ran."""
-    for method in ("oracle", "baseline"):
-        for row in rows:
-            spread = row.get("lm_step_ms") if row.get("method") == method else None
-            if spread and spread["p10"] and spread["p90"] / spread["p10"] > limit:
-                return (
-                    f"{row['retriever']}: the {method}'s LM step ranged {spread['p10']:.1f}-"
-                    f"{spread['p90']:.1f} ms over the questions (p10-p90): the host's speed "
-                    "moved during the run, so compare methods within this run only"
-                )
-            if spread:
-                return None
-    return None
+    measured = {row["method"]: row for row in rows if row.get("lm_step_ms")}
+    row = measured.get("oracle") or measured.get("baseline")
+    if row is None:
+        return None
+    spread = row["lm_step_ms"]
+    if not spread["p10"] or spread["p90"] / spread["p10"] <= limit:
+        return None
+    return (
+        f"{row['retriever']}: the {row['method']}'s LM step ranged {spread['p10']:.1f}-"
+        f"{spread['p90']:.1f} ms over the questions (p10-p90): the host's speed moved during "
+        "the run, so compare methods within this run only"
+    )
 
 
 def repeat_rate(runs: Sequence[RunRecord]) -> float | None:
