@@ -66,8 +66,6 @@ class RunRecord:
     """Of ``routed_guesses``: those routing changed (the exact best was unreachable)."""
     cache_peak: int = 0
     """The most documents the speculation cache held (a guess's scoring grows with it)."""
-    ahead_guesses: int = 0
-    """Guesses made with the query embedding encoded one token early (``guess_ahead``)."""
     lm_aborts: int = 0
     """LM calls aborted mid-step (a miss found while its step, or one ahead, generated)."""
     lm_wait_guess_s: float | None = None
@@ -144,7 +142,6 @@ class RunRecord:
             routed_guesses=summary.get("routed_guesses", 0),
             rerouted_guesses=summary.get("rerouted_guesses", 0),
             cache_peak=summary.get("cache_peak", 0),
-            ahead_guesses=summary.get("ahead_guesses", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             lm_wait_guess_s=summary.get("lm_wait_guess_s"),
             lm_wait_retrieval_s=summary.get("lm_wait_retrieval_s"),
@@ -300,7 +297,6 @@ def summarize(
                 mean_routed_guesses=_round(_mean([r.routed_guesses for r in runs])),
                 mean_rerouted_guesses=_round(_mean([r.rerouted_guesses for r in runs])),
                 mean_cache_peak=_round(_mean([r.cache_peak for r in runs])),
-                mean_ahead_guesses=_round(_mean([r.ahead_guesses for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),
                 search_ms_by_queries=_search_ms(runs),

@@ -380,21 +380,8 @@ class DenseCacheScorer:
         if len(cache) == 0:
             return None
         start = time.perf_counter()
-        return self.rank(cache, await self.embedder.embed(query), recorder, start)
-
-    def rank(
-        self,
-        cache: SpeculationCache,
-        q: np.ndarray,
-        recorder: TraceRecorder,
-        start: float | None = None,
-    ) -> int | None:
-        """``top1`` for the query embedding ``q``; the guess's time counts from ``start``
-        (default: now)."""
-        if len(cache) == 0:
-            return None
-        start = time.perf_counter() if start is None else start
-        vectors = cache.vectors  # read after the embedding: consistent with doc ids now
+        q = await self.embedder.embed(query)
+        vectors = cache.vectors  # read after the await: consistent with doc ids right now
         if vectors is None:
             raise ValueError("dense cache scoring needs documents inserted with vectors")
         approx = float32_products(vectors, q)  # not BLAS: its threads spin against the scan

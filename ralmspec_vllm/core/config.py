@@ -101,16 +101,6 @@ class SpeculationConfig:
     true document). Speculation therefore never loses to plain steps, and OS3's plain-step
     rule (``prefers_plain_step``) is skipped. Where a search is cheaper than an LM step
     (approximate dense, BM25), this is what hides retrieval behind generation."""
-    guess_ahead: bool = False
-    """Not in the paper; dense cache scoring with an LM that streams: a step's guess ranks
-    the cache with the embedding of its query as it stood one token earlier, encoded while
-    the step before generated its last token (``RequestContext.generate_step``'s
-    ``before_last``), so the query encoder's pass (most of a guess: ~1.3 ms of the 1.5 ms a
-    step that the LM waited on at 21M on an H100, session 34) runs under the LM's work and
-    only ranking the cache stays between two steps. The query is 31 of its ``query_window``
-    tokens the same, so the guess is mostly the same document; where it is not, only the
-    speculation accuracy moves, never an answer (each step's search verifies its own,
-    current query)."""
     plain_prefetch: bool = False
     """Not in the paper: whether OS3's plain steps still fill the cache with the prefetch
     (``prefetch_k`` hits: a second search beside the step where searches are cheap, see
@@ -193,8 +183,6 @@ class SpeculationConfig:
             raise ValueError(
                 "early_verification needs async_verification and overlap_depth='pipeline'"
             )
-        if not isinstance(self.guess_ahead, bool):
-            raise ValueError(f"guess_ahead must be a bool, got {self.guess_ahead!r}")
         _positive("plain_probe_every", self.plain_probe_every)
         if not isinstance(self.route_guesses, bool) and self.route_guesses != "auto":
             raise ValueError(f"route_guesses must be a bool or 'auto', got {self.route_guesses!r}")

@@ -9,7 +9,7 @@ prompt tokens it served from cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,11 +28,6 @@ class Generation:
     lm_time_s: float
 
 
-TokenCallback = Callable[[tuple[int, ...]], None]
-"""Called with a chunk's tokens so far while it is still generating (``LanguageModel.generate``'s
-``on_tokens``)."""
-
-
 class LanguageModel(Protocol):
     """Greedy chunked generation. Concurrent calls with distinct ``request_id`` are allowed."""
 
@@ -43,12 +38,9 @@ class LanguageModel(Protocol):
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
         """``ignore_eos``: EOS (and any token the LM treats like it) does not end the chunk;
-        generation runs on to ``max_tokens``. ``on_tokens``: called with the tokens so far
-        as they stream in, before the chunk ends (an LM that does not stream never calls
-        it; nothing may depend on it but speed)."""
+        generation runs on to ``max_tokens``."""
         ...
 
     async def abort(self, request_id: str) -> None:

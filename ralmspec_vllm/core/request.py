@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ralmspec_vllm.core.config import RaLMConfig
-from ralmspec_vllm.core.lm import Generation, LanguageModel, TokenCallback
+from ralmspec_vllm.core.lm import Generation, LanguageModel
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.stop import StopReason
 from ralmspec_vllm.core.trace import CallPurpose, TokenSpan, TraceRecorder
@@ -23,10 +23,6 @@ from ralmspec_vllm.types import Hit
 
 FinalCallback = Callable[[int, tuple[int, ...]], None]
 """Called with (offset, tokens) when generated tokens become final (never rolled back)."""
-
-BeforeLastToken = Callable[[str, tuple[int, ...]], None]
-"""Called while a step still generates its last token, with the query of that position and
-the generated tokens it was made from (``RequestContext.generate_step``'s ``before_last``)."""
 
 SpeculationHold = Callable[[], bool]
 """Asked before each speculated step: True while speculation should pause (the server's
@@ -97,16 +93,9 @@ class RequestContext:
         return hits
 
     async def generate_step(
-        self,
-        doc_id: int | None,
-        purpose: CallPurpose,
-        lm_request_id: str | None = None,
-        before_last: BeforeLastToken | None = None,
+        self, doc_id: int | None, purpose: CallPurpose, lm_request_id: str | None = None
     ) -> Generation:
-        """Generate one step with ``doc_id`` in front and append it (tokens and span).
-        ``before_last``: called once, if the LM streams, when all but the step's last token
-        are generated, with the query of that position (what the next step's query will be
-        but for one token) and the generated tokens it was made from."""
+        """Generate one step with ``doc_id`` in front and append it (tokens and span)."""
         doc = None
         if doc_id is not None:
             (doc,), latency = await self.doc_tokens.get([doc_id])
@@ -116,16 +105,6 @@ class RequestContext:
         max_tokens = min(
             self.config.retrieval_stride, self.config.max_new_tokens - len(self.generated)
         )
-        streaming: dict[str, TokenCallback] = {}  # passed only when wanted: not every LM streams
-        if before_last is not None and max_tokens > 1:
-            generated = tuple(self.generated)
-
-            def on_tokens(tokens: tuple[int, ...]) -> None:
-                if len(tokens) == max_tokens - 1:
-                    before = generated + tokens
-                    before_last(self.layout.query(self.question_ids, before), before)
-
-            streaming["on_tokens"] = on_tokens
         start = time.perf_counter()
         try:
             gen = await self.lm.generate(
@@ -133,7 +112,6 @@ class RequestContext:
                 max_tokens,
                 lm_request_id or self.new_lm_request_id(),
                 ignore_eos=self.config.ignore_eos,
-                **streaming,
             )
         finally:  # an aborted call kept the LM busy too
             end = time.perf_counter()

@@ -76,8 +76,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 from ralmspec_vllm.core.baseline import baseline_step
 from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
@@ -134,16 +132,6 @@ class _Guess:
     """``perf_counter`` when the guess began (OS3's a covers the guess and the step)."""
     step: SpeculativeStep
     """``end`` equals ``start`` until the step is generated."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Ahead:
-    """``guess_ahead``: the next guess's query embedding, encoding while the step before it
-    generates its last token."""
-
-    before: tuple[int, ...]
-    """The generated tokens its query was made from: the next position's but for one."""
-    embedding: asyncio.Task[np.ndarray]
 
 
 @dataclass(slots=True)
@@ -237,18 +225,8 @@ class SpeculativeRequest:
         """Plain steps OS3 chose since the last speculation (``plain_probe_every``)."""
         self._segment: tuple[float, int] | None = None
         """Speculation since the last decision point: (``perf_counter``, final length)."""
-        self._dense = scorer if isinstance(scorer, DenseCacheScorer) else None
-        self._before_last = self._encode_ahead if config.guess_ahead and self._dense else None
-        """``guess_ahead``: what every step generated here calls before its last token."""
-        self._ahead: _Ahead | None = None
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self._drop_ahead()
-
-    async def _run(self) -> None:
         ctx = self.ctx
         if ctx.done:
             return
@@ -384,7 +362,7 @@ class SpeculativeRequest:
             found = asyncio.create_task(self._search([query], "prefetch"))
         insert = asyncio.create_task(self._insert([hits], after=reading, found=found))
         try:
-            await self.ctx.generate_step(_top1(hits), "retrieve", None, self._before_last)
+            await self.ctx.generate_step(_top1(hits), "retrieve")
         except BaseException:
             await _cancel([t for t in (insert, reading, found) if t is not None])
             raise
@@ -473,51 +451,15 @@ class SpeculativeRequest:
         start = time.perf_counter()
         begin = len(self.ctx.generated)
         query = self.ctx.query()
-        ahead = self._take_ahead()
-        if ahead is not None and self._dense is not None:
-            doc_id = self._dense.rank(self.cache, await ahead, self.recorder)
-            self.recorder.ahead_guesses += 1
-        else:
-            doc_id = await self.scorer.top1(self.cache, query, self.recorder)
+        doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
         return _Guess(start, SpeculativeStep(begin, begin, query, doc_id))
 
-    def _encode_ahead(self, query: str, before: tuple[int, ...]) -> None:
-        """``guess_ahead`` (a step's ``before_last``): start encoding the next guess's query
-        as it stands one token early."""
-        assert self._dense is not None
-        self._drop_ahead()
-        self._ahead = _Ahead(before, asyncio.create_task(self._embed(self._dense, query)))
-
-    async def _embed(self, scorer: DenseCacheScorer, query: str) -> np.ndarray:
-        start = time.perf_counter()
-        embedding = await scorer.embedder.embed(query)
-        self.recorder.guessed(start)  # a guess's work, off the LM's path if in time
-        return embedding
-
-    def _take_ahead(self) -> asyncio.Task[np.ndarray] | None:
-        """The embedding encoded ahead for this position, if there is one: it was made
-        from exactly the generated tokens but the last (a step rolled back since, or one
-        that ended early, leaves one that does not fit, and it is dropped)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        generated, n = self.ctx.generated, len(ahead.before)
-        if len(generated) == n + 1 and tuple(generated[:n]) == ahead.before:
-            return ahead.embedding
-        _forget(ahead.embedding)
-        return None
-
-    def _drop_ahead(self) -> None:
-        if self._ahead is not None:
-            _forget(self._ahead.embedding)
-            self._ahead = None
-
     async def _generate_guess(self, guess: _Guess, lm_request_id: str) -> SpeculativeStep:
         """Generate the guessed step; the returned step has its end."""
         step = guess.step
-        await self.ctx.generate_step(step.doc_id, "speculate", lm_request_id, self._before_last)
+        await self.ctx.generate_step(step.doc_id, "speculate", lm_request_id)
         self.scheduler.record_speculation(time.perf_counter() - guess.started)
         return SpeculativeStep(step.start, len(self.ctx.generated), step.query, step.doc_id)
 
@@ -722,7 +664,7 @@ class SpeculativeRequest:
         logger.debug(
             "%s: rollback to %d tokens (%d dropped)", self.ctx.request_id, rollback_to, dropped
         )
-        await self.ctx.generate_step(true_doc_id, "verify", None, self._before_last)
+        await self.ctx.generate_step(true_doc_id, "verify")
         self.ctx.finalize(len(self.ctx.generated))
 
     async def _insert(
@@ -808,13 +750,6 @@ class SpeculativeRequest:
             raise ValueError(f"this cache scoring needs a retriever that serves {kind}")
         fetched.update(zip(missing, values, strict=True))
         return True
-
-
-def _forget(task: asyncio.Task[Any]) -> None:
-    """Cancel a task nobody will await; a failure it already had is retrieved (not logged
-    as never retrieved: it only cost a guess)."""
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _cancel_searches(unsettled: Sequence[_Unsettled]) -> None:

@@ -113,9 +113,6 @@ class RequestTrace:
     cache_peak: int = 0
     """The most documents the request's speculation cache held (what a guess ranks: its
     scoring cost grows with it)."""
-    ahead_guesses: int = 0
-    """Guesses that ranked the cache with the embedding encoded one token ahead, while the
-    step before was still generating its last token (``SpeculationConfig.guess_ahead``)."""
     lm_wait_guess_s: float = 0.0
     """Wall time with no LM call in flight while a guess ran (module docstring)."""
     lm_wait_retrieval_s: float = 0.0
@@ -172,7 +169,6 @@ class RequestTrace:
             "routed_guesses": self.routed_guesses,
             "rerouted_guesses": self.rerouted_guesses,
             "cache_peak": self.cache_peak,
-            "ahead_guesses": self.ahead_guesses,
             "lm_wait_guess_s": self.lm_wait_guess_s,
             "lm_wait_retrieval_s": self.lm_wait_retrieval_s,
             "lm_wait_other_s": self.lm_wait_other_s,
@@ -215,7 +211,6 @@ class TraceRecorder:
     routed_guesses: int = 0
     rerouted_guesses: int = 0
     cache_peak: int = 0
-    ahead_guesses: int = 0
     lm_spans: list[tuple[float, float]] = field(default_factory=list)
     """``time.perf_counter()`` (start, end) of every LM call, aborted ones included."""
     guess_spans: list[tuple[float, float]] = field(default_factory=list)
@@ -286,7 +281,6 @@ class TraceRecorder:
             routed_guesses=self.routed_guesses,
             rerouted_guesses=self.rerouted_guesses,
             cache_peak=self.cache_peak,
-            ahead_guesses=self.ahead_guesses,
             lm_wait_guess_s=waits[0],
             lm_wait_retrieval_s=waits[1],
             lm_wait_other_s=waits[2],

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ralmspec_vllm.core.lm import Generation, TokenCallback
+from ralmspec_vllm.core.lm import Generation
 from ralmspec_vllm.retrieval.base import top_k_from_scores
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo, rank_key
 
@@ -112,8 +112,6 @@ class FakeLM:
         self.calls: list[LMCall] = []
         self.aborted: list[str] = []
         self.cancelled: list[str] = []
-        self.streamed = 0
-        """Calls made with ``on_tokens``."""
         self._inflight: set[str] = set()
         self._blocks: set[int] = set()
 
@@ -166,31 +164,22 @@ class FakeLM:
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
-        """With ``on_tokens`` the chunk "streams": halfway through the latency, every
-        prefix of the output but the whole is reported, as vLLM reports engine steps."""
         if request_id in self._inflight:
             raise RuntimeError(f"duplicate request id {request_id}")
         self._inflight.add(request_id)
         if self.events is not None:
             self.events.append(f"lm-start {request_id}")
-        prompt = tuple(prompt_token_ids)
-        out, finished = self.continuation(prompt, max_tokens, ignore_eos)
         try:
             if self.latency_s:
-                await asyncio.sleep(self.latency_s / 2)
-            if on_tokens is not None:
-                self.streamed += 1
-                for k in range(1, len(out)):
-                    on_tokens(tuple(out[:k]))
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s / 2)
+                await asyncio.sleep(self.latency_s)
         except asyncio.CancelledError:
             self.cancelled.append(request_id)
             raise
         finally:
             self._inflight.discard(request_id)
+        prompt = tuple(prompt_token_ids)
+        out, finished = self.continuation(prompt, max_tokens, ignore_eos)
         chain = self._chain(prompt + tuple(out))
         cached = self.cached_prefix(prompt, chain)
         self._blocks.update(chain)

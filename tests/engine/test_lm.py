@@ -160,17 +160,3 @@ async def test_tokenizer_and_cache_stats(vllm_lm: VllmLanguageModel) -> None:
     assert 0.0 <= stats.hit_rate <= 1.0
     assert vllm_lm.block_size == 32
     assert vllm_lm.config.dtype == "float32"
-
-
-async def test_streaming_reports_prefixes_and_keeps_the_tokens(
-    vllm_lm: VllmLanguageModel,
-) -> None:
-    """``on_tokens`` (what ``guess_ahead`` needs) hears each engine step's tokens so far, a
-    growing prefix of the chunk, never the whole chunk; the chunk itself is the one a
-    non-streaming call generates."""
-    prompt = random_prompt(14, 90)
-    plain = await vllm_lm.generate(prompt, 6, "unstreamed")
-    heard: list[tuple[int, ...]] = []
-    streamed = await vllm_lm.generate(prompt, 6, "streamed", on_tokens=heard.append)
-    assert streamed.token_ids == plain.token_ids and len(plain.token_ids) == 6
-    assert heard == [plain.token_ids[:k] for k in range(1, 6)]

@@ -108,25 +108,6 @@ async def test_continuation_matches_one_generation_and_reuses_all_kv(
     assert hooked.open_sessions == 0
 
 
-async def test_streaming_reports_each_prefix_of_a_chunk(
-    hooked: SessionLanguageModel, base: VllmLanguageModel
-) -> None:
-    """``on_tokens`` on a session hears the chunk's tokens so far at each output before the
-    last (the first chunk of a session and a resumed one alike)."""
-    prompt = random_prompt(40, 70)
-    whole = await base.generate(prompt, 10, "stream-whole")
-    heard: list[tuple[int, ...]] = []
-    first = await hooked.generate(prompt, 5, "stream#1", on_tokens=heard.append)
-    assert heard == [first.token_ids[:k] for k in range(1, 5)]
-    heard.clear()
-    second = await hooked.generate(
-        prompt + list(first.token_ids), 5, "stream#2", on_tokens=heard.append
-    )
-    assert heard == [second.token_ids[:k] for k in range(1, 5)]
-    assert first.token_ids + second.token_ids == whole.token_ids
-    await hooked.release("stream")
-
-
 @pytest.mark.parametrize(("keep", "cached"), [(75, 75), (50, 32)])
 async def test_rewind_then_other_tokens_match_a_fresh_request(
     hooked: SessionLanguageModel, base: VllmLanguageModel, keep: int, cached: int
