@@ -76,10 +76,18 @@ class Runner:
         run's work inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
-        one server engine shares them across its requests (warm-up included)."""
+        one server engine shares them across its requests (warm-up included; its measured
+        step costs are not kept, ``warmed_up``)."""
         self.routing_gate = RoutingGate()
         """Likewise ``route_guesses="auto"``'s gate: with one per run it would re-learn
         for every answer, and an answer's guesses barely outnumber its warm-up."""
+
+    def warmed_up(self) -> None:
+        """The warm-up is over: OS3's clock forgets its steps (``StrideLedger.restart_clock``),
+        whose one-off costs would otherwise steer the timed answers' plain-or-speculate
+        choice for a minute."""
+        for ledger in self.stride_ledgers.values():
+            ledger.restart_clock()
 
     def engine(self) -> Any:
         from ralmspec_vllm.core.runner import RaLMEngine
@@ -435,6 +443,7 @@ async def bench_backend(
         warm = Question("warmup", WARMUP_QUESTION, (), "warmup")
         for _ in range(cfg.warmup):
             await runner.question(cfg.label(backend), warm, methods, timed=False)
+        runner.warmed_up()
         info["warmup_s"] = round(time.perf_counter() - start, 1)
         if on_progress is not None:
             on_progress(records, info)

@@ -290,6 +290,15 @@ class StrideLedger:
     def record(self, matched: int, mismatched: bool) -> None:
         self._outcomes.append((matched, mismatched))
 
+    def restart_clock(self) -> None:
+        """Forget what plain steps and speculation measured (``steps``), keeping the pooled
+        outcomes and the latest costs (which the next measurement replaces). For after a
+        warm-up: its steps pay one-off costs (kernels compiled on first use, first
+        captures), and ``measured_plain_pays`` would follow them for ``StepCosts``' whole
+        horizon. On an H100 (session 35, 21M IVF) a warm-up measured speculation slower
+        than plain steps, and the first 16 timed answers ran every step plain."""
+        self.steps = StepCosts()
+
     def trials(self) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the pooled verifications."""
         return _count(self._outcomes)

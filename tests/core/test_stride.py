@@ -392,3 +392,20 @@ def test_measured_plain_pays_hand_cases(
     # the paper's OS3 has no such rule
     paper = OptimalStrideScheduler(asynchronous=True, ledger=ledger)
     assert paper.steps is None and not paper.measured_plain_pays()
+
+
+def test_restarting_the_clock_forgets_the_warm_ups_step_costs_not_its_outcomes() -> None:
+    """A warm-up measured speculation slower than plain steps (one-off costs): until the
+    clock restarts every request would run plain; after it, the models decide, with the
+    warm-up's speculation outcomes still pooled."""
+    ledger = StrideLedger()
+    ledger.steps.record("plain", 0.010 * 64, 64)
+    ledger.steps.record("speculation", 0.020 * 64, 64)
+    ledger.record(7, True)
+    warm = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert warm.measured_plain_pays()
+    ledger.restart_clock()
+    timed = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert not timed.measured_plain_pays()
+    assert timed.steps is ledger.steps and ledger.steps.per_token("plain") is None
+    assert ledger.trials() == (7, 1)
