@@ -13,10 +13,11 @@ single-text encodes (what every search and every guess does), memo off:
   graph per length (all captured when the encoder is created, one memory pool);
 - ``graphed-bf16``: the same graphs under bf16 autocast (session 34: the guess, one graphed
   pass plus ranking the cache, is half of RaLMSpec's gap to the oracle at 21M; is a bf16
-  pass for the guess alone worth having?);
+  pass for the guess alone worth having? Session 35: no, the same 0.70 ms on the device);
+- ``graphed-compiled``: the graphs of a ``torch.compile``d forward (fewer, fused kernels);
 
 each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
-event loop that drives vLLM). For both graphed variants ``graphed_phases`` splits a pass
+event loop that drives vLLM). For every graphed variant ``graphed_phases`` splits a pass
 (the p50 of tokenizing, launching, the device's own time, waiting for it, copying back).
 It checks that a graphed text's vector is bit-identical over replays (what batch invariance
 needs: every search and guess of a text get the same vector) and its cosine with the
@@ -124,6 +125,35 @@ def graphed_phases(encoder: Any, texts: list[str]) -> dict[str, float]:
     return {name: round(statistics.median(ms), 3) for name, ms in phases.items()}
 
 
+def compiled_variant(
+    texts: list[str],
+    shipped: Callable[[str], np.ndarray],
+    meta: dict[str, Any],
+    variants: list[tuple[str, Callable[[str], np.ndarray]]],
+) -> None:
+    """``graphed-compiled``: the graphed pass with the encoder's forward compiled by
+    ``torch.compile`` (Inductor fuses the norms, biases and activations between the matmuls),
+    captured per length as ``QueryEncoder`` captures its own. Session 35 found the graphed
+    pass latency-bound (0.70 ms of device time, bf16 the same): fewer kernels is what could
+    make a guess cheaper. Only the texts' own lengths are captured here."""
+    import torch
+
+    from ralmspec_vllm.retrieval.encoder import QueryEncoder, _LengthGraphs
+
+    fused = QueryEncoder()
+    start = time.perf_counter()
+    fused.graphs = _LengthGraphs(torch.compile(fused._exact_forward, dynamic=True))
+    ids = fused._tokenizer(texts, truncation=True, max_length=fused.max_length)["input_ids"]
+    with torch.inference_mode():
+        fused.graphs.capture(sorted({len(row) for row in ids}))
+    meta["compiled_setup_s"] = round(time.perf_counter() - start, 1)
+    meta["compiled_lengths"] = len(fused.graphs)
+    cosines = [float(np.dot(shipped(t), fused.encode([t])[0])) for t in texts]
+    meta["graphed_compiled_cosine_with_shipped_min"] = round(min(cosines), 7)
+    variants.append(("graphed-compiled", lambda text: fused.encode([text])[0]))
+    meta["graphed_compiled_phases_p50_ms"] = graphed_phases(fused, texts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=300)
@@ -172,6 +202,10 @@ def main() -> int:
             meta["graphed_bf16_phases_p50_ms"] = graphed_phases(half, texts)
         except Exception as exc:
             meta["graph_bf16_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            compiled_variant(texts, shipped, meta, variants)
+        except Exception as exc:
+            meta["graph_compiled_error"] = f"{type(exc).__name__}: {exc}"
     for name, encode in variants:
         for load in ("idle", "duty20"):
             row = {"variant": name, **timed(encode, texts, load)}
