@@ -50,6 +50,10 @@ SERVED_MODES: tuple[Mode, ...] = ("baseline", "ralmspec")
 CacheScoring = Literal["auto", "local", "retriever"]
 CACHE_SCORING: tuple[CacheScoring, ...] = ("auto", "local", "retriever")
 CALIBRATION_TEXT = "retriever calibration query number {}"
+WARMUP_QUESTION = "who wrote the declaration of independence"
+"""What ``RaLMService.warm_up`` answers before the server takes requests."""
+WARMUP_TOKENS = 32
+"""Tokens of the warm-up's answers (eight retrieval steps at the default stride)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +442,39 @@ class RaLMService:
             f" (~{1 / cost:.0f} queries/s at most)" if cost > 0 else "",
         )  # fmt: skip
         return cost
+
+    async def warm_up(self) -> float | None:
+        """Answer ``WARMUP_QUESTION`` once as the baseline and once with RaLMSpec (the
+        server's default speculation), ``WARMUP_TOKENS`` tokens each, before the server
+        takes requests; returns the seconds it took, or None if it failed (logged: the
+        requests that need what failed will fail as they would have).
+
+        The first answers pay one-off costs: kernels vLLM compiles on first use, the
+        retriever's and the encoder's first calls. Paid by the clients' first requests, they
+        also reach OS3's clock, which pools a minute of steps across requests: on an H100 at
+        21M documents (session 35) a warm-up measured speculation slower than plain steps,
+        and the benchmark's next 16 answers then ran every step plain. So after the warm-up
+        the clock restarts (``StrideLedger.restart_clock``; its outcomes stay) and the load
+        signal forgets the warm-up's queries; the Prometheus batch histograms keep them."""
+        start = time.perf_counter()
+        config = replace(
+            self.config.ralm, max_new_tokens=min(WARMUP_TOKENS, self.config.ralm.max_new_tokens)
+        )
+        try:
+            for mode in ("baseline", "ralmspec"):
+                await self.engine.generate(
+                    WARMUP_QUESTION, mode, request_id=f"warmup-{mode}", config=config
+                )
+        except Exception as exc:
+            logger.warning("warm-up failed: %r", exc)
+            return None
+        finally:
+            for ledger in self.engine.stride_ledgers.values():
+                ledger.restart_clock()
+            self.retriever_load.clear()
+        seconds = time.perf_counter() - start
+        logger.info("warm-up: a baseline and a RaLMSpec answer in %.1f s", seconds)
+        return seconds
 
     def _observe_batch(self, record: BatchRecord) -> None:
         """Each merged retriever call: the Prometheus batch histograms and, if it succeeded,

@@ -90,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"require 'Authorization: Bearer KEY' on /v1/* (repeatable; env {API_KEY_ENV})",
     )
     _own(server, "--uvicorn-log-level", default="warning", help="uvicorn's log level")
+    _own(server, "--warmup", action=argparse.BooleanOptionalAction, default=True,
+         help="answer one short question as the baseline and with RaLMSpec before taking "
+              "requests, so that one-off costs (kernels compiled on first use) reach neither "
+              "the first clients nor OS3's measured step costs (default: %(default)s)")  # fmt: skip
     _own(server, "--cpus", default=None, metavar="LIST", help=CPUS_HELP)
     _own(
         server,
@@ -355,6 +359,8 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         )
         if config.max_retriever_utilization is not None:
             await service.calibrate_retriever()
+        if args.warmup:
+            await service.warm_up()
         model_name = (args.served_model_name or [args.model or DEFAULT_MODEL])[0]
         app = build_app(service, model_name, api_keys)
         uv = uvicorn.Server(uvicorn_config(app, args))

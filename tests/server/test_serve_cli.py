@@ -92,6 +92,8 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
             service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)  # type: ignore[attr-defined]
+    assert args.warmup  # type: ignore[attr-defined]
+    assert not parse(["serve", "--no-warmup"])[0].warmup  # type: ignore[attr-defined]
     assert engine_config_from_args(args, defaults).lm_path == "resubmit"  # type: ignore[arg-type]
     args, _ = parse(["serve", "--model", str(tiny_model_dir), "--lm-path", "sessions"])
     hooked = engine_config_from_args(args, defaults)  # type: ignore[arg-type]
@@ -223,7 +225,9 @@ async def test_serve_bm25_ranks_the_cache_from_term_weights(
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert "cache scoring: local (BM25 term weights)" in log.read_text()
+    text = log.read_text()
+    assert "cache scoring: local (BM25 term weights)" in text
+    assert "warm-up: a baseline and a RaLMSpec answer in" in text  # before it took requests
 
 
 def test_serve_refuses_to_start_on_an_external_retriever_it_cannot_use(

@@ -172,6 +172,40 @@ async def test_a_failing_calibration_leaves_the_fallback_off(
     assert "retriever calibration failed" in caplog.text
 
 
+async def test_the_warm_up_answers_both_ways_then_restarts_the_clock_and_the_load() -> None:
+    """One short baseline answer and one RaLMSpec answer; afterwards OS3's clock has no
+    steps (a warm-up's one-off costs would steer plain-or-speculate for a minute), the
+    speculation outcomes stay pooled, and the load signal has no queries."""
+    service, retriever, lm = make_service(forced({2}))
+    await service.calibrate_retriever()
+    seconds = await service.warm_up()
+    assert seconds is not None and seconds >= 0
+    assert [c.request_id.split("#")[0] for c in lm.calls][:1] == ["warmup-baseline"]
+    assert any(c.request_id.startswith("warmup-ralmspec") for c in lm.calls)
+    assert all(len(c.output) <= 32 for c in lm.calls)  # WARMUP_TOKENS
+    (ledger,) = service.engine.stride_ledgers.values()
+    assert ledger.steps.per_token("plain", "first", "speculation") is None
+    assert sum(ledger.trials()) > 0  # the miss forced at step 2 and the hits around it
+    assert not service.retriever_load.sent and retriever.search_calls
+
+
+async def test_a_failing_warm_up_is_logged_and_serving_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, retriever, _ = make_service()
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("retriever down")
+
+    real = retriever.search
+    retriever.search = broken  # type: ignore[method-assign]
+    assert await service.warm_up() is None
+    assert "warm-up failed" in caplog.text
+    retriever.search = real  # type: ignore[method-assign]
+    _, result = await collect(service, SHORT_QUESTION)
+    assert result.token_ids
+
+
 async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
     """``max_retriever_utilization``: while this server keeps the retriever busy (recent
     queries/s x the calibrated cost of one), a ``ralmspec`` request runs as the baseline
