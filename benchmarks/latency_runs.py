@@ -26,6 +26,7 @@ from ralmspec_vllm.core.cache import RoutingGate
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
+from ralmspec_vllm.service import WARMUP_QUESTION
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,8 +37,6 @@ logger = logging.getLogger("bench_latency")
 
 Progress = Callable[[list[RunRecord], dict[str, Any]], object]
 """``on_progress(records, info)``: the timed records so far and the retriever's info."""
-
-WARMUP_QUESTION = "who wrote the declaration of independence"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from core.world import LONG_QUESTION, SHORT_QUESTION, forced
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
 from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.service import (
+    WARMUP_TOKENS,
     JobError,
     JobResult,
     RaLMService,
@@ -158,15 +159,16 @@ async def test_calibration_measures_what_a_query_costs_the_retriever() -> None:
     assert not service.retriever_load.sent  # calibration is not load
 
 
+async def retriever_down(*args: object, **kwargs: object) -> None:
+    """A retriever call that fails at once (for ``retriever.search``)."""
+    raise ConnectionError("retriever down")
+
+
 async def test_a_failing_calibration_leaves_the_fallback_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     service, retriever, _ = make_service()
-
-    async def broken(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("retriever down")
-
-    retriever.search = broken  # type: ignore[method-assign]
+    retriever.search = retriever_down  # type: ignore[method-assign]
     assert await service.calibrate_retriever() == 0.0
     assert service.retriever_load.query_cost_s == 0.0
     assert "retriever calibration failed" in caplog.text
@@ -182,7 +184,7 @@ async def test_the_warm_up_answers_both_ways_then_restarts_the_clock_and_the_loa
     assert seconds is not None and seconds >= 0
     assert [c.request_id.split("#")[0] for c in lm.calls][:1] == ["warmup-baseline"]
     assert any(c.request_id.startswith("warmup-ralmspec") for c in lm.calls)
-    assert all(len(c.output) <= 32 for c in lm.calls)  # WARMUP_TOKENS
+    assert all(len(c.output) <= WARMUP_TOKENS for c in lm.calls)
     (ledger,) = service.engine.stride_ledgers.values()
     assert ledger.steps.per_token("plain", "first", "speculation") is None
     assert sum(ledger.trials()) > 0  # the miss forced at step 2 and the hits around it
@@ -193,12 +195,8 @@ async def test_a_failing_warm_up_is_logged_and_serving_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     service, retriever, _ = make_service()
-
-    async def broken(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("retriever down")
-
     real = retriever.search
-    retriever.search = broken  # type: ignore[method-assign]
+    retriever.search = retriever_down  # type: ignore[method-assign]
     assert await service.warm_up() is None
     assert "warm-up failed" in caplog.text
     retriever.search = real  # type: ignore[method-assign]
