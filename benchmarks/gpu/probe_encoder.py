@@ -125,17 +125,30 @@ def graphed_phases(encoder: Any, texts: list[str]) -> dict[str, float]:
     return {name: round(statistics.median(ms), 3) for name, ms in phases.items()}
 
 
-def compiled_variant(
+def add_graphed(
+    name: str,
+    encoder: Any,
     texts: list[str],
     shipped: Callable[[str], np.ndarray],
     meta: dict[str, Any],
     variants: list[tuple[str, Callable[[str], np.ndarray]]],
 ) -> None:
-    """``graphed-compiled``: the graphed pass with the encoder's forward compiled by
-    ``torch.compile`` (Inductor fuses the norms, biases and activations between the matmuls),
-    captured per length as ``QueryEncoder`` captures its own. Session 35 found the graphed
-    pass latency-bound (0.70 ms of device time, bf16 the same): fewer kernels is what could
-    make a guess cheaper. Only the texts' own lengths are captured here."""
+    """A graphed variant to time, with its least cosine with the shipped vectors and its
+    phases (``graphed_phases``) in ``meta`` as ``<name>_cosine_with_shipped_min`` and
+    ``<name>_phases_p50_ms`` (``-`` read as ``_``)."""
+    key = name.replace("-", "_")
+    cosines = [float(np.dot(shipped(t), encoder.encode([t])[0])) for t in texts]
+    meta[f"{key}_cosine_with_shipped_min"] = round(min(cosines), 7)
+    variants.append((name, lambda text: encoder.encode([text])[0]))
+    meta[f"{key}_phases_p50_ms"] = graphed_phases(encoder, texts)
+
+
+def compiled_encoder(texts: list[str], meta: dict[str, Any]) -> Any:
+    """``graphed-compiled``'s encoder: its forward compiled by ``torch.compile`` (Inductor
+    fuses the norms, biases and activations between the matmuls), captured per length as
+    ``QueryEncoder`` captures its own. Session 35 found the graphed pass latency-bound
+    (0.70 ms of device time, bf16 the same): fewer kernels is what could make a guess
+    cheaper. Only the texts' own lengths are captured here."""
     import torch
 
     from ralmspec_vllm.retrieval.encoder import QueryEncoder, _LengthGraphs
@@ -148,10 +161,7 @@ def compiled_variant(
         fused.graphs.capture(sorted({len(row) for row in ids}))
     meta["compiled_setup_s"] = round(time.perf_counter() - start, 1)
     meta["compiled_lengths"] = len(fused.graphs)
-    cosines = [float(np.dot(shipped(t), fused.encode([t])[0])) for t in texts]
-    meta["graphed_compiled_cosine_with_shipped_min"] = round(min(cosines), 7)
-    variants.append(("graphed-compiled", lambda text: fused.encode([text])[0]))
-    meta["graphed_compiled_phases_p50_ms"] = graphed_phases(fused, texts)
+    return fused
 
 
 def main() -> int:
@@ -186,24 +196,19 @@ def main() -> int:
             meta["graphed_bit_identical_over_replays"] = all(
                 np.array_equal(a, b) for a, b in zip(first, again, strict=True)
             )
-            cosines = [float(np.dot(shipped(t), v)) for t, v in zip(texts, first, strict=True)]
-            meta["graphed_cosine_with_shipped_min"] = round(min(cosines), 7)
-            variants.append(("graphed", lambda text: graphed.encode([text])[0]))
-            meta["graphed_phases_p50_ms"] = graphed_phases(graphed, texts)
+            add_graphed("graphed", graphed, texts, shipped, meta, variants)
         except Exception as exc:  # a probe: report why the capture failed
             meta["graph_error"] = f"{type(exc).__name__}: {exc}"
         try:
             # A cheaper guess? The same graphs under bf16 autocast: what it saves, and how
             # far its vectors are from float32's (a guess need not be exact; a search must).
             half = QueryEncoder(cuda_graphs=True, dtype="bfloat16")
-            cosines = [float(np.dot(shipped(t), half.encode([t])[0])) for t in texts]
-            meta["graphed_bf16_cosine_with_shipped_min"] = round(min(cosines), 7)
-            variants.append(("graphed-bf16", lambda text: half.encode([text])[0]))
-            meta["graphed_bf16_phases_p50_ms"] = graphed_phases(half, texts)
+            add_graphed("graphed-bf16", half, texts, shipped, meta, variants)
         except Exception as exc:
             meta["graph_bf16_error"] = f"{type(exc).__name__}: {exc}"
         try:
-            compiled_variant(texts, shipped, meta, variants)
+            fused = compiled_encoder(texts, meta)
+            add_graphed("graphed-compiled", fused, texts, shipped, meta, variants)
         except Exception as exc:
             meta["graph_compiled_error"] = f"{type(exc).__name__}: {exc}"
     for name, encode in variants:
