@@ -227,9 +227,12 @@ async def test_scheduler_grows_stride_when_retrieval_is_slow(asynchronous: bool)
 
 async def test_sync_scheduler_retrieves_plainly_when_the_lm_dominates() -> None:
     """LM steps far slower than searches: OS3 stays at stride 1, which without overlap it
-    runs as plain retrieval steps: no speculation, no rollback, nothing discarded."""
+    runs as plain retrieval steps: no speculation, no rollback, nothing discarded. Stride 2
+    would pay only for a search above a (1 - g) / g, 20-27 ms here (g 0.6-0.67): with a
+    10 ms step, one 0.5 ms sleep that a loaded CI machine woke 7 ms late tipped it (the CI
+    run of cccdc8b)."""
     retriever = ScriptedRetriever(forced(lambda s: s % 3 == 2), latency_s=0.0005)
-    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.04))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     config = SpeculationConfig(speculation_stride="auto")
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=config)
