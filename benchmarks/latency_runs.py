@@ -414,6 +414,8 @@ async def bench_backend(
     embed: dict[str, Any] = {}
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
+        if dense:  # the child's own, over the process transport
+            info["encoder"] = kb.encoder().settings
         if dense and cfg.cache_scoring == "local":
             embed = {"encoder": kb.encoder().encode}
     else:

@@ -460,6 +460,10 @@ async def test_bench_latency_smoke(
         bm25_meta["threads"]["bm25"] == 2
         and "bm25_search_probe" not in read_results(paths[0])["meta"]["retriever"]
     )
+    # how the dense run's query encoder ran (graphs, compiled) is on record; BM25 has none
+    encoder = read_results(paths[0])["meta"]["retriever"]["encoder"]
+    assert encoder["compiled"] is False and encoder["device"] == "cpu"
+    assert "encoder" not in bm25_meta["retriever"]
 
 
 @pytest.mark.vllm

