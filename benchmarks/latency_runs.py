@@ -414,7 +414,7 @@ async def bench_backend(
     embed: dict[str, Any] = {}
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
-        if dense:  # the child's own, over the process transport
+        if dense:  # (over the process transport the encoder is the child's: not recorded)
             info["encoder"] = kb.encoder().settings
         if dense and cfg.cache_scoring == "local":
             embed = {"encoder": kb.encoder().encode}
