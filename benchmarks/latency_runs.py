@@ -415,9 +415,10 @@ async def bench_backend(
     if sync is not None and cfg.transport == "inproc":
         retriever: Any = InProcessAsyncRetriever(sync)
         if dense:  # (over the process transport the encoder is the child's: not recorded)
-            info["encoder"] = kb.encoder().settings
-        if dense and cfg.cache_scoring == "local":
-            embed = {"encoder": kb.encoder().encode}
+            encoder = kb.encoder()
+            info["encoder"] = encoder.settings
+            if cfg.cache_scoring == "local":
+                embed = {"encoder": encoder.encode}
     else:
         from ralmspec_vllm.core.encoding import AsyncEmbedder
         from ralmspec_vllm.retrieval.client import RetrieverClient
