@@ -50,7 +50,8 @@ probability that one speculation is right:
   are close but plain steps are barely measured, plain steps run until they are). On the
   H100 (IVF at 1M, session 23) the model's margin for speculating was ~1 ms a step, less
   than the work it leaves out (inserts, verifications beside the next step, rollbacks):
-  speculating ran at 0.93x the baseline.
+  speculating ran at 0.93x the baseline. Speculation not measured for ``REMEASURE_S``
+  seconds is measured again rather than judged on its old figure.
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ MEASURED_MIN_TOKENS = 32
 EXPLORE_MARGIN = 0.2
 """Speculation measured within this fraction of the plain cost (or above it) is close
 enough for plain steps to be measured until they have ``MEASURED_MIN_TOKENS``."""
+REMEASURE_S = 10.0
+"""Seconds after speculation's newest measured sample when ``measured_plain_pays`` stops
+trusting its figure: it forgets it, and speculation runs (and is measured) again. Plain
+steps measure only plain steps, so without this a figure taken on one or two unlucky
+answers held every request plain for ``StepCosts``' whole horizon: on an H100 (session 37,
+IVF-SQ8 at 21M) questions 3-24 ran every step plain, at the baseline's speed, against
+1.20x for the answers after them."""
 
 
 class StepCosts:
@@ -256,6 +264,17 @@ class StepCosts:
             return None
         return sum(self._seconds[m] for m in modes) / tokens, tokens
 
+    def age(self, mode: Mode) -> float | None:
+        """Seconds since ``mode``'s newest sample; ``None`` if it has none."""
+        samples = self._samples[mode]
+        return self._clock() - samples[-1][0] if samples else None
+
+    def forget(self, mode: Mode) -> None:
+        """Drop every sample of ``mode``."""
+        self._samples[mode].clear()
+        self._seconds[mode] = 0.0
+        self._tokens[mode] = 0
+
     def _drop_oldest(self, mode: Mode) -> None:
         _, seconds, tokens = self._samples[mode].popleft()
         self._tokens[mode] -= tokens
@@ -291,13 +310,18 @@ class StrideLedger:
         self._outcomes.append((matched, mismatched))
 
     def restart_clock(self) -> None:
-        """Forget what plain steps and speculation measured (``steps``), keeping the pooled
-        outcomes and the latest costs (which the next measurement replaces). For after a
-        warm-up: its steps pay one-off costs (kernels compiled on first use, first
-        captures), and ``measured_plain_pays`` would follow them for ``StepCosts``' whole
-        horizon. On an H100 (session 35, 21M IVF) a warm-up measured speculation slower
-        than plain steps, and the first 16 timed answers ran every step plain."""
+        """Forget what plain steps and speculation measured (``steps``) and the latest
+        miss's cost, keeping the pooled outcomes and the latest a and b (which the next
+        plain or speculated step replaces). For after a warm-up: its steps pay one-off
+        costs (kernels compiled on first use, first captures, the first abort).
+        ``measured_plain_pays`` would follow them for ``StepCosts``' whole horizon: on an
+        H100 (session 35, 21M IVF) a warm-up measured speculation slower than plain steps,
+        and the first 16 timed answers ran every step plain. And the warm-up's miss would
+        steer ``prefers_plain_step_early`` until a timed miss replaced it, which plain steps
+        never produce: in session 37 the first 7 timed answers ran plain that way, until
+        the pooled accuracy's lower bound had climbed enough to outweigh it."""
         self.steps = StepCosts()
+        self.miss = None
 
     def trials(self) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the pooled verifications."""
@@ -418,11 +442,17 @@ class OptimalStrideScheduler:
         search, the first prefill), and judged against them speculation that lost 6% to the
         baseline measured as the cheaper mode (IVF at 1M, sessions 23-25). A plain step
         risks little where the two are close; at 21M docs a plain step costs several
-        speculated ones, and this never fires."""
+        speculated ones, and this never fires. A speculation figure with no sample in the
+        last ``REMEASURE_S`` seconds is forgotten instead of judged, so that speculation is
+        measured again: while this rule holds requests plain, nothing else re-measures it."""
         if self.steps is None:
             return False
         speculation = self.steps.per_token("speculation")
         if speculation is None or speculation[1] < MEASURED_MIN_TOKENS:
+            return False
+        age = self.steps.age("speculation")
+        if age is not None and age > REMEASURE_S:  # not run lately: measure it again
+            self.steps.forget("speculation")
             return False
         plain = self.steps.per_token("plain")
         if plain is not None and plain[1] >= MEASURED_MIN_TOKENS:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
+from ralmspec_vllm.core import stride as os3
 from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.core.runner import RaLMEngine, RaLMResult
 from ralmspec_vllm.core.stride import MEASURED_MIN_TOKENS
@@ -535,6 +536,44 @@ async def test_measured_costs_overrule_a_model_that_speculates_at_a_loss(abort_s
     else:
         assert all(t.measured_plain_steps == 0 for t in traces)
         assert traces[-1].rollbacks > 0
+
+
+@pytest.mark.parametrize("remeasure_s", [0.2, 60.0])
+async def test_speculation_is_measured_again_once_its_figure_is_stale(
+    monkeypatch: pytest.MonkeyPatch, remeasure_s: float
+) -> None:
+    """Costly aborts get the engine's requests running plain (as above); then the aborts
+    become free. Plain steps measure only plain steps, so only a fresh measurement of
+    speculation can show it: once speculation has not run for ``REMEASURE_S`` its figure
+    is forgotten and the next request speculates again, and stays (``REMEASURE_S`` is
+    0.2 s there, after 0.3 s without speculation). With the figure still trusted (60 s,
+    within the pool's horizon) the next request stays plain: the H100's session 37 lost 22
+    answers that way. The same answer every time."""
+    monkeypatch.setattr(os3, "REMEASURE_S", 60.0)  # held plain throughout, first
+    retriever = ScriptedRetriever(forced(lambda s: s % 10 == 9), latency_s=0.008)
+    lm = FakeLM(latency_s=0.01, abort_latency_s=0.15)
+    engine, _ = make_engine(retriever, lm)
+    baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
+
+    async def answer() -> Any:
+        result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=PIPELINE)
+        assert result.token_ids == baseline.token_ids
+        return result.trace
+
+    for _ in range(3):
+        held = await answer()
+    steps = len(held.spans)
+    assert held.measured_plain_steps == held.plain_steps == steps - 1  # held plain
+    lm.abort_latency_s = 0.0  # speculating pays now, but nothing measures it
+    monkeypatch.setattr(os3, "REMEASURE_S", remeasure_s)
+    await asyncio.sleep(0.3)
+    resumed = await answer()
+    if remeasure_s < 0.3:
+        assert resumed.rollbacks > 0 and resumed.measured_plain_steps == 0
+        again = await answer()  # measured cheaper: it keeps speculating
+        assert again.rollbacks > 0 and again.measured_plain_steps == 0
+    else:
+        assert resumed.measured_plain_steps == resumed.plain_steps == steps - 1
 
 
 async def test_every_finalized_token_is_measured_once_as_plain_or_speculation() -> None:

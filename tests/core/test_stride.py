@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ralmspec_vllm.core.stride import (
+    REMEASURE_S,
     FixedStride,
     OptimalStrideScheduler,
     StepCosts,
@@ -350,6 +351,14 @@ def test_step_costs_pool_seconds_per_token_and_let_old_samples_lapse() -> None:
     assert costs.per_token("plain") is None and costs.per_token("speculation") is None
     with pytest.raises(ValueError, match="horizon_s"):
         StepCosts(horizon_s=0)
+    assert costs.age("plain") is None
+    costs.record("plain", 0.040, 4)
+    clock.now += 2.5
+    assert costs.age("plain") == pytest.approx(2.5)
+    costs.forget("plain")
+    assert costs.per_token("plain") is None and costs.age("plain") is None
+    costs.record("plain", 0.080, 4)  # the sums restart from nothing
+    assert costs.per_token("plain") == (pytest.approx(0.020), 4)
     full = StepCosts(clock=clock, capacity=2)  # beyond capacity the oldest sample goes
     for seconds in (0.4, 0.2, 0.1):
         full.record("speculation", seconds, 10)
@@ -392,6 +401,52 @@ def test_measured_plain_pays_hand_cases(
     # the paper's OS3 has no such rule
     paper = OptimalStrideScheduler(asynchronous=True, ledger=ledger)
     assert paper.steps is None and not paper.measured_plain_pays()
+
+
+def test_a_stale_speculation_figure_is_forgotten_not_judged() -> None:
+    """Speculation measured slower (on one unlucky answer, say) holds requests plain; plain
+    steps keep coming, speculation's samples do not. ``REMEASURE_S`` after its newest sample
+    the rule forgets it and lets speculation run; the fresh figure is judged once it has
+    ``MEASURED_MIN_TOKENS`` again."""
+    clock = FakeClock()
+    ledger = StrideLedger()
+    ledger.steps = StepCosts(clock=clock)
+    scheduler = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    ledger.steps.record("speculation", 0.020 * 64, 64)
+    ledger.steps.record("plain", 0.010 * 64, 64)
+    assert scheduler.measured_plain_pays()
+    for _ in range(10):  # plain steps only, for REMEASURE_S
+        clock.now += REMEASURE_S / 10
+        ledger.steps.record("plain", 0.010 * 4, 4)
+        assert scheduler.measured_plain_pays()
+    clock.now += 0.5
+    assert not scheduler.measured_plain_pays()  # stale: forgotten, speculate
+    assert ledger.steps.per_token("speculation") is None
+    ledger.steps.record("speculation", 0.008 * 16, 16)
+    assert not scheduler.measured_plain_pays()  # barely measured again
+    ledger.steps.record("speculation", 0.008 * 16, 16)
+    assert not scheduler.measured_plain_pays()  # measured cheaper now: the models decide
+    ledger.steps.record("speculation", 0.030 * 64, 64)  # and slower again: plain
+    assert scheduler.measured_plain_pays()
+
+
+def test_restarting_the_clock_forgets_the_warm_ups_miss() -> None:
+    """A warm-up's miss pays one-off costs (the first abort). Kept, it would hold the
+    early-verification rule plain until a timed miss replaced it, which plain steps never
+    make; after the restart speculating is taken to pay until a timed miss is measured."""
+    ledger = StrideLedger()
+    warm = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    warm.record_speculation(0.020)
+    warm.record_verification(0.006, matched=9, mismatched=True)
+    warm.record_miss(0.150)  # g = 9 of 10's lower bound, ~0.7: 0.7*20 + 0.3*150 > 20 + 6 ms
+    assert ledger.miss == 0.150
+    assert OptimalStrideScheduler(
+        asynchronous=True, confidence_z=1.28, ledger=ledger
+    ).prefers_plain_step_early()
+    ledger.restart_clock()
+    timed = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert timed.miss is None and not timed.prefers_plain_step_early()
+    assert (timed.a, timed.b) == (0.020, 0.006)  # the latest a and b stay
 
 
 def test_restarting_the_clock_forgets_the_warm_ups_step_costs_not_its_outcomes() -> None:
