@@ -51,7 +51,8 @@ probability that one speculation is right:
   H100 (IVF at 1M, session 23) the model's margin for speculating was ~1 ms a step, less
   than the work it leaves out (inserts, verifications beside the next step, rollbacks):
   speculating ran at 0.93x the baseline. Speculation not measured for ``REMEASURE_S``
-  seconds is measured again rather than judged on its old figure.
+  seconds is measured again rather than judged on its old figure (and so is a miss's cost,
+  which ``prefers_plain_step_early`` weighs).
 """
 
 from __future__ import annotations
@@ -294,16 +295,19 @@ def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:
 class StrideLedger:
     """Speculation outcomes and latencies pooled over requests (one engine, one config)."""
 
-    def __init__(self, capacity: int = 200) -> None:
+    def __init__(self, capacity: int = 200, clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self._outcomes: deque[tuple[int, bool]] = deque(maxlen=capacity)
+        self.clock = clock
         self.a: float | None = None
         self.b: float | None = None
         self.miss: float | None = None
         """Early verification: the latest miss's cost (``OptimalStrideScheduler.miss``)."""
+        self.miss_at: float | None = None
+        """When ``miss`` was measured (``clock``)."""
         self.cost = VerificationCost()
-        self.steps = StepCosts()
+        self.steps = StepCosts(clock=clock)
         """What plain steps and speculation measured (``measured_plain_pays``)."""
 
     def record(self, matched: int, mismatched: bool) -> None:
@@ -320,8 +324,8 @@ class StrideLedger:
         steer ``prefers_plain_step_early`` until a timed miss replaced it, which plain steps
         never produce: in session 37 the first 7 timed answers ran plain that way, until
         the pooled accuracy's lower bound had climbed enough to outweigh it."""
-        self.steps = StepCosts()
-        self.miss = None
+        self.steps = StepCosts(clock=self.clock)
+        self.miss = self.miss_at = None
 
     def trials(self) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the pooled verifications."""
@@ -341,9 +345,11 @@ class OptimalStrideScheduler:
         evidence_window: int = 20,
         ledger: StrideLedger | None = None,
         depth: int | None = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``depth``: steps speculated ahead during a verification (``None``: the whole
-        next round), see ``async_objective``."""
+        next round), see ``async_objective``. ``clock`` dates a miss's cost (the ledger's
+        clock where there is a ledger)."""
         if window < 1:
             raise ValueError(f"window must be positive, got {window}")
         if not 0.0 <= gamma_max < 1.0:
@@ -366,6 +372,8 @@ class OptimalStrideScheduler:
         self.a: float | None = None
         self.b: float | None = None
         self.miss: float | None = None
+        self._miss_at: float | None = None
+        self._clock = ledger.clock if ledger is not None else clock
         # The pooled evidence counts only with the lower bound on (the paper's OS3 is alone).
         self._ledger = ledger if confidence_z is not None else None
         self._prior = (0, 0)
@@ -378,6 +386,7 @@ class OptimalStrideScheduler:
         if self._ledger is not None:
             self._prior = self._ledger.trials()
             self.a, self.b, self.miss = self._ledger.a, self._ledger.b, self._ledger.miss
+            self._miss_at = self._ledger.miss_at
 
     def _trials(self, last: int) -> tuple[int, int]:
         """(matched steps, rounds with a mismatch) over the last ``last`` verifications."""
@@ -425,11 +434,21 @@ class OptimalStrideScheduler:
         miss costs about a plain step). On the H200 an aborted vLLM step cost ~17 ms more
         than that (session 20, HNSW at 1M, accuracy 0.41): speculating lost 14%. The rule
         leans to plain steps: m's regenerated step always starts a new document (a full
-        prefill), while a, taken mostly from hits, often continues the previous one."""
+        prefill), while a, taken mostly from hits, often continues the previous one. An m
+        measured over ``REMEASURE_S`` ago counts as unmeasured (``_miss_stale``)."""
         g, a, b, m = self.plain_step_accuracy, self.a, self.b, self.miss
-        if g is None or a is None or b is None or m is None:
+        if g is None or a is None or b is None or m is None or self._miss_stale():
             return False
         return g * max(a, b) + (1.0 - g) * m > a + b
+
+    def _miss_stale(self) -> bool:
+        """Whether the miss's cost was measured over ``REMEASURE_S`` ago. Only a speculated
+        miss measures it, and plain steps, which this cost may be choosing, make none: an
+        outlier miss would otherwise hold requests plain until the accuracy's lower bound
+        outweighed it (session 37: the first timed answer's 31 steps, priced by the
+        warm-up's miss; answers 24-27, by a miss a minute old). Stale, it counts as
+        unmeasured, so speculation runs until a miss measures it again."""
+        return self._miss_at is not None and self._clock() - self._miss_at > REMEASURE_S
 
     def measured_plain_pays(self) -> bool:
         """Extended OS3 only: whether the measured costs (``StepCosts``) call for a plain
@@ -526,9 +545,9 @@ class OptimalStrideScheduler:
     def record_miss(self, latency_s: float) -> None:
         """Early verification: what the latest miss cost, from its guess to the end of
         the regenerated step (``prefers_plain_step_early``'s m)."""
-        self.miss = latency_s
+        self.miss, self._miss_at = latency_s, self._clock()
         if self._ledger is not None:
-            self._ledger.miss = latency_s
+            self._ledger.miss, self._ledger.miss_at = latency_s, self._miss_at
 
     def record_speculation(self, latency_s: float) -> None:
         self.a = latency_s

@@ -409,8 +409,7 @@ def test_a_stale_speculation_figure_is_forgotten_not_judged() -> None:
     the rule forgets it and lets speculation run; the fresh figure is judged once it has
     ``MEASURED_MIN_TOKENS`` again."""
     clock = FakeClock()
-    ledger = StrideLedger()
-    ledger.steps = StepCosts(clock=clock)
+    ledger = StrideLedger(clock=clock)
     scheduler = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
     ledger.steps.record("speculation", 0.020 * 64, 64)
     ledger.steps.record("plain", 0.010 * 64, 64)
@@ -428,6 +427,36 @@ def test_a_stale_speculation_figure_is_forgotten_not_judged() -> None:
     assert not scheduler.measured_plain_pays()  # measured cheaper now: the models decide
     ledger.steps.record("speculation", 0.030 * 64, 64)  # and slower again: plain
     assert scheduler.measured_plain_pays()
+
+
+def test_a_stale_miss_cost_counts_as_unmeasured() -> None:
+    """A costly miss holds the early rule plain; plain steps make no miss to replace it.
+    ``REMEASURE_S`` after it was measured it counts as unmeasured, so speculation runs until
+    a new miss prices it again; a fresh cheap miss then keeps speculating."""
+    clock = FakeClock()
+    ledger = StrideLedger(clock=clock)
+    first = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    first.record_speculation(0.020)
+    first.record_verification(0.006, matched=9, mismatched=True)
+    first.record_miss(0.150)
+    assert first.prefers_plain_step_early()
+    clock.now += REMEASURE_S - 1
+    later = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert later.miss == 0.150 and later.prefers_plain_step_early()  # pooled, still fresh
+    clock.now += 2
+    assert not first.prefers_plain_step_early() and not later.prefers_plain_step_early()
+    later.record_miss(0.150)  # measured again, as costly: plain again, for every request
+    fresh = OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+    assert later.prefers_plain_step_early() and fresh.prefers_plain_step_early()
+    later.record_miss(0.030)  # cheap now: 0.72 * 20 + 0.28 * 30 < 26 ms
+    assert not later.prefers_plain_step_early()
+    alone = OptimalStrideScheduler(asynchronous=True, clock=clock)  # no ledger: its own
+    alone.record_speculation(0.020)
+    alone.record_verification(0.006, matched=1, mismatched=True)
+    alone.record_miss(0.150)
+    assert alone.prefers_plain_step_early()
+    clock.now += REMEASURE_S + 1
+    assert not alone.prefers_plain_step_early()
 
 
 def test_restarting_the_clock_forgets_the_warm_ups_miss() -> None:
