@@ -214,7 +214,7 @@ REMEASURE_S = 10.0
 trusting its figure: it forgets it, and speculation runs (and is measured) again. Plain
 steps measure only plain steps, so without this a figure taken on one or two unlucky
 answers held every request plain for ``StepCosts``' whole horizon: on an H100 (session 37,
-IVF-SQ8 at 21M) questions 3-24 ran every step plain, at the baseline's speed, against
+IVF-SQ8 at 21M) questions 3-23 ran every step plain, at the baseline's speed, against
 1.20x for the answers after them."""
 
 

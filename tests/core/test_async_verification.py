@@ -547,7 +547,7 @@ async def test_speculation_is_measured_again_once_its_figure_is_stale(
     speculation can show it: once speculation has not run for ``REMEASURE_S`` its figure
     is forgotten and the next request speculates again, and stays (``REMEASURE_S`` is
     0.2 s there, after 0.3 s without speculation). With the figure still trusted (60 s,
-    within the pool's horizon) the next request stays plain: the H100's session 37 lost 22
+    within the pool's horizon) the next request stays plain: the H100's session 37 lost 21
     answers that way. The same answer every time."""
     monkeypatch.setattr(os3, "REMEASURE_S", 60.0)  # held plain throughout, first
     retriever = ScriptedRetriever(forced(lambda s: s % 10 == 9), latency_s=0.008)
