@@ -366,10 +366,11 @@ def spawn_child(cfg: LatencyConfig, backend: str, kb: Any) -> OpenedRetriever:
 
 def _open_sync(cfg: LatencyConfig, backend: str, kb: Any) -> Any:
     """The backend's retriever in this process, BM25 on ``cfg.bm25_threads`` threads."""
+    from ralmspec_vllm.retrieval.bm25 import BM25Retriever
     from ralmspec_vllm.retrieval.factory import open_retriever
 
     retriever = open_retriever(kb, retriever_config(cfg, backend))
-    if backend == "bm25" and cfg.bm25_threads is not None:
+    if isinstance(retriever, BM25Retriever) and cfg.bm25_threads is not None:
         retriever.index.set_threads(cfg.bm25_threads)
     return retriever
 
