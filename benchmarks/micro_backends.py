@@ -121,8 +121,9 @@ def bench_flat(
         variants.append(("faiss-cpu", {"impl": "faiss", "device": "cpu"}))
     if "torch" in impls:
         for dtype in dtypes.split(","):
-            params = {"impl": "torch", "device": device, "dtype": dtype}
-            variants.append((f"torch-{device}-{dtype}", params))
+            variants.append(
+                (f"torch-{device}-{dtype}", {"impl": "torch", "device": device, "dtype": dtype})
+            )
     reference: list[Any] | None = None
     for name, params in variants:
         retriever = FlatRetriever(vectors, **params)

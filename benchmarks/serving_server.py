@@ -324,7 +324,8 @@ def scan_chunk(counters: Mapping[str, float]) -> dict[str, float] | None:
 def _by_label(before: Samples, after: Samples, name: str, label: str) -> dict[str, float]:
     """``after - before`` of sample ``name`` per value of ``label``."""
     values = {dict(pairs).get(label) for sample, pairs in after if sample == name}
-    return {v: _delta(before, after, name, **{label: v}) for v in sorted(values - {None})}
+    present = sorted(v for v in values if v is not None)
+    return {v: _delta(before, after, name, **{label: v}) for v in present}
 
 
 def lm_stats(before: Samples, after: Samples) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 
@@ -49,20 +50,20 @@ def probe(docs: int, dim: int, batches: list[int], dtypes: list[str], repeats: i
         for b in batches:
             q = torch.randn(b, dim).to(dtype)
             layouts: dict[str, Callable[[], Any]] = {
-                "q@M.T": lambda q=q, m=matrix: q @ m.T,
-                "q@MT": lambda q=q, t=transposed: q @ t,
-                "linear": lambda q=q, m=matrix: F.linear(q, m),
+                "q@M.T": partial(torch.matmul, q, matrix.T),
+                "q@MT": partial(torch.matmul, q, transposed),
+                "linear": partial(F.linear, q, matrix),
                 # the documents as the big left operand, the queries as a small right one
                 # (scores come out docs x queries): AMX tiles then stream the matrix rows
-                "M@q.T": lambda q=q, m=matrix: m @ q.T,
-                "lin(M,q)": lambda q=q, m=matrix: F.linear(m, q),
+                "M@q.T": partial(torch.matmul, matrix, q.T),
+                "lin(M,q)": partial(F.linear, matrix, q),
             }
             if dtype_name == "bfloat16" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
                 # the weight pre-packed in oneDNN's blocked layout (torch.compile's CPU path)
                 for hint in sorted({1, 16, b}):
                     packed = torch.ops.mkldnn._reorder_linear_weight(matrix, hint)
-                    layouts[f"pk{hint}"] = lambda q=q, w=packed: torch.ops.mkldnn._linear_pointwise(
-                        q, w, None, "none", [], ""
+                    layouts[f"pk{hint}"] = partial(
+                        torch.ops.mkldnn._linear_pointwise, q, packed, None, "none", [], ""
                     )
             for name, fn in layouts.items():
                 seconds = _time(fn, repeats)
