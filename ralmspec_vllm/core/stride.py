@@ -322,8 +322,9 @@ class StrideLedger:
         H100 (session 35, 21M IVF) a warm-up measured speculation slower than plain steps,
         and the first 16 timed answers ran every step plain. And the warm-up's miss would
         steer ``prefers_plain_step_early`` until a timed miss replaced it, which plain steps
-        never produce: in session 37 the first 7 timed answers ran plain that way, until
-        the pooled accuracy's lower bound had climbed enough to outweigh it."""
+        never produce: in session 37 the first 8 timed answers ran plain that way (7 of them
+        every step), until the pooled accuracy's lower bound had climbed enough to outweigh
+        it."""
         self.steps = StepCosts(clock=self.clock)
         self.miss = self.miss_at = None
 
