@@ -388,14 +388,20 @@ async def test_early_miss_aborts_the_step_it_verifies() -> None:
 
 async def test_early_verification_keeps_speculating_where_the_late_pipeline_stops() -> None:
     """Where the late pipeline's OS3 prefers plain steps (every other speculation wrong, a
-    5 ms search behind a 10 ms step: a late miss costs step, search and step again),
+    20 ms search behind a 40 ms step: a late miss costs step, search and step again),
     early verification keeps speculating: with a free abort a miss costs about a plain
-    step and a hit saves the 5 ms search (the margin keeps a loaded machine's scheduling
-    noise from flipping the choice). Its measured ~17% advantage is close enough that plain
-    steps are measured too (``measured_plain_pays``), at most until they fill
-    ``MEASURED_MIN_TOKENS``; none comes from the model. Same answer either way."""
-    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.005)
-    engine, _ = make_engine(retriever, FakeLM(latency_s=0.01))
+    step and a hit saves the 20 ms search. Its measured advantage is close enough that
+    plain steps are measured too (``measured_plain_pays``), at most until they fill
+    ``MEASURED_MIN_TOKENS``. The model itself may add a plain step or two. Early on it
+    judges with few trials, whose accuracy bound g is low (~0.2 after one hit and one
+    miss), and a miss measured only g b / (1 - g) slower than step plus search (5 ms here)
+    tips it until later scored guesses raise the bound. A loaded machine's late wake-ups
+    are that large: with a 10 ms step and a 5 ms search (a 1.3 ms margin) CI failed here
+    once in session 37 (one plain step from the model), and under three busy loops on 2
+    cores 1 run in 12 failed (7 in 16 before session 37's fixes). Scaled up 4x and allowing
+    2 such steps: 0 in 16 under the same load. Same answer either way."""
+    retriever = ScriptedRetriever(forced(lambda s: s % 2 == 1), latency_s=0.02)
+    engine, _ = make_engine(retriever, FakeLM(latency_s=0.04))
     baseline = await baseline_and_freeze(engine, retriever, SHORT_QUESTION)
     late = SpeculationConfig(
         speculation_stride="auto", async_verification=True, overlap_depth="pipeline"
@@ -405,7 +411,8 @@ async def test_early_verification_keeps_speculating_where_the_late_pipeline_stop
     result = await engine.generate(SHORT_QUESTION, "ralmspec", speculation=early("auto"))
     assert result.token_ids == baseline.token_ids
     trace = result.trace
-    assert trace.plain_steps == trace.measured_plain_steps <= MEASURED_MIN_TOKENS // 4
+    assert trace.measured_plain_steps <= MEASURED_MIN_TOKENS // 4
+    assert trace.plain_steps - trace.measured_plain_steps <= 2  # the model's, if any
     assert trace.rollbacks > 2
     assert trace.lm_aborts == trace.rollbacks  # each miss was caught while its step ran
 
