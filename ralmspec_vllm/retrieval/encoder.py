@@ -481,22 +481,24 @@ _CACHE: dict[str, QueryEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def _switch(env: str, default: str, allowed: tuple[str, ...]) -> str:
+    """``env``'s value (``default`` if unset), refused by name unless one of ``allowed``."""
+    value = os.environ.get(env, default).strip().lower()
+    if value not in allowed:
+        choices = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise ValueError(f"{env}: must be {choices}, got {value!r}")
+    return value
+
+
 def _graphs_wanted() -> bool | Literal["auto"]:
     """``CUDA_GRAPHS_ENV`` read, as ``QueryEncoder``'s ``cuda_graphs``."""
-    value = os.environ.get(CUDA_GRAPHS_ENV, "auto").strip().lower()
-    if value == "auto":
-        return "auto"
-    if value not in ("0", "1"):
-        raise ValueError(f"{CUDA_GRAPHS_ENV}: must be auto, 0 or 1, got {value!r}")
-    return value == "1"
+    value = _switch(CUDA_GRAPHS_ENV, "auto", ("auto", "0", "1"))
+    return "auto" if value == "auto" else value == "1"
 
 
 def _compile_wanted() -> bool:
     """``COMPILE_ENV`` read, as ``QueryEncoder``'s ``compile_forward``."""
-    value = os.environ.get(COMPILE_ENV, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{COMPILE_ENV}: must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch(COMPILE_ENV, "0", ("0", "1")) == "1"
 
 
 def encoder_for(model: str = DEFAULT_ENCODER) -> QueryEncoder:
