@@ -268,6 +268,36 @@ def test_encoder_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     assert all(r["p90_ms"] >= r["p50_ms"] > 0 for r in data["results"])
 
 
+def test_guess_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
+    """``probe_guess.sh`` runs the probe into OUTDIR; on this machine (no CUDA) it times the
+    encoder, both guesses and scoring alone, idle and loaded, and both guesses choose the
+    same documents."""
+    import json
+    import sys
+
+    (argv,) = run_with_fake_python(tmp_path, "probe_guess.sh", "out")
+    assert argv == ["benchmarks/gpu/probe_guess.py", "--out-dir", "out", "--texts", "300"]
+    out = tmp_path / "probe"
+    subprocess.run(
+        [sys.executable, str(GPU / "probe_guess.py"), "--texts", "6", "--cache-docs", "300",
+         "--out-dir", str(out)],
+        check=True,
+        cwd=GPU.parent.parent,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    (written,) = out.glob("probe_guess_*.json")
+    data = json.loads(written.read_text())
+    meta = data["meta"]
+    assert meta["device"] == "cpu" and meta["texts"] == 6 and meta["cache_docs"] == 300
+    assert meta["guesses_identical_inline_and_thread"] is True
+    variants = ("encoder", "guess-inline", "guess-thread", "score-only")
+    assert [(r["variant"], r["load"]) for r in data["results"]] == [
+        (v, load) for load in ("idle", "duty20") for v in variants
+    ]
+    assert all(r["p90_ms"] >= r["p50_ms"] > 0 for r in data["results"])
+    assert set(meta["derived_p50_ms"]) == {"idle", "duty20"}
+
+
 def test_ivf_build_probe_command_and_its_cpu_run(tmp_path: Path) -> None:
     """``probe_ivf_build.sh`` runs the probe into OUTDIR; without CUDA the probe times
     FAISS's k-means under each OpenBLAS kernel set (each child names the core it ran),
