@@ -171,6 +171,12 @@ class LatencyConfig(OutputConfig):
     """How speculation ranks a request's cache: "local" (dense: the query embedding and
     the cached vectors; BM25: the cached documents' term weights) or "retriever" (its
     ``score`` over the cached ids, a call per speculated step). Same speculated documents."""
+    encode_inline: bool = False
+    """Dense, in process, local scoring: embed a guess's query on the event loop's thread
+    (``RaLMEngine(encode_in_thread=False)``) instead of in a worker thread (the shipped
+    default, which keeps the loop free while the encoder runs). At batch 1 the LM waits for
+    the guess either way; the thread's round trip is what this saves
+    (``benchmarks/gpu/probe_guess.py``). Same guesses either way."""
     switch_interval_ms: float | None = None
     """Python's GIL switch interval (``sys.setswitchinterval``) in this process; ``None``:
     Python's 5 ms. In-process, a search thread re-takes the GIL after every torch or numpy
@@ -265,6 +271,8 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"loop_lag_ms: must be > 0, got {self.loop_lag_ms}")
         if self.cache_scoring not in ("local", "retriever"):
             raise ValueError(f"cache_scoring: local or retriever, got {self.cache_scoring!r}")
+        if self.encode_inline and (self.transport != "inproc" or self.cache_scoring != "local"):
+            raise ValueError("encode_inline: only with --transport inproc and local cache scoring")
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -568,6 +576,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
       "help": "time BM25 searches at these thread counts first"}),
     ("--cache-scoring", "cache_scoring",
      {"choices": ("local", "retriever"), "help": "rank the cache here or by retriever score"}),
+    ("--encode-inline", "encode_inline",
+     {"action": argparse.BooleanOptionalAction,
+      "help": "embed a guess's query on the event loop's thread (dense, in process)"}),
     ("--switch-interval-ms", "switch_interval_ms",
      {"type": float, "help": "Python GIL switch interval (default: Python's 5 ms)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

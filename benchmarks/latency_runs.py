@@ -419,7 +419,7 @@ async def bench_backend(
             encoder = kb.encoder()
             info["encoder"] = encoder.settings
             if cfg.cache_scoring == "local":
-                embed = {"encoder": encoder.encode}
+                embed = {"encoder": encoder.encode, "encode_in_thread": not cfg.encode_inline}
     else:
         from ralmspec_vllm.core.encoding import AsyncEmbedder
         from ralmspec_vllm.retrieval.client import RetrieverClient

@@ -331,6 +331,11 @@ def test_config_validation_and_quick_flags() -> None:
     with pytest.raises(ValueError, match="cache_scoring"):
         LatencyConfig(cache_scoring="nearby")
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
+    assert parse_args(["--encode-inline"]).encode_inline is True
+    assert parse_args([]).encode_inline is False
+    for bad in ({"transport": "process"}, {"cache_scoring": "retriever"}):
+        with pytest.raises(ValueError, match="encode_inline"):
+            LatencyConfig(encode_inline=True, **bad)  # type: ignore[arg-type]
     cfg = parse_args(["--quick", "--log-level", "WARNING"])
     assert cfg.model == "tiny-llama" and cfg.questions_per_dataset == 2
     assert len(cfg.ordered_methods) == 2
@@ -464,6 +469,41 @@ async def test_bench_latency_smoke(
     encoder = read_results(paths[0])["meta"]["retriever"]["encoder"]
     assert encoder["compiled"] is False and encoder["device"] == "cpu"
     assert "encoder" not in bm25_meta["retriever"]
+
+
+@pytest.mark.vllm
+async def test_encode_inline_reaches_the_engine_and_keeps_the_answers(
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--encode-inline``: the dense guesses' embedder runs the encoder on the event loop's
+    thread (and only then), and the answers are the baseline's."""
+    from ralmspec_vllm.core import encoding
+
+    made: list[bool] = []
+    real_init = encoding.ThreadEmbedder.__init__
+
+    def init(self: encoding.ThreadEmbedder, encoder: Any, in_thread: bool = True) -> None:
+        made.append(in_thread)
+        real_init(self, encoder, in_thread)
+
+    monkeypatch.setattr(encoding.ThreadEmbedder, "__init__", init)
+    questions = load_questions_file(tiny_world["questions"])
+    for inline in (True, False):
+        cfg = LatencyConfig(
+            model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
+            questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+            max_new_tokens=12, out_dir=str(tmp_path), name=f"inline-{inline}", plot=False,
+            encode_inline=inline,
+        )  # fmt: skip
+        kb, kb_info = open_kb(cfg)
+        made.clear()
+        paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
+        assert made and set(made) == {not inline}
+        assert all(row["outputs_identical"] for row in rows)
+        assert read_results(paths[0])["meta"]["params"]["encode_inline"] is inline
 
 
 @pytest.mark.vllm
