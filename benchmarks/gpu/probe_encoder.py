@@ -31,11 +31,9 @@ shipped vector (padding changes the sums slightly). On a machine without CUDA on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,15 +58,9 @@ def query_texts(count: int) -> list[str]:
 
 
 def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> dict[str, Any]:
-    from benchmarks.gpu.probe_gil import hold_gil
+    from benchmarks.gpu.probe_gil import gil_load
 
-    stop = threading.Event()
-    worker = None
-    if load != "idle":
-        worker = threading.Thread(target=hold_gil, args=(load, stop), daemon=True)
-    if worker is not None:
-        worker.start()
-    try:
+    with gil_load(load):
         for text in texts[:5]:
             encode(text)  # settle
         ms = []
@@ -76,10 +68,6 @@ def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> d
             start = time.perf_counter()
             encode(text)
             ms.append(1000 * (time.perf_counter() - start))
-    finally:
-        stop.set()
-        if worker is not None:
-            worker.join()
     ms.sort()
     return {
         "load": load,
@@ -170,7 +158,7 @@ def main() -> int:
 
     import torch
 
-    from benchmarks.common import describe_machine
+    from benchmarks.gpu.probe_gil import write_probe
     from ralmspec_vllm.retrieval.encoder import QueryEncoder
 
     texts = query_texts(args.texts)
@@ -214,12 +202,7 @@ def main() -> int:
             results.append(row)
             print(f"{name:>12} {load:>6}: p50 {row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms",
                   flush=True)  # fmt: skip
-    print(json.dumps(meta), flush=True)
-    if args.out_dir:
-        out = Path(args.out_dir) / f"probe_encoder_{describe_machine().tag}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {out}")
+    write_probe(args.out_dir, "probe_encoder", meta, results)
     return 0
 
 

@@ -12,6 +12,7 @@ numpy call, so its wait grows with the number of chunks (docs / chunk size).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -76,23 +77,45 @@ def hold_gil(kind: str, stop: threading.Event) -> None:
             time.sleep(0.004)
 
 
+@contextlib.contextmanager
+def gil_load(kind: str) -> Iterator[None]:
+    """While inside: nothing more (``idle``) or a thread running ``hold_gil(kind)``."""
+    stop = threading.Event()
+    worker = None
+    if kind != "idle":
+        worker = threading.Thread(target=hold_gil, args=(kind, stop), daemon=True)
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+
+
 def under_loads(intervals: Sequence[float]) -> Iterator[tuple[float, str]]:
     """Each switch interval, then each load ("idle", "duty20", "busy"): sets the interval
     and runs the load's GIL-holding thread while the caller times what it wants."""
     for interval in intervals:
         sys.setswitchinterval(interval)
         for kind in ("idle", "duty20", "busy"):
-            stop = threading.Event()
-            worker = None
-            if kind != "idle":
-                worker = threading.Thread(target=hold_gil, args=(kind, stop), daemon=True)
-                worker.start()
-            try:
+            with gil_load(kind):
                 yield interval, kind
-            finally:
-                stop.set()
-                if worker is not None:
-                    worker.join()
+
+
+def write_probe(
+    out_dir: str | None, name: str, meta: dict[str, Any], results: list[dict[str, Any]]
+) -> None:
+    """Print ``meta``; with ``out_dir``, write ``{meta, results}`` to
+    ``<out_dir>/<name>_<machine>.json``."""
+    from benchmarks.common import describe_machine
+
+    print(json.dumps(meta), flush=True)
+    if out_dir:
+        out = Path(out_dir) / f"{name}_{describe_machine().tag}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {out}")
 
 
 def sweep(

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -75,7 +73,7 @@ def run_variants(
     encode: Callable[[Sequence[str]], np.ndarray], texts: list[str], cache_docs: int, load: str
 ) -> tuple[list[dict[str, Any]], bool]:
     """Every variant under ``load``; also whether both guess variants chose the same."""
-    from benchmarks.gpu.probe_gil import hold_gil
+    from benchmarks.gpu.probe_gil import gil_load
     from ralmspec_vllm.core.cache import DenseCacheScorer, SpeculationCache
     from ralmspec_vllm.core.trace import TraceRecorder
 
@@ -99,23 +97,14 @@ def run_variants(
         ("guess-thread", lambda t: thread.top1(cache, t, recorder)),
         ("score-only", lambda t: instant.top1(cache, t, recorder)),
     ]
-    stop = threading.Event()
-    worker = None
-    if load != "idle":
-        worker = threading.Thread(target=hold_gil, args=(load, stop), daemon=True)
-        worker.start()
     rows, chosen = [], {}
-    try:
+    with gil_load(load):
         for name, call in variants:
             ms, out = asyncio.run(timed(call, texts))
             chosen[name] = out
             rows.append({"variant": name, "load": load, **percentiles(ms)})
             print(f"{name:>13} {load:>6}: p50 {rows[-1]['p50_ms']:.3f} ms, "
                   f"p90 {rows[-1]['p90_ms']:.3f} ms", flush=True)  # fmt: skip
-    finally:
-        stop.set()
-        if worker is not None:
-            worker.join()
     return rows, chosen["guess-inline"] == chosen["guess-thread"]
 
 
@@ -146,8 +135,8 @@ def main() -> int:
     os.environ["RALMSPEC_ENCODER_MEMO"] = "0"  # every encode is a pass
     sys.setswitchinterval(args.switch_interval_ms / 1000)
 
-    from benchmarks.common import describe_machine
     from benchmarks.gpu.probe_encoder import query_texts
+    from benchmarks.gpu.probe_gil import write_probe
     from ralmspec_vllm.retrieval.encoder import encoder_for
 
     texts = query_texts(args.texts)
@@ -169,12 +158,7 @@ def main() -> int:
         same = same and agreed
     meta["guesses_identical_inline_and_thread"] = same
     meta["derived_p50_ms"] = derived(results)
-    print(json.dumps(meta), flush=True)
-    if args.out_dir:
-        out = Path(args.out_dir) / f"probe_guess_{describe_machine().tag}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"wrote {out}")
+    write_probe(args.out_dir, "probe_guess", meta, results)
     return 0 if same else 1
 
 
