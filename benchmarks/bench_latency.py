@@ -65,10 +65,13 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from benchmarks.latency_report import (  # noqa: E402
+    INLINE,
     TABLE_COLUMNS,
     RunRecord,
+    encodes_inline,
     host_drift,
     plot_latency,
+    speculation_spec,
     summarize,
 )
 from benchmarks.latency_runs import (  # noqa: E402
@@ -80,7 +83,7 @@ from benchmarks.latency_runs import (  # noqa: E402
     spawn_child,
     torch_threads,
 )
-from ralmspec_vllm.core.config import PRESETS, RaLMConfig, SpeculationConfig  # noqa: E402
+from ralmspec_vllm.core.config import PRESETS, RaLMConfig  # noqa: E402
 from ralmspec_vllm.cpus import parse_cpus, pin  # noqa: E402
 from ralmspec_vllm.questions import DATASETS, Question, load_questions, load_questions_file  # noqa: E402
 from ralmspec_vllm.retrieval.ann import IVF_BUILDS, IVF_CODECS  # noqa: E402
@@ -115,7 +118,8 @@ class LatencyConfig(OutputConfig):
     """Retrieval backends, one result file each."""
     methods: tuple[str, ...] = METHODS
     """``baseline`` (always run: the reference), ``oracle`` and RaLMSpec preset rows, each
-    optionally with fields overridden (``PSA:overlap_depth=1``, ``SpeculationConfig.parse``)."""
+    optionally with fields overridden (``PSA:overlap_depth=1``, ``SpeculationConfig.parse``)
+    and, for dense retrieval in process, suffixed ``@inline`` (``latency_report.INLINE``)."""
     datasets: tuple[str, ...] = ("nq", "triviaqa", "webquestions")
     """Question sets (ignored with ``questions_file``)."""
     questions_per_dataset: int = 5
@@ -171,12 +175,6 @@ class LatencyConfig(OutputConfig):
     """How speculation ranks a request's cache: "local" (dense: the query embedding and
     the cached vectors; BM25: the cached documents' term weights) or "retriever" (its
     ``score`` over the cached ids, a call per speculated step). Same speculated documents."""
-    encode_inline: bool = False
-    """Dense, in process, local scoring: embed a guess's query on the event loop's thread
-    (``RaLMEngine(encode_in_thread=False)``) instead of in a worker thread (the shipped
-    default, which keeps the loop free while the encoder runs). At batch 1 the LM waits for
-    the guess either way; the thread's round trip is what this saves
-    (``benchmarks/gpu/probe_guess.py``). Same guesses either way."""
     switch_interval_ms: float | None = None
     """Python's GIL switch interval (``sys.setswitchinterval``) in this process; ``None``:
     Python's 5 ms. In-process, a search thread re-takes the GIL after every torch or numpy
@@ -228,9 +226,13 @@ class LatencyConfig(OutputConfig):
         for method in self.methods:
             if method not in ("baseline", "oracle"):
                 try:
-                    SpeculationConfig.parse(method)
+                    speculation_spec(method)
                 except ValueError as exc:
                     raise ValueError(f"methods: {exc}") from None
+        if any(encodes_inline(m) for m in self.methods) and (
+            self.transport != "inproc" or self.cache_scoring != "local"
+        ):
+            raise ValueError(f"methods: {INLINE} needs --transport inproc and local cache scoring")
         if self.questions_file is None and (
             not self.datasets or any(d not in DATASETS for d in self.datasets)
         ):
@@ -271,8 +273,6 @@ class LatencyConfig(OutputConfig):
             raise ValueError(f"loop_lag_ms: must be > 0, got {self.loop_lag_ms}")
         if self.cache_scoring not in ("local", "retriever"):
             raise ValueError(f"cache_scoring: local or retriever, got {self.cache_scoring!r}")
-        if self.encode_inline and (self.transport != "inproc" or self.cache_scoring != "local"):
-            raise ValueError("encode_inline: only with --transport inproc and local cache scoring")
         if self.switch_interval_ms is not None and not self.switch_interval_ms > 0:
             raise ValueError(f"switch_interval_ms: must be > 0, got {self.switch_interval_ms}")
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -576,9 +576,6 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
       "help": "time BM25 searches at these thread counts first"}),
     ("--cache-scoring", "cache_scoring",
      {"choices": ("local", "retriever"), "help": "rank the cache here or by retriever score"}),
-    ("--encode-inline", "encode_inline",
-     {"action": argparse.BooleanOptionalAction,
-      "help": "embed a guess's query on the event loop's thread (dense, in process)"}),
     ("--switch-interval-ms", "switch_interval_ms",
      {"type": float, "help": "Python GIL switch interval (default: Python's 5 ms)"}),
     ("--flat-impl", "flat_impl", {"choices": ("faiss", "torch"), "help": "flat search"}),

@@ -204,11 +204,29 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or math.isnan(value) else round(value, digits)
 
 
+INLINE = "@inline"
+"""A RaLMSpec method's suffix (``PSA:overlap_depth=pipeline@inline``): its engine embeds a
+guess's query on the event loop's thread (``RaLMEngine(encode_in_thread=False)``) instead of
+in a worker thread, the shipped default. Dense, in process, local cache scoring only. At
+batch 1 the LM waits for the guess either way; the thread's round trip is what it saves
+(``benchmarks/gpu/probe_guess.py``). As a method, it runs paired with the others on every
+question of one invocation, so the host's drift between runs does not enter the A/B."""
+
+
+def speculation_spec(method: str) -> SpeculationConfig:
+    """A RaLMSpec method's ``SpeculationConfig`` (``INLINE`` aside)."""
+    return SpeculationConfig.parse(method.removesuffix(INLINE))
+
+
+def encodes_inline(method: str) -> bool:
+    return method.endswith(INLINE)
+
+
 def max_stride(method: str) -> int | None:
     """The most steps one verification of ``method`` may hold (None: not speculative)."""
     if method in ("baseline", "oracle"):
         return None
-    spec = SpeculationConfig.parse(method)
+    spec = speculation_spec(method)
     return spec.max_speculation_stride if spec.adaptive else int(spec.speculation_stride)
 
 
@@ -359,7 +377,7 @@ def repeat_rate(runs: Sequence[RunRecord]) -> float | None:
 def _pipelined(method: str) -> bool:
     if method in ("baseline", "oracle"):
         return False
-    spec = SpeculationConfig.parse(method)
+    spec = speculation_spec(method)
     return spec.async_verification and spec.overlap_depth == "pipeline"
 
 

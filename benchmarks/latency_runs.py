@@ -21,9 +21,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.latency_report import RunRecord
+from benchmarks.latency_report import INLINE, RunRecord, encodes_inline, speculation_spec
 from ralmspec_vllm.core.cache import RoutingGate
-from ralmspec_vllm.core.config import SpeculationConfig
 from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
 from ralmspec_vllm.service import WARMUP_QUESTION
@@ -74,6 +73,9 @@ class Runner:
         abandoned). Methods run one at a time, so the difference of two snapshots is one
         run's work inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
+        self.inline_ledgers: dict[Any, Any] = {}
+        """``stride_ledgers`` of the ``@inline`` runs: a config and its inline twin share a
+        ``SpeculationConfig``, but not their OS3 evidence (the twin's guesses cost less)."""
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included; its measured
         step costs are not kept, ``warmed_up``)."""
@@ -85,20 +87,27 @@ class Runner:
         """The warm-up is over: OS3's clock forgets its steps (``StrideLedger.restart_clock``),
         whose one-off costs would otherwise steer the timed answers' plain-or-speculate
         choice for a minute."""
-        for ledger in self.stride_ledgers.values():
+        for ledger in [*self.stride_ledgers.values(), *self.inline_ledgers.values()]:
             ledger.restart_clock()
 
-    def engine(self) -> Any:
+    def engine(self, inline: bool = False) -> Any:
+        """A fresh engine for one run; ``inline``: its guesses embed on the event loop's
+        thread (``latency_report.INLINE``)."""
         from ralmspec_vllm.core.runner import RaLMEngine
 
+        embed = dict(self.embed)
+        if inline:
+            if "encoder" not in embed:
+                raise ValueError(f"{INLINE} needs this process's encoder (dense, local scoring)")
+            embed["encode_in_thread"] = False
         return RaLMEngine(
             self.lm,
             self.lm.tokenizer,
             self.retriever,
             self.cfg.ralm,
-            stride_ledgers=self.stride_ledgers,
+            stride_ledgers=self.inline_ledgers if inline else self.stride_ledgers,
             routing_gate=self.routing_gate,
-            **self.embed,
+            **embed,
         )
 
     async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Measured:
@@ -122,13 +131,12 @@ class Runner:
         return Measured(result, phases, None if lag is None else lag.summary())
 
     async def _generate(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
-        engine = self.engine()
+        engine = self.engine(inline=encodes_inline(method))
         if method == "baseline":
             return await engine.generate(question, "baseline")
         if method == "oracle":
             return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
-        spec = SpeculationConfig.parse(method)
-        return await engine.generate(question, "ralmspec", speculation=spec)
+        return await engine.generate(question, "ralmspec", speculation=speculation_spec(method))
 
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
@@ -419,7 +427,7 @@ async def bench_backend(
             encoder = kb.encoder()
             info["encoder"] = encoder.settings
             if cfg.cache_scoring == "local":
-                embed = {"encoder": encoder.encode, "encode_in_thread": not cfg.encode_inline}
+                embed = {"encoder": encoder.encode}
     else:
         from ralmspec_vllm.core.encoding import AsyncEmbedder
         from ralmspec_vllm.retrieval.client import RetrieverClient

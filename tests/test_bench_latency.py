@@ -331,11 +331,14 @@ def test_config_validation_and_quick_flags() -> None:
     with pytest.raises(ValueError, match="cache_scoring"):
         LatencyConfig(cache_scoring="nearby")
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
-    assert parse_args(["--encode-inline"]).encode_inline is True
-    assert parse_args([]).encode_inline is False
+    inline = "PSA:overlap_depth=pipeline@inline"
+    assert LatencyConfig(methods=(inline,)).methods == (inline,)
     for bad in ({"transport": "process"}, {"cache_scoring": "retriever"}):
-        with pytest.raises(ValueError, match="encode_inline"):
-            LatencyConfig(encode_inline=True, **bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="@inline needs"):
+            LatencyConfig(methods=(inline,), **bad)  # type: ignore[arg-type]
+    for bad_method in ("PSA@thread", "PSA@inline@inline", "oracle@inline"):
+        with pytest.raises(ValueError, match="methods"):
+            LatencyConfig(methods=(bad_method,))
     cfg = parse_args(["--quick", "--log-level", "WARNING"])
     assert cfg.model == "tiny-llama" and cfg.questions_per_dataset == 2
     assert len(cfg.ordered_methods) == 2
@@ -472,14 +475,15 @@ async def test_bench_latency_smoke(
 
 
 @pytest.mark.vllm
-async def test_encode_inline_reaches_the_engine_and_keeps_the_answers(
+async def test_an_inline_method_runs_paired_with_its_threaded_twin(
     vllm_lm: VllmLanguageModel,
     tiny_world: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``--encode-inline``: the dense guesses' embedder runs the encoder on the event loop's
-    thread (and only then), and the answers are the baseline's."""
+    """``PSA@inline`` beside ``PSA`` in one invocation: its runs' engines embed a guess on
+    the event loop's thread, every other run's in a worker thread, and the two keep their
+    own OS3 evidence; its answers are identical to the baseline's."""
     from ralmspec_vllm.core import encoding
 
     made: list[bool] = []
@@ -490,20 +494,34 @@ async def test_encode_inline_reaches_the_engine_and_keeps_the_answers(
         real_init(self, encoder, in_thread)
 
     monkeypatch.setattr(encoding.ThreadEmbedder, "__init__", init)
-    questions = load_questions_file(tiny_world["questions"])
-    for inline in (True, False):
-        cfg = LatencyConfig(
-            model="tiny-llama", backends=("flat",), methods=("baseline", "PSA"),
-            questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
-            max_new_tokens=12, out_dir=str(tmp_path), name=f"inline-{inline}", plot=False,
-            encode_inline=inline,
-        )  # fmt: skip
-        kb, kb_info = open_kb(cfg)
-        made.clear()
-        paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
-        assert made and set(made) == {not inline}
-        assert all(row["outputs_identical"] for row in rows)
-        assert read_results(paths[0])["meta"]["params"]["encode_inline"] is inline
+    runners: list[latency_runs.Runner] = []
+    real_runner_init = latency_runs.Runner.__init__
+
+    def runner_init(self: latency_runs.Runner, *args: Any, **kwargs: Any) -> None:
+        real_runner_init(self, *args, **kwargs)
+        runners.append(self)
+
+    monkeypatch.setattr(latency_runs.Runner, "__init__", runner_init)
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline", "PSA", "PSA@inline"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=12, out_dir=str(tmp_path), name="inline", plot=False,
+    )  # fmt: skip
+    kb, kb_info = open_kb(cfg)
+    _, rows = await measure_all(
+        cfg, vllm_lm, kb, kb_info, load_questions_file(tiny_world["questions"])
+    )
+    # a warm-up and 2 questions, each run with a fresh engine: baseline, PSA, PSA@inline
+    assert made == [True, True, False] * 3
+    assert [row["method"] for row in rows] == ["baseline", "PSA", "PSA@inline"]
+    assert all(row["outputs_identical"] for row in rows)
+    inline = next(row for row in rows if row["method"] == "PSA@inline")
+    assert inline["num_questions"] == 2
+    assert inline["mean_stride"] is not None or inline["mean_plain_steps"] > 0
+    # the twins pool their OS3 evidence apart: one ledger each, each with its own trials
+    (runner,) = runners
+    (threaded,), (inlined,) = runner.stride_ledgers.values(), runner.inline_ledgers.values()
+    assert threaded is not inlined and sum(inlined.trials()) > 0
 
 
 @pytest.mark.vllm
