@@ -230,9 +230,12 @@ class LatencyConfig(OutputConfig):
                 except ValueError as exc:
                     raise ValueError(f"methods: {exc}") from None
         if any(encodes_inline(m) for m in self.methods) and (
-            self.transport != "inproc" or self.cache_scoring != "local"
+            self.transport != "inproc" or self.cache_scoring != "local" or "bm25" in self.backends
         ):
-            raise ValueError(f"methods: {INLINE} needs --transport inproc and local cache scoring")
+            raise ValueError(
+                f"methods: {INLINE} needs dense backends, --transport inproc and local cache "
+                "scoring (the encoder it moves onto the event loop's thread)"
+            )
         if self.questions_file is None and (
             not self.datasets or any(d not in DATASETS for d in self.datasets)
         ):

@@ -73,12 +73,12 @@ class Runner:
         abandoned). Methods run one at a time, so the difference of two snapshots is one
         run's work inside the retriever."""
         self.stride_ledgers: dict[Any, Any] = {}
-        self.inline_ledgers: dict[Any, Any] = {}
-        """``stride_ledgers`` of the ``@inline`` runs: a config and its inline twin share a
-        ``SpeculationConfig``, but not their OS3 evidence (the twin's guesses cost less)."""
         """OS3's pooled outcomes per speculation config, shared by the per-run engines as
         one server engine shares them across its requests (warm-up included; its measured
         step costs are not kept, ``warmed_up``)."""
+        self.inline_ledgers: dict[Any, Any] = {}
+        """``stride_ledgers`` of the ``@inline`` runs: a config and its inline twin share a
+        ``SpeculationConfig``, but not their OS3 evidence (the twin's guesses cost less)."""
         self.routing_gate = RoutingGate()
         """Likewise ``route_guesses="auto"``'s gate: with one per run it would re-learn
         for every answer, and an answer's guesses barely outnumber its warm-up."""

@@ -333,7 +333,7 @@ def test_config_validation_and_quick_flags() -> None:
     assert LatencyConfig(methods=("PSA", "oracle")).ordered_methods == ["baseline", "PSA", "oracle"]
     inline = "PSA:overlap_depth=pipeline@inline"
     assert LatencyConfig(methods=(inline,)).methods == (inline,)
-    for bad in ({"transport": "process"}, {"cache_scoring": "retriever"}):
+    for bad in ({"transport": "process"}, {"cache_scoring": "retriever"}, {"backends": ("bm25",)}):
         with pytest.raises(ValueError, match="@inline needs"):
             LatencyConfig(methods=(inline,), **bad)  # type: ignore[arg-type]
     for bad_method in ("PSA@thread", "PSA@inline@inline", "oracle@inline"):
