@@ -4,7 +4,9 @@
 # GGUF there) over exact dense 1M docs (FAISS flat on 12 CPU threads, leaving 4 cores to the
 # LM, as the 21M runs do), baseline / oracle / the shipped PSA / PSA with pipelined early
 # verification on real questions, one invocation. The honest re-run of the README's last
-# memo-flattered row (H200, 2026-11-28, 1.41x). Used with run.sh / chain.sh:
+# memo-flattered row (H200, 2026-11-28, 1.41x). Over IVF instead (session 38), the later
+# flags win: `qwen_latency_1m.sh --backends ivf --ivf-build faiss --nlist 1024`. Used with
+# run.sh / chain.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/qwen_latency_1m.sh [bench_latency args]
 set -uo pipefail
 out=${1:?usage: qwen_latency_1m.sh OUTDIR [bench_latency args]}; shift
