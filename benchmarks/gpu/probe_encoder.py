@@ -58,7 +58,7 @@ def query_texts(count: int) -> list[str]:
 
 
 def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> dict[str, Any]:
-    from benchmarks.gpu.probe_gil import gil_load
+    from benchmarks.gpu.probe_gil import gil_load, percentiles
 
     with gil_load(load):
         for text in texts[:5]:
@@ -68,13 +68,7 @@ def timed(encode: Callable[[str], np.ndarray], texts: list[str], load: str) -> d
             start = time.perf_counter()
             encode(text)
             ms.append(1000 * (time.perf_counter() - start))
-    ms.sort()
-    return {
-        "load": load,
-        "p50_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
+    return {"load": load, **percentiles(ms)}
 
 
 def graphed_phases(encoder: Any, texts: list[str]) -> dict[str, float]:

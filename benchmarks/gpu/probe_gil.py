@@ -103,6 +103,16 @@ def under_loads(intervals: Sequence[float]) -> Iterator[tuple[float, str]]:
                 yield interval, kind
 
 
+def percentiles(ms: list[float]) -> dict[str, float]:
+    """p50, p90 (the nearest lower rank) and mean of ``ms``, rounded to microseconds."""
+    ms = sorted(ms)
+    return {
+        "p50_ms": round(statistics.median(ms), 3),
+        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
 def write_probe(
     out_dir: str | None, name: str, meta: dict[str, Any], results: list[dict[str, Any]]
 ) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,15 +43,6 @@ def unit_vectors(count: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((count, dim)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def percentiles(ms: list[float]) -> dict[str, float]:
-    ms = sorted(ms)
-    return {
-        "p50_ms": round(statistics.median(ms), 3),
-        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
 
 
 async def timed(
@@ -73,7 +63,7 @@ def run_variants(
     encode: Callable[[Sequence[str]], np.ndarray], texts: list[str], cache_docs: int, load: str
 ) -> tuple[list[dict[str, Any]], bool]:
     """Every variant under ``load``; also whether both guess variants chose the same."""
-    from benchmarks.gpu.probe_gil import gil_load
+    from benchmarks.gpu.probe_gil import gil_load, percentiles
     from ralmspec_vllm.core.cache import DenseCacheScorer, SpeculationCache
     from ralmspec_vllm.core.trace import TraceRecorder
 
