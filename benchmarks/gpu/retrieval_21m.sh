@@ -6,7 +6,8 @@
 # serves), both as FAISS searches one query (one core) and with each query's 64 lists in 12
 # groups on 12 threads (`ivf-g12`, the index reused). Batches of 1, 8 and 32 real NQ
 # questions, in-process. HNSW is left out by default: `--backends hnsw` builds it (M 32,
-# efConstruction 40) in an estimated 15-20 minutes on 16 cores (26 s at 1M on the H200;
+# efConstruction 40) in an estimated 10-20 minutes on 16 cores (26 s at 1M on the H200;
+# on the dev machine's 2 cores 68 s at 1M and 229 s at 3M, 3.4x the time for 3x the docs;
 # not yet run at 21M; ~38 GB of RAM beside the knowledge base), so it needs a session of
 # its own. BM25's 21M search is timed by bm25_latency_21m.sh's probe
 # (serially and on 12 threads); `--backends flat,ivf,bm25` adds its batch cells here (its
