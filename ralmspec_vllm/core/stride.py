@@ -50,7 +50,10 @@ probability that one speculation is right:
   are close but plain steps are barely measured, plain steps run until they are). On the
   H100 (IVF at 1M, session 23) the model's margin for speculating was ~1 ms a step, less
   than the work it leaves out (inserts, verifications beside the next step, rollbacks):
-  speculating ran at 0.93x the baseline. Speculation not measured for ``REMEASURE_S``
+  speculating ran at 0.93x the baseline. "Slower" means by more than ``confidence_z``
+  standard errors of the two figures (``StepCosts.spread``): on one noisy comparison of a few
+  dozen tokens the rule held five answers plain at 1M IVF (sessions 38 and 40), where
+  speculation was the faster mode. Speculation not measured for ``REMEASURE_S``
   seconds is measured again rather than judged on its old figure (and so is a miss's cost,
   which ``prefers_plain_step_early`` weighs).
 """
@@ -241,6 +244,8 @@ class StepCosts:
         # Running sums over each deque (asked at every decision point, between two steps).
         self._seconds: dict[Mode, float] = dict.fromkeys(modes, 0.0)
         self._tokens: dict[Mode, int] = dict.fromkeys(modes, 0)
+        # Sums of squares and products (seconds^2, seconds * tokens, tokens^2): ``spread``.
+        self._squares: dict[Mode, tuple[float, float, float]] = dict.fromkeys(modes, (0.0,) * 3)
 
     def record(self, mode: Mode, seconds: float, tokens: int) -> None:
         """``tokens`` finalized in ``seconds`` of ``mode`` (nothing for no tokens)."""
@@ -251,6 +256,8 @@ class StepCosts:
             self._samples[mode].append((self._clock(), seconds, tokens))
             self._seconds[mode] += seconds
             self._tokens[mode] += tokens
+            ss, st, tt = self._squares[mode]
+            self._squares[mode] = (ss + seconds**2, st + seconds * tokens, tt + tokens**2)
 
     def per_token(self, *modes: Mode) -> tuple[float, int] | None:
         """(seconds per token, tokens measured) within the horizon, over ``modes`` pooled;
@@ -265,6 +272,19 @@ class StepCosts:
             return None
         return sum(self._seconds[m] for m in modes) / tokens, tokens
 
+    def spread(self, mode: Mode) -> float:
+        """The standard error of ``per_token(mode)``'s figure, from how its samples (one a
+        decision point) scatter about it: the ratio estimator's, sqrt(n / (n - 1) *
+        sum((s_i - p t_i)^2)) / sum(t_i). 0.0 with fewer than two samples (nothing to tell
+        the scatter by). Call ``per_token`` first: it drops the lapsed samples."""
+        n, tokens = len(self._samples[mode]), self._tokens[mode]
+        if n < 2 or not tokens:
+            return 0.0
+        p = self._seconds[mode] / tokens
+        ss, st, tt = self._squares[mode]
+        residual = max(ss - 2.0 * p * st + p * p * tt, 0.0)  # sum((s_i - p t_i)^2)
+        return math.sqrt(n / (n - 1) * residual) / tokens
+
     def age(self, mode: Mode) -> float | None:
         """Seconds since ``mode``'s newest sample; ``None`` if it has none."""
         samples = self._samples[mode]
@@ -275,12 +295,18 @@ class StepCosts:
         self._samples[mode].clear()
         self._seconds[mode] = 0.0
         self._tokens[mode] = 0
+        self._squares[mode] = (0.0,) * 3
 
     def _drop_oldest(self, mode: Mode) -> None:
         _, seconds, tokens = self._samples[mode].popleft()
         self._tokens[mode] -= tokens
-        # the float sum restarts at 0 with the deque, so rounding never outlives the samples
-        self._seconds[mode] = self._seconds[mode] - seconds if self._samples[mode] else 0.0
+        # the float sums restart at 0 with the deque, so rounding never outlives the samples
+        if not self._samples[mode]:
+            self._seconds[mode], self._squares[mode] = 0.0, (0.0,) * 3
+            return
+        self._seconds[mode] -= seconds
+        ss, st, tt = self._squares[mode]
+        self._squares[mode] = (ss - seconds**2, st - seconds * tokens, tt - tokens**2)
 
 
 def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:
@@ -454,7 +480,9 @@ class OptimalStrideScheduler:
     def measured_plain_pays(self) -> bool:
         """Extended OS3 only: whether the measured costs (``StepCosts``) call for a plain
         step, whatever the models say: speculation measured slower per finalized token than
-        plain steps, each over at least ``MEASURED_MIN_TOKENS``; or speculation measured and
+        plain steps, each over at least ``MEASURED_MIN_TOKENS``, by more than
+        ``confidence_z`` standard errors of the difference (``StepCosts.spread``; until
+        then the models decide, and speculation is measured further); or speculation measured and
         within ``EXPLORE_MARGIN`` of (or above) what plain steps cost as far as measured,
         first steps included, while the steady plain steps are not measured enough yet (a
         request's first step is a plain step, so there is always a first figure). First
@@ -476,7 +504,13 @@ class OptimalStrideScheduler:
             return False
         plain = self.steps.per_token("plain")
         if plain is not None and plain[1] >= MEASURED_MIN_TOKENS:
-            return speculation[0] > plain[0]
+            # Slower by more than the figures' noise: a few dozen tokens of each decide
+            # REMEASURE_S of steps, and at batch 1 their scatter (hits, misses, the host's
+            # drift) is larger than the few percent between the two modes where they are
+            # close (s38, s40b: 1M IVF held answers 2-6 plain on one noisy comparison).
+            z = self.confidence_z or 0.0
+            noise = math.hypot(self.steps.spread("speculation"), self.steps.spread("plain"))
+            return speculation[0] > plain[0] + z * noise
         reference = self.steps.per_token("plain", "first")
         return reference is not None and speculation[0] > reference[0] * (1.0 - EXPLORE_MARGIN)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ralmspec_vllm.core.stride import (
@@ -363,6 +365,72 @@ def test_step_costs_pool_seconds_per_token_and_let_old_samples_lapse() -> None:
     for seconds in (0.4, 0.2, 0.1):
         full.record("speculation", seconds, 10)
     assert full.per_token("speculation") == (pytest.approx(0.015), 20)
+
+
+def test_step_costs_spread_is_the_ratio_estimators_standard_error() -> None:
+    """``spread``: the standard error of a mode's seconds per token, from its samples'
+    scatter about the pooled figure; it follows the samples as they lapse, drop or are
+    forgotten, and is 0.0 with fewer than two samples."""
+    clock = FakeClock()
+    costs = StepCosts(horizon_s=60.0, clock=clock, capacity=6)
+
+    def expected(samples: list[tuple[float, int]]) -> float:
+        seconds = sum(s for s, _ in samples)
+        tokens = sum(t for _, t in samples)
+        p = seconds / tokens
+        residual = sum((s - p * t) ** 2 for s, t in samples)
+        n = len(samples)
+        return math.sqrt(n / (n - 1) * residual) / tokens
+
+    assert costs.spread("plain") == 0.0
+    costs.record("plain", 0.030, 4)
+    assert costs.spread("plain") == 0.0  # one sample: no scatter to tell
+    samples = [(0.030, 4), (0.052, 8), (0.011, 1), (0.120, 4)]
+    for seconds, tokens in samples[1:]:
+        costs.record("plain", seconds, tokens)
+    assert costs.spread("plain") == pytest.approx(expected(samples))
+    assert costs.spread("speculation") == 0.0  # each mode its own
+    costs.record("plain", 0.040, 4)
+    costs.record("plain", 0.041, 4)
+    costs.record("plain", 0.039, 4)  # capacity 6: the first sample goes
+    samples = [*samples[1:], (0.040, 4), (0.041, 4), (0.039, 4)]
+    assert costs.spread("plain") == pytest.approx(expected(samples))
+    clock.now += 61  # every sample lapses
+    costs.record("plain", 0.040, 4)
+    costs.record("plain", 0.044, 4)
+    assert costs.per_token("plain") == (pytest.approx(0.0105), 8)
+    assert costs.spread("plain") == pytest.approx(expected([(0.040, 4), (0.044, 4)]))
+    costs.forget("plain")
+    costs.record("plain", 0.040, 4)
+    assert costs.spread("plain") == 0.0
+    same = StepCosts(clock=clock)  # samples at one cost: no scatter
+    for _ in range(5):
+        same.record("speculation", 0.020, 4)
+    assert same.spread("speculation") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_measured_slower_speculation_holds_plain_only_beyond_its_noise() -> None:
+    """Speculation's samples scatter (a hit's step, a miss's regenerated one): measured
+    17% slower than plain steps over nine samples, a figure that noisy does not hold
+    requests plain (session 40's second 1M run held answers 2-6 plain on one such comparison);
+    the same mean without the scatter does, and so does the noisy figure once ten times the
+    samples have narrowed it."""
+
+    def scheduler(speculation: list[tuple[float, int]]) -> OptimalStrideScheduler:
+        ledger = StrideLedger()
+        for i in range(8):  # plain steps: 4.5 ms a token, +-0.25 ms a token
+            ledger.steps.record("plain", 0.017 if i % 2 else 0.019, 4)
+        for seconds, tokens in speculation:
+            ledger.steps.record("speculation", seconds, tokens)
+        return OptimalStrideScheduler(asynchronous=True, confidence_z=1.28, ledger=ledger)
+
+    noisy = [(0.015, 4)] * 8 + [(0.070, 4)]  # eight hits and a miss: 5.28 ms a token
+    assert not scheduler(noisy).measured_plain_pays()  # 17% slower, within the noise
+    steady = [(0.190 / 9, 4)] * 9  # the same mean, every step alike
+    assert scheduler(steady).measured_plain_pays()
+    assert scheduler(noisy * 10).measured_plain_pays()  # measured enough: slower
+    cheaper = [(0.012, 4)] * 80 + [(0.060, 4)] * 10  # 4.0 ms a token: cheaper, speculate
+    assert not scheduler(cheaper).measured_plain_pays()
 
 
 @pytest.mark.parametrize(
