@@ -262,11 +262,8 @@ class StepCosts:
     def per_token(self, *modes: Mode) -> tuple[float, int] | None:
         """(seconds per token, tokens measured) within the horizon, over ``modes`` pooled;
         ``None`` if none."""
-        cutoff = self._clock() - self.horizon_s
         for mode in modes:
-            samples = self._samples[mode]
-            while samples and samples[0][0] < cutoff:
-                self._drop_oldest(mode)
+            self._lapse(mode)
         tokens = sum(self._tokens[m] for m in modes)
         if not tokens:
             return None
@@ -276,9 +273,10 @@ class StepCosts:
         """The standard error of ``per_token(mode)``'s figure, from how its samples (one a
         decision point) scatter about it: the ratio estimator's, sqrt(n / (n - 1) *
         sum((s_i - p t_i)^2)) / sum(t_i). 0.0 with fewer than two samples (nothing to tell
-        the scatter by). Call ``per_token`` first: it drops the lapsed samples."""
+        the scatter by)."""
+        self._lapse(mode)
         n, tokens = len(self._samples[mode]), self._tokens[mode]
-        if n < 2 or not tokens:
+        if n < 2:
             return 0.0
         p = self._seconds[mode] / tokens
         ss, st, tt = self._squares[mode]
@@ -293,17 +291,25 @@ class StepCosts:
     def forget(self, mode: Mode) -> None:
         """Drop every sample of ``mode``."""
         self._samples[mode].clear()
-        self._seconds[mode] = 0.0
-        self._tokens[mode] = 0
-        self._squares[mode] = (0.0,) * 3
+        self._zero_sums(mode)
+
+    def _lapse(self, mode: Mode) -> None:
+        """Drop ``mode``'s samples older than the horizon."""
+        cutoff = self._clock() - self.horizon_s
+        samples = self._samples[mode]
+        while samples and samples[0][0] < cutoff:
+            self._drop_oldest(mode)
+
+    def _zero_sums(self, mode: Mode) -> None:
+        self._seconds[mode], self._tokens[mode], self._squares[mode] = 0.0, 0, (0.0,) * 3
 
     def _drop_oldest(self, mode: Mode) -> None:
         _, seconds, tokens = self._samples[mode].popleft()
-        self._tokens[mode] -= tokens
         # the float sums restart at 0 with the deque, so rounding never outlives the samples
         if not self._samples[mode]:
-            self._seconds[mode], self._squares[mode] = 0.0, (0.0,) * 3
+            self._zero_sums(mode)
             return
+        self._tokens[mode] -= tokens
         self._seconds[mode] -= seconds
         ss, st, tt = self._squares[mode]
         self._squares[mode] = (ss - seconds**2, st - seconds * tokens, tt - tokens**2)
