@@ -29,9 +29,11 @@ OVERLAPS: tuple[Overlap, ...] = (
 )
 
 
-def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
+def matrix(
+    strides: tuple[int, ...] = STRIDES, lookahead: bool = False
+) -> Iterator[SpeculationConfig]:
     """s x P on/off x S on/off x A off/one step/the next round (with S on, s bounds the
-    scheduler)."""
+    scheduler); ``lookahead``: every row with ``lookahead_guess``."""
     for s in strides:
         for prefetch_k in (1, 20):
             for adaptive in (False, True):
@@ -43,6 +45,7 @@ def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
                         async_verification=asynchronous,
                         overlap_depth=depth,
                         early_verification=early,
+                        lookahead_guess=lookahead,
                     )
 
 
@@ -79,6 +82,7 @@ def describe(config: SpeculationConfig) -> str:
         names = {"fill": ",fill", "pipeline": ",pipe"}
         deep = names.get(str(config.overlap_depth), ",ahead")
         deep += ",early" if config.early_verification else ""
+    deep += ",ahead-guess" if config.lookahead_guess else ""
     return f"{config.label}(s={s}{deep})"
 
 
