@@ -64,10 +64,6 @@ class RunRecord:
     """Guesses ranked within the query's probed IVF lists (``route_guesses``)."""
     rerouted_guesses: int = 0
     """Of ``routed_guesses``: those routing changed (the exact best was unreachable)."""
-    lookahead_guesses: int = 0
-    """Guesses begun one token before the step they follow ended (``lookahead_guess``)."""
-    lookahead_used: int = 0
-    """Of ``lookahead_guesses``: those a step was generated with."""
     cache_peak: int = 0
     """The most documents the speculation cache held (a guess's scoring grows with it)."""
     lm_aborts: int = 0
@@ -145,8 +141,6 @@ class RunRecord:
             quiet_steps=summary.get("quiet_steps", 0),
             routed_guesses=summary.get("routed_guesses", 0),
             rerouted_guesses=summary.get("rerouted_guesses", 0),
-            lookahead_guesses=summary.get("lookahead_guesses", 0),
-            lookahead_used=summary.get("lookahead_used", 0),
             cache_peak=summary.get("cache_peak", 0),
             lm_aborts=summary.get("lm_aborts", 0),
             lm_wait_guess_s=summary.get("lm_wait_guess_s"),
@@ -320,8 +314,6 @@ def summarize(
                 mean_quiet_steps=_round(_mean([r.quiet_steps for r in runs])),
                 mean_routed_guesses=_round(_mean([r.routed_guesses for r in runs])),
                 mean_rerouted_guesses=_round(_mean([r.rerouted_guesses for r in runs])),
-                mean_lookahead_guesses=_round(_mean([r.lookahead_guesses for r in runs])),
-                mean_lookahead_used=_round(_mean([r.lookahead_used for r in runs])),
                 mean_cache_peak=_round(_mean([r.cache_peak for r in runs])),
                 mean_lm_aborts=_round(_mean([r.lm_aborts for r in runs])),
                 **_rounds(runs, max_stride(method), _pipelined(method)),

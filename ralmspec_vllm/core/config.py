@@ -101,15 +101,6 @@ class SpeculationConfig:
     true document). Speculation therefore never loses to plain steps, and OS3's plain-step
     rule (``prefers_plain_step``) is skipped. Where a search is cheaper than an LM step
     (approximate dense, BM25), this is what hides retrieval behind generation."""
-    lookahead_guess: bool = False
-    """Not in the paper: the next step's guess is made while the LM generates the current
-    step's last token, from the query as it stands one token short (the LM streams the
-    step), so the guess's encoder pass and cache scoring run under LM work instead of
-    between two steps (1.1-1.6 ms a guess on an H100 at 1M IVF, session 40: about half of
-    the gap to the oracle). The step after a speculated or corrected step uses that guess
-    when the step ran its full length; its search still gets the exact query. A query one
-    token short can name another cached document: only the accuracy can change, never the
-    answer."""
     plain_prefetch: bool = False
     """Not in the paper: whether OS3's plain steps still fill the cache with the prefetch
     (``prefetch_k`` hits: a second search beside the step where searches are cheap, see
@@ -192,8 +183,6 @@ class SpeculationConfig:
             raise ValueError(
                 "early_verification needs async_verification and overlap_depth='pipeline'"
             )
-        if not isinstance(self.lookahead_guess, bool):
-            raise ValueError(f"lookahead_guess must be a bool, got {self.lookahead_guess!r}")
         _positive("plain_probe_every", self.plain_probe_every)
         if not isinstance(self.route_guesses, bool) and self.route_guesses != "auto":
             raise ValueError(f"route_guesses must be a bool or 'auto', got {self.route_guesses!r}")

@@ -9,12 +9,9 @@ prompt tokens it served from cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-TokenCallback = Callable[[Sequence[int]], None]
-"""Called with a chunk's tokens so far while it is still being generated (``on_tokens``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +38,9 @@ class LanguageModel(Protocol):
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
         """``ignore_eos``: EOS (and any token the LM treats like it) does not end the chunk;
-        generation runs on to ``max_tokens``. ``on_tokens``: called, synchronously, with the
-        chunk's tokens so far each time more arrive before the chunk ends (never with the
-        whole chunk); an LM that cannot stream may never call it. What it was called with
-        is a prefix of the returned tokens unless the call was aborted."""
+        generation runs on to ``max_tokens``."""
         ...
 
     async def abort(self, request_id: str) -> None:

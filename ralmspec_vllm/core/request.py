@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ralmspec_vllm.core.config import RaLMConfig
-from ralmspec_vllm.core.lm import Generation, LanguageModel, TokenCallback
+from ralmspec_vllm.core.lm import Generation, LanguageModel
 from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
 from ralmspec_vllm.core.stop import StopReason
 from ralmspec_vllm.core.trace import CallPurpose, TokenSpan, TraceRecorder
@@ -24,10 +24,6 @@ from ralmspec_vllm.types import Hit
 FinalCallback = Callable[[int, tuple[int, ...]], None]
 """Called with (offset, tokens) when generated tokens become final (never rolled back)."""
 
-OneTokenShort = Callable[[list[int]], None]
-"""Called (``generate_step``'s ``one_short``) with the generated tokens as they stand one
-token before a step ends, while its last token is being generated."""
-
 SpeculationHold = Callable[[], bool]
 """Asked before each speculated step: True while speculation should pause (the server's
 retriever is busy, ``RaLMService``); the request then runs plain retrieval steps."""
@@ -35,16 +31,6 @@ retriever is busy, ``RaLMService``); the request then runs plain retrieval steps
 
 def _never() -> bool:
     return False
-
-
-def _one_short(call: OneTokenShort, before: list[int], max_tokens: int) -> TokenCallback:
-    """The LM's ``on_tokens`` for ``generate_step``'s ``one_short``."""
-
-    def on_tokens(tokens: Sequence[int]) -> None:
-        if len(tokens) == max_tokens - 1:
-            call(before + list(tokens))
-
-    return on_tokens
 
 
 class RequestContext:
@@ -107,15 +93,9 @@ class RequestContext:
         return hits
 
     async def generate_step(
-        self,
-        doc_id: int | None,
-        purpose: CallPurpose,
-        lm_request_id: str | None = None,
-        one_short: OneTokenShort | None = None,
+        self, doc_id: int | None, purpose: CallPurpose, lm_request_id: str | None = None
     ) -> Generation:
-        """Generate one step with ``doc_id`` in front and append it (tokens and span).
-        ``one_short``: called with what ``generated`` will be one token before the step's
-        end, if the LM streams that far (a step of at least 2 tokens that runs its length)."""
+        """Generate one step with ``doc_id`` in front and append it (tokens and span)."""
         doc = None
         if doc_id is not None:
             (doc,), latency = await self.doc_tokens.get([doc_id])
@@ -125,9 +105,6 @@ class RequestContext:
         max_tokens = min(
             self.config.retrieval_stride, self.config.max_new_tokens - len(self.generated)
         )
-        on_tokens = None
-        if one_short is not None and max_tokens > 1:
-            on_tokens = _one_short(one_short, list(self.generated), max_tokens)
         start = time.perf_counter()
         try:
             gen = await self.lm.generate(
@@ -135,7 +112,6 @@ class RequestContext:
                 max_tokens,
                 lm_request_id or self.new_lm_request_id(),
                 ignore_eos=self.config.ignore_eos,
-                on_tokens=on_tokens,
             )
         finally:  # an aborted call kept the LM busy too
             end = time.perf_counter()

@@ -65,13 +65,6 @@ document. A hit costs only the LM step; a miss costs a plain step (search, then 
 plus whatever the abort costs. That last part is measured per miss (an aborted vLLM step
 cost ~17 ms on the H200): OS3 runs plain steps when, at the measured accuracy, speculating
 costs more (``OptimalStrideScheduler.prefers_plain_step_early``).
-
-Look-ahead guesses (``lookahead_guess``, not in the paper): a speculated or corrected step
-tells the request when its tokens stand one short of the step's end (the LM streams it);
-the next step's guess starts then, from that query, and runs while the LM generates the
-last token. The next step uses it if the step ran its full length and nothing was rolled
-back (``_take_lookahead``); otherwise the guess is made as usual. The search that verifies
-the step still gets the exact query, so only the accuracy can change.
 """
 
 from __future__ import annotations
@@ -86,7 +79,7 @@ from typing import Any, Literal
 from ralmspec_vllm.core.baseline import baseline_step
 from ralmspec_vllm.core.cache import CacheScorer, DenseCacheScorer, SpeculationCache
 from ralmspec_vllm.core.config import SpeculationConfig
-from ralmspec_vllm.core.request import OneTokenShort, RequestContext
+from ralmspec_vllm.core.request import RequestContext
 from ralmspec_vllm.core.stride import (
     FixedStride,
     OptimalStrideScheduler,
@@ -232,17 +225,8 @@ class SpeculativeRequest:
         """Plain steps OS3 chose since the last speculation (``plain_probe_every``)."""
         self._segment: tuple[float, int] | None = None
         """Speculation since the last decision point: (``perf_counter``, final length)."""
-        self._lookahead: tuple[list[int], asyncio.Task[int | None]] | None = None
-        """``lookahead_guess``: the next step's guess, begun one token before the step in
-        flight ended, with the tokens it was made for (the step's last one missing)."""
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self._drop_lookahead()
-
-    async def _run(self) -> None:
         ctx = self.ctx
         if ctx.done:
             return
@@ -463,60 +447,19 @@ class SpeculativeRequest:
 
     async def _guess(self) -> _Guess:
         """The current position's query and the cache's top-1 for it (the document a
-        speculated step will be generated with), or the look-ahead guess made for it."""
+        speculated step will be generated with)."""
         start = time.perf_counter()
         begin = len(self.ctx.generated)
         query = self.ctx.query()
-        ahead = self._take_lookahead()
-        if ahead is not None:
-            doc_id = await ahead
-        else:
-            doc_id = await self.scorer.top1(self.cache, query, self.recorder)
+        doc_id = await self.scorer.top1(self.cache, query, self.recorder)
         if doc_id is not None:
             self.cache.touch(doc_id)
         return _Guess(start, SpeculativeStep(begin, begin, query, doc_id))
 
-    def _one_short(self) -> OneTokenShort | None:
-        """What a step that a guess may follow calls one token before its end."""
-        return self._look_ahead if self.config.lookahead_guess else None
-
-    def _look_ahead(self, short: list[int]) -> None:
-        """The step in flight stands one token short of its end: begin the next step's
-        guess from the query as it stands (unless the step is the answer's last)."""
-        self._drop_lookahead()
-        if len(short) + 1 >= self.ctx.config.max_new_tokens:
-            return
-        query = self.ctx.layout.query(self.ctx.question_ids, short)
-        task = asyncio.create_task(self.scorer.top1(self.cache, query, self.recorder))
-        self._lookahead = (short, task)
-        self.recorder.lookahead_guesses += 1
-
-    def _take_lookahead(self) -> asyncio.Task[int | None] | None:
-        """The look-ahead guess if it was made for the tokens generated now but the last
-        (else it is dropped, and None)."""
-        if self._lookahead is None:
-            return None
-        short, task = self._lookahead
-        generated = self.ctx.generated
-        if len(generated) != len(short) + 1 or generated[:-1] != short:
-            self._drop_lookahead()
-            return None
-        self._lookahead = None
-        self.recorder.lookahead_used += 1
-        return task
-
-    def _drop_lookahead(self) -> None:
-        """Cancel an unused look-ahead guess (its error, if any, is nobody's)."""
-        if self._lookahead is not None:
-            _, task = self._lookahead
-            self._lookahead = None
-            task.cancel()
-            task.add_done_callback(_retrieved)
-
     async def _generate_guess(self, guess: _Guess, lm_request_id: str) -> SpeculativeStep:
         """Generate the guessed step; the returned step has its end."""
         step = guess.step
-        await self.ctx.generate_step(step.doc_id, "speculate", lm_request_id, self._one_short())
+        await self.ctx.generate_step(step.doc_id, "speculate", lm_request_id)
         self.scheduler.record_speculation(time.perf_counter() - guess.started)
         return SpeculativeStep(step.start, len(self.ctx.generated), step.query, step.doc_id)
 
@@ -721,7 +664,7 @@ class SpeculativeRequest:
         logger.debug(
             "%s: rollback to %d tokens (%d dropped)", self.ctx.request_id, rollback_to, dropped
         )
-        await self.ctx.generate_step(true_doc_id, "verify", one_short=self._one_short())
+        await self.ctx.generate_step(true_doc_id, "verify")
         self.ctx.finalize(len(self.ctx.generated))
 
     async def _insert(
@@ -815,12 +758,6 @@ async def _cancel_searches(unsettled: Sequence[_Unsettled]) -> None:
     fetches = [u.search.result()[2] for u in unsettled if not u.search.cancelled()
                and u.search.exception() is None]  # fmt: skip
     await _cancel(fetches)
-
-
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """Mark a dropped task's outcome as seen (no "exception was never retrieved")."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:

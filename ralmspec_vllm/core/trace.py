@@ -110,12 +110,6 @@ class RequestTrace:
     rerouted_guesses: int = 0
     """Of ``routed_guesses``: those whose exact best cached document was unreachable, so
     routing named another (or, with nothing reachable cached, kept a sure miss)."""
-    lookahead_guesses: int = 0
-    """Guesses begun while the step before them generated its last token
-    (``SpeculationConfig.lookahead_guess``)."""
-    lookahead_used: int = 0
-    """Of ``lookahead_guesses``: those a step was generated with (the others were made for
-    tokens that did not stay: an aborted or rolled-back step, an early EOS, the end)."""
     cache_peak: int = 0
     """The most documents the request's speculation cache held (what a guess ranks: its
     scoring cost grows with it)."""
@@ -174,8 +168,6 @@ class RequestTrace:
             "quiet_steps": self.quiet_steps,
             "routed_guesses": self.routed_guesses,
             "rerouted_guesses": self.rerouted_guesses,
-            "lookahead_guesses": self.lookahead_guesses,
-            "lookahead_used": self.lookahead_used,
             "cache_peak": self.cache_peak,
             "lm_wait_guess_s": self.lm_wait_guess_s,
             "lm_wait_retrieval_s": self.lm_wait_retrieval_s,
@@ -218,8 +210,6 @@ class TraceRecorder:
     quiet_steps: int = 0
     routed_guesses: int = 0
     rerouted_guesses: int = 0
-    lookahead_guesses: int = 0
-    lookahead_used: int = 0
     cache_peak: int = 0
     lm_spans: list[tuple[float, float]] = field(default_factory=list)
     """``time.perf_counter()`` (start, end) of every LM call, aborted ones included."""
@@ -290,8 +280,6 @@ class TraceRecorder:
             quiet_steps=self.quiet_steps,
             routed_guesses=self.routed_guesses,
             rerouted_guesses=self.rerouted_guesses,
-            lookahead_guesses=self.lookahead_guesses,
-            lookahead_used=self.lookahead_used,
             cache_peak=self.cache_peak,
             lm_wait_guess_s=waits[0],
             lm_wait_retrieval_s=waits[1],

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ralmspec_vllm.core.lm import Generation, TokenCallback, Tokenizer
+from ralmspec_vllm.core.lm import Generation, Tokenizer
 from ralmspec_vllm.engine.models import resolve_model
 from ralmspec_vllm.engine.settings import EngineConfig
 from ralmspec_vllm.engine.version import VllmApi, load_vllm
@@ -140,14 +140,13 @@ class VllmLanguageModel:
     def cache_stats(self) -> CacheStats:
         return CacheStats(self._requests, self._prompt_tokens, self._cached_tokens)
 
-    def _sampling_params(self, max_tokens: int, ignore_eos: bool, stream: bool = False) -> Any:
-        kind = self._api.RequestOutputKind
+    def _sampling_params(self, max_tokens: int, ignore_eos: bool) -> Any:
         return self._api.SamplingParams(
             temperature=0.0,
             max_tokens=max_tokens,
             ignore_eos=ignore_eos,
             stop_token_ids=None if ignore_eos else list(self.stop_token_ids) or None,
-            output_kind=kind.CUMULATIVE if stream else kind.FINAL_ONLY,
+            output_kind=self._api.RequestOutputKind.FINAL_ONLY,
             detokenize=False,
         )
 
@@ -158,15 +157,12 @@ class VllmLanguageModel:
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
         """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``
         (``ignore_eos``: past EOS and the ``stop_token_ids`` treated like it).
 
         ``max_tokens`` is clipped to the room left in ``max_model_len``. An aborted call
-        returns the tokens generated so far with ``finished=False``. With ``on_tokens`` vLLM
-        streams the chunk (cumulative outputs, one per engine step) and every output before
-        the last is passed on; without it only the final output is sent.
+        returns the tokens generated so far with ``finished=False``.
         """
         if self._closed:
             raise RuntimeError("generate() after shutdown()")
@@ -186,12 +182,10 @@ class VllmLanguageModel:
         try:
             async for output in self._engine.generate(
                 self._api.TokensPrompt(prompt_token_ids=prompt),
-                self._sampling_params(min(max_tokens, room), ignore_eos, on_tokens is not None),
+                self._sampling_params(min(max_tokens, room), ignore_eos),
                 vllm_id,
             ):
                 final = output
-                if on_tokens is not None and not output.finished:
-                    on_tokens(tuple(output.outputs[0].token_ids))
         finally:
             ids = self._inflight.get(request_id)
             if ids is not None:

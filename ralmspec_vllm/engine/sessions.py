@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ralmspec_vllm import metrics
-from ralmspec_vllm.core.lm import Generation, TokenCallback, Tokenizer
+from ralmspec_vllm.core.lm import Generation, Tokenizer
 from ralmspec_vllm.engine.lm import CacheStats, VllmLanguageModel
 from ralmspec_vllm.engine.settings import (
     RALM_KEEP_KEY,
@@ -169,11 +169,9 @@ class SessionLanguageModel:
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
         """Greedily generate up to ``max_tokens`` tokens after ``prompt_token_ids``
-        (``ignore_eos``: past EOS; set per chunk). ``on_tokens``: see ``LanguageModel``
-        (a session's outputs stream anyway)."""
+        (``ignore_eos``: past EOS; set per chunk)."""
         prompt = [int(t) for t in prompt_token_ids]
         limit = self.base.max_model_len
         if max_tokens < 1:
@@ -193,7 +191,7 @@ class SessionLanguageModel:
         session.busy_with = request_id
         self._inflight[request_id] = session
         try:
-            tokens, reason, cached = await self._collect(session, on_tokens)
+            tokens, reason, cached = await self._collect(session)
         except BaseException:
             await self._close(session)
             raise
@@ -302,11 +300,8 @@ class SessionLanguageModel:
             session.alive = False
             session.outputs.put_nowait(_END)
 
-    async def _collect(
-        self, session: _Session, on_tokens: TokenCallback | None = None
-    ) -> tuple[list[int], str | None, int]:
-        """Tokens of the current chunk, its finish reason (None: stream ended), cached;
-        ``on_tokens`` gets the tokens so far after every output before the last."""
+    async def _collect(self, session: _Session) -> tuple[list[int], str | None, int]:
+        """Tokens of the current chunk, its finish reason (None: stream ended), cached."""
         tokens: list[int] = []
         cached = 0
         first = True
@@ -324,8 +319,6 @@ class SessionLanguageModel:
             tokens += completion.token_ids
             if completion.finish_reason is not None:
                 return tokens, completion.finish_reason, cached
-            if on_tokens is not None and completion.token_ids:
-                on_tokens(tuple(tokens))
 
     # -- closing ----------------------------------------------------------------------------
 

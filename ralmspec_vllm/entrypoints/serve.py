@@ -163,11 +163,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="with --overlap-depth pipeline: send a speculated step's search when its "
               "document is guessed, before the step is generated; a miss aborts the step "
               "in flight (default: %(default)s)")  # fmt: skip
-    _own(ralm, "--lookahead-guess", action=argparse.BooleanOptionalAction,
-         default=s.lookahead_guess,
-         help="guess the next step's document while the LM generates a step's last token, "
-              "from the query one token short; changes only how often a guess is right "
-              "(default: %(default)s)")  # fmt: skip
     _own(ralm, "--plain-probe-every", type=int, default=s.plain_probe_every,
          help="in a run of plain steps (speculation measured or modelled slower), score "
               "the cache's guess and insert the step's document only every this many steps; "
@@ -243,7 +238,6 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
             async_verification=args.async_verification,
             overlap_depth=depth,  # type: ignore[arg-type]
             early_verification=args.early_verification,
-            lookahead_guess=args.lookahead_guess,
             cache_capacity=args.cache_capacity,
             plain_probe_every=args.plain_probe_every,
             route_guesses=ROUTE_GUESSES[args.route_guesses],

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ralmspec_vllm.core.lm import Generation, TokenCallback
+from ralmspec_vllm.core.lm import Generation
 from ralmspec_vllm.retrieval.base import top_k_from_scores
 from ralmspec_vllm.types import Document, Hit, RetrieverInfo, rank_key
 
@@ -164,7 +164,6 @@ class FakeLM:
         request_id: str,
         *,
         ignore_eos: bool = False,
-        on_tokens: TokenCallback | None = None,
     ) -> Generation:
         if request_id in self._inflight:
             raise RuntimeError(f"duplicate request id {request_id}")
@@ -181,10 +180,6 @@ class FakeLM:
             self._inflight.discard(request_id)
         prompt = tuple(prompt_token_ids)
         out, finished = self.continuation(prompt, max_tokens, ignore_eos)
-        if on_tokens is not None:  # streamed as vLLM does: every prefix but the whole
-            for i in range(1, len(out)):
-                on_tokens(tuple(out[:i]))
-                await asyncio.sleep(0)
         chain = self._chain(prompt + tuple(out))
         cached = self.cached_prefix(prompt, chain)
         self._blocks.update(chain)

@@ -29,11 +29,9 @@ OVERLAPS: tuple[Overlap, ...] = (
 )
 
 
-def matrix(
-    strides: tuple[int, ...] = STRIDES, lookahead: bool = False
-) -> Iterator[SpeculationConfig]:
+def matrix(strides: tuple[int, ...] = STRIDES) -> Iterator[SpeculationConfig]:
     """s x P on/off x S on/off x A off/one step/the next round (with S on, s bounds the
-    scheduler); ``lookahead``: every row with ``lookahead_guess``."""
+    scheduler)."""
     for s in strides:
         for prefetch_k in (1, 20):
             for adaptive in (False, True):
@@ -45,7 +43,6 @@ def matrix(
                         async_verification=asynchronous,
                         overlap_depth=depth,
                         early_verification=early,
-                        lookahead_guess=lookahead,
                     )
 
 
@@ -82,7 +79,6 @@ def describe(config: SpeculationConfig) -> str:
         names = {"fill": ",fill", "pipeline": ",pipe"}
         deep = names.get(str(config.overlap_depth), ",ahead")
         deep += ",early" if config.early_verification else ""
-    deep += ",ahead-guess" if config.lookahead_guess else ""
     return f"{config.label}(s={s}{deep})"
 
 

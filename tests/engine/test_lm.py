@@ -160,19 +160,3 @@ async def test_tokenizer_and_cache_stats(vllm_lm: VllmLanguageModel) -> None:
     assert 0.0 <= stats.hit_rate <= 1.0
     assert vllm_lm.block_size == 32
     assert vllm_lm.config.dtype == "float32"
-
-
-async def test_a_streamed_chunk_reports_its_prefixes(vllm_lm: VllmLanguageModel) -> None:
-    """``on_tokens`` sees growing proper prefixes of the chunk, and the chunk is the one an
-    unstreamed call gives."""
-    prompt = random_prompt(13, 90)
-    plain = await vllm_lm.generate(prompt, 6, "unstreamed")
-    seen: list[tuple[int, ...]] = []
-    streamed = await vllm_lm.generate(
-        prompt, 6, "streamed", on_tokens=lambda tokens: seen.append(tuple(tokens))
-    )
-    assert streamed.token_ids == plain.token_ids and len(plain.token_ids) == 6
-    assert seen, "vLLM streamed nothing before the last output"
-    lengths = [len(s) for s in seen]
-    assert lengths == sorted(set(lengths)) and lengths[-1] < 6
-    assert all(s == plain.token_ids[: len(s)] for s in seen)

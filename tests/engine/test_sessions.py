@@ -108,25 +108,6 @@ async def test_continuation_matches_one_generation_and_reuses_all_kv(
     assert hooked.open_sessions == 0
 
 
-async def test_a_streamed_session_chunk_reports_its_prefixes(
-    hooked: SessionLanguageModel, base: VllmLanguageModel
-) -> None:
-    prompt = random_prompt(14, 70)
-    whole = await base.generate(prompt, 8, "stream-ref")
-    context, chunks = list(prompt), []
-    for i in range(2):  # a new session, then the paused one resumed
-        seen: list[tuple[int, ...]] = []
-        chunk = await hooked.generate(context, 4, f"stream#{i}", on_tokens=seen.append)
-        assert seen, "the session streamed nothing before the chunk's end"
-        lengths = [len(s) for s in seen]
-        assert lengths == sorted(set(lengths)) and lengths[-1] < 4
-        assert all(s == chunk.token_ids[: len(s)] for s in seen)
-        chunks += chunk.token_ids
-        context += chunk.token_ids
-    assert chunks == list(whole.token_ids)
-    await hooked.release("stream")
-
-
 @pytest.mark.parametrize(("keep", "cached"), [(75, 75), (50, 32)])
 async def test_rewind_then_other_tokens_match_a_fresh_request(
     hooked: SessionLanguageModel, base: VllmLanguageModel, keep: int, cached: int
@@ -207,14 +188,6 @@ CONFIGS = [
     SpeculationConfig(speculation_stride=2, prefetch_k=20),
     SpeculationConfig(speculation_stride=1, async_verification=True),
     SpeculationConfig.preset("PSA", max_speculation_stride=8),
-    SpeculationConfig(speculation_stride=3, lookahead_guess=True),
-    SpeculationConfig(
-        speculation_stride=4,
-        async_verification=True,
-        overlap_depth="pipeline",
-        early_verification=True,
-        lookahead_guess=True,
-    ),
 ]
 
 

@@ -73,9 +73,6 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     assert not config.speculation.early_verification
     args, _ = parse(["serve", "--overlap-depth", "pipeline", "--early-verification"])
     assert service_config_from_args(args).speculation.early_verification  # type: ignore[arg-type]
-    assert not config.speculation.lookahead_guess
-    args, _ = parse(["serve", "--lookahead-guess"])
-    assert service_config_from_args(args).speculation.lookahead_guess  # type: ignore[arg-type]
     assert config.speculation.plain_probe_every == 1  # every plain step probes by default
     args, _ = parse(["serve", "--plain-probe-every", "4"])
     assert service_config_from_args(args).speculation.plain_probe_every == 4  # type: ignore[arg-type]
