@@ -64,6 +64,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
 _TINY = 1e-12  # unmeasurably fast latencies: avoid dividing by zero
@@ -221,6 +222,27 @@ IVF-SQ8 at 21M) questions 3-23 ran every step plain, at the baseline's speed, ag
 1.20x for the answers after them."""
 
 
+@dataclass(slots=True)
+class _Sums:
+    """Running sums over one mode's samples (asked at every decision point, between two
+    steps): seconds, tokens, and for ``StepCosts.spread`` seconds^2, seconds * tokens and
+    tokens^2."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    ss: float = 0.0
+    st: float = 0.0
+    tt: int = 0
+
+    def add(self, seconds: float, tokens: int, sign: int = 1) -> None:
+        """Count a sample in (``sign`` 1) or out (-1)."""
+        self.seconds += sign * seconds
+        self.tokens += sign * tokens
+        self.ss += sign * seconds * seconds
+        self.st += sign * seconds * tokens
+        self.tt += sign * tokens * tokens
+
+
 class StepCosts:
     """Seconds per finalized token, measured for plain steps and for speculation (wall
     time from a decision point to the next, over the tokens finalized meanwhile, so that
@@ -241,11 +263,7 @@ class StepCosts:
         self._capacity = capacity
         modes: tuple[Mode, ...] = get_args(Mode)
         self._samples: dict[Mode, deque[tuple[float, float, int]]] = {m: deque() for m in modes}
-        # Running sums over each deque (asked at every decision point, between two steps).
-        self._seconds: dict[Mode, float] = dict.fromkeys(modes, 0.0)
-        self._tokens: dict[Mode, int] = dict.fromkeys(modes, 0)
-        # Sums of squares and products (seconds^2, seconds * tokens, tokens^2): ``spread``.
-        self._squares: dict[Mode, tuple[float, float, float]] = dict.fromkeys(modes, (0.0,) * 3)
+        self._sums: dict[Mode, _Sums] = {m: _Sums() for m in modes}
 
     def record(self, mode: Mode, seconds: float, tokens: int) -> None:
         """``tokens`` finalized in ``seconds`` of ``mode`` (nothing for no tokens)."""
@@ -254,20 +272,17 @@ class StepCosts:
                 self._drop_oldest(mode)
             seconds = max(seconds, 0.0)
             self._samples[mode].append((self._clock(), seconds, tokens))
-            self._seconds[mode] += seconds
-            self._tokens[mode] += tokens
-            ss, st, tt = self._squares[mode]
-            self._squares[mode] = (ss + seconds**2, st + seconds * tokens, tt + tokens**2)
+            self._sums[mode].add(seconds, tokens)
 
     def per_token(self, *modes: Mode) -> tuple[float, int] | None:
         """(seconds per token, tokens measured) within the horizon, over ``modes`` pooled;
         ``None`` if none."""
         for mode in modes:
             self._lapse(mode)
-        tokens = sum(self._tokens[m] for m in modes)
+        tokens = sum(self._sums[m].tokens for m in modes)
         if not tokens:
             return None
-        return sum(self._seconds[m] for m in modes) / tokens, tokens
+        return sum(self._sums[m].seconds for m in modes) / tokens, tokens
 
     def spread(self, mode: Mode) -> float:
         """The standard error of ``per_token(mode)``'s figure, from how its samples (one a
@@ -275,13 +290,12 @@ class StepCosts:
         sum((s_i - p t_i)^2)) / sum(t_i). 0.0 with fewer than two samples (nothing to tell
         the scatter by)."""
         self._lapse(mode)
-        n, tokens = len(self._samples[mode]), self._tokens[mode]
+        n, sums = len(self._samples[mode]), self._sums[mode]
         if n < 2:
             return 0.0
-        p = self._seconds[mode] / tokens
-        ss, st, tt = self._squares[mode]
-        residual = max(ss - 2.0 * p * st + p * p * tt, 0.0)  # sum((s_i - p t_i)^2)
-        return math.sqrt(n / (n - 1) * residual) / tokens
+        p = sums.seconds / sums.tokens
+        residual = max(sums.ss - 2.0 * p * sums.st + p * p * sums.tt, 0.0)  # sum((s_i-p t_i)^2)
+        return math.sqrt(n / (n - 1) * residual) / sums.tokens
 
     def age(self, mode: Mode) -> float | None:
         """Seconds since ``mode``'s newest sample; ``None`` if it has none."""
@@ -291,7 +305,7 @@ class StepCosts:
     def forget(self, mode: Mode) -> None:
         """Drop every sample of ``mode``."""
         self._samples[mode].clear()
-        self._zero_sums(mode)
+        self._sums[mode] = _Sums()
 
     def _lapse(self, mode: Mode) -> None:
         """Drop ``mode``'s samples older than the horizon."""
@@ -300,19 +314,13 @@ class StepCosts:
         while samples and samples[0][0] < cutoff:
             self._drop_oldest(mode)
 
-    def _zero_sums(self, mode: Mode) -> None:
-        self._seconds[mode], self._tokens[mode], self._squares[mode] = 0.0, 0, (0.0,) * 3
-
     def _drop_oldest(self, mode: Mode) -> None:
         _, seconds, tokens = self._samples[mode].popleft()
         # the float sums restart at 0 with the deque, so rounding never outlives the samples
         if not self._samples[mode]:
-            self._zero_sums(mode)
-            return
-        self._tokens[mode] -= tokens
-        self._seconds[mode] -= seconds
-        ss, st, tt = self._squares[mode]
-        self._squares[mode] = (ss - seconds**2, st - seconds * tokens, tt - tokens**2)
+            self._sums[mode] = _Sums()
+        else:
+            self._sums[mode].add(seconds, tokens, sign=-1)
 
 
 def _count(outcomes: Iterable[tuple[int, bool]]) -> tuple[int, int]:
