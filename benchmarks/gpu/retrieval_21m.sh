@@ -6,12 +6,11 @@
 # serves), both as FAISS searches one query (one core) and with each query's 64 lists in 12
 # groups on 12 threads (`ivf-g12`, the index reused). Batches of 1, 8 and 32 real NQ
 # questions, in-process. HNSW is left out by default: `--backends hnsw` builds it (M 32,
-# efConstruction 40) in an estimated 10-20 minutes on 16 cores (26 s at 1M on the H200;
-# on the dev machine's 2 cores 68 s at 1M and 229 s at 3M, 3.4x the time for 3x the docs;
-# not yet run at 21M; ~38 GB of RAM beside the knowledge base), so it needs a session of
-# its own. BM25's 21M search is timed by bm25_latency_21m.sh's probe
-# (serially and on 12 threads); `--backends flat,ivf,bm25` adds its batch cells here (its
-# index is built again, ~110 s, as bm25-t1 and bm25). Nothing is saved (--no-save-index:
+# efConstruction 40) in 716 s on the H100 box's 16 cores (session 42: 13 minutes in all
+# with the knowledge base, the process at ~80 GB of RAM), so it needs a step of its own.
+# BM25's 21M search is timed by bm25_latency_21m.sh's probe (serially and on 12 threads);
+# `--backends flat,ivf,bm25` adds its batch cells here (its index is built again, ~110 s,
+# as bm25-t1 and bm25). Nothing is saved (--no-save-index:
 # the disk holds the knowledge base's 32 GB of vectors). After a 21M latency run on the
 # same machine the knowledge base is already built. Used with run.sh:
 #   bash benchmarks/gpu/run.sh start NAME gpu/retrieval_21m.sh [bench_retrieval args]
