@@ -574,15 +574,23 @@ async def test_the_first_steps_plain_figure_leaves_out_the_cache_seeding() -> No
     assert first[0] < 0.3 / 4 / 3
 
 
+def tasks_left_since(before: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Tasks started since ``before`` was taken that are still running. Tasks that were
+    already there are left out: the loop is shared with earlier tests, whose long-lived
+    engines (a vLLM client's output task, a gRPC server) keep tasks of their own."""
+    me = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() - before if t is not me and not t.done()]
+
+
 @pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
 async def test_a_pipelined_request_leaves_no_task_behind(early: bool) -> None:
     """Fetches and cache inserts now run as tasks of their own: when a request returns,
     rollbacks included, none is left running (the fetches of discarded steps are cancelled
     with their searches; the queued inserts are awaited)."""
+    before = asyncio.all_tasks()
     _, result = await pipelined_with_slow_fetches(0.03, "prefetch_k=3:speculation_stride=3", early)
     assert result.trace.rollbacks > 0, "nothing was rolled back"
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert left == []
+    assert tasks_left_since(before) == []
 
 
 async def test_a_rollback_cancels_the_fetches_of_the_steps_it_discards() -> None:
@@ -604,13 +612,14 @@ async def test_a_rollback_cancels_the_fetches_of_the_steps_it_discards() -> None
         raise AssertionError("never answers")
 
     step = SpeculativeStep(0, 4, "q", 1)
+    before = asyncio.all_tasks()
     done, out = asyncio.create_task(answered()), asyncio.create_task(pending())
     await asyncio.sleep(0)  # the first search answers, its fetch starts
     assert done.done()
     unsettled = [_Unsettled(step, done, generating=False), _Unsettled(step, out, False)]
     await _cancel_searches(unsettled)
     assert out.cancelled() and done.result()[2].cancelled()
-    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    assert tasks_left_since(before) == []
 
 
 class FillerStore(Store):
