@@ -138,14 +138,28 @@ class Runner:
             return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
         return await engine.generate(question, "ralmspec", speculation=speculation_spec(method))
 
+    def prompt_text(self, question: Question) -> str:
+        """What the LM is asked: the question, or with ``chat`` the question as a user
+        message through the model's chat template (as the server's chat endpoint has it)."""
+        if not self.cfg.chat:
+            return question.text
+        tokenizer = self.lm.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: model {self.cfg.model!r} has no chat template")
+        message = [{"role": "user", "content": question.text}]
+        return str(
+            tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+        )
+
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
     ) -> list[RunRecord]:
-        measured = await self.one("baseline", question.text, ())
+        text = self.prompt_text(question)
+        measured = await self.one("baseline", text, ())
         base = measured.result
         records = [self._record(backend, "baseline", question, measured, base)]
         for method in methods[1:]:
-            measured = await self.one(method, question.text, base.trace.step_doc_ids)
+            measured = await self.one(method, text, base.trace.step_doc_ids)
             result = measured.result
             record = self._record(backend, method, question, measured, base)
             if not record.identical and timed:

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from benchmarks.latency_report import (
 from benchmarks.merge_latency import BASE_FIELDS, merge
 from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.engine.lm import VllmLanguageModel
-from ralmspec_vllm.questions import load_questions_file
+from ralmspec_vllm.questions import Question, load_questions_file
 from ralmspec_vllm.retrieval.flat import DTYPES
 from tests.corpus_fixtures import build_tiny_kb
 
@@ -522,6 +523,53 @@ async def test_an_inline_method_runs_paired_with_its_threaded_twin(
     (runner,) = runners
     (threaded,), (inlined,) = runner.stride_ledgers.values(), runner.inline_ledgers.values()
     assert threaded is not inlined and sum(inlined.trials()) > 0
+
+
+@pytest.mark.vllm
+async def test_chat_asks_each_question_through_the_chat_template(
+    vllm_lm: VllmLanguageModel,
+    tiny_world: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--chat``: every method is asked the question as a user message through the model's
+    chat template with the generation prompt (as the server's chat endpoint asks it), and
+    the answers stay identical to the baseline's; the setting is on record."""
+    asked: list[tuple[str, str]] = []
+    real_one = latency_runs.Runner.one
+
+    async def one(self: latency_runs.Runner, method: str, question: str, oracle: Any) -> Any:
+        asked.append((method, question))
+        return await real_one(self, method, question, oracle)
+
+    monkeypatch.setattr(latency_runs.Runner, "one", one)
+    cfg = LatencyConfig(
+        model="tiny-llama", backends=("flat",), methods=("baseline", "oracle", "PSA"),
+        questions_file=str(tiny_world["questions"]), index=str(tiny_world["kb"]),
+        max_new_tokens=12, out_dir=str(tmp_path), name="chat", plot=False, chat=True,
+    )  # fmt: skip
+    kb, kb_info = open_kb(cfg)
+    questions = load_questions_file(tiny_world["questions"])
+    paths, rows = await measure_all(cfg, vllm_lm, kb, kb_info, questions)
+    template = vllm_lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": questions[1].text}], tokenize=False, add_generation_prompt=True
+    )
+    assert "<|im_start|>user\n" + questions[1].text in template
+    assert [q for m, q in asked[-3:]] == [template] * 3  # the last question, every method
+    assert [m for m, q in asked[-3:]] == ["baseline", "oracle", "PSA"]
+    assert all(row["outputs_identical"] for row in rows)
+    assert read_results(paths[0])["meta"]["params"]["chat"] is True
+
+
+def test_chat_needs_a_chat_template() -> None:
+    """A model without a chat template is refused with a clear error, not asked raw."""
+    cfg = LatencyConfig(model="tiny-llama", chat=True)
+    lm = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None))
+    runner = latency_runs.Runner(cfg, lm, None, {})
+    question = Question(qid="q", text="who", answers=(), dataset="nq")
+    with pytest.raises(ValueError, match="no chat template"):
+        runner.prompt_text(question)
+    assert latency_runs.Runner(LatencyConfig(), lm, None, {}).prompt_text(question) == "who"
 
 
 @pytest.mark.vllm
