@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.latency_report import INLINE, RunRecord, encodes_inline, speculation_spec
 from ralmspec_vllm.core.cache import RoutingGate
+from ralmspec_vllm.core.prompt import NoChatTemplate, render_chat
 from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
 from ralmspec_vllm.service import WARMUP_QUESTION
@@ -143,13 +144,11 @@ class Runner:
         message through the model's chat template (as the server's chat endpoint has it)."""
         if not self.cfg.chat:
             return question.text
-        tokenizer = self.lm.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"--chat: model {self.cfg.model!r} has no chat template")
         message = [{"role": "user", "content": question.text}]
-        return str(
-            tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-        )
+        try:
+            return render_chat(self.lm.tokenizer, message, add_generation_prompt=True)
+        except NoChatTemplate:
+            raise ValueError(f"--chat: model {self.cfg.model!r} has no chat template") from None
 
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True

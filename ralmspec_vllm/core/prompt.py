@@ -20,7 +20,8 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ralmspec_vllm.core.config import RaLMConfig
 from ralmspec_vllm.core.lm import Tokenizer
@@ -30,6 +31,21 @@ logger = logging.getLogger(__name__)
 
 DocTokens = array
 """A document's capped token ids, stored compactly (4 bytes a token, not ~36 as a tuple)."""
+
+
+class NoChatTemplate(ValueError):
+    """The tokenizer has no chat template: the model can only be asked plain text."""
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], **template_args: Any) -> str:
+    """``messages`` through ``tokenizer``'s chat template, as the question text (the server's
+    chat endpoint and ``bench_latency --chat`` ask the LM this way); ``template_args`` go to
+    ``apply_chat_template`` (e.g. ``add_generation_prompt``). ``NoChatTemplate`` without one;
+    the template's own errors pass through."""
+    apply = getattr(tokenizer, "apply_chat_template", None)
+    if apply is None or not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate("this model has no chat template")
+    return str(apply([dict(m) for m in messages], tokenize=False, **template_args))
 
 
 class PromptLayout:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ralmspec_vllm.core.config import RaLMConfig
-from ralmspec_vllm.core.prompt import DocumentTokenCache, PromptLayout
+from ralmspec_vllm.core.prompt import DocumentTokenCache, NoChatTemplate, PromptLayout, render_chat
 
 from .fakes import BOS, FakeTokenizer, ScriptedRetriever
 
@@ -57,3 +57,29 @@ async def test_missing_document_is_an_error() -> None:
 
     with pytest.raises(KeyError, match="doc id 5"):
         await DocumentTokenCache(Empty(), FakeTokenizer(), 10).get([5])
+
+
+class TemplateTokenizer:
+    """Just the chat-template surface of a Hugging Face tokenizer."""
+
+    def __init__(self, chat_template: str | None) -> None:
+        self.chat_template = chat_template
+        self.calls: list[tuple[list[dict[str, str]], dict[str, object]]] = []
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: object) -> str:
+        self.calls.append((messages, kwargs))
+        end = "<assistant>" if kwargs.get("add_generation_prompt") else ""
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + end
+
+
+def test_render_chat_is_the_template_as_text_and_refuses_a_model_without_one() -> None:
+    """The server's chat endpoint and ``bench_latency --chat`` render a conversation the
+    same way: the tokenizer's template, as text, with the caller's template arguments."""
+    tok = TemplateTokenizer("{{ messages }}")
+    user = [{"role": "user", "content": "who"}]
+    assert render_chat(tok, user, add_generation_prompt=True) == "<user>who<assistant>"
+    assert tok.calls == [(user, {"tokenize": False, "add_generation_prompt": True})]
+    for missing in (TemplateTokenizer(None), object()):
+        with pytest.raises(NoChatTemplate, match="no chat template"):
+            render_chat(missing, user)
+    assert issubclass(NoChatTemplate, ValueError)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ralmspec_vllm.core.prompt import NoChatTemplate, render_chat
 from ralmspec_vllm.core.stop import StopCondition, StopText
 from ralmspec_vllm.entrypoints.openai import protocol as p
 from ralmspec_vllm.entrypoints.openai.checks import check_fields, stop_condition, template_kwargs
@@ -242,20 +243,20 @@ class OpenAIHandlers:
         if not plain:
             raise bad_request("messages must not be empty", "messages")
         extra = template_kwargs(request.chat_template_kwargs)
-        apply = getattr(self.tokenizer, "apply_chat_template", None)
-        if apply is None or not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions", "messages")
         try:
-            text = apply(
+            return render_chat(
+                self.tokenizer,
                 plain,
-                tokenize=False,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 **extra,
             )
+        except NoChatTemplate:
+            raise bad_request(
+                "this model has no chat template; use /v1/completions", "messages"
+            ) from None
         except Exception as err:  # template errors (e.g. roles it rejects) are client errors
             raise bad_request(f"chat template failed: {err}", "messages") from None
-        return str(text)
 
     # -- running ----------------------------------------------------------------------------
 
