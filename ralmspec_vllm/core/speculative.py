@@ -345,7 +345,8 @@ class SpeculativeRequest:
         second search beside the step (``PREFETCH_BESIDE_RATIO``); ``"none"``: the
         baseline's search only, and only its top-1 goes into the cache
         (``SpeculationConfig.plain_prefetch``). With either, the hits returned are the
-        top-1's."""
+        top-1's. An answer that ends with this step leaves the cache unfilled: nothing
+        reads it again."""
         start = time.perf_counter()
         if prefetch != "with":
             (hits,) = await self.ctx.search([query], 1, "retrieve")
@@ -367,7 +368,12 @@ class SpeculativeRequest:
             await _cancel([t for t in (insert, reading, found) if t is not None])
             raise
         generated = time.perf_counter()
-        await insert  # a failed fetch raises here, as itself
+        if self.ctx.done:  # the answer ends with this step: no guess reads the cache again
+            if reading is not None:
+                await reading  # before the insert (which waits for it) is cancelled
+            await _cancel([t for t in (insert, found) if t is not None])
+        else:
+            await insert  # a failed fetch raises here, as itself
         self.ctx.finalize(len(self.ctx.generated))
         return hits, latency, None if reading is None else reading.result(), generated
 
@@ -491,7 +497,10 @@ class SpeculativeRequest:
                 break
         matched = len(steps) if mismatch is None else mismatch.step
         self.ctx.finalize(steps[-1].end if mismatch is None else steps[mismatch.step].start)
-        if fetching is None:
+        if self._answered():  # nothing reads the cache again: no insert, no fetch for it
+            if fetching is not None:
+                await _cancel([fetching])
+        elif fetching is None:
             await self._insert(results[: matched + 1])
         else:
             self._inserting = asyncio.create_task(
@@ -629,7 +638,9 @@ class SpeculativeRequest:
                 # empty only if the head matched while still generating: then it is the
                 # speculation, which is waited for
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            await self._inserted()
+            # Done and all verified: the queued inserts fill a cache nothing reads again.
+            if self._inserting is not None:
+                await _cancel([self._inserting])
         except BaseException:
             if speculation is not None:
                 await self._discard(speculation, [lm_request_id])
@@ -711,6 +722,12 @@ class SpeculativeRequest:
         if before is not None:
             await before
         await self._insert(results, after=fetching)
+
+    def _answered(self) -> bool:
+        """The answer is complete and every token of it final: no step follows, so no
+        guess reads the cache again, and filling it (a fetch, up to ``prefetch_k``
+        inserts a search) would only delay the request's end."""
+        return self.ctx.done and self.ctx.final_length == len(self.ctx.generated)
 
     async def _inserted(self) -> None:
         """Wait for the queued cache inserts (pipeline); their failures raise here."""
