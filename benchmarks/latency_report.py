@@ -247,7 +247,17 @@ def speedup_interval(
     a run (an LM that slows for a while), so a row whose interval holds 1.0 is not shown
     different from the baseline, and one whose interval excludes it is. ``None`` below 5
     paired questions."""
-    base = {r.question_id: r.wall_time_s for r in records if r.method == "baseline"}
+    return ratio_interval(records, "baseline", method, resamples, seed)
+
+
+def ratio_interval(
+    records: Sequence[RunRecord], over: str, method: str, resamples: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """95% bootstrap interval of total ``over`` time over total ``method`` time, resampling
+    the questions both ran with their pairing kept (``speedup_interval``; with ``over``
+    the oracle: the fraction of the ceiling reached, ``oracle_fraction_ci95``). ``None``
+    below 5 paired questions."""
+    base = {r.question_id: r.wall_time_s for r in records if r.method == over}
     pairs = [
         (base[r.question_id], r.wall_time_s)
         for r in records
@@ -289,6 +299,7 @@ def summarize(
                 "speedup_ci95": speedup_interval(mine, method),
                 "oracle_speedup": _round(_ratio(means.get("baseline"), means.get("oracle"))),
                 "oracle_fraction": _round(_ratio(means.get("oracle"), mean)),
+                "oracle_fraction_ci95": ratio_interval(mine, "oracle", method),
                 "outputs_identical": all(r.identical for r in runs),
                 "documents_identical": all(r.same_documents for r in runs),
                 "mismatched_questions": [r.question_id for r in runs if not r.identical],

@@ -37,6 +37,7 @@ from benchmarks.latency_report import (
     RunRecord,
     fewest_rounds,
     host_drift,
+    ratio_interval,
     speedup_interval,
     summarize,
 )
@@ -108,6 +109,29 @@ def test_the_speed_up_interval_comes_from_resampling_paired_questions() -> None:
     assert rows["PSA"]["speedup_ci95"] == [1.1, 1.1]
     assert rows["baseline"]["speedup_ci95"] == [1.0, 1.0]
     assert rows["PSA"]["mean_quiet_steps"] == 2 and rows["PSA"]["mean_cache_peak"] == 7
+
+
+def test_the_fraction_of_the_ceiling_has_its_own_interval() -> None:
+    """The fraction of the ceiling (oracle time over method time) is judged against 90%:
+    its interval resamples the questions the oracle and the method both ran. Steady at
+    0.9 of the oracle's speed: exactly 0.9. Lumpy: an interval that holds the mean. No
+    oracle run: none."""
+    walls = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    base = paired("baseline", [2 * w for w in walls])
+    oracle = paired("oracle", walls)
+    steady = paired("PSA", [w / 0.9 for w in walls])
+    rows = {
+        r["method"]: r for r in summarize(base + oracle + steady, {}, ["baseline", "oracle", "PSA"])
+    }
+    assert rows["PSA"]["oracle_fraction"] == 0.9
+    assert rows["PSA"]["oracle_fraction_ci95"] == [0.9, 0.9]
+    assert rows["oracle"]["oracle_fraction_ci95"] == [1.0, 1.0]
+    lumpy = paired("PSA", [0.5, 2.6, 3.4, 4.1, 6.5, 6.2])
+    low, high = ratio_interval(base + oracle + lumpy, "oracle", "PSA")
+    fraction = sum(walls) / (0.5 + 2.6 + 3.4 + 4.1 + 6.5 + 6.2)
+    assert low < fraction < high and high - low > 0.05
+    no_oracle = {r["method"]: r for r in summarize(base + steady, {}, ["baseline", "PSA"])}
+    assert no_oracle["PSA"]["oracle_fraction_ci95"] is None
 
 
 def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
