@@ -129,6 +129,50 @@ def test_fallback_comparison_can_pin_the_server_and_the_retriever(tmp_path: Path
     assert bad.returncode == 2 and "PIN_CPUS" in bad.stderr
 
 
+def test_serving_modes_runs_bench_serving_in_rounds_then_pipelined_early(tmp_path: Path) -> None:
+    """``serving_modes_1m.sh``: two valid ``bench_serving`` runs over IVF at 1M, the same but
+    for the speculation mode; the server's own parser turns the second's flags into the
+    pipeline with early verification and the first's into the shipped rounds."""
+    import argparse
+
+    from benchmarks.bench_serving import parse_args as parse_serving
+    from ralmspec_vllm.entrypoints.cli import build_parser
+    from ralmspec_vllm.entrypoints.serve import service_config_from_args
+    from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
+
+    runs = run_with_fake_python(tmp_path, "serving_modes_1m.sh", "out", "--concurrency", "8")
+    rounds, early = (parse_serving(argv[1:]) for argv in runs)  # validates every value
+    assert (rounds.name, early.name) == ("serving_1m-ivf_rounds", "serving_1m-ivf_early")
+    assert rounds.filler == 1_000_000 and rounds.concurrency == early.concurrency == (8,)
+    assert set(early.server_args) - set(rounds.server_args) == {
+        "--overlap-depth=pipeline",
+        "--early-verification",
+    }
+    specs = []
+    for cfg in (rounds, early):
+        serve = [a for a in cfg.server_args if not a.startswith("--retriever-arg=")]
+        args = build_parser(["serve", *serve]).parse_args(["serve", *serve])
+        specs.append(service_config_from_args(args).speculation)
+    assert (specs[0].overlap_depth, specs[0].early_verification) == ("stride", False)
+    assert (specs[1].overlap_depth, specs[1].early_verification) == ("pipeline", True)
+    retriever = [a.split("=", 1)[1] for a in rounds.server_args if a.startswith("--retriever-arg=")]
+    parser = argparse.ArgumentParser()
+    add_retriever_arguments(parser)
+    config = config_from_args(parser.parse_args(retriever))
+    assert (config.backend, config.nlist, config.nprobe, config.ivf_build) == (
+        "ivf",
+        1024,
+        16,
+        "faiss",
+    )
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    (one,) = run_with_fake_python(one_dir, "serving_modes_1m.sh", "o", SERVING_MODES="early")
+    assert "serving_1m-ivf_early" in one
+    bad = refusal("serving_modes_1m.sh", "out", SERVING_MODES="pipeline")
+    assert bad.returncode == 2 and "SERVING_MODES" in bad.stderr
+
+
 def test_approx_latency_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
     (argv,) = run_with_fake_python(tmp_path, "approx_latency_1m.sh", "out", "--time-budget-s", "90")
     assert argv[0] == "benchmarks/bench_latency.py"

@@ -9,7 +9,7 @@ holds the paper's ablation rows (B, P, S, A, PS, SA, PA, PSA).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from ralmspec_vllm.core.stop import StopCondition
@@ -231,6 +231,14 @@ class SpeculationConfig:
         letters += "A" if self.async_verification else ""
         return letters or "B"
 
+    def describe(self) -> str:
+        """This configuration as one word that ``parse`` reads back: its ``label``'s preset
+        and the fields that differ from it (``PSA:overlap_depth=pipeline``), for logs."""
+        base = PRESETS[self.label]
+        changed = [f"{f.name}={_word(getattr(self, f.name))}" for f in fields(self)
+                   if getattr(self, f.name) != getattr(base, f.name)]  # fmt: skip
+        return ":".join([self.label, *changed])
+
     @classmethod
     def preset(cls, name: str, **overrides: object) -> SpeculationConfig:
         """One of the paper's ablation rows, optionally with fields overridden."""
@@ -253,6 +261,13 @@ class SpeculationConfig:
                 raise ValueError(f"{text!r}: {pair!r} is not FIELD=VALUE of SpeculationConfig")
             overrides[key] = _literal(raw)
         return cls.preset(name, **overrides)
+
+
+def _word(value: object) -> str:
+    """``value`` as ``_literal`` reads it back."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)
 
 
 def _literal(raw: str) -> object:

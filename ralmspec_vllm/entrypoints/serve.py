@@ -348,6 +348,11 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
         await client.wait_ready()
         scoring = await local_cache_scoring(client, config.cache_scoring)
         logger.info("cache scoring: %s", scoring.describe())
+        logger.info(
+            "requests default to %s; ralmspec runs %s",
+            config.default_mode,
+            config.speculation.describe(),
+        )
         service = RaLMService(
             lm,
             lm.tokenizer,

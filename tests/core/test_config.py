@@ -93,6 +93,33 @@ def test_parse_overrides_a_preset_by_name() -> None:
             SpeculationConfig.parse(bad)
 
 
+@pytest.mark.parametrize(
+    "word",
+    [
+        "B",
+        "PSA",
+        "PSA:overlap_depth=pipeline:early_verification=true",
+        "psa:gamma_confidence_z=none:route_guesses=false:gamma_max=0.75",
+        "A:async_verification=false",  # B by its fields: described as B
+        "S:score_recent=64:eviction=fifo:speculation_stride=5",
+    ],
+)
+def test_describe_is_a_word_parse_reads_back(word: str) -> None:
+    """``describe`` (what the server logs at start) names the configuration by its label's
+    preset and the fields that differ from it; ``parse`` gives the same configuration back."""
+    spec = SpeculationConfig.parse(word)
+    described = spec.describe()
+    assert described.split(":")[0] == spec.label
+    assert SpeculationConfig.parse(described) == spec
+    assert PRESETS[spec.label].describe() == spec.label
+
+
+def test_describe_names_only_what_differs_from_the_preset() -> None:
+    spec = SpeculationConfig.preset("PSA", overlap_depth="pipeline", early_verification=True)
+    assert spec.describe() == "PSA:overlap_depth=pipeline:early_verification=true"
+    assert SpeculationConfig.parse("A:async_verification=false").describe() == "B"
+
+
 def test_exact_k_splits_each_retrieval_into_exact_hits_and_prefetch_hits() -> None:
     assert (SpeculationConfig(prefetch_k=256).search_k, SpeculationConfig().search_k) == (256, 1)
     spec = SpeculationConfig.parse("PSA:exact_k=0")  # the exact top-256

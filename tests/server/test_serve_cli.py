@@ -227,6 +227,7 @@ async def test_serve_bm25_ranks_the_cache_from_term_weights(
             process.wait()
     text = log.read_text()
     assert "cache scoring: local (BM25 term weights)" in text
+    assert "requests default to ralmspec; ralmspec runs PSA\n" in text  # the shipped defaults
     assert "warm-up: a baseline and a RaLMSpec answer in" in text  # before it took requests
 
 
