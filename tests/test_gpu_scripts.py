@@ -9,7 +9,9 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +53,21 @@ def refusal(script: str, *args: str, **env_vars: str) -> subprocess.CompletedPro
     )
 
 
+def retriever_config(server_args: Sequence[str]) -> Any:
+    """The retriever child's configuration, as its own parser reads the ``--retriever-arg``
+    flags among a ``bench_serving`` run's server args."""
+    import argparse
+
+    from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
+
+    prefix = "--retriever-arg="
+    parser = argparse.ArgumentParser()
+    add_retriever_arguments(parser)
+    return config_from_args(
+        parser.parse_args([a.removeprefix(prefix) for a in server_args if a.startswith(prefix)])
+    )
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in GPU.glob("*.sh")))
 def test_script_parses(script: str) -> None:
     subprocess.run(["bash", "-n", str(GPU / script)], check=True)
@@ -70,10 +87,7 @@ def test_headline_command_is_a_valid_bench_latency_run(tmp_path: Path) -> None:
 def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Path) -> None:
     """``serving_fallback_21m.sh``: two valid ``bench_serving`` runs, the same but for the
     fallback flag, with retriever flags the retriever's own parser accepts."""
-    import argparse
-
     from benchmarks.bench_serving import parse_args as parse_serving
-    from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
 
     out = tmp_path / "out"
     runs = run_with_fake_python(
@@ -86,10 +100,7 @@ def test_fallback_comparison_runs_bench_serving_with_it_on_then_off(tmp_path: Pa
     assert on.filler == 21_000_000 and on.concurrency == off.concurrency == (64,)  # args win
     assert set(off.server_args) - set(on.server_args) == {"--max-retriever-utilization=0"}
     assert not any("utilization" in a for a in on.server_args)  # the shipped default
-    retriever = [a.split("=", 1)[1] for a in on.server_args if a.startswith("--retriever-arg=")]
-    parser = argparse.ArgumentParser()
-    add_retriever_arguments(parser)
-    config = config_from_args(parser.parse_args(retriever))
+    config = retriever_config(on.server_args)
     assert (config.flat_impl, config.device, config.dtype, config.flat_scan) == (
         "torch",
         "cpu",
@@ -133,12 +144,9 @@ def test_serving_modes_runs_bench_serving_in_rounds_then_pipelined_early(tmp_pat
     """``serving_modes_1m.sh``: two valid ``bench_serving`` runs over IVF at 1M, the same but
     for the speculation mode; the server's own parser turns the second's flags into the
     pipeline with early verification and the first's into the shipped rounds."""
-    import argparse
-
     from benchmarks.bench_serving import parse_args as parse_serving
     from ralmspec_vllm.entrypoints.cli import build_parser
     from ralmspec_vllm.entrypoints.serve import service_config_from_args
-    from ralmspec_vllm.retrieval.factory import add_retriever_arguments, config_from_args
 
     runs = run_with_fake_python(tmp_path, "serving_modes_1m.sh", "out", "--concurrency", "8")
     rounds, early = (parse_serving(argv[1:]) for argv in runs)  # validates every value
@@ -155,10 +163,7 @@ def test_serving_modes_runs_bench_serving_in_rounds_then_pipelined_early(tmp_pat
         specs.append(service_config_from_args(args).speculation)
     assert (specs[0].overlap_depth, specs[0].early_verification) == ("stride", False)
     assert (specs[1].overlap_depth, specs[1].early_verification) == ("pipeline", True)
-    retriever = [a.split("=", 1)[1] for a in rounds.server_args if a.startswith("--retriever-arg=")]
-    parser = argparse.ArgumentParser()
-    add_retriever_arguments(parser)
-    config = config_from_args(parser.parse_args(retriever))
+    config = retriever_config(rounds.server_args)
     assert (config.backend, config.nlist, config.nprobe, config.ivf_build) == (
         "ivf",
         1024,
