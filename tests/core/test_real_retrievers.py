@@ -540,17 +540,18 @@ async def test_a_pipelined_step_settles_before_its_fetch_ends(early: bool) -> No
     assert retriever.lm_steps_during and max(retriever.lm_steps_during) > 3
 
 
-class SlowFirstFetch(InProcessAsyncRetriever):
-    """The request's first fetch (the cache's seeding, beside the first step) takes
-    ``delay_s``."""
+class SlowFetches(InProcessAsyncRetriever):
+    """Vectors fetches take ``delay_s``: every one, or with ``first_only`` the first since
+    ``fetches`` was last set to 0 (a request's cache seeding, beside its first step).
+    ``fetches`` counts them."""
 
-    def __init__(self, retriever: object, delay_s: float) -> None:
+    def __init__(self, retriever: object, delay_s: float, first_only: bool = False) -> None:
         super().__init__(retriever)  # type: ignore[arg-type]
-        self.delay_s, self.fetches = delay_s, 0
+        self.delay_s, self.first_only, self.fetches = delay_s, first_only, 0
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
         self.fetches += 1
-        if self.fetches == 1:
+        if self.fetches == 1 or not self.first_only:
             await asyncio.sleep(self.delay_s)
         return await super().vectors(doc_ids)
 
@@ -561,7 +562,7 @@ async def test_the_first_steps_plain_figure_leaves_out_the_cache_seeding() -> No
     whatever mode follows, would price plain steps above what they cost (here 300 ms over
     4 tokens against ~1 ms a token)."""
     lm = FakeLM(latency_s=0.001)
-    retriever = SlowFirstFetch(flat_retriever(), delay_s=0.3)
+    retriever = SlowFetches(flat_retriever(), delay_s=0.3, first_only=True)
     engine = RaLMEngine(lm, FakeTokenizer(), retriever, encoder=BagOfWords().encode)
     spec = SpeculationConfig.parse("PSA:overlap_depth=pipeline:prefetch_k=20")
     baseline = await engine.generate(SHORT_QUESTION, "baseline")
@@ -572,19 +573,6 @@ async def test_the_first_steps_plain_figure_leaves_out_the_cache_seeding() -> No
     first = engine.stride_ledgers[spec].steps.per_token("first")
     assert first is not None and first[1] == 4
     assert first[0] < 0.3 / 4 / 3
-
-
-class SlowFetches(InProcessAsyncRetriever):
-    """Every vectors fetch takes ``delay_s``; counts them."""
-
-    def __init__(self, retriever: object, delay_s: float) -> None:
-        super().__init__(retriever)  # type: ignore[arg-type]
-        self.delay_s, self.fetches = delay_s, 0
-
-    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
-        self.fetches += 1
-        await asyncio.sleep(self.delay_s)
-        return await super().vectors(doc_ids)
 
 
 @pytest.mark.parametrize(
