@@ -13,6 +13,7 @@ the ``--flat-dtype`` flag.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -35,6 +36,7 @@ from benchmarks.bench_latency import (
 from benchmarks.common import read_results
 from benchmarks.latency_report import (
     RunRecord,
+    equal_lm_fraction,
     fewest_rounds,
     host_drift,
     ratio_interval,
@@ -132,6 +134,37 @@ def test_the_fraction_of_the_ceiling_has_its_own_interval() -> None:
     assert low < fraction < high and high - low > 0.05
     no_oracle = {r["method"]: r for r in summarize(base + steady, {}, ["baseline", "PSA"])}
     assert no_oracle["PSA"]["oracle_fraction_ci95"] is None
+
+
+def test_the_fraction_at_the_oracles_lm_speed_takes_out_the_hosts_jitter() -> None:
+    """Both runs make the same 8 LM calls a question; the method's LM ran at a jittery
+    speed (0.6x to 1.9x the oracle's own time) plus 10% of the oracle's time with no LM call
+    in flight. The plain fraction's interval is wide; at the oracle's LM speed the fraction
+    is exactly 1 / 1.1 on every question. A method of 1.5x the oracle's calls, a run without
+    an oracle: none."""
+    walls = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    jitter = [0.6, 1.9, 1.0, 1.4, 0.7, 1.2]
+    base = paired("baseline", [2 * w for w in walls])
+    oracle = [dataclasses.replace(r, lm_time_s=r.wall_time_s) for r in paired("oracle", walls)]
+    psa = [
+        dataclasses.replace(r, lm_time_s=j * w, wall_time_s=j * w + 0.1 * w)
+        for r, w, j in zip(paired("PSA", walls), walls, jitter, strict=True)
+    ]
+    low, high = ratio_interval(base + oracle + psa, "oracle", "PSA")
+    assert high - low > 0.2
+    assert equal_lm_fraction(base + oracle + psa, "PSA") == (0.9091, [0.909, 0.909])
+    assert equal_lm_fraction(base + oracle, "oracle") == (1.0, [1.0, 1.0])
+    rows = {
+        r["method"]: r for r in summarize(base + oracle + psa, {}, ["baseline", "oracle", "PSA"])
+    }
+    assert rows["PSA"]["oracle_fraction_equal_lm"] == 0.9091
+    assert rows["PSA"]["oracle_fraction_equal_lm_ci95"] == [0.909, 0.909]
+    assert rows["PSA"]["oracle_fraction"] == round(sum(walls) / sum(r.wall_time_s for r in psa), 4)
+    rolled_back = [dataclasses.replace(r, lm_calls=12) for r in psa]
+    assert equal_lm_fraction(base + oracle + rolled_back, "PSA") == (None, None)
+    assert equal_lm_fraction(base + psa, "PSA") == (None, None)
+    no_oracle = {r["method"]: r for r in summarize(base + psa, {}, ["baseline", "PSA"])}
+    assert no_oracle["PSA"]["oracle_fraction_equal_lm"] is None
 
 
 def test_rounds_taken_against_the_fewest_the_outcomes_allow() -> None:
@@ -323,6 +356,22 @@ def test_merging_shards_equals_summarizing_all_questions_at_once() -> None:
     assert meta["methods_left_out"] == ["oracle"]
     with pytest.raises(ValueError, match="baseline"):
         merge([a, _shard(["q4"], {"PSA": 2.0})], ["a.json", "f.json"])
+
+
+def test_one_file_is_summarized_again_with_todays_fields() -> None:
+    """An older run's file, written before a field existed, gains it from its per-question
+    records, and every other field comes out as it was written."""
+    walls = {"baseline": 4.0, "oracle": 1.0, "PSA": 2.0}
+    new = _shard(["q1", "q2", "q3", "q4", "q5"], walls)
+    old = copy.deepcopy(new)
+    for row in old["rows"]:
+        del row["oracle_fraction_equal_lm"], row["oracle_fraction_equal_lm_ci95"]
+    rows, meta = merge([old], ["old.json"])
+    assert rows == new["rows"]
+    assert {r["method"]: r["oracle_fraction_equal_lm"] for r in rows}["PSA"] == 0.6667
+    assert meta["questions_timed"] == 5 and [s["file"] for s in meta["shards"]] == ["old.json"]
+    with pytest.raises(ValueError, match="a shard"):
+        merge([], [])
 
 
 def test_skip_questions_takes_a_later_shard(tmp_path: Path) -> None:
