@@ -10,10 +10,11 @@ the same ``summarize`` as one run would (ratios of means over all questions):
 
 Keeps the methods every shard ran (a shard may add rows of its own, e.g. an A/B); refuses
 shards that differ in what they measure (commit, machine, model, retriever, corpus size,
-engine settings), that share a question or that lack a common baseline. The merged file's
-``meta.shards`` lists each shard's command, date and question count; a PNG is drawn next
-to it. One file alone is summarized again by today's ``summarize``: an older run gains the
-fields added since (e.g. ``oracle_fraction_equal_lm``).
+engine settings), that share a question or that lack a common baseline (``--any-commit``
+lets shards of different commits through). The merged file's ``meta.shards`` lists each
+shard's commit, command, date and question count; a PNG is drawn next to it. One file
+alone is summarized again by today's ``summarize``: an older run gains the fields added
+since (e.g. ``oracle_fraction_equal_lm``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ if __package__ in (None, ""):  # run as `python benchmarks/merge_latency.py`
 from benchmarks.common import format_table, read_results, write_results
 from benchmarks.latency_report import TABLE_COLUMNS, RunRecord, plot_latency, summarize
 
-# Params that may differ between shards: which questions, how long, where results go.
+# Params that may differ between shards: which questions, how long, where results go, and
+# which other backends the invocation ran (a file holds one backend's rows; they must match).
 SHARD_PARAMS = frozenset(
-    {"skip_questions", "time_budget_s", "name", "plot", "log_level", "methods"}
+    {"skip_questions", "time_budget_s", "name", "plot", "log_level", "methods", "backends"}
 )
 BASE_FIELDS = ("machine", "model", "corpus_size", "transport")
 
@@ -44,11 +46,16 @@ def _same(shards: Sequence[dict[str, Any]], what: str, get: Any) -> Any:
     return values[0]
 
 
-def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[dict], dict]:
-    """(rows, meta) of the shards joined; raises ``ValueError`` where they do not match."""
+def merge(
+    shards: Sequence[dict[str, Any]], paths: Sequence[str], any_commit: bool = False
+) -> tuple[list[dict], dict]:
+    """(rows, meta) of the shards joined; raises ``ValueError`` where they do not match.
+    ``any_commit`` joins shards of different commits, for a caller who has checked that
+    nothing between them changes what a run measures; each shard's commit is kept."""
     if not shards:
         raise ValueError("merge needs a shard")
-    _same(shards, "commit", lambda s: s["meta"]["git_sha"])
+    if not any_commit:
+        _same(shards, "commit", lambda s: s["meta"]["git_sha"])
     _same(shards, "machine", lambda s: s["meta"]["machine_tag"])
     _same(shards, "corpus size", lambda s: s["meta"]["knowledge_base"]["num_docs"])
     _same(shards, "params", lambda s: {
@@ -87,6 +94,7 @@ def merge(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> tuple[list[
         shards=[
             {
                 "file": Path(p).name,
+                "commit": s["meta"]["git_sha"],
                 "date": s["meta"]["date"],
                 "command": s["meta"]["command"],
                 "questions_timed": s["meta"]["questions_timed"],
@@ -104,10 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="merged result file stem")
     parser.add_argument("--out-dir", default=None, help="default: the first shard's folder")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument(
+        "--any-commit",
+        action="store_true",
+        help="join shards of different commits (check first that the diff between them "
+        "leaves the measured path alone, and say so where the result is reported)",
+    )
     args = parser.parse_args(argv)
     shards = [read_results(p) for p in args.shards]
     try:
-        rows, meta = merge(shards, args.shards)
+        rows, meta = merge(shards, args.shards, any_commit=args.any_commit)
     except ValueError as exc:
         print(f"merge_latency: {exc}", file=sys.stderr)
         return 2

@@ -349,8 +349,18 @@ def test_merging_shards_equals_summarizing_all_questions_at_once() -> None:
     assert [q["id"] for q in meta["questions"]] == ["q1", "q2", "q3"]
     with pytest.raises(ValueError, match="question q1"):
         merge([a, _shard(["q1"], walls)], ["a.json", "c.json"])
+    later = _shard(["q4"], walls, git_sha="other")
     with pytest.raises(ValueError, match="commit"):
-        merge([a, _shard(["q4"], walls, git_sha="other")], ["a.json", "d.json"])
+        merge([a, later], ["a.json", "d.json"])
+    alone = _shard(["q5"], walls)
+    alone["meta"]["params"]["backends"] = ["flat"]  # the other shard's run also had others
+    assert merge([a, alone], ["a.json", "g.json"])[1]["questions_timed"] == 3
+    alone["rows"][0]["retriever"] = "ivf"
+    with pytest.raises(ValueError, match="retriever"):
+        merge([a, alone], ["a.json", "g.json"])
+    rows, meta = merge([a, later], ["a.json", "d.json"], any_commit=True)
+    assert meta["questions_timed"] == 3
+    assert [s["commit"] for s in meta["shards"]] == ["abc", "other"]
     rows, meta = merge([a, _shard(["q4"], {"baseline": 4.0, "PSA": 2.0})], ["a.json", "e.json"])
     assert [r["method"] for r in rows] == ["baseline", "PSA"]
     assert meta["methods_left_out"] == ["oracle"]
