@@ -84,6 +84,8 @@ def merge(
     rows = summarize(records, base, methods)
     meta = dict(shards[0]["meta"])
     meta.update(
+        # shards of several commits (--any-commit) name them all, in shard order
+        git_sha="+".join(dict.fromkeys(s["meta"]["git_sha"] for s in shards)),
         command="merge_latency.py " + " ".join(paths),
         questions=[q for s in shards for q in s["meta"]["questions"] if q["id"] in seen],
         complete=all(s["meta"]["complete"] for s in shards),

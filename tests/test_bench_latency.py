@@ -361,6 +361,7 @@ def test_merging_shards_equals_summarizing_all_questions_at_once() -> None:
     rows, meta = merge([a, later], ["a.json", "d.json"], any_commit=True)
     assert meta["questions_timed"] == 3
     assert [s["commit"] for s in meta["shards"]] == ["abc", "other"]
+    assert meta["git_sha"] == "abc+other"
     rows, meta = merge([a, _shard(["q4"], {"baseline": 4.0, "PSA": 2.0})], ["a.json", "e.json"])
     assert [r["method"] for r in rows] == ["baseline", "PSA"]
     assert meta["methods_left_out"] == ["oracle"]
@@ -380,6 +381,7 @@ def test_one_file_is_summarized_again_with_todays_fields() -> None:
     assert rows == new["rows"]
     assert {r["method"]: r["oracle_fraction_equal_lm"] for r in rows}["PSA"] == 0.6667
     assert meta["questions_timed"] == 5 and [s["file"] for s in meta["shards"]] == ["old.json"]
+    assert meta["git_sha"] == "abc"
     with pytest.raises(ValueError, match="a shard"):
         merge([], [])
 
