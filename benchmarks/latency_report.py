@@ -519,8 +519,8 @@ def _calls_ms(runs: Sequence[RunRecord], name: Literal["scores", "fetches"]) -> 
 
 TABLE_COLUMNS = (
     "retriever", "method", "mean_latency_s", "speedup_vs_baseline", "oracle_fraction",
-    "oracle_fraction_equal_lm", "lm_time_s", "retrieval_time_s", "speculation_time_s", "other_time_s",
-    "speculation_accuracy", "mean_stride", "mean_rollbacks", "mean_rounds",
+    "oracle_fraction_equal_lm", "lm_time_s", "retrieval_time_s", "speculation_time_s",
+    "other_time_s", "speculation_accuracy", "mean_stride", "mean_rollbacks", "mean_rounds",
     "mean_fewest_rounds", "outputs_identical",
 )  # fmt: skip
 
