@@ -313,7 +313,7 @@ def equal_lm_fraction(
         o = oracle[run.question_id]
         at_oracle_speed = run.wall_time_s - run.lm_time_s + o.lm_time_s * run.lm_calls / o.lm_calls
         pairs.append((o.wall_time_s, at_oracle_speed))
-    value = sum(o for o, _ in pairs) / max(sum(m for _, m in pairs), 1e-12)
+    value = _ratio(sum(o for o, _ in pairs), sum(m for _, m in pairs))
     return _round(value), _bootstrap_ratio(pairs, resamples, seed)
 
 
