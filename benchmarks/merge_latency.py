@@ -87,10 +87,14 @@ def merge(
         # shards of several commits (--any-commit) name them all, in shard order
         git_sha="+".join(dict.fromkeys(s["meta"]["git_sha"] for s in shards)),
         command="merge_latency.py " + " ".join(paths),
-        questions=[q for s in shards for q in s["meta"]["questions"] if q["id"] in seen],
+        questions=list(
+            {q["id"]: q for s in shards for q in s["meta"]["questions"] if q["id"] in seen}.values()
+        ),
         complete=all(s["meta"]["complete"] for s in shards),
         questions_timed=min((r["num_questions"] for r in rows), default=0),
-        questions_total=sum(s["meta"]["questions_total"] for s in shards),
+        # the distinct questions the shards were offered: shards of one question list
+        # (--skip-questions) overlap, so a sum of their totals counts some twice
+        questions_total=len({q["id"] for s in shards for q in s["meta"]["questions"]}),
         all_outputs_identical=all(r["outputs_identical"] for r in rows),
         methods_left_out=sorted({m for mine in per_shard for m in mine} - set(methods)),
         shards=[

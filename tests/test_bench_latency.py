@@ -386,6 +386,18 @@ def test_one_file_is_summarized_again_with_todays_fields() -> None:
         merge([], [])
 
 
+def test_a_join_counts_each_offered_question_once() -> None:
+    # Shard a was offered q1-q4 and timed two before its budget ran out; shard b ran with
+    # --skip-questions 2 and was offered q3-q4. Summing the shards' totals would say 6.
+    walls = {"baseline": 4.0, "oracle": 1.0, "PSA": 2.0}
+    offered = [{"id": q} for q in ("q1", "q2", "q3", "q4")]
+    a = _shard(["q1", "q2"], walls, questions=offered, questions_total=4)
+    b = _shard(["q3", "q4"], walls, questions=offered[2:], questions_total=2)
+    _, meta = merge([a, b], ["a.json", "b.json"])
+    assert meta["questions_timed"] == 4 and meta["questions_total"] == 4
+    assert [q["id"] for q in meta["questions"]] == ["q1", "q2", "q3", "q4"]
+
+
 def test_skip_questions_takes_a_later_shard(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"question": f"q {i}?"}) + "\n" for i in range(5)))
