@@ -7,6 +7,7 @@ searches an answer, a search's mean time, searches in flight (their summed time 
 wall time), LM time and rollbacks. Session 25 used it to tell retriever contention
 (searches in flight slowing each other) from plain-step overhead.
 
+    tar -xJf benchmarks/results/gpu/archive_latency_s25_bm25-21m.tar.xz
     python3 benchmarks/latency_groups.py \
         benchmarks/results/gpu/latency_gpu-nvidia-h100_smollm2-135m_bm25-21m-process_s25.json
 """
