@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.latency_report import INLINE, RunRecord, encodes_inline, speculation_spec
 from ralmspec_vllm.core.cache import RoutingGate
-from ralmspec_vllm.core.prompt import NoChatTemplate, render_chat
+from ralmspec_vllm.core.prompt import NoChatTemplate, chat_query_text, render_chat
 from ralmspec_vllm.questions import Question
 from ralmspec_vllm.retrieval.encoder import clear_memos
 from ralmspec_vllm.service import WARMUP_QUESTION
@@ -111,8 +111,15 @@ class Runner:
             **embed,
         )
 
-    async def one(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Measured:
-        """One run, with the retriever's phase times and the event loop's lag around it."""
+    async def one(
+        self,
+        method: str,
+        question: str,
+        oracle_ids: Sequence[int | None],
+        query: str | None = None,
+    ) -> Measured:
+        """One run, with the retriever's phase times and the event loop's lag around it.
+        ``query``: what the retrieval queries read, where not ``question`` (``query_text``)."""
         reset = self.cfg.reset_prefix_cache and self.cfg.prefix_caching
         if reset and not await self.lm.engine.reset_prefix_cache():
             logger.warning("vLLM refused to reset its prefix cache")
@@ -127,17 +134,21 @@ class Runner:
         lag = None if self.cfg.loop_lag_ms is None else LoopLag(self.cfg.loop_lag_ms / 1000)
         before = await self._phases()
         async with lag or contextlib.nullcontext():
-            result = await self._generate(method, question, oracle_ids)
+            result = await self._generate(method, question, oracle_ids, query)
         phases = await self._since(before)
         return Measured(result, phases, None if lag is None else lag.summary())
 
-    async def _generate(self, method: str, question: str, oracle_ids: Sequence[int | None]) -> Any:
+    async def _generate(
+        self, method: str, question: str, oracle_ids: Sequence[int | None], query: str | None
+    ) -> Any:
         engine = self.engine(inline=encodes_inline(method))
         if method == "baseline":
-            return await engine.generate(question, "baseline")
+            return await engine.generate(question, "baseline", query=query)
         if method == "oracle":
-            return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids)
-        return await engine.generate(question, "ralmspec", speculation=speculation_spec(method))
+            return await engine.generate(question, "oracle", oracle_doc_ids=oracle_ids, query=query)
+        return await engine.generate(
+            question, "ralmspec", speculation=speculation_spec(method), query=query
+        )
 
     def prompt_text(self, question: Question) -> str:
         """What the LM is asked: the question, or with ``chat`` the question as a user
@@ -150,15 +161,23 @@ class Runner:
         except NoChatTemplate:
             raise ValueError(f"--chat: model {self.cfg.model!r} has no chat template") from None
 
+    def query_text(self, question: Question) -> str | None:
+        """What the retrieval queries read before the answer, where that is not
+        ``prompt_text``: with ``chat``, the question without the template's markup, as the
+        server's chat endpoint queries (``core.prompt.chat_query_text``)."""
+        if not self.cfg.chat:
+            return None
+        return chat_query_text([{"role": "user", "content": question.text}])
+
     async def question(
         self, backend: str, question: Question, methods: Sequence[str], timed: bool = True
     ) -> list[RunRecord]:
-        text = self.prompt_text(question)
-        measured = await self.one("baseline", text, ())
+        text, query = self.prompt_text(question), self.query_text(question)
+        measured = await self.one("baseline", text, (), query)
         base = measured.result
         records = [self._record(backend, "baseline", question, measured, base)]
         for method in methods[1:]:
-            measured = await self.one(method, text, base.trace.step_doc_ids)
+            measured = await self.one(method, text, base.trace.step_doc_ids, query)
             result = measured.result
             record = self._record(backend, method, question, measured, base)
             if not record.identical and timed:

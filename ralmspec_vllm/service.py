@@ -164,6 +164,9 @@ class RaLMJob:
     mode: Mode
     config: RaLMConfig
     speculation: SpeculationConfig
+    query_ids: tuple[int, ...] | None = None
+    """What the retrieval queries read before the answer, where it is not the question
+    (a chat request: its messages' text without the template's markup)."""
 
     @property
     def method(self) -> str:
@@ -259,10 +262,11 @@ class RaLMService:
         request_id: str | None = None,
         stop: StopCondition | None = None,
         ignore_eos: bool = False,
+        query_ids: Sequence[int] | None = None,
     ) -> RaLMJob:
         """Apply defaults and limits; ``JobError`` (param = request field) when out of range.
         ``stop``: the request's stop strings and token ids (none by default);
-        ``ignore_eos``: generate past EOS."""
+        ``ignore_eos``: generate past EOS; ``query_ids``: ``RaLMJob.query_ids``."""
         cfg = self.config
         mode = options.mode or cfg.default_mode
         if mode not in SERVED_MODES:
@@ -304,6 +308,7 @@ class RaLMService:
         return RaLMJob(
             request_id=request_id or f"ralm-{next(self._ids)}",
             question_ids=tuple(question_ids),
+            query_ids=None if query_ids is None else tuple(query_ids),
             mode=mode,  # type: ignore[arg-type]
             config=replace(
                 cfg.ralm,
@@ -378,6 +383,7 @@ class RaLMService:
                 speculation=job.speculation,
                 on_final=lambda start, tokens: out.put_nowait(VerifiedChunk(start, tokens)),
                 config=job.config,
+                query=job.query_ids,
             )
         except asyncio.CancelledError:
             raise

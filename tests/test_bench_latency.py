@@ -630,14 +630,17 @@ async def test_chat_asks_each_question_through_the_chat_template(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``--chat``: every method is asked the question as a user message through the model's
-    chat template with the generation prompt (as the server's chat endpoint asks it), and
-    the answers stay identical to the baseline's; the setting is on record."""
-    asked: list[tuple[str, str]] = []
+    chat template with the generation prompt (as the server's chat endpoint asks it), its
+    searches read the question without the markup (as the endpoint's do), and the answers
+    stay identical to the baseline's; the setting is on record."""
+    asked: list[tuple[str, str, str | None]] = []
     real_one = latency_runs.Runner.one
 
-    async def one(self: latency_runs.Runner, method: str, question: str, oracle: Any) -> Any:
-        asked.append((method, question))
-        return await real_one(self, method, question, oracle)
+    async def one(
+        self: latency_runs.Runner, method: str, question: str, oracle: Any, query: Any = None
+    ) -> Any:
+        asked.append((method, question, query))
+        return await real_one(self, method, question, oracle, query)
 
     monkeypatch.setattr(latency_runs.Runner, "one", one)
     cfg = LatencyConfig(
@@ -652,8 +655,9 @@ async def test_chat_asks_each_question_through_the_chat_template(
         [{"role": "user", "content": questions[1].text}], tokenize=False, add_generation_prompt=True
     )
     assert "<|im_start|>user\n" + questions[1].text in template
-    assert [q for m, q in asked[-3:]] == [template] * 3  # the last question, every method
-    assert [m for m, q in asked[-3:]] == ["baseline", "oracle", "PSA"]
+    assert [q for m, q, _ in asked[-3:]] == [template] * 3  # the last question, every method
+    assert [m for m, q, _ in asked[-3:]] == ["baseline", "oracle", "PSA"]
+    assert [query for m, q, query in asked[-3:]] == [questions[1].text] * 3
     assert all(row["outputs_identical"] for row in rows)
     assert read_results(paths[0])["meta"]["params"]["chat"] is True
 
@@ -667,6 +671,7 @@ def test_chat_needs_a_chat_template() -> None:
     with pytest.raises(ValueError, match="no chat template"):
         runner.prompt_text(question)
     assert latency_runs.Runner(LatencyConfig(), lm, None, {}).prompt_text(question) == "who"
+    assert latency_runs.Runner(LatencyConfig(), lm, None, {}).query_text(question) is None
 
 
 @pytest.mark.vllm

@@ -48,9 +48,14 @@ class RequestContext:
         recorder: TraceRecorder,
         on_final: FinalCallback | None = None,
         speculation_held: SpeculationHold | None = None,
+        query_ids: Sequence[int] | None = None,
     ) -> None:
+        """``query_ids``: what the retrieval query's window reads before the answer, where
+        it is not the prompt's question (a chat request's text without the template's
+        markup, ``prompt.chat_query_text``)."""
         self.request_id = request_id
         self.question_ids = list(question_ids)
+        self.query_ids = self.question_ids if query_ids is None else list(query_ids)
         self.config = config
         self.lm = lm
         self.retriever = retriever
@@ -75,7 +80,7 @@ class RequestContext:
 
     def query(self) -> str:
         """The retrieval query for the current position."""
-        return self.layout.query(self.question_ids, self.generated)
+        return self.layout.query(self.query_ids, self.generated)
 
     def new_lm_request_id(self) -> str:
         self._lm_calls += 1

@@ -158,8 +158,12 @@ class RaLMEngine:
         oracle_doc_ids: Sequence[int | None] | None = None,
         on_final: FinalCallback | None = None,
         config: RaLMConfig | None = None,
+        query: str | Sequence[int] | None = None,
     ) -> RaLMResult:
         """Answer one question (text, or its token ids as the server has them).
+        ``query`` (text or token ids): what the retrieval queries read before the answer,
+        where that is not the question itself; a chat request's prompt is the rendered
+        template, its query ``prompt.chat_query_text`` of the messages.
         ``oracle_doc_ids`` (oracle mode only): the document of each
         step, e.g. ``baseline_result.trace.step_doc_ids``. ``on_final(offset, tokens)`` is
         called whenever answer tokens become final (verified: never rolled back).
@@ -183,6 +187,7 @@ class RaLMEngine:
             question_ids = self.layout.question_ids(question)
         else:
             question_ids, question = list(question), self.tokenizer.decode(question)
+        query_ids = self.layout.question_ids(query) if isinstance(query, str) else query
         ctx = RequestContext(
             request_id,
             question_ids,
@@ -194,6 +199,7 @@ class RaLMEngine:
             recorder,
             on_final,
             self.speculation_held,
+            query_ids,
         )
         start = time.perf_counter()
         try:
@@ -323,10 +329,11 @@ class RaLMEngine:
         request_id: str | None = None,
         speculation: SpeculationConfig | None = None,
         oracle_doc_ids: Sequence[int | None] | None = None,
+        query: str | None = None,
     ) -> AsyncGenerator[StreamDelta, None]:
         """Yield answer tokens as soon as they are final (speculative tokens are held back
         until verified), then one empty delta with the ``RaLMResult``. Closing the iterator
-        early cancels the request."""
+        early cancels the request. ``query`` as in ``generate``."""
         queue: asyncio.Queue[StreamDelta | None] = asyncio.Queue()
         task = asyncio.ensure_future(
             self.generate(
@@ -336,6 +343,7 @@ class RaLMEngine:
                 speculation=speculation,
                 oracle_doc_ids=oracle_doc_ids,
                 on_final=lambda offset, tokens: queue.put_nowait(StreamDelta(offset, tokens)),
+                query=query,
             )
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))

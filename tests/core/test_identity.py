@@ -247,3 +247,49 @@ async def test_scoring_only_the_recent_cache_keeps_the_answer(
         assert result.token_ids == baseline.token_ids, text
         assert result.trace.step_doc_ids == baseline.trace.step_doc_ids, text
         assert retriever.score_ids and max(map(len, retriever.score_ids)) <= score_recent, text
+
+
+class QueryLog(InProcessAsyncRetriever):
+    """Records every query a search was asked."""
+
+    def __init__(self, retriever: object) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.queries: list[str] = []
+
+    async def search(self, queries: Sequence[str], k: int, prefetch: int = 0) -> list[list[Hit]]:
+        self.queries.extend(queries)
+        return await super().search(queries, k, prefetch)
+
+
+@pytest.mark.parametrize("preset", ["PSA", "B"])
+async def test_a_query_text_apart_from_the_prompt_is_what_every_search_reads(
+    preset: str,
+) -> None:
+    """A chat request's prompt is its rendered template, but its queries read the
+    conversation's text (``query``): every mode's searches read it and never the markup,
+    and the answers stay the baseline's."""
+    dense = SyntheticDenseRetriever()
+    log = QueryLog(dense)
+    config = RaLMConfig(query_window=6, retrieval_stride=2, max_new_tokens=12)
+    engine = RaLMEngine(
+        FakeLM(), FakeTokenizer(), log, config, encoder=dense.encode, encode_in_thread=False
+    )
+    question = "who first sailed around the world"
+    prompt = f"system you are a helpful assistant user {question} assistant"
+    baseline = await engine.generate(prompt, "baseline", query=question)
+    assert log.queries[0] == question  # the window: the question's 6 words, no markup
+    asked = list(log.queries)
+    assert all(w not in q.split() for q in asked for w in ("system", "user", "assistant"))
+    log.queries.clear()
+    result = await engine.generate(
+        prompt, "ralmspec", speculation=SpeculationConfig.preset(preset), query=question
+    )
+    assert result.token_ids == baseline.token_ids
+    assert result.trace.step_doc_ids == baseline.trace.step_doc_ids
+    # speculated steps query their own (sometimes rolled back) text, never the markup
+    assert log.queries[0] == question
+    assert all(w not in q.split() for q in log.queries for w in ("system", "user", "assistant"))
+    # without ``query`` the window reads the prompt, markup and all
+    log.queries.clear()
+    await engine.generate(prompt, "baseline")
+    assert log.queries[0] == "first sailed around the world assistant"

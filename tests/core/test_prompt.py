@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ralmspec_vllm.core.config import RaLMConfig
-from ralmspec_vllm.core.prompt import DocumentTokenCache, NoChatTemplate, PromptLayout, render_chat
+from ralmspec_vllm.core.prompt import (
+    DocumentTokenCache,
+    NoChatTemplate,
+    PromptLayout,
+    chat_query_text,
+    render_chat,
+)
 
 from .fakes import BOS, FakeTokenizer, ScriptedRetriever
 
@@ -83,3 +89,19 @@ def test_render_chat_is_the_template_as_text_and_refuses_a_model_without_one() -
         with pytest.raises(NoChatTemplate, match="no chat template"):
             render_chat(missing, user)
     assert issubclass(NoChatTemplate, ValueError)
+
+
+def test_chat_query_text_is_the_conversation_without_markup_or_instructions() -> None:
+    """What a chat request's queries read: message contents, one per line, system and
+    developer messages left out (an instruction is not the topic)."""
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Who was Aristotle?"},
+        {"role": "assistant", "content": "A Greek philosopher."},
+        {"role": "developer", "content": "Cite sources."},
+        {"role": "user", "content": "Who taught him?"},
+    ]
+    text = chat_query_text(messages)
+    assert text == "Who was Aristotle?\nA Greek philosopher.\nWho taught him?"
+    assert chat_query_text(messages[:2]) == "Who was Aristotle?"
+    assert chat_query_text(messages[:1]) == ""  # nothing to query: the caller's call

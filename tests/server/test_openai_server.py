@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ralmspec_vllm import metrics
+from ralmspec_vllm.core.prompt import chat_query_text
 from ralmspec_vllm.core.stride import StrideLedger
 from ralmspec_vllm.load import RetrieverLoad
 from ralmspec_vllm.metrics import METRIC_NAMES
@@ -298,7 +299,9 @@ async def test_chat_equals_offline_baseline(
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "Who was Aristotle?"},
     ]
-    want = await served.offline.generate(chat_question(served, messages), "baseline")
+    want = await served.offline.generate(
+        chat_question(served, messages), "baseline", query=chat_query_text(messages)
+    )
     for ralm in ({"mode": "baseline"}, SPECULATIVE[0], SPECULATIVE[1]):
         response = await openai_client.chat.completions.create(
             model=MODEL_NAME,
@@ -320,13 +323,52 @@ async def test_chat_equals_offline_baseline(
         assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
 
+async def test_chat_queries_read_the_conversation_not_the_template(
+    served: Served, openai_client: openai.AsyncOpenAI
+) -> None:
+    """The prompt is the rendered template; the retrieval queries read the messages' text
+    (``chat_query_text``), so a chat question's first document is the bare question's,
+    not one chosen by the template's role headers and instructions."""
+    question = QUESTIONS[1]
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": question},
+    ]
+    template = chat_question(served, messages)
+    want = await served.offline.generate(template, "baseline", query=question)
+    marked = await served.offline.generate(template, "baseline")  # the template as query
+    first = want.trace.step_doc_ids[0]
+    assert first == (await baseline(served, question)).trace.step_doc_ids[0]
+    assert marked.trace.step_doc_ids[0] != first  # the markup would change the document
+    for ralm in ({"mode": "baseline"}, SPECULATIVE[0]):
+        response = await openai_client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,  # type: ignore[arg-type]
+            extra_body={"ralm": {**ralm, "return_sources": True}},
+        )
+        assert response.choices[0].message.content == want.text
+        sources = (response.model_extra or {})["sources"]
+        assert sources[0]["doc_id"] == first
+    # system messages alone leave no text to query: the template is the query then
+    only = [{"role": "system", "content": question}]
+    want = await served.offline.generate(chat_question(served, only), "baseline")
+    response = await openai_client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=only,  # type: ignore[arg-type]
+        extra_body={"ralm": SPECULATIVE[0]},
+    )
+    assert response.choices[0].message.content == want.text
+
+
 async def test_fields_that_do_not_change_a_greedy_answer_are_accepted(
     served: Served, openai_client: openai.AsyncOpenAI
 ) -> None:
     """Sampling knobs that greedy decoding ignores, OpenAI's bookkeeping fields, defaults
     sent explicitly and template variables the template does not use."""
     messages = [{"role": "user", "content": "Who was Aristotle?"}]
-    want = await served.offline.generate(chat_question(served, messages), "baseline")
+    want = await served.offline.generate(
+        chat_question(served, messages), "baseline", query=chat_query_text(messages)
+    )
     response = await openai_client.chat.completions.create(
         model=MODEL_NAME,
         messages=messages,  # type: ignore[arg-type]

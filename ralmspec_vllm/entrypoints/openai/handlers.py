@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ralmspec_vllm.core.prompt import NoChatTemplate, render_chat
+from ralmspec_vllm.core.prompt import NoChatTemplate, chat_query_text, render_chat
 from ralmspec_vllm.core.stop import StopCondition, StopText
 from ralmspec_vllm.entrypoints.openai import protocol as p
 from ralmspec_vllm.entrypoints.openai.checks import check_fields, stop_condition, template_kwargs
@@ -121,11 +121,18 @@ class OpenAIHandlers:
     async def chat(self, raw: Request) -> Response:
         body = await _json_body(raw)
         request = p.RaLMChatCompletionRequest.model_validate(body)
-        question = self._render_chat(body.get("messages"), request)
+        question, query = self._render_chat(body.get("messages"), request)
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        prep = self._prepare(request, body, [self.service.question_ids(question)], max_tokens)
+        prep = self._prepare(
+            request,
+            body,
+            [self.service.question_ids(question)],
+            max_tokens,
+            # a conversation of system messages alone has no text to query: the prompt's
+            query_ids=self.service.question_ids(query) or None,
+        )
         if prep.stream:
             return _sse_response(self._stream(prep, chat=True))
         (result,) = await _until_disconnect(raw, self._run_all(prep))
@@ -176,7 +183,10 @@ class OpenAIHandlers:
         body: dict[str, Any],
         prompts: list[list[int]],
         max_tokens: Any,
+        query_ids: list[int] | None = None,
     ) -> _Prepared:
+        """One job per prompt; ``query_ids`` (a chat request's, which has one prompt): what
+        its retrieval queries read before the answer (``RaLMJob.query_ids``)."""
         if request.model is not None and request.model != self.model_name:
             raise APIError(
                 f"The model '{request.model}' does not exist; this server serves "
@@ -209,6 +219,7 @@ class OpenAIHandlers:
                     request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
                     stop=stop,
                     ignore_eos=request.ignore_eos,
+                    query_ids=query_ids,
                 )
             except JobError as err:
                 which = f"prompt {i}: " if len(prompts) > 1 else ""
@@ -227,8 +238,9 @@ class OpenAIHandlers:
             include_stop=request.include_stop_str_in_output,
         )
 
-    def _render_chat(self, messages: Any, request: p.RaLMChatCompletionRequest) -> str:
-        """The question text: the conversation through the tokenizer's chat template."""
+    def _render_chat(self, messages: Any, request: p.RaLMChatCompletionRequest) -> tuple[str, str]:
+        """The question text (the conversation through the tokenizer's chat template) and
+        the text its retrieval queries read (``chat_query_text``: no template markup)."""
         plain: list[dict[str, str]] = []
         for i, message in enumerate(messages or []):
             content = message.get("content") if isinstance(message, dict) else None
@@ -244,7 +256,7 @@ class OpenAIHandlers:
             raise bad_request("messages must not be empty", "messages")
         extra = template_kwargs(request.chat_template_kwargs)
         try:
-            return render_chat(
+            question = render_chat(
                 self.tokenizer,
                 plain,
                 add_generation_prompt=request.add_generation_prompt,
@@ -257,6 +269,7 @@ class OpenAIHandlers:
             ) from None
         except Exception as err:  # template errors (e.g. roles it rejects) are client errors
             raise bad_request(f"chat template failed: {err}", "messages") from None
+        return question, chat_query_text(plain)
 
     # -- running ----------------------------------------------------------------------------
 
