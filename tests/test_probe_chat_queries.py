@@ -1,0 +1,22 @@
+"""The chat-query probe's summary: guess accuracy split by answer length."""
+
+from __future__ import annotations
+
+from benchmarks.probe_chat_queries import EARLY, summarize
+
+
+def _answer(*steps: tuple[int, int | None]) -> dict[str, object]:
+    return {"steps": [{"doc": doc, "guess": guess} for doc, guess in steps]}
+
+
+def test_summary_counts_guessed_steps_by_answer_length() -> None:
+    short = _answer((1, None), (2, 2), (3, 9))  # the first step has no cache to guess from
+    long = _answer((1, None), *[(d, d) for d in range(2, EARLY + 3)])
+    summary = summarize([short, long])
+    assert summary["answers"] == 2 and summary["short_answers"] == 1
+    assert summary["short"] == {"guesses": 2, "accuracy": 0.5}
+    assert summary["long"] == {"guesses": EARLY + 1, "accuracy": 1.0}
+    assert summary["all"] == {"guesses": EARLY + 3, "accuracy": round((EARLY + 2) / (EARLY + 3), 4)}
+    assert summary["mean_steps"] == (3 + EARLY + 2) / 2
+    assert summarize([])["all"] == {"guesses": 0, "accuracy": 0.0}
+    assert summarize([])["mean_steps"] == 0.0
