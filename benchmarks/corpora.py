@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ralmspec_vllm.retrieval.build import BuildConfig, default_index_path, open_or_build
-from ralmspec_vllm.retrieval.kb import MANIFEST, KnowledgeBase, default_index
+from ralmspec_vllm.retrieval.kb import MANIFEST, KnowledgeBase, default_index, scale_index
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +120,16 @@ def open_corpora(
         corpora.append(Corpus("filler", kb))
         builds.append(record)
     return corpora, builds
+
+
+def kb_of_size(total: int) -> KnowledgeBase:
+    """The default index, grown with synthetic filler to ``total`` documents where it has
+    fewer (``scale_index``: built once into the cache dir, then shared); the offline probes'
+    knowledge base."""
+    base = default_index()
+    return scale_index(total - len(base)) if total > len(base) else base
+
+
+def size_tag(total: int) -> str:
+    """``4k``, ``1m``: a corpus size as result files name it."""
+    return f"{total // 1000}k" if total < 1_000_000 else f"{total // 10**6}m"

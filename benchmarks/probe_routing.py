@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, run_metadata
+from benchmarks.corpora import kb_of_size, size_tag
 
 logger = logging.getLogger("probe_routing")
 
@@ -58,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from ralmspec_vllm.engine.models import resolve_model
     from ralmspec_vllm.questions import load_questions
     from ralmspec_vllm.retrieval.ann import IVFFlatRetriever
-    from ralmspec_vllm.retrieval.kb import default_index, scale_index
 
-    base = default_index()
-    kb = scale_index(args.filler - len(base)) if args.filler > len(base) else base
+    kb = kb_of_size(args.filler)
     ivf = IVFFlatRetriever.from_kb(kb, nlist=args.nlist, nprobe=args.nprobe)
     routing = ivf.routing()
     embeddings = np.asarray(kb.embeddings())
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.filler // 1000}k" if args.filler < 1_000_000 else f"{args.filler // 10**6}m"
+    tag = size_tag(args.filler)
     out = out_dir / f"probe_routing_{describe_machine().tag}_{tag}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     logger.info("accuracy %s -> %s", result["accuracy"], out)

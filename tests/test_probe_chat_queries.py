@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from benchmarks.corpora import size_tag
 from benchmarks.probe_chat_queries import EARLY, summarize
 
 
@@ -20,3 +21,7 @@ def test_summary_counts_guessed_steps_by_answer_length() -> None:
     assert summary["mean_steps"] == (3 + EARLY + 2) / 2
     assert summarize([])["all"] == {"guesses": 0, "accuracy": 0.0}
     assert summarize([])["mean_steps"] == 0.0
+
+
+def test_result_files_name_corpus_sizes_in_thousands_or_millions() -> None:
+    assert [size_tag(n) for n in (4645, 20_000, 1_000_000, 3_000_000)] == ["4k", "20k", "1m", "3m"]
