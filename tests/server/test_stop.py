@@ -10,6 +10,7 @@ from typing import Any
 import openai
 import pytest
 
+from ralmspec_vllm.core.prompt import chat_query_text
 from ralmspec_vllm.core.runner import RaLMResult
 from ralmspec_vllm.core.stop import StopCondition
 
@@ -129,7 +130,9 @@ async def test_chat_stops_and_streams_the_same_text(
         tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     )
     config = dataclasses.replace(RALM, max_new_tokens=MAX_TOKENS)
-    plain = await served.offline.generate(question, "baseline", config=config)
+    plain = await served.offline.generate(
+        question, "baseline", config=config, query=chat_query_text(messages)
+    )
     piece = unique_piece(served, plain, 10)
     for ralm in MODES:
         whole = await openai_client.chat.completions.create(
