@@ -203,6 +203,30 @@ def run_metadata(
     }
 
 
+# -- offline probes -----------------------------------------------------------------------
+
+
+def greedy_step(
+    model: Any, prompt: Sequence[int], max_new: int, stop_ids: Iterable[int], pad_id: int
+) -> tuple[list[int], bool]:
+    """Up to ``max_new`` greedy tokens after ``prompt`` from a Hugging Face causal LM (the
+    offline probes' stand-in for a vLLM step), cut before the first of ``stop_ids``, and
+    whether one came (the answer ended)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([list(prompt)]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    new = out[0, len(prompt) :].tolist()
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(new) if t in stops), None)
+    return (new, False) if end is None else (new[:end], True)
+
+
 # -- timing -------------------------------------------------------------------------------
 
 

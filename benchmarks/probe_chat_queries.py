@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, run_metadata
+from benchmarks.common import describe_machine, greedy_step, run_metadata
 from benchmarks.corpora import kb_of_size, size_tag
 
 logger = logging.getLogger("probe_chat_queries")
@@ -95,17 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             cache.insert(ids, dict(zip(ids, embeddings[ids], strict=True)))
             doc = tok.encode(kb.documents.get([truth])[0].contents, add_special_tokens=False)
             prompt = layout.build(doc[:MAX_DOC], question_ids, generated)
-            with torch.no_grad():
-                out = model.generate(
-                    torch.tensor([prompt]),
-                    max_new_tokens=STRIDE,
-                    do_sample=False,
-                    pad_token_id=tok.eos_token_id,
-                )
-            new = out[0, len(prompt) :].tolist()
-            end = next((i for i, t in enumerate(new) if t in eos), None)
-            generated += new if end is None else new[:end]
-            if end is not None or not new:
+            new, ended = greedy_step(model, prompt, STRIDE, eos, tok.eos_token_id)
+            generated += new
+            if ended or not new:
                 break
         return {"text": tok.decode(generated, skip_special_tokens=True), "steps": steps}
 

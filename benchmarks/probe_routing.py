@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, run_metadata
+from benchmarks.common import describe_machine, greedy_step, run_metadata
 from benchmarks.corpora import kb_of_size, size_tag
 
 logger = logging.getLogger("probe_routing")
@@ -120,17 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             cache.insert(ids, vectors, lists=dict(zip(ids, ivf.lists(ids).tolist(), strict=True)))
             doc = tok.encode(kb.documents.get([truth])[0].contents, add_special_tokens=False)
             prompt = doc[:128] + separator + question_ids + generated
-            with torch.no_grad():
-                out = model.generate(
-                    torch.tensor([prompt]),
-                    max_new_tokens=STRIDE,
-                    do_sample=False,
-                    pad_token_id=tok.eos_token_id,
-                )
-            new = out[0, len(prompt) :].tolist()
-            stop = tok.eos_token_id in new
-            generated += new[: new.index(tok.eos_token_id)] if stop else new
-            if stop or not new:
+            new, ended = greedy_step(model, prompt, STRIDE, [tok.eos_token_id], tok.eos_token_id)
+            generated += new
+            if ended or not new:
                 break
         logger.info("%d/%d %s: %s", i + 1, len(questions), question.qid, counts)
     n = max(1, counts["guesses"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from benchmarks.common import greedy_step
 from benchmarks.corpora import size_tag
 from benchmarks.probe_chat_queries import EARLY, summarize
 
@@ -25,3 +28,21 @@ def test_summary_counts_guessed_steps_by_answer_length() -> None:
 
 def test_result_files_name_corpus_sizes_in_thousands_or_millions() -> None:
     assert [size_tag(n) for n in (4645, 20_000, 1_000_000, 3_000_000)] == ["4k", "20k", "1m", "3m"]
+
+
+class _Scripted:
+    """A causal LM stand-in whose greedy continuation is fixed."""
+
+    def __init__(self, continuation: list[int]) -> None:
+        self.continuation = continuation
+
+    def generate(self, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        assert kwargs["max_new_tokens"] == len(self.continuation) and kwargs["do_sample"] is False
+        return torch.cat([ids, torch.tensor([self.continuation])], dim=1)
+
+
+def test_a_greedy_step_stops_before_the_first_stop_token() -> None:
+    prompt = [5, 6, 7]
+    assert greedy_step(_Scripted([1, 2, 3, 4]), prompt, 4, {9}, 0) == ([1, 2, 3, 4], False)
+    assert greedy_step(_Scripted([1, 9, 3, 8]), prompt, 4, {8, 9}, 0) == ([1], True)
+    assert greedy_step(_Scripted([8, 1, 2, 3]), prompt, 4, [8], 0) == ([], True)
