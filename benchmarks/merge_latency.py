@@ -82,19 +82,18 @@ def merge(
                 records.append(RunRecord.from_brief(row["retriever"], row["method"], brief))
     base = {k: shards[0]["rows"][0][k] for k in BASE_FIELDS}
     rows = summarize(records, base, methods)
+    # the distinct questions the shards were offered, in order: shards of one question list
+    # (--skip-questions) overlap, so their lists repeat and their totals' sum would too
+    offered = {q["id"]: q for s in shards for q in s["meta"]["questions"]}
     meta = dict(shards[0]["meta"])
     meta.update(
         # shards of several commits (--any-commit) name them all, in shard order
         git_sha="+".join(dict.fromkeys(s["meta"]["git_sha"] for s in shards)),
         command="merge_latency.py " + " ".join(paths),
-        questions=list(
-            {q["id"]: q for s in shards for q in s["meta"]["questions"] if q["id"] in seen}.values()
-        ),
+        questions=[q for qid, q in offered.items() if qid in seen],
         complete=all(s["meta"]["complete"] for s in shards),
         questions_timed=min((r["num_questions"] for r in rows), default=0),
-        # the distinct questions the shards were offered: shards of one question list
-        # (--skip-questions) overlap, so a sum of their totals counts some twice
-        questions_total=len({q["id"] for s in shards for q in s["meta"]["questions"]}),
+        questions_total=len(offered),
         all_outputs_identical=all(r["outputs_identical"] for r in rows),
         methods_left_out=sorted({m for mine in per_shard for m in mine} - set(methods)),
         shards=[
