@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.common import greedy_step
 from benchmarks.corpora import size_tag
-from benchmarks.probe_chat_queries import EARLY, summarize
+from benchmarks.probe_chat_queries import EARLY, summarize, summarize_follow_up
 
 
 def _answer(*steps: tuple[int, int | None]) -> dict[str, object]:
@@ -24,6 +24,24 @@ def test_summary_counts_guessed_steps_by_answer_length() -> None:
     assert summary["mean_steps"] == (3 + EARLY + 2) / 2
     assert summarize([])["all"] == {"guesses": 0, "accuracy": 0.0}
     assert summarize([])["mean_steps"] == 0.0
+
+
+def test_the_follow_up_summary_counts_first_steps_the_carried_cache_guessed() -> None:
+    def step(doc: int, guess: int | None, cached: bool) -> dict[str, object]:
+        return {"doc": doc, "guess": guess, "cached": cached}
+
+    fresh = [{"steps": [step(1, None, False), step(2, 2, True)]}, {"steps": [step(5, None, False)]}]
+    carried = [
+        {"steps": [step(1, 1, True), step(2, 2, True)]},  # guessed right from the first turn's
+        {"steps": [step(5, 4, True)]},  # cached, but another document ranked first
+    ]
+    summary = summarize_follow_up(fresh, carried)
+    assert summary["answers"] == 2
+    assert summary["first_step_guess_right"] == 1 and summary["first_step_truth_cached"] == 2
+    assert summary["fresh"]["all"] == {"guesses": 1, "accuracy": 1.0}
+    assert summary["carried"]["all"] == {"guesses": 3, "accuracy": round(2 / 3, 4)}
+    empty = summarize_follow_up([], [])
+    assert empty["first_step_guess_right"] == 0 and empty["carried"]["answers"] == 0
 
 
 def test_result_files_name_corpus_sizes_in_thousands_or_millions() -> None:
