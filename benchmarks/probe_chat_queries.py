@@ -19,7 +19,8 @@ queries and guesses behave on real text, not speed.
 With ``--follow-up TEXT`` each conversation gets a second user turn (the question, the
 ``messages`` answer as the assistant's message, then TEXT), answered twice from its
 messages' text: with a fresh cache, as every request starts today, and with the first
-turn's cache carried over. The carried cache's guess at the second turn's first step says
+turn's cache carried over (one pass: the answer's tokens and searches are the same either
+way, only the guesses differ). The carried cache's guess at the second turn's first step says
 how often a server that kept a conversation's cache could speculate the one search a
 request now always waits for (session 46: about a third of what PSA leaves exposed on a
 4-step chat answer at 21M). The follow-up is synthetic (no packaged question set has
@@ -113,32 +114,34 @@ def main(argv: list[str] | None = None) -> int:
     def answer(
         question_ids: list[int],
         query_ids: list[int],
-        cache: SpeculationCache | None = None,
+        carried: SpeculationCache | None = None,
         max_steps: int = MAX_NEW // STRIDE,
-    ) -> tuple[dict[str, Any], SpeculationCache]:
-        """One iterative-RaLM answer; each step's query, true top-1 and the cache's guess
-        (from ``cache`` where one is carried over, else from an empty one), and the cache;
-        at most ``max_steps`` steps."""
+    ) -> tuple[list[dict[str, Any]], SpeculationCache]:
+        """One iterative-RaLM answer of at most ``max_steps`` steps, and its cache: one
+        record from the answer's own cache (empty at first) and, where a ``carried`` cache
+        is given, one from it, each with every step's query, true top-1 and guess. The
+        step's search fills both caches alike."""
         generated: list[int] = []
-        if cache is None:
-            cache = SpeculationCache(2 * MAX_NEW // STRIDE * PREFETCH + 1)  # never evicts
-        steps: list[dict[str, Any]] = []
-        while len(generated) < MAX_NEW and len(steps) < max_steps:
+        cache = SpeculationCache(2 * MAX_NEW // STRIDE * PREFETCH + 1)  # never evicts
+        caches = [cache] if carried is None else [cache, carried]
+        steps: list[list[dict[str, Any]]] = [[] for _ in caches]
+        while len(generated) < MAX_NEW and len(steps[0]) < max_steps:
             text = layout.query(query_ids, generated)
             (q,) = flat.encode([text])
             (hits,) = flat.search_vectors(q[None], 1, PREFETCH - 1)
-            truth = hits[0].doc_id
-            guess = loop.run_until_complete(scorer.top1(cache, text, recorder)) if cache else None
-            steps.append({"query": text, "doc": truth, "guess": guess, "cached": truth in cache})
-            ids = [h.doc_id for h in hits]
-            cache.insert(ids, dict(zip(ids, embeddings[ids], strict=True)))
+            truth, ids = hits[0].doc_id, [h.doc_id for h in hits]
+            for c, record in zip(caches, steps, strict=True):
+                guess = loop.run_until_complete(scorer.top1(c, text, recorder)) if c else None
+                record.append({"query": text, "doc": truth, "guess": guess, "cached": truth in c})
+                c.insert(ids, dict(zip(ids, embeddings[ids], strict=True)))
             doc = tok.encode(kb.documents.get([truth])[0].contents, add_special_tokens=False)
             prompt = layout.build(doc[:MAX_DOC], question_ids, generated)
             new, ended = greedy_step(model, prompt, STRIDE, eos, tok.eos_token_id)
             generated += new
             if ended or not new:
                 break
-        return {"text": tok.decode(generated, skip_special_tokens=True), "steps": steps}, cache
+        text = tok.decode(generated, skip_special_tokens=True)
+        return [{"text": text, "steps": record} for record in steps], cache
 
     questions = [
         q
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         record: dict[str, Any] = {"id": question.qid, "question": question.text}
         caches = {}
         for source in sources_run:
-            record[source], caches[source] = answer(prompt_ids, sources[source])
+            (record[source],), caches[source] = answer(prompt_ids, sources[source])
         if args.follow_up is not None:
             turn = [
                 *messages,
@@ -166,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             ids = layout.question_ids(render_chat(tok, turn, add_generation_prompt=True))
             query = layout.question_ids(chat_query_text(turn))
-            n = args.follow_up_steps
-            record["follow_up_fresh"], _ = answer(ids, query, max_steps=n)
-            record["follow_up_carried"], _ = answer(ids, query, caches["messages"], max_steps=n)
+            (record["follow_up_fresh"], record["follow_up_carried"]), _ = answer(
+                ids, query, caches["messages"], max_steps=args.follow_up_steps
+            )
         records.append(record)
         logger.info(
             "%d/%d %s: first queries %s",
