@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from benchmarks.common import percentile
+from benchmarks.common import percentile, save_png
 from ralmspec_vllm.core.config import SpeculationConfig
 
 Row = dict[str, Any]
@@ -566,6 +566,6 @@ def plot_latency(rows: Sequence[Row], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path

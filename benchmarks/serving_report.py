@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import save_png
 from benchmarks.serving_load import RequestRecord
 
 TABLE_COLUMNS = (
@@ -191,6 +192,6 @@ def plot_serving(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return path

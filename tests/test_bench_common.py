@@ -20,6 +20,7 @@ from benchmarks import bench_retrieval
 from benchmarks.cli import OutputConfig, output_flags, parse_config
 from benchmarks.common import (
     DEFAULT_OUT_DIR,
+    PNG_COLORS,
     LatencyStats,
     RepeatPolicy,
     Series,
@@ -127,6 +128,12 @@ def test_plot_panels_writes_png(tmp_path: Path) -> None:
     }
     path = plot_panels(tmp_path / "p.png", panels, xlabel="batch", ylabel="ms")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as image:  # a palette PNG (room in the tracked tree), not RGBA
+        assert image.mode == "P"
+        assert len(image.getcolors(256) or []) <= PNG_COLORS
+        assert image.size[0] > 400  # drawn at full size, only its colours reduced
 
 
 @dataclass(frozen=True)
