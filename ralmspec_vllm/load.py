@@ -1,4 +1,4 @@
-"""How busy the retriever is, for the server's load-aware fallback.
+"""How busy the retriever and the server's event loop are, for the load-aware fallback.
 
 Speculation trades retriever queries for waiting: a speculative request verifies several
 steps in one call and, after a mismatch, verifies the replacements again, so it asks the
@@ -34,6 +34,7 @@ for the first two seconds and all start speculating (H200, 21M, c=64: 0.89x).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -126,3 +127,78 @@ class RetrieverLoad:
     def _forget(self, now: float) -> None:
         while self.sent and now - self.sent[0][0] >= self.window_s:
             self._queries -= self.sent.popleft()[1]
+
+
+class LoopLoad:
+    """How busy this server's event loop is: the CPU seconds its thread ran per second of
+    wall time over the last ``window_s`` (``time.thread_time`` of the thread that samples).
+
+    Speculation costs the server's own Python work as well as LM steps and retriever
+    queries: a guess's ``Encode`` call, a search with a prefetch whose hits are decoded and
+    whose vectors are fetched and cached, more LM calls. On a 2-core box that is ~4.8 ms of
+    the server's CPU a step against the baseline's ~2.5 ms (session 47, py-spy). Every
+    request shares the one event-loop thread, so once speculation fills it, every request
+    waits for it: H100, IVF 1M docs, c=64, the server process ran 0.87-1.03 cores against
+    the baseline's 0.47-0.50, a guess took 24-72 ms against ~4 ms alone, and RaLMSpec
+    finished 0.59-0.75x the baseline's answers with the retriever 7% busy (so
+    ``RetrieverLoad`` never fired).
+
+    ``sample()`` is called from the event loop (each request start and speculation step
+    asks ``busy``); samples closer than ``min_gap_s`` are skipped. Until samples span
+    ``min_span_s`` the load reads 0 (a lone request's first steps are not a rate).
+    """
+
+    def __init__(
+        self,
+        window_s: float = 5.0,
+        min_span_s: float = 1.0,
+        min_gap_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        if not 0 < min_span_s <= window_s:
+            raise ValueError(f"min_span_s must be in (0, window_s], got {min_span_s}")
+        self.window_s = window_s
+        self.min_span_s = min_span_s
+        self.min_gap_s = min_gap_s
+        self.clock = clock
+        self.cpu_clock = cpu_clock
+        self.samples: deque[tuple[float, float]] = deque()
+        """(wall, thread CPU) seconds, oldest first, within ``window_s`` of the newest."""
+        self._thread: int | None = None
+        """The thread whose CPU is sampled (the first to sample: the event loop's)."""
+        self._busy = False
+        self.last = 0.0
+        """What ``fraction`` last read (for a gauge read off the loop)."""
+
+    def sample(self) -> None:
+        if self._thread is None:
+            self._thread = threading.get_ident()
+        elif threading.get_ident() != self._thread:
+            return  # another thread's CPU clock says nothing about the loop's
+        now = self.clock()
+        if self.samples and now - self.samples[-1][0] < self.min_gap_s:
+            return
+        self.samples.append((now, self.cpu_clock()))
+        while now - self.samples[0][0] > self.window_s:
+            self.samples.popleft()
+
+    def fraction(self) -> float:
+        """The loop thread's CPU share (1.0: a whole core) over the samples in the window,
+        0 while they span less than ``min_span_s``."""
+        self.sample()
+        if len(self.samples) < 2:
+            self.last = 0.0
+            return 0.0
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        self.last = (c1 - c0) / (t1 - t0) if t1 - t0 >= self.min_span_s else 0.0
+        return self.last
+
+    def busy(self, limit: float) -> bool:
+        """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
+        been above it."""
+        fraction = self.fraction()
+        self._busy = fraction > (limit * RELEASE_FRACTION if self._busy else limit)
+        return self._busy

@@ -9,7 +9,8 @@ process). Data flows in two ways:
   retrieval latency per purpose, chosen strides, prefix-cache hits).
 - ``observe_batch(calls, queries, wait_s)``: from the server's cross-request
   ``BatchingRetriever`` each time it sends one merged retriever call.
-- ``watch_retriever_utilization(fn)``: the load signal of the server's fallback, per scrape.
+- ``watch_retriever_utilization(fn)``, ``watch_loop_cpu(fn)``: the load signals of the server's
+  fallback, per scrape.
 - ``set_retriever_stats(stats)``: the retriever service's own counters (its index searches
   and the seconds its backend spent in them), fetched by ``/metrics`` before each scrape, so
   a reader can tell a slow index from slow RPCs or a busy event loop.
@@ -71,16 +72,17 @@ LM_ABORTS = Counter("ralmspec_lm_aborts", "In-flight speculative LM calls cancel
 LOAD_FALLBACKS = Counter(
     "ralmspec_load_fallbacks",
     "ralmspec requests run as the baseline (the same answer) under load, by reason:"
-    " speculating (max_speculating others were) or retriever (busier than"
-    " max_retriever_utilization).",
+    " speculating (max_speculating others were), retriever (busier than"
+    " max_retriever_utilization) or server (its event loop busier than max_loop_cpu).",
     ["reason"],
 )
-for _reason in ("speculating", "retriever"):
+for _reason in ("speculating", "retriever", "server"):
     LOAD_FALLBACKS.labels(_reason)  # exposed at 0 from the start
 HELD_STEPS = Counter(
     "ralmspec_held_steps",
     "Steps of speculating requests run as plain retrieval because the retriever was busier"
-    " than max_retriever_utilization (speculation held; the same answer).",
+    " than max_retriever_utilization or this server's event loop than max_loop_cpu"
+    " (speculation held; the same answer).",
 )
 MEASURED_PLAIN_STEPS = Counter(
     "ralmspec_measured_plain_steps",
@@ -111,6 +113,11 @@ RETRIEVER_UTILIZATION = Gauge(
     "How busy this server keeps the retriever: queries/s sent over the last 10 s x the"
     " seconds one more query costs it (calibrated at start); above max_retriever_utilization,"
     " ralmspec requests run as the baseline.",
+)
+LOOP_CPU = Gauge(
+    "ralmspec_loop_cpu",
+    "CPU share of a core this server's event-loop thread ran over the last 5 s (as last"
+    " read); above max_loop_cpu, ralmspec requests run as the baseline.",
 )
 VERIFICATION_STEPS = Histogram(
     "ralmspec_verification_steps",
@@ -231,7 +238,7 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
 
 def record_load_fallback(reason: str) -> None:
     """A ``ralmspec`` request that runs as the baseline under load (``speculating`` or
-    ``retriever``: see ``RaLMService.fallback_reason``)."""
+    ``retriever`` or ``server``: see ``RaLMService.fallback_reason``)."""
     LOAD_FALLBACKS.labels(reason).inc()
 
 
@@ -239,6 +246,11 @@ def watch_retriever_utilization(utilization: Callable[[], float]) -> None:
     """``ralmspec_retriever_utilization`` reads ``utilization()`` at each scrape (the latest
     service's, where a process builds several)."""
     RETRIEVER_UTILIZATION.set_function(utilization)
+
+
+def watch_loop_cpu(fraction: Callable[[], float]) -> None:
+    """``ralmspec_loop_cpu`` reads ``fraction()`` at each scrape."""
+    LOOP_CPU.set_function(fraction)
 
 
 def record_failure(method: str, outcome: str) -> None:

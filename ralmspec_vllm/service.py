@@ -40,7 +40,7 @@ from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.stop import StopCondition, StopReason
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
-from ralmspec_vllm.load import CALIBRATION_QUERIES, RetrieverLoad
+from ralmspec_vllm.load import CALIBRATION_QUERIES, LoopLoad, RetrieverLoad
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
@@ -98,6 +98,22 @@ class ServiceConfig:
     baseline alone draws 0.50 (c=64 0.92x, c=256 0.80x with the hold at 0.5, which then
     flickered around it; session 16). 0.4 lies between, and a held c=64 server stays held.
     ``None``: never fall back or hold on the retriever's account."""
+    max_loop_cpu: float | None = 0.6
+    """Load-aware fallback on this server's own event loop (``load.LoopLoad``): a
+    ``ralmspec`` request that starts while the loop's thread ran more than this share of a
+    core over the last 5 s runs as the baseline instead (the same answer), and speculating
+    requests hold speculation (plain retrieval steps) until it falls below
+    ``load.RELEASE_FRACTION`` of it. Speculation's own Python work per step (a guess's
+    ``Encode``, decoding a prefetch, caching its vectors, more LM calls) is ~2x the
+    baseline's; once it fills the one loop thread every request waits on it. H100, IVF 1M,
+    c=64 (session 47): the server process ran 0.87-1.03 cores against the baseline's
+    0.47-0.50 and RaLMSpec finished 0.59-0.75x the baseline's answers, with the retriever
+    7% busy; at c=8 it ran 0.48-0.53 and the pipeline matched the baseline (1.00x).
+
+    Why 0.6: between the c=8 and c=64 servers above (their whole process; the loop thread
+    is most of it), and above the baseline's own c=64 load, so a server that falls back
+    entirely releases the hold only where speculation has room again. Not yet measured
+    with the rule on. ``None``: never fall back or hold on the loop's account."""
     cache_scoring: CacheScoring = "auto"
     """Where a speculative step ranks the request's cached documents (``local_cache_scoring``).
     ``local``: in this server: the query's embedding from the retriever's ``Encode`` (the
@@ -129,6 +145,8 @@ class ServiceConfig:
         busy = self.max_retriever_utilization
         if busy is not None and not busy > 0:
             raise ValueError(f"max_retriever_utilization must be > 0 (or None), got {busy}")
+        if self.max_loop_cpu is not None and not self.max_loop_cpu > 0:
+            raise ValueError(f"max_loop_cpu must be > 0 (or None), got {self.max_loop_cpu}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
@@ -223,6 +241,9 @@ class RaLMService:
         self.retriever_load = RetrieverLoad()
         """Queries sent and their calibrated cost (for ``max_retriever_utilization``)."""
         metrics.watch_retriever_utilization(lambda: self.retriever_load.utilization())
+        self.loop_load = LoopLoad()
+        """This server's event-loop CPU share (for ``max_loop_cpu``)."""
+        metrics.watch_loop_cpu(lambda: self.loop_load.last)
         self.batching = BatchingRetriever(
             retriever,
             self.config.batch_window_s,
@@ -237,7 +258,7 @@ class RaLMService:
             self.config.speculation,
             encoder,
             embedder=embedder,
-            speculation_held=self.retriever_busy,
+            speculation_held=self.speculation_held,
             scorer=scorer,
         )
         self._ids = itertools.count()
@@ -404,14 +425,28 @@ class RaLMService:
 
     def fallback_reason(self) -> str | None:
         """Why a ``ralmspec`` request starting now should run as the baseline, if it should:
-        ``speculating`` (``max_speculating`` others are) or ``retriever`` (this server keeps
-        it busier than ``max_retriever_utilization``)."""
+        ``speculating`` (``max_speculating`` others are), ``retriever`` (this server keeps
+        it busier than ``max_retriever_utilization``) or ``server`` (this server's event
+        loop is busier than ``max_loop_cpu``)."""
         cfg = self.config
         if cfg.max_speculating is not None and self.speculating >= cfg.max_speculating:
             return "speculating"
         if self.retriever_busy():
             return "retriever"
+        if self.loop_busy():
+            return "server"
         return None
+
+    def speculation_held(self) -> bool:
+        """Speculating requests run plain retrieval steps now (``held_steps``): the
+        retriever or this server's event loop has no room for speculation's extra work."""
+        return self.retriever_busy() or self.loop_busy()
+
+    def loop_busy(self) -> bool:
+        """This server's event loop ran more than ``max_loop_cpu`` of a core lately (and
+        stays busy until it falls below ``load.RELEASE_FRACTION`` of it)."""
+        limit = self.config.max_loop_cpu
+        return limit is not None and self.loop_load.busy(limit)
 
     def retriever_busy(self) -> bool:
         """This server keeps the retriever busier than ``max_retriever_utilization`` (and

@@ -1,10 +1,10 @@
-"""``RetrieverLoad``: the load signal of the server's retriever fallback (fake clock)."""
+"""``RetrieverLoad`` and ``LoopLoad``: the load signals of the server's fallback (fake clocks)."""
 
 from __future__ import annotations
 
 import pytest
 
-from ralmspec_vllm.load import RetrieverLoad
+from ralmspec_vllm.load import LoopLoad, RetrieverLoad
 
 
 class Clock:
@@ -104,3 +104,84 @@ def test_busy_starts_above_the_limit_and_ends_below_three_quarters_of_it() -> No
     assert load.busy(0.4)
     load.clear()  # a cleared window starts released
     assert not load.busy(0.4)
+
+
+class CpuClock(Clock):
+    """A thread CPU clock the test advances alongside the wall clock."""
+
+
+def test_loop_load_is_the_loop_threads_cpu_share_over_the_window() -> None:
+    wall, cpu = Clock(), CpuClock()
+    load = LoopLoad(window_s=5.0, min_span_s=1.0, min_gap_s=0.05, clock=wall, cpu_clock=cpu)
+    assert load.fraction() == 0.0  # one sample: no rate yet
+    for _ in range(5):  # 0.2 s apart, 0.15 s of CPU each: 75% of a core
+        wall.now += 0.2
+        cpu.now += 0.15
+        load.sample()
+    assert load.fraction() == pytest.approx(0.75) and load.last == pytest.approx(0.75)
+    for _ in range(30):  # 6 s at 20%: the busy second has left the 5 s window
+        wall.now += 0.2
+        cpu.now += 0.04
+        load.sample()
+    assert load.fraction() == pytest.approx(0.2)
+    kept = len(load.samples)
+    assert kept in (25, 26)  # 5 s of samples 0.2 s apart
+    wall.now += 0.01  # closer than min_gap_s: no new sample, the same reading
+    cpu.now += 0.01
+    assert load.fraction() == pytest.approx(0.2) and len(load.samples) == kept
+
+
+def test_loop_load_reads_zero_until_samples_span_the_shortest_rate() -> None:
+    """A lone request's first busy steps are not a load: nothing until ``min_span_s``."""
+    wall, cpu = Clock(), CpuClock()
+    load = LoopLoad(min_span_s=1.0, clock=wall, cpu_clock=cpu)
+    load.sample()
+    wall.now, cpu.now = 0.9, 0.9  # a whole core for 0.9 s
+    assert load.fraction() == 0.0 and not load.busy(0.6)
+    wall.now, cpu.now = 1.1, 1.1
+    assert load.fraction() == pytest.approx(1.0) and load.busy(0.6)
+    wall.now = 30.0  # quiet for longer than the window: one sample left, no rate
+    assert load.fraction() == 0.0 and len(load.samples) == 1
+
+
+def test_loop_load_busy_has_hysteresis() -> None:
+    """Busy starts above the limit and ends only below RELEASE_FRACTION of it, so a server
+    held near the limit does not flicker between speculating and not."""
+    wall, cpu = Clock(), CpuClock()
+    load = LoopLoad(window_s=1.0, min_span_s=0.5, min_gap_s=0.0, clock=wall, cpu_clock=cpu)
+    load.sample()
+
+    def run(share: float) -> bool:
+        for _ in range(10):  # a whole 1 s window at this share
+            wall.now += 0.1
+            cpu.now += 0.1 * share
+            load.sample()
+        return load.busy(0.6)
+
+    assert not run(0.55)  # below the limit
+    assert run(0.65)  # above it: busy
+    assert run(0.5)  # below the limit, above 0.75 of it: still busy
+    assert not run(0.4)  # below 0.45: released
+    assert not run(0.55)
+
+
+def test_loop_load_samples_only_the_thread_that_sampled_first() -> None:
+    """Another thread's CPU clock says nothing about the event loop's: its samples are
+    ignored (a gauge read off the loop reads ``last`` instead)."""
+    import threading
+
+    wall, cpu = Clock(), CpuClock()
+    load = LoopLoad(clock=wall, cpu_clock=cpu)
+    load.sample()
+    wall.now = 1.0
+    worker = threading.Thread(target=load.sample)
+    worker.start()
+    worker.join()
+    assert len(load.samples) == 1
+
+
+def test_loop_load_checks_its_spans() -> None:
+    with pytest.raises(ValueError, match="window_s"):
+        LoopLoad(window_s=0)
+    with pytest.raises(ValueError, match="min_span_s"):
+        LoopLoad(window_s=1.0, min_span_s=2.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import re
@@ -21,6 +22,7 @@ from ralmspec_vllm.entrypoints.cli import build_parser
 from ralmspec_vllm.entrypoints.serve import (
     READY_PREFIX,
     engine_config_from_args,
+    freeze_startup_objects,
     parser_defaults,
     service_config_from_args,
 )
@@ -66,6 +68,13 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--max-retriever-utilization", "-1"])
     with pytest.raises(ValueError, match="max_retriever_utilization"):
         service_config_from_args(args)  # type: ignore[arg-type]
+    assert config.max_loop_cpu == 0.6  # the event-loop fallback is on by default
+    for value, want in (("0.9", 0.9), ("0", None)):  # 0 turns it off
+        args, _ = parse(["serve", "--max-loop-cpu", value])
+        assert service_config_from_args(args).max_loop_cpu == want  # type: ignore[arg-type]
+    args, _ = parse(["serve", "--max-loop-cpu", "-0.5"])
+    with pytest.raises(ValueError, match="max_loop_cpu"):
+        service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "2"])
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "fill"])
@@ -99,6 +108,18 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     hooked = engine_config_from_args(args, defaults)  # type: ignore[arg-type]
     assert hooked.lm_path == "sessions" and hooked.extra == {}
     assert hooked.engine_kwargs()["scheduler_cls"].endswith("RaLMScheduler")
+
+
+def test_start_up_objects_are_frozen_out_of_garbage_collection() -> None:
+    """``serve`` freezes what start-up left alive before it takes requests, so a full
+    collection no longer walks vLLM's and torch's objects with the event loop stopped."""
+    survivor = [object() for _ in range(1000)]
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() and frozen >= len(survivor)
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
 
 
 def _wait_ready(process: subprocess.Popen[str], timeout_s: float) -> str:
@@ -162,6 +183,8 @@ async def test_serve_subprocess_with_child_retriever(
         async with httpx.AsyncClient(base_url=url) as http:
             metrics = (await http.get("/metrics")).text  # ours and vLLM's, one registry
         assert "ralmspec_requests_total" in metrics and "vllm:prompt_tokens" in metrics
+        loop = re.search(r"^ralmspec_loop_cpu (\S+)$", metrics, re.M)  # the loop's load
+        assert loop is not None and 0.0 <= float(loop.group(1)) < 1.5
         # The child retriever's own counters: it searched, and its backend's time is there.
         searched = re.search(r"^ralmspec_retriever_search_seconds_total (\S+)$", metrics, re.M)
         assert searched is not None and float(searched.group(1)) > 0

@@ -15,7 +15,7 @@ from core.fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 from core.world import LONG_QUESTION, SHORT_QUESTION, forced
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
-from ralmspec_vllm.load import RetrieverLoad
+from ralmspec_vllm.load import LoopLoad, RetrieverLoad
 from ralmspec_vllm.service import (
     WARMUP_TOKENS,
     JobError,
@@ -282,6 +282,80 @@ async def test_a_retriever_that_turns_busy_holds_speculation_mid_answer() -> Non
     service.retriever_load.clear()  # quiet again: the next request speculates throughout
     _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
     assert again.token_ids == want.token_ids and again.trace.held_steps == 0
+
+
+class _Clocks:
+    """A wall clock and a loop-thread CPU clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def spend(self, seconds: float, share: float) -> None:
+        """``seconds`` of wall time with the loop running ``share`` of a core."""
+        self.wall += seconds
+        self.cpu += seconds * share
+
+
+def _loop_load(clocks: _Clocks) -> LoopLoad:
+    return LoopLoad(clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu, min_gap_s=0.0)
+
+
+async def test_a_busy_event_loop_runs_ralmspec_requests_as_the_baseline() -> None:
+    """``max_loop_cpu``: while this server's event loop has run more than the limit's share
+    of a core lately, a ``ralmspec`` request runs as the baseline (same answer, counted
+    under ``server``); once the loop has room again, requests speculate."""
+    service, _, _ = make_service(max_loop_cpu=0.6)
+    clocks = _Clocks()
+    service.loop_load = _loop_load(clocks)
+    _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    clocks.spend(2.0, 0.3)  # a third of a core: room
+    _, idle = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert not idle.load_fallback and idle.trace.verifications
+    clocks.spend(2.0, 0.95)  # the loop nearly full
+    before = fallbacks("server")
+    assert service.fallback_reason() == "server"
+    _, busy = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert busy.load_fallback and busy.trace.mode == "baseline"
+    assert not busy.trace.verifications and busy.token_ids == want.token_ids
+    assert fallbacks("server") == before + 1
+    clocks.spend(10.0, 0.1)  # quiet for longer than the window
+    _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert not again.load_fallback and again.trace.verifications
+    assert idle.token_ids == again.token_ids == want.token_ids
+
+
+async def test_an_event_loop_that_turns_busy_holds_speculation_mid_answer() -> None:
+    """A request that started speculating runs plain steps once the loop turns busy (after
+    its 4th LM call): same answer, not a fallback, its held steps counted."""
+    service, _, lm = make_service(max_loop_cpu=0.6)
+    clocks = _Clocks()
+    service.loop_load = _loop_load(clocks)
+    _, want = await collect(service, LONG_QUESTION, mode="baseline", retrieval_stride=2)
+    generate = lm.generate
+
+    async def busy_after_call_4(*args: object, **kwargs: object) -> object:
+        out = await generate(*args, **kwargs)  # type: ignore[arg-type]
+        clocks.spend(0.5, 1.0 if len(lm.calls) >= 4 else 0.1)
+        return out
+
+    lm.generate = busy_after_call_4  # type: ignore[method-assign]
+    lm.calls.clear()
+    _, result = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
+    assert result.token_ids == want.token_ids
+    assert not result.load_fallback and result.trace.verifications
+    assert result.trace.held_steps > 0
+
+
+async def test_max_loop_cpu_none_never_falls_back_on_the_loop() -> None:
+    service, _, _ = make_service(max_loop_cpu=None)
+    clocks = _Clocks()
+    service.loop_load = _loop_load(clocks)
+    service.loop_load.sample()
+    clocks.spend(5.0, 1.0)
+    assert service.fallback_reason() is None and not service.speculation_held()
+    with pytest.raises(ValueError, match="max_loop_cpu"):
+        ServiceConfig(max_loop_cpu=0.0)
 
 
 async def test_speculating_limit_comes_before_the_retriever() -> None:

@@ -129,10 +129,12 @@ class RaLMUsage(BaseModel):
     prompt_tokens_sent: int
     load_fallback: bool = False
     """Asked for ``ralmspec`` but ran as the baseline: the server was at its
-    ``--max-speculating`` or its ``--max-retriever-utilization`` (the answer is the same)."""
+    ``--max-speculating``, its ``--max-retriever-utilization`` or its ``--max-loop-cpu``
+    (the answer is the same)."""
     held_steps: int = 0
     """Steps of a speculating request run as plain retrieval because the retriever turned
-    busier than ``--max-retriever-utilization`` while it ran (the answer is the same)."""
+    busier than ``--max-retriever-utilization``, or this server's event loop than
+    ``--max-loop-cpu``, while it ran (the answer is the same)."""
     measured_plain_steps: int = 0
     """Steps run as plain retrieval because speculation measured slower per token than
     plain steps on this server lately, or too close to tell (the answer is the same)."""
