@@ -174,6 +174,22 @@ def test_serving_modes_runs_bench_serving_in_rounds_then_pipelined_early(tmp_pat
     one_dir.mkdir()
     (one,) = run_with_fake_python(one_dir, "serving_modes_1m.sh", "o", SERVING_MODES="early")
     assert "serving_1m-ivf_early" in one
+    off_dir = tmp_path / "off"
+    off_dir.mkdir()
+    on, off = (  # the event-loop fallback on (the server's default) and off
+        parse_serving(argv[1:])
+        for argv in run_with_fake_python(
+            off_dir, "serving_modes_1m.sh", "o", SERVING_MODES="rounds rounds-loop-off"
+        )
+    )
+    assert off.name == "serving_1m-ivf_rounds-loop-off"
+    assert set(off.server_args) - set(on.server_args) == {"--max-loop-cpu=0"}
+    loops = []
+    for cfg in (on, off):
+        serve = [a for a in cfg.server_args if not a.startswith("--retriever-arg=")]
+        args = build_parser(["serve"]).parse_args(["serve", *serve])
+        loops.append(service_config_from_args(args))
+    assert (loops[0].max_loop_cpu, loops[1].max_loop_cpu) == (0.6, None)
     bad = refusal("serving_modes_1m.sh", "out", SERVING_MODES="pipeline")
     assert bad.returncode == 2 and "SERVING_MODES" in bad.stderr
 
