@@ -64,6 +64,64 @@ async def test_engine_with_batched_embedding_is_identical() -> None:
     assert max(embedder.batch_sizes) > 1
 
 
+class _SlowEncode:
+    """An async encode (like ``RetrieverClient.encode``) that holds each call until told."""
+
+    def __init__(self) -> None:
+        self.kb = SyntheticDenseRetriever()
+        self.calls: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.kb.encode(texts)
+
+
+async def test_async_embedder_merges_what_arrives_while_a_call_is_in_flight() -> None:
+    """A lone query goes at once; the queries that arrive while it is in flight go
+    together in ONE next call (at most ``max_batch``), each getting its own vector."""
+    encode = _SlowEncode()
+    embedder = AsyncEmbedder(encode, max_batch=4)
+    first = asyncio.create_task(embedder.embed(QUERIES[0]))
+    await asyncio.sleep(0.01)
+    assert encode.calls == [[QUERIES[0]]]  # sent without waiting for company
+    rest = [asyncio.create_task(embedder.embed(q)) for q in QUERIES[1:]]
+    await asyncio.sleep(0.01)
+    assert len(encode.calls) == 1  # still one in flight: the five wait for it
+    encode.release.set()
+    rows = await asyncio.wait_for(asyncio.gather(first, *rest), 5.0)
+    assert encode.calls[1:] == [QUERIES[1:5], QUERIES[5:]] and embedder.batch_sizes == [1, 4, 1]
+    for q, row in zip(QUERIES, rows, strict=True):
+        assert np.array_equal(row, encode.kb.encode([q])[0])
+    assert embedder._sender is None  # idle again: the next query is sent at once
+
+
+async def test_async_embedder_failures_and_cancellations_reach_only_their_callers() -> None:
+    encode = _SlowEncode()
+    embedder = AsyncEmbedder(encode)
+    lone = asyncio.create_task(embedder.embed("lone"))
+    await asyncio.sleep(0.01)
+    gone = asyncio.create_task(embedder.embed("a caller that leaves"))
+    kept = asyncio.create_task(embedder.embed("a caller that stays"))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # its client disconnected: the next call leaves it out
+    encode.fail = ConnectionError("injected: retriever down")
+    encode.release.set()
+    for task in (lone, kept):  # the failure reaches every caller of the failed calls
+        with pytest.raises(ConnectionError, match="injected"):
+            await asyncio.wait_for(task, 5.0)
+    assert gone.cancelled() and encode.calls[1] == ["a caller that stays"]
+    encode.fail = None  # and the embedder keeps working after a failure
+    row = await asyncio.wait_for(embedder.embed("after"), 5.0)
+    assert np.array_equal(row, encode.kb.encode(["after"])[0])
+    with pytest.raises(ValueError, match="max_batch"):
+        AsyncEmbedder(encode, max_batch=0)
+
+
 async def test_async_embedder_engine_is_identical() -> None:
     dense = SyntheticDenseRetriever()
     retriever = InProcessAsyncRetriever(dense)
