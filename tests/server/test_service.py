@@ -9,13 +9,14 @@ speculation does (forced misses at the first, a middle and every step; P, S, A o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 from core.fakes import FakeLM, FakeTokenizer, ScriptedRetriever
 from core.world import LONG_QUESTION, SHORT_QUESTION, forced
 
 from ralmspec_vllm.core.config import RaLMConfig, SpeculationConfig
-from ralmspec_vllm.load import LoopLoad, RetrieverLoad
+from ralmspec_vllm.load import CALIBRATION_QUERIES, LoopLoad, RetrieverLoad
 from ralmspec_vllm.service import (
     WARMUP_TOKENS,
     JobError,
@@ -202,6 +203,29 @@ async def test_a_failing_warm_up_is_logged_and_serving_goes_on(
     retriever.search = real  # type: ignore[method-assign]
     _, result = await collect(service, SHORT_QUESTION)
     assert result.token_ids
+
+
+async def test_calibration_prices_the_encoding_a_memo_would_hide() -> None:
+    """A retriever whose encoder memoises texts answers a repeated text for free, so the
+    calibration must never repeat one: here a fresh text costs 2 ms and a memoised one
+    nothing, and the price is the fresh text's (it read ~0 when each pair repeated its
+    texts: 0.07 ms on the dev box against a query's ~16 ms under load, session 47)."""
+    service, retriever, _ = make_service()
+    seen: set[str] = set()
+    search = retriever.search
+    asked: list[str] = []
+
+    async def memoised(queries: Sequence[str], k: int, prefetch: int = 0) -> object:
+        fresh = [q for q in queries if q not in seen]
+        seen.update(fresh)
+        asked.extend(queries)
+        await asyncio.sleep(0.002 * len(fresh))
+        return await search(queries, k, prefetch)
+
+    retriever.search = memoised  # type: ignore[method-assign,assignment]
+    cost = await service.calibrate_retriever()
+    assert 0.0015 <= cost <= 0.004, cost
+    assert len(asked) == len(set(asked)) == 2 * (1 + CALIBRATION_QUERIES)
 
 
 async def test_a_busy_retriever_runs_ralmspec_requests_as_the_baseline() -> None:
