@@ -42,6 +42,25 @@ def _rows(out: object, n: int) -> np.ndarray:
     return array
 
 
+async def _answer(
+    live: list[tuple[str, asyncio.Future[np.ndarray]]],
+    encode: Callable[[list[str]], Awaitable[np.ndarray]],
+) -> None:
+    """Encode ``live``'s queries in one call and give each waiting caller its row, or the
+    call's error (a caller gone meanwhile gets nothing)."""
+    try:
+        out = _rows(await encode([q for q, _ in live]), len(live))
+    except Exception as exc:
+        logger.debug("encode of %d queries failed: %r", len(live), exc)
+        for _, future in live:
+            if not future.done():
+                future.set_exception(exc)
+        return
+    for row, (_, future) in zip(out, live, strict=True):
+        if not future.done():
+            future.set_result(row)
+
+
 class ThreadEmbedder:
     """One encoder call per query, in a worker thread (or inline for cheap encoders)."""
 
@@ -97,20 +116,9 @@ class AsyncEmbedder:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
                 live = [(q, f) for q, f in batch if not f.done()]  # skip cancelled callers
-                if not live:
-                    continue
-                self.batch_sizes.append(len(live))
-                try:
-                    out = _rows(await self.encode([q for q, _ in live]), len(live))
-                except Exception as exc:
-                    logger.debug("encode of %d queries failed: %r", len(live), exc)
-                    for _, future in live:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for row, (_, future) in zip(out, live, strict=True):
-                    if not future.done():
-                        future.set_result(row)
+                if live:
+                    self.batch_sizes.append(len(live))
+                    await _answer(live, self.encode)
         finally:
             self._sender = None
             for _, future in [*live, *self._pending]:  # only if cancelled mid-way
@@ -158,17 +166,6 @@ class BatchingEmbedder:
 
     async def _encode(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
         live = [(q, f) for q, f in batch if not f.done()]  # skip cancelled callers
-        if not live:
-            return
-        self.batch_sizes.append(len(live))
-        try:
-            out = _rows(await asyncio.to_thread(self.encoder, [q for q, _ in live]), len(live))
-        except Exception as exc:
-            logger.debug("batched encode of %d queries failed: %r", len(live), exc)
-            for _, future in live:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for row, (_, future) in zip(out, live, strict=True):
-            if not future.done():
-                future.set_result(row)
+        if live:
+            self.batch_sizes.append(len(live))
+            await _answer(live, lambda texts: asyncio.to_thread(self.encoder, texts))
