@@ -185,6 +185,12 @@ class LoopLoad:
         while now - self.samples[0][0] > self.window_s:
             self.samples.popleft()
 
+    def clear(self) -> None:
+        """Forget every sample (as after the warm-up, whose one-off work is not a load)."""
+        self.samples.clear()
+        self._busy = False
+        self.last = 0.0
+
     def fraction(self) -> float:
         """The loop thread's CPU share (1.0: a whole core) over the samples in the window,
         0 while they span less than ``min_span_s``."""

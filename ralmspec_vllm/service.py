@@ -501,7 +501,8 @@ class RaLMService:
         21M documents (session 35) a warm-up measured speculation slower than plain steps,
         and the benchmark's next 16 answers then ran every step plain. So after the warm-up
         the clock restarts (``StrideLedger.restart_clock``; its outcomes stay) and the load
-        signal forgets the warm-up's queries; the Prometheus batch histograms keep them."""
+        signals forget the warm-up's queries and loop time (its first calls are not a
+        load); the Prometheus batch histograms keep them."""
         start = time.perf_counter()
         config = replace(
             self.config.ralm, max_new_tokens=min(WARMUP_TOKENS, self.config.ralm.max_new_tokens)
@@ -518,6 +519,7 @@ class RaLMService:
             for ledger in self.engine.stride_ledgers.values():
                 ledger.restart_clock()
             self.retriever_load.clear()
+            self.loop_load.clear()
         seconds = time.perf_counter() - start
         logger.info("warm-up: a baseline and a RaLMSpec answer in %.1f s", seconds)
         return seconds

@@ -145,6 +145,23 @@ async def test_closing_the_stream_cancels_the_job() -> None:
     assert not lm._inflight
 
 
+class _Clocks:
+    """A wall clock and a loop-thread CPU clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def spend(self, seconds: float, share: float) -> None:
+        """``seconds`` of wall time with the loop running ``share`` of a core."""
+        self.wall += seconds
+        self.cpu += seconds * share
+
+
+def _loop_load(clocks: _Clocks) -> LoopLoad:
+    return LoopLoad(clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu, min_gap_s=0.0)
+
+
 def fallbacks(reason: str) -> float:
     from prometheus_client import REGISTRY
 
@@ -178,10 +195,21 @@ async def test_a_failing_calibration_leaves_the_fallback_off(
 async def test_the_warm_up_answers_both_ways_then_restarts_the_clock_and_the_load() -> None:
     """One short baseline answer and one RaLMSpec answer; afterwards OS3's clock has no
     steps (a warm-up's one-off costs would steer plain-or-speculate for a minute), the
-    speculation outcomes stay pooled, and the load signal has no queries."""
+    speculation outcomes stay pooled, and the load signals have no queries and no loop
+    time."""
     service, retriever, lm = make_service(forced({2}))
     await service.calibrate_retriever()
+    clocks = _Clocks()
+    service.loop_load = _loop_load(clocks)
+    generate = lm.generate
+
+    async def busy_loop(*args: object, **kwargs: object) -> object:
+        clocks.spend(0.5, 1.0)  # the warm-up's first calls keep the loop busy
+        return await generate(*args, **kwargs)  # type: ignore[arg-type]
+
+    lm.generate = busy_loop  # type: ignore[method-assign]
     seconds = await service.warm_up()
+    lm.generate = generate  # type: ignore[method-assign]
     assert seconds is not None and seconds >= 0
     assert [c.request_id.split("#")[0] for c in lm.calls][:1] == ["warmup-baseline"]
     assert any(c.request_id.startswith("warmup-ralmspec") for c in lm.calls)
@@ -190,6 +218,7 @@ async def test_the_warm_up_answers_both_ways_then_restarts_the_clock_and_the_loa
     assert ledger.steps.per_token("plain", "first", "speculation") is None
     assert sum(ledger.trials()) > 0  # the miss forced at step 2 and the hits around it
     assert not service.retriever_load.sent and retriever.search_calls
+    assert not service.loop_load.samples and service.fallback_reason() is None
 
 
 async def test_a_failing_warm_up_is_logged_and_serving_goes_on(
@@ -306,23 +335,6 @@ async def test_a_retriever_that_turns_busy_holds_speculation_mid_answer() -> Non
     service.retriever_load.clear()  # quiet again: the next request speculates throughout
     _, again = await collect(service, LONG_QUESTION, mode="ralmspec", retrieval_stride=2)
     assert again.token_ids == want.token_ids and again.trace.held_steps == 0
-
-
-class _Clocks:
-    """A wall clock and a loop-thread CPU clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.wall = 0.0
-        self.cpu = 0.0
-
-    def spend(self, seconds: float, share: float) -> None:
-        """``seconds`` of wall time with the loop running ``share`` of a core."""
-        self.wall += seconds
-        self.cpu += seconds * share
-
-
-def _loop_load(clocks: _Clocks) -> LoopLoad:
-    return LoopLoad(clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu, min_gap_s=0.0)
 
 
 async def test_a_busy_event_loop_runs_ralmspec_requests_as_the_baseline() -> None:
