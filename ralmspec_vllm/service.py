@@ -112,8 +112,10 @@ class ServiceConfig:
 
     Why 0.6: between the c=8 and c=64 servers above (their whole process; the loop thread
     is most of it), and above the baseline's own c=64 load, so a server that falls back
-    entirely releases the hold only where speculation has room again. Not yet measured
-    with the rule on. ``None``: never fall back or hold on the loop's account."""
+    entirely releases the hold only where speculation has room again; at exact dense 21M,
+    where speculation pays (c=8: 1.24x, session 32), the server ran 0.11-0.16 cores. Not
+    yet measured with the rule on. ``None``: never fall back or hold on the loop's
+    account."""
     cache_scoring: CacheScoring = "auto"
     """Where a speculative step ranks the request's cached documents (``local_cache_scoring``).
     ``local``: in this server: the query's embedding from the retriever's ``Encode`` (the
