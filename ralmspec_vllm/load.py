@@ -47,6 +47,12 @@ CALIBRATION_QUERIES = 64
 price of one on the H200 host, so the difference measures arithmetic, not memory."""
 
 
+def _still_busy(reading: float, limit: float, busy: bool) -> bool:
+    """The signals' hysteresis: busy above ``limit`` (strictly); once ``busy``, until the
+    reading falls to ``RELEASE_FRACTION`` of it."""
+    return reading > (limit * RELEASE_FRACTION if busy else limit)
+
+
 class RetrieverLoad:
     """The retriever's utilization by this server: recent queries/s x seconds per query.
 
@@ -120,8 +126,7 @@ class RetrieverLoad:
     def busy(self, limit: float) -> bool:
         """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
         been above it."""
-        utilization = self.utilization()
-        self._busy = utilization > (limit * RELEASE_FRACTION if self._busy else limit)
+        self._busy = _still_busy(self.utilization(), limit, self._busy)
         return self._busy
 
     def _forget(self, now: float) -> None:
@@ -195,16 +200,15 @@ class LoopLoad:
         """The loop thread's CPU share (1.0: a whole core) over the samples in the window,
         0 while they span less than ``min_span_s``."""
         self.sample()
-        if len(self.samples) < 2:
+        if not self.samples:  # asked off the loop's thread before it sampled again
             self.last = 0.0
             return 0.0
-        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]  # one sample: no span
         self.last = (c1 - c0) / (t1 - t0) if t1 - t0 >= self.min_span_s else 0.0
         return self.last
 
     def busy(self, limit: float) -> bool:
         """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
         been above it."""
-        fraction = self.fraction()
-        self._busy = fraction > (limit * RELEASE_FRACTION if self._busy else limit)
+        self._busy = _still_busy(self.fraction(), limit, self._busy)
         return self._busy
