@@ -43,11 +43,17 @@ def _rows(out: object, n: int) -> np.ndarray:
 
 
 async def _answer(
-    live: list[tuple[str, asyncio.Future[np.ndarray]]],
+    batch: list[tuple[str, asyncio.Future[np.ndarray]]],
     encode: Callable[[list[str]], Awaitable[np.ndarray]],
+    batch_sizes: list[int],
 ) -> None:
-    """Encode ``live``'s queries in one call and give each waiting caller its row, or the
-    call's error (a caller gone meanwhile gets nothing)."""
+    """Encode the queries of ``batch``'s callers still waiting in one call (its size goes
+    to ``batch_sizes``) and give each its row, or the call's error; a caller gone
+    meanwhile gets nothing."""
+    live = [(q, f) for q, f in batch if not f.done()]  # skip cancelled callers
+    if not live:
+        return
+    batch_sizes.append(len(live))
     try:
         out = _rows(await encode([q for q, _ in live]), len(live))
     except Exception as exc:
@@ -110,18 +116,15 @@ class AsyncEmbedder:
     async def _send(self) -> None:
         """Send what is pending, one call at a time, until nothing is. Cancelled (the loop
         shutting down), it cancels its callers' futures rather than leave them waiting."""
-        live: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        batch: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         try:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
-                live = [(q, f) for q, f in batch if not f.done()]  # skip cancelled callers
-                if live:
-                    self.batch_sizes.append(len(live))
-                    await _answer(live, self.encode)
+                await _answer(batch, self.encode, self.batch_sizes)
         finally:
             self._sender = None
-            for _, future in [*live, *self._pending]:  # only if cancelled mid-way
+            for _, future in [*batch, *self._pending]:  # only if cancelled mid-way
                 if not future.done():
                     future.cancel()
             self._pending.clear()
@@ -165,7 +168,4 @@ class BatchingEmbedder:
             task.add_done_callback(self._tasks.discard)
 
     async def _encode(self, batch: list[tuple[str, asyncio.Future[np.ndarray]]]) -> None:
-        live = [(q, f) for q, f in batch if not f.done()]  # skip cancelled callers
-        if live:
-            self.batch_sizes.append(len(live))
-            await _answer(live, lambda texts: asyncio.to_thread(self.encoder, texts))
+        await _answer(batch, lambda texts: asyncio.to_thread(self.encoder, texts), self.batch_sizes)
