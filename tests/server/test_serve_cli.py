@@ -61,20 +61,19 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     args, _ = parse(["serve", "--max-speculating", "-1"])
     with pytest.raises(ValueError, match="max_speculating"):
         service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.max_retriever_utilization == 0.4  # the retriever fallback is on by default
-    for value, want in (("0.8", 0.8), ("0", None)):  # 0 turns it off
-        args, _ = parse(["serve", "--max-retriever-utilization", value])
-        assert service_config_from_args(args).max_retriever_utilization == want  # type: ignore[arg-type]
-    args, _ = parse(["serve", "--max-retriever-utilization", "-1"])
-    with pytest.raises(ValueError, match="max_retriever_utilization"):
-        service_config_from_args(args)  # type: ignore[arg-type]
-    assert config.max_loop_cpu == 0.6  # the event-loop fallback is on by default
-    for value, want in (("0.9", 0.9), ("0", None)):  # 0 turns it off
-        args, _ = parse(["serve", "--max-loop-cpu", value])
-        assert service_config_from_args(args).max_loop_cpu == want  # type: ignore[arg-type]
-    args, _ = parse(["serve", "--max-loop-cpu", "-0.5"])
-    with pytest.raises(ValueError, match="max_loop_cpu"):
-        service_config_from_args(args)  # type: ignore[arg-type]
+    # The retriever's and the event loop's fallbacks: on by default, 0 turns each off.
+    for field, default, value, bad in (
+        ("max_retriever_utilization", 0.4, "0.8", "-1"),
+        ("max_loop_cpu", 0.6, "0.9", "-0.5"),
+    ):
+        flag = "--" + field.replace("_", "-")
+        assert getattr(config, field) == default
+        for given, want in ((value, float(value)), ("0", None)):
+            args, _ = parse(["serve", flag, given])
+            assert getattr(service_config_from_args(args), field) == want  # type: ignore[arg-type]
+        args, _ = parse(["serve", flag, bad])
+        with pytest.raises(ValueError, match=field):
+            service_config_from_args(args)  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "2"])
     assert service_config_from_args(args).speculation.overlap_depth == 2  # type: ignore[arg-type]
     args, _ = parse(["serve", "--overlap-depth", "fill"])
