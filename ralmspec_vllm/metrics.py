@@ -237,8 +237,8 @@ def record_request(trace: RequestTrace, num_tokens: int) -> None:
 
 
 def record_load_fallback(reason: str) -> None:
-    """A ``ralmspec`` request that runs as the baseline under load (``speculating`` or
-    ``retriever`` or ``server``: see ``RaLMService.fallback_reason``)."""
+    """A ``ralmspec`` request that runs as the baseline under load (``speculating``,
+    ``retriever``, ``server``: see ``RaLMService.fallback_reason``)."""
     LOAD_FALLBACKS.labels(reason).inc()
 
 
