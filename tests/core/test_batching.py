@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import numpy as np
 import pytest
 
-from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord
+from ralmspec_vllm.core.batching import BatchingRetriever, BatchRecord, FetchCoalescer, _take_rows
 
 from .fakes import ScriptedRetriever
 
@@ -167,3 +168,93 @@ async def test_an_inner_search_is_cancelled_once_every_caller_left() -> None:
         await asyncio.sleep(0.002)
     assert started == [3, 2] and cancelled == [2]
     assert [r.ok for r in seen] == [True, False]
+
+
+class Fetches:
+    """An inner fetch that records its calls and answers each id's row (``id * 10``)."""
+
+    def __init__(self, delay_s: float = 0.01, fail: Exception | None = None) -> None:
+        self.calls: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+        self.cancelled = 0
+
+    async def __call__(self, doc_ids: list[int]) -> np.ndarray:
+        self.calls.append(list(doc_ids))
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail is not None:
+            raise self.fail
+        if any(d < 0 for d in doc_ids):
+            raise ValueError(f"doc_ids: unknown doc id {min(doc_ids)}")
+        return np.asarray(doc_ids, dtype=np.int64) * 10
+
+
+def coalescer(inner: Fetches, max_ids: int = 4096) -> FetchCoalescer[np.ndarray]:
+    return FetchCoalescer(inner, _take_rows, max_ids)
+
+
+async def test_a_lone_fetch_goes_at_once_with_its_ids_as_given() -> None:
+    inner = Fetches()
+    fetch = coalescer(inner)
+    assert (await fetch.fetch([5, 5, 2])).tolist() == [50, 50, 20]
+    assert inner.calls == [[5, 5, 2]] and fetch.batch_sizes == [1]
+
+
+async def test_fetches_arriving_meanwhile_share_the_next_call() -> None:
+    inner = Fetches()
+    fetch = coalescer(inner)
+    first = asyncio.create_task(fetch.fetch([1]))
+    await asyncio.sleep(0.002)  # the first call is in flight
+    rest = await asyncio.gather(fetch.fetch([2, 3]), fetch.fetch([3, 2, 2]), fetch.fetch([4]))
+    assert (await first).tolist() == [10]
+    assert [r.tolist() for r in rest] == [[20, 30], [30, 20, 20], [40]]
+    assert inner.calls == [[1], [2, 3, 4]] and fetch.batch_sizes == [1, 3]
+
+
+async def test_a_merged_call_holds_at_most_max_ids_but_one_caller_is_never_split() -> None:
+    inner = Fetches(delay_s=0)
+    fetch = coalescer(inner, max_ids=4)
+    asks = [[1, 2], [2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    got = await asyncio.gather(*(fetch.fetch(ids) for ids in asks))
+    assert [g.tolist() for g in got] == [[d * 10 for d in ids] for ids in asks]
+    assert inner.calls == [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+
+
+async def test_a_bad_id_fails_only_its_caller_and_other_errors_reach_all() -> None:
+    inner = Fetches(delay_s=0)
+    fetch = coalescer(inner)
+    good, bad, other = await asyncio.gather(
+        fetch.fetch([1]), fetch.fetch([2, -7]), fetch.fetch([3]), return_exceptions=True
+    )
+    assert isinstance(bad, ValueError) and "-7" in str(bad)
+    assert isinstance(good, np.ndarray) and good.tolist() == [10]
+    assert isinstance(other, np.ndarray) and other.tolist() == [30]
+    assert inner.calls == [[1, 2, -7, 3], [1], [2, -7], [3]]
+
+    down = Fetches(delay_s=0, fail=RuntimeError("retriever unavailable"))
+    fetch = coalescer(down)
+    outcomes = await asyncio.gather(fetch.fetch([1]), fetch.fetch([2]), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert down.calls == [[1, 2]]  # not resent: the retriever, not an id, failed
+
+
+async def test_gone_callers_are_skipped_and_a_call_nobody_waits_for_is_cancelled() -> None:
+    inner = Fetches(delay_s=0.05)
+    fetch = coalescer(inner)
+    first = asyncio.create_task(fetch.fetch([1]))
+    await asyncio.sleep(0.005)
+    gone = asyncio.create_task(fetch.fetch([2]))
+    kept = asyncio.create_task(fetch.fetch([3]))
+    await asyncio.sleep(0.005)
+    gone.cancel()
+    first.cancel()  # its call in flight has no other caller: cancelled
+    assert (await kept).tolist() == [30]
+    assert inner.calls == [[1], [3]] and inner.cancelled == 1
+    for task in (first, gone):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert fetch._sender is None and not fetch._pending

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ralmspec_vllm.core.batching import BatchingRetriever
 from ralmspec_vllm.retrieval.base import DenseRetriever, Retriever
 from ralmspec_vllm.retrieval.batching import BatchStats
 from ralmspec_vllm.retrieval.bm25 import BM25Index
@@ -577,6 +578,46 @@ async def test_client_maps_invalid_argument_to_value_error(
     with pytest.raises(ValueError, match=r"doc_ids: unknown doc id"):
         await clients["bm25"].documents([10_000])
     assert len(await clients["flat"].search(["fox"], 1)) == 1
+
+
+async def test_concurrent_fetches_merge_into_one_rpc_and_split_back_exactly(
+    clients: dict[str, RetrieverClient],
+) -> None:
+    """The server's ``BatchingRetriever`` sends concurrent callers' fetches as one RPC
+    (duplicate and shared ids once) and gives each caller what its own call returns; a
+    caller with an unknown id fails alone."""
+    asks = [[3, 1, 4], [1, 5, 9, 2, 6], [4, 4], [7]]
+    ivf = BatchingRetriever(clients["ivf"])
+    vectors, lists, documents = await asyncio.gather(
+        asyncio.gather(*(ivf.vectors(ids) for ids in asks)),
+        asyncio.gather(*(ivf.lists(ids) for ids in asks)),
+        asyncio.gather(*(ivf.documents(ids) for ids in asks)),
+    )
+    for ids, got_vectors, got_lists, got_docs in zip(asks, vectors, lists, documents, strict=True):
+        want_vectors = await clients["ivf"].vectors(ids)
+        assert got_vectors is not None and want_vectors is not None
+        np.testing.assert_array_equal(got_vectors, want_vectors)
+        assert np.array_equal(got_lists, await clients["ivf"].lists(ids))  # type: ignore[arg-type]
+        assert got_docs == await clients["ivf"].documents(ids)
+    sizes = ivf.fetch_sizes()
+    assert sizes["vectors"] == sizes["lists"] == sizes["documents"] == [len(asks)]
+
+    bm25 = BatchingRetriever(clients["bm25"])
+    weights = await asyncio.gather(*(bm25.term_weights(ids) for ids in asks))
+    for ids, got in zip(asks, weights, strict=True):
+        want = await clients["bm25"].term_weights(ids)
+        assert got is not None and want is not None and len(got) == len(want) == len(ids)
+        for (terms, w), (want_terms, want_w) in zip(got, want, strict=True):
+            assert terms == want_terms and np.array_equal(w, want_w)
+    assert await bm25.vectors([1, 2]) is None and await bm25.lists([1]) is None
+
+    unknown = 10_000
+    outcomes = await asyncio.gather(
+        *(ivf.documents(ids) for ids in [[1, 2], [3, unknown], [2]]), return_exceptions=True
+    )
+    assert isinstance(outcomes[1], RetrieverRequestError) and "unknown doc id" in str(outcomes[1])
+    assert outcomes[0] == await clients["ivf"].documents([1, 2])
+    assert outcomes[2] == await clients["ivf"].documents([2])
 
 
 class _BrokenRetriever(CountingRetriever):
