@@ -736,16 +736,24 @@ class SpeculativeRequest:
 
     async def _fetch_for(self, ranked: list[list[int]]) -> bool:
         """Fetch what the scorer needs for those documents neither cached nor fetched;
-        whether there were any."""
+        whether there were any. The kinds go out together (an IVF cache's vectors and
+        lists: one round trip of waiting, not two in a row)."""
         retriever = self.ctx.retriever
-        fetched = False
+        fetches = []
         if self.scorer.needs_vectors:
-            fetched |= await self._fetch_missing(ranked, "vectors", retriever.vectors)
+            fetches.append(self._fetch_missing(ranked, "vectors", retriever.vectors))
         if self.scorer.needs_terms:
-            fetched |= await self._fetch_missing(ranked, "term_weights", retriever.term_weights)
+            fetches.append(self._fetch_missing(ranked, "term_weights", retriever.term_weights))
         if self._routed:
-            fetched |= await self._fetch_missing(ranked, "lists", retriever.lists)
-        return fetched
+            fetches.append(self._fetch_missing(ranked, "lists", retriever.lists))
+        if len(fetches) == 1:
+            return await fetches[0]
+        tasks = [asyncio.ensure_future(fetch) for fetch in fetches]
+        try:
+            return any(await asyncio.gather(*tasks))
+        except BaseException:  # one failed: the others stop too
+            await _cancel(tasks)
+            raise
 
     async def _fetch_missing(
         self,

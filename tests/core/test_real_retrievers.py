@@ -10,6 +10,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -491,6 +492,44 @@ async def test_cache_fetches_stay_off_the_critical_path(backend: str, early: boo
         "SpeculativeRequest._fetch_for",  # started by a pipelined search
         "SpeculativeRequest._insert_in_turn",  # a document evicted before its insert
     }
+
+
+class TimedFetches(InProcessAsyncRetriever):
+    """Vectors and lists fetches take ``delay_s`` each; records when each ran."""
+
+    def __init__(self, retriever: object, delay_s: float) -> None:
+        super().__init__(retriever)  # type: ignore[arg-type]
+        self.delay_s = delay_s
+        self.spans: dict[str, list[tuple[float, float]]] = {"vectors": [], "lists": []}
+
+    async def _timed(self, kind: str, fetch: Any) -> Any:
+        start = time.perf_counter()
+        await asyncio.sleep(self.delay_s)
+        out = await fetch
+        self.spans[kind].append((start, time.perf_counter()))
+        return out
+
+    async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        return await self._timed("vectors", super().vectors(doc_ids))
+
+    async def lists(self, doc_ids: Sequence[int]) -> np.ndarray | None:
+        return await self._timed("lists", super().lists(doc_ids))
+
+
+@pytest.mark.parametrize("overlap", ["1", "pipeline"])
+async def test_a_routed_cache_fetches_vectors_and_lists_at_once(overlap: str) -> None:
+    """Over IVF a new document needs its vector and its list: both fetches go out
+    together, so a step's insert waits one fetch's time, not two in a row. Same output."""
+    retriever = TimedFetches(ivf_retriever(), delay_s=0.02)
+    engine = RaLMEngine(FakeLM(), FakeTokenizer(), retriever, encoder=BagOfWords().encode)
+    spec = SpeculationConfig.parse(f"PSA:prefetch_k=20:route_guesses=true:overlap_depth={overlap}")
+    baseline = await engine.generate(LONG_QUESTION, "baseline")
+    result = await engine.generate(LONG_QUESTION, "ralmspec", speculation=spec)
+    assert result.token_ids == baseline.token_ids
+    vectors, lists = retriever.spans["vectors"], retriever.spans["lists"]
+    assert len(lists) == len(vectors) > 1
+    for start, _ in lists:  # each began while a vectors fetch was still out
+        assert any(v_start <= start < v_end for v_start, v_end in vectors)
 
 
 class SlowSearchFetches(FetchHook):
