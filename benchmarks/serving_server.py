@@ -258,6 +258,13 @@ def batch_stats(before: Samples, after: Samples) -> dict[str, Any]:
             _delta(before, after, "ralmspec_load_fallbacks_total", reason="retriever")
         ),
         "held_steps": int(_delta(before, after, "ralmspec_held_steps_total")),
+        "retriever_calls": {
+            method: int(n)
+            for method, n in _by_label(
+                before, after, "ralmspec_retriever_calls_total", "method"
+            ).items()
+            if n
+        },
         "measured_plain_steps": int(_delta(before, after, "ralmspec_measured_plain_steps_total")),
         **index_stats(before, after),
         **lm_stats(before, after),

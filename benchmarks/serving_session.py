@@ -193,6 +193,13 @@ class Session:
             label, row["utilization_p10"], row["utilization_p50"], row["utilization_p90"],
             ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_cores"].items()) or "n/a",
         )  # fmt: skip
+        if row.get("retriever_calls"):  # what the server asked of the retriever, per answer
+            done = max(row["num_requests"] - row["failed"], 1)
+            calls = sorted(row["retriever_calls"].items())
+            logger.info(
+                "  %s: retriever calls an answer: %s",
+                label, ", ".join(f"{k} {v / done:.1f}" for k, v in calls),
+            )  # fmt: skip
         if row.get("scan_chunk"):  # where the retriever's scan spent the cell, in the log
             chunk = row["scan_chunk"]
             logger.info(

@@ -119,6 +119,12 @@ LOOP_CPU = Gauge(
     "CPU share of a core this server's event-loop thread ran over the last 5 s (as last"
     " read); above max_loop_cpu, ralmspec requests run as the baseline.",
 )
+RETRIEVER_CALLS = Counter(
+    "ralmspec_retriever_calls",
+    "Calls this server sent to the retriever service, by RPC (Search, Encode, GetVectors,"
+    " GetLists, GetDocuments, ...; a retried call counts once).",
+    ["method"],
+)
 VERIFICATION_STEPS = Histogram(
     "ralmspec_verification_steps",
     "Speculated steps checked by one verification of one request.",
@@ -251,6 +257,11 @@ def watch_retriever_utilization(utilization: Callable[[], float]) -> None:
 def watch_loop_cpu(fraction: Callable[[], float]) -> None:
     """``ralmspec_loop_cpu`` reads ``fraction()`` at each scrape."""
     LOOP_CPU.set_function(fraction)
+
+
+def count_retriever_call(method: str) -> None:
+    """One call to the retriever service (``RetrieverClient.on_call``)."""
+    RETRIEVER_CALLS.labels(method).inc()
 
 
 def record_failure(method: str, outcome: str) -> None:

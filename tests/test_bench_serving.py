@@ -164,6 +164,13 @@ def test_batch_stats_diffs_histograms() -> None:
     assert stats["batch_queries_mean"] == 5.0
     assert stats["batch_queries_p50"] == 8.0 and stats["verifications"] == 0
     assert stats["index_searches"] is None  # a retriever without counters: unknown, not 0
+    calls = "ralmspec_retriever_calls_total"
+    stats = batch_stats(
+        {(calls, (("method", "Search"),)): 5.0, (calls, (("method", "Encode"),)): 2.0},
+        {(calls, (("method", "Search"),)): 9.0, (calls, (("method", "Encode"),)): 2.0,
+         (calls, (("method", "GetVectors"),)): 3.0},
+    )  # fmt: skip
+    assert stats["retriever_calls"] == {"GetVectors": 3, "Search": 4}  # none sent: left out
 
     def index(searches: float, seconds: float) -> dict:  # type: ignore[type-arg]
         return {

@@ -307,6 +307,7 @@ def _bind(host: str, port: int) -> _Bound:
 async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceConfig) -> None:
     import uvicorn
 
+    from ralmspec_vllm import metrics
     from ralmspec_vllm.entrypoints.openai.app import build_app
     from ralmspec_vllm.retrieval.client import RetrieverClient
     from ralmspec_vllm.retrieval.server import ServerProcess
@@ -353,6 +354,7 @@ async def _serve(args: argparse.Namespace, engine_config: Any, config: ServiceCo
             api_key=retriever_key or "",
         )
         stack.push_async_callback(client.close)
+        client.on_call = metrics.count_retriever_call
         await client.wait_ready()
         scoring = await local_cache_scoring(client, config.cache_scoring)
         logger.info("cache scoring: %s", scoring.describe())

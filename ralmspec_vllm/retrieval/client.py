@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,9 @@ class RetrieverClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.RetrieverStub | None = None
         self._dim: int | None = None
+        self.on_call: Callable[[str], None] | None = None
+        """Called with the RPC's name once per call (not per retry): the server counts its
+        calls by RPC this way (``ralmspec_retriever_calls_total``)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -339,6 +342,8 @@ class RetrieverClient:
 
     async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
         rpc = getattr(self._connect(), method)
+        if self.on_call is not None:
+            self.on_call(method)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         attempt = 0
         while True:

@@ -85,13 +85,15 @@ async def server(bm25: BM25Retriever) -> AsyncIterator[RunningServer]:
 async def test_dead_port_raises_unavailable_after_bounded_retries() -> None:
     target = f"127.0.0.1:{free_port()}"
     client = RetrieverClient(target, timeout_s=0.5, max_retries=3, backoff_s=0.02)
+    calls: list[str] = []
+    client.on_call = calls.append
     start = time.monotonic()
     with pytest.raises(RetrieverUnavailable) as err:
         await client.search(["albedo"], 2)
     elapsed = time.monotonic() - start
     await client.close()
     assert err.value.target == target and target in str(err.value)
-    assert err.value.attempts == 4
+    assert err.value.attempts == 4 and calls == ["Search"]  # a call counts once, retried or not
     assert err.value.last_status == "UNAVAILABLE"
     # Budget: 4 attempts x 0.5 s deadline + 0.02 + 0.04 + 0.08 s of backoff (+ slack).
     assert elapsed < 4 * 0.5 + 0.14 + 5.0

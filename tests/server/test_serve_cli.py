@@ -193,6 +193,11 @@ async def test_serve_subprocess_with_child_retriever(
         # The child retriever's own counters: it searched, and its backend's time is there.
         searched = re.search(r"^ralmspec_retriever_search_seconds_total (\S+)$", metrics, re.M)
         assert searched is not None and float(searched.group(1)) > 0
+        # This server's calls to it, by RPC: the request's searches and its documents.
+        for rpc in ("Search", "GetDocuments"):
+            line = rf'^ralmspec_retriever_calls_total{{method="{rpc}"}} (\S+)$'
+            sent = re.search(line, metrics, re.M)
+            assert sent is not None and float(sent.group(1)) >= 1, rpc
         # The child retriever holds a random key of serve's: other local users cannot query it.
         (child,) = [c.laddr for c in retrievers[0].net_connections() if c.status == "LISTEN"]
         async with RetrieverClient(f"127.0.0.1:{child.port}", timeout_s=10) as keyless:
