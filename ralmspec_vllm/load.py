@@ -47,6 +47,14 @@ CALIBRATION_QUERIES = 64
 price of one on the H200 host, so the difference measures arithmetic, not memory."""
 
 
+ENCODER_POLL_S = 1.0
+"""How often, at most, the server reads the retriever's counters for ``observe_encoder``
+(one ``Info`` call, sent as a search returns)."""
+
+STALE_READING_S = 3.0
+"""An encoder reading older than this (no search returned since) counts for nothing."""
+
+
 def _still_busy(reading: float, limit: float, busy: bool) -> bool:
     """The signals' hysteresis: busy above ``limit`` (strictly); once ``busy``, until the
     reading falls to ``RELEASE_FRACTION`` of it."""
@@ -54,11 +62,24 @@ def _still_busy(reading: float, limit: float, busy: bool) -> bool:
 
 
 class RetrieverLoad:
-    """The retriever's utilization by this server: recent queries/s x seconds per query.
+    """The retriever's utilization by this server: recent queries/s x seconds per query, or
+    its query encoder's busy share where that is higher.
 
     ``observe(n)`` records a merged search of ``n`` queries when it returns. ``query_cost_s``
     comes from ``calibrate``; before it (or at cost 0: extra queries are free) the
-    utilization is 0.
+    query-based figure is 0.
+
+    ``observe_encoder(busy_s)`` records the retriever's ``encoder_busy_s`` counter (the
+    seconds its one-at-a-time query encoder has worked since start), which the server reads
+    about once a second while it searches. The calibration prices a query on an idle
+    machine; where the encoder shares its cores with the LM it can cost several times that
+    under load, and the encoder's busy share says so directly: 2-core box, IVF 20k docs,
+    c=32, the encoder worked 20.6 s of the baseline cell's 21.2 s, ~13 ms a query against
+    3.6 calibrated, while the query-based utilization read 0.27; RaLMSpec, whose guesses
+    and extra verifications all need the encoder, finished 0.77x (session 48). Only the
+    encoder is read this way: the scan's seconds overlap (a circular scan serves many
+    searches at once: 0.7-7.6 scan-seconds a second at 21M on the H100, session 32), so
+    their share says nothing of room.
     """
 
     def __init__(
@@ -88,6 +109,8 @@ class RetrieverLoad:
         """When the first search since the window was last empty returned."""
         self._busy = False
         """What ``busy`` last answered (its hysteresis)."""
+        self.encoder: deque[tuple[float, float]] = deque()
+        """(when, the encoder's busy seconds) as read within the window."""
 
     def calibrate(self, one_s: float, many_s: float, many: int = CALIBRATION_QUERIES) -> float:
         """Set ``query_cost_s`` from a one-query and a ``many``-query search's durations."""
@@ -104,9 +127,32 @@ class RetrieverLoad:
         self.sent.append((now, num_queries))
         self._queries += num_queries
 
+    def observe_encoder(self, busy_s: float) -> None:
+        """A reading of the retriever's ``encoder_busy_s`` counter (a lower one than the
+        last, from a restarted retriever, starts the readings over)."""
+        now = self.clock()
+        if self.encoder and busy_s < self.encoder[-1][1]:
+            self.encoder.clear()
+        self.encoder.append((now, busy_s))
+        self._forget(now)
+
+    def encoder_busy(self) -> float:
+        """The encoder's busy share over the readings of the last ``window_s`` (0 until they
+        span ``min_span_s``, or once the newest is ``STALE_READING_S`` old: no searches, no
+        readings, no load)."""
+        now = self.clock()
+        self._forget(now)
+        if len(self.encoder) < 2 or now - self.encoder[-1][0] > STALE_READING_S:
+            return 0.0
+        (t0, b0), (t1, b1) = self.encoder[0], self.encoder[-1]
+        if t1 - t0 < self.min_span_s:
+            return 0.0
+        return (b1 - b0) / (t1 - t0)
+
     def clear(self) -> None:
-        """Forget every search (as after a quiet window)."""
+        """Forget every search and encoder reading (as after a quiet window)."""
         self.sent.clear()
+        self.encoder.clear()
         self._queries = 0
         self._busy = False
 
@@ -121,7 +167,7 @@ class RetrieverLoad:
         return self._queries / span
 
     def utilization(self) -> float:
-        return self.query_rate() * self.query_cost_s
+        return max(self.query_rate() * self.query_cost_s, self.encoder_busy())
 
     def busy(self, limit: float) -> bool:
         """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
@@ -132,6 +178,8 @@ class RetrieverLoad:
     def _forget(self, now: float) -> None:
         while self.sent and now - self.sent[0][0] >= self.window_s:
             self._queries -= self.sent.popleft()[1]
+        while self.encoder and now - self.encoder[0][0] >= self.window_s:
+            self.encoder.popleft()
 
 
 class LoopLoad:

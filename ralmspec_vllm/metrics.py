@@ -114,6 +114,12 @@ RETRIEVER_UTILIZATION = Gauge(
     " seconds one more query costs it (calibrated at start); above max_retriever_utilization,"
     " ralmspec requests run as the baseline.",
 )
+ENCODER_BUSY = Gauge(
+    "ralmspec_retriever_encoder_busy",
+    "Share of the last 10 s the retriever's query encoder (one pass at a time) was busy, as"
+    " read from its counters about once a second while searches return; the retriever"
+    " utilization takes it where it is the higher figure.",
+)
 LOOP_CPU = Gauge(
     "ralmspec_loop_cpu",
     "CPU share of a core this server's event-loop thread ran over the last 5 s (as last"
@@ -252,6 +258,11 @@ def watch_retriever_utilization(utilization: Callable[[], float]) -> None:
     """``ralmspec_retriever_utilization`` reads ``utilization()`` at each scrape (the latest
     service's, where a process builds several)."""
     RETRIEVER_UTILIZATION.set_function(utilization)
+
+
+def watch_encoder_busy(share: Callable[[], float]) -> None:
+    """``ralmspec_retriever_encoder_busy`` reads ``share()`` at each scrape."""
+    ENCODER_BUSY.set_function(share)
 
 
 def watch_loop_cpu(fraction: Callable[[], float]) -> None:

@@ -40,7 +40,7 @@ from ralmspec_vllm.core.lm import LanguageModel, Tokenizer
 from ralmspec_vllm.core.runner import RaLMEngine
 from ralmspec_vllm.core.stop import StopCondition, StopReason
 from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
-from ralmspec_vllm.load import CALIBRATION_QUERIES, LoopLoad, RetrieverLoad
+from ralmspec_vllm.load import CALIBRATION_QUERIES, ENCODER_POLL_S, LoopLoad, RetrieverLoad
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import AsyncRetriever
 
@@ -243,6 +243,13 @@ class RaLMService:
         self.retriever_load = RetrieverLoad()
         """Queries sent and their calibrated cost (for ``max_retriever_utilization``)."""
         metrics.watch_retriever_utilization(lambda: self.retriever_load.utilization())
+        metrics.watch_encoder_busy(lambda: self.retriever_load.encoder_busy())
+        self._encoder_asked = -float("inf")
+        """When the retriever's counters were last asked for (``_read_encoder``)."""
+        self._encoder_reading: asyncio.Task[None] | None = None
+        self._encoder_readable = getattr(retriever, "stats", None) is not None
+        """Whether the retriever reports its encoder's busy seconds (until a reading lacks
+        them: an in-process retriever, BM25, a retriever without a query encoder)."""
         self.loop_load = LoopLoad()
         """This server's event-loop CPU share (for ``max_loop_cpu``)."""
         metrics.watch_loop_cpu(lambda: self.loop_load.last)
@@ -533,6 +540,34 @@ class RaLMService:
         metrics.observe_batch(record.num_callers, record.num_queries, record.max_wait_s)
         if record.ok:
             self.retriever_load.observe(record.num_queries)
+            self._read_encoder()
+
+    def _read_encoder(self) -> None:
+        """While searches return, read the retriever's ``encoder_busy_s`` counter (one
+        ``Info`` call, at most every ``ENCODER_POLL_S``, one at a time, in the background)
+        into the load signal (``RetrieverLoad.observe_encoder``)."""
+        now = time.monotonic()
+        if not self._encoder_readable or self._encoder_reading is not None:
+            return
+        if now - self._encoder_asked < ENCODER_POLL_S:
+            return
+        self._encoder_asked = now
+        self._encoder_reading = asyncio.get_running_loop().create_task(self._take_encoder_reading())
+
+    async def _take_encoder_reading(self) -> None:
+        try:
+            read = self.retriever.stats()  # type: ignore[attr-defined]
+            stats = await asyncio.wait_for(read, ENCODER_POLL_S)
+            busy = stats.backend.get("encoder_busy_s")
+            if busy is None:
+                self._encoder_readable = False
+                logger.info("the retriever reports no query-encoder time: load by queries only")
+            else:
+                self.retriever_load.observe_encoder(busy)
+        except Exception as exc:  # slow or down: the next search asks again
+            logger.debug("retriever counters unavailable: %r", exc)
+        finally:
+            self._encoder_reading = None
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).

@@ -305,9 +305,15 @@ class DenseIndexRetriever(ABC):
         return results
 
     def counters(self) -> dict[str, float]:
-        """This retriever's work since start (``PhaseTimes``), for the service's ``Info``."""
+        """This retriever's work since start (``PhaseTimes``), for the service's ``Info``;
+        with a ``QueryEncoder``, also ``encoder_busy_s`` (its ``busy_s``: searches' and
+        ``Encode`` calls' passes alike)."""
         with self._times_lock:
-            return self.times.snapshot()
+            out = self.times.snapshot()
+        busy = getattr(self._encoder, "busy_s", None)
+        if isinstance(busy, float):
+            out["encoder_busy_s"] = busy
+        return out
 
     def _add_times(self, **seconds: float) -> None:
         with self._times_lock:

@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,8 @@ def _max_length(folder: Path, fallback: int = 256) -> int:
 class QueryEncoder:
     """Batched text encoder: float32, L2-normalised rows of shape (n, dim).
 
-    Thread-safe: one forward pass runs at a time (guarded by a lock).
+    Thread-safe: one forward pass runs at a time (guarded by a lock), so the encoder is a
+    serial resource; ``busy_s`` sums the seconds passes held it.
     """
 
     def __init__(
@@ -196,6 +198,10 @@ class QueryEncoder:
         self._model = model_obj.to(device).eval()
         self.dim = int(self._model.config.hidden_size)
         self._lock = threading.Lock()
+        self.busy_s = 0.0
+        """Seconds forward passes held the encoder since start (memo hits cost none): over a
+        span of wall time, the share of it the encoder was busy (a retriever reports it as
+        its ``encoder_busy_s`` counter; the server's load rule reads it)."""
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memo_size = MEMO_SIZE if os.environ.get(MEMO_ENV, "1") != "0" else 0
         self._memo_lock = threading.Lock()
@@ -298,7 +304,7 @@ class QueryEncoder:
         if self.graphs is not None:
             ids = self._tokenizer(texts, truncation=True, max_length=self.max_length)
             for i, row in enumerate(ids["input_ids"]):
-                with self._lock, self._torch.inference_mode():
+                with self._held(), self._torch.inference_mode():
                     out[i] = self.graphs.run(self._torch.tensor([row]))
             return out
         tokens: dict[str, list[list[int]]] | None = None
@@ -334,6 +340,16 @@ class QueryEncoder:
         if progress is not None:
             progress.close()
         return out
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Hold the encoder for one forward pass, adding its time to ``busy_s``."""
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.busy_s += time.perf_counter() - start
 
     def _invariant_batches(
         self, texts: list[str]
@@ -375,7 +391,7 @@ class QueryEncoder:
         torch = self._torch
         half = self.dtype == "bfloat16"
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        with self._lock, torch.inference_mode(), _threads(torch, padded_length, device_type):
+        with self._held(), torch.inference_mode(), _threads(torch, padded_length, device_type):
             enc = inputs.to(self.device)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=half):
                 states = self._model(**enc).last_hidden_state

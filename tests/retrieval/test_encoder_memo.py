@@ -112,3 +112,17 @@ def test_a_text_being_encoded_is_waited_for_not_encoded_twice(
     assert results["first"].size == 0  # its pass failed ...
     assert encoded == [["capital of chile"], ["capital of chile"]]  # ... so the waiter encoded
     assert np.array_equal(results["second"][0], inner(["capital of chile"], False)[0])
+
+
+def test_busy_seconds_count_forward_passes_not_memo_hits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``busy_s``: the time passes held the encoder, which a retriever reports as its
+    ``encoder_busy_s`` counter for the server's load rule."""
+    monkeypatch.setenv(MEMO_ENV, "1")
+    encoder = QueryEncoder()
+    assert encoder.busy_s == 0.0
+    encoded = count_passes(encoder, monkeypatch)
+    encoder.encode(["who painted the night watch", "the longest river in asia"])
+    after_pass = encoder.busy_s
+    assert after_pass > 0.0 and encoded == [2]
+    encoder.encode(["the longest river in asia"])  # a memo hit: no pass, no time
+    assert encoder.busy_s == after_pass and encoded == [2]

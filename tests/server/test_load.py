@@ -44,6 +44,51 @@ def test_utilization_is_recent_query_rate_times_query_cost() -> None:
     assert load.utilization() == 0.0 and not load.sent
 
 
+def test_the_encoders_busy_share_counts_where_it_is_the_higher_figure() -> None:
+    """The dev box's c=32 cell (session 48): the encoder worked ~0.97 s of every second
+    while the calibrated price put the queries at 0.27 of the retriever (0.4 here)."""
+    clock = Clock()
+    load = RetrieverLoad(window_s=10.0, clock=clock)
+    load.calibrate(0.0036, 0.0036 + 63 * 0.0036, 64)  # 3.6 ms a query
+    busy = 100.0  # the counter runs from the retriever's start, warm-up included
+    load.observe_encoder(busy)
+    assert load.encoder_busy() == 0.0  # one reading is no share
+    for _ in range(3):
+        clock.now += 1.0
+        busy += 0.97
+        load.observe(75)
+        load.observe_encoder(busy)
+    assert load.encoder_busy() == pytest.approx(0.97)
+    assert load.query_rate() * load.query_cost_s == pytest.approx(0.405)  # 112.5 q/s
+    assert load.utilization() == pytest.approx(0.97) and load.busy(0.4)
+    for _ in range(12):  # the window keeps only its last 10 s: the encoder went quiet
+        clock.now += 1.0
+        busy += 0.05
+        load.observe_encoder(busy)
+    assert load.encoder_busy() == pytest.approx(0.05)
+    assert load.utilization() == pytest.approx(0.05)  # queries all older than the window
+    clock.now += 3.5  # no search returned, so nobody read the encoder: no load
+    assert load.encoder_busy() == 0.0
+
+
+def test_encoder_readings_need_a_span_and_start_over_after_a_restart() -> None:
+    clock = Clock()
+    load = RetrieverLoad(window_s=10.0, clock=clock, min_span_s=2.0)
+    load.observe_encoder(50.0)
+    clock.now += 1.0
+    load.observe_encoder(51.0)
+    assert load.encoder_busy() == 0.0  # 1 s spans less than the shortest rate
+    clock.now += 1.0
+    load.observe_encoder(0.5)  # a restarted retriever: its counter began again
+    assert list(load.encoder) == [(2.0, 0.5)] and load.encoder_busy() == 0.0
+    for _ in range(2):
+        clock.now += 1.0
+        load.observe_encoder(load.encoder[-1][1] + 0.5)
+    assert load.encoder_busy() == pytest.approx(0.5)
+    load.clear()  # the warm-up's readings are forgotten with its queries
+    assert not load.encoder and load.utilization() == 0.0
+
+
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window_s"):
         RetrieverLoad(window_s=0)
