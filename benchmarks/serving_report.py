@@ -84,6 +84,18 @@ def load_columns(samples: Sequence[tuple[float, float]]) -> dict[str, Any]:
     }
 
 
+def gauge_columns(signals: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
+    """p50 and p90 of each load-signal gauge sampled in a cell (``encoder_busy``,
+    ``loop_cpu``; ``None`` where the server has none or nothing was sampled)."""
+    out: dict[str, float | None] = {}
+    for name in ("encoder_busy", "loop_cpu"):
+        values = sorted(signals.get(name, ()))
+        for q in (50, 90):
+            at = min(len(values) - 1, int(q / 100 * len(values)))
+            out[f"{name}_p{q}"] = round(values[at], 3) if values else None
+    return out
+
+
 def cpu_columns(
     before: Mapping[str, float], after: Mapping[str, float], wall_s: float
 ) -> dict[str, Any]:

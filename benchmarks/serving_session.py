@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.serving_load import Job, RequestRecord, run_closed, run_poisson, summarize
-from benchmarks.serving_report import cell_row, cpu_columns, finish_rows, load_columns
+from benchmarks.serving_report import (
+    cell_row,
+    cpu_columns,
+    finish_rows,
+    gauge_columns,
+    load_columns,
+)
 from benchmarks.serving_server import batch_stats, scrape
 from ralmspec_vllm.core.config import PRESETS
 
@@ -34,6 +40,12 @@ logger = logging.getLogger("bench_serving")
 
 UTILIZATION_GAUGE = "ralmspec_retriever_utilization"
 """The server's retriever load signal (``ralmspec_vllm.metrics``), sampled during cells."""
+SIGNAL_GAUGES = {
+    "encoder_busy": "ralmspec_retriever_encoder_busy",
+    "loop_cpu": "ralmspec_loop_cpu",
+}
+"""The load signals' parts, sampled with it: the retriever's query-encoder busy share and
+the server's event-loop CPU (``gauge_columns``)."""
 LOAD_SAMPLE_S = 1.0
 """How often a cell samples it: each sample is one ``/metrics`` request to the server."""
 
@@ -54,21 +66,29 @@ def ralm_options(method: str) -> dict[str, Any]:
     }
 
 
-async def _sample_load(url: str, out: list[tuple[float, float]], every_s: float) -> None:
-    """Append ``(seconds since start, ralmspec_retriever_utilization)`` every ``every_s``
-    (reading only that gauge's line of ``/metrics``); a failed or unreadable scrape is
-    skipped: the sampler must never end a cell."""
+async def _sample_load(
+    url: str, out: list[tuple[float, float]], every_s: float, signals: dict[str, list[float]]
+) -> None:
+    """Append ``(seconds since start, ralmspec_retriever_utilization)`` to ``out`` and each
+    ``SIGNAL_GAUGES`` value to ``signals[name]`` every ``every_s`` (reading only those
+    gauges' lines of ``/metrics``); a failed or unreadable scrape is skipped: the sampler
+    must never end a cell."""
     import httpx
 
+    wanted = {UTILIZATION_GAUGE: "", **{g: name for name, g in SIGNAL_GAUGES.items()}}
     start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=10.0) as http:
         while True:
             try:
                 text = (await http.get("/metrics")).text
                 for line in text.splitlines():
-                    if line.startswith(UTILIZATION_GAUGE + " "):
-                        out.append((time.perf_counter() - start, float(line.split()[-1])))
-                        break
+                    gauge, _, value = line.partition(" ")
+                    if gauge not in wanted:
+                        continue
+                    if gauge == UTILIZATION_GAUGE:
+                        out.append((time.perf_counter() - start, float(value)))
+                    else:
+                        signals.setdefault(wanted[gauge], []).append(float(value))
             except (httpx.HTTPError, ValueError) as exc:
                 logger.debug("utilization sample skipped: %r", exc)
             await asyncio.sleep(every_s)
@@ -148,7 +168,8 @@ class Session:
         before = await asyncio.to_thread(scrape, self.url)
         cpu_before = self._cpu_seconds()
         load: list[tuple[float, float]] = []
-        sampler = asyncio.create_task(_sample_load(self.url, load, LOAD_SAMPLE_S))
+        signals: dict[str, list[float]] = {}
+        sampler = asyncio.create_task(_sample_load(self.url, load, LOAD_SAMPLE_S, signals))
         tick = asyncio.create_task(_ticker(label, records, len(jobs), 30.0))
         try:
             if rate is None:
@@ -172,7 +193,7 @@ class Session:
         row = cell_row(
             self.base, conc, rate, method, ralm_options(method), summary, batch_stats(before, after)
         )
-        row.update(load_columns(load), **cpu)
+        row.update(load_columns(load), **gauge_columns(signals), **cpu)
         row["prefix_cache_reset"], self._reset = self._reset, False
         row["repeat"] = repeat
         self.records[len(self.rows)] = records
@@ -189,8 +210,11 @@ class Session:
             row["outputs_identical"],
         )  # fmt: skip
         logger.info(
-            "  %s: retriever utilization p10/p50/p90 %s/%s/%s; CPU cores %s",
+            "  %s: retriever utilization p10/p50/p90 %s/%s/%s (encoder busy p50/p90 %s/%s);"
+            " loop CPU p50/p90 %s/%s; CPU cores %s",
             label, row["utilization_p10"], row["utilization_p50"], row["utilization_p90"],
+            row["encoder_busy_p50"], row["encoder_busy_p90"], row["loop_cpu_p50"],
+            row["loop_cpu_p90"],
             ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_cores"].items()) or "n/a",
         )  # fmt: skip
         if row.get("retriever_calls"):  # what the server asked of the retriever, per answer

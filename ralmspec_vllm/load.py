@@ -62,8 +62,8 @@ def _still_busy(reading: float, limit: float, busy: bool) -> bool:
 
 
 class RetrieverLoad:
-    """The retriever's utilization by this server: recent queries/s x seconds per query, or
-    its query encoder's busy share where that is higher.
+    """The retriever's utilization by this server (recent queries/s x seconds per query),
+    and its query encoder's busy share.
 
     ``observe(n)`` records a merged search of ``n`` queries when it returns. ``query_cost_s``
     comes from ``calibrate``; before it (or at cost 0: extra queries are free) the
@@ -75,11 +75,13 @@ class RetrieverLoad:
     machine; where the encoder shares its cores with the LM it can cost several times that
     under load, and the encoder's busy share says so directly: 2-core box, IVF 20k docs,
     c=32, the encoder worked 20.6 s of the baseline cell's 21.2 s, ~13 ms a query against
-    3.6 calibrated, while the query-based utilization read 0.27; RaLMSpec, whose guesses
-    and extra verifications all need the encoder, finished 0.77x (session 48). Only the
-    encoder is read this way: the scan's seconds overlap (a circular scan serves many
-    searches at once: 0.7-7.6 scan-seconds a second at 21M on the H100, session 32), so
-    their share says nothing of room.
+    3.6 calibrated, while the utilization read 0.27; RaLMSpec, whose guesses and extra
+    verifications all need the encoder, finished 0.77x (session 48). It has its own limit
+    (``busy``'s ``encoder_limit``): an encoder answers each text alone, so a lone request
+    can keep it 41% busy (c=1 on that box) and leave the rest for another. Only the encoder
+    is read this way: index searches overlap (a circular scan serves many at once: 0.7-7.6
+    search-seconds a second at 21M on the H100, session 32), so their share says nothing
+    of room.
     """
 
     def __init__(
@@ -108,7 +110,9 @@ class RetrieverLoad:
         self._spell_start = 0.0
         """When the first search since the window was last empty returned."""
         self._busy = False
-        """What ``busy`` last answered (its hysteresis)."""
+        """What ``busy`` last answered for the utilization (its hysteresis)."""
+        self._encoder_full = False
+        """What ``busy`` last answered for the encoder."""
         self.encoder: deque[tuple[float, float]] = deque()
         """(when, the encoder's busy seconds) as read within the window."""
 
@@ -154,7 +158,7 @@ class RetrieverLoad:
         self.sent.clear()
         self.encoder.clear()
         self._queries = 0
-        self._busy = False
+        self._busy = self._encoder_full = False
 
     def query_rate(self) -> float:
         """Queries per second over the last ``window_s``, or over the current spell of
@@ -167,13 +171,17 @@ class RetrieverLoad:
         return self._queries / span
 
     def utilization(self) -> float:
-        return max(self.query_rate() * self.query_cost_s, self.encoder_busy())
+        return self.query_rate() * self.query_cost_s
 
-    def busy(self, limit: float) -> bool:
-        """Above ``limit`` (strictly), or still above ``RELEASE_FRACTION`` of it after having
-        been above it."""
-        self._busy = _still_busy(self.utilization(), limit, self._busy)
-        return self._busy
+    def busy(self, limit: float | None, encoder_limit: float | None = None) -> bool:
+        """The utilization above ``limit`` (strictly), or the encoder's busy share above
+        ``encoder_limit``; each stays busy until it falls to ``RELEASE_FRACTION`` of its
+        limit. ``None``: that reading is not consulted."""
+        self._busy = limit is not None and _still_busy(self.utilization(), limit, self._busy)
+        self._encoder_full = encoder_limit is not None and _still_busy(
+            self.encoder_busy(), encoder_limit, self._encoder_full
+        )
+        return self._busy or self._encoder_full
 
     def _forget(self, now: float) -> None:
         while self.sent and now - self.sent[0][0] >= self.window_s:

@@ -117,8 +117,8 @@ RETRIEVER_UTILIZATION = Gauge(
 ENCODER_BUSY = Gauge(
     "ralmspec_retriever_encoder_busy",
     "Share of the last 10 s the retriever's query encoder (one pass at a time) was busy, as"
-    " read from its counters about once a second while searches return; the retriever"
-    " utilization takes it where it is the higher figure.",
+    " read from its counters about once a second while searches return; above"
+    " max_encoder_busy, ralmspec requests run as the baseline.",
 )
 LOOP_CPU = Gauge(
     "ralmspec_loop_cpu",

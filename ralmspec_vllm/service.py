@@ -116,6 +116,22 @@ class ServiceConfig:
     where speculation pays (c=8: 1.24x, session 32), the server ran 0.11-0.16 cores. Not
     yet measured with the rule on. ``None``: never fall back or hold on the loop's
     account."""
+    max_encoder_busy: float | None = 0.8
+    """Load-aware fallback on the retriever's query encoder (``load.RetrieverLoad``'s
+    ``encoder_busy``): a ``ralmspec`` request that starts while the encoder, which runs one
+    pass at a time, was busy more than this share of the last 10 s runs as the baseline
+    (reason ``retriever``), and speculating requests hold until it falls below
+    ``load.RELEASE_FRACTION`` of it. The server reads the retriever's ``encoder_busy_s``
+    counter with one ``Info`` call at most once a second while searches return.
+
+    The utilization above prices a query as calibrated on an idle machine. A CPU encoder
+    that shares its cores with the LM costs more under load, and its busy share says so
+    directly: 2-core box, IVF 20k docs, c=32 (session 48), the encoder worked 20.6 s of the
+    baseline cell's 21.2 s (~13 ms a query against 3.6 calibrated), the utilization read
+    0.27, and RaLMSpec, whose guesses and extra verifications all need the encoder,
+    finished 0.77x. Why 0.8, not the utilization's 0.4: an encoder answers each text
+    alone, so one busy with a lone request still has the rest of its time for another:
+    at c=1 on that box it read 0.41. ``None``: never fall back on the encoder's account."""
     cache_scoring: CacheScoring = "auto"
     """Where a speculative step ranks the request's cached documents (``local_cache_scoring``).
     ``local``: in this server: the query's embedding from the retriever's ``Encode`` (the
@@ -149,6 +165,9 @@ class ServiceConfig:
             raise ValueError(f"max_retriever_utilization must be > 0 (or None), got {busy}")
         if self.max_loop_cpu is not None and not self.max_loop_cpu > 0:
             raise ValueError(f"max_loop_cpu must be > 0 (or None), got {self.max_loop_cpu}")
+        encoder = self.max_encoder_busy
+        if encoder is not None and not encoder > 0:
+            raise ValueError(f"max_encoder_busy must be > 0 (or None), got {encoder}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
@@ -247,9 +266,13 @@ class RaLMService:
         self._encoder_asked = -float("inf")
         """When the retriever's counters were last asked for (``_read_encoder``)."""
         self._encoder_reading: asyncio.Task[None] | None = None
-        self._encoder_readable = getattr(retriever, "stats", None) is not None
-        """Whether the retriever reports its encoder's busy seconds (until a reading lacks
-        them: an in-process retriever, BM25, a retriever without a query encoder)."""
+        self._encoder_readable = (
+            self.config.max_encoder_busy is not None
+            and getattr(retriever, "stats", None) is not None
+        )
+        """Whether to read the retriever's encoder: ``max_encoder_busy`` is on, and the
+        retriever reports its encoder's busy seconds (until a reading lacks them: an
+        in-process retriever, BM25, a retriever without a query encoder)."""
         self.loop_load = LoopLoad()
         """This server's event-loop CPU share (for ``max_loop_cpu``)."""
         metrics.watch_loop_cpu(lambda: self.loop_load.last)
@@ -458,12 +481,13 @@ class RaLMService:
         return limit is not None and self.loop_load.busy(limit)
 
     def retriever_busy(self) -> bool:
-        """This server keeps the retriever busier than ``max_retriever_utilization`` (and
-        stays busy until it falls below ``load.RELEASE_FRACTION`` of it): a ``ralmspec``
-        request starting now runs as the baseline, and the speculating ones hold speculation
-        (plain retrieval steps) until it is not."""
-        limit = self.config.max_retriever_utilization
-        return limit is not None and self.retriever_load.busy(limit)
+        """This server keeps the retriever busier than ``max_retriever_utilization``, or its
+        query encoder was busier than ``max_encoder_busy`` (each until it falls below
+        ``load.RELEASE_FRACTION`` of its limit): a ``ralmspec`` request starting now runs as
+        the baseline, and the speculating ones hold speculation (plain retrieval steps)
+        until neither is."""
+        cfg = self.config
+        return self.retriever_load.busy(cfg.max_retriever_utilization, cfg.max_encoder_busy)
 
     async def calibrate_retriever(self) -> float:
         """Time one query and ``CALIBRATION_QUERIES`` queries on the retriever (best of two

@@ -31,6 +31,7 @@ from benchmarks.serving_report import (
     add_ratios,
     check_identity,
     cpu_columns,
+    gauge_columns,
     load_columns,
     repeat_summary,
 )
@@ -142,6 +143,9 @@ def test_load_and_cpu_columns() -> None:
     assert cols["utilization_p90"] == cols["utilization_max"] == 0.52
     assert cols["utilization_timeline"] == [[t, u] for t, u in samples]
     assert load_columns([])["utilization_p50"] is None
+    cols = gauge_columns({"loop_cpu": [0.9, 0.1, 0.5, 0.7, 0.3]})
+    assert (cols["loop_cpu_p50"], cols["loop_cpu_p90"]) == (0.5, 0.9)
+    assert cols["encoder_busy_p50"] is None and cols["encoder_busy_p90"] is None  # not served
     before = {"server": 10.0, "retriever": 100.0, "client": 1.0}
     after = {"server": 25.0, "retriever": 340.0, "engine": 30.0, "client": 4.0}
     assert cpu_columns(before, after, 20.0) == {

@@ -196,6 +196,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "at start) runs as the baseline, and speculating ones run plain steps until "
               f"it falls below {RELEASE_FRACTION:g} of this (same answer); 0: never "
               "(default: %(default)s)")  # fmt: skip
+    _own(ralm, "--max-encoder-busy", type=float, default=c.max_encoder_busy,
+         help="load-aware fallback: the same while the retriever's query encoder (one pass "
+              "at a time) was busy more than this share of the last 10 s, as read from the "
+              "retriever's counters; 0: never (default: %(default)s)")  # fmt: skip
     _own(ralm, "--max-loop-cpu", type=float, default=c.max_loop_cpu,
          help="load-aware fallback: a ralmspec request that starts while this server's "
               "event loop ran more than this share of a core over the last 5 s runs as the "
@@ -259,6 +263,7 @@ def service_config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_speculating=args.max_speculating,
         max_retriever_utilization=args.max_retriever_utilization or None,  # 0: off
         max_loop_cpu=args.max_loop_cpu or None,  # 0: off
+        max_encoder_busy=args.max_encoder_busy or None,  # 0: off
         cache_scoring=args.cache_scoring,
     )
 

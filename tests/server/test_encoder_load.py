@@ -90,7 +90,9 @@ async def test_a_full_query_encoder_sends_ralmspec_requests_to_the_baseline(
             assert not idle.load_fallback and idle.trace.verifications  # room: it speculates
 
             with OtherClients(retriever.encode):
-                await until(lambda: service.retriever_load.encoder_busy() > 0.6, service)
+                full = service.config.max_encoder_busy
+                assert full == 0.8
+                await until(lambda: service.retriever_load.encoder_busy() > full, service)
                 assert service.retriever_load.query_cost_s == 0.0  # uncalibrated: by queries
                 # alone the retriever reads as idle, so only the encoder's reading can say busy
                 before = fallbacks("retriever")

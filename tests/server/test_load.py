@@ -44,7 +44,7 @@ def test_utilization_is_recent_query_rate_times_query_cost() -> None:
     assert load.utilization() == 0.0 and not load.sent
 
 
-def test_the_encoders_busy_share_counts_where_it_is_the_higher_figure() -> None:
+def test_the_encoders_busy_share_is_its_own_reading_with_its_own_limit() -> None:
     """The dev box's c=32 cell (session 48): the encoder worked ~0.97 s of every second
     while the calibrated price put the queries at 0.27 of the retriever (0.4 here)."""
     clock = Clock()
@@ -60,13 +60,19 @@ def test_the_encoders_busy_share_counts_where_it_is_the_higher_figure() -> None:
         load.observe_encoder(busy)
     assert load.encoder_busy() == pytest.approx(0.97)
     assert load.query_rate() * load.query_cost_s == pytest.approx(0.405)  # 112.5 q/s
-    assert load.utilization() == pytest.approx(0.97) and load.busy(0.4)
+    assert load.utilization() == pytest.approx(0.405)  # the queries' figure alone
+    assert not load.busy(0.5) and not load.busy(None, None)
+    assert load.busy(0.5, 0.8) and load.busy(None, 0.8)  # the encoder is full
+    busy += 0.7  # a quieter second: 0.97+0.97+0.7 over 3 s is 0.88, still busy
+    clock.now += 1.0
+    load.observe_encoder(busy)
+    assert load.busy(None, 0.8)
     for _ in range(12):  # the window keeps only its last 10 s: the encoder went quiet
         clock.now += 1.0
         busy += 0.05
         load.observe_encoder(busy)
     assert load.encoder_busy() == pytest.approx(0.05)
-    assert load.utilization() == pytest.approx(0.05)  # queries all older than the window
+    assert not load.busy(None, 0.8)  # below 0.6 (three quarters of 0.8): released
     clock.now += 3.5  # no search returned, so nobody read the encoder: no load
     assert load.encoder_busy() == 0.0
 

@@ -65,6 +65,7 @@ def test_flags_build_configs(tiny_model_dir: Path) -> None:
     for field, default, value, bad in (
         ("max_retriever_utilization", 0.4, "0.8", "-1"),
         ("max_loop_cpu", 0.6, "0.9", "-0.5"),
+        ("max_encoder_busy", 0.8, "0.9", "-0.1"),
     ):
         flag = "--" + field.replace("_", "-")
         assert getattr(config, field) == default
