@@ -146,11 +146,77 @@ class SpeculationCache:
             self._lists = np.empty(self.capacity, dtype=np.int64)
         elif lists is None and self._lists is not None:
             raise ValueError("a cache holds documents all with lists or all without")
-        # Lowest priority first, so the best documents get the newest ticks.
-        for i in range(len(doc_ids) - 1, -1, -1):
-            self._insert_one(int(doc_ids[i]), vectors, terms, lists)
+        if self._size + len(doc_ids) <= self.capacity:
+            self._insert_without_eviction(doc_ids, vectors, terms, lists)
+        else:
+            # Lowest priority first, so the best documents get the newest ticks.
+            for i in range(len(doc_ids) - 1, -1, -1):
+                self._insert_one(int(doc_ids[i]), vectors, terms, lists)
         if self._terms is not None:
             self._terms.flush()
+
+    def _insert_without_eviction(
+        self,
+        doc_ids: Sequence[int],
+        vectors: Mapping[int, np.ndarray] | None,
+        terms: Mapping[int, TermWeights] | None,
+        lists: Mapping[int, int] | None,
+    ) -> None:
+        """``_insert_one`` for each id, lowest priority first, where nothing can be evicted
+        (room for every id): the same state, with the array writes done once for all. A
+        verified step inserts up to ``prefetch_k`` (256) documents, and one by one that cost
+        the server's event loop ~0.5 ms a step (2-core box, session 48)."""
+        lru = self.eviction == "lru"
+        slot_of = self._slot
+        size = self._size
+        clock = self._clock
+        new_ids: list[int] = []
+        new_ticks: list[int] = []
+        used: dict[int, int] = {}  # slot -> its last use's tick
+        for i in range(len(doc_ids) - 1, -1, -1):
+            clock += 1
+            doc_id = int(doc_ids[i])
+            slot = slot_of.get(doc_id)
+            if slot is not None:
+                if lru:
+                    used[slot] = clock
+                continue
+            if vectors is not None and doc_id not in vectors:
+                continue  # as in _insert_one: what it is ranked by is not at hand
+            if terms is not None and doc_id not in terms:
+                continue
+            if lists is not None and doc_id not in lists:
+                continue
+            if self._dense is None:
+                self._dense = vectors is not None
+            elif self._dense != (vectors is not None):
+                for added in new_ids:  # nothing of this insert stays
+                    del slot_of[added]
+                raise ValueError("a cache holds documents all with vectors or all without")
+            slot_of[doc_id] = size + len(new_ids)
+            new_ids.append(doc_id)
+            new_ticks.append(clock)
+        self._clock = clock
+        if new_ids:
+            rows = np.arange(size, size + len(new_ids))
+            self._ids[rows] = new_ids
+            self._ticks[rows] = new_ticks
+            self._size = size + len(new_ids)
+            if terms is not None:
+                assert self._terms is not None
+                for slot, doc_id in zip(rows.tolist(), new_ids, strict=True):
+                    self._terms.add(slot, *terms[doc_id])
+            if lists is not None:
+                assert self._lists is not None
+                self._lists[rows] = [lists[d] for d in new_ids]
+            if vectors is not None:
+                block = np.stack([np.asarray(vectors[d], dtype=np.float32) for d in new_ids])
+                self._vector_rows(self._size, block.shape[1])[rows] = block
+                v64 = block.astype(np.float64)
+                # never under: the 1e-12 covers any order of summation (384 terms: ~4e-14)
+                self._norms[rows] = np.sqrt(np.einsum("ij,ij->i", v64, v64)) * (1.0 + 1e-12)
+        if used:
+            self._ticks[list(used)] = list(used.values())
 
     def term_scores(self, query_terms: Sequence[str]) -> np.ndarray:
         """Each cached document's score (slot order, like ``doc_ids``) for a query of

@@ -232,3 +232,71 @@ def test_routing_gate_routes_while_unreachable_guesses_outweigh_the_probe() -> N
         gate.record(i == 0, 0.004, step_s)
         assert gate.unreachable_share == 1 / 16
     assert not gate.routing and gate.probe_s is not None and gate.probe_s > 0.003
+
+
+def _one_by_one(cache: SpeculationCache, ids: list[int], **fetched: object) -> None:
+    """The per-document insert (``_insert_one``, lowest priority first) for any room."""
+    for doc_id in reversed(ids):
+        cache._insert_one(doc_id, **fetched)  # type: ignore[arg-type]
+    if cache._terms is not None:
+        cache._terms.flush()
+
+
+@pytest.mark.parametrize("eviction", ["lru", "fifo"])
+@pytest.mark.parametrize("kind", ["vectors", "lists", "terms"])
+def test_an_insert_with_room_leaves_the_state_one_by_one_inserts_leave(
+    eviction: str, kind: str
+) -> None:
+    """Where every id has room, ``insert`` writes the arrays once for all: the slots, ticks,
+    vectors, norms, lists and term weights are those of inserting one by one, with repeated
+    ids, ids already cached and ids whose vectors (lists, weights) are not at hand."""
+    rng = np.random.default_rng(7)
+    fast = SpeculationCache(400, eviction)  # type: ignore[arg-type]
+    slow = SpeculationCache(400, eviction)  # type: ignore[arg-type]
+    vectors = {d: rng.standard_normal(8).astype(np.float32) for d in range(200)}
+    for _ in range(12):
+        ids = rng.integers(0, 250, size=int(rng.integers(1, 30))).tolist()  # repeats too
+        at_hand = {d for d in ids if d < 200 and rng.random() < 0.9}
+        fetched: dict[str, object] = {"vectors": None, "terms": None, "lists": None}
+        if kind == "vectors":
+            fetched["vectors"] = {d: vectors[d] for d in at_hand}
+        elif kind == "lists":
+            fetched["lists"] = {d: d % 7 for d in at_hand}
+        else:
+            fetched["terms"] = {
+                d: ([f"t{d % 5}", f"u{d % 3}"], np.array([1.0, 0.5 + d])) for d in at_hand
+            }
+        assert len(fast) + len(ids) <= fast.capacity  # the path under test
+        fast.insert(ids, **fetched)  # type: ignore[arg-type]
+        if kind == "lists" and slow._lists is None:
+            slow._lists = np.empty(slow.capacity, dtype=np.int64)
+        if kind == "terms" and slow._terms is None:
+            from ralmspec_vllm.core.cache import CachedTermWeights
+
+            slow._terms = CachedTermWeights(slow.capacity)
+        _one_by_one(slow, ids, **fetched)
+        n = len(slow)
+        assert len(fast) == n and fast._clock == slow._clock and fast._slot == slow._slot
+        assert np.array_equal(fast.doc_ids, slow.doc_ids)
+        assert np.array_equal(fast._ticks[:n], slow._ticks[:n])
+        if kind == "vectors":
+            assert fast.vectors is not None and slow.vectors is not None
+            assert np.array_equal(fast.vectors, slow.vectors)
+            np.testing.assert_allclose(fast._norms[:n], slow._norms[:n], rtol=1e-13)
+            assert np.all(
+                fast._norms[:n] >= np.linalg.norm(fast.vectors.astype(np.float64), axis=1)
+            )
+        if kind == "lists":
+            assert np.array_equal(fast.lists, slow.lists)  # type: ignore[arg-type]
+        if kind == "terms":
+            for query in (["t1"], ["u2", "t4"], ["t0", "u0", "zz"]):
+                assert np.array_equal(fast.term_scores(query), slow.term_scores(query))
+
+
+def test_a_failed_insert_with_room_leaves_the_cache_as_it_was() -> None:
+    cache = SpeculationCache(16)
+    cache.insert([1, 2], {1: np.ones(4, np.float32), 2: np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match="all with vectors or all without"):
+        cache.insert([3, 4])  # no vectors for a dense cache
+    assert sorted(cache.doc_ids) == [1, 2] and 3 not in cache and 4 not in cache
+    assert len(cache) == 2 and cache._slot == {2: 0, 1: 1}
