@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from core.fakes import FakeLM, FakeTokenizer
 from core.world import LONG_QUESTION
+from retrieval.synthetic import ListDocumentStore
 
 from ralmspec_vllm.core.config import RaLMConfig
 from ralmspec_vllm.load import RetrieverLoad
@@ -44,19 +44,6 @@ class OtherClients:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
-
-
-class Passages:
-    """Texts as a document store."""
-
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def get(self, doc_ids: Sequence[int]) -> list[Document]:
-        return [Document(d, "", self.texts[d]) for d in doc_ids]
 
 
 async def until(condition: object, service: RaLMService, timeout_s: float = 30.0) -> None:
@@ -116,7 +103,9 @@ async def test_a_retriever_without_an_encoder_is_asked_once() -> None:
     from ralmspec_vllm.retrieval.bm25 import BM25Retriever
 
     texts = [f"passage {i} about the albedo of ice and the capital of alabama" for i in range(20)]
-    running = await start_server(BM25Retriever.from_texts(texts, Passages(texts)), "127.0.0.1", 0)
+    docs = [Document(d, "", text) for d, text in enumerate(texts)]
+    bm25 = BM25Retriever.from_texts(texts, ListDocumentStore(docs))
+    running = await start_server(bm25, "127.0.0.1", 0)
     try:
         async with RetrieverClient(running.target, timeout_s=30.0) as client:
             asked: list[str] = []
