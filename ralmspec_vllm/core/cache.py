@@ -181,18 +181,11 @@ class SpeculationCache:
                 if lru:
                     used[slot] = clock
                 continue
-            if vectors is not None and doc_id not in vectors:
-                continue  # as in _insert_one: what it is ranked by is not at hand
-            if terms is not None and doc_id not in terms:
+            if not _at_hand(doc_id, vectors, terms, lists):
                 continue
-            if lists is not None and doc_id not in lists:
-                continue
-            if self._dense is None:
-                self._dense = vectors is not None
-            elif self._dense != (vectors is not None):
-                for added in new_ids:  # nothing of this insert stays
-                    del slot_of[added]
-                raise ValueError("a cache holds documents all with vectors or all without")
+            # Raises at the first new id if at all (every id of an insert brings the same
+            # kinds), before anything of this insert went in.
+            self._claim_dense(vectors is not None)
             slot_of[doc_id] = size + len(new_ids)
             new_ids.append(doc_id)
             new_ticks.append(clock)
@@ -262,25 +255,9 @@ class SpeculationCache:
             if self.eviction == "lru":
                 self._ticks[slot] = self._clock
             return
-        vector = None
-        if vectors is not None:
-            vector = vectors.get(doc_id)
-            if vector is None:  # evicted earlier in this same insert: vector not at hand
-                return
-        weights = None
-        if terms is not None:
-            weights = terms.get(doc_id)
-            if weights is None:  # as for vectors
-                return
-        lst = None
-        if lists is not None:
-            lst = lists.get(doc_id)
-            if lst is None:  # as for vectors
-                return
-        if self._dense is None:
-            self._dense = vector is not None
-        elif self._dense != (vector is not None):
-            raise ValueError("a cache holds documents all with vectors or all without")
+        if not _at_hand(doc_id, vectors, terms, lists):
+            return
+        self._claim_dense(vectors is not None)
         if self._size < self.capacity:
             slot = self._size
             self._size += 1
@@ -293,16 +270,24 @@ class SpeculationCache:
         self._slot[doc_id] = slot
         self._ids[slot] = doc_id
         self._ticks[slot] = self._clock
-        if weights is not None:
+        if terms is not None:
             assert self._terms is not None
-            self._terms.add(slot, *weights)
-        if lst is not None:
+            self._terms.add(slot, *terms[doc_id])
+        if lists is not None:
             assert self._lists is not None
-            self._lists[slot] = lst
-        if vector is not None:
+            self._lists[slot] = lists[doc_id]
+        if vectors is not None:
+            vector = vectors[doc_id]
             self._vector_rows(slot + 1, len(vector))[slot] = vector
             v64 = np.asarray(vector, dtype=np.float64)
             self._norms[slot] = float(np.sqrt(v64 @ v64)) * (1.0 + 1e-12)  # never under
+
+    def _claim_dense(self, dense: bool) -> None:
+        """The first document in decides whether the cache holds vectors; the rest agree."""
+        if self._dense is None:
+            self._dense = dense
+        elif self._dense != dense:
+            raise ValueError("a cache holds documents all with vectors or all without")
 
     def _vector_rows(self, rows: int, dim: int) -> np.ndarray:
         """The vector matrix with at least ``rows`` rows (grown by doubling: a request that
@@ -314,6 +299,18 @@ class SpeculationCache:
                 grown[: len(vectors)] = vectors
             self._vectors = vectors = grown
         return vectors
+
+
+def _at_hand(
+    doc_id: int,
+    vectors: Mapping[int, np.ndarray] | None,
+    terms: Mapping[int, TermWeights] | None,
+    lists: Mapping[int, int] | None,
+) -> bool:
+    """Whether an insert has what the cache ranks ``doc_id`` by, for each kind it brings
+    (vectors, term weights, lists): a document evicted earlier in the same insert lost its
+    fetched entries and is left out."""
+    return all(m is None or m.get(doc_id) is not None for m in (vectors, terms, lists))
 
 
 class CachedTermWeights:
