@@ -61,6 +61,14 @@ def _still_busy(reading: float, limit: float, busy: bool) -> bool:
     return reading > (limit * RELEASE_FRACTION if busy else limit)
 
 
+def _growth_rate(samples: deque[tuple[float, float]], min_span_s: float) -> float:
+    """How fast a running total (CPU seconds, busy seconds) grew per second between the
+    first and the last of its ``(when, total)`` samples; 0 while they span less than
+    ``min_span_s`` (one sample spans nothing)."""
+    (t0, v0), (t1, v1) = samples[0], samples[-1]
+    return (v1 - v0) / (t1 - t0) if t1 - t0 >= min_span_s else 0.0
+
+
 class RetrieverLoad:
     """The retriever's utilization by this server (recent queries/s x seconds per query),
     and its query encoder's busy share.
@@ -146,12 +154,9 @@ class RetrieverLoad:
         readings, no load)."""
         now = self.clock()
         self._forget(now)
-        if len(self.encoder) < 2 or now - self.encoder[-1][0] > STALE_READING_S:
+        if not self.encoder or now - self.encoder[-1][0] > STALE_READING_S:
             return 0.0
-        (t0, b0), (t1, b1) = self.encoder[0], self.encoder[-1]
-        if t1 - t0 < self.min_span_s:
-            return 0.0
-        return (b1 - b0) / (t1 - t0)
+        return _growth_rate(self.encoder, self.min_span_s)
 
     def clear(self) -> None:
         """Forget every search and encoder reading (as after a quiet window)."""
@@ -259,8 +264,7 @@ class LoopLoad:
         if not self.samples:  # asked off the loop's thread before it sampled again
             self.last = 0.0
             return 0.0
-        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]  # one sample: no span
-        self.last = (c1 - c0) / (t1 - t0) if t1 - t0 >= self.min_span_s else 0.0
+        self.last = _growth_rate(self.samples, self.min_span_s)
         return self.last
 
     def busy(self, limit: float) -> bool:
