@@ -43,6 +43,7 @@ from ralmspec_vllm.core.trace import RequestTrace, TokenSpan
 from ralmspec_vllm.load import CALIBRATION_QUERIES, ENCODER_POLL_S, LoopLoad, RetrieverLoad
 from ralmspec_vllm.retrieval.analyzer import Analyzer
 from ralmspec_vllm.retrieval.base import AsyncRetriever
+from ralmspec_vllm.retrieval.batching import BatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -580,18 +581,17 @@ class RaLMService:
 
     async def _take_encoder_reading(self) -> None:
         try:
-            read = self.retriever.stats()  # type: ignore[attr-defined]
-            stats = await asyncio.wait_for(read, ENCODER_POLL_S)
-            busy = stats.backend.get("encoder_busy_s")
-            if busy is None:
-                self._encoder_readable = False
-                logger.info("the retriever reports no query-encoder time: load by queries only")
-            else:
-                self.retriever_load.observe_encoder(busy)
-        except Exception as exc:  # slow or down: the next search asks again
-            logger.debug("retriever counters unavailable: %r", exc)
+            stats = await self._retriever_stats(ENCODER_POLL_S)
         finally:
             self._encoder_reading = None
+        if stats is None:  # slow or down: the next search asks again
+            return
+        busy = stats.backend.get("encoder_busy_s")
+        if busy is None:
+            self._encoder_readable = False
+            logger.info("the retriever reports no query-encoder time: load by queries only")
+        else:
+            self.retriever_load.observe_encoder(busy)
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prompt work so that the next requests start cold (benchmarks).
@@ -623,15 +623,24 @@ class RaLMService:
         this before each scrape). False, keeping the last values, when the retriever has no
         counters (an in-process one) or does not answer within ``timeout_s``: a scrape must
         not wait out the retriever's retry budget."""
-        stats = getattr(self.retriever, "stats", None)
+        stats = await self._retriever_stats(timeout_s)
         if stats is None:
             return False
-        try:
-            metrics.set_retriever_stats(await asyncio.wait_for(stats(), timeout_s))
-        except Exception as exc:  # a down or slow retriever: the scrape goes on without it
-            logger.debug("retriever stats unavailable: %r", exc)
-            return False
+        metrics.set_retriever_stats(stats)
         return True
+
+    async def _retriever_stats(self, timeout_s: float) -> BatchStats | None:
+        """The retriever service's counters (one ``Info`` call), or None when it keeps none
+        (an in-process retriever) or does not answer within ``timeout_s`` (logged at debug):
+        neither a scrape nor the load signal may wait out its retry budget."""
+        stats = getattr(self.retriever, "stats", None)
+        if stats is None:
+            return None
+        try:
+            return await asyncio.wait_for(stats(), timeout_s)  # type: ignore[no-any-return]
+        except Exception as exc:  # a down or slow retriever: the caller goes on without it
+            logger.debug("retriever stats unavailable: %r", exc)
+            return None
 
     async def titles(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """Document titles for sources (one retriever call)."""
