@@ -302,8 +302,7 @@ class FetchCoalescer(Generic[R]):
 
     async def _answer(self, batch: list[_Fetch[R]]) -> None:
         if len(batch) == 1:  # alone: its ids as given, the result as it comes
-            (only,) = batch
-            await self._call(only.doc_ids, [only.future], lambda result: [result])
+            await self._alone(batch[0])
             return
         unique = list(dict.fromkeys(d for b in batch for d in b.doc_ids))
         where = {d: i for i, d in enumerate(unique)}
@@ -311,21 +310,25 @@ class FetchCoalescer(Generic[R]):
         def split(result: R) -> list[R]:
             return [self.take(result, unique, [where[d] for d in b.doc_ids]) for b in batch]
 
-        failed = await self._call(unique, [b.future for b in batch], split)
-        if isinstance(failed, (ValueError, LookupError)):  # whose input? ask each alone
-            await asyncio.gather(*(self._call(b.doc_ids, [b.future], lambda r: [r]) for b in batch))
+        if await self._call(unique, [b.future for b in batch], split):  # whose input?
+            await asyncio.gather(*(self._alone(b) for b in batch))
+
+    async def _alone(self, caller: _Fetch[R]) -> None:
+        """One call for one caller: its ids as given, the result as it comes."""
+        await self._call(caller.doc_ids, [caller.future], lambda result: [result])
 
     async def _call(
         self,
         doc_ids: list[int],
         futures: list[asyncio.Future[R]],
         split: Callable[[R], list[R]],
-    ) -> Exception | None:
-        """One inner call; its result split among ``futures``, or its error given to them
-        (returned, unless a single caller took it). A cancelled inner call (every caller
-        gone) gives nothing."""
+    ) -> bool:
+        """One inner call; its result split among ``futures``, or its error given to them.
+        True, with nobody answered, when a call for several callers failed on its input
+        (which caller's? the caller resends each alone). A cancelled inner call (every
+        caller gone) gives nothing."""
         if all(f.done() for f in futures):
-            return None
+            return False
         inner: asyncio.Future[R] = asyncio.ensure_future(self.inner(doc_ids))
         abandon.when_all_cancelled(futures, inner.cancel)
         try:
@@ -334,21 +337,21 @@ class FetchCoalescer(Generic[R]):
             inner.cancel()
             raise
         if inner.cancelled():
-            return None
+            return False
         try:
             parts = split(inner.result())
         except Exception as exc:
             if len(futures) > 1 and isinstance(exc, (ValueError, LookupError)):
-                return exc  # the caller resends each part alone
+                return True
             logger.debug("fetch of %d doc ids failed: %r", len(doc_ids), exc)
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
-            return exc
+            return False
         for part, future in zip(parts, futures, strict=True):
             if not future.done():
                 future.set_result(part)
-        return None
+        return False
 
 
 def _take_rows(result: Any, unique: list[int], positions: list[int]) -> Any:
