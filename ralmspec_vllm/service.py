@@ -161,14 +161,10 @@ class ServiceConfig:
         if self.max_speculating is not None and self.max_speculating < 0:
             raise ValueError(f"max_speculating must be >= 0, got {self.max_speculating}")
         _check_cache_scoring(self.cache_scoring)
-        busy = self.max_retriever_utilization
-        if busy is not None and not busy > 0:
-            raise ValueError(f"max_retriever_utilization must be > 0 (or None), got {busy}")
-        if self.max_loop_cpu is not None and not self.max_loop_cpu > 0:
-            raise ValueError(f"max_loop_cpu must be > 0 (or None), got {self.max_loop_cpu}")
-        encoder = self.max_encoder_busy
-        if encoder is not None and not encoder > 0:
-            raise ValueError(f"max_encoder_busy must be > 0 (or None), got {encoder}")
+        for limit in ("max_retriever_utilization", "max_loop_cpu", "max_encoder_busy"):
+            value = getattr(self, limit)  # the load rules' limits: None turns one off
+            if value is not None and not value > 0:
+                raise ValueError(f"{limit} must be > 0 (or None), got {value}")
         if self.speculation.prefetch_k > self.max_prefetch_k:  # every default request would fail
             raise ValueError(
                 f"max_prefetch_k ({self.max_prefetch_k}) is below the default prefetch_k "
