@@ -71,14 +71,10 @@ def load_columns(samples: Sequence[tuple[float, float]]) -> dict[str, Any]:
     ``(seconds into the cell, ralmspec_retriever_utilization)`` samples: quantiles and the
     whole timeline (where a hold flickers, the timeline shows it crossing the limit)."""
     values = sorted(u for _, u in samples)
-
-    def quantile(q: float) -> float | None:
-        return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
-
     return {
-        "utilization_p10": quantile(0.1),
-        "utilization_p50": quantile(0.5),
-        "utilization_p90": quantile(0.9),
+        "utilization_p10": _quantile(values, 0.1),
+        "utilization_p50": _quantile(values, 0.5),
+        "utilization_p90": _quantile(values, 0.9),
         "utilization_max": round(values[-1], 3) if values else None,
         "utilization_timeline": [[round(t, 1), round(u, 3)] for t, u in samples],
     }
@@ -90,10 +86,14 @@ def gauge_columns(signals: Mapping[str, Sequence[float]]) -> dict[str, float | N
     out: dict[str, float | None] = {}
     for name in ("encoder_busy", "loop_cpu"):
         values = sorted(signals.get(name, ()))
-        for q in (50, 90):
-            at = min(len(values) - 1, int(q / 100 * len(values)))
-            out[f"{name}_p{q}"] = round(values[at], 3) if values else None
+        out[f"{name}_p50"] = _quantile(values, 0.5)
+        out[f"{name}_p90"] = _quantile(values, 0.9)
     return out
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float | None:
+    """The sample at quantile ``q`` of ``ordered`` (ascending), to 3 decimals; None if empty."""
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
 
 
 def cpu_columns(
