@@ -503,17 +503,19 @@ class TimedFetches(InProcessAsyncRetriever):
         self.spans: dict[str, list[tuple[float, float]]] = {"vectors": [], "lists": []}
 
     async def _timed(self, kind: str, fetch: Any) -> Any:
+        """``await fetch()`` after the delay (made then: a fetch cancelled in its delay, by a
+        rollback, leaves no coroutine behind unawaited)."""
         start = time.perf_counter()
         await asyncio.sleep(self.delay_s)
-        out = await fetch
+        out = await fetch()
         self.spans[kind].append((start, time.perf_counter()))
         return out
 
     async def vectors(self, doc_ids: Sequence[int]) -> np.ndarray | None:
-        return await self._timed("vectors", super().vectors(doc_ids))
+        return await self._timed("vectors", lambda: super(TimedFetches, self).vectors(doc_ids))
 
     async def lists(self, doc_ids: Sequence[int]) -> np.ndarray | None:
-        return await self._timed("lists", super().lists(doc_ids))
+        return await self._timed("lists", lambda: super(TimedFetches, self).lists(doc_ids))
 
 
 @pytest.mark.parametrize("overlap", ["1", "pipeline"])
